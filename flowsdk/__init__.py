@@ -1,0 +1,51 @@
+"""flowsdk: structured-concurrency workflows for asyncio.
+
+Decorate `async def` functions with `@env.task`; calling a task inside a run
+starts a child action bound to the lifetime of the run's root action.
+Importing flowsdk opens no store, starts no thread and installs no hook.
+"""
+
+from flowsdk import errors
+from flowsdk._group import group
+from flowsdk._info import current_action
+from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk._records import (
+    AbortInfo,
+    ActionInfo,
+    ActionRecord,
+    ErrorInfo,
+    Event,
+    EventKind,
+    RunRecord,
+    StopInfo,
+)
+from flowsdk._run import Run, RunHandle, run, run_async, start
+from flowsdk._runtime import ControlResult
+from flowsdk._task import Task, TaskEnvironment
+
+__all__ = [
+    "AbortCause",
+    "AbortInfo",
+    "ActionInfo",
+    "ActionPhase",
+    "ActionRecord",
+    "ControlResult",
+    "ErrorInfo",
+    "Event",
+    "EventKind",
+    "Run",
+    "RunHandle",
+    "RunPhase",
+    "RunRecord",
+    "StopInfo",
+    "Task",
+    "TaskEnvironment",
+    "current_action",
+    "errors",
+    "group",
+    "run",
+    "run_async",
+    "start",
+]
+
+__version__ = "0.1.0"

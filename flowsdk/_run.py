@@ -1,0 +1,501 @@
+"""Running a task as a run: `run()`, `run_async()`, `start()`, `Run` and `RunHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import signal
+import threading
+from asyncio import CancelledError
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from flowsdk._names import check_name
+from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk._records import (
+    AbortInfo,
+    ActionRecord,
+    ErrorInfo,
+    Event,
+    EventKind,
+    RunRecord,
+    StopInfo,
+)
+from flowsdk._runtime import ActionState, ControlResult, Runtime, requester
+from flowsdk.errors import (
+    ActionAbortedError,
+    ActionError,
+    ActionMarkedFailedError,
+    InvalidStateError,
+    RunStoppedError,
+    RuntimeUserError,
+)
+
+if TYPE_CHECKING:
+    from flowsdk._task import Task
+
+__all__ = ["Run", "RunHandle", "run", "run_async", "start"]
+
+logger = logging.getLogger("flowsdk")
+
+R = TypeVar("R")
+
+# How long `flowsdk.run` waits, after the run has ended, for tasks that are
+# still pending (abandoned actions, plain asyncio tasks) before naming them.
+FINAL_DRAIN = 1.0
+_MISSING: Any = object()
+
+
+def _dt(at: float | None) -> datetime | None:
+    return None if at is None else datetime.fromtimestamp(at, UTC)
+
+
+def _record(state: ActionState, run: str) -> ActionRecord:
+    error = state.error
+    req = state.abort_cause
+    return ActionRecord(
+        run=run,
+        name=state.name,
+        parent=state.parent.name if state.parent is not None else None,
+        task=state.task.name,
+        group=state.group,
+        phase=state.phase,
+        attempt=state.attempt,
+        started_at=_dt(state.started_at),
+        ended_at=_dt(state.ended_at),
+        error=ErrorInfo(type=error[0], message=error[1], traceback=error[2]) if error else None,
+        abort=AbortInfo(
+            reason=state.req_reason,
+            cause=req,
+            requested_by=state.req_by,
+            requested_at=_dt(state.req_at),
+        )
+        if req is not None
+        else None,
+        cleanup_incomplete=state.cleanup_incomplete,
+        key=state.key,
+        replayed=state.replayed,
+    )
+
+
+def _event(seq: int, entry: tuple[Any, ...]) -> Event:
+    at, kind, action, phase, cause, reason, by, message = entry
+    return Event(
+        seq=seq,
+        at=datetime.fromtimestamp(at, UTC),
+        kind=kind,
+        action=action,
+        phase=phase,
+        cause=cause,
+        reason=reason,
+        requested_by=by,
+        message=message,
+    )
+
+
+class Run(Generic[R]):
+    """A run that has ended: its phase, its actions and events, and its result."""
+
+    def __init__(
+        self,
+        record: RunRecord,
+        actions: list[ActionRecord],
+        events: list[Event],
+        *,
+        value: Any = _MISSING,
+        exc: BaseException | None = None,
+    ) -> None:
+        self.record = record
+        self.actions = actions
+        self.events = events
+        self._value = value
+        self._exc = exc
+
+    @classmethod
+    def _from_runtime(cls, runtime: Runtime) -> Run[Any]:
+        root = runtime.root
+        assert root is not None
+        stop = runtime.stop_info
+        record = RunRecord(
+            name=runtime.name,
+            phase=runtime.phase,
+            started_at=_dt(runtime.started_at) or datetime.now(UTC),
+            ended_at=_dt(runtime.ended_at),
+            stop=StopInfo(
+                mode=stop[0],
+                reason=stop[1],
+                requested_by=stop[2],
+                requested_at=_dt(stop[3]) or datetime.now(UTC),
+            )
+            if stop
+            else None,
+            task=root.task.name,
+        )
+        return cls(
+            record,
+            [_record(a, runtime.name) for a in runtime.actions],
+            [_event(i, e) for i, e in enumerate(runtime.events)],
+            value=root.value if root.phase is ActionPhase.SUCCEEDED else _MISSING,
+            exc=root.exc,
+        )
+
+    @property
+    def name(self) -> str:
+        """The run's name."""
+        return self.record.name
+
+    @property
+    def phase(self) -> RunPhase:
+        """The run's terminal phase."""
+        return self.record.phase
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the run this is (1 for the first)."""
+        return self.record.attempt
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name} {self.phase.value} {len(self.actions)} actions>"
+
+    def action(self, name: str) -> ActionRecord:
+        """Return the record of the action called `name` (e.g. `"a3"`)."""
+        for record in self.actions:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def result(self) -> R:
+        """Return the root's value, or raise what a parent awaiting the root would get.
+
+        Raises:
+            RuntimeUserError: the root failed; `__cause__` is its exception (in
+                the process that ran it).
+            ActionAbortedError: the run was aborted.
+            RunStoppedError: the run was stopped.
+        """
+        phase = self.phase
+        root = self.actions[0]
+        if phase is RunPhase.SUCCEEDED:
+            if self._value is _MISSING:
+                raise InvalidStateError(
+                    f"run {self.name!r} succeeded but its output was not recorded"
+                )
+            return self._value  # type: ignore[no-any-return]
+        if phase is RunPhase.STOPPED:
+            stop = self.record.stop
+            raise RunStoppedError(
+                f"run {self.name!r} was stopped"
+                + (f" ({stop.mode.value})" if stop else "")
+                + (f": {stop.reason}" if stop and stop.reason else "")
+            )
+        exc = self._exc
+        if phase is RunPhase.ABORTED:
+            if isinstance(exc, ActionError):
+                raise exc
+            abort = root.abort
+            raise ActionAbortedError(
+                f"run {self.name!r} was aborted"
+                + (f": {abort.reason}" if abort and abort.reason else ""),
+                run=self.name,
+                action=root.name,
+                reason=abort.reason if abort else None,
+                cause=abort.cause.value if abort else AbortCause.EXTERNAL.value,
+            )
+        if phase in (RunPhase.RUNNING, RunPhase.STOPPING):
+            raise InvalidStateError(f"run {self.name!r} has not ended: {phase.value}")
+        if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
+            raise exc
+        error = root.error
+        raise RuntimeUserError(
+            f"run {self.name!r} {phase.value.lower()}"
+            + (f": {error.type}: {error.message}" if error else ""),
+            run=self.name,
+            action=root.name,
+            error_type=error.type if error else "",
+            error_message=error.message if error else "",
+            error_traceback=error.traceback if error else "",
+        ) from (exc if isinstance(exc, Exception) else None)
+
+
+class _Runner:
+    """Drives one run on the current loop: the root, teardown and the end record."""
+
+    def __init__(
+        self,
+        task: Task[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None,
+        *,
+        owns_loop: bool,
+    ) -> None:
+        if not hasattr(task, "_handle"):
+            raise TypeError(
+                f"flowsdk runs a task declared with @env.task, not {task!r}; "
+                "decorate the async function with a TaskEnvironment's .task"
+            )
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.name = check_name("run", name) if name is not None else _new_run_name(task)
+        self.owns_loop = owns_loop
+        self.runtime: Runtime | None = None
+        self.interrupts = 0
+
+    def begin(self) -> Runtime:
+        """Create the run and its root action (the root's body starts on the next loop step)."""
+        runtime = Runtime(self.name, asyncio.get_running_loop(), owns_loop=self.owns_loop)
+        self.runtime = runtime
+        runtime.event(EventKind.RUN, None, RunPhase.RUNNING.value)
+        runtime.start_root(self.task, self.args, self.kwargs)
+        return runtime
+
+    async def finish(self) -> Run[Any]:
+        """Wait for the root and the teardown, then record the run's end.
+
+        Cancelled, it aborts the run (root cause `cancelled`), waits for the
+        teardown, then re-raises `CancelledError`; cancelled again, it abandons
+        the remaining actions.
+        """
+        runtime = self.runtime
+        assert runtime is not None
+        cancelled = 0
+        while not runtime.drained.done():
+            try:
+                await asyncio.shield(runtime.drained)
+            except CancelledError:
+                cancelled += 1
+                if cancelled == 1:
+                    runtime.abort_run(
+                        AbortCause.CANCELLED, reason="the task running the run was cancelled"
+                    )
+                else:
+                    runtime.abandon_all(None)
+        runtime.end()
+        runtime.report_unobserved()
+        result = Run._from_runtime(runtime)
+        if cancelled:
+            raise CancelledError
+        return result
+
+    def on_sigint(self) -> None:
+        """Ctrl-C: abort the run first; on the second, stop waiting for cleanup."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        self.interrupts += 1
+        if self.interrupts == 1:
+            logger.warning(
+                "run %s: interrupted; aborting (press Ctrl-C again to stop waiting)", runtime.name
+            )
+            if runtime.base_exc is None:
+                runtime.base_exc = KeyboardInterrupt()
+            runtime.abort_run(AbortCause.SIGINT, reason="interrupted (SIGINT)", by=requester())
+        else:
+            runtime.abandon_all(None)
+
+
+def _new_run_name(task: Task[..., Any]) -> str:
+    stem = (
+        "".join(c if c.isalnum() else "-" for c in task.fn.__name__.lower()).strip("-")[:40]
+        or "run"
+    )
+    return f"{stem}-{secrets.token_hex(4)}"
+
+
+async def run_async(
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+) -> Run[R]:
+    """Run `task(*args)` as the root action of a new run and wait until the run ends.
+
+    Keyword arguments for the task go through `functools.partial`; the keywords
+    here are the run's options. Cancelled, the run is aborted and its teardown
+    awaited before `CancelledError` propagates.
+
+    Args:
+        task: A task declared with `@env.task`.
+        *args: Positional arguments for the task.
+        name: The run's name (unique in its store); default: generated.
+        store: Where the run is recorded (see `flowsdk.run`).
+    """
+    task, args, kwargs = _unpartial(task, args)
+    _check_store(store)
+    runner = _Runner(task, args, kwargs, name, owns_loop=False)
+    runner.begin()
+    return await runner.finish()
+
+
+async def start(
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+) -> RunHandle[R]:
+    """Start a run in the background of the current loop and return its handle at once."""
+    task, args, kwargs = _unpartial(task, args)
+    _check_store(store)
+    runner = _Runner(task, args, kwargs, name, owns_loop=False)
+    runtime = runner.begin()
+    return RunHandle(runtime, asyncio.get_running_loop().create_task(runner.finish()))
+
+
+def run(
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+) -> Run[R]:
+    """Run `task(*args)` as the root action of a new run, on a fresh event loop.
+
+    Blocks until the run has ended, its actions' cleanup included, and returns
+    the ended `Run`. Ctrl-C aborts the run (root cause `sigint`), waits for
+    cleanup, then raises `KeyboardInterrupt`; a second Ctrl-C stops waiting.
+
+    Args:
+        task: A task declared with `@env.task` (or a `functools.partial` of one).
+        *args: Positional arguments for the task.
+        name: The run's name (unique in its store); default: generated.
+        store: Where the run is recorded: `memory://`, or by default the
+            `FLOWSDK_STORE` environment variable.
+
+    Raises:
+        RuntimeError: called from a running event loop (use `flowsdk.run_async`).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "flowsdk.run() cannot be called from a running event loop; "
+            "use 'await flowsdk.run_async(...)' (or 'await flowsdk.start(...)') instead"
+        )
+    task, args, kwargs = _unpartial(task, args)
+    _check_store(store)
+    runner = _Runner(task, args, kwargs, name, owns_loop=True)
+    loop = asyncio.new_event_loop()
+    previous = None
+    use_signal = threading.current_thread() is threading.main_thread()
+    try:
+        if use_signal:
+            previous = signal.getsignal(signal.SIGINT)
+            loop.add_signal_handler(signal.SIGINT, runner.on_sigint)
+        result = loop.run_until_complete(_begin_and_finish(runner))
+        _final_drain(loop, runner)
+    finally:
+        try:
+            if use_signal:
+                loop.remove_signal_handler(signal.SIGINT)
+                signal.signal(
+                    signal.SIGINT, previous if previous is not None else signal.default_int_handler
+                )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+    runtime = runner.runtime
+    if runtime is not None and runtime.base_exc is not None:
+        raise runtime.base_exc
+    return result
+
+
+async def _begin_and_finish(runner: _Runner) -> Run[Any]:
+    runner.begin()
+    return await runner.finish()
+
+
+def _final_drain(loop: asyncio.AbstractEventLoop, runner: _Runner) -> None:
+    """Cancel what is still pending on our own loop, wait a bounded time, name survivors.
+
+    What can be left: plain asyncio tasks that workflow code started and never
+    awaited, the cleanup of abandoned actions, and bodies that ignored
+    cancellation. None may keep the process from exiting.
+    """
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not pending:
+        return
+    runtime = runner.runtime
+    for t in pending:
+        t.cancel()
+    if runner.interrupts < 2:
+        loop.run_until_complete(asyncio.wait(pending, timeout=FINAL_DRAIN))
+    survivors = [t for t in pending if not t.done()]
+    for t in survivors:
+        coro = t.get_coro()
+        logger.warning(
+            "run %s: %s did not finish after cancellation; it is abandoned",
+            runtime.name if runtime else "?",
+            getattr(coro, "__qualname__", repr(t)),
+        )
+        # A body that also ignores GeneratorExit makes close() raise RuntimeError:
+        # nothing more can be done for it.
+        with contextlib.suppress(RuntimeError):
+            coro.close()
+        # The loop is closing with this task still pending; that is reported above.
+        t._log_destroy_pending = False  # type: ignore[attr-defined]
+
+
+def _unpartial(task: Any, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Split `functools.partial(task, *a, **kw)` into the task and its arguments."""
+    kwargs: dict[str, Any] = {}
+    while isinstance(task, functools.partial):
+        args = (*task.args, *args)
+        kwargs = {**task.keywords, **kwargs}
+        task = task.func
+    return task, args, kwargs
+
+
+def _check_store(store: str | None) -> None:
+    url = store if store is not None else os.environ.get("FLOWSDK_STORE", "memory://")
+    if url != "memory://":
+        raise ValueError(
+            f"store {url!r} is not supported by this version of flowsdk; use 'memory://'"
+        )
+
+
+class RunHandle(Generic[R]):
+    """A run started with `flowsdk.start`, controllable while it runs."""
+
+    def __init__(self, runtime: Runtime, task: asyncio.Task[Run[Any]]) -> None:
+        self._runtime = runtime
+        self._task = task
+
+    @property
+    def name(self) -> str:
+        """The run's name."""
+        return self._runtime.name
+
+    @property
+    def phase(self) -> RunPhase:
+        """The run's phase now."""
+        return self._runtime.phase
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.name} {self.phase.value}>"
+
+    async def wait(self) -> Run[R]:
+        """Wait until the run has ended and return it; cancelling the wait leaves the run alone."""
+        return await asyncio.shield(self._task)
+
+    async def abort(
+        self, action: str | None = None, *, group: str | None = None, reason: str | None = None
+    ) -> ControlResult:
+        """Abort the run, one action's subtree (`"a3"`) or a group's actions. Idempotent.
+
+        Raises:
+            ActionNotFoundError: the run has no such action or group.
+        """
+        return self._runtime.abort(action, group=group, reason=reason, by=requester())
+
+    async def stop(self, *, abandon: bool = False, reason: str | None = None) -> ControlResult:
+        """Stop the run: let in-progress actions finish, or (`abandon=True`) abandon them.
+
+        Raises:
+            InvalidStateError: the run is already stopping (a second stop-and-wait).
+        """
+        result = self._runtime.stop(abandon=abandon, reason=reason, by=requester())
+        if result.outcome == "refused":
+            raise InvalidStateError(result.message)
+        return result
+
+    async def mark_failed(self, action: str, *, reason: str | None = None) -> ControlResult:
+        """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`."""
+        return self._runtime.mark_failed(action, reason=reason, by=requester())

@@ -1,0 +1,1046 @@
+"""The core: a run's action tree bound to asyncio tasks.
+
+Every action runs its body in an asyncio task of its own (the *action task*),
+created by the runtime. What a caller awaits is a thin *handle* coroutine that
+starts the action on its first step and then waits on a plain future that the
+action resolves when it ends. Two consequences shape everything below:
+
+- The runtime only ever cancels action tasks it owns, never a caller's task, so
+  an abort never leaks into a parent's `cancelling()` count (the gh-102780 class
+  of bug cannot happen here).
+- No task awaits another task directly through the SDK, so cancelling an action
+  never recurses through an await chain: teardown of a depth-2,000 tree is a
+  flat loop.
+
+Phase rules, in one place (`_finish_cancelled`): once the runtime has delivered
+a cancel to an action, the request decides its terminal phase (ABORTED with the
+request's cause, FAILED for mark-failed and timeouts, ABANDONED for a stop),
+whatever the body returns; only an exception raised by the cleanup itself turns
+it into FAILED, as in asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import getpass
+import logging
+import os
+import socket
+import time
+import traceback
+from asyncio import CancelledError
+from collections.abc import Coroutine, Iterable
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+from flowsdk._group import current_group
+from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
+from flowsdk._records import EventKind, StopMode
+from flowsdk.errors import (
+    ActionAbortedError,
+    ActionMarkedFailedError,
+    ActionNotFoundError,
+    RunClosedError,
+    RunStoppingError,
+    RuntimeUserError,
+    TaskTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from flowsdk._task import Task
+
+__all__ = ["ActionState", "ControlResult", "Runtime", "action_handle", "current_state"]
+
+logger = logging.getLogger("flowsdk")
+
+_current: contextvars.ContextVar[ActionState | None] = contextvars.ContextVar(
+    "flowsdk.action", default=None
+)
+
+# After the second cancel, how long a body may still run before it is recorded
+# with cleanup_incomplete=True and no longer waited for.
+ABANDON_AFTER = 1.0
+MAX_BACKOFF = 60.0
+_MESSAGE_LIMIT = 2_000
+_TRACEBACK_LIMIT = 20_000
+
+_A = ActionPhase
+
+
+class _Internal(enum.Enum):
+    """Requests that stop an action by cancellation but are not abort causes."""
+
+    MARK_FAILED = "mark_failed"
+    TIMEOUT = "timeout"
+
+
+Request = AbortCause | _Internal
+
+
+def current_state() -> ActionState | None:
+    """Return the action whose body (or whose spawned task) is running, if any."""
+    return _current.get()
+
+
+def requester() -> str:
+    """Name the caller of a control request: `user@host pid N`."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+class ActionState:
+    """The live, mutable state of one action (records are snapshots of it)."""
+
+    __slots__ = (
+        "args",
+        "atask",
+        "attempt",
+        "calls",
+        "cancels",
+        "cleanup_incomplete",
+        "done",
+        "ended_at",
+        "error",
+        "exc",
+        "group",
+        "key",
+        "kwargs",
+        "name",
+        "parent",
+        "phase",
+        "replayed",
+        "req",
+        "req_at",
+        "req_by",
+        "req_reason",
+        "runtime",
+        "started_at",
+        "task",
+        "timer",
+        "value",
+    )
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        name: str,
+        parent: ActionState | None,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str,
+        group: str | None,
+    ) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.parent = parent
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.key = key
+        self.group = group
+        self.phase = _A.QUEUED
+        self.attempt = 1
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.value: Any = None
+        self.exc: BaseException | None = None
+        self.error: tuple[str, str, str] | None = None
+        self.req: Request | None = None
+        self.req_reason: str | None = None
+        self.req_by: str | None = None
+        self.req_at: float | None = None
+        self.atask: asyncio.Task[None] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancels = 0
+        self.calls = 0
+        self.cleanup_incomplete = False
+        self.replayed = False
+
+    def __repr__(self) -> str:
+        return f"<action {self.runtime.name}/{self.name} {self.task.name} {self.phase.value}>"
+
+    @property
+    def abort_cause(self) -> AbortCause | None:
+        """The abort cause to record, if the action was stopped by cancellation."""
+        return self.req if isinstance(self.req, AbortCause) else None
+
+    def descends_from(self, ancestors: set[ActionState]) -> bool:
+        """Whether one of `ancestors` is this action or one of its ancestors."""
+        node: ActionState | None = self
+        while node is not None:
+            if node in ancestors:
+                return True
+            node = node.parent
+        return False
+
+
+class ControlResult:
+    """What a control request did: `applied`, `already_ended` or `refused`.
+
+    Attributes:
+        outcome: `"applied"`, `"already_ended"` or `"refused"`.
+        phase: The named action's phase, or the run's when no action was named.
+        message: One sentence for a person.
+    """
+
+    __slots__ = ("message", "outcome", "phase")
+
+    def __init__(self, outcome: str, phase: str, message: str) -> None:
+        self.outcome = outcome
+        self.phase = phase
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ControlResult({self.outcome!r}, {self.phase!r}, {self.message!r})"
+
+    def as_dict(self) -> dict[str, str]:
+        """Return the `--json` shape: outcome, phase, message."""
+        return {"outcome": self.outcome, "phase": self.phase, "message": self.message}
+
+
+async def action_handle(
+    runtime: Runtime,
+    parent: ActionState,
+    task: Task[Any, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str,
+) -> Any:
+    """Start one child action and return (or raise) what its parent should see.
+
+    This is the coroutine `task(...)` returns inside a run. `Task` copies it
+    under the user's function name. Cancelled while waiting (`t.cancel()`, a
+    parent's `asyncio.timeout`, teardown), it cancels the action, waits for the
+    action's cleanup, then re-raises `CancelledError`; a second cancel stops the
+    wait.
+    """
+    action = runtime.start(parent, task, args, kwargs, key)
+    done = action.done
+    assert done is not None
+    try:
+        await done
+    except CancelledError:
+        if not action.phase.terminal:
+            runtime.cancel_from_caller(action)
+            if not action.phase.terminal:
+                action.done = runtime.loop.create_future()
+                await action.done
+        raise
+    if action.phase is _A.SUCCEEDED:
+        return action.value
+    runtime.note_failure_host(action)
+    return runtime.outcome(action)
+
+
+async def _execute(runtime: Runtime, action: ActionState) -> None:
+    """Run an action's body, with retries and timeout; record how it ended.
+
+    This is the action task's coroutine. It never raises: every outcome is
+    recorded on the action, so no task exception can go unretrieved.
+    """
+    _current.set(action)
+    fn = action.task.fn
+    options = action.task.options
+    runtime.set_running(action)
+    while True:
+        timer = None
+        if options.timeout is not None:
+            timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
+        try:
+            value = await fn(*action.args, **action.kwargs)
+        except CancelledError:
+            if timer is not None:
+                timer.cancel()
+            if action.req is _Internal.TIMEOUT and runtime.retry_after_timeout(action):
+                if await runtime.backoff(action):
+                    continue
+                return
+            runtime.finish_cancelled(action)
+            return
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            if timer is not None:
+                timer.cancel()
+            if not isinstance(exc, Exception):
+                runtime.finish_base_exception(action, exc)
+                return
+            if (
+                action.req is None
+                and not isinstance(exc, ActionAbortedError)
+                and runtime.retry(action, exc)
+            ):
+                if await runtime.backoff(action):
+                    continue
+                return
+            runtime.finish_failed(action, exc)
+            return
+        if timer is not None:
+            timer.cancel()
+        if action.req is None:
+            runtime.finish_succeeded(action, value)
+        else:
+            runtime.finish_cancelled(action)
+        return
+
+
+class Runtime:
+    """The live state of one run: its actions, their tasks, and its lifetime.
+
+    One instance per run; it lives on one event loop and is not thread-safe.
+    Control requests (`abort`, `stop`, `mark_failed`) are applied synchronously
+    and say what they did.
+    """
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, owns_loop: bool) -> None:
+        self.name = name
+        self.loop = loop
+        self.owns_loop = owns_loop
+        self.phase = RunPhase.RUNNING
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.actions: list[ActionState] = []
+        self.live: dict[str, ActionState] = {}
+        self.by_name: dict[str, ActionState] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.root: ActionState | None = None
+        self.closed = False
+        self.stop_mode: StopMode | None = None
+        self.stop_info: tuple[StopMode, str | None, str | None, float] | None = None
+        self.base_exc: BaseException | None = None
+        self.zombies: list[ActionState] = []
+        self.failure_hosts: list[asyncio.Task[Any]] = []
+        self.drained: asyncio.Future[None] = loop.create_future()
+        self._counter = 0
+
+    # -- recording ---------------------------------------------------------------
+
+    def event(
+        self,
+        kind: EventKind,
+        action: str | None = None,
+        phase: str | None = None,
+        cause: str | None = None,
+        reason: str | None = None,
+        requested_by: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Append one entry to the run's event log."""
+        self.events.append((time.time(), kind, action, phase, cause, reason, requested_by, message))
+
+    def _set_phase(
+        self, action: ActionState, phase: ActionPhase, message: str | None = None
+    ) -> None:
+        check_action_transition(action.phase, phase)
+        action.phase = phase
+        cause = action.req.value if action.req is not None and phase is not _A.RUNNING else None
+        self.events.append(
+            (
+                time.time(),
+                EventKind.ACTION,
+                action.name,
+                phase.value,
+                cause,
+                action.req_reason,
+                action.req_by,
+                message,
+            )
+        )
+
+    def warn(self, action: ActionState | None, message: str) -> None:
+        """Log a warning and record it in the event log."""
+        logger.warning("run %s: %s", self.name, message)
+        self.event(EventKind.WARNING, action.name if action else None, message=message)
+
+    # -- creating actions ----------------------------------------------------------
+
+    def call(
+        self,
+        task: Task[Any, Any],
+        parent: ActionState,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Coroutine[Any, Any, Any]:
+        """Return the awaitable for `task(*args, **kwargs)` called by `parent`'s code.
+
+        Raises:
+            RunClosedError: the run's root has exited.
+            RunStoppingError: the run is being stopped.
+        """
+        if self.closed:
+            raise RunClosedError(
+                f"run {self.name!r} is closed (its root action has exited): "
+                f"task {task.name!r} was not started"
+            )
+        if self.stop_mode is not None:
+            raise RunStoppingError(
+                f"run {self.name!r} is stopping: task {task.name!r} was not started"
+            )
+        parent.calls += 1
+        return task._handle(self, parent, task, args, kwargs, f"{parent.key}/{parent.calls}")
+
+    def _new(
+        self,
+        parent: ActionState | None,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str,
+    ) -> ActionState:
+        name = f"a{self._counter}"
+        self._counter += 1
+        action = ActionState(self, name, parent, task, args, kwargs, key, current_group())
+        self.actions.append(action)
+        self.live[name] = action
+        self.by_name[name] = action
+        self.events.append(
+            (action.started_at, EventKind.ACTION, name, "QUEUED", None, None, None, None)
+        )
+        action.done = self.loop.create_future()
+        action.atask = self.loop.create_task(_execute(self, action))
+        return action
+
+    def start(
+        self,
+        parent: ActionState,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str,
+    ) -> ActionState:
+        """Create a child action of `parent` and its task (the handle's first step)."""
+        if self.closed:
+            # The root exited between the call and this first step: the action
+            # never starts, as if it had been cancelled before its first step.
+            raise CancelledError
+        return self._new(parent, task, args, kwargs, key)
+
+    def start_root(
+        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ActionState:
+        """Create the root action `a0`."""
+        self.root = self._new(None, task, args, kwargs, "a0")
+        return self.root
+
+    def set_running(self, action: ActionState) -> None:
+        """Record that the action's body starts (its first attempt)."""
+        self._set_phase(action, _A.RUNNING, None)
+
+    # -- finishing actions ---------------------------------------------------------
+
+    def _finish(self, action: ActionState, phase: ActionPhase) -> None:
+        if action.phase.terminal:
+            return  # a zombie's body ending after it was given up on: already recorded
+        if action.timer is not None:
+            action.timer.cancel()
+            action.timer = None
+        action.ended_at = time.time()
+        self._set_phase(action, phase, "cleanup incomplete" if action.cleanup_incomplete else None)
+        del self.live[action.name]
+        # The action's inputs are not needed any more; drop them early so a long
+        # run does not hold every argument it ever passed.
+        action.args = ()
+        action.kwargs = {}
+        done = action.done
+        if done is not None and not done.done():
+            done.set_result(None)
+        if action is self.root:
+            self._root_exited()
+        if self.closed and not self.live and not self.drained.done():
+            self.drained.set_result(None)
+
+    def finish_succeeded(self, action: ActionState, value: Any) -> None:
+        """Record the body's return value."""
+        if action.phase.terminal:
+            return
+        action.value = value
+        self._finish(action, _A.SUCCEEDED)
+
+    def finish_failed(self, action: ActionState, exc: BaseException) -> None:
+        """Record a body that raised `exc` (user code, or a cleanup that raised)."""
+        if action.phase.terminal:
+            return
+        # Drop the runtime's own frame from the traceback: the user sees their
+        # body's frames, and the exception does not keep this frame (and so the
+        # action) alive in a reference cycle.
+        tb = exc.__traceback__
+        if tb is not None and tb.tb_frame.f_code is _execute.__code__:
+            exc.__traceback__ = tb.tb_next
+        action.exc = exc
+        action.error = describe(exc)
+        self._finish(action, _A.FAILED)
+        if action.req is not None and not isinstance(action.req, _Internal):
+            self.warn(
+                action,
+                f"the cleanup of {action.name} ({action.task.name}) raised "
+                f"{action.error[0]}: {action.error[1]}",
+            )
+
+    def note_failure_host(self, action: ActionState) -> None:
+        """Remember the caller's task if it exists only to await `action`.
+
+        Such a task (`asyncio.create_task(child())`) ends with the action's
+        error. If workflow code never looks at it, `report_unobserved` names the
+        failure at the end of the run instead of asyncio's "Task exception was
+        never retrieved" at garbage collection.
+        """
+        host = asyncio.current_task()
+        parent = action.parent
+        if host is None or parent is None or host is parent.atask:
+            return
+        coro = host.get_coro()
+        if getattr(coro, "cr_code", None) is action_handle.__code__:
+            self.failure_hosts.append(host)
+
+    def report_unobserved(self) -> None:
+        """Log each failed child whose error workflow code never retrieved (D4)."""
+        hosts, self.failure_hosts = self.failure_hosts, []
+        for host in hosts:
+            if host.done() and not host.cancelled() and getattr(host, "_log_traceback", False):
+                host._log_traceback = False
+                exc = host.exception()
+                self.warn(
+                    None,
+                    f"an unobserved child failed: {type(exc).__name__}: "
+                    f"{_safe_str(exc) if exc else ''}",
+                )
+
+    def finish_cancelled(self, action: ActionState) -> None:
+        """Record a body that ended after (or because of) a cancellation."""
+        if action.phase.terminal:
+            return
+        req = action.req
+        if req is None:
+            # Cancelled by workflow code (or raised CancelledError itself).
+            action.req = AbortCause.CANCELLED
+            self._finish(action, _A.ABORTED)
+        elif req is _Internal.MARK_FAILED:
+            action.exc = ActionMarkedFailedError(
+                f"action {action.name} of run {self.name!r} was marked as failed"
+                + (f": {action.req_reason}" if action.req_reason else ""),
+                run=self.name,
+                action=action.name,
+                reason=action.req_reason,
+            )
+            action.error = describe(action.exc)
+            self._finish(action, _A.FAILED)
+        elif req is _Internal.TIMEOUT:
+            action.exc = self._timeout_error(action)
+            action.error = describe(action.exc)
+            self._finish(action, _A.FAILED)
+        elif req is AbortCause.STOP:
+            self._finish(action, _A.ABANDONED)
+        else:
+            self._finish(action, _A.ABORTED)
+
+    def finish_base_exception(self, action: ActionState, exc: BaseException) -> None:
+        """Record a body that raised `KeyboardInterrupt`/`SystemExit`; abort the run.
+
+        The exception is kept to be re-raised by `flowsdk.run` once the run's
+        teardown is recorded; it is never wrapped, retried or returned as a value.
+        """
+        if self.base_exc is None:
+            self.base_exc = exc
+        action.exc = exc
+        action.error = describe(exc)
+        self._finish(action, _A.FAILED)
+        self.abort_run(AbortCause.SIGINT, reason=f"{type(exc).__name__} raised in {action.name}")
+
+    def _timeout_error(self, action: ActionState) -> TaskTimeoutError:
+        seconds = action.task.options.timeout
+        err = TaskTimeoutError(
+            f"action {action.name} ({action.task.name}) of run {self.name!r} exceeded its "
+            f"timeout of {seconds:g} s (attempt {action.attempt})",
+            run=self.name,
+            action=action.name,
+        )
+        err.__cause__ = TimeoutError(f"attempt took longer than {seconds:g} s")
+        return err
+
+    # -- retries -------------------------------------------------------------------
+
+    def retry(self, action: ActionState, exc: BaseException) -> bool:
+        """Decide whether a failed attempt gets another one; record the failure if so."""
+        if action.attempt > action.task.options.retries or self.closed:
+            return False
+        error = describe(exc)
+        self.event(
+            EventKind.ACTION,
+            action.name,
+            _A.RUNNING.value,
+            message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
+        )
+        return True
+
+    def retry_after_timeout(self, action: ActionState) -> bool:
+        """After a timed-out attempt, undo its cancel and decide whether to retry."""
+        task = action.atask
+        assert task is not None
+        while action.cancels:
+            task.uncancel()
+            action.cancels -= 1
+        if action.timer is not None:
+            action.timer.cancel()
+            action.timer = None
+        if action.attempt > action.task.options.retries or self.closed:
+            return False
+        action.req = None
+        action.req_reason = None
+        self.event(
+            EventKind.ACTION,
+            action.name,
+            _A.RUNNING.value,
+            message=f"attempt {action.attempt} timed out; retrying",
+        )
+        return True
+
+    async def backoff(self, action: ActionState) -> bool:
+        """Wait before the next attempt; return False if cancelled meanwhile (recorded)."""
+        options = action.task.options
+        delay = min(options.backoff * 2 ** (action.attempt - 1), MAX_BACKOFF)
+        try:
+            await asyncio.sleep(delay)
+        except CancelledError:
+            self.finish_cancelled(action)
+            return False
+        action.attempt += 1
+        self.event(
+            EventKind.ACTION, action.name, _A.RUNNING.value, message=f"attempt {action.attempt}"
+        )
+        return True
+
+    def on_timeout(self, action: ActionState) -> None:
+        """Cancel an attempt that exceeded its task's timeout."""
+        if action.req is None and not action.phase.terminal:
+            self._request(action, _Internal.TIMEOUT, None, None)
+            self._deliver(action)
+
+    # -- what a parent sees --------------------------------------------------------
+
+    def outcome(self, action: ActionState) -> Any:
+        """Return the value, or raise what an awaiting parent gets (SPEC §1)."""
+        phase = action.phase
+        if phase is _A.SUCCEEDED:
+            return action.value
+        if phase is _A.FAILED:
+            exc = action.exc
+            if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
+                raise exc  # never wrapped twice
+            if exc is None or not isinstance(exc, Exception):
+                raise CancelledError  # KeyboardInterrupt/SystemExit: never wrapped
+            error = action.error
+            assert error is not None
+            raise RuntimeUserError(
+                f"action {action.name} ({action.task.name}) of run {self.name!r} failed: "
+                f"{error[0]}: {error[1]}",
+                run=self.name,
+                action=action.name,
+                error_type=error[0],
+                error_message=error[1],
+                error_traceback=error[2],
+            ) from exc
+        if phase is _A.ABORTED and action.req is AbortCause.EXTERNAL:
+            raise self.aborted_error(action)
+        raise CancelledError
+
+    def aborted_error(self, action: ActionState) -> ActionAbortedError:
+        """Build the `ActionAbortedError` an operator's abort of `action` produces."""
+        return ActionAbortedError(
+            f"action {action.name} ({action.task.name}) of run {self.name!r} was aborted"
+            + (f": {action.req_reason}" if action.req_reason else ""),
+            run=self.name,
+            action=action.name,
+            reason=action.req_reason,
+            cause=action.req.value if action.req is not None else AbortCause.EXTERNAL.value,
+        )
+
+    # -- cancellation --------------------------------------------------------------
+
+    def _request(
+        self, action: ActionState, req: Request, reason: str | None, by: str | None
+    ) -> None:
+        action.req = req
+        action.req_reason = reason
+        action.req_by = by
+        action.req_at = time.time()
+
+    def _deliver(self, action: ActionState) -> None:
+        """Deliver the first cancel of a request to the action's body."""
+        if action.phase is _A.QUEUED:
+            # Its body has not started: it never will. Cancelling the task
+            # before its first step closes the coroutine without running it.
+            self.finish_cancelled(action)
+            assert action.atask is not None
+            action.atask.cancel()
+            return
+        if action.phase is _A.RUNNING and action.req is not _Internal.TIMEOUT:
+            self._set_phase(action, _A.STOPPING)
+        if action.cancels == 0:
+            self._cancel_task(action)
+            grace = action.task.options.grace_period
+            action.timer = self.loop.call_later(grace, self._on_grace, action)
+
+    def _cancel_task(self, action: ActionState) -> None:
+        task = action.atask
+        assert task is not None
+        if not task.done():
+            action.cancels += 1
+            task.cancel()
+
+    def _on_grace(self, action: ActionState) -> None:
+        """The grace period is over: cancel the body again, then give it one more second."""
+        action.timer = None
+        if action.phase.terminal:
+            return
+        stack = _format_stack(action.atask)
+        self.warn(
+            action,
+            f"action {action.name} ({action.task.name}) is still running "
+            f"{action.task.options.grace_period:g} s after it was cancelled; cancelling it again. "
+            f"It is at:\n{stack}",
+        )
+        self._cancel_task(action)
+        action.timer = self.loop.call_later(ABANDON_AFTER, self._on_abandon, action)
+
+    def _on_abandon(self, action: ActionState) -> None:
+        """The body ignored two cancels: record it and stop waiting for it."""
+        action.timer = None
+        if action.phase.terminal:
+            return
+        action.cleanup_incomplete = True
+        self.zombies.append(action)
+        self.warn(
+            action,
+            f"action {action.name} ({action.task.name}) ignored cancellation; it is recorded "
+            "with cleanup_incomplete=true and no longer waited for",
+        )
+        if action.req is None:
+            action.req = AbortCause.CANCELLED
+        self.finish_cancelled(action)
+
+    def cancel_from_caller(self, action: ActionState) -> None:
+        """The task awaiting `action` was cancelled: cancel the action too."""
+        if action.req is None:
+            parent = action.parent
+            cause = (
+                AbortCause.ANCESTOR
+                if parent is not None and parent.req is not None
+                else AbortCause.CANCELLED
+            )
+            self._request(action, cause, None, None)
+            self._deliver(action)
+
+    def _cancel_all(self, actions: Iterable[ActionState]) -> None:
+        # Deepest-first is not needed for correctness (no SDK task awaits
+        # another task), but reverse start order lets leaves start their
+        # cleanup before the parents that wait on them.
+        for action in sorted(actions, key=_start_order, reverse=True):
+            if not action.phase.terminal:
+                self._deliver(action)
+
+    def _root_exited(self) -> None:
+        """The root's body ended: close the run and cancel every descendant."""
+        self.closed = True
+        marked = []
+        for action in self.live.values():
+            if action.req is None:
+                self._request(action, AbortCause.ROOT_EXIT, None, None)
+                marked.append(action)
+        self._cancel_all(marked)
+
+    def abort_run(
+        self, cause: AbortCause, *, reason: str | None = None, by: str | None = None
+    ) -> None:
+        """Abort the root with `cause` and its descendants with cause `ancestor`."""
+        root = self.root
+        if root is None or root.phase.terminal:
+            return
+        self._abort([root], cause, reason, by)
+
+    def _abort(
+        self, targets: list[ActionState], req: Request, reason: str | None, by: str | None
+    ) -> None:
+        """Request `req` for the live targets, `ancestor` for their descendants; cancel them."""
+        named = {t for t in targets if not t.phase.terminal}
+        for target in named:
+            if target.req is not req:
+                # A named target's request replaces a collateral one (X8: a child
+                # named in the same instant as its parent is aborted in its own right).
+                self._request(target, req, reason, by)
+        affected = list(named)
+        for action in list(self.live.values()):
+            if action.req is None and action not in named and action.descends_from(named):
+                self._request(action, AbortCause.ANCESTOR, None, None)
+                affected.append(action)
+        self._cancel_all(affected)
+
+    def abandon_all(
+        self, cause: AbortCause | None, reason: str | None = None, by: str | None = None
+    ) -> None:
+        """Give up on every action in progress: record it ABANDONED and stop waiting for it.
+
+        Args:
+            cause: `stop` for a stop-and-abandon; `None` keeps each action's own
+                cause (a second Ctrl-C during teardown).
+            reason: The operator's reason, if any.
+            by: Who asked.
+        """
+        self.closed = True
+        for action in sorted(self.live.values(), key=_start_order, reverse=True):
+            if cause is not None:
+                self._request(action, cause, reason, by)
+            elif not isinstance(action.req, AbortCause):
+                self._request(action, AbortCause.ANCESTOR, action.req_reason, action.req_by)
+            self._finish(action, _A.ABANDONED)
+            if action.cancels == 0:
+                self._cancel_task(action)
+        if not self.drained.done():
+            self.drained.set_result(None)
+
+    # -- control requests ----------------------------------------------------------
+
+    def find(self, action: str | None, group: str | None) -> list[ActionState]:
+        """Resolve a control target: an action name, a group name, or (neither) the root.
+
+        Raises:
+            ActionNotFoundError: no such action or group; the message lists what exists.
+        """
+        if group is not None:
+            found = [a for a in self.actions if a.group == group]
+            if not found:
+                groups = sorted({a.group for a in self.actions if a.group})
+                raise ActionNotFoundError(
+                    f"run {self.name!r} has no group {group!r}"
+                    + (f"; its groups are: {', '.join(groups)}" if groups else "; it has no groups")
+                )
+            return found
+        if action is None:
+            assert self.root is not None
+            return [self.root]
+        state = self.by_name.get(action)
+        if state is None:
+            raise ActionNotFoundError(
+                f"run {self.name!r} has no action {action!r}; "
+                f"its actions are {_name_range(self.actions)}"
+            )
+        return [state]
+
+    def abort(
+        self,
+        action: str | None = None,
+        *,
+        group: str | None = None,
+        reason: str | None = None,
+        by: str | None = None,
+    ) -> ControlResult:
+        """Abort the run (no action), one action's subtree, or a group's actions.
+
+        Idempotent: an action that has ended, or whose abort is already under
+        way, is left as it is and the result says so.
+        """
+        targets = self.find(action, group)
+        if action is not None:
+            what = f"action {action}"
+        elif group is not None:
+            what = f"group {group!r}"
+        else:
+            what = "the run"
+            if self.phase.terminal:
+                return ControlResult(
+                    "already_ended",
+                    self.phase.value,
+                    f"run {self.name!r} already finished: {self.phase.value}",
+                )
+            if self.closed:
+                return ControlResult(
+                    "already_ended",
+                    self.phase.value,
+                    f"run {self.name!r} is finishing (its root has exited); nothing left to abort",
+                )
+
+        def phase() -> str:
+            return targets[0].phase.value if action is not None else self.phase.value
+
+        live = [t for t in targets if not t.phase.terminal]
+        if not live:
+            return ControlResult(
+                "already_ended", phase(), f"{what} of run {self.name!r} already finished: {phase()}"
+            )
+        fresh = [t for t in live if t.req is not AbortCause.EXTERNAL]
+        if not fresh:
+            return ControlResult(
+                "applied",
+                phase(),
+                f"abort of {what} of run {self.name!r} already requested at {_iso(live[0].req_at)}",
+            )
+        self.event(
+            EventKind.REQUEST, action, message=f"abort {what}", reason=reason, requested_by=by
+        )
+        self._abort(fresh, AbortCause.EXTERNAL, reason, by)
+        return ControlResult("applied", phase(), f"abort of {what} of run {self.name!r} applied")
+
+    def stop(
+        self, *, abandon: bool = False, reason: str | None = None, by: str | None = None
+    ) -> ControlResult:
+        """Stop the run: wait for in-progress actions (default), or abandon them.
+
+        A stop-and-abandon also escalates a run that is already stopping; a
+        second stop-and-wait is refused.
+        """
+        if self.phase.terminal:
+            return ControlResult(
+                "already_ended",
+                self.phase.value,
+                f"run {self.name!r} already finished: {self.phase.value}",
+            )
+        mode = StopMode.ABANDON if abandon else StopMode.WAIT
+        if self.stop_mode is StopMode.ABANDON or (
+            self.stop_mode is StopMode.WAIT and mode is StopMode.WAIT
+        ):
+            hint = (
+                "; use 'stop --abandon' to stop waiting for its actions"
+                if mode is StopMode.WAIT
+                else ""
+            )
+            return ControlResult(
+                "refused",
+                self.phase.value,
+                f"run {self.name!r} is already stopping ({self.stop_mode.value}){hint}",
+            )
+        if self.closed and mode is StopMode.WAIT:
+            return ControlResult(
+                "already_ended",
+                self.phase.value,
+                f"run {self.name!r} is finishing (its root has exited)",
+            )
+        self.event(
+            EventKind.REQUEST, None, message=f"stop ({mode.value})", reason=reason, requested_by=by
+        )
+        self.stop_mode = mode
+        self.stop_info = (mode, reason, by, time.time())
+        if self.phase is RunPhase.RUNNING:
+            self.phase = RunPhase.STOPPING
+            self.event(EventKind.RUN, None, RunPhase.STOPPING.value, reason=reason, requested_by=by)
+        if mode is StopMode.ABANDON:
+            self.abandon_all(AbortCause.STOP, reason, by)
+        return ControlResult(
+            "applied", self.phase.value, f"stop ({mode.value}) of run {self.name!r} applied"
+        )
+
+    def mark_failed(
+        self, action: str, *, reason: str | None = None, by: str | None = None
+    ) -> ControlResult:
+        """Mark one action as failed: its body gets `CancelledError` and it ends FAILED."""
+        [target] = self.find(action, None)
+        if target.phase.terminal:
+            return ControlResult(
+                "already_ended",
+                target.phase.value,
+                f"action {action} of run {self.name!r} already finished: {target.phase.value}",
+            )
+        if target.req is _Internal.MARK_FAILED:
+            return ControlResult(
+                "applied",
+                target.phase.value,
+                f"action {action} of run {self.name!r} is already being marked as failed",
+            )
+        self.event(EventKind.REQUEST, action, message="mark failed", reason=reason, requested_by=by)
+        self._abort([target], _Internal.MARK_FAILED, reason, by)
+        return ControlResult(
+            "applied", target.phase.value, f"action {action} of run {self.name!r} marked as failed"
+        )
+
+    # -- end of the run ------------------------------------------------------------
+
+    def final_phase(self) -> RunPhase:
+        """Decide the run's terminal phase from its root and the requests it received."""
+        root = self.root
+        assert root is not None
+        if self.stop_mode is not None:
+            return RunPhase.STOPPED
+        if root.phase is _A.SUCCEEDED:
+            return RunPhase.SUCCEEDED
+        if root.phase is _A.FAILED:
+            exc = root.exc
+            if isinstance(exc, ActionAbortedError) or (
+                exc is not None and not isinstance(exc, Exception)
+            ):
+                return RunPhase.ABORTED
+            if isinstance(exc, RuntimeUserError) and isinstance(exc.__cause__, ActionAbortedError):
+                return RunPhase.ABORTED
+            return RunPhase.FAILED
+        if root.phase is _A.CRASHED:
+            return RunPhase.CRASHED
+        return RunPhase.ABORTED
+
+    def end(self) -> None:
+        """Record the run's terminal phase (after its teardown)."""
+        if self.phase.terminal:
+            return
+        self.phase = self.final_phase()
+        self.ended_at = time.time()
+        self.event(EventKind.RUN, None, self.phase.value)
+
+
+def _start_order(action: ActionState) -> int:
+    return int(action.name[1:])
+
+
+def _name_range(actions: list[ActionState]) -> str:
+    if not actions:
+        return "none"
+    if len(actions) <= 8:
+        return ", ".join(a.name for a in actions)
+    return f"{actions[0].name}..{actions[-1].name} ({len(actions)} actions)"
+
+
+def _iso(at: float | None) -> str:
+    from datetime import datetime
+
+    return "?" if at is None else datetime.fromtimestamp(at, UTC).isoformat()
+
+
+def _format_stack(task: asyncio.Task[Any] | None) -> str:
+    if task is None:
+        return "  (no task)"
+    frames = task.get_stack(limit=8)
+    lines = [f"  {f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames]
+    return "\n".join(lines) or "  (no frames)"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+    if len(text) > _MESSAGE_LIMIT:
+        text = text[:_MESSAGE_LIMIT] + f"... ({len(text) - _MESSAGE_LIMIT} more characters)"
+    return text
+
+
+def describe(exc: BaseException) -> tuple[str, str, str]:
+    """Return an exception's recorded form: type name, message, traceback text.
+
+    Never raises, whatever the exception's `__str__` does.
+    """
+    cls = type(exc)
+    name = (
+        cls.__qualname__
+        if cls.__module__ in ("builtins", "__main__")
+        else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    message = _safe_str(exc)
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:
+        text = f"{name}: {message}\n(traceback could not be formatted)"
+    if len(text) > _TRACEBACK_LIMIT:
+        text = text[: _TRACEBACK_LIMIT // 2] + "\n...\n" + text[-_TRACEBACK_LIMIT // 2 :]
+    return name, message, text

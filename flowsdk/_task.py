@@ -1,0 +1,223 @@
+"""`TaskEnvironment` and the `@env.task` decorator."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar, overload
+
+from typing_extensions import ParamSpec
+
+from flowsdk._names import check_name
+from flowsdk._runtime import action_handle, current_state
+
+__all__ = ["Task", "TaskEnvironment", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNSET: Any = object()
+_OVERRIDABLE = frozenset(
+    {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff"}
+)
+
+
+class TaskOptions:
+    """The resolved options of one task (environment defaults plus overrides)."""
+
+    __slots__ = (
+        "backoff",
+        "cache",
+        "cache_version",
+        "executor",
+        "grace_period",
+        "retries",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        retries: int,
+        timeout: float | None,
+        grace_period: float,
+        backoff: float,
+        cache: bool,
+        cache_version: str | None,
+        executor: str | None,
+    ) -> None:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        if timeout is not None and not _positive(timeout):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
+        if not _positive(grace_period, allow_zero=True):
+            raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
+        if not _positive(backoff, allow_zero=True):
+            raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
+        if executor not in (None, "local"):
+            raise ValueError(
+                f"executor {executor!r} is not available; flowsdk runs task bodies in-process "
+                "(executor=None or 'local')"
+            )
+        self.retries = retries
+        self.timeout = None if timeout is None else float(timeout)
+        self.grace_period = float(grace_period)
+        self.backoff = float(backoff)
+        self.cache = cache
+        self.cache_version = cache_version
+        self.executor = executor
+
+    def replace(self, **overrides: Any) -> TaskOptions:
+        """Return a copy with `overrides` applied (unset values keep this copy's)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(overrides)
+        return TaskOptions(**values)
+
+
+def _positive(value: object, *, allow_zero: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return False
+    return value >= 0 if allow_zero else value > 0
+
+
+class _Decorator(Protocol):
+    """What `@env.task(...)` with options returns: a decorator keeping the signature."""
+
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+
+class TaskEnvironment:
+    """Shared defaults for a family of tasks; `@env.task` declares one.
+
+    Args:
+        name: The environment's name; task names are `"<env>.<function>"`.
+        retries: Extra attempts after a user exception (never after an abort,
+            cancel, stop or `BaseException`).
+        timeout: Seconds of running time for one attempt, else `None`; an
+            attempt that exceeds it is cancelled and fails with `TaskTimeoutError`.
+        grace_period: Seconds a cancelled body may spend in its cleanup before
+            the runtime cancels it again.
+        cache: Reuse a finished action's output for the same task version and inputs.
+        cache_version: The task version for `cache` (default: a hash of the source).
+        executor: Where bodies run; `None` (or `"local"`) runs them in-process.
+        backoff: Seconds before the first retry; each further retry waits twice
+            as long, at most 60 s.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        retries: int = 0,
+        timeout: float | None = None,
+        grace_period: float = 10.0,
+        cache: bool = False,
+        cache_version: str | None = None,
+        executor: str | None = None,
+        backoff: float = 1.0,
+    ) -> None:
+        self.name = check_name("environment", name)
+        self.options = TaskOptions(
+            retries=retries,
+            timeout=timeout,
+            grace_period=grace_period,
+            backoff=backoff,
+            cache=cache,
+            cache_version=cache_version,
+            executor=executor,
+        )
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"TaskEnvironment({self.name!r})"
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        retries: int = ...,
+        timeout: float | None = ...,
+        grace_period: float = ...,
+        cache: bool = ...,
+        cache_version: str | None = ...,
+        backoff: float = ...,
+    ) -> _Decorator: ...
+
+    def task(self, fn: Any = None, /, **overrides: Any) -> Any:
+        """Declare an `async def` function as a task of this environment.
+
+        Usable bare (`@env.task`) or with overrides of the environment's
+        defaults (`@env.task(retries=2, timeout=60)`).
+
+        Raises:
+            TypeError: `fn` is not an `async def` function.
+            ValueError: an option is out of range, or the environment already
+                has a task of that name.
+        """
+        unknown = set(overrides) - _OVERRIDABLE
+        if unknown:
+            raise TypeError(
+                f"unknown task option(s) {', '.join(sorted(unknown))}; "
+                f"the options are {', '.join(sorted(_OVERRIDABLE))}"
+            )
+        options = self.options.replace(**overrides)
+
+        def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
+            task = Task(fn, self, options)
+            if task.name in self._tasks:
+                raise ValueError(
+                    f"environment {self.name!r} already has a task named {task.name!r}; "
+                    "give the function another name or use another environment"
+                )
+            self._tasks[task.name] = task
+            return task
+
+        return decorate if fn is None else decorate(fn)
+
+
+class Task(Generic[P, R]):
+    """An `async def` function declared with `@env.task`.
+
+    Outside a run, calling it returns the plain coroutine of the function (no
+    action, no store), so task bodies are unit-testable as they are. Inside a
+    run, calling it returns an awaitable that starts a child action of the
+    calling action when it first runs.
+    """
+
+    def __init__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]], env: TaskEnvironment, options: TaskOptions
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            shown = getattr(fn, "__qualname__", repr(fn))
+            raise TypeError(
+                f"@{env.name}.task needs an 'async def' function; {shown!r} is a "
+                f"{type(fn).__name__}. Write it as 'async def' (blocking work can go to "
+                "asyncio.to_thread)."
+            )
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.env = env
+        self.options = options
+        self.name = check_name("task", f"{env.name}.{fn.__name__}")
+        self.signature = inspect.signature(fn)
+        # A copy of the runtime's handle function under the user's name, so that
+        # Python's "coroutine ... was never awaited" warning names the user's
+        # function, not an SDK wrapper.
+        handle = types.FunctionType(action_handle.__code__, action_handle.__globals__, fn.__name__)
+        handle.__qualname__ = fn.__qualname__
+        self._handle: Callable[..., Coroutine[Any, Any, R]] = handle
+
+    def __repr__(self) -> str:
+        return f"<flowsdk task {self.name}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        parent = current_state()
+        if parent is None:
+            return self.fn(*args, **kwargs)
+        return parent.runtime.call(self, parent, args, kwargs)

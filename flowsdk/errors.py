@@ -1,0 +1,204 @@
+"""The errors flowsdk raises, all rooted at `FlowError`.
+
+```
+FlowError(Exception)
+├── ActionError                 .run, .action
+│   ├── RuntimeUserError        a child's user code raised; __cause__ is the original exception
+│   │   ├── TaskTimeoutError
+│   │   └── ActionMarkedFailedError   (as the __cause__ an operator's mark-failed produces)
+│   └── ActionAbortedError      .reason, .cause
+├── RunClosedError              a task was called after the root exited (also RuntimeError)
+├── RunStoppingError            a task was called while the run is stopping (also RuntimeError)
+├── RunStoppedError             result() of a stopped run
+├── NotInRunError
+├── RunNotFoundError, ActionNotFoundError   (also LookupError)
+├── RunExistsError
+├── InvalidStateError           a control request the current phase refuses
+├── PermissionDeniedError
+├── SerializationError          an input or output that cannot be recorded
+├── NondeterminismError         a retried run diverged from its recorded history
+└── StoreError
+    ├── StoreCorruptedError
+    └── StoreLockedError
+```
+
+`ActionAbortedError` is deliberately *not* a `RuntimeUserError`: `except
+RuntimeUserError:` never swallows an operator's abort by accident. Neither is a
+`CancelledError`, so `asyncio.gather(..., return_exceptions=True)` returns both
+as values. Every error pickles with its attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ActionAbortedError",
+    "ActionError",
+    "ActionMarkedFailedError",
+    "ActionNotFoundError",
+    "FlowError",
+    "InvalidStateError",
+    "NondeterminismError",
+    "NotInRunError",
+    "PermissionDeniedError",
+    "RunClosedError",
+    "RunExistsError",
+    "RunNotFoundError",
+    "RunStoppedError",
+    "RunStoppingError",
+    "RuntimeUserError",
+    "SerializationError",
+    "StoreCorruptedError",
+    "StoreError",
+    "StoreLockedError",
+    "TaskTimeoutError",
+]
+
+
+class FlowError(Exception):
+    """Base of every error flowsdk raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes do not survive the default Exception pickling
+        # (which replays only .args); restore them from __dict__.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[FlowError], args: tuple[Any, ...], state: dict[str, Any]) -> FlowError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
+
+class ActionError(FlowError):
+    """Something happened to one action of a run.
+
+    Attributes:
+        run: The run's name.
+        action: The action's name (`a0` is the root).
+    """
+
+    def __init__(self, message: str, *, run: str, action: str) -> None:
+        super().__init__(message)
+        self.run = run
+        self.action = action
+
+
+class RuntimeUserError(ActionError):
+    """A child action's user code raised; `__cause__` is the original exception.
+
+    In the process that ran the child, `__cause__` is the very exception object
+    the body raised. Read from the store, it is absent and `error_type`,
+    `error_message` and `error_traceback` carry the recorded text.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run: str,
+        action: str,
+        error_type: str = "",
+        error_message: str = "",
+        error_traceback: str = "",
+    ) -> None:
+        super().__init__(message, run=run, action=action)
+        self.error_type = error_type
+        self.error_message = error_message
+        self.error_traceback = error_traceback
+
+
+class TaskTimeoutError(RuntimeUserError):
+    """An attempt of an action ran longer than its task's `timeout`."""
+
+
+class ActionMarkedFailedError(RuntimeUserError):
+    """An operator marked the action as failed (the `__cause__` a parent sees).
+
+    Attributes:
+        reason: The operator's reason, or `None`.
+    """
+
+    def __init__(self, message: str, *, run: str, action: str, reason: str | None = None) -> None:
+        super().__init__(message, run=run, action=action)
+        self.reason = reason
+
+
+class ActionAbortedError(ActionError):
+    """A child action was aborted by an operator (CLI, console or API).
+
+    Attributes:
+        reason: The reason the operator gave, or `None`.
+        cause: The `flowsdk.AbortCause` value recorded for the action (a string).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run: str,
+        action: str,
+        reason: str | None = None,
+        cause: str = "external",
+    ) -> None:
+        super().__init__(message, run=run, action=action)
+        self.reason = reason
+        self.cause = cause
+
+
+class RunClosedError(FlowError, RuntimeError):
+    """A task was called after its run's root action exited; nothing was started."""
+
+
+class RunStoppingError(FlowError, RuntimeError):
+    """A task was called while its run is stopping; nothing was started."""
+
+
+class RunStoppedError(FlowError):
+    """The run was stopped by an operator, so it has no result."""
+
+
+class NotInRunError(FlowError):
+    """A run-only operation (such as `flowsdk.current_action()`) was used outside a run."""
+
+
+class RunNotFoundError(FlowError, LookupError):
+    """No run of that name is in the store."""
+
+
+class ActionNotFoundError(FlowError, LookupError):
+    """The run has no action (or group) of that name."""
+
+
+class RunExistsError(FlowError):
+    """A run of that name already exists in the store."""
+
+
+class InvalidStateError(FlowError):
+    """A control request that the target's current phase refuses."""
+
+
+class PermissionDeniedError(FlowError):
+    """The caller's token does not grant the requested operation."""
+
+
+class SerializationError(FlowError, TypeError):
+    """An action's input or output cannot be recorded."""
+
+
+class NondeterminismError(FlowError):
+    """A retried run called something other than what its history recorded."""
+
+
+class StoreError(FlowError):
+    """The store cannot be used."""
+
+
+class StoreCorruptedError(StoreError):
+    """The store's file is not a flowsdk store or is damaged; it was left untouched."""
+
+
+class StoreLockedError(StoreError):
+    """Another process held the store's write lock past the busy timeout."""
