@@ -149,7 +149,7 @@ class TaskEnvironment:
         backoff: float = ...,
     ) -> _Decorator: ...
 
-    def task(self, fn: Any = None, /, **overrides: Any) -> Any:
+    def task(self, *fn: Any, **overrides: Any) -> Any:
         """Declare an `async def` function as a task of this environment.
 
         Usable bare (`@env.task`) or with overrides of the environment's
@@ -178,7 +178,11 @@ class TaskEnvironment:
             self._tasks[task.name] = task
             return task
 
-        return decorate if fn is None else decorate(fn)
+        if not fn:
+            return decorate
+        if len(fn) > 1 or overrides:
+            raise TypeError("use @env.task or @env.task(option=value, ...)")
+        return decorate(fn[0])
 
 
 class Task(Generic[P, R]):
