@@ -6,6 +6,7 @@ Importing flowsdk opens no store, starts no thread and installs no hook.
 """
 
 from flowsdk import errors
+from flowsdk._client import Client
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
@@ -29,6 +30,7 @@ __all__ = [
     "ActionInfo",
     "ActionPhase",
     "ActionRecord",
+    "Client",
     "ControlResult",
     "ErrorInfo",
     "Event",

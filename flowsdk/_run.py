@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import signal
 import threading
@@ -14,6 +13,7 @@ from asyncio import CancelledError
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from flowsdk._control import apply_request
 from flowsdk._names import check_name
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk._records import (
@@ -23,7 +23,6 @@ from flowsdk._records import (
     Event,
     EventKind,
     RunRecord,
-    StopInfo,
 )
 from flowsdk._runtime import ActionState, ControlResult, Runtime, requester
 from flowsdk.errors import (
@@ -34,6 +33,7 @@ from flowsdk.errors import (
     RunStoppedError,
     RuntimeUserError,
 )
+from flowsdk.store import RunRecorder, Store, StoredRun, open_store
 
 if TYPE_CHECKING:
     from flowsdk._task import Task
@@ -119,22 +119,7 @@ class Run(Generic[R]):
     def _from_runtime(cls, runtime: Runtime) -> Run[Any]:
         root = runtime.root
         assert root is not None
-        stop = runtime.stop_info
-        record = RunRecord(
-            name=runtime.name,
-            phase=runtime.phase,
-            started_at=_dt(runtime.started_at) or datetime.now(UTC),
-            ended_at=_dt(runtime.ended_at),
-            stop=StopInfo(
-                mode=stop[0],
-                reason=stop[1],
-                requested_by=stop[2],
-                requested_at=_dt(stop[3]) or datetime.now(UTC),
-            )
-            if stop
-            else None,
-            task=root.task.name,
-        )
+        record = runtime.run_record()
         return cls(
             record,
             [_record(a, runtime.name) for a in runtime.actions],
@@ -230,6 +215,7 @@ class _Runner:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         name: str | None,
+        store: str | Store | None,
         *,
         owns_loop: bool,
     ) -> None:
@@ -243,12 +229,24 @@ class _Runner:
         self.kwargs = kwargs
         self.name = check_name("run", name) if name is not None else _new_run_name(task)
         self.owns_loop = owns_loop
+        self.store = open_store(store)
         self.runtime: Runtime | None = None
+        self.recorder: RunRecorder
         self.interrupts = 0
 
-    def begin(self) -> Runtime:
-        """Create the run and its root action (the root's body starts on the next loop step)."""
-        runtime = Runtime(self.name, asyncio.get_running_loop(), owns_loop=self.owns_loop)
+    async def begin(self) -> Runtime:
+        """Record the new run and create its root action (its body starts on the next step).
+
+        Raises:
+            RunExistsError: the store has a run of that name.
+            StoreError: the store cannot be used.
+        """
+        loop = asyncio.get_running_loop()
+        runtime = Runtime(self.name, loop, owns_loop=self.owns_loop, task_path=task_path(self.task))
+        self.recorder = await self.store.open_run(
+            runtime.run_record(), loop, functools.partial(apply_request, runtime)
+        )
+        runtime.attach(self.recorder)
         self.runtime = runtime
         runtime.event(EventKind.RUN, None, RunPhase.RUNNING.value)
         runtime.start_root(self.task, self.args, self.kwargs)
@@ -278,6 +276,8 @@ class _Runner:
         runtime.end()
         runtime.report_unobserved()
         result = Run._from_runtime(runtime)
+        self.recorder.finished(StoredRun(result.record, result.actions, result.events))
+        await self.recorder.close()
         if cancelled:
             raise CancelledError
         return result
@@ -308,7 +308,7 @@ def _new_run_name(task: Task[..., Any]) -> str:
 
 
 async def run_async(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run and wait until the run ends.
 
@@ -323,25 +323,28 @@ async def run_async(
         store: Where the run is recorded (see `flowsdk.run`).
     """
     task, args, kwargs = _unpartial(task, args)
-    _check_store(store)
-    runner = _Runner(task, args, kwargs, name, owns_loop=False)
-    runner.begin()
-    return await runner.finish()
+    runner = _Runner(task, args, kwargs, name, store, owns_loop=False)
+    runtime = await runner.begin()
+    result = await runner.finish()
+    if runtime.base_exc is not None:
+        # A KeyboardInterrupt/SystemExit raised in a body, re-raised once the
+        # run's end is recorded, as asyncio would have raised it.
+        raise runtime.base_exc
+    return result
 
 
 async def start(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
     task, args, kwargs = _unpartial(task, args)
-    _check_store(store)
-    runner = _Runner(task, args, kwargs, name, owns_loop=False)
-    runtime = runner.begin()
+    runner = _Runner(task, args, kwargs, name, store, owns_loop=False)
+    runtime = await runner.begin()
     return RunHandle(runtime, asyncio.get_running_loop().create_task(runner.finish()))
 
 
 def run(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | None = None
+    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run, on a fresh event loop.
 
@@ -353,8 +356,9 @@ def run(
         task: A task declared with `@env.task` (or a `functools.partial` of one).
         *args: Positional arguments for the task.
         name: The run's name (unique in its store); default: generated.
-        store: Where the run is recorded: `memory://`, or by default the
-            `FLOWSDK_STORE` environment variable.
+        store: Where the run is recorded: a URL (`sqlite:///path.db`,
+            `memory://`), a path, or a store object; default: `$FLOWSDK_STORE`,
+            else `sqlite:///.flowsdk/flowsdk.db` in the working directory.
 
     Raises:
         RuntimeError: called from a running event loop (use `flowsdk.run_async`).
@@ -369,8 +373,7 @@ def run(
             "use 'await flowsdk.run_async(...)' (or 'await flowsdk.start(...)') instead"
         )
     task, args, kwargs = _unpartial(task, args)
-    _check_store(store)
-    runner = _Runner(task, args, kwargs, name, owns_loop=True)
+    runner = _Runner(task, args, kwargs, name, store, owns_loop=True)
     loop = asyncio.new_event_loop()
     previous = None
     use_signal = threading.current_thread() is threading.main_thread()
@@ -398,7 +401,7 @@ def run(
 
 
 async def _begin_and_finish(runner: _Runner) -> Run[Any]:
-    runner.begin()
+    await runner.begin()
     return await runner.finish()
 
 
@@ -443,12 +446,10 @@ def _unpartial(task: Any, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], 
     return task, args, kwargs
 
 
-def _check_store(store: str | None) -> None:
-    url = store if store is not None else os.environ.get("FLOWSDK_STORE", "memory://")
-    if url != "memory://":
-        raise ValueError(
-            f"store {url!r} is not supported by this version of flowsdk; use 'memory://'"
-        )
+def task_path(task: Task[..., Any]) -> str:
+    """Return `module:qualname` of a task's function (how a retry finds it again)."""
+    fn = task.fn
+    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 class RunHandle(Generic[R]):

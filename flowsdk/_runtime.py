@@ -32,12 +32,12 @@ import time
 import traceback
 from asyncio import CancelledError
 from collections.abc import Coroutine, Iterable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._group import current_group
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
-from flowsdk._records import EventKind, StopMode
+from flowsdk._records import EventKind, RunRecord, StopInfo, StopMode
 from flowsdk.errors import (
     ActionAbortedError,
     ActionMarkedFailedError,
@@ -50,6 +50,7 @@ from flowsdk.errors import (
 
 if TYPE_CHECKING:
     from flowsdk._task import Task
+    from flowsdk.store import RunRecorder
 
 __all__ = ["ActionState", "ControlResult", "Runtime", "action_handle", "current_state"]
 
@@ -299,8 +300,19 @@ class Runtime:
     and say what they did.
     """
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, *, owns_loop: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        owns_loop: bool,
+        attempt: int = 1,
+        task_path: str = "",
+    ) -> None:
         self.name = name
+        self.attempt = attempt
+        self.task_path = task_path
+        self._rec: RunRecorder | None = None
         self.loop = loop
         self.owns_loop = owns_loop
         self.phase = RunPhase.RUNNING
@@ -322,6 +334,10 @@ class Runtime:
 
     # -- recording ---------------------------------------------------------------
 
+    def attach(self, recorder: RunRecorder) -> None:
+        """Stream every change of this run to `recorder` (unless it keeps only the end)."""
+        self._rec = recorder if getattr(recorder, "streams", True) else None
+
     def event(
         self,
         kind: EventKind,
@@ -333,7 +349,65 @@ class Runtime:
         message: str | None = None,
     ) -> None:
         """Append one entry to the run's event log."""
-        self.events.append((time.time(), kind, action, phase, cause, reason, requested_by, message))
+        self._log((time.time(), kind, action, phase, cause, reason, requested_by, message))
+
+    def _log(self, entry: tuple[Any, ...]) -> None:
+        self.events.append(entry)
+        if self._rec is not None:
+            self._rec.event((len(self.events) - 1, *entry))
+
+    def _changed(self, action: ActionState) -> None:
+        """Send the action's current state to the store (if it streams)."""
+        rec = self._rec
+        if rec is None:
+            return
+        error = action.error
+        req = action.req
+        cause = req.value if isinstance(req, AbortCause) else None
+        rec.action(
+            (
+                action.name,
+                int(action.name[1:]),
+                action.parent.name if action.parent is not None else None,
+                action.task.name,
+                action.group,
+                action.phase.value,
+                action.attempt,
+                action.started_at,
+                action.ended_at,
+                error[0] if error else None,
+                error[1] if error else None,
+                error[2] if error else None,
+                action.req_reason if cause else None,
+                cause,
+                action.req_by if cause else None,
+                action.req_at if cause else None,
+                int(action.cleanup_incomplete),
+                action.key,
+                int(action.replayed),
+            )
+        )
+
+    def run_record(self) -> RunRecord:
+        """Return the run's current record."""
+        stop = self.stop_info
+        return RunRecord(
+            name=self.name,
+            phase=self.phase,
+            started_at=_dt(self.started_at),
+            ended_at=_dt(self.ended_at) if self.ended_at is not None else None,
+            attempt=self.attempt,
+            stop=StopInfo(
+                mode=stop[0], reason=stop[1], requested_by=stop[2], requested_at=_dt(stop[3])
+            )
+            if stop
+            else None,
+            task=self.task_path,
+        )
+
+    def _run_changed(self) -> None:
+        if self._rec is not None:
+            self._rec.run(self.run_record())
 
     def _set_phase(
         self, action: ActionState, phase: ActionPhase, message: str | None = None
@@ -341,7 +415,7 @@ class Runtime:
         check_action_transition(action.phase, phase)
         action.phase = phase
         cause = action.req.value if action.req is not None and phase is not _A.RUNNING else None
-        self.events.append(
+        self._log(
             (
                 time.time(),
                 EventKind.ACTION,
@@ -353,6 +427,7 @@ class Runtime:
                 message,
             )
         )
+        self._changed(action)
 
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
@@ -400,9 +475,8 @@ class Runtime:
         self.actions.append(action)
         self.live[name] = action
         self.by_name[name] = action
-        self.events.append(
-            (action.started_at, EventKind.ACTION, name, "QUEUED", None, None, None, None)
-        )
+        self._log((action.started_at, EventKind.ACTION, name, "QUEUED", None, None, None, None))
+        self._changed(action)
         action.done = self.loop.create_future()
         action.atask = self.loop.create_task(_execute(self, action))
         return action
@@ -611,6 +685,7 @@ class Runtime:
             self.finish_cancelled(action)
             return False
         action.attempt += 1
+        self._changed(action)
         self.event(
             EventKind.ACTION, action.name, _A.RUNNING.value, message=f"attempt {action.attempt}"
         )
@@ -928,6 +1003,7 @@ class Runtime:
         if self.phase is RunPhase.RUNNING:
             self.phase = RunPhase.STOPPING
             self.event(EventKind.RUN, None, RunPhase.STOPPING.value, reason=reason, requested_by=by)
+        self._run_changed()
         if mode is StopMode.ABANDON:
             self.abandon_all(AbortCause.STOP, reason, by)
         return ControlResult(
@@ -987,6 +1063,7 @@ class Runtime:
         self.phase = self.final_phase()
         self.ended_at = time.time()
         self.event(EventKind.RUN, None, self.phase.value)
+        self._run_changed()
 
 
 def _start_order(action: ActionState) -> int:
@@ -1001,10 +1078,12 @@ def _name_range(actions: list[ActionState]) -> str:
     return f"{actions[0].name}..{actions[-1].name} ({len(actions)} actions)"
 
 
-def _iso(at: float | None) -> str:
-    from datetime import datetime
+def _dt(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
 
-    return "?" if at is None else datetime.fromtimestamp(at, UTC).isoformat()
+
+def _iso(at: float | None) -> str:
+    return "?" if at is None else _dt(at).isoformat()
 
 
 def _format_stack(task: asyncio.Task[Any] | None) -> str:

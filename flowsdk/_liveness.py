@@ -1,0 +1,58 @@
+"""Who runs a run, and whether that process is still alive."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import msgspec
+
+__all__ = ["HEARTBEAT_INTERVAL", "STALE_AFTER", "Owner", "is_alive", "this_process"]
+
+HEARTBEAT_INTERVAL = 1.0
+# A runner whose heartbeat is older than this is considered gone (SPEC §5: within 10 s).
+STALE_AFTER = 8.0
+
+
+class Owner(msgspec.Struct, frozen=True):
+    """The process running a run: host, pid and the process's start time (clock ticks)."""
+
+    host: str
+    pid: int
+    started: int | None
+
+
+def _start_ticks(pid: int) -> int | None:
+    # Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With the pid
+    # it identifies a process even after the pid is reused.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def this_process() -> Owner:
+    """Describe the calling process."""
+    pid = os.getpid()
+    return Owner(host=socket.gethostname(), pid=pid, started=_start_ticks(pid))
+
+
+def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:
+    """Whether the runner `owner` is alive, judged by its pid (same host) and heartbeat."""
+    now = time.time() if now is None else now
+    if heartbeat is not None and now - heartbeat > STALE_AFTER:
+        return False
+    if owner.host != socket.gethostname():
+        return True  # only the heartbeat can tell for another machine
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    started = _start_ticks(owner.pid)
+    return owner.started is None or started is None or started == owner.started

@@ -1,0 +1,109 @@
+"""The store protocol: what the runtime, the Client and the CLI need from a store.
+
+A store keeps runs (every attempt), their actions and events, and carries
+control requests from any process to the runner of a live run. The runtime
+talks to it only through a `RunRecorder` (one per run), which must never block
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from flowsdk._phases import RunPhase
+from flowsdk._records import ActionRecord, ControlRequest, Event, RunRecord
+
+__all__ = ["ControlAnswer", "RequestHandler", "RunRecorder", "Store", "StoredRun"]
+
+
+class StoredRun:
+    """One attempt of a run as read from a store."""
+
+    __slots__ = ("actions", "events", "outputs", "record")
+
+    def __init__(
+        self,
+        record: RunRecord,
+        actions: list[ActionRecord],
+        events: list[Event],
+        outputs: dict[str, bytes] | None = None,
+    ) -> None:
+        self.record = record
+        self.actions = actions
+        self.events = events
+        self.outputs = outputs or {}
+
+
+class ControlAnswer:
+    """The runner's answer to a control request (or the store's, for a run that has ended)."""
+
+    __slots__ = ("message", "outcome", "phase")
+
+    def __init__(self, outcome: str, phase: str, message: str) -> None:
+        self.outcome = outcome
+        self.phase = phase
+        self.message = message
+
+
+# Called on the runner's event loop with each control request addressed to its run;
+# returns the answer to send back to the requester.
+RequestHandler = Callable[[ControlRequest], ControlAnswer]
+
+
+class RunRecorder(Protocol):
+    """Receives every change of one live run, in order; never blocks the event loop."""
+
+    def action(self, row: tuple[Any, ...]) -> None:
+        """Record an action's current state (a row built by the runtime on the loop)."""
+
+    def event(self, row: tuple[Any, ...]) -> None:
+        """Append one event (seq, at, kind, action, phase, cause, reason, requested_by, message)."""
+
+    def run(self, record: RunRecord) -> None:
+        """Record the run's current state (phase, stop, end)."""
+
+    def finished(self, run: StoredRun) -> None:
+        """Receive the run's final picture (a store that does not stream keeps it)."""
+
+    async def close(self) -> None:
+        """Flush everything and release the recorder's resources (thread, connection).
+
+        Raises:
+            StoreError: a write failed during the run.
+        """
+
+
+class Store(Protocol):
+    """Where runs are kept: memory (one process) or SQLite (shared by processes)."""
+
+    url: str
+    supports_control: bool
+
+    async def open_run(
+        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+    ) -> RunRecorder:
+        """Create the run (or its next attempt) and return its recorder.
+
+        Raises:
+            RunExistsError: a run (attempt) of that name exists already.
+        """
+
+    def list_runs(
+        self, *, phase: RunPhase | None = None, limit: int | None = None
+    ) -> list[RunRecord]:
+        """Return the latest attempt of each run, newest first."""
+
+    def load_run(self, name: str, attempt: int | None = None) -> StoredRun:
+        """Return one attempt of a run (default: the latest).
+
+        Raises:
+            RunNotFoundError: no such run (or attempt); the message suggests close names.
+        """
+
+    def request(self, request: ControlRequest, *, timeout: float) -> ControlAnswer:
+        """Deliver a control request to the run's live runner and return its answer."""
+
+    def close(self) -> None:
+        """Release the store's connections."""

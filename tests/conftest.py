@@ -1,0 +1,64 @@
+"""The leak bundle every test runs under (SCENARIOS "+L").
+
+- warnings are errors (pyproject `filterwarnings`), so "coroutine ... was never
+  awaited" and unraisable exceptions fail the test;
+- anything asyncio logs at ERROR ("Task was destroyed but it is pending",
+  "Task exception was never retrieved") fails the test;
+- a test must not leave a thread running that it started;
+- async tests must end with no other task pending on their loop and with their
+  own `cancelling()` count back to 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def memory_store_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs go to memory:// unless a test names a store: tests never write to the repo."""
+    monkeypatch.setenv("FLOWSDK_STORE", "memory://")
+
+
+@pytest.fixture(autouse=True)
+def leak_bundle() -> Iterator[None]:
+    collector = _Collector()
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(collector)
+    threads_before = set(threading.enumerate())
+    try:
+        yield
+        gc.collect()
+    finally:
+        asyncio_logger.removeHandler(collector)
+    problems = [record.getMessage() for record in collector.records]
+    assert not problems, f"asyncio reported: {problems}"
+    leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+async def async_leak_bundle(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """For async tests: no task left pending on the test's loop."""
+    if not asyncio.iscoroutinefunction(getattr(request, "function", None)):
+        yield
+        return
+    yield
+    me = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    assert not pending, f"tasks left pending: {pending}"
