@@ -23,16 +23,22 @@ class Owner(msgspec.Struct, frozen=True):
     started: int | None
 
 
-def _start_ticks(pid: int) -> int | None:
-    # Field 22 of /proc/<pid>/stat: start time in clock ticks since boot. With the pid
-    # it identifies a process even after the pid is reused.
+def _stat(pid: int) -> tuple[str, int] | None:
+    # /proc/<pid>/stat: field 3 is the state (Z for a zombie: dead, not yet reaped),
+    # field 22 the start time in clock ticks since boot, which with the pid
+    # identifies a process even after the pid is reused.
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return fields[0].decode(), int(fields[19])
+
+
+def _start_ticks(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def this_process() -> Owner:
@@ -54,5 +60,8 @@ def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None)
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    started = _start_ticks(owner.pid)
-    return owner.started is None or started is None or started == owner.started
+    stat = _stat(owner.pid)
+    if stat is None:
+        return True  # no /proc here: the pid exists, and the heartbeat is fresh
+    state, started = stat
+    return state != "Z" and (owner.started is None or started == owner.started)

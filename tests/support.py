@@ -1,0 +1,39 @@
+"""Assertions shared by the tests: guarantees 1 and 2 of SCENARIOS, phases, causes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import flowsdk
+from flowsdk import ActionPhase, EventKind
+
+TERMINAL = {p.value for p in ActionPhase if p.terminal}
+
+
+def assert_clean(run: flowsdk.Run[Any]) -> None:
+    """Every action is terminal, with exactly one terminal event (guarantees 1 and 2)."""
+    for record in run.actions:
+        assert record.phase.terminal, f"{record.name} is {record.phase.value}"
+        assert record.ended_at is not None, record.name
+    terminal = Counter(
+        e.action for e in run.events if e.kind is EventKind.ACTION and e.phase in TERMINAL
+    )
+    for record in run.actions:
+        assert terminal[record.name] == 1, f"{record.name}: {terminal[record.name]} terminal events"
+    assert run.phase.terminal
+
+
+def phases(run: flowsdk.Run[Any]) -> dict[str, str]:
+    """Map action name -> phase value."""
+    return {a.name: a.phase.value for a in run.actions}
+
+
+def causes(run: flowsdk.Run[Any]) -> dict[str, str | None]:
+    """Map action name -> abort cause value (or None)."""
+    return {a.name: a.abort.cause.value if a.abort else None for a in run.actions}
+
+
+def by_task(run: flowsdk.Run[Any], suffix: str) -> list[flowsdk.ActionRecord]:
+    """The records whose task name ends with `suffix`, in start order."""
+    return [a for a in run.actions if a.task.endswith(suffix)]
