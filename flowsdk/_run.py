@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import signal
+import sys
 import threading
 from asyncio import CancelledError
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from flowsdk._control import apply_request
 from flowsdk._names import check_name
+from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk._records import (
     AbortInfo,
@@ -24,7 +28,7 @@ from flowsdk._records import (
     EventKind,
     RunRecord,
 )
-from flowsdk._runtime import ActionState, ControlResult, Runtime, requester
+from flowsdk._runtime import ActionState, ControlResult, History, Runtime, requester
 from flowsdk.errors import (
     ActionAbortedError,
     ActionError,
@@ -33,7 +37,7 @@ from flowsdk.errors import (
     RunStoppedError,
     RuntimeUserError,
 )
-from flowsdk.store import RunRecorder, Store, StoredRun, open_store
+from flowsdk.store import RunRecorder, Store, open_store
 
 if TYPE_CHECKING:
     from flowsdk._task import Task
@@ -103,30 +107,52 @@ class Run(Generic[R]):
     def __init__(
         self,
         record: RunRecord,
-        actions: list[ActionRecord],
-        events: list[Event],
+        actions: list[ActionRecord] | Callable[[], list[ActionRecord]],
+        events: list[Event] | Callable[[], list[Event]],
         *,
         value: Any = _MISSING,
         exc: BaseException | None = None,
+        payloads: Callable[[], dict[str, tuple[bytes | None, bytes | None]]] | None = None,
     ) -> None:
         self.record = record
-        self.actions = actions
-        self.events = events
+        # Records are built on first use: a run of 10,000 actions should not pay
+        # for 40,000 datetime conversions nobody reads.
+        self._actions = actions
+        self._events = events
         self._value = value
         self._exc = exc
+        self._payloads = payloads
+
+    def payloads(self) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Each action's recorded inputs and output (MessagePack), by action name."""
+        return self._payloads() if self._payloads is not None else {}
 
     @classmethod
     def _from_runtime(cls, runtime: Runtime) -> Run[Any]:
         root = runtime.root
         assert root is not None
-        record = runtime.run_record()
         return cls(
-            record,
-            [_record(a, runtime.name) for a in runtime.actions],
-            [_event(i, e) for i, e in enumerate(runtime.events)],
+            runtime.run_record(),
+            lambda: [_record(a, runtime.name) for a in runtime.actions],
+            lambda: [_event(i, e) for i, e in enumerate(runtime.events)],
             value=root.value if root.phase is ActionPhase.SUCCEEDED else _MISSING,
             exc=root.exc,
+            payloads=lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
         )
+
+    @property
+    def actions(self) -> list[ActionRecord]:
+        """The run's actions, in start order."""
+        if callable(self._actions):
+            self._actions = self._actions()
+        return self._actions
+
+    @property
+    def events(self) -> list[Event]:
+        """The run's event log, oldest first."""
+        if callable(self._events):
+            self._events = self._events()
+        return self._events
 
     @property
     def name(self) -> str:
@@ -218,6 +244,8 @@ class _Runner:
         store: str | Store | None,
         *,
         owns_loop: bool,
+        attempt: int = 1,
+        history: History | None = None,
     ) -> None:
         if not hasattr(task, "_handle"):
             raise TypeError(
@@ -227,6 +255,9 @@ class _Runner:
         self.task = task
         self.args = args
         self.kwargs = kwargs
+        self.inputs = encode_inputs(task, args, kwargs)
+        self.attempt = attempt
+        self.history = history
         self.name = check_name("run", name) if name is not None else _new_run_name(task)
         self.owns_loop = owns_loop
         self.store = open_store(store)
@@ -242,14 +273,21 @@ class _Runner:
             StoreError: the store cannot be used.
         """
         loop = asyncio.get_running_loop()
-        runtime = Runtime(self.name, loop, owns_loop=self.owns_loop, task_path=task_path(self.task))
+        runtime = Runtime(
+            self.name,
+            loop,
+            owns_loop=self.owns_loop,
+            task_path=task_path(self.task),
+            attempt=self.attempt,
+        )
+        runtime.history = self.history
         self.recorder = await self.store.open_run(
             runtime.run_record(), loop, functools.partial(apply_request, runtime)
         )
         runtime.attach(self.recorder)
         self.runtime = runtime
         runtime.event(EventKind.RUN, None, RunPhase.RUNNING.value)
-        runtime.start_root(self.task, self.args, self.kwargs)
+        runtime.start_root(self.task, self.args, self.kwargs, self.inputs)
         return runtime
 
     async def finish(self) -> Run[Any]:
@@ -276,7 +314,7 @@ class _Runner:
         runtime.end()
         runtime.report_unobserved()
         result = Run._from_runtime(runtime)
-        self.recorder.finished(StoredRun(result.record, result.actions, result.events))
+        self.recorder.finished(result)
         await self.recorder.close()
         if cancelled:
             raise CancelledError
@@ -409,24 +447,35 @@ def _final_drain(loop: asyncio.AbstractEventLoop, runner: _Runner) -> None:
     """Cancel what is still pending on our own loop, wait a bounded time, name survivors.
 
     What can be left: plain asyncio tasks that workflow code started and never
-    awaited, the cleanup of abandoned actions, and bodies that ignored
-    cancellation. None may keep the process from exiting.
+    awaited, the cleanup of abandoned actions, and bodies that ignored two
+    cancellations (zombies, which are not cancelled a third time). None may
+    keep the process from exiting.
     """
     pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
     if not pending:
         return
     runtime = runner.runtime
-    for t in pending:
+    names: dict[asyncio.Task[Any], str] = {}
+    zombies: set[asyncio.Task[Any]] = set()
+    if runtime is not None:
+        for action in runtime.actions:
+            if action.atask is not None and not action.atask.done():
+                names[action.atask] = f"action {action.name} ({action.task.name})"
+        zombies = {a.atask for a in runtime.zombies if a.atask is not None}
+    waiting = [t for t in pending if t not in zombies]
+    for t in waiting:
         t.cancel()
-    if runner.interrupts < 2:
-        loop.run_until_complete(asyncio.wait(pending, timeout=FINAL_DRAIN))
-    survivors = [t for t in pending if not t.done()]
-    for t in survivors:
+    if waiting and runner.interrupts < 2:
+        loop.run_until_complete(asyncio.wait(waiting, timeout=FINAL_DRAIN))
+    for t in pending:
+        if t.done():
+            continue
         coro = t.get_coro()
+        what = names.get(t) or f"task {t.get_name()} ({getattr(coro, '__qualname__', coro)})"
         logger.warning(
             "run %s: %s did not finish after cancellation; it is abandoned",
             runtime.name if runtime else "?",
-            getattr(coro, "__qualname__", repr(t)),
+            what,
         )
         # A body that also ignores GeneratorExit makes close() raise RuntimeError:
         # nothing more can be done for it.
@@ -447,9 +496,19 @@ def _unpartial(task: Any, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], 
 
 
 def task_path(task: Task[..., Any]) -> str:
-    """Return `module:qualname` of a task's function (how a retry finds it again)."""
+    """Return `module:qualname` of a task's function (how a retry finds it again).
+
+    For a script run as `__main__`, the module part is the script's absolute
+    path, which a retry imports under another name.
+    """
     fn = task.fn
-    return f"{fn.__module__}:{fn.__qualname__}"
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        file = getattr(main, "__file__", None)
+        if file:
+            module = os.path.abspath(file)
+    return f"{module}:{fn.__qualname__}"
 
 
 class RunHandle(Generic[R]):

@@ -36,15 +36,25 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._group import current_group
+from flowsdk._payload import (
+    decode_inputs,
+    decode_output,
+    encode_inputs,
+    encode_output,
+    inputs_digest,
+    task_version,
+)
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
 from flowsdk._records import EventKind, RunRecord, StopInfo, StopMode
 from flowsdk.errors import (
     ActionAbortedError,
     ActionMarkedFailedError,
     ActionNotFoundError,
+    NondeterminismError,
     RunClosedError,
     RunStoppingError,
     RuntimeUserError,
+    SerializationError,
     TaskTimeoutError,
 )
 
@@ -109,9 +119,12 @@ class ActionState:
         "error",
         "exc",
         "group",
+        "host",
+        "inputs",
         "key",
         "kwargs",
         "name",
+        "output",
         "parent",
         "phase",
         "replayed",
@@ -163,6 +176,9 @@ class ActionState:
         self.calls = 0
         self.cleanup_incomplete = False
         self.replayed = False
+        self.host: asyncio.Task[Any] | None = None
+        self.inputs: bytes | None = None
+        self.output: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<action {self.runtime.name}/{self.name} {self.task.name} {self.phase.value}>"
@@ -213,6 +229,8 @@ async def action_handle(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     key: str,
+    inputs: bytes,
+    recorded: bytes | None,
 ) -> Any:
     """Start one child action and return (or raise) what its parent should see.
 
@@ -220,9 +238,17 @@ async def action_handle(
     under the user's function name. Cancelled while waiting (`t.cancel()`, a
     parent's `asyncio.timeout`, teardown), it cancels the action, waits for the
     action's cleanup, then re-raises `CancelledError`; a second cancel stops the
-    wait.
+    wait. With a `recorded` output (a retried run's history, or the cache) the
+    body does not run: the action is recorded as replayed.
     """
-    action = runtime.start(parent, task, args, kwargs, key)
+    if recorded is None and task.options.cache:
+        recorded = await runtime.cache_get(task, inputs)
+    if recorded is not None:
+        return runtime.replay(parent, task, key, inputs, recorded)
+    action = runtime.start(parent, task, args, kwargs, key, inputs)
+    host = asyncio.current_task()
+    if host is not parent.atask:
+        action.host = host  # a task of its own (create_task, gather...): see _root_exited
     done = action.done
     assert done is not None
     try:
@@ -247,15 +273,20 @@ async def _execute(runtime: Runtime, action: ActionState) -> None:
     recorded on the action, so no task exception can go unretrieved.
     """
     _current.set(action)
-    fn = action.task.fn
-    options = action.task.options
+    task = action.task
+    fn = task.fn
+    options = task.options
     runtime.set_running(action)
     while True:
+        # Each attempt gets a fresh snapshot: an attempt that mutated its
+        # arguments does not change what the next one receives.
+        assert action.inputs is not None
+        args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
         timer = None
         if options.timeout is not None:
             timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
         try:
-            value = await fn(*action.args, **action.kwargs)
+            value = await fn(*args, **kwargs)
         except CancelledError:
             if timer is not None:
                 timer.cancel()
@@ -292,6 +323,41 @@ async def _execute(runtime: Runtime, action: ActionState) -> None:
         return
 
 
+class History:
+    """What a previous attempt of a run recorded, keyed by call key (for a retry)."""
+
+    __slots__ = ("_calls", "run")
+
+    def __init__(
+        self, run: str, calls: dict[str, tuple[str, bytes | None, str, bytes | None]]
+    ) -> None:
+        self.run = run
+        self._calls = calls
+
+    def match(self, key: str, task: str, inputs: bytes) -> bytes | None:
+        """Return the recorded output to replay for this call, or None to execute it.
+
+        Raises:
+            NondeterminismError: the key was recorded for another task or other inputs.
+        """
+        recorded = self._calls.get(key)
+        if recorded is None:
+            return None
+        rec_task, rec_inputs, phase, output = recorded
+        if rec_task != task or (rec_inputs is not None and rec_inputs != inputs):
+            what = "task" if rec_task != task else "inputs"
+            raise NondeterminismError(
+                f"run {self.run!r} diverged from its history at call {key}: the previous attempt "
+                f"recorded {rec_task} with {len(rec_inputs or b'')} bytes of inputs, this attempt "
+                f"called {task} with {len(inputs)} bytes of inputs (the {what} differ). A retry "
+                "replays only calls made in the same order with the same inputs; start a new run "
+                "instead"
+            )
+        if phase == _A.SUCCEEDED.value and output is not None:
+            return output
+        return None
+
+
 class Runtime:
     """The live state of one run: its actions, their tasks, and its lifetime.
 
@@ -313,6 +379,8 @@ class Runtime:
         self.attempt = attempt
         self.task_path = task_path
         self._rec: RunRecorder | None = None
+        self.cache: RunRecorder | None = None
+        self.history: History | None = None
         self.loop = loop
         self.owns_loop = owns_loop
         self.phase = RunPhase.RUNNING
@@ -337,6 +405,7 @@ class Runtime:
     def attach(self, recorder: RunRecorder) -> None:
         """Stream every change of this run to `recorder` (unless it keeps only the end)."""
         self._rec = recorder if getattr(recorder, "streams", True) else None
+        self.cache = recorder
 
     def event(
         self,
@@ -385,6 +454,8 @@ class Runtime:
                 int(action.cleanup_incomplete),
                 action.key,
                 int(action.replayed),
+                action.inputs,
+                action.output,
             )
         )
 
@@ -445,9 +516,14 @@ class Runtime:
     ) -> Coroutine[Any, Any, Any]:
         """Return the awaitable for `task(*args, **kwargs)` called by `parent`'s code.
 
+        The inputs are recorded (and so snapshotted) here, and the call's key is
+        counted here, whatever the scheduling.
+
         Raises:
             RunClosedError: the run's root has exited.
             RunStoppingError: the run is being stopped.
+            SerializationError: an input cannot be recorded.
+            NondeterminismError: a retried run's call differs from its history.
         """
         if self.closed:
             raise RunClosedError(
@@ -458,8 +534,17 @@ class Runtime:
             raise RunStoppingError(
                 f"run {self.name!r} is stopping: task {task.name!r} was not started"
             )
+        inputs = encode_inputs(task, args, kwargs)  # SerializationError: no action
         parent.calls += 1
-        return task._handle(self, parent, task, args, kwargs, f"{parent.key}/{parent.calls}")
+        if parent.attempt == 1:
+            key = f"{parent.key}/{parent.calls}"
+        else:
+            # Children of a later attempt of the same action get keys of their own.
+            key = f"{parent.key}@{parent.attempt}/{parent.calls}"
+        recorded = None
+        if self.history is not None:
+            recorded = self.history.match(key, task.name, inputs)
+        return task._handle(self, parent, task, args, kwargs, key, inputs, recorded)
 
     def _new(
         self,
@@ -468,15 +553,20 @@ class Runtime:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         key: str,
+        inputs: bytes,
     ) -> ActionState:
         name = f"a{self._counter}"
         self._counter += 1
         action = ActionState(self, name, parent, task, args, kwargs, key, current_group())
+        action.inputs = inputs
         self.actions.append(action)
         self.live[name] = action
         self.by_name[name] = action
         self._log((action.started_at, EventKind.ACTION, name, "QUEUED", None, None, None, None))
         self._changed(action)
+        return action
+
+    def _spawn(self, action: ActionState) -> ActionState:
         action.done = self.loop.create_future()
         action.atask = self.loop.create_task(_execute(self, action))
         return action
@@ -488,20 +578,45 @@ class Runtime:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         key: str,
+        inputs: bytes,
     ) -> ActionState:
         """Create a child action of `parent` and its task (the handle's first step)."""
         if self.closed:
             # The root exited between the call and this first step: the action
             # never starts, as if it had been cancelled before its first step.
             raise CancelledError
-        return self._new(parent, task, args, kwargs, key)
+        return self._spawn(self._new(parent, task, args, kwargs, key, inputs))
 
     def start_root(
-        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], inputs: bytes
     ) -> ActionState:
         """Create the root action `a0`."""
-        self.root = self._new(None, task, args, kwargs, "a0")
+        self.root = self._spawn(self._new(None, task, args, kwargs, "a0", inputs))
         return self.root
+
+    def replay(
+        self, parent: ActionState, task: Task[Any, Any], key: str, inputs: bytes, output: bytes
+    ) -> Any:
+        """Record a call answered from history (or the cache) and return its output.
+
+        The body does not run; the action goes from QUEUED to SUCCEEDED with
+        `replayed=True`.
+        """
+        if self.closed:
+            raise CancelledError
+        value = decode_output(task, output)
+        action = self._new(parent, task, (), {}, key, inputs)
+        action.replayed = True
+        action.output = output
+        action.value = value
+        self._finish(action, _A.SUCCEEDED)
+        return value
+
+    async def cache_get(self, task: Task[Any, Any], inputs: bytes) -> bytes | None:
+        """Look up a finished output of the same task version and inputs in the store."""
+        if self.cache is None:
+            return None
+        return await self.cache.cache_get(task.name, task_version(task), inputs_digest(inputs))
 
     def set_running(self, action: ActionState) -> None:
         """Record that the action's body starts (its first attempt)."""
@@ -531,10 +646,22 @@ class Runtime:
             self.drained.set_result(None)
 
     def finish_succeeded(self, action: ActionState, value: Any) -> None:
-        """Record the body's return value."""
+        """Record the body's return value (an unrecordable one fails the action)."""
         if action.phase.terminal:
             return
+        try:
+            action.output = encode_output(action.task, value)
+        except SerializationError as exc:
+            self.finish_failed(action, exc)
+            return
         action.value = value
+        if action.task.options.cache and self.cache is not None and action.inputs is not None:
+            self.cache.cache_put(
+                action.task.name,
+                task_version(action.task),
+                inputs_digest(action.inputs),
+                action.output,
+            )
         self._finish(action, _A.SUCCEEDED)
 
     def finish_failed(self, action: ActionState, exc: BaseException) -> None:
@@ -685,6 +812,7 @@ class Runtime:
             self.finish_cancelled(action)
             return False
         action.attempt += 1
+        action.calls = 0  # the new attempt's children are counted afresh (their keys differ)
         self._changed(action)
         self.event(
             EventKind.ACTION, action.name, _A.RUNNING.value, message=f"attempt {action.attempt}"
@@ -826,7 +954,13 @@ class Runtime:
         marked = []
         for action in self.live.values():
             if action.req is None:
-                self._request(action, AbortCause.ROOT_EXIT, None, None)
+                # A task that workflow code cancelled just before the root
+                # returned (`t.cancel(); return`) has not delivered its cancel
+                # yet: that action was cancelled by the code, not by the exit.
+                host = action.host
+                cancelled = host is not None and host.cancelling() > 0 and not host.done()
+                cause = AbortCause.CANCELLED if cancelled else AbortCause.ROOT_EXIT
+                self._request(action, cause, None, None)
                 marked.append(action)
         self._cancel_all(marked)
 
@@ -1087,10 +1221,21 @@ def _iso(at: float | None) -> str:
 
 
 def _format_stack(task: asyncio.Task[Any] | None) -> str:
+    """Show where a task's coroutine chain is suspended, innermost last.
+
+    `Task.get_stack()` shows only the task's own frame; following `cr_await`
+    reaches the user's body and whatever it is stuck in.
+    """
     if task is None:
         return "  (no task)"
-    frames = task.get_stack(limit=8)
-    lines = [f"  {f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames]
+    lines: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(lines) < 20:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return "\n".join(lines) or "  (no frames)"
 
 

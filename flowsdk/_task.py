@@ -12,6 +12,7 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 from typing_extensions import ParamSpec
 
 from flowsdk._names import check_name
+from flowsdk._payload import DEFAULT_MAX_PAYLOAD
 from flowsdk._runtime import action_handle, current_state
 
 __all__ = ["Task", "TaskEnvironment", "TaskOptions"]
@@ -21,7 +22,7 @@ R = TypeVar("R")
 
 _UNSET: Any = object()
 _OVERRIDABLE = frozenset(
-    {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff"}
+    {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff", "max_payload"}
 )
 
 
@@ -34,6 +35,7 @@ class TaskOptions:
         "cache_version",
         "executor",
         "grace_period",
+        "max_payload",
         "retries",
         "timeout",
     )
@@ -48,7 +50,10 @@ class TaskOptions:
         cache: bool,
         cache_version: str | None,
         executor: str | None,
+        max_payload: int,
     ) -> None:
+        if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
+            raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if timeout is not None and not _positive(timeout):
@@ -69,6 +74,7 @@ class TaskOptions:
         self.cache = cache
         self.cache_version = cache_version
         self.executor = executor
+        self.max_payload = max_payload
 
     def replace(self, **overrides: Any) -> TaskOptions:
         """Return a copy with `overrides` applied (unset values keep this copy's)."""
@@ -105,6 +111,7 @@ class TaskEnvironment:
         executor: Where bodies run; `None` (or `"local"`) runs them in-process.
         backoff: Seconds before the first retry; each further retry waits twice
             as long, at most 60 s.
+        max_payload: The largest recorded input or output, in bytes (default 10 MiB).
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class TaskEnvironment:
         cache_version: str | None = None,
         executor: str | None = None,
         backoff: float = 1.0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -128,6 +136,7 @@ class TaskEnvironment:
             cache=cache,
             cache_version=cache_version,
             executor=executor,
+            max_payload=max_payload,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -147,6 +156,7 @@ class TaskEnvironment:
         cache: bool = ...,
         cache_version: str | None = ...,
         backoff: float = ...,
+        max_payload: int = ...,
     ) -> _Decorator: ...
 
     def task(self, *fn: Any, **overrides: Any) -> Any:

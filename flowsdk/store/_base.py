@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flowsdk._phases import RunPhase
 from flowsdk._records import ActionRecord, ControlRequest, Event, RunRecord
+
+if TYPE_CHECKING:
+    from flowsdk._run import Run
 
 __all__ = ["ControlAnswer", "RequestHandler", "RunRecorder", "Store", "StoredRun"]
 
@@ -21,19 +24,20 @@ __all__ = ["ControlAnswer", "RequestHandler", "RunRecorder", "Store", "StoredRun
 class StoredRun:
     """One attempt of a run as read from a store."""
 
-    __slots__ = ("actions", "events", "outputs", "record")
+    __slots__ = ("actions", "events", "payloads", "record")
 
     def __init__(
         self,
         record: RunRecord,
         actions: list[ActionRecord],
         events: list[Event],
-        outputs: dict[str, bytes] | None = None,
+        payloads: dict[str, tuple[bytes | None, bytes | None]] | None = None,
     ) -> None:
         self.record = record
         self.actions = actions
         self.events = events
-        self.outputs = outputs or {}
+        # action name -> (recorded inputs, recorded output), MessagePack
+        self.payloads = payloads or {}
 
 
 class ControlAnswer:
@@ -64,8 +68,14 @@ class RunRecorder(Protocol):
     def run(self, record: RunRecord) -> None:
         """Record the run's current state (phase, stop, end)."""
 
-    def finished(self, run: StoredRun) -> None:
+    def finished(self, run: Run[Any]) -> None:
         """Receive the run's final picture (a store that does not stream keeps it)."""
+
+    async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
+        """Return a cached output of `task` at `version` for inputs with `digest`, if any."""
+
+    def cache_put(self, task: str, version: str, digest: str, output: bytes) -> None:
+        """Remember an output for `cache=True` tasks (never blocks)."""
 
     async def close(self) -> None:
         """Flush everything and release the recorder's resources (thread, connection).

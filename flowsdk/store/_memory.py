@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowsdk._phases import RunPhase
 from flowsdk._records import ControlRequest, RunRecord
 from flowsdk.errors import InvalidStateError, RunExistsError, RunNotFoundError
-from flowsdk.store._base import ControlAnswer, RequestHandler, StoredRun
+from flowsdk.store._base import ControlAnswer, RequestHandler, RunRecorder, StoredRun
+
+if TYPE_CHECKING:
+    from flowsdk._run import Run
 
 __all__ = ["MemoryStore"]
 
@@ -25,14 +28,15 @@ class MemoryStore:
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._runs: dict[str, list[StoredRun | None]] = {}
+        self._runs: dict[str, list[Run[Any] | None]] = {}
+        self._cache: dict[tuple[str, str, str], bytes] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._runs)} runs)"
 
     async def open_run(
         self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
-    ) -> _MemoryRecorder:
+    ) -> RunRecorder:
         """Reserve the run's name (attempt) and return a recorder that keeps its final picture."""
         attempts = self._runs.setdefault(record.name, [])
         if len(attempts) >= record.attempt:
@@ -40,9 +44,9 @@ class MemoryStore:
         attempts.append(None)
         return _MemoryRecorder(self, record)
 
-    def finished(self, run: StoredRun) -> None:
+    def finished(self, run: Run[Any]) -> None:
         """Keep the final picture of an attempt."""
-        self._runs[run.record.name][run.record.attempt - 1] = run
+        self._runs[run.name][run.attempt - 1] = run
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
@@ -61,12 +65,13 @@ class MemoryStore:
         """Return one recorded attempt of a run (default: the latest)."""
         attempts = [a for a in self._runs.get(name, []) if a is not None]
         if attempt is not None:
-            attempts = [a for a in attempts if a.record.attempt == attempt]
+            attempts = [a for a in attempts if a.attempt == attempt]
         if not attempts:
             close = difflib.get_close_matches(name, list(self._runs), n=3)
             hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
             raise RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
-        return attempts[-1]
+        run = attempts[-1]
+        return StoredRun(run.record, run.actions, run.events, run.payloads())
 
     def request(self, request: ControlRequest, *, timeout: float) -> ControlAnswer:
         """Refuse: a memory store cannot reach a run from outside its `RunHandle`."""
@@ -97,9 +102,17 @@ class _MemoryRecorder:
     def run(self, record: RunRecord) -> None:
         """Not used: `streams` is false."""
 
-    def finished(self, run: StoredRun) -> None:
+    def finished(self, run: Run[Any]) -> None:
         """Keep the run's final picture in the store."""
         self._store.finished(run)
+
+    async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
+        """Look up the store's cache."""
+        return self._store._cache.get((task, version, digest))
+
+    def cache_put(self, task: str, version: str, digest: str, output: bytes) -> None:
+        """Fill the store's cache."""
+        self._store._cache[(task, version, digest)] = output
 
     async def close(self) -> None:
         """Nothing to flush."""

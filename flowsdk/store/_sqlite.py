@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -49,7 +49,10 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
-from flowsdk.store._base import ControlAnswer, RequestHandler, StoredRun
+from flowsdk.store._base import ControlAnswer, RequestHandler, RunRecorder, StoredRun
+
+if TYPE_CHECKING:
+    from flowsdk._run import Run
 
 __all__ = ["SQLiteStore"]
 
@@ -116,6 +119,14 @@ _MIGRATIONS: dict[int, list[str]] = {
             answered_at REAL
         )""",
         "CREATE INDEX requests_pending ON requests (run, state)",
+        """CREATE TABLE cache (
+            task TEXT NOT NULL,
+            version TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            output BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (task, version, digest)
+        )""",
     ],
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
@@ -137,7 +148,7 @@ _answer_decoder = msgspec.msgpack.Decoder(_Answer)
 _ACTION_COLUMNS = (
     "name, seq, parent, task, grp, phase, attempt, started_at, ended_at, "
     "error_type, error_message, error_traceback, abort_reason, abort_cause, abort_by, abort_at, "
-    "cleanup_incomplete, key, replayed"
+    "cleanup_incomplete, key, replayed, inputs, output"
 )
 _RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
@@ -305,7 +316,7 @@ class SQLiteStore:
 
     async def open_run(
         self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
-    ) -> _RunRecorder:
+    ) -> RunRecorder:
         """Create the run's row and start its recorder thread."""
         recorder = _RunRecorder(self, record, loop, handler)
         await recorder.started
@@ -381,14 +392,15 @@ class SQLiteStore:
             if row is None:
                 raise self._not_found(conn, name, attempt)
             record = _run_record(row)
-            actions = [
-                _action_record(name, r)
-                for r in conn.execute(
+            rows = list(
+                conn.execute(
                     f"SELECT {_ACTION_COLUMNS} FROM actions "
                     "WHERE run = ? AND run_attempt = ? ORDER BY seq",
                     (name, record.attempt),
                 )
-            ]
+            )
+            actions = [_action_record(name, r) for r in rows]
+            payloads = {r[0]: (r[-2], r[-1]) for r in rows}
             events = [
                 _event_record(r)
                 for r in conn.execute(
@@ -397,7 +409,7 @@ class SQLiteStore:
                     (name, record.attempt),
                 )
             ]
-        return StoredRun(record, actions, events)
+        return StoredRun(record, actions, events, payloads)
 
     def _not_found(
         self, conn: sqlite3.Connection, name: str, attempt: int | None
@@ -610,6 +622,8 @@ def _action_record(run: str, row: tuple[Any, ...]) -> ActionRecord:
         incomplete,
         key,
         replayed,
+        _inputs,
+        _output,
     ) = row
     return ActionRecord(
         run=run,
@@ -689,8 +703,19 @@ class _RunRecorder:
         self._ops.append((2, record))
         self._wake.set()
 
-    def finished(self, run: StoredRun) -> None:
+    def finished(self, run: Run[Any]) -> None:
         """Nothing to do: every change was streamed already."""
+
+    async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
+        """Look up the cache on the recorder's thread (the loop does not wait on SQLite)."""
+        fut: asyncio.Future[bytes | None] = self._loop.create_future()
+        self._ops.append((4, (task, version, digest, fut)))
+        self._wake.set()
+        return await fut
+
+    def cache_put(self, task: str, version: str, digest: str, output: bytes) -> None:
+        """Remember an output; written with the next batch."""
+        self._ops.append((5, (task, version, digest, output, time.time())))
 
     async def close(self) -> None:
         """Flush everything, stop the thread; raise `StoreError` if a write failed."""
@@ -710,16 +735,7 @@ class _RunRecorder:
     # -- the thread ------------------------------------------------------------------
 
     def _signal(self, fut: asyncio.Future[None], exc: BaseException | None = None) -> None:
-        def settle() -> None:
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            self._loop.call_soon_threadsafe(settle)
+        self._settle(fut, None, exc)
 
     def _main(self) -> None:
         conn: sqlite3.Connection | None = None
@@ -816,6 +832,7 @@ class _RunRecorder:
         events: list[tuple[Any, ...]] = []
         run: RunRecord | None = None
         answers: list[tuple[Any, ...]] = []
+        cached: list[tuple[Any, ...]] = []
         for kind, payload in batch:
             if kind == 0:
                 actions[payload[0]] = (name, attempt, *payload)
@@ -823,14 +840,18 @@ class _RunRecorder:
                 events.append((name, attempt, *payload))
             elif kind == 2:
                 run = payload
-            else:
+            elif kind == 3:
                 answers.append(payload)
+            elif kind == 4:
+                self._cache_lookup(conn, *payload)
+            else:
+                cached.append(payload)
 
         def body() -> None:
             if actions:
                 conn.executemany(
                     f"INSERT OR REPLACE INTO actions (run, run_attempt, {_ACTION_COLUMNS}) VALUES "
-                    f"({', '.join('?' * 21)})",
+                    f"({', '.join('?' * 23)})",
                     actions.values(),
                 )
             if events:
@@ -859,6 +880,8 @@ class _RunRecorder:
                     "UPDATE requests SET state = 'done', answer = ?, answered_at = ? WHERE id = ?",
                     answers,
                 )
+            if cached:
+                conn.executemany("INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?, ?)", cached)
 
         try:
             self._write(conn, body)
@@ -867,6 +890,37 @@ class _RunRecorder:
             ops.extendleft(reversed(batch))
             if self._closing:
                 raise
+
+    def _cache_lookup(
+        self,
+        conn: sqlite3.Connection,
+        task: str,
+        version: str,
+        digest: str,
+        fut: asyncio.Future[bytes | None],
+    ) -> None:
+        try:
+            with _translate(self._store.path):
+                row = conn.execute(
+                    "SELECT output FROM cache WHERE task = ? AND version = ? AND digest = ?",
+                    (task, version, digest),
+                ).fetchone()
+        except StoreError as exc:
+            self._settle(fut, None, exc)
+            return
+        self._settle(fut, row[0] if row else None, None)
+
+    def _settle(self, fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(settle)
 
     def _poll_requests(self, conn: sqlite3.Connection) -> None:
         name = self._record.name

@@ -1,0 +1,223 @@
+"""Recording action inputs and outputs with msgspec (MessagePack).
+
+Inputs are encoded by the call `task(...)` itself, which both records them and
+snapshots them: the child's body receives values decoded from the recording,
+so a caller that mutates a list after the call changes nothing. Immutable
+scalars are passed through as they are (their snapshot is themselves).
+Encoding sorts dictionary keys, so equal inputs give equal bytes: that is how
+a retry recognises a call it has seen before.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import hashlib
+import inspect
+import typing
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from flowsdk.errors import SerializationError
+
+if TYPE_CHECKING:
+    from flowsdk._task import Task
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "decode_inputs",
+    "decode_output",
+    "encode_inputs",
+    "encode_output",
+    "inputs_digest",
+    "task_version",
+]
+
+DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
+
+_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_IMMUTABLE = frozenset(
+    {
+        int,
+        float,
+        str,
+        bool,
+        bytes,
+        type(None),
+        datetime.datetime,
+        datetime.date,
+        uuid.UUID,
+        decimal.Decimal,
+    }
+)
+
+
+class _Shape:
+    """What the codec needs to know of a task's function, computed once per task."""
+
+    __slots__ = ("hints", "positional", "return_type", "star_args", "star_kwargs")
+
+    def __init__(self, task: Task[Any, Any]) -> None:
+        try:
+            hints = typing.get_type_hints(task.fn)
+        except Exception:  # unresolvable forward references: decode as builtins
+            hints = {}
+        params = task.signature.parameters.values()
+        self.positional = [
+            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self.star_args = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+        self.star_kwargs = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+        self.return_type = hints.pop("return", Any)
+        self.hints = hints
+
+    def param(self, index: int) -> str:
+        if index < len(self.positional):
+            return self.positional[index]
+        return (
+            f"*{self.star_args}[{index - len(self.positional)}]" if self.star_args else f"#{index}"
+        )
+
+
+def _shape(task: Task[Any, Any]) -> _Shape:
+    shape: _Shape | None = task.__dict__.get("_shape")
+    if shape is None:
+        shape = _Shape(task)
+        task.__dict__["_shape"] = shape
+    return shape
+
+
+def _limit(task: Task[Any, Any]) -> int:
+    return task.options.max_payload
+
+
+def encode_inputs(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Record a call's arguments.
+
+    Raises:
+        SerializationError: an argument cannot be recorded (naming the task and
+            the parameter), or the inputs exceed the task's `max_payload`.
+    """
+    try:
+        data = _encoder.encode((args, kwargs))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise _input_error(task, args, kwargs, exc) from exc
+    if len(data) > _limit(task):
+        raise SerializationError(
+            f"the inputs of task {task.name!r} are {len(data):,} bytes, over the limit of "
+            f"{_limit(task):,} bytes; pass a reference (a path, a URL, a key) instead, or raise "
+            "max_payload= on the task"
+        )
+    return data
+
+
+def _input_error(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException
+) -> SerializationError:
+    shape = _shape(task)
+    named = [(shape.param(i), value) for i, value in enumerate(args)] + list(kwargs.items())
+    for name, value in named:
+        try:
+            _encoder.encode(value)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as inner:
+            return SerializationError(
+                f"task {task.name!r}: parameter {name!r} cannot be recorded "
+                f"({type(value).__name__}: {inner}); pass data (numbers, strings, lists, dicts, "
+                "dataclasses, msgspec Structs, datetime, UUID, Enum, bytes) instead"
+            )
+    return SerializationError(f"task {task.name!r}: its inputs cannot be recorded: {exc}")
+
+
+def _immutable(value: Any) -> bool:
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return True
+    if kind is tuple:
+        return all(type(v) in _IMMUTABLE for v in value)
+    return False
+
+
+def decode_inputs(
+    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], data: bytes
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return the snapshot of a call's arguments that the child's body receives."""
+    if all(_immutable(a) for a in args) and all(_immutable(v) for v in kwargs.values()):
+        return args, kwargs  # nothing a caller could mutate
+    raw_args, raw_kwargs = msgspec.msgpack.decode(data)
+    shape = _shape(task)
+    new_args = tuple(
+        original if _immutable(original) else _convert(raw, shape.hints.get(shape.param(i)))
+        for i, (original, raw) in enumerate(zip(args, raw_args, strict=True))
+    )
+    new_kwargs = {
+        key: original if _immutable(original) else _convert(raw_kwargs[key], shape.hints.get(key))
+        for key, original in kwargs.items()
+    }
+    return new_args, new_kwargs
+
+
+def recorded_call(task: Task[Any, Any], data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Decode recorded inputs into arguments for a new call (a retried run's root)."""
+    raw_args, raw_kwargs = msgspec.msgpack.decode(data)
+    shape = _shape(task)
+    args = tuple(_convert(raw, shape.hints.get(shape.param(i))) for i, raw in enumerate(raw_args))
+    return args, {k: _convert(v, shape.hints.get(k)) for k, v in raw_kwargs.items()}
+
+
+def _convert(raw: Any, hint: Any) -> Any:
+    if hint is None or hint is Any:
+        return raw
+    try:
+        return msgspec.convert(raw, hint, strict=False)
+    except (TypeError, ValueError, msgspec.ValidationError):
+        return raw  # an annotation msgspec cannot build: keep the recorded form
+
+
+def encode_output(task: Task[Any, Any], value: Any) -> bytes:
+    """Record a body's return value.
+
+    Raises:
+        SerializationError: the value cannot be recorded, or exceeds `max_payload`.
+    """
+    try:
+        data = _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise SerializationError(
+            f"task {task.name!r} returned a {type(value).__name__} that cannot be recorded: {exc}; "
+            "return data (numbers, strings, lists, dicts, dataclasses, msgspec Structs, ...)"
+        ) from exc
+    if len(data) > _limit(task):
+        raise SerializationError(
+            f"task {task.name!r} returned {len(data):,} bytes, over the limit of {_limit(task):,} "
+            "bytes; return a reference instead, or raise max_payload= on the task"
+        )
+    return data
+
+
+def decode_output(task: Task[Any, Any] | None, data: bytes) -> Any:
+    """Decode a recorded output, typed by the task's return annotation when known."""
+    hint = _shape(task).return_type if task is not None else Any
+    raw = msgspec.msgpack.decode(data)
+    return _convert(raw, hint)
+
+
+def inputs_digest(data: bytes) -> str:
+    """A short, stable digest of recorded inputs (the cache key)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def task_version(task: Task[Any, Any]) -> str:
+    """The task's version for `cache=True`: `cache_version`, else a hash of its source."""
+    if task.options.cache_version is not None:
+        return task.options.cache_version
+    version: str | None = task.__dict__.get("_version")
+    if version is None:
+        try:
+            source = inspect.getsource(task.fn)
+        except (OSError, TypeError):
+            source = task.fn.__code__.co_code.hex()
+        version = hashlib.sha256(source.encode()).hexdigest()[:16]
+        task.__dict__["_version"] = version
+    return version

@@ -1,0 +1,83 @@
+"""The `flowsdk` command line (SPEC §6): list, show, watch and control runs.
+
+`python -m flowsdk ...` and the `flowsdk` console script are the same program.
+Every verb takes `--store URL` and `--json`, written after the verb. Exit
+codes: 0 done (also an abort of an action that has already ended), 1 refused,
+2 usage error, 3 run or action not found, 4 permission denied, 5 store error,
+6 (`run` and `retry` only) the run did not succeed. An expected error prints
+one `flowsdk: error: ...` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+import flowsdk
+from flowsdk.cli import _control, _runs, _show
+from flowsdk.cli._output import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Output,
+    UsageError,
+    common_options,
+    exit_code,
+)
+from flowsdk.errors import FlowError
+
+__all__ = ["build_parser", "entry_point", "main"]
+
+# Each module adds its verbs to the parser; `args.handler(args, out)` runs one.
+_VERBS = (_runs, _show, _control)
+_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of the whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="flowsdk",
+        description="Inspect and control flowsdk runs recorded in a store.",
+        epilog="Every verb takes --store URL and --json after the verb. Exit codes: 0 done, "
+        "1 refused, 2 usage error, 3 not found, 4 permission denied, 5 store error.",
+    )
+    parser.add_argument("--version", action="version", version=f"flowsdk {flowsdk.__version__}")
+    verbs = parser.add_subparsers(title="verbs", dest="verb", metavar="VERB", required=True)
+    common = common_options()
+    for module in _VERBS:
+        module.register(verbs, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    out = Output(json=args.json)
+    try:
+        code: int = args.handler(args, out)
+    except UsageError as exc:
+        args.parser.print_usage(sys.stderr)
+        out.error(str(exc))
+        return EXIT_USAGE
+    except FlowError as exc:
+        out.error(str(exc))
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        return _INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`flowsdk runs | head`): stop quietly, and keep the
+        # interpreter's final flush from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_REFUSED
+    return code
+
+
+def entry_point() -> NoReturn:
+    """The console script: `sys.exit(main())`."""
+    sys.exit(main())

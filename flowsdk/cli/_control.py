@@ -1,0 +1,123 @@
+"""`flowsdk abort`, `flowsdk stop` and `flowsdk fail`: control a run from outside.
+
+Each returns once the live runner has applied the request, or at once when the
+target has already ended or its runner is gone, and says which. With `--wait`
+it then waits for the run to end and reports its final phase. Repeating a
+request is harmless: an abort of an action that has ended exits 0 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import msgspec
+
+from flowsdk._client import Client
+from flowsdk._records import StopRequest
+from flowsdk._runtime import ControlResult, requester
+from flowsdk.cli._output import EXIT_OK, EXIT_REFUSED, Output, UsageError, open_client
+from flowsdk.cli._show import wait_for_end
+
+__all__ = ["register"]
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", metavar="TEXT", help="why (recorded with the request)")
+    parser.add_argument(
+        "--wait", action="store_true", help="then wait until the run ends and report its phase"
+    )
+
+
+def register(verbs: Any, common: argparse.ArgumentParser) -> None:
+    """Add the `abort`, `stop` and `fail` verbs."""
+    abort_parser = verbs.add_parser(
+        "abort",
+        parents=[common],
+        help="abort a run, one action's subtree, or a group's actions",
+        description="Abort the run (no ACTION), one action and its descendants, or every "
+        "action of a group. Idempotent: aborting an action that has ended exits 0 and says so.",
+    )
+    abort_parser.add_argument("run", metavar="RUN", help="the run's name")
+    abort_parser.add_argument("action", metavar="ACTION", nargs="?", help="an action, e.g. a3")
+    abort_parser.add_argument("--group", metavar="G", help="abort every action of group G")
+    _add_common(abort_parser)
+    abort_parser.set_defaults(handler=abort, parser=abort_parser)
+
+    stop_parser = verbs.add_parser(
+        "stop",
+        parents=[common],
+        help="stop a run: wait for its actions, or abandon them",
+        description="Stop a run: start nothing new and wait for in-progress actions "
+        "(default), or abandon them (--abandon, which also escalates a run already "
+        "STOPPING). A second stop-and-wait is refused (exit 1).",
+    )
+    stop_parser.add_argument("run", metavar="RUN", help="the run's name")
+    stop_parser.add_argument(
+        "--abandon", action="store_true", help="stop waiting for in-progress actions"
+    )
+    _add_common(stop_parser)
+    stop_parser.set_defaults(handler=stop, parser=stop_parser)
+
+    fail_parser = verbs.add_parser(
+        "fail",
+        parents=[common],
+        help="mark an action as failed",
+        description="Mark an action as failed: its body is cancelled, it ends FAILED and "
+        "its parent gets RuntimeUserError.",
+    )
+    fail_parser.add_argument("run", metavar="RUN", help="the run's name")
+    fail_parser.add_argument("action", metavar="ACTION", help="an action, e.g. a3")
+    _add_common(fail_parser)
+    fail_parser.set_defaults(handler=fail, parser=fail_parser)
+
+
+def abort(args: argparse.Namespace, out: Output) -> int:
+    """Abort a run, an action's subtree or a group."""
+    if args.action is not None and args.group is not None:
+        raise UsageError("name an ACTION or a --group, not both")
+    with open_client(args) as client:
+        result = client.abort(args.run, args.action, group=args.group, reason=args.reason)
+        return _report(out, client, args, result)
+
+
+def stop(args: argparse.Namespace, out: Output) -> int:
+    """Stop a run (wait or abandon); a second stop-and-wait is refused."""
+    request = StopRequest(
+        run=args.run, abandon=args.abandon, reason=args.reason, requested_by=requester()
+    )
+    with open_client(args) as client:
+        # Through control(), not Client.stop(): a refusal is an answer to print
+        # (outcome "refused", exit 1), not only an error.
+        result = client.control(request)
+        return _report(out, client, args, result)
+
+
+def fail(args: argparse.Namespace, out: Output) -> int:
+    """Mark an action as failed."""
+    with open_client(args) as client:
+        result = client.mark_failed(args.run, args.action, reason=args.reason)
+        return _report(out, client, args, result)
+
+
+def _report(out: Output, client: Client, args: argparse.Namespace, result: ControlResult) -> int:
+    refused = result.outcome == "refused"
+    code = EXIT_REFUSED if refused else EXIT_OK
+    if refused or not args.wait:
+        if out.json:
+            out.print_json(result.as_dict())
+        elif refused:
+            out.error(result.message)
+        else:
+            out.line(result.message)
+        return code
+    if not out.json:
+        # Printed (and flushed) before waiting, so a reader knows the request was applied.
+        out.line(result.message)
+        out.line(f"waiting for run {args.run!r} to end ...")
+    run = wait_for_end(client, args.run)
+    if out.json:
+        out.print_json({**result.as_dict(), "run": msgspec.to_builtins(run.record)})
+    else:
+        out.line(f"run {run.name!r} ended: {run.phase.value}")
+    return code

@@ -1,0 +1,371 @@
+"""What every verb shares: exit codes, opening the store, and rendering runs.
+
+Human output is plain aligned text (color only on a terminal, and never with
+`NO_COLOR`); `--json` output is stable API: records are encoded with msgspec,
+so every field is present (`null` when it has no value), phases and causes
+are their SPEC strings and times are ISO 8601.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+import msgspec
+
+from flowsdk._client import Client
+from flowsdk._records import ActionRecord, Event, RunRecord
+from flowsdk.errors import (
+    ActionNotFoundError,
+    FlowError,
+    InvalidStateError,
+    PermissionDeniedError,
+    RunNotFoundError,
+    StoreError,
+)
+
+__all__ = [
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_PERMISSION",
+    "EXIT_REFUSED",
+    "EXIT_RUN_FAILED",
+    "EXIT_STORE",
+    "EXIT_USAGE",
+    "Output",
+    "UsageError",
+    "action_tree",
+    "common_options",
+    "event_lines",
+    "exit_code",
+    "format_duration",
+    "format_time",
+    "open_client",
+    "run_header",
+    "show_json",
+    "table",
+]
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_PERMISSION = 4
+EXIT_STORE = 5
+EXIT_RUN_FAILED = 6  # `run` and `retry` only: the run ended in a phase other than SUCCEEDED
+
+
+class UsageError(Exception):
+    """A command line that parses but makes no sense (exit code 2)."""
+
+
+def exit_code(exc: FlowError) -> int:
+    """Return the exit code of SPEC §6 for an expected error."""
+    if isinstance(exc, RunNotFoundError | ActionNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, PermissionDeniedError):
+        return EXIT_PERMISSION
+    if isinstance(exc, StoreError):
+        return EXIT_STORE
+    if isinstance(exc, InvalidStateError):
+        return EXIT_REFUSED
+    return EXIT_REFUSED
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Return the parent parser of every verb: `--store URL` and `--json`."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        metavar="URL",
+        help="the store: sqlite:///relative.db, sqlite:////absolute.db or a path "
+        "(default: $FLOWSDK_STORE, else sqlite:///.flowsdk/flowsdk.db)",
+    )
+    common.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON on stdout (stable API)"
+    )
+    return common
+
+
+def open_client(args: argparse.Namespace) -> Client:
+    """Open the store named by `--store` (else `$FLOWSDK_STORE`, else the default).
+
+    Raises:
+        UsageError: the URL is not one flowsdk understands.
+    """
+    try:
+        return Client(args.store)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# -- the terminal ------------------------------------------------------------------------
+
+_COLORS = {
+    "SUCCEEDED": "32",
+    "FAILED": "31",
+    "CRASHED": "31",
+    "ABORTED": "33",
+    "ABANDONED": "33",
+    "STOPPED": "33",
+    "RUNNING": "36",
+    "STOPPING": "35",
+    "QUEUED": "2",
+}
+
+
+class Output:
+    """Where a verb writes: stdout for results, stderr for errors; color on a terminal only."""
+
+    def __init__(
+        self, *, json: bool, stdout: TextIO | None = None, stderr: TextIO | None = None
+    ) -> None:
+        self.json = json
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.tty = _isatty(self.stdout)
+        self.color = (
+            self.tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        )
+
+    def line(self, text: str = "") -> None:
+        """Print one line of human output and flush it (a pipe reader sees it at once)."""
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    def lines(self, texts: Iterable[str]) -> None:
+        """Print several lines of human output at once."""
+        self.stdout.write("".join(t + "\n" for t in texts))
+        self.stdout.flush()
+
+    def print_json(self, value: Any, *, compact: bool = False) -> None:
+        """Print `value` (builtins or msgspec records) as JSON, indented unless `compact`."""
+        data = msgspec.json.encode(value)
+        if not compact:
+            data = msgspec.json.format(data, indent=2)
+        self.stdout.write(data.decode() + "\n")
+        self.stdout.flush()
+
+    def error(self, message: str) -> None:
+        """Print `flowsdk: error: message` on stderr."""
+        self.stderr.write(f"flowsdk: error: {message}\n")
+        self.stderr.flush()
+
+    def phase(self, text: str, phase: str) -> str:
+        """Color `text` (already padded) by `phase` when writing to a terminal."""
+        code = _COLORS.get(phase)
+        if not self.color or code is None:
+            return text
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def format_time(at: datetime | None, *, precise: bool = False) -> str:
+    """Format a recorded time in local time (`-` when absent)."""
+    if at is None:
+        return "-"
+    local = at.astimezone()
+    if precise:
+        return local.strftime("%Y-%m-%d %H:%M:%S.") + f"{local.microsecond // 1000:03d}"
+    return local.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_duration(
+    start: datetime | None, end: datetime | None, *, now: datetime | None = None
+) -> str:
+    """Format the time from `start` to `end` (or to `now` while running): `0.25s`, `2m05s`."""
+    if start is None:
+        return "-"
+    stop = end if end is not None else now
+    if stop is None:
+        return "-"
+    seconds = max((stop - start).total_seconds(), 0.0)
+    if seconds < 10:
+        text = f"{seconds:.2f}s"
+    elif seconds < 60:
+        text = f"{seconds:.1f}s"
+    elif seconds < 3600:
+        minutes, secs = divmod(int(seconds), 60)
+        text = f"{minutes}m{secs:02d}s"
+    else:
+        hours, rest = divmod(int(seconds), 3600)
+        text = f"{hours}h{rest // 60:02d}m"
+    return text if end is not None else text + "+"
+
+
+def table(
+    out: Output,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    phase_column: int | None = None,
+) -> list[str]:
+    """Align `rows` under `headers`; the last column is not padded.
+
+    `phase_column` names the column whose cells are phases, colored on a terminal.
+    """
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    last = len(headers) - 1
+
+    def render(cells: Sequence[str], *, header: bool) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            text = cell if i == last else cell.ljust(widths[i])
+            if i == phase_column and not header:
+                text = out.phase(text, cell)
+            parts.append(text)
+        return "  ".join(parts).rstrip()
+
+    return [render(headers, header=True), *(render(row, header=False) for row in rows)]
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def show_json(
+    record: RunRecord, actions: list[ActionRecord], events: list[Event] | None
+) -> dict[str, Any]:
+    """Return the `show --json` object: `{"run": RUN, "actions": [...]}` (+ `"events"`)."""
+    shape: dict[str, Any] = {
+        "run": msgspec.to_builtins(record),
+        "actions": msgspec.to_builtins(actions),
+    }
+    if events is not None:
+        shape["events"] = msgspec.to_builtins(events)
+    return shape
+
+
+def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
+    """Describe a run in a few lines: name, phase, attempt, task, times, stop request."""
+    phase = record.phase.value
+    lines = [
+        f"run {record.name}  {out.phase(phase, phase)}"
+        + (f"  (attempt {record.attempt})" if record.attempt > 1 else "")
+    ]
+    if record.task:
+        lines.append(f"  task      {record.task}")
+    lines.append(
+        f"  started   {format_time(record.started_at)}"
+        + (f"   ended {format_time(record.ended_at)}" if record.ended_at else "")
+        + f"   duration {format_duration(record.started_at, record.ended_at, now=now)}"
+    )
+    stop = record.stop
+    if stop is not None:
+        lines.append(
+            f"  stop      {stop.mode.value}, requested at {format_time(stop.requested_at)}"
+            + (f" by {stop.requested_by}" if stop.requested_by else "")
+            + (f": {stop.reason}" if stop.reason else "")
+        )
+    return lines
+
+
+def _tree_order(actions: list[ActionRecord]) -> list[tuple[int, ActionRecord]]:
+    """Depth-first order of the action tree, children in start order, with their depth."""
+    known = {a.name for a in actions}
+    children: dict[str | None, list[ActionRecord]] = {}
+    for action in actions:
+        parent = action.parent if action.parent in known else None
+        children.setdefault(parent, []).append(action)
+    ordered: list[tuple[int, ActionRecord]] = []
+    stack = [(0, a) for a in reversed(children.get(None, []))]
+    while stack:
+        depth, action = stack.pop()
+        ordered.append((depth, action))
+        stack.extend((depth + 1, c) for c in reversed(children.get(action.name, [])))
+    return ordered
+
+
+def _details(action: ActionRecord) -> list[str]:
+    notes = []
+    abort = action.abort
+    if abort is not None:
+        notes.append(
+            f"aborted ({abort.cause.value})"
+            + (f" by {abort.requested_by}" if abort.requested_by else "")
+            + (f" at {format_time(abort.requested_at)}" if abort.requested_at else "")
+            + (f": {abort.reason}" if abort.reason else "")
+        )
+    error = action.error
+    if error is not None:
+        message = error.message.splitlines() or [""]
+        notes.append(f"error {error.type}: {message[0]}")
+        notes.extend(f"  {line}" for line in message[1:])
+    if action.cleanup_incomplete:
+        notes.append("cleanup incomplete: the body was still running when it was abandoned")
+    if action.replayed:
+        notes.append("replayed: the recorded output of an earlier attempt was reused")
+    return notes
+
+
+def action_tree(out: Output, actions: list[ActionRecord], *, now: datetime) -> list[str]:
+    """Draw the action tree: one aligned row per action, indented under its parent.
+
+    Columns: action, task, phase, duration, group, attempt; below a row, its
+    abort cause and reason, its error, and whether its cleanup was incomplete.
+    """
+    if not actions:
+        return ["(no actions recorded)"]
+    ordered = _tree_order(actions)
+    rows = [
+        [
+            "  " * depth + a.name,
+            a.task,
+            a.phase.value,
+            format_duration(a.started_at, a.ended_at, now=now),
+            a.group or "",
+            str(a.attempt),
+        ]
+        for depth, a in ordered
+    ]
+    lines = table(
+        out, ["ACTION", "TASK", "PHASE", "DURATION", "GROUP", "ATTEMPT"], rows, phase_column=2
+    )
+    result = [lines[0]]
+    for (depth, action), line in zip(ordered, lines[1:], strict=True):
+        result.append(line)
+        pad = "  " * (depth + 2)
+        result.extend(pad + note for note in _details(action))
+    return result
+
+
+def event_lines(out: Output, events: list[Event]) -> list[str]:
+    """Render the event log as an aligned table, oldest first."""
+    if not events:
+        return ["(no events recorded)"]
+    rows = []
+    for e in events:
+        details = [e.message or ""]
+        if e.reason:
+            details.append(f"reason: {e.reason}")
+        if e.requested_by:
+            details.append(f"by {e.requested_by}")
+        rows.append(
+            [
+                str(e.seq),
+                format_time(e.at, precise=True),
+                e.kind.value,
+                e.action or "-",
+                e.phase or "-",
+                e.cause or "-",
+                "; ".join(d for d in details if d),
+            ]
+        )
+    return table(
+        out, ["SEQ", "TIME", "KIND", "ACTION", "PHASE", "CAUSE", "DETAILS"], rows, phase_column=4
+    )

@@ -1,0 +1,124 @@
+"""`flowsdk show` (a run and its action tree) and `flowsdk watch` (the same, live)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from flowsdk._client import Client
+from flowsdk._run import Run
+from flowsdk.cli._output import (
+    EXIT_OK,
+    Output,
+    action_tree,
+    event_lines,
+    open_client,
+    run_header,
+    show_json,
+)
+from flowsdk.cli._runs import positive_int
+
+__all__ = ["POLL_INTERVAL", "register", "show_lines", "wait_for_end"]
+
+# How often `watch` and `--wait` read the store again.
+POLL_INTERVAL = 0.1
+# On a terminal, `watch` redraws at least this often so running durations advance.
+REDRAW_INTERVAL = 1.0
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def register(verbs: Any, common: argparse.ArgumentParser) -> None:
+    """Add the `show` and `watch` verbs."""
+    show_parser = verbs.add_parser(
+        "show",
+        parents=[common],
+        help="show a run and its action tree",
+        description="Show a run: its phase, then its action tree with phases, durations, "
+        "groups, attempts, abort causes and reasons, and errors.",
+    )
+    show_parser.add_argument("run", metavar="RUN", help="the run's name")
+    show_parser.add_argument("--events", action="store_true", help="also print the event log")
+    show_parser.add_argument(
+        "--attempt", type=positive_int, metavar="N", help="show attempt N (default: the latest)"
+    )
+    show_parser.set_defaults(handler=show, parser=show_parser)
+
+    watch_parser = verbs.add_parser(
+        "watch",
+        parents=[common],
+        help="show a run live until it ends",
+        description="Redraw a run's action tree as it changes, until the run ends. When "
+        "stdout is not a terminal, print a new frame only when something changed (each "
+        "frame ends with a blank line); with --json, one `show --json` object per line.",
+    )
+    watch_parser.add_argument("run", metavar="RUN", help="the run's name")
+    watch_parser.set_defaults(handler=watch, parser=watch_parser)
+
+
+def show_lines(out: Output, run: Run[Any], *, events: bool, spaced: bool = True) -> list[str]:
+    """Render a run for people: its header, its action tree, and optionally its events.
+
+    Without `spaced` the lines hold no blank line (a `watch` frame ends with one).
+    """
+    now = datetime.now(UTC)
+    gap = [""] if spaced else []
+    lines = [*run_header(out, run.record, now=now), *gap, *action_tree(out, run.actions, now=now)]
+    if events:
+        lines += ["", "events:", *event_lines(out, run.events)]
+    return lines
+
+
+def show(args: argparse.Namespace, out: Output) -> int:
+    """Print one run (an attempt of it), with `--events` its event log."""
+    with open_client(args) as client:
+        run = client.get_run(args.run, attempt=args.attempt)
+    if out.json:
+        out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
+    else:
+        out.lines(show_lines(out, run, events=args.events))
+    return EXIT_OK
+
+
+def _signature(run: Run[Any]) -> tuple[Any, ...]:
+    # Everything a frame shows except the clock: a new frame is printed when this changes.
+    return (run.record, tuple(run.actions), len(run.events))
+
+
+def watch(args: argparse.Namespace, out: Output) -> int:
+    """Redraw the run until it ends; exit 0 once it has ended (whatever its phase)."""
+    with open_client(args) as client:
+        last: tuple[Any, ...] | None = None
+        drawn = 0.0
+        while True:
+            run = client.get_run(args.run)
+            signature = _signature(run)
+            changed = signature != last
+            ended = run.record.phase.terminal
+            if out.json:
+                if changed:
+                    out.print_json(show_json(run.record, run.actions, None), compact=True)
+            elif out.tty:
+                if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
+                    out.stdout.write(_CLEAR)
+                    out.lines(show_lines(out, run, events=False))
+                    drawn = time.monotonic()
+            elif changed:
+                out.lines([*show_lines(out, run, events=False, spaced=False), ""])
+            last = signature
+            if ended:
+                return EXIT_OK
+            time.sleep(POLL_INTERVAL)
+
+
+def wait_for_end(client: Client, name: str) -> Run[Any]:
+    """Read the run every `POLL_INTERVAL` until it has ended; return its final picture.
+
+    A runner that died is recorded CRASHED by the store's reads, so this ends too.
+    """
+    while True:
+        run = client.get_run(name)
+        if run.record.phase.terminal:
+            return run
+        time.sleep(POLL_INTERVAL)
