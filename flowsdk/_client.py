@@ -6,9 +6,11 @@ from types import TracebackType
 from typing import Any
 
 from flowsdk._control import NOT_FOUND
+from flowsdk._payload import decode_output
 from flowsdk._phases import RunPhase
 from flowsdk._records import AbortRequest, ControlRequest, MarkFailedRequest, RunRecord, StopRequest
-from flowsdk._run import Run
+from flowsdk._retry import retry_run
+from flowsdk._run import _MISSING, Run
 from flowsdk._runtime import ControlResult, requester
 from flowsdk.errors import ActionNotFoundError, InvalidStateError
 from flowsdk.store import Store, StoredRun, open_store
@@ -69,7 +71,22 @@ class Client:
             RunNotFoundError: no such run; the message suggests close names.
         """
         stored = self.store.load_run(name, attempt)
-        return Run(stored.record, stored.actions, stored.events)
+        return stored_run(stored)
+
+    def retry(self, run: str) -> Run[Any]:
+        """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
+
+        Calls that match a recorded action that succeeded (same key, task and
+        inputs) are not executed: their recorded output is returned and the
+        action shows `replayed`. Everything else runs again (at least once).
+
+        Raises:
+            RunNotFoundError: no such run.
+            InvalidStateError: the run succeeded or is still live, or its task
+                cannot be imported.
+            NondeterminismError: (from inside the run) a call differs from the history.
+        """
+        return retry_run(self.store, run)
 
     # -- control ---------------------------------------------------------------------
 
@@ -122,6 +139,17 @@ class Client:
         if answer.outcome == NOT_FOUND:
             raise ActionNotFoundError(answer.message)
         return ControlResult(answer.outcome, answer.phase, answer.message)
+
+
+def stored_run(stored: StoredRun) -> Run[Any]:
+    """Build a `Run` from a store's record; `result()` decodes the recorded output."""
+    value: Any = _MISSING
+    if stored.record.phase is RunPhase.SUCCEEDED and stored.actions:
+        output = stored.payloads.get(stored.actions[0].name, (None, None))[1]
+        if output is not None:
+            value = decode_output(None, output)
+    payloads = stored.payloads
+    return Run(stored.record, stored.actions, stored.events, value=value, payloads=lambda: payloads)
 
 
 def _already_ended(stored: StoredRun, action: str | None, group: str | None) -> ControlResult:

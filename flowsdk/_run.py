@@ -401,17 +401,25 @@ def run(
     Raises:
         RuntimeError: called from a running event loop (use `flowsdk.run_async`).
     """
+    _no_running_loop()
+    task, args, kwargs = _unpartial(task, args)
+    return run_sync(_Runner(task, args, kwargs, name, store, owns_loop=True))
+
+
+def _no_running_loop() -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "flowsdk.run() cannot be called from a running event loop; "
-            "use 'await flowsdk.run_async(...)' (or 'await flowsdk.start(...)') instead"
-        )
-    task, args, kwargs = _unpartial(task, args)
-    runner = _Runner(task, args, kwargs, name, store, owns_loop=True)
+        return
+    raise RuntimeError(
+        "flowsdk.run() cannot be called from a running event loop; "
+        "use 'await flowsdk.run_async(...)' (or 'await flowsdk.start(...)') instead"
+    )
+
+
+def run_sync(runner: _Runner) -> Run[Any]:
+    """Drive `runner` on a fresh event loop, with the SIGINT handling of `flowsdk.run`."""
+    _no_running_loop()
     loop = asyncio.new_event_loop()
     previous = None
     use_signal = threading.current_thread() is threading.main_thread()

@@ -218,7 +218,7 @@ class Task(Generic[P, R]):
         self.fn = fn
         self.env = env
         self.options = options
-        self.name = check_name("task", f"{env.name}.{fn.__name__}")
+        self.name = check_name("task", f"{env.name}.{check_name('task', fn.__name__)}")
         self.signature = inspect.signature(fn)
         # A copy of the runtime's handle function under the user's name, so that
         # Python's "coroutine ... was never awaited" warning names the user's

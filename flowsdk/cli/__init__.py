@@ -11,6 +11,7 @@ one `flowsdk: error: ...` line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -18,7 +19,6 @@ from typing import NoReturn
 import flowsdk
 from flowsdk.cli import _control, _runs, _show
 from flowsdk.cli._output import (
-    EXIT_REFUSED,
     EXIT_USAGE,
     Output,
     UsageError,
@@ -32,6 +32,7 @@ __all__ = ["build_parser", "entry_point", "main"]
 # Each module adds its verbs to the parser; `args.handler(args, out)` runs one.
 _VERBS = (_runs, _show, _control)
 _INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
+_BROKEN_PIPE = 1  # as the Python documentation advises for SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush from raising again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_REFUSED
+        return _BROKEN_PIPE
     return code
 
 
+class _LogFormatter(logging.Formatter):
+    """`flowsdk: warning: ...`, like the CLI's own error lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"flowsdk: {record.levelname.lower()}: {record.getMessage()}"
+
+
 def entry_point() -> NoReturn:
-    """The console script: `sys.exit(main())`."""
+    """The console script: `sys.exit(main())`, with flowsdk's warnings on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter())
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("flowsdk").addHandler(handler)
     sys.exit(main())

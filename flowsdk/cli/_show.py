@@ -83,7 +83,7 @@ def show(args: argparse.Namespace, out: Output) -> int:
 
 def _signature(run: Run[Any]) -> tuple[Any, ...]:
     # Everything a frame shows except the clock: a new frame is printed when this changes.
-    return (run.record, tuple(run.actions), len(run.events))
+    return (run.record, tuple(run.actions))
 
 
 def watch(args: argparse.Namespace, out: Output) -> int:

@@ -1,0 +1,130 @@
+"""Retrying a run: find its root task again and replay what already succeeded."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+from flowsdk._payload import recorded_call
+from flowsdk._phases import RunPhase
+from flowsdk._run import Run, _Runner, run_sync
+from flowsdk._runtime import History
+from flowsdk._task import Task
+from flowsdk.errors import InvalidStateError
+from flowsdk.store import Store, StoredRun
+
+__all__ = ["import_task", "retry_run"]
+
+RETRYABLE = frozenset({RunPhase.FAILED, RunPhase.ABORTED, RunPhase.STOPPED, RunPhase.CRASHED})
+
+
+def import_task(path: str) -> Task[..., Any]:
+    """Return the task recorded as `module:qualname` (or `/path/script.py:qualname`).
+
+    A script is imported under a module name of its own, so its
+    `if __name__ == "__main__":` block does not run again.
+
+    Raises:
+        InvalidStateError: the module or the task cannot be found.
+    """
+    module_part, _, qualname = path.rpartition(":")
+    if not module_part or not qualname:
+        raise InvalidStateError(f"{path!r} does not name a task; write module:task")
+    try:
+        if module_part.endswith(".py") or os.sep in module_part:
+            module = _import_file(module_part)
+        else:
+            module = importlib.import_module(module_part)
+    except InvalidStateError:
+        raise
+    except Exception as exc:
+        raise InvalidStateError(
+            f"cannot import {module_part!r} to find task {qualname!r}: {exc}"
+        ) from exc
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            hint = (
+                " (tasks defined inside a function cannot be found again)"
+                if "<locals>" in qualname
+                else ""
+            )
+            raise InvalidStateError(f"{module_part!r} has no task {qualname!r}{hint}")
+    if not isinstance(obj, Task):
+        raise InvalidStateError(
+            f"{path!r} is a {type(obj).__name__}, not a task declared with @env.task"
+        )
+    return obj
+
+
+def _import_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise InvalidStateError(f"the script {path!r} recorded for this run no longer exists")
+    name = "flowsdk_script_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InvalidStateError(f"cannot import the script {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def history_of(stored: StoredRun) -> History:
+    """Index an attempt's actions by call key, with their recorded inputs and outputs."""
+    calls = {}
+    for record in stored.actions:
+        inputs, output = stored.payloads.get(record.name, (None, None))
+        calls[record.key] = (record.task, inputs, record.phase.value, output)
+    return History(stored.record.name, calls)
+
+
+def retry_run(store: Store, name: str) -> Run[Any]:
+    """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
+
+    Raises:
+        RunNotFoundError: no such run.
+        InvalidStateError: the run succeeded, is still live, or its task cannot be imported.
+    """
+    stored = store.load_run(name)
+    record = stored.record
+    if record.phase not in RETRYABLE:
+        why = (
+            "it succeeded; there is nothing to retry"
+            if record.phase is RunPhase.SUCCEEDED
+            else "it is still live; stop or abort it first"
+        )
+        raise InvalidStateError(f"run {name!r} is {record.phase.value}: {why}")
+    task = import_task(record.task)
+    root_inputs = (
+        stored.payloads.get(stored.actions[0].name, (None, None))[0] if stored.actions else None
+    )
+    if root_inputs is None:
+        raise InvalidStateError(
+            f"run {name!r} has no recorded inputs for its root; it cannot be retried"
+        )
+    args, kwargs = recorded_call(task, root_inputs)
+    runner = _Runner(
+        task,
+        args,
+        kwargs,
+        name,
+        store,
+        owns_loop=True,
+        attempt=record.attempt + 1,
+        history=history_of(stored),
+    )
+    return run_sync(runner)
