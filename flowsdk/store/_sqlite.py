@@ -62,6 +62,7 @@ APPLICATION_ID = 0x466C6F77  # "Flow": marks the file as a flowsdk store
 DEFAULT_BUSY_TIMEOUT = 5.0
 POLL_INTERVAL = 0.01  # how often a runner looks for control requests (and flushes)
 ANSWER_POLL = 0.005
+LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -682,6 +683,7 @@ class _RunRecorder:
         self._wake = threading.Event()
         self._closing = False
         self._error: BaseException | None = None
+        self._probe_sent: float | None = None
         self.started: asyncio.Future[None] = loop.create_future()
         self._finished: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
@@ -800,6 +802,7 @@ class _RunRecorder:
                 self._poll_requests(conn)
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+                self._probe_loop()
                 self._write(
                     conn,
                     lambda: conn.execute(
@@ -809,6 +812,29 @@ class _RunRecorder:
                 )
             if closing and not self._ops:
                 return
+
+    def _probe_loop(self) -> None:
+        # Cancellation is cooperative: a body that blocks the loop (time.sleep in
+        # an async def) delays every abort. Measure how long a callback waits for
+        # the loop and say so once it runs again.
+        if self._probe_sent is not None:
+            return  # the previous probe has not run yet: the loop is still blocked
+        sent = self._probe_sent = time.monotonic()
+
+        def probe() -> None:
+            self._probe_sent = None
+            lag = time.monotonic() - sent
+            if lag >= LOOP_BLOCKED_WARNING:
+                logger.warning(
+                    "run %s: the event loop was blocked for %.1f s; control requests and "
+                    "cancellation wait until the loop regains control (is a task body calling "
+                    "blocking code such as time.sleep?)",
+                    self._record.name,
+                    lag,
+                )
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(probe)
 
     def _write(self, conn: sqlite3.Connection, body: Any) -> None:
         with _translate(self._store.path):
