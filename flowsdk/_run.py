@@ -28,7 +28,14 @@ from flowsdk._records import (
     EventKind,
     RunRecord,
 )
-from flowsdk._runtime import ActionState, ControlResult, History, Runtime, requester
+from flowsdk._runtime import (
+    ActionState,
+    ControlResult,
+    History,
+    Runtime,
+    TaskTracker,
+    requester,
+)
 from flowsdk.errors import (
     ActionAbortedError,
     ActionError,
@@ -285,6 +292,7 @@ class _Runner:
             runtime.run_record(), loop, functools.partial(apply_request, runtime)
         )
         runtime.attach(self.recorder)
+        runtime.tracker = TaskTracker(runtime)
         self.runtime = runtime
         runtime.event(EventKind.RUN, None, RunPhase.RUNNING.value)
         runtime.start_root(self.task, self.args, self.kwargs, self.inputs)
@@ -313,6 +321,17 @@ class _Runner:
                     runtime.abandon_all(None)
         runtime.end()
         runtime.report_unobserved()
+        tracker = runtime.tracker
+        if tracker is not None:
+            tracker.close()
+            left = tracker.survivors()
+            if left and not self.owns_loop:
+                # flowsdk.run drains its own loop; under run_async they stay in the caller's.
+                runtime.warn(
+                    None,
+                    "plain asyncio tasks started by the run were cancelled at its end but are "
+                    "still running: " + ", ".join(_task_label(t) for t in left),
+                )
         result = Run._from_runtime(runtime)
         self.recorder.finished(result)
         await self.recorder.close()
@@ -451,13 +470,18 @@ async def _begin_and_finish(runner: _Runner) -> Run[Any]:
     return await runner.finish()
 
 
+def _task_label(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return f"{task.get_name()} ({getattr(coro, '__qualname__', coro)})"
+
+
 def _final_drain(loop: asyncio.AbstractEventLoop, runner: _Runner) -> None:
     """Cancel what is still pending on our own loop, wait a bounded time, name survivors.
 
     What can be left: plain asyncio tasks that workflow code started and never
     awaited, the cleanup of abandoned actions, and bodies that ignored two
     cancellations (zombies, which are not cancelled a third time). None may
-    keep the process from exiting.
+    keep the process from exiting. After a second Ctrl-C nothing is waited for.
     """
     pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
     if not pending:
@@ -470,27 +494,31 @@ def _final_drain(loop: asyncio.AbstractEventLoop, runner: _Runner) -> None:
             if action.atask is not None and not action.atask.done():
                 names[action.atask] = f"action {action.name} ({action.task.name})"
         zombies = {a.atask for a in runtime.zombies if a.atask is not None}
-    waiting = [t for t in pending if t not in zombies]
-    for t in waiting:
-        t.cancel()
-    if waiting and runner.interrupts < 2:
-        loop.run_until_complete(asyncio.wait(waiting, timeout=FINAL_DRAIN))
-    for t in pending:
-        if t.done():
-            continue
-        coro = t.get_coro()
-        what = names.get(t) or f"task {t.get_name()} ({getattr(coro, '__qualname__', coro)})"
+    if runner.interrupts < 2:
+        waiting = [t for t in pending if t not in zombies]
+        for t in waiting:
+            t.cancel()
+        if waiting:
+            loop.run_until_complete(asyncio.wait(waiting, timeout=FINAL_DRAIN))
+    survivors = [t for t in pending if not t.done()]
+    for t in survivors:
         logger.warning(
             "run %s: %s did not finish after cancellation; it is abandoned",
             runtime.name if runtime else "?",
-            what,
+            names.get(t) or _task_label(t),
         )
         # A body that also ignores GeneratorExit makes close() raise RuntimeError:
         # nothing more can be done for it.
         with contextlib.suppress(RuntimeError):
-            coro.close()
+            t.get_coro().close()
         # The loop is closing with this task still pending; that is reported above.
         t._log_destroy_pending = False  # type: ignore[attr-defined]
+    # A survivor may already have a step scheduled (it was cancelled): let it run
+    # into its closed coroutine now, and retrieve the outcome, reported above.
+    loop.run_until_complete(asyncio.sleep(0))
+    for t in survivors:
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def _unpartial(task: Any, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:

@@ -259,6 +259,11 @@ async def action_handle(
             if not action.phase.terminal:
                 action.done = runtime.loop.create_future()
                 await action.done
+        if action.phase is _A.FAILED and parent.req is None:
+            # Workflow code cancelled it and its cleanup raised instead: as in
+            # asyncio, the awaiter gets that error, not CancelledError (C4).
+            runtime.note_failure_host(action)
+            return runtime.outcome(action)
         raise
     if action.phase is _A.SUCCEEDED:
         return action.value
@@ -323,6 +328,56 @@ async def _execute(runtime: Runtime, action: ActionState) -> None:
         return
 
 
+class TaskTracker:
+    """Plain asyncio tasks that a run's bodies start, so the root's exit can cancel them.
+
+    Installed as the loop's task factory for the run's duration, chaining to
+    any factory already set, so a user's own factory keeps working. Python
+    3.11 tasks do not expose their context; this is how a task is known to
+    belong to the run.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.previous = self.loop.get_task_factory()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.loop.set_task_factory(self)  # type: ignore[arg-type]
+
+    def __call__(
+        self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        previous = self.previous
+        task: Any
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        state = _current.get()
+        if state is not None and state.runtime is self.runtime and not self.runtime.closed:
+            code = getattr(coro, "cr_code", None)
+            if code is not _execute.__code__ and code is not action_handle.__code__:
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        return task  # type: ignore[no-any-return]
+
+    def cancel_all(self) -> None:
+        """Cancel every tracked task still running (no record: they are not actions)."""
+        for task in list(self.tasks):
+            if not task.done():
+                task.cancel()
+
+    def survivors(self) -> list[asyncio.Task[Any]]:
+        """The tracked tasks that are still pending."""
+        return [t for t in self.tasks if not t.done()]
+
+    def close(self) -> None:
+        """Give the loop back its previous task factory (unless someone replaced ours)."""
+        factory: object = self.loop.get_task_factory()
+        if factory is self:
+            self.loop.set_task_factory(self.previous)
+
+
 class History:
     """What a previous attempt of a run recorded, keyed by call key (for a retry)."""
 
@@ -381,6 +436,7 @@ class Runtime:
         self._rec: RunRecorder | None = None
         self.cache: RunRecorder | None = None
         self.history: History | None = None
+        self.tracker: TaskTracker | None = None
         self.loop = loop
         self.owns_loop = owns_loop
         self.phase = RunPhase.RUNNING
@@ -909,6 +965,14 @@ class Runtime:
             f"{action.task.options.grace_period:g} s after it was cancelled; cancelling it again. "
             f"It is at:\n{stack}",
         )
+        self._escalate(action)
+
+    def _escalate(self, action: ActionState) -> None:
+        """Deliver the second (and last) cancel; give the body `ABANDON_AFTER` more."""
+        if action.timer is not None:
+            action.timer.cancel()
+        # The second cancel interrupts whatever cleanup was running.
+        action.cleanup_incomplete = True
         self._cancel_task(action)
         action.timer = self.loop.call_later(ABANDON_AFTER, self._on_abandon, action)
 
@@ -951,8 +1015,14 @@ class Runtime:
     def _root_exited(self) -> None:
         """The root's body ended: close the run and cancel every descendant."""
         self.closed = True
+        if self.tracker is not None:
+            self.tracker.cancel_all()
         marked = []
-        for action in self.live.values():
+        for action in list(self.live.values()):
+            if action.req is AbortCause.CANCELLED and action.cancels == 1:
+                # Cancelled by workflow code and still cleaning up: the lifetime
+                # rule wins, the root's exit interrupts that cleanup (C3).
+                self._escalate(action)
             if action.req is None:
                 # A task that workflow code cancelled just before the root
                 # returned (`t.cancel(); return`) has not delivered its cancel
@@ -1007,6 +1077,8 @@ class Runtime:
                 self._request(action, cause, reason, by)
             elif not isinstance(action.req, AbortCause):
                 self._request(action, AbortCause.ANCESTOR, action.req_reason, action.req_by)
+            # A body that had started is not waited for: its cleanup may never finish.
+            action.cleanup_incomplete = action.phase is not _A.QUEUED
             self._finish(action, _A.ABANDONED)
             if action.cancels == 0:
                 self._cancel_task(action)
@@ -1254,13 +1326,18 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
 
     Never raises, whatever the exception's `__str__` does.
     """
-    cls = type(exc)
-    name = (
-        cls.__qualname__
-        if cls.__module__ in ("builtins", "__main__")
-        else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    message = _safe_str(exc)
+    if isinstance(exc, RuntimeUserError) and exc.error_type:
+        # A child's error passing through unwrapped: record the original's type
+        # and message, so the record reads as what happened (the text keeps both).
+        name, message = exc.error_type, exc.error_message
+    else:
+        cls = type(exc)
+        name = (
+            cls.__qualname__
+            if cls.__module__ in ("builtins", "__main__")
+            else f"{cls.__module__}.{cls.__qualname__}"
+        )
+        message = _safe_str(exc)
     try:
         text = "".join(traceback.format_exception(exc))
     except Exception:
