@@ -4,8 +4,9 @@ Inputs are encoded by the call `task(...)` itself, which both records them and
 snapshots them: the child's body receives values decoded from the recording,
 so a caller that mutates a list after the call changes nothing. Immutable
 scalars are passed through as they are (their snapshot is themselves).
-Encoding sorts dictionary keys, so equal inputs give equal bytes: that is how
-a retry recognises a call it has seen before.
+Recorded bytes keep the caller's dictionary order; `canonical()` re-encodes
+with sorted keys, so equal inputs compare equal whatever their order: that is
+how a retry or the cache recognises a call it has seen before.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ __all__ = [
 
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
 
-_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_encoder = msgspec.msgpack.Encoder()
+_canonical_encoder = msgspec.msgpack.Encoder(order="deterministic")
 _IMMUTABLE = frozenset(
     {
         int,
@@ -203,9 +205,19 @@ def decode_output(task: Task[Any, Any] | None, data: bytes) -> Any:
     return _convert(raw, hint)
 
 
+def canonical(data: bytes) -> bytes:
+    """Re-encode recorded data with sorted dictionary keys (equal values, equal bytes)."""
+    return _canonical_encoder.encode(msgspec.msgpack.decode(data))
+
+
+def same_inputs(recorded: bytes, called: bytes) -> bool:
+    """Whether two recordings hold equal values."""
+    return recorded == called or canonical(recorded) == canonical(called)
+
+
 def inputs_digest(data: bytes) -> str:
-    """A short, stable digest of recorded inputs (the cache key)."""
-    return hashlib.sha256(data).hexdigest()
+    """A stable digest of recorded inputs, independent of dictionary order (the cache key)."""
+    return hashlib.sha256(canonical(data)).hexdigest()
 
 
 def task_version(task: Task[Any, Any]) -> str:

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from flowsdk._payload import recorded_call
-from flowsdk._phases import RunPhase
+from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._run import Run, _Runner, run_sync
 from flowsdk._runtime import History
 from flowsdk._task import Task
@@ -83,13 +83,22 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
-def history_of(stored: StoredRun) -> History:
-    """Index an attempt's actions by call key, with their recorded inputs and outputs."""
-    calls = {}
-    for record in stored.actions:
-        inputs, output = stored.payloads.get(record.name, (None, None))
-        calls[record.key] = (record.task, inputs, record.phase.value, output)
-    return History(stored.record.name, calls)
+def history_of(attempts: list[StoredRun]) -> History:
+    """Index the actions of every earlier attempt by call key.
+
+    For each key the latest success wins, else the latest record: an action
+    that succeeded in attempt 1 is replayed in attempt 3 even if attempt 2
+    never reached it.
+    """
+    calls: dict[str, tuple[str, bytes | None, str, bytes | None]] = {}
+    for stored in attempts:  # oldest first
+        for record in stored.actions:
+            inputs, output = stored.payloads.get(record.name, (None, None))
+            known = calls.get(record.key)
+            succeeded = record.phase is ActionPhase.SUCCEEDED and output is not None
+            if known is None or succeeded or known[2] != ActionPhase.SUCCEEDED.value:
+                calls[record.key] = (record.task, inputs, record.phase.value, output)
+    return History(attempts[-1].record.name, calls)
 
 
 def retry_run(store: Store, name: str) -> Run[Any]:
@@ -117,6 +126,7 @@ def retry_run(store: Store, name: str) -> Run[Any]:
             f"run {name!r} has no recorded inputs for its root; it cannot be retried"
         )
     args, kwargs = recorded_call(task, root_inputs)
+    attempts = [store.load_run(name, n) for n in range(1, record.attempt)] + [stored]
     runner = _Runner(
         task,
         args,
@@ -125,6 +135,6 @@ def retry_run(store: Store, name: str) -> Run[Any]:
         store,
         owns_loop=True,
         attempt=record.attempt + 1,
-        history=history_of(stored),
+        history=history_of(attempts),
     )
     return run_sync(runner)

@@ -541,8 +541,11 @@ def task_path(task: Task[..., Any]) -> str:
     module = fn.__module__
     if module == "__main__":
         main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
         file = getattr(main, "__file__", None)
-        if file:
+        if spec is not None and spec.name:
+            module = spec.name  # run with `python -m pkg.mod`: importable by that name
+        elif file:
             module = os.path.abspath(file)
     return f"{module}:{fn.__qualname__}"
 

@@ -42,6 +42,7 @@ from flowsdk._payload import (
     encode_inputs,
     encode_output,
     inputs_digest,
+    same_inputs,
     task_version,
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
@@ -309,11 +310,7 @@ async def _execute(runtime: Runtime, action: ActionState) -> None:
             if not isinstance(exc, Exception):
                 runtime.finish_base_exception(action, exc)
                 return
-            if (
-                action.req is None
-                and not isinstance(exc, ActionAbortedError)
-                and runtime.retry(action, exc)
-            ):
+            if action.req is None and runtime.retry(action, exc):
                 if await runtime.backoff(action):
                     continue
                 return
@@ -326,6 +323,10 @@ async def _execute(runtime: Runtime, action: ActionState) -> None:
         else:
             runtime.finish_cancelled(action)
         return
+
+
+# Exceptions from a body that retries never answer: they are not the user's errors.
+_NOT_RETRIED = (ActionAbortedError, NondeterminismError, RunStoppingError, RunClosedError)
 
 
 class TaskTracker:
@@ -399,14 +400,15 @@ class History:
         if recorded is None:
             return None
         rec_task, rec_inputs, phase, output = recorded
-        if rec_task != task or (rec_inputs is not None and rec_inputs != inputs):
+        if rec_task != task or (rec_inputs is not None and not same_inputs(rec_inputs, inputs)):
             what = "task" if rec_task != task else "inputs"
+            before = inputs_digest(rec_inputs)[:12] if rec_inputs is not None else "?"
             raise NondeterminismError(
-                f"run {self.run!r} diverged from its history at call {key}: the previous attempt "
-                f"recorded {rec_task} with {len(rec_inputs or b'')} bytes of inputs, this attempt "
-                f"called {task} with {len(inputs)} bytes of inputs (the {what} differ). A retry "
-                "replays only calls made in the same order with the same inputs; start a new run "
-                "instead"
+                f"run {self.run!r} diverged from its history at call {key}: a previous attempt "
+                f"recorded {rec_task} with inputs {before}, this attempt called {task} with "
+                f"inputs {inputs_digest(inputs)[:12]} (the {what} differ). A retry replays only "
+                "calls made in the same order with the same inputs; nothing recorded was handed "
+                "to this call. Start a new run instead"
             )
         if phase == _A.SUCCEEDED.value and output is not None:
             return output
@@ -824,8 +826,15 @@ class Runtime:
     # -- retries -------------------------------------------------------------------
 
     def retry(self, action: ActionState, exc: BaseException) -> bool:
-        """Decide whether a failed attempt gets another one; record the failure if so."""
-        if action.attempt > action.task.options.retries or self.closed:
+        """Decide whether a failed attempt gets another one; record the failure if so.
+
+        Only user errors are retried: not an abort reaching the body, nor a
+        divergence from a retried run's history, nor a call refused because the
+        run is stopping or closed.
+        """
+        if isinstance(exc, _NOT_RETRIED) or action.attempt > action.task.options.retries:
+            return False
+        if self.closed:
             return False
         error = describe(exc)
         self.event(

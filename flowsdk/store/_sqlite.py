@@ -859,6 +859,7 @@ class _RunRecorder:
         run: RunRecord | None = None
         answers: list[tuple[Any, ...]] = []
         cached: list[tuple[Any, ...]] = []
+        lookups: list[tuple[Any, ...]] = []
         for kind, payload in batch:
             if kind == 0:
                 actions[payload[0]] = (name, attempt, *payload)
@@ -869,7 +870,7 @@ class _RunRecorder:
             elif kind == 3:
                 answers.append(payload)
             elif kind == 4:
-                self._cache_lookup(conn, *payload)
+                lookups.append(payload)
             else:
                 cached.append(payload)
 
@@ -916,6 +917,11 @@ class _RunRecorder:
             ops.extendleft(reversed(batch))
             if self._closing:
                 raise
+            return
+        # Answered after the batch's own writes, so a lookup sees what the same
+        # run cached a moment before.
+        for lookup in lookups:
+            self._cache_lookup(conn, *lookup)
 
     def _cache_lookup(
         self,

@@ -1,0 +1,91 @@
+"""Every script in examples/ runs as a real process and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+# Key lines of each example's output, as regular expressions matched against
+# whole lines (run names are random, so they are matched loosely). An example
+# without an entry here must still exit 0 with nothing on stderr.
+EXPECTED: dict[str, list[str]] = {
+    "action_lifetime.py": [
+        r"main: returning while long_job is still running \(done=False\)",
+        r"long_job: cancelled, cleaning up",
+        r"long_job: cleanup done",
+        r"run main-[0-9a-f]+: SUCCEEDED, result 'main finished'",
+        r"a0\s+lifetime\.main\s+SUCCEEDED\s+-",
+        r"a1\s+lifetime\.long_job\s+ABORTED\s+root_exit",
+    ],
+    "cancel_tasks.py": [
+        r"main: a31 failed: ValueError\('data source unavailable'\)",
+        r"main: cancelled 30 sleepers",
+        r"run main-[0-9a-f]+: SUCCEEDED, result 30",
+        r"\s*30 x ABORTED \(cancelled\)",
+        r"\s*1 x FAILED",
+        r"\s*1 x SUCCEEDED",
+    ],
+    "external_abort.py": [
+        r"operator: abort a3: applied",
+        r"main: a3 was aborted: diverging loss",
+        r"run main-[0-9a-f]+: SUCCEEDED, aborted \['a3'\]",
+        r"a0\s+SUCCEEDED\s+-\s+-",
+        r"a3\s+ABORTED\s+external\s+diverging loss",
+        *(rf"a{i}\s+ABORTED\s+root_exit\s+-" for i in (1, 2, *range(4, 11))),
+    ],
+    "hpo_early_stop.py": [
+        r"run search-[0-9a-f]+: SUCCEEDED",
+        r"best lr 0\.1: score 0\.969 \(target 0\.95\)",
+        r"a1\s+1\s+ABORTED\s+cancelled\s+-",
+        r"a2\s+0\.1\s+SUCCEEDED\s+-\s+0\.969",
+        r"a3\s+0\.01\s+ABORTED\s+cancelled\s+-",
+        r"a4\s+0\.001\s+ABORTED\s+cancelled\s+-",
+    ],
+    "retry_after_stop.py": [
+        r"operator: flowsdk stop deploy-1 --abandon: applied",
+        r"run deploy-1 attempt 1: STOPPED",
+        r"run deploy-1 attempt 2: SUCCEEDED, 'deployed app-3f2c1a\.tar\.gz'",
+        r"a0\s+-\s+deploy\.pipeline\s+ABANDONED\s+SUCCEEDED \(ran again\)",
+        r"a0/1\s+build\s+deploy\.build\s+SUCCEEDED\s+SUCCEEDED \(replayed\)",
+        *(
+            rf"a0/{i}\s+test\s+deploy\.run_tests\s+SUCCEEDED\s+SUCCEEDED \(replayed\)"
+            for i in (2, 3, 4)
+        ),
+        r"a0/5\s+deploy\s+deploy\.deploy\s+ABANDONED\s+SUCCEEDED \(ran again\)",
+    ],
+}
+
+
+def test_expected_lines_name_existing_examples() -> None:
+    assert EXAMPLES, "examples/ has no script"
+    assert {p.name for p in EXAMPLES} >= set(EXPECTED), "EXPECTED names a missing example"
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs_and_prints_its_key_lines(script: Path) -> None:
+    env = {**os.environ, "FLOWSDK_STORE": "memory://"}
+    # -W error: a "coroutine was never awaited" or any other warning is a failure.
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(script.relative_to(ROOT))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    for pattern in EXPECTED.get(script.name, []):
+        assert any(re.fullmatch(pattern, line) for line in lines), (
+            f"no line matches {pattern!r} in:\n{proc.stdout}"
+        )
