@@ -1141,7 +1141,7 @@ class Runtime:
         elif group is not None:
             what = f"group {group!r}"
         else:
-            what = "the run"
+            what = ""
             if self.phase.terminal:
                 return ControlResult(
                     "already_ended",
@@ -1155,26 +1155,30 @@ class Runtime:
                     f"run {self.name!r} is finishing (its root has exited); nothing left to abort",
                 )
 
+        target = f"{what} of run {self.name!r}" if what else f"run {self.name!r}"
+
         def phase() -> str:
             return targets[0].phase.value if action is not None else self.phase.value
 
         live = [t for t in targets if not t.phase.terminal]
         if not live:
-            return ControlResult(
-                "already_ended", phase(), f"{what} of run {self.name!r} already finished: {phase()}"
-            )
+            return ControlResult("already_ended", phase(), f"{target} already finished: {phase()}")
         fresh = [t for t in live if t.req is not AbortCause.EXTERNAL]
         if not fresh:
             return ControlResult(
                 "applied",
                 phase(),
-                f"abort of {what} of run {self.name!r} already requested at {_iso(live[0].req_at)}",
+                f"abort of {target} already requested at {_iso(live[0].req_at)}",
             )
         self.event(
-            EventKind.REQUEST, action, message=f"abort {what}", reason=reason, requested_by=by
+            EventKind.REQUEST,
+            action,
+            message=f"abort {what or 'run'}",
+            reason=reason,
+            requested_by=by,
         )
         self._abort(fresh, AbortCause.EXTERNAL, reason, by)
-        return ControlResult("applied", phase(), f"abort of {what} of run {self.name!r} applied")
+        return ControlResult("applied", phase(), f"abort of {target} applied")
 
     def stop(
         self, *, abandon: bool = False, reason: str | None = None, by: str | None = None

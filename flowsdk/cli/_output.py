@@ -363,7 +363,8 @@ def event_lines(out: Output, events: list[Event]) -> list[str]:
                 e.action or "-",
                 e.phase or "-",
                 e.cause or "-",
-                "; ".join(d for d in details if d),
+                # One row per event: a multi-line message is folded onto the row.
+                "; ".join(d for d in details if d).replace("\n", " | "),
             ]
         )
     return table(

@@ -246,13 +246,16 @@ class SQLiteStore:
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             try:
-                self._check_and_migrate(conn, create=create)
+                ready = self._check_and_migrate(conn, create=create)
             except BaseException:
                 conn.close()
                 raise
+        if not ready:
+            conn.close()  # an empty file: nothing to read yet, and reading writes nothing
+            return None
         return conn
 
-    def _check_and_migrate(self, conn: sqlite3.Connection, *, create: bool) -> None:
+    def _check_and_migrate(self, conn: sqlite3.Connection, *, create: bool) -> bool:
         # Reading the header fails with "file is not a database" for a foreign file,
         # before anything is written.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -276,13 +279,14 @@ class SQLiteStore:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         if version < SCHEMA_VERSION:
             if not create and version == 0:
-                return  # an empty file: nothing to read, and reading must not write
+                return False
             self._migrate(conn, version)
         with contextlib.suppress(sqlite3.OperationalError):
             # WAL needs a write lock the first time; a reader may find it set already.
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        return True
 
     def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -798,18 +802,22 @@ class _RunRecorder:
             self._flush(conn)
             now_version = conn.execute("PRAGMA data_version").fetchone()[0]
             if now_version != version:
-                version = now_version
-                self._poll_requests(conn)
+                # Under another writer's lock the requests stay pending: next round.
+                with contextlib.suppress(StoreLockedError):
+                    self._poll_requests(conn)
+                    version = now_version
             if time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
                 self._probe_loop()
-                self._write(
-                    conn,
-                    lambda: conn.execute(
-                        "UPDATE runs SET heartbeat = ? WHERE name = ? AND attempt = ?",
-                        (time.time(), self._record.name, self._record.attempt),
-                    ),
-                )
+                # A heartbeat lost to a lock is replaced by the next one.
+                with contextlib.suppress(StoreLockedError):
+                    self._write(
+                        conn,
+                        lambda: conn.execute(
+                            "UPDATE runs SET heartbeat = ? WHERE name = ? AND attempt = ?",
+                            (time.time(), self._record.name, self._record.attempt),
+                        ),
+                    )
             if closing and not self._ops:
                 return
 
@@ -961,14 +969,15 @@ class _RunRecorder:
                 "SELECT id, body FROM requests WHERE run = ? AND state = 'pending' ORDER BY id",
                 (name,),
             ).fetchall()
-            if not rows:
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
+        if not rows:
+            return
+        self._write(
+            conn,
+            lambda: conn.executemany(
                 "UPDATE requests SET state = 'delivered' WHERE id = ? AND state = 'pending'",
                 [(r[0],) for r in rows],
-            )
-            conn.execute("COMMIT")
+            ),
+        )
         for request_id, body in rows:
             try:
                 request = _request_decoder.decode(body)

@@ -1,0 +1,1 @@
+"""Workflow scripts that the CLI tests run as real runner subprocesses."""
