@@ -17,7 +17,7 @@ import sys
 from typing import NoReturn
 
 import flowsdk
-from flowsdk.cli import _control, _runs, _show
+from flowsdk.cli import _control, _runs, _show, _start
 from flowsdk.cli._output import (
     EXIT_USAGE,
     Output,
@@ -30,7 +30,7 @@ from flowsdk.errors import FlowError
 __all__ = ["build_parser", "entry_point", "main"]
 
 # Each module adds its verbs to the parser; `args.handler(args, out)` runs one.
-_VERBS = (_runs, _show, _control)
+_VERBS = (_runs, _show, _control, _start)
 _INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
 _BROKEN_PIPE = 1  # as the Python documentation advises for SIGPIPE
 
@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the whole command line."""
     parser = argparse.ArgumentParser(
         prog="flowsdk",
-        description="Inspect and control flowsdk runs recorded in a store.",
+        description="Start, inspect, control and retry flowsdk runs recorded in a store.",
         epilog="Every verb takes --store URL and --json after the verb. Exit codes: 0 done, "
-        "1 refused, 2 usage error, 3 not found, 4 permission denied, 5 store error.",
+        "1 refused, 2 usage error, 3 not found, 4 permission denied, 5 store error, "
+        "6 (run, retry) the run did not succeed.",
     )
     parser.add_argument("--version", action="version", version=f"flowsdk {flowsdk.__version__}")
     verbs = parser.add_subparsers(title="verbs", dest="verb", metavar="VERB", required=True)

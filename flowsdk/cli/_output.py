@@ -25,6 +25,7 @@ from flowsdk.errors import (
     InvalidStateError,
     PermissionDeniedError,
     RunNotFoundError,
+    SerializationError,
     StoreError,
 )
 
@@ -71,6 +72,8 @@ def exit_code(exc: FlowError) -> int:
         return EXIT_PERMISSION
     if isinstance(exc, StoreError):
         return EXIT_STORE
+    if isinstance(exc, SerializationError):
+        return EXIT_USAGE  # `flowsdk run` with arguments that cannot be recorded
     if isinstance(exc, InvalidStateError):
         return EXIT_REFUSED
     return EXIT_REFUSED

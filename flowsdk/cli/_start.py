@@ -1,0 +1,187 @@
+"""`flowsdk run MODULE:TASK [ARGS...]` and `flowsdk retry RUN`: runs in the foreground.
+
+Both run in this process, show the live action tree on a terminal (the final
+tree otherwise) unless `--quiet`, and exit 0 when the run succeeded, 6 when it
+ended in any other phase. Ctrl-C aborts the run, waits for its cleanup, and
+exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import threading
+from typing import Any
+
+from flowsdk._client import Client
+from flowsdk._phases import RunPhase
+from flowsdk._retry import import_task
+from flowsdk._run import Run, _new_run_name, run
+from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
+from flowsdk.cli._show import POLL_INTERVAL, show_lines
+from flowsdk.errors import InvalidStateError, RunNotFoundError
+from flowsdk.store import SQLiteStore
+
+__all__ = ["parse_arguments", "register"]
+
+_KEYWORD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def register(verbs: Any, common: argparse.ArgumentParser) -> None:
+    """Add the `run` and `retry` verbs."""
+    run_parser = verbs.add_parser(
+        "run",
+        parents=[common],
+        help="start a run of a task, in the foreground",
+        description="Run MODULE:TASK (or path/to/script.py:TASK) with ARGS: positional "
+        "values and key=value pairs, each parsed as JSON, else taken as a string. Exits 0 "
+        "when the run succeeded, 6 otherwise.",
+    )
+    run_parser.add_argument("target", metavar="MODULE:TASK", help="the root task")
+    run_parser.add_argument("args", metavar="ARGS", nargs="*", help="value or key=value")
+    run_parser.add_argument("--name", help="the run's name (default: generated)")
+    _add_quiet(run_parser)
+    run_parser.set_defaults(handler=run_verb, parser=run_parser)
+
+    retry_parser = verbs.add_parser(
+        "retry",
+        parents=[common],
+        help="run a FAILED, ABORTED, STOPPED or CRASHED run again",
+        description="Run the next attempt of a run under the same name, in the foreground. "
+        "Calls that match a recorded success (same key, task and inputs) are replayed, not "
+        "executed; everything else runs again. Exits 0 when the attempt succeeded, 6 "
+        "otherwise, 1 if the run cannot be retried.",
+    )
+    retry_parser.add_argument("run", metavar="RUN", help="the run's name")
+    _add_quiet(retry_parser)
+    retry_parser.set_defaults(handler=retry_verb, parser=retry_parser)
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="print only the outcome")
+
+
+def parse_arguments(values: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Split command-line task arguments into positional and keyword values.
+
+    `key=value` (key an identifier) is a keyword argument; every value is
+    parsed as JSON, else taken as the string it is.
+    """
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for text in values:
+        match = _KEYWORD.fullmatch(text)
+        if match:
+            key, raw = match.groups()
+            if key in kwargs:
+                raise UsageError(f"argument {key!r} is given twice")
+            kwargs[key] = _value(raw)
+        elif kwargs:
+            raise UsageError(f"positional value {text!r} after key=value arguments")
+        else:
+            args.append(_value(text))
+    return args, kwargs
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def run_verb(args: argparse.Namespace, out: Output) -> int:
+    """Start a run of `MODULE:TASK` and wait for its end."""
+    if ":" not in args.target:
+        raise UsageError(f"{args.target!r} does not name a task; write MODULE:TASK")
+    _find_modules_here()
+    try:
+        task = import_task(args.target)
+    except InvalidStateError as exc:
+        raise UsageError(str(exc)) from None
+    positional, keywords = parse_arguments(args.args)
+    with open_client(args) as client:
+        name = args.name if args.name is not None else _new_run_name(task)
+        root: Any = functools.partial(task, *positional, **keywords)
+        if not out.json and not args.quiet:
+            out.line(f"run {name}")
+        return _foreground(
+            out, client, name, args.quiet, lambda: run(root, name=name, store=client.store)
+        )
+
+
+def retry_verb(args: argparse.Namespace, out: Output) -> int:
+    """Run the next attempt of a run and wait for its end."""
+    _find_modules_here()
+    with open_client(args) as client:
+        return _foreground(out, client, args.run, args.quiet, lambda: client.retry(args.run))
+
+
+def _find_modules_here() -> None:
+    # Like `python -m`: a run's task module is found in the working directory.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any) -> int:
+    live = _LiveTree(out, client, name) if out.tty and not out.json and not quiet else None
+    if live is not None:
+        live.start()
+    try:
+        result: Run[Any] = start()
+    finally:
+        if live is not None:
+            live.stop()
+    if out.json:
+        out.print_json(show_json(result.record, result.actions, None))
+    elif quiet:
+        out.line(f"run {result.name}: {result.phase.value}")
+    else:
+        out.lines(["", *show_lines(out, result, events=False)])
+    return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
+
+
+class _LiveTree:
+    """Redraws the run's tree on a terminal while the run goes on (SQLite stores only).
+
+    It reads the store from a thread of its own, as `flowsdk watch` would from
+    another process, so drawing never slows the run's event loop.
+    """
+
+    def __init__(self, out: Output, client: Client, name: str) -> None:
+        self.out = out
+        self.name = name
+        self.store = client.store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, name="flowsdk-live-tree", daemon=True)
+
+    def start(self) -> None:
+        """Start drawing (nothing to draw from a memory store)."""
+        if isinstance(self.store, SQLiteStore):
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop drawing and wait for the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _draw(self) -> None:
+        reader = Client(SQLiteStore(self.store.url))
+        try:
+            while not self._stop.wait(POLL_INTERVAL * 5):
+                try:
+                    current = reader.get_run(self.name)
+                except RunNotFoundError:
+                    continue  # not recorded yet
+                except Exception:  # a drawing problem must never disturb the run
+                    return
+                self.out.stdout.write(_CLEAR)
+                self.out.lines(show_lines(self.out, current, events=False))
+        finally:
+            reader.close()
