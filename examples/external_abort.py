@@ -1,19 +1,29 @@
-"""An operator aborts one action of a live run, with a reason.
+"""An operator aborts one action of a live run from another process, with a reason.
 
 The root starts 10 long sleepers. While they run, an operator aborts one of
-them through the run's handle (`handle.abort("a3", reason=...)`). The aborted
-sleeper's body gets `CancelledError`; the root sees an `ActionAbortedError`
-carrying `.action` and `.reason` -- an ordinary exception, so
-`gather(..., return_exceptions=True)` hands it back as a value. The root reports
-it and returns normally; the nine other sleepers are then ended by the root's
-exit (cause `root_exit`).
+them from a second process, with the command line:
 
-Run it: `python examples/external_abort.py`
+    python -m flowsdk abort RUN a3 --reason "diverging loss" --store URL
+
+The aborted sleeper's body gets `CancelledError`; the root sees an
+`ActionAbortedError` carrying `.action` and `.reason` -- an ordinary exception,
+so `gather(..., return_exceptions=True)` hands it back as a value. The root
+reports it and returns normally; the nine other sleepers are then ended by the
+root's exit (cause `root_exit`).
+
+Run it: `python examples/external_abort.py` (it starts the operator's command
+itself). With `--operator-outside`, it prints `READY <run> a3 <store>` and
+waits for you (or a test) to run the abort command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import flowsdk
 from flowsdk.errors import ActionAbortedError
@@ -21,8 +31,9 @@ from flowsdk.errors import ActionAbortedError
 env = flowsdk.TaskEnvironment("abort")
 
 SLEEPERS = 10
-# The operator acts once every sleeper is running (an Event, not a sleep).
-all_running = asyncio.Event()
+TARGET = "a3"
+# Set (from the loop) once every sleeper runs; the operator acts then, not after a sleep.
+all_running = threading.Event()
 _running: set[int] = set()
 
 
@@ -31,7 +42,12 @@ async def sleeper(i: int) -> int:
     _running.add(i)
     if len(_running) == SLEEPERS:
         all_running.set()
-    await asyncio.sleep(3600)
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        if flowsdk.current_action().name == TARGET:
+            print(f"{TARGET}: cancelled, cleaning up")
+        raise
     return i
 
 
@@ -47,21 +63,29 @@ async def main() -> list[str]:
     return [err.action for err in aborted]
 
 
-async def abort_action(handle: flowsdk.RunHandle[list[str]], action: str, reason: str) -> None:
-    """Abort one action of the live run: the operator's whole part."""
-    result = await handle.abort(action, reason=reason)
-    print(f"operator: abort {action}: {result.outcome}")
+def operator(run: str, store: str) -> None:
+    """The operator's whole part: one command, from another process."""
+    all_running.wait()
+    command = [sys.executable, "-m", "flowsdk", "abort", run, TARGET]
+    command += ["--reason", "diverging loss", "--store", store]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    print(f"operator: {done.stdout.strip()}")
 
 
-async def operate() -> flowsdk.Run[list[str]]:
-    handle = await flowsdk.start(main)
-    await all_running.wait()
-    await abort_action(handle, "a3", reason="diverging loss")
-    return await handle.wait()
+def announce(run: str, store: str) -> None:
+    all_running.wait()
+    print(f"READY {run} {TARGET} {store}", flush=True)
 
 
 if __name__ == "__main__":
-    run = asyncio.run(operate())
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"sqlite:///{Path(tmp) / 'runs.db'}"
+        name = "abort-demo"
+        outside = "--operator-outside" in sys.argv[1:]
+        helper = threading.Thread(target=announce if outside else operator, args=(name, store))
+        helper.start()
+        run = flowsdk.run(main, name=name, store=store)
+        helper.join()
     print(f"run {run.name}: {run.phase.value}, aborted {run.result()}")
     print(f"{'name':<4} {'phase':<10} {'cause':<10} reason")
     for action in run.actions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 # Key lines of each example's output, as regular expressions matched against
@@ -34,9 +36,10 @@ EXPECTED: dict[str, list[str]] = {
         r"\s*1 x SUCCEEDED",
     ],
     "external_abort.py": [
-        r"operator: abort a3: applied",
+        r"operator: abort of action a3 of run 'abort-demo' applied",
+        r"a3: cancelled, cleaning up",
         r"main: a3 was aborted: diverging loss",
-        r"run main-[0-9a-f]+: SUCCEEDED, aborted \['a3'\]",
+        r"run abort-demo: SUCCEEDED, aborted \['a3'\]",
         r"a0\s+SUCCEEDED\s+-\s+-",
         r"a3\s+ABORTED\s+external\s+diverging loss",
         *(rf"a{i}\s+ABORTED\s+root_exit\s+-" for i in (1, 2, *range(4, 11))),
@@ -89,3 +92,41 @@ def test_example_runs_and_prints_its_key_lines(script: Path) -> None:
         assert any(re.fullmatch(pattern, line) for line in lines), (
             f"no line matches {pattern!r} in:\n{proc.stdout}"
         )
+
+
+def test_external_abort_example_takes_the_abort_from_another_process() -> None:
+    """The example waits; this test is the operator, with `python -m flowsdk abort`."""
+    script = ROOT / "examples" / "external_abort.py"
+    env = {**os.environ, "FLOWSDK_STORE": "memory://"}
+    with subprocess.Popen(
+        [sys.executable, "-W", "error", str(script), "--operator-outside"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as example:
+        try:
+            assert example.stdout is not None
+            ready = example.stdout.readline().split()
+            assert ready[0] == "READY", ready
+            _, run, action, store = ready
+            abort = subprocess.run(
+                [
+                    *(sys.executable, "-m", "flowsdk", "abort", run, action),
+                    *("--store", store, "--reason", "diverging loss", "--json"),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            assert abort.returncode == 0, abort.stderr
+            assert json.loads(abort.stdout)["outcome"] == "applied"
+            out, err = example.communicate(timeout=TIMEOUT)
+        finally:
+            example.kill()
+    assert example.returncode == 0, err
+    assert "main: a3 was aborted: diverging loss" in out
+    assert re.search(r"a3\s+ABORTED\s+external\s+diverging loss", out)
