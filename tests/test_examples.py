@@ -52,6 +52,19 @@ EXPECTED: dict[str, list[str]] = {
         r"a3\s+0\.01\s+ABORTED\s+cancelled\s+-",
         r"a4\s+0\.001\s+ABORTED\s+cancelled\s+-",
     ],
+    "pipeline_stages.py": [
+        r"operator: flowsdk abort abort-stage --group test: abort of group 'test' of run "
+        r"'abort-stage' applied",
+        r"run abort-stage: ABORTED",
+        r"\s*a0\s+-\s+pipeline\.pipeline\s+FAILED\s+-\s+ActionAbortedError",
+        *(rf"\s*a{i}\s+test\s+pipeline\.test_shard\s+ABORTED\s+external\s+-" for i in (2, 3, 4)),
+        r"run stop-wait: STOPPED",
+        r"\s*a0\s+-\s+pipeline\.pipeline\s+FAILED\s+-\s+RunStoppingError",
+        *(rf"\s*a{i}\s+test\s+pipeline\.test_shard\s+SUCCEEDED\s+-\s+-" for i in (2, 3, 4)),
+        r"run stop-abandon: STOPPED",
+        r"\s*a0\s+-\s+pipeline\.pipeline\s+ABANDONED\s+stop\s+-",
+        *(rf"\s*a{i}\s+test\s+pipeline\.test_shard\s+ABANDONED\s+stop\s+-" for i in (2, 3, 4)),
+    ],
     "retry_after_stop.py": [
         r"operator: flowsdk stop deploy-1 --abandon: applied",
         r"run deploy-1 attempt 1: STOPPED",
