@@ -26,12 +26,13 @@ import contextvars
 import enum
 import getpass
 import logging
+import math
 import os
 import socket
 import time
 import traceback
 from asyncio import CancelledError
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,7 @@ _current: contextvars.ContextVar[ActionState | None] = contextvars.ContextVar(
 # After the second cancel, how long a body may still run before it is recorded
 # with cleanup_incomplete=True and no longer waited for.
 ABANDON_AFTER = 1.0
+TIMER_RESOLUTION = 0.01  # grace and abandon deadlines are rounded up to this (seconds)
 MAX_BACKOFF = 60.0
 _MESSAGE_LIMIT = 2_000
 _TRACEBACK_LIMIT = 20_000
@@ -172,7 +174,7 @@ class ActionState:
         self.req_at: float | None = None
         self.atask: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: tuple[int, Callable[[ActionState], None]] | None = None
         self.cancels = 0
         self.calls = 0
         self.cleanup_incomplete = False
@@ -188,15 +190,6 @@ class ActionState:
     def abort_cause(self) -> AbortCause | None:
         """The abort cause to record, if the action was stopped by cancellation."""
         return self.req if isinstance(self.req, AbortCause) else None
-
-    def descends_from(self, ancestors: set[ActionState]) -> bool:
-        """Whether one of `ancestors` is this action or one of its ancestors."""
-        node: ActionState | None = self
-        while node is not None:
-            if node in ancestors:
-                return True
-            node = node.parent
-        return False
 
 
 class ControlResult:
@@ -275,54 +268,64 @@ async def action_handle(
 async def _execute(runtime: Runtime, action: ActionState) -> None:
     """Run an action's body, with retries and timeout; record how it ended.
 
-    This is the action task's coroutine. It never raises: every outcome is
-    recorded on the action, so no task exception can go unretrieved.
+    This is the action task's coroutine. It never raises an `Exception`: every
+    outcome is recorded on the action, so no task exception can go unretrieved.
     """
     _current.set(action)
     task = action.task
     fn = task.fn
     options = task.options
     runtime.set_running(action)
-    while True:
-        # Each attempt gets a fresh snapshot: an attempt that mutated its
-        # arguments does not change what the next one receives.
-        assert action.inputs is not None
-        args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
-        timer = None
-        if options.timeout is not None:
-            timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
-        try:
-            value = await fn(*args, **kwargs)
-        except CancelledError:
+    try:
+        while True:
+            # Each attempt gets a fresh snapshot: an attempt that mutated its
+            # arguments does not change what the next one receives.
+            assert action.inputs is not None
+            args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
+            timer = None
+            if options.timeout is not None:
+                timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
+            try:
+                value = await fn(*args, **kwargs)
+            except CancelledError:
+                if timer is not None:
+                    timer.cancel()
+                if action.req is _Internal.TIMEOUT and runtime.retry_after_timeout(action):
+                    if await runtime.backoff(action):
+                        continue
+                    return
+                runtime.finish_cancelled(action)
+                return
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                if timer is not None:
+                    timer.cancel()
+                if not isinstance(exc, Exception):
+                    runtime.finish_base_exception(action, exc)
+                    return
+                if action.req is None and runtime.retry(action, exc):
+                    if await runtime.backoff(action):
+                        continue
+                    return
+                runtime.finish_failed(action, exc)
+                return
             if timer is not None:
                 timer.cancel()
-            if action.req is _Internal.TIMEOUT and runtime.retry_after_timeout(action):
-                if await runtime.backoff(action):
-                    continue
-                return
-            runtime.finish_cancelled(action)
+            if action.req is None:
+                runtime.finish_succeeded(action, value)
+            else:
+                runtime.finish_cancelled(action)
             return
-        except GeneratorExit:
+    except GeneratorExit:
+        raise  # the coroutine is being closed (a zombie at the end of the run)
+    except BaseException as exc:
+        # The runtime's own bookkeeping failed (a bug, or an exception such as a
+        # test harness's alarm landing in it): record the action CRASHED so that
+        # nothing waits for it forever, then let a BaseException go on.
+        runtime.crash(action, exc)
+        if not isinstance(exc, Exception):
             raise
-        except BaseException as exc:
-            if timer is not None:
-                timer.cancel()
-            if not isinstance(exc, Exception):
-                runtime.finish_base_exception(action, exc)
-                return
-            if action.req is None and runtime.retry(action, exc):
-                if await runtime.backoff(action):
-                    continue
-                return
-            runtime.finish_failed(action, exc)
-            return
-        if timer is not None:
-            timer.cancel()
-        if action.req is None:
-            runtime.finish_succeeded(action, value)
-        else:
-            runtime.finish_cancelled(action)
-        return
 
 
 # Exceptions from a body that retries never answer: they are not the user's errors.
@@ -439,6 +442,7 @@ class Runtime:
         self.cache: RunRecorder | None = None
         self.history: History | None = None
         self.tracker: TaskTracker | None = None
+        self._timers: dict[tuple[int, Callable[[ActionState], None]], list[ActionState]] = {}
         self.loop = loop
         self.owns_loop = owns_loop
         self.phase = RunPhase.RUNNING
@@ -685,9 +689,7 @@ class Runtime:
     def _finish(self, action: ActionState, phase: ActionPhase) -> None:
         if action.phase.terminal:
             return  # a zombie's body ending after it was given up on: already recorded
-        if action.timer is not None:
-            action.timer.cancel()
-            action.timer = None
+        action.timer = None
         action.ended_at = time.time()
         self._set_phase(action, phase, "cleanup incomplete" if action.cleanup_incomplete else None)
         del self.live[action.name]
@@ -799,6 +801,21 @@ class Runtime:
         else:
             self._finish(action, _A.ABORTED)
 
+    def crash(self, action: ActionState, exc: BaseException) -> None:
+        """Record an action whose bookkeeping failed as CRASHED; never raises."""
+        logger.error(
+            "run %s: internal error while running action %s (%s)",
+            self.name,
+            action.name,
+            action.task.name,
+            exc_info=exc,
+        )
+        if action.phase.terminal:
+            return
+        action.exc = exc
+        action.error = (type(exc).__name__, _safe_str(exc), "")
+        self._finish(action, _A.CRASHED)
+
     def finish_base_exception(self, action: ActionState, exc: BaseException) -> None:
         """Record a body that raised `KeyboardInterrupt`/`SystemExit`; abort the run.
 
@@ -852,9 +869,7 @@ class Runtime:
         while action.cancels:
             task.uncancel()
             action.cancels -= 1
-        if action.timer is not None:
-            action.timer.cancel()
-            action.timer = None
+        action.timer = None
         if action.attempt > action.task.options.retries or self.closed:
             return False
         action.req = None
@@ -953,7 +968,7 @@ class Runtime:
         if action.cancels == 0:
             self._cancel_task(action)
             grace = action.task.options.grace_period
-            action.timer = self.loop.call_later(grace, self._on_grace, action)
+            self._later(action, grace, self._on_grace)
 
     def _cancel_task(self, action: ActionState) -> None:
         task = action.atask
@@ -961,6 +976,31 @@ class Runtime:
         if not task.done():
             action.cancels += 1
             task.cancel()
+
+    def _later(
+        self, action: ActionState, delay: float, callback: Callable[[ActionState], None]
+    ) -> None:
+        """Call `callback(action)` in about `delay` seconds, replacing its pending timer.
+
+        Timers due in the same `TIMER_RESOLUTION` share one loop handle: cancelling
+        1,000 children costs one timer, not 1,000. Clearing `action.timer`
+        cancels it.
+        """
+        slot = math.ceil((self.loop.time() + delay) / TIMER_RESOLUTION)
+        key = (slot, callback)
+        bucket = self._timers.get(key)
+        if bucket is None:
+            bucket = self._timers[key] = []
+            self.loop.call_at(slot * TIMER_RESOLUTION, self._fire, key)
+        bucket.append(action)
+        action.timer = key
+
+    def _fire(self, key: tuple[int, Callable[[ActionState], None]]) -> None:
+        _, callback = key
+        for action in self._timers.pop(key, ()):
+            if action.timer == key:  # not cleared or replaced since
+                action.timer = None
+                callback(action)
 
     def _on_grace(self, action: ActionState) -> None:
         """The grace period is over: cancel the body again, then give it one more second."""
@@ -978,12 +1018,10 @@ class Runtime:
 
     def _escalate(self, action: ActionState) -> None:
         """Deliver the second (and last) cancel; give the body `ABANDON_AFTER` more."""
-        if action.timer is not None:
-            action.timer.cancel()
         # The second cancel interrupts whatever cleanup was running.
         action.cleanup_incomplete = True
         self._cancel_task(action)
-        action.timer = self.loop.call_later(ABANDON_AFTER, self._on_abandon, action)
+        self._later(action, ABANDON_AFTER, self._on_abandon)
 
     def _on_abandon(self, action: ActionState) -> None:
         """The body ignored two cancels: record it and stop waiting for it."""
@@ -1010,6 +1048,9 @@ class Runtime:
                 if parent is not None and parent.req is not None
                 else AbortCause.CANCELLED
             )
+            # Only this action: as in asyncio, the cancel reaches its descendants
+            # through the awaits it is in (they record cause `ancestor`), and a
+            # child behind `asyncio.shield` keeps running (C7).
             self._request(action, cause, None, None)
             self._deliver(action)
 
@@ -1063,11 +1104,40 @@ class Runtime:
                 # named in the same instant as its parent is aborted in its own right).
                 self._request(target, req, reason, by)
         affected = list(named)
-        for action in list(self.live.values()):
-            if action.req is None and action not in named and action.descends_from(named):
+        for action in self._descendants(named):
+            if action.req is None:
                 self._request(action, AbortCause.ANCESTOR, None, None)
                 affected.append(action)
         self._cancel_all(affected)
+
+    def _descendants(self, targets: set[ActionState]) -> list[ActionState]:
+        """The live actions below any of `targets`, in one pass over the live actions.
+
+        Each ancestor chain is walked once (the answer is remembered for every
+        node on it), so a deep tree costs linear time, not depth squared.
+        """
+        if all(t.calls == 0 and t.attempt == 1 for t in targets):
+            return []  # leaves: nothing below them (the common case, kept cheap)
+        below: dict[ActionState, bool] = dict.fromkeys(targets, True)
+        found = []
+        for action in self.live.values():
+            if action in below:
+                continue
+            path = []
+            node: ActionState | None = action
+            verdict = False
+            while node is not None:
+                known = below.get(node)
+                if known is not None:
+                    verdict = known
+                    break
+                path.append(node)
+                node = node.parent
+            for visited in path:
+                below[visited] = verdict
+            if verdict:
+                found.append(action)
+        return found
 
     def abandon_all(
         self, cause: AbortCause | None, reason: str | None = None, by: str | None = None
@@ -1340,9 +1410,10 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     Never raises, whatever the exception's `__str__` does.
     """
     if isinstance(exc, RuntimeUserError) and exc.error_type:
-        # A child's error passing through unwrapped: record the original's type
-        # and message, so the record reads as what happened (the text keeps both).
-        name, message = exc.error_type, exc.error_message
+        # A child's error passing through unwrapped: record the original's type,
+        # message and traceback text as the child recorded them. Formatting the
+        # ever-growing traceback again at every level would cost depth squared.
+        return exc.error_type, exc.error_message, exc.error_traceback
     else:
         cls = type(exc)
         name = (

@@ -6,6 +6,7 @@ import functools
 import inspect
 import math
 import types
+from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar, overload
 
@@ -204,6 +205,10 @@ class Task(Generic[P, R]):
     calling action when it first runs.
     """
 
+    # Copied from the function by functools.update_wrapper; declared for type checkers.
+    __name__: str
+    __qualname__: str
+
     def __init__(
         self, fn: Callable[P, Coroutine[Any, Any, R]], env: TaskEnvironment, options: TaskOptions
     ) -> None:
@@ -232,6 +237,8 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         parent = current_state()
-        if parent is None:
+        if parent is None or parent.runtime.loop is not _get_running_loop():
+            # Outside a run -- or in a thread that inherited a run's context
+            # (asyncio.to_thread) but not its loop: a plain coroutine, no action.
             return self.fn(*args, **kwargs)
         return parent.runtime.call(self, parent, args, kwargs)

@@ -63,11 +63,19 @@ class MemoryStore:
 
     def load_run(self, name: str, attempt: int | None = None) -> StoredRun:
         """Return one recorded attempt of a run (default: the latest)."""
-        attempts = [a for a in self._runs.get(name, []) if a is not None]
+        slots = self._runs.get(name, [])
+        index = len(slots) - 1 if attempt is None else attempt - 1
+        if 0 <= index < len(slots) and slots[index] is None:
+            raise InvalidStateError(
+                f"run {name!r} is still running in this memory:// store, which keeps a run's "
+                "records only once it has ended and cannot be controlled from outside; use "
+                "its RunHandle, or a sqlite:// store"
+            )
+        attempts = [a for a in slots if a is not None]
         if attempt is not None:
             attempts = [a for a in attempts if a.attempt == attempt]
         if not attempts:
-            close = difflib.get_close_matches(name, list(self._runs), n=3)
+            close = difflib.get_close_matches(name, [n for n in self._runs if n != name], n=3)
             hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
             raise RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
         run = attempts[-1]

@@ -1,0 +1,530 @@
+"""Core overhead of flowsdk against bare asyncio, in the same process (SPEC section 10).
+
+Each measure runs the same shape twice, once with bare asyncio and once with
+flowsdk on the memory store, interleaved, each sample on a fresh event loop,
+and reports the median of the repetitions and the ratio flowsdk / bare:
+
+- (a) sequential awaited calls: bare `await asyncio.create_task(child())` (one
+  Task per call) against `await child()` inside a root task; the whole run is
+  timed, so recording and building the `Run` are included. Per action, in us.
+- (b) fan-out: `asyncio.gather` of 1,000 and 10,000 children, whole run timed.
+- (c) memory per in-flight action: 10,000 children suspended on an event; the
+  `tracemalloc` difference while all of them wait, divided by 10,000, in KB.
+- (d) cancel 1,000 running children: from the first `t.cancel()` until a
+  `gather(..., return_exceptions=True)` over them has returned.
+- (e) abort at the root of a chain of depth 2,000 where each level awaits
+  `asyncio.create_task(next level)`: from `RunHandle.abort()` until the run
+  has ended. Bare asyncio cannot cancel the top of such a chain (Task.cancel()
+  recurses down the await chain and breaks near depth 1,000, SCENARIOS fact 6),
+  so its column cancels the leaf and lets the cancel unwind to the top.
+- (f) `import flowsdk`: wall time of `python -c "import flowsdk"` minus
+  `python -c "pass"`, each in a fresh subprocess.
+
+The targets are SPEC section 10's. The machines are shared and noisy: read the
+ratios, not the absolute times. The script always exits 0; it reports, it does
+not gate. `--quick` uses smaller sizes and fewer repetitions (for the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flowsdk
+
+STORE = "memory://"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes of one benchmark run."""
+
+    reps: int
+    seq: int
+    fan: tuple[int, ...]
+    sleepers: int
+    cancel: int
+    depth: int
+
+
+FULL = Sizes(reps=5, seq=1_000, fan=(1_000, 10_000), sleepers=10_000, cancel=1_000, depth=2_000)
+QUICK = Sizes(reps=3, seq=200, fan=(200, 1_000), sleepers=1_000, cancel=200, depth=200)
+
+
+@dataclass
+class Row:
+    """One line of the report: medians of both sides and the verdict against the target."""
+
+    measure: str
+    unit: str
+    bare: float | None = None
+    flow: float | None = None
+    max_ratio: float | None = None
+    max_value: float | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        """Flowsdk's median over bare asyncio's, when both exist."""
+        if self.bare is None or self.flow is None or self.bare <= 0:
+            return None
+        return self.flow / self.bare
+
+    @property
+    def target(self) -> str:
+        """SPEC section 10's target, as printed."""
+        if self.max_ratio is not None:
+            return f"<= {self.max_ratio:g}x"
+        if self.max_value is not None:
+            return f"<= {self.max_value:g} {self.unit}"
+        return "-"
+
+    @property
+    def verdict(self) -> str:
+        """`ok`, `MISS`, `info` (no target), `n/a` or the error that stopped the measure."""
+        if self.error is not None:
+            return f"error: {self.error}"
+        if self.max_ratio is not None:
+            ratio = self.ratio
+            if ratio is None:
+                return "n/a"
+            return "ok" if ratio <= self.max_ratio else "MISS"
+        if self.max_value is not None:
+            if self.flow is None:
+                return "n/a"
+            return "ok" if self.flow <= self.max_value else "MISS"
+        return "info"
+
+
+def _sample(make: Callable[[], Coroutine[Any, Any, float]]) -> float:
+    """Run one sample on a fresh event loop after a full collection."""
+    gc.collect()
+    return asyncio.run(make())
+
+
+def _measure(
+    row: Row,
+    bare: Callable[[], Coroutine[Any, Any, float]] | None,
+    flow: Callable[[], Coroutine[Any, Any, float]],
+    reps: int,
+    scale: float,
+) -> Row:
+    """Fill `row` with the medians of `reps` interleaved samples, multiplied by `scale`."""
+    bare_samples: list[float] = []
+    flow_samples: list[float] = []
+    try:
+        for _ in range(reps):
+            if bare is not None:
+                bare_samples.append(_sample(bare))
+            flow_samples.append(_sample(flow))
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:120]
+        return row
+    if bare_samples:
+        row.bare = statistics.median(bare_samples) * scale
+    row.flow = statistics.median(flow_samples) * scale
+    return row
+
+
+def _check(run: flowsdk.Run[Any], phase: flowsdk.RunPhase, actions: int) -> None:
+    """Make sure a flowsdk sample measured the shape it claims to."""
+    if run.phase is not phase or len(run.actions) != actions:
+        raise RuntimeError(f"unexpected run: {run.phase.value} with {len(run.actions)} actions")
+
+
+# -- (a) sequential awaited calls ------------------------------------------------------
+
+
+async def _bare_child() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+def sequential(sizes: Sizes) -> Row:
+    n = sizes.seq
+
+    async def bare_root() -> None:
+        for _ in range(n):
+            await asyncio.create_task(_bare_child())
+
+    async def bare() -> float:
+        start = time.perf_counter()
+        await asyncio.create_task(bare_root())
+        return time.perf_counter() - start
+
+    async def flow() -> float:
+        env = flowsdk.TaskEnvironment("bench")
+
+        @env.task
+        async def child() -> int:
+            await asyncio.sleep(0)
+            return 1
+
+        @env.task
+        async def root(count: int) -> None:
+            for _ in range(count):
+                await child()
+
+        start = time.perf_counter()
+        run = await flowsdk.run_async(root, n, store=STORE)
+        elapsed = time.perf_counter() - start
+        _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
+        return elapsed
+
+    row = Row(f"(a) sequential awaited calls, N={n:,}, per action", "us", max_ratio=3)
+    return _measure(row, bare, flow, sizes.reps, 1e6 / n)
+
+
+# -- (b) gather fan-out -----------------------------------------------------------------
+
+
+def fan_out(sizes: Sizes, n: int) -> Row:
+    async def bare_root() -> None:
+        await asyncio.gather(*(_bare_child() for _ in range(n)))
+
+    async def bare() -> float:
+        start = time.perf_counter()
+        await asyncio.create_task(bare_root())
+        return time.perf_counter() - start
+
+    async def flow() -> float:
+        env = flowsdk.TaskEnvironment("bench")
+
+        @env.task
+        async def child() -> int:
+            await asyncio.sleep(0)
+            return 1
+
+        @env.task
+        async def root(count: int) -> None:
+            await asyncio.gather(*(child() for _ in range(count)))
+
+        start = time.perf_counter()
+        run = await flowsdk.run_async(root, n, store=STORE)
+        elapsed = time.perf_counter() - start
+        _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
+        return elapsed
+
+    row = Row(f"(b) gather fan-out of {n:,} children", "ms", max_ratio=5)
+    return _measure(row, bare, flow, sizes.reps, 1e3)
+
+
+# -- (c) memory per in-flight action ------------------------------------------------------
+
+
+class _Gate:
+    """Counts the bodies that started; releases them all at once."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.all_in = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def arrive(self) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.all_in.set()
+
+
+async def _traced_kb_per_item(gate: _Gate, spawn: Callable[[], asyncio.Task[Any]]) -> float:
+    """Spawn `gate.expected` tasks; return the KB each holds while all are suspended."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tasks = [spawn() for _ in range(gate.expected)]
+        await gate.all_in.wait()
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    gate.release.set()
+    await asyncio.gather(*tasks)
+    return used / gate.expected / 1024
+
+
+def memory(sizes: Sizes) -> Row:
+    n = sizes.sleepers
+
+    async def bare() -> float:
+        gate = _Gate(n)
+
+        async def sleeper() -> None:
+            gate.arrive()
+            await gate.release.wait()
+
+        return await _traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
+
+    async def flow() -> float:
+        env = flowsdk.TaskEnvironment("bench")
+        gate = _Gate(n)
+
+        @env.task
+        async def sleeper() -> None:
+            gate.arrive()
+            await gate.release.wait()
+
+        @env.task
+        async def root() -> float:
+            return await _traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
+
+        run = await flowsdk.run_async(root, store=STORE)
+        _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
+        return run.result()
+
+    row = Row(f"(c) memory per in-flight action, {n:,} sleepers", "KB", max_value=4)
+    return _measure(row, bare, flow, sizes.reps, 1.0)
+
+
+# -- (d) cancel running children ------------------------------------------------------------
+
+
+async def _time_cancel(gate: _Gate, spawn: Callable[[], asyncio.Task[Any]]) -> float:
+    tasks = [spawn() for _ in range(gate.expected)]
+    await gate.all_in.wait()
+    start = time.perf_counter()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return time.perf_counter() - start
+
+
+def cancel(sizes: Sizes) -> Row:
+    n = sizes.cancel
+
+    async def bare() -> float:
+        gate = _Gate(n)
+
+        async def sleeper() -> None:
+            gate.arrive()
+            await asyncio.sleep(3600)
+
+        return await _time_cancel(gate, lambda: asyncio.create_task(sleeper()))
+
+    async def flow() -> float:
+        env = flowsdk.TaskEnvironment("bench")
+        gate = _Gate(n)
+
+        @env.task
+        async def sleeper() -> None:
+            gate.arrive()
+            await asyncio.sleep(3600)
+
+        @env.task
+        async def root() -> float:
+            return await _time_cancel(gate, lambda: asyncio.create_task(sleeper()))
+
+        run = await flowsdk.run_async(root, store=STORE)
+        _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
+        return run.result()
+
+    row = Row(f"(d) cancel {n:,} running children", "ms", max_ratio=3)
+    return _measure(row, bare, flow, sizes.reps, 1e3)
+
+
+# -- (e) abort a deep chain -----------------------------------------------------------------
+
+
+def abort_chain(sizes: Sizes) -> Row:
+    depth = sizes.depth
+
+    async def bare() -> float:
+        bottom: list[asyncio.Task[Any]] = []
+        reached = asyncio.Event()
+
+        async def level(n: int) -> None:
+            if n == 0:
+                task = asyncio.current_task()
+                assert task is not None
+                bottom.append(task)
+                reached.set()
+                await asyncio.sleep(3600)
+            else:
+                await asyncio.create_task(level(n - 1))
+
+        top = asyncio.create_task(level(depth))
+        await reached.wait()
+        start = time.perf_counter()
+        bottom[0].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await top
+        return time.perf_counter() - start
+
+    async def flow() -> float:
+        env = flowsdk.TaskEnvironment("bench")
+        reached = asyncio.Event()
+
+        @env.task
+        async def level(n: int) -> None:
+            if n == 0:
+                reached.set()
+                await asyncio.sleep(3600)
+            else:
+                await asyncio.create_task(level(n - 1))
+
+        handle = await flowsdk.start(level, depth, store=STORE)
+        await reached.wait()
+        start = time.perf_counter()
+        await handle.abort(reason="benchmark")
+        run = await handle.wait()
+        elapsed = time.perf_counter() - start
+        _check(run, flowsdk.RunPhase.ABORTED, depth + 1)
+        return elapsed
+
+    row = Row(f"(e) abort the root of a depth-{depth:,} chain", "ms")
+    row.notes.append(
+        "(e) bare column: the leaf is cancelled and the cancel unwinds to the top. Cancelling "
+        "the top task instead recurses through Task.cancel() and raises RecursionError, leaving "
+        "the chain pending (SCENARIOS fact 6), so that variant is n/a"
+    )
+    return _measure(row, bare, flow, sizes.reps, 1e3)
+
+
+# -- (f) import time ------------------------------------------------------------------------
+
+
+def _wall(code: str, *options: str) -> tuple[float, str]:
+    # As a user's installed package would: bytecode cached (some shells set
+    # PYTHONDONTWRITEBYTECODE, which makes every import compile from source).
+    skip = {"FLOWSDK_STORE", "PYTHONDONTWRITEBYTECODE"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, *options, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return time.perf_counter() - start, done.stderr
+
+
+def _importtime_ms(stderr: str) -> float | None:
+    """The cumulative time `-X importtime` reports for the `flowsdk` package, in ms."""
+    for line in stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[2].strip() == "flowsdk":
+            return int(parts[1].strip()) / 1e3
+    return None
+
+
+def import_time(sizes: Sizes) -> Row:
+    row = Row("(f) import flowsdk (fresh subprocess)", "ms", max_value=100)
+    deltas: list[float] = []
+    cumulative: list[float] = []
+    try:
+        _wall("import flowsdk")  # writes the bytecode cache, as an install would
+        for _ in range(sizes.reps):
+            empty, _ = _wall("pass")
+            full, _ = _wall("import flowsdk")
+            deltas.append(full - empty)
+            _, report = _wall("import flowsdk", "-X", "importtime")
+            ms = _importtime_ms(report)
+            if ms is not None:
+                cumulative.append(ms)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:120]
+        return row
+    row.flow = statistics.median(deltas) * 1e3
+    if cumulative:
+        row.notes.append(
+            f"(f) -X importtime cumulative for flowsdk: {statistics.median(cumulative):.1f} ms "
+            "(median); the table shows wall time minus an empty interpreter's"
+        )
+    return row
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:,.0f} {unit}"
+    if value >= 10:
+        return f"{value:.1f} {unit}"
+    return f"{value:.2f} {unit}"
+
+
+def render(rows: Sequence[Row]) -> str:
+    """Format the rows as an aligned table, followed by their notes."""
+    header = ("measure", "bare asyncio", "flowsdk", "ratio", "target", "verdict")
+    lines = [
+        (
+            r.measure,
+            _fmt(r.bare, r.unit),
+            _fmt(r.flow, r.unit),
+            "n/a" if r.ratio is None else f"{r.ratio:.2f}x",
+            r.target,
+            r.verdict,
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    right = {1, 2, 3}
+
+    def fmt(cells: Sequence[str]) -> str:
+        padded = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    out = [fmt(header), "  ".join("-" * w for w in widths)]
+    out.extend(fmt(line) for line in lines)
+    notes = [note for r in rows for note in r.notes]
+    if notes:
+        out.append("")
+        out.extend(f"note {note}" for note in notes)
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks, print the table, and return 0 (benchmarks report, never gate)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes, fewer repetitions (smoke test)"
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    print(
+        f"flowsdk {getattr(flowsdk, '__version__', '?')} vs bare asyncio | "
+        f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs | store {STORE} | median of {sizes.reps} "
+        f"({'quick' if args.quick else 'full'} mode)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    rows = [
+        sequential(sizes),
+        *(fan_out(sizes, n) for n in sizes.fan),
+        memory(sizes),
+        cancel(sizes),
+        abort_chain(sizes),
+        import_time(sizes),
+    ]
+    print()
+    print(render(rows))
+    print(f"\n(total {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""Cost of recording runs in the SQLite store, against memory:// and bare asyncio (SPEC §10).
+
+The core shapes of bench_core.py, run three ways in the same process and
+interleaved, each sample on a fresh event loop after a full collection:
+
+- (a) sequential awaited calls: a root awaits N children one after another
+  (bare asyncio: `await asyncio.create_task(child())`, one Task per call);
+  per action, in us;
+- (b) fan-out: a root gathers 10,000 children; in ms.
+
+Each flowsdk sample times the whole `flowsdk.run_async`, so creating the run,
+recording every action and event, flushing the last write and closing the
+recorder are included. The SQLite store is a file in a temporary directory;
+every sample is a new run in that same file, so the history grows as it does
+in use. The table shows the median of the repetitions (at least 5) and the
+ratio to bare asyncio; the targets are SPEC §10's. The machines are shared and
+noisy: read the ratios, not the absolute times. The script reports and always
+exits 0. `--quick` uses smaller sizes (for the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_core import Row, render
+
+import flowsdk
+from flowsdk.store import MemoryStore
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes of one benchmark run."""
+
+    reps: int
+    seq: int
+    fan: int
+
+
+FULL = Sizes(reps=7, seq=1_000, fan=10_000)
+QUICK = Sizes(reps=5, seq=100, fan=1_000)
+
+env = flowsdk.TaskEnvironment("bench_store")
+
+
+@env.task
+async def child() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+@env.task
+async def sequential(n: int) -> int:
+    total = 0
+    for _ in range(n):
+        total += await child()
+    return total
+
+
+@env.task
+async def fan_out(n: int) -> int:
+    return sum(await asyncio.gather(*(child() for _ in range(n))))
+
+
+async def _bare_child() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+async def _bare_sequential(n: int) -> int:
+    total = 0
+    for _ in range(n):
+        total += await asyncio.create_task(_bare_child())
+    return total
+
+
+async def _bare_fan_out(n: int) -> int:
+    return sum(await asyncio.gather(*(_bare_child() for _ in range(n))))
+
+
+Sample = Callable[[], Coroutine[Any, Any, float]]
+
+
+def _bare(shape: Callable[[int], Coroutine[Any, Any, int]], n: int) -> Sample:
+    async def sample() -> float:
+        start = time.perf_counter()
+        await asyncio.create_task(shape(n))
+        return time.perf_counter() - start
+
+    return sample
+
+
+def _flow(task: flowsdk.Task[[int], int], n: int, store: Callable[[], Any]) -> Sample:
+    async def sample() -> float:
+        where = store()
+        start = time.perf_counter()
+        run = await flowsdk.run_async(task, n, store=where)
+        elapsed = time.perf_counter() - start
+        if run.phase is not flowsdk.RunPhase.SUCCEEDED or len(run.actions) != n + 1:
+            raise RuntimeError(f"unexpected run: {run.phase.value}, {len(run.actions)} actions")
+        return elapsed
+
+    return sample
+
+
+def _sample(make: Sample, samples: list[float]) -> None:
+    gc.collect()
+    samples.append(asyncio.run(make()))
+
+
+def measure(
+    title: str,
+    unit: str,
+    scale: float,
+    targets: tuple[float, float],
+    sides: dict[str, Sample],
+    reps: int,
+) -> list[Row]:
+    """Interleave `reps` samples of bare, memory and SQLite; return the memory and SQLite rows."""
+    samples: dict[str, list[float]] = {side: [] for side in sides}
+    error = None
+    try:
+        for _ in range(reps):
+            for side, make in sides.items():
+                _sample(make, samples[side])
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:120]
+    bare = statistics.median(samples["bare"]) * scale if samples["bare"] else None
+    rows = []
+    for side, target in zip(("memory", "sqlite"), targets, strict=True):
+        row = Row(f"{title}, {side} store", unit, bare=bare, max_ratio=target, error=error)
+        if samples[side] and error is None:
+            row.flow = statistics.median(samples[side]) * scale
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks, print the table, and return 0 (benchmarks report, never gate)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    print(
+        f"flowsdk {flowsdk.__version__}: SQLite and memory stores vs bare asyncio | "
+        f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs | median of {sizes.reps} "
+        f"({'quick' if args.quick else 'full'} mode)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
+        url = "sqlite:///" + str(Path(folder) / "flowsdk.db")
+        rows = [
+            *measure(
+                f"(a) sequential awaited calls, N={sizes.seq:,}, per action",
+                "us",
+                1e6 / sizes.seq,
+                (3, 10),
+                {
+                    "bare": _bare(_bare_sequential, sizes.seq),
+                    "memory": _flow(sequential, sizes.seq, MemoryStore),
+                    "sqlite": _flow(sequential, sizes.seq, lambda: url),
+                },
+                sizes.reps,
+            ),
+            *measure(
+                f"(b) gather fan-out of {sizes.fan:,} children",
+                "ms",
+                1e3,
+                (5, 15),
+                {
+                    "bare": _bare(_bare_fan_out, sizes.fan),
+                    "memory": _flow(fan_out, sizes.fan, MemoryStore),
+                    "sqlite": _flow(fan_out, sizes.fan, lambda: url),
+                },
+                sizes.reps,
+            ),
+        ]
+        with flowsdk.Client(url) as client:
+            recorded = len(client.runs())
+    print()
+    print(render(rows))
+    elapsed = time.perf_counter() - started
+    print(f"\n(SQLite store: {recorded} runs recorded in one file; total {elapsed:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

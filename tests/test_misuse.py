@@ -1,0 +1,264 @@
+"""Call-shape misuse: forgotten awaits, calls outside a run, bad declarations (M, I3)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import pytest
+
+import flowsdk
+from flowsdk import ActionInfo
+from flowsdk.errors import FlowError, NotInRunError
+from tests.support import assert_clean, phases
+
+BAD_NAMES = [
+    "",
+    "   ",
+    "x" * 10_000,
+    "a/b",
+    "..",
+    "a\x00b",
+    "a\nb",
+    "a\u202eb",  # right-to-left override
+]
+
+
+def _run_then_collect(task: flowsdk.Task[[], str]) -> flowsdk.Run[str]:
+    run = flowsdk.run(task)
+    gc.collect()
+    return run
+
+
+@pytest.mark.parametrize("shape", ["deleted", "bare statement"])
+def test_task_call_never_awaited_warns_once_naming_the_users_function(shape: str) -> None:
+    """M1: no action is created; exactly one RuntimeWarning, naming the user's function."""
+    env = flowsdk.TaskEnvironment("m1")
+
+    @env.task
+    async def forgotten(x: int) -> int:
+        return x
+
+    @env.task
+    async def root() -> str:
+        if shape == "deleted":
+            call = forgotten(1)
+            del call
+        else:
+            forgotten(1)  # type: ignore[unused-coroutine]  # the misuse under test
+        gc.collect()
+        return "ok"
+
+    with pytest.warns(RuntimeWarning) as caught:
+        run = _run_then_collect(root)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "forgotten" in messages[0]
+    assert "was never awaited" in messages[0]
+    assert "action_handle" not in messages[0]
+    assert run.result() == "ok"
+    assert phases(run) == {"a0": "SUCCEEDED"}
+    assert_clean(run)
+
+
+def test_task_called_outside_a_run_is_a_plain_coroutine() -> None:
+    """M2: asyncio.run(task(x)) runs the body as it is, with no run and no action."""
+    env = flowsdk.TaskEnvironment("m2")
+    in_run: list[bool] = []
+
+    @env.task
+    async def double(x: int) -> int:
+        try:
+            flowsdk.current_action()
+        except NotInRunError:
+            in_run.append(False)
+        else:
+            in_run.append(True)
+        return 2 * x
+
+    assert asyncio.run(double(21)) == 42
+    assert in_run == [False]
+
+
+def test_task_called_outside_a_run_from_a_worker_thread_is_a_plain_coroutine() -> None:
+    """M2: a worker thread's asyncio.run(task(x)) also runs the plain body."""
+    env = flowsdk.TaskEnvironment("m2thread")
+    results: list[int] = []
+
+    @env.task
+    async def double(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    worker = threading.Thread(target=lambda: results.append(asyncio.run(double(4))))
+    worker.start()
+    worker.join()
+    assert results == [8]
+
+
+def test_task_called_by_an_executor_worker_inside_a_run_creates_no_action() -> None:
+    """M2: a run_in_executor worker (no run context) runs the plain body: no run, no action."""
+    env = flowsdk.TaskEnvironment("m2executor")
+
+    @env.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    def in_worker() -> int:
+        return asyncio.run(double(5))
+
+    @env.task
+    async def root() -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, in_worker)
+
+    run = flowsdk.run(root)
+    assert run.result() == 10
+    assert phases(run) == {"a0": "SUCCEEDED"}
+    assert_clean(run)
+
+
+def test_task_called_by_a_to_thread_worker_inside_a_run_leaves_the_run_alone() -> None:
+    """M2: a worker that inherited the run context gets the plain body or a FlowError, no action."""
+    env = flowsdk.TaskEnvironment("m2tothread")
+    refused: list[str] = []
+
+    @env.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    def in_worker() -> int:
+        try:
+            return asyncio.run(double(5))
+        except FlowError as exc:
+            refused.append(str(exc))
+            return -1
+
+    @env.task
+    async def root() -> int:
+        # asyncio.to_thread copies the caller's context into the worker thread.
+        return await asyncio.to_thread(in_worker)
+
+    run = flowsdk.run(root)
+    assert run.result() in (10, -1)
+    if refused:
+        assert "m2tothread.double" in refused[0]
+    assert phases(run) == {"a0": "SUCCEEDED"}
+    assert_clean(run)
+
+
+def _sync_function() -> int:
+    return 1
+
+
+async def _async_generator() -> AsyncIterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "fn", [_sync_function, _async_generator, lambda: None, print], ids=lambda f: repr(f)[:30]
+)
+def test_decorating_anything_but_an_async_function_raises_type_error(
+    fn: Callable[..., Any],
+) -> None:
+    """Decorating a non-`async def` callable fails at decoration time with TypeError."""
+    env = flowsdk.TaskEnvironment("notasync")
+    with pytest.raises(TypeError, match="async def"):
+        cast(Any, env.task)(fn)
+    with pytest.raises(TypeError, match="async def"):
+        cast(Any, env.task(retries=1))(fn)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_bad_environment_name_raises_value_error_showing_its_repr(name: str) -> None:
+    """I3: a bad environment name is refused with ValueError showing the name's repr."""
+    with pytest.raises(ValueError, match="name") as info:
+        flowsdk.TaskEnvironment(name)
+    assert repr(name[:40])[:-1] in str(info.value)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_bad_task_function_name_raises_value_error(name: str) -> None:
+    """I3: a function whose name is bad is refused at decoration time."""
+    env = flowsdk.TaskEnvironment("names")
+
+    async def job() -> None:
+        pass
+
+    job.__name__ = name
+    with pytest.raises(ValueError, match="name"):
+        env.task(job)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_bad_group_and_run_names_raise_value_error(name: str) -> None:
+    """I3: a group or run with a bad name is refused before anything runs."""
+    env = flowsdk.TaskEnvironment("names")
+    with pytest.raises(ValueError, match="name"):
+        flowsdk.group(name)
+
+    async def ok() -> None:
+        pass
+
+    task = env.task(ok)
+    with pytest.raises(ValueError, match="name"):
+        flowsdk.run(task, name=name)
+
+
+def test_two_tasks_with_one_name_in_one_environment_raise_value_error() -> None:
+    """I3: an environment refuses a second task with the same function name."""
+    env = flowsdk.TaskEnvironment("dups")
+
+    def declare() -> flowsdk.Task[[], None]:
+        async def job() -> None:
+            pass
+
+        return env.task(job)
+
+    first = declare()
+    with pytest.raises(ValueError, match=r"'dups\.job'"):
+        declare()
+    assert first.name == "dups.job"
+
+
+async def test_run_inside_a_running_loop_names_run_async() -> None:
+    """flowsdk.run from inside a running event loop raises RuntimeError naming run_async."""
+    env = flowsdk.TaskEnvironment("nested")
+
+    @env.task
+    async def noop() -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match=r"flowsdk\.run_async"):
+        flowsdk.run(noop)
+
+
+def test_current_action_outside_a_run_raises_not_in_run_error() -> None:
+    """current_action() outside any run raises NotInRunError."""
+    with pytest.raises(NotInRunError):
+        flowsdk.current_action()
+
+
+def test_current_action_inside_a_run_describes_the_calling_action() -> None:
+    """current_action() gives the run, action name, task name, attempt and group."""
+    env = flowsdk.TaskEnvironment("info")
+    seen: list[ActionInfo] = []
+
+    @env.task
+    async def child() -> None:
+        seen.append(flowsdk.current_action())
+
+    @env.task
+    async def root() -> None:
+        seen.append(flowsdk.current_action())
+        with flowsdk.group("stage"):
+            await child()
+
+    run = flowsdk.run(root, name="info-run")
+    assert seen == [
+        ActionInfo(run="info-run", name="a0", task="info.root", attempt=1, group=None),
+        ActionInfo(run="info-run", name="a1", task="info.child", attempt=1, group="stage"),
+    ]
+    assert_clean(run)
