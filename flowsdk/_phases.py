@@ -97,9 +97,14 @@ _RUN_TRANSITIONS: dict[RunPhase, frozenset[RunPhase]] = {
 }
 
 
+# The same table keyed by value, with tuples: on the per-action path this avoids
+# Enum.__hash__, which is Python code on 3.11 (`in` on a tuple compares identity first).
+_ACTION_NEXT = {old.value: tuple(allowed) for old, allowed in _ACTION_TRANSITIONS.items()}
+
+
 def check_action_transition(old: ActionPhase, new: ActionPhase) -> None:
     """Raise `ValueError` unless an action may move from `old` to `new`."""
-    if new not in _ACTION_TRANSITIONS[old]:
+    if new not in _ACTION_NEXT[old._value_]:
         raise ValueError(f"illegal action transition {old.value} -> {new.value}")
 
 

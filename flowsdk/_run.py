@@ -98,7 +98,7 @@ def _event(seq: int, entry: tuple[Any, ...]) -> Event:
     return Event(
         seq=seq,
         at=datetime.fromtimestamp(at, UTC),
-        kind=kind,
+        kind=EventKind(kind),
         action=action,
         phase=phase,
         cause=cause,

@@ -80,7 +80,23 @@ MAX_BACKOFF = 60.0
 _MESSAGE_LIMIT = 2_000
 _TRACEBACK_LIMIT = 20_000
 
-_A = ActionPhase
+# Enum members as module constants: on Python 3.11 `ActionPhase.RUNNING` goes
+# through a descriptor on every access, which shows on the per-action path.
+QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
+SUCCEEDED, FAILED, ABORTED = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.ABORTED
+ABANDONED, CRASHED = ActionPhase.ABANDONED, ActionPhase.CRASHED
+CANCELLED_CAUSE, ANCESTOR, EXTERNAL = AbortCause.CANCELLED, AbortCause.ANCESTOR, AbortCause.EXTERNAL
+ROOT_EXIT, STOP, SIGINT = AbortCause.ROOT_EXIT, AbortCause.STOP, AbortCause.SIGINT
+# Event entries hold plain strings only, so the garbage collector can untrack
+# them (a tuple holding an enum member stays tracked and is traversed again).
+ACTION_EVENT = EventKind.ACTION.value
+_TERMINAL = (
+    SUCCEEDED,
+    FAILED,
+    ABORTED,
+    ABANDONED,
+    CRASHED,
+)  # a tuple: `in` compares identity first
 
 
 class _Internal(enum.Enum):
@@ -136,6 +152,7 @@ class ActionState:
         "req_by",
         "req_reason",
         "runtime",
+        "seq",
         "started_at",
         "task",
         "timer",
@@ -145,6 +162,7 @@ class ActionState:
     def __init__(
         self,
         runtime: Runtime,
+        seq: int,
         name: str,
         parent: ActionState | None,
         task: Task[Any, Any],
@@ -154,6 +172,7 @@ class ActionState:
         group: str | None,
     ) -> None:
         self.runtime = runtime
+        self.seq = seq
         self.name = name
         self.parent = parent
         self.task = task
@@ -161,7 +180,7 @@ class ActionState:
         self.kwargs = kwargs
         self.key = key
         self.group = group
-        self.phase = _A.QUEUED
+        self.phase = QUEUED
         self.attempt = 1
         self.started_at = time.time()
         self.ended_at: float | None = None
@@ -235,6 +254,9 @@ async def action_handle(
     wait. With a `recorded` output (a retried run's history, or the cache) the
     body does not run: the action is recorded as replayed.
     """
+    rec = runtime._rec
+    if rec is not None and rec.congested():
+        await rec.relieved()  # backpressure: the store is far behind this run
     if recorded is None and task.options.cache:
         recorded = await runtime.cache_get(task, inputs)
     if recorded is not None:
@@ -248,18 +270,18 @@ async def action_handle(
     try:
         await done
     except CancelledError:
-        if not action.phase.terminal:
+        if action.phase not in _TERMINAL:
             runtime.cancel_from_caller(action)
-            if not action.phase.terminal:
+            if action.phase not in _TERMINAL:
                 action.done = runtime.loop.create_future()
                 await action.done
-        if action.phase is _A.FAILED and parent.req is None:
+        if action.phase is FAILED and parent.req is None:
             # Workflow code cancelled it and its cleanup raised instead: as in
             # asyncio, the awaiter gets that error, not CancelledError (C4).
             runtime.note_failure_host(action)
             return runtime.outcome(action)
         raise
-    if action.phase is _A.SUCCEEDED:
+    if action.phase is SUCCEEDED:
         return action.value
     runtime.note_failure_host(action)
     return runtime.outcome(action)
@@ -413,7 +435,7 @@ class History:
                 "calls made in the same order with the same inputs; nothing recorded was handed "
                 "to this call. Start a new run instead"
             )
-        if phase == _A.SUCCEEDED.value and output is not None:
+        if phase == SUCCEEDED.value and output is not None:
             return output
         return None
 
@@ -480,7 +502,7 @@ class Runtime:
         message: str | None = None,
     ) -> None:
         """Append one entry to the run's event log."""
-        self._log((time.time(), kind, action, phase, cause, reason, requested_by, message))
+        self._log((time.time(), kind.value, action, phase, cause, reason, requested_by, message))
 
     def _log(self, entry: tuple[Any, ...]) -> None:
         self.events.append(entry)
@@ -498,7 +520,7 @@ class Runtime:
         rec.action(
             (
                 action.name,
-                int(action.name[1:]),
+                action.seq,
                 action.parent.name if action.parent is not None else None,
                 action.task.name,
                 action.group,
@@ -547,11 +569,11 @@ class Runtime:
     ) -> None:
         check_action_transition(action.phase, phase)
         action.phase = phase
-        cause = action.req.value if action.req is not None and phase is not _A.RUNNING else None
+        cause = action.req.value if action.req is not None and phase is not RUNNING else None
         self._log(
             (
                 time.time(),
-                EventKind.ACTION,
+                ACTION_EVENT,
                 action.name,
                 phase.value,
                 cause,
@@ -617,20 +639,27 @@ class Runtime:
         key: str,
         inputs: bytes,
     ) -> ActionState:
-        name = f"a{self._counter}"
+        seq = self._counter
         self._counter += 1
-        action = ActionState(self, name, parent, task, args, kwargs, key, current_group())
+        name = f"a{seq}"
+        action = ActionState(self, seq, name, parent, task, args, kwargs, key, current_group())
         action.inputs = inputs
         self.actions.append(action)
         self.live[name] = action
         self.by_name[name] = action
-        self._log((action.started_at, EventKind.ACTION, name, "QUEUED", None, None, None, None))
+        self._log((action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None))
         self._changed(action)
         return action
 
     def _spawn(self, action: ActionState) -> ActionState:
-        action.done = self.loop.create_future()
-        action.atask = self.loop.create_task(_execute(self, action))
+        loop = self.loop
+        action.done = loop.create_future()
+        tracker = self.tracker
+        if tracker is not None and tracker.previous is None:
+            # Our own task: skip the tracking factory (it would only skip it).
+            action.atask = asyncio.Task(_execute(self, action), loop=loop)
+        else:
+            action.atask = loop.create_task(_execute(self, action))
         return action
 
     def start(
@@ -671,7 +700,7 @@ class Runtime:
         action.replayed = True
         action.output = output
         action.value = value
-        self._finish(action, _A.SUCCEEDED)
+        self._finish(action, SUCCEEDED)
         return value
 
     async def cache_get(self, task: Task[Any, Any], inputs: bytes) -> bytes | None:
@@ -682,12 +711,12 @@ class Runtime:
 
     def set_running(self, action: ActionState) -> None:
         """Record that the action's body starts (its first attempt)."""
-        self._set_phase(action, _A.RUNNING, None)
+        self._set_phase(action, RUNNING, None)
 
     # -- finishing actions ---------------------------------------------------------
 
     def _finish(self, action: ActionState, phase: ActionPhase) -> None:
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return  # a zombie's body ending after it was given up on: already recorded
         action.timer = None
         action.ended_at = time.time()
@@ -707,7 +736,7 @@ class Runtime:
 
     def finish_succeeded(self, action: ActionState, value: Any) -> None:
         """Record the body's return value (an unrecordable one fails the action)."""
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         try:
             action.output = encode_output(action.task, value)
@@ -722,11 +751,11 @@ class Runtime:
                 inputs_digest(action.inputs),
                 action.output,
             )
-        self._finish(action, _A.SUCCEEDED)
+        self._finish(action, SUCCEEDED)
 
     def finish_failed(self, action: ActionState, exc: BaseException) -> None:
         """Record a body that raised `exc` (user code, or a cleanup that raised)."""
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         # Drop the runtime's own frame from the traceback: the user sees their
         # body's frames, and the exception does not keep this frame (and so the
@@ -736,7 +765,7 @@ class Runtime:
             exc.__traceback__ = tb.tb_next
         action.exc = exc
         action.error = describe(exc)
-        self._finish(action, _A.FAILED)
+        self._finish(action, FAILED)
         if action.req is not None and not isinstance(action.req, _Internal):
             self.warn(
                 action,
@@ -775,13 +804,13 @@ class Runtime:
 
     def finish_cancelled(self, action: ActionState) -> None:
         """Record a body that ended after (or because of) a cancellation."""
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         req = action.req
         if req is None:
             # Cancelled by workflow code (or raised CancelledError itself).
-            action.req = AbortCause.CANCELLED
-            self._finish(action, _A.ABORTED)
+            action.req = CANCELLED_CAUSE
+            self._finish(action, ABORTED)
         elif req is _Internal.MARK_FAILED:
             action.exc = ActionMarkedFailedError(
                 f"action {action.name} of run {self.name!r} was marked as failed"
@@ -791,15 +820,15 @@ class Runtime:
                 reason=action.req_reason,
             )
             action.error = describe(action.exc)
-            self._finish(action, _A.FAILED)
+            self._finish(action, FAILED)
         elif req is _Internal.TIMEOUT:
             action.exc = self._timeout_error(action)
             action.error = describe(action.exc)
-            self._finish(action, _A.FAILED)
+            self._finish(action, FAILED)
         elif req is AbortCause.STOP:
-            self._finish(action, _A.ABANDONED)
+            self._finish(action, ABANDONED)
         else:
-            self._finish(action, _A.ABORTED)
+            self._finish(action, ABORTED)
 
     def crash(self, action: ActionState, exc: BaseException) -> None:
         """Record an action whose bookkeeping failed as CRASHED; never raises."""
@@ -810,11 +839,11 @@ class Runtime:
             action.task.name,
             exc_info=exc,
         )
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         action.exc = exc
         action.error = (type(exc).__name__, _safe_str(exc), "")
-        self._finish(action, _A.CRASHED)
+        self._finish(action, CRASHED)
 
     def finish_base_exception(self, action: ActionState, exc: BaseException) -> None:
         """Record a body that raised `KeyboardInterrupt`/`SystemExit`; abort the run.
@@ -826,8 +855,8 @@ class Runtime:
             self.base_exc = exc
         action.exc = exc
         action.error = describe(exc)
-        self._finish(action, _A.FAILED)
-        self.abort_run(AbortCause.SIGINT, reason=f"{type(exc).__name__} raised in {action.name}")
+        self._finish(action, FAILED)
+        self.abort_run(SIGINT, reason=f"{type(exc).__name__} raised in {action.name}")
 
     def _timeout_error(self, action: ActionState) -> TaskTimeoutError:
         seconds = action.task.options.timeout
@@ -857,7 +886,7 @@ class Runtime:
         self.event(
             EventKind.ACTION,
             action.name,
-            _A.RUNNING.value,
+            RUNNING.value,
             message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
         )
         return True
@@ -877,7 +906,7 @@ class Runtime:
         self.event(
             EventKind.ACTION,
             action.name,
-            _A.RUNNING.value,
+            RUNNING.value,
             message=f"attempt {action.attempt} timed out; retrying",
         )
         return True
@@ -895,13 +924,13 @@ class Runtime:
         action.calls = 0  # the new attempt's children are counted afresh (their keys differ)
         self._changed(action)
         self.event(
-            EventKind.ACTION, action.name, _A.RUNNING.value, message=f"attempt {action.attempt}"
+            EventKind.ACTION, action.name, RUNNING.value, message=f"attempt {action.attempt}"
         )
         return True
 
     def on_timeout(self, action: ActionState) -> None:
         """Cancel an attempt that exceeded its task's timeout."""
-        if action.req is None and not action.phase.terminal:
+        if action.req is None and action.phase not in _TERMINAL:
             self._request(action, _Internal.TIMEOUT, None, None)
             self._deliver(action)
 
@@ -910,9 +939,9 @@ class Runtime:
     def outcome(self, action: ActionState) -> Any:
         """Return the value, or raise what an awaiting parent gets (SPEC §1)."""
         phase = action.phase
-        if phase is _A.SUCCEEDED:
+        if phase is SUCCEEDED:
             return action.value
-        if phase is _A.FAILED:
+        if phase is FAILED:
             exc = action.exc
             if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
                 raise exc  # never wrapped twice
@@ -929,7 +958,7 @@ class Runtime:
                 error_message=error[1],
                 error_traceback=error[2],
             ) from exc
-        if phase is _A.ABORTED and action.req is AbortCause.EXTERNAL:
+        if phase is ABORTED and action.req is EXTERNAL:
             raise self.aborted_error(action)
         raise CancelledError
 
@@ -941,7 +970,7 @@ class Runtime:
             run=self.name,
             action=action.name,
             reason=action.req_reason,
-            cause=action.req.value if action.req is not None else AbortCause.EXTERNAL.value,
+            cause=action.req.value if action.req is not None else EXTERNAL.value,
         )
 
     # -- cancellation --------------------------------------------------------------
@@ -956,15 +985,15 @@ class Runtime:
 
     def _deliver(self, action: ActionState) -> None:
         """Deliver the first cancel of a request to the action's body."""
-        if action.phase is _A.QUEUED:
+        if action.phase is QUEUED:
             # Its body has not started: it never will. Cancelling the task
             # before its first step closes the coroutine without running it.
             self.finish_cancelled(action)
             assert action.atask is not None
             action.atask.cancel()
             return
-        if action.phase is _A.RUNNING and action.req is not _Internal.TIMEOUT:
-            self._set_phase(action, _A.STOPPING)
+        if action.phase is RUNNING and action.req is not _Internal.TIMEOUT:
+            self._set_phase(action, STOPPING)
         if action.cancels == 0:
             self._cancel_task(action)
             grace = action.task.options.grace_period
@@ -1005,7 +1034,7 @@ class Runtime:
     def _on_grace(self, action: ActionState) -> None:
         """The grace period is over: cancel the body again, then give it one more second."""
         action.timer = None
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         stack = _format_stack(action.atask)
         self.warn(
@@ -1026,7 +1055,7 @@ class Runtime:
     def _on_abandon(self, action: ActionState) -> None:
         """The body ignored two cancels: record it and stop waiting for it."""
         action.timer = None
-        if action.phase.terminal:
+        if action.phase in _TERMINAL:
             return
         action.cleanup_incomplete = True
         self.zombies.append(action)
@@ -1036,18 +1065,14 @@ class Runtime:
             "with cleanup_incomplete=true and no longer waited for",
         )
         if action.req is None:
-            action.req = AbortCause.CANCELLED
+            action.req = CANCELLED_CAUSE
         self.finish_cancelled(action)
 
     def cancel_from_caller(self, action: ActionState) -> None:
         """The task awaiting `action` was cancelled: cancel the action too."""
         if action.req is None:
             parent = action.parent
-            cause = (
-                AbortCause.ANCESTOR
-                if parent is not None and parent.req is not None
-                else AbortCause.CANCELLED
-            )
+            cause = ANCESTOR if parent is not None and parent.req is not None else CANCELLED_CAUSE
             # Only this action: as in asyncio, the cancel reaches its descendants
             # through the awaits it is in (they record cause `ancestor`), and a
             # child behind `asyncio.shield` keeps running (C7).
@@ -1059,7 +1084,7 @@ class Runtime:
         # another task), but reverse start order lets leaves start their
         # cleanup before the parents that wait on them.
         for action in sorted(actions, key=_start_order, reverse=True):
-            if not action.phase.terminal:
+            if action.phase not in _TERMINAL:
                 self._deliver(action)
 
     def _root_exited(self) -> None:
@@ -1069,7 +1094,7 @@ class Runtime:
             self.tracker.cancel_all()
         marked = []
         for action in list(self.live.values()):
-            if action.req is AbortCause.CANCELLED and action.cancels == 1:
+            if action.req is CANCELLED_CAUSE and action.cancels == 1:
                 # Cancelled by workflow code and still cleaning up: the lifetime
                 # rule wins, the root's exit interrupts that cleanup (C3).
                 self._escalate(action)
@@ -1079,7 +1104,7 @@ class Runtime:
                 # yet: that action was cancelled by the code, not by the exit.
                 host = action.host
                 cancelled = host is not None and host.cancelling() > 0 and not host.done()
-                cause = AbortCause.CANCELLED if cancelled else AbortCause.ROOT_EXIT
+                cause = CANCELLED_CAUSE if cancelled else ROOT_EXIT
                 self._request(action, cause, None, None)
                 marked.append(action)
         self._cancel_all(marked)
@@ -1089,7 +1114,7 @@ class Runtime:
     ) -> None:
         """Abort the root with `cause` and its descendants with cause `ancestor`."""
         root = self.root
-        if root is None or root.phase.terminal:
+        if root is None or root.phase in _TERMINAL:
             return
         self._abort([root], cause, reason, by)
 
@@ -1097,7 +1122,7 @@ class Runtime:
         self, targets: list[ActionState], req: Request, reason: str | None, by: str | None
     ) -> None:
         """Request `req` for the live targets, `ancestor` for their descendants; cancel them."""
-        named = {t for t in targets if not t.phase.terminal}
+        named = {t for t in targets if t.phase not in _TERMINAL}
         for target in named:
             if target.req is not req:
                 # A named target's request replaces a collateral one (X8: a child
@@ -1106,7 +1131,7 @@ class Runtime:
         affected = list(named)
         for action in self._descendants(named):
             if action.req is None:
-                self._request(action, AbortCause.ANCESTOR, None, None)
+                self._request(action, ANCESTOR, None, None)
                 affected.append(action)
         self._cancel_all(affected)
 
@@ -1155,10 +1180,10 @@ class Runtime:
             if cause is not None:
                 self._request(action, cause, reason, by)
             elif not isinstance(action.req, AbortCause):
-                self._request(action, AbortCause.ANCESTOR, action.req_reason, action.req_by)
+                self._request(action, ANCESTOR, action.req_reason, action.req_by)
             # A body that had started is not waited for: its cleanup may never finish.
-            action.cleanup_incomplete = action.phase is not _A.QUEUED
-            self._finish(action, _A.ABANDONED)
+            action.cleanup_incomplete = action.phase is not QUEUED
+            self._finish(action, ABANDONED)
             if action.cancels == 0:
                 self._cancel_task(action)
         if not self.drained.done():
@@ -1230,10 +1255,10 @@ class Runtime:
         def phase() -> str:
             return targets[0].phase.value if action is not None else self.phase.value
 
-        live = [t for t in targets if not t.phase.terminal]
+        live = [t for t in targets if t.phase not in _TERMINAL]
         if not live:
             return ControlResult("already_ended", phase(), f"{target} already finished: {phase()}")
-        fresh = [t for t in live if t.req is not AbortCause.EXTERNAL]
+        fresh = [t for t in live if t.req is not EXTERNAL]
         if not fresh:
             return ControlResult(
                 "applied",
@@ -1247,7 +1272,7 @@ class Runtime:
             reason=reason,
             requested_by=by,
         )
-        self._abort(fresh, AbortCause.EXTERNAL, reason, by)
+        self._abort(fresh, EXTERNAL, reason, by)
         return ControlResult("applied", phase(), f"abort of {target} applied")
 
     def stop(
@@ -1294,7 +1319,7 @@ class Runtime:
             self.event(EventKind.RUN, None, RunPhase.STOPPING.value, reason=reason, requested_by=by)
         self._run_changed()
         if mode is StopMode.ABANDON:
-            self.abandon_all(AbortCause.STOP, reason, by)
+            self.abandon_all(STOP, reason, by)
         return ControlResult(
             "applied", self.phase.value, f"stop ({mode.value}) of run {self.name!r} applied"
         )
@@ -1304,7 +1329,7 @@ class Runtime:
     ) -> ControlResult:
         """Mark one action as failed: its body gets `CancelledError` and it ends FAILED."""
         [target] = self.find(action, None)
-        if target.phase.terminal:
+        if target.phase in _TERMINAL:
             return ControlResult(
                 "already_ended",
                 target.phase.value,
@@ -1330,9 +1355,9 @@ class Runtime:
         assert root is not None
         if self.stop_mode is not None:
             return RunPhase.STOPPED
-        if root.phase is _A.SUCCEEDED:
+        if root.phase is SUCCEEDED:
             return RunPhase.SUCCEEDED
-        if root.phase is _A.FAILED:
+        if root.phase is FAILED:
             exc = root.exc
             if isinstance(exc, ActionAbortedError) or (
                 exc is not None and not isinstance(exc, Exception)
@@ -1341,7 +1366,7 @@ class Runtime:
             if isinstance(exc, RuntimeUserError) and isinstance(exc.__cause__, ActionAbortedError):
                 return RunPhase.ABORTED
             return RunPhase.FAILED
-        if root.phase is _A.CRASHED:
+        if root.phase is CRASHED:
             return RunPhase.CRASHED
         return RunPhase.ABORTED
 
@@ -1356,7 +1381,7 @@ class Runtime:
 
 
 def _start_order(action: ActionState) -> int:
-    return int(action.name[1:])
+    return action.seq
 
 
 def _name_range(actions: list[ActionState]) -> str:

@@ -71,6 +71,12 @@ class RunRecorder(Protocol):
     def finished(self, run: Run[Any]) -> None:
         """Receive the run's final picture (a store that does not stream keeps it)."""
 
+    def congested(self) -> bool:
+        """Whether the store is far behind the run, so new actions should wait."""
+
+    async def relieved(self) -> None:
+        """Wait until the store has caught up enough to go on."""
+
     async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
         """Return a cached output of `task` at `version` for inputs with `digest`, if any."""
 

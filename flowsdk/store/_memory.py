@@ -114,6 +114,13 @@ class _MemoryRecorder:
         """Keep the run's final picture in the store."""
         self._store.finished(run)
 
+    def congested(self) -> bool:
+        """Never: nothing is written while the run goes on."""
+        return False
+
+    async def relieved(self) -> None:
+        """Nothing to wait for."""
+
     async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
         """Look up the store's cache."""
         return self._store._cache.get((task, version, digest))

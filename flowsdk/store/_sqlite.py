@@ -62,6 +62,12 @@ APPLICATION_ID = 0x466C6F77  # "Flow": marks the file as a flowsdk store
 DEFAULT_BUSY_TIMEOUT = 5.0
 POLL_INTERVAL = 0.01  # how often a runner looks for control requests (and flushes)
 ANSWER_POLL = 0.005
+MAX_BATCH = 4000  # changes written per transaction, at most
+# Backpressure: past HIGH_WATER unwritten changes, new actions wait until the
+# writer is back under LOW_WATER. A run cannot outrun its store without bound
+# (memory, and the delay before a control request is answered).
+HIGH_WATER = 20_000
+LOW_WATER = 5_000
 LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
 
 _MIGRATIONS: dict[int, list[str]] = {
@@ -258,9 +264,15 @@ class SQLiteStore:
     def _check_and_migrate(self, conn: sqlite3.Connection, *, create: bool) -> bool:
         # Reading the header fails with "file is not a database" for a foreign file,
         # before anything is written.
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        # One read transaction: a consistent view even while another process
+        # creates the schema (tables and user_version commit together).
+        conn.execute("BEGIN")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            conn.execute("COMMIT")
         if version == 0 and tables:
             raise StoreCorruptedError(
                 f"{self.path} is a SQLite database but not a flowsdk store; it was left "
@@ -688,6 +700,7 @@ class _RunRecorder:
         self._closing = False
         self._error: BaseException | None = None
         self._probe_sent: float | None = None
+        self._relief: list[asyncio.Future[None]] = []
         self.started: asyncio.Future[None] = loop.create_future()
         self._finished: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
@@ -711,6 +724,17 @@ class _RunRecorder:
 
     def finished(self, run: Run[Any]) -> None:
         """Nothing to do: every change was streamed already."""
+
+    def congested(self) -> bool:
+        """Whether the writer is far behind the run (see `HIGH_WATER`)."""
+        return len(self._ops) > HIGH_WATER
+
+    async def relieved(self) -> None:
+        """Wait until the writer is back under `LOW_WATER` unwritten changes."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._relief.append(fut)
+        self._wake.set()
+        await fut
 
     async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
         """Look up the cache on the recorder's thread (the loop does not wait on SQLite)."""
@@ -761,6 +785,8 @@ class _RunRecorder:
         finally:
             if conn is not None:
                 conn.close()
+            for fut in self._relief:  # nothing more will be written: nobody waits
+                self._settle(fut, None, None)
             self._signal(self._finished)
 
     def _insert_run(self, conn: sqlite3.Connection) -> None:
@@ -858,9 +884,14 @@ class _RunRecorder:
         ops = self._ops
         if not ops:
             return
-        batch = []
-        while ops:
+        # Bounded transactions: a busy run never holds the write lock for long,
+        # so a control request from another process gets in between two of
+        # them, and is read between them too (the loop comes back at once).
+        batch: list[tuple[int, Any]] = []
+        while ops and len(batch) < MAX_BATCH:
             batch.append(ops.popleft())
+        if ops:
+            self._wake.set()
         name, attempt = self._record.name, self._record.attempt
         actions: dict[str, tuple[Any, ...]] = {}
         events: list[tuple[Any, ...]] = []
@@ -930,6 +961,10 @@ class _RunRecorder:
         # run cached a moment before.
         for lookup in lookups:
             self._cache_lookup(conn, *lookup)
+        if self._relief and len(ops) < LOW_WATER:
+            waiting, self._relief = self._relief, []
+            for fut in waiting:
+                self._settle(fut, None, None)
 
     def _cache_lookup(
         self,
