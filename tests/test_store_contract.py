@@ -1,0 +1,406 @@
+"""The store contract (SPEC §5, §6): what `flowsdk.Client` reads back, whatever the store.
+
+Every test runs against a `MemoryStore` object and a SQLite store in tmp_path;
+the last one checks that both keep the same records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from asyncio import CancelledError
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import flowsdk
+from flowsdk import AbortCause, ActionPhase, EventKind, RunPhase
+from flowsdk.errors import (
+    ActionAbortedError,
+    InvalidStateError,
+    RunExistsError,
+    RunNotFoundError,
+    RuntimeUserError,
+)
+from flowsdk.store import MemoryStore, Store
+from tests.runners.harness import sqlite_url
+from tests.support import assert_clean, causes, phases
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Store]:
+    """A memory store object, or the URL of a SQLite store in tmp_path."""
+    if request.param == "memory":
+        yield MemoryStore()
+    else:
+        yield sqlite_url(tmp_path / "s.db")
+
+
+def read(store: str | Store, name: str) -> flowsdk.Run[Any]:
+    """Read one run back through a Client of its own."""
+    with flowsdk.Client(store) as client:
+        return client.get_run(name)
+
+
+def test_runs_lists_newest_first_filters_by_phase_and_limits(store: str | Store) -> None:
+    """Client.runs(): the latest runs first; phase= and limit= narrow the list."""
+    env = flowsdk.TaskEnvironment("history")
+
+    @env.task
+    async def ok() -> int:
+        return 1
+
+    @env.task
+    async def bad() -> int:
+        raise ValueError("no")
+
+    for name, task in [("first", ok), ("second", bad), ("third", ok)]:
+        flowsdk.run(task, name=name, store=store)
+    with flowsdk.Client(store) as client:
+        everything = client.runs()
+        succeeded = [r.name for r in client.runs(phase=RunPhase.SUCCEEDED)]
+        failed = [r.name for r in client.runs(phase="FAILED")]
+        latest = [r.name for r in client.runs(limit=2)]
+    assert [(r.name, r.phase) for r in everything] == [
+        ("third", RunPhase.SUCCEEDED),
+        ("second", RunPhase.FAILED),
+        ("first", RunPhase.SUCCEEDED),
+    ]
+    assert (succeeded, failed, latest) == (["third", "first"], ["second"], ["third", "second"])
+    for record in everything:
+        assert record.attempt == 1
+        assert record.ended_at is not None
+        assert record.ended_at >= record.started_at
+        assert record.stop is None
+        assert record.task.startswith(f"{__name__}:")
+
+
+def test_get_run_keeps_phases_causes_groups_and_attempts(store: str | Store) -> None:
+    """A stored run: each action's phase, abort cause, group and attempt count."""
+    env = flowsdk.TaskEnvironment("record")
+    calls: list[int] = []
+    victim_running = asyncio.Event()
+    orphan_running = asyncio.Event()
+
+    @env.task(retries=2, backoff=0)
+    async def flaky() -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ValueError("not yet")
+        return 3
+
+    @env.task
+    async def victim() -> None:
+        victim_running.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def orphan() -> None:
+        orphan_running.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def root() -> int:
+        with flowsdk.group("stage"):
+            value = await flaky()
+        t = asyncio.create_task(victim())
+        await victim_running.wait()
+        t.cancel()
+        with contextlib.suppress(CancelledError):
+            await t
+        asyncio.create_task(orphan())  # noqa: RUF006 -- left to the root's exit
+        await orphan_running.wait()
+        return value
+
+    flowsdk.run(root, name="shape", store=store)
+    run = read(store, "shape")
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED", "a2": "ABORTED", "a3": "ABORTED"}
+    assert causes(run) == {"a0": None, "a1": None, "a2": "cancelled", "a3": "root_exit"}
+    assert [a.group for a in run.actions] == [None, "stage", None, None]
+    assert [a.attempt for a in run.actions] == [1, 3, 1, 1]
+    assert [a.parent for a in run.actions] == [None, "a0", "a0", "a0"]
+    assert [a.task.rsplit(".", 1)[1] for a in run.actions] == ["root", "flaky", "victim", "orphan"]
+    assert [a.key for a in run.actions] == ["a0", "a0/1", "a0/2", "a0/3"]
+    assert run.phase is RunPhase.SUCCEEDED
+    assert_clean(run)
+
+
+def test_events_are_in_order_with_one_terminal_event_per_action(store: str | Store) -> None:
+    """The event log: seq 0..n, the run's RUNNING first and its end last, one terminal each."""
+    env = flowsdk.TaskEnvironment("events")
+
+    @env.task
+    async def child(i: int) -> int:
+        return i
+
+    @env.task
+    async def root() -> int:
+        return sum(await asyncio.gather(*(child(i) for i in range(3))))
+
+    flowsdk.run(root, name="log", store=store)
+    run = read(store, "log")
+    events = run.events
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert (events[0].kind, events[0].phase) == (EventKind.RUN, "RUNNING")
+    assert (events[-1].kind, events[-1].phase) == (EventKind.RUN, "SUCCEEDED")
+    for action in run.actions:
+        steps = [e.phase for e in events if e.kind is EventKind.ACTION and e.action == action.name]
+        assert steps == ["QUEUED", "RUNNING", "SUCCEEDED"], action.name
+    assert_clean(run)
+
+
+def test_stored_failure_keeps_error_type_message_and_traceback(store: str | Store) -> None:
+    """A failed action's record: its exception's type name, message and traceback text."""
+    env = flowsdk.TaskEnvironment("failure")
+
+    @env.task
+    async def broken() -> int:
+        raise KeyError("missing-key")
+
+    @env.task
+    async def root() -> int:
+        with contextlib.suppress(RuntimeUserError):
+            await broken()
+        raise ValueError("root-gave-up")
+
+    flowsdk.run(root, name="boom", store=store)
+    run = read(store, "boom")
+    child, top = run.action("a1").error, run.action("a0").error
+    assert child is not None
+    assert top is not None
+    assert (child.type, child.message) == ("KeyError", "'missing-key'")
+    assert "in broken" in child.traceback
+    assert child.traceback.rstrip().endswith("KeyError: 'missing-key'")
+    assert (top.type, top.message) == ("ValueError", "root-gave-up")
+    assert "in root" in top.traceback
+    assert phases(run) == {"a0": "FAILED", "a1": "FAILED"}
+    assert run.phase is RunPhase.FAILED
+
+
+def test_result_of_a_stored_failed_run_raises_runtime_user_error(store: str | Store) -> None:
+    """Run.result() of a stored FAILED run: RuntimeUserError with the recorded type and message."""
+    env = flowsdk.TaskEnvironment("result")
+
+    @env.task
+    async def root() -> int:
+        raise ValueError("root-gave-up")
+
+    flowsdk.run(root, name="failed", store=store)
+    run = read(store, "failed")
+    with pytest.raises(RuntimeUserError) as exc:
+        run.result()
+    assert (exc.value.error_type, exc.value.error_message) == ("ValueError", "root-gave-up")
+    assert "root-gave-up" in exc.value.error_traceback
+    assert (exc.value.run, exc.value.action) == ("failed", "a0")
+
+
+def test_result_of_a_stored_run_raises_what_the_live_run_raised(store: str | Store) -> None:
+    """D1/SPEC §7: a child's failure passing through the root is not wrapped twice in the store."""
+    env = flowsdk.TaskEnvironment("passthrough")
+
+    @env.task
+    async def broken() -> int:
+        raise KeyError("missing-key")
+
+    @env.task
+    async def root() -> int:
+        return await broken()
+
+    live = flowsdk.run(root, name="through", store=store)
+    with pytest.raises(RuntimeUserError) as in_process:
+        live.result()
+    with pytest.raises(RuntimeUserError) as stored:
+        read(store, "through").result()
+    assert (stored.value.error_type, stored.value.error_message) == (
+        in_process.value.error_type,
+        in_process.value.error_message,
+    )
+    assert stored.value.error_type == "KeyError"
+
+
+async def test_stored_abort_keeps_reason_requester_and_request_event(store: str | Store) -> None:
+    """An abort's record: cause external, the reason, who asked and when; a REQUEST event."""
+    env = flowsdk.TaskEnvironment("abortrec")
+    running = asyncio.Event()
+
+    @env.task
+    async def child() -> None:
+        running.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def root() -> None:
+        with contextlib.suppress(ActionAbortedError):
+            await child()
+
+    handle = await flowsdk.start(root, name="aborted", store=store)
+    await running.wait()
+    await handle.abort("a1", reason="operator-said-so")
+    await handle.wait()
+    run = read(store, "aborted")
+    abort = run.action("a1").abort
+    assert abort is not None
+    assert (abort.cause, abort.reason) == (AbortCause.EXTERNAL, "operator-said-so")
+    assert abort.requested_by is not None
+    assert f"pid {os.getpid()}" in abort.requested_by
+    assert abort.requested_at is not None
+    [request] = [e for e in run.events if e.kind is EventKind.REQUEST]
+    assert (request.action, request.reason) == ("a1", "operator-said-so")
+    assert request.requested_by == abort.requested_by
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
+    assert_clean(run)
+
+
+async def test_result_of_a_stored_aborted_run_raises_action_aborted_error(
+    store: str | Store,
+) -> None:
+    """Run.result() of a stored ABORTED run raises ActionAbortedError with the abort's reason."""
+    env = flowsdk.TaskEnvironment("abortres")
+    running = asyncio.Event()
+
+    @env.task
+    async def root() -> None:
+        running.set()
+        await asyncio.sleep(3600)
+
+    handle = await flowsdk.start(root, name="gone", store=store)
+    await running.wait()
+    await handle.abort(reason="not-today")
+    await handle.wait()
+    run = read(store, "gone")
+    with pytest.raises(ActionAbortedError) as exc:
+        run.result()
+    assert (exc.value.run, exc.value.action) == ("gone", "a0")
+    assert (exc.value.reason, exc.value.cause) == ("not-today", "external")
+    assert run.phase is RunPhase.ABORTED
+
+
+def test_duplicate_run_name_raises_run_exists_error(store: str | Store) -> None:
+    """A second run under a name the store has raises RunExistsError; the first is untouched."""
+    env = flowsdk.TaskEnvironment("dup")
+    ran: list[int] = []
+
+    @env.task
+    async def root(i: int) -> int:
+        ran.append(i)
+        return i
+
+    flowsdk.run(root, 1, name="nightly", store=store)
+    before = read(store, "nightly")
+    with pytest.raises(RunExistsError, match="nightly"):
+        flowsdk.run(root, 2, name="nightly", store=store)
+    after = read(store, "nightly")
+    assert ran == [1]
+    assert (after.record, after.actions, after.events) == (
+        before.record,
+        before.actions,
+        before.events,
+    )
+    with flowsdk.Client(store) as client:
+        assert [r.name for r in client.runs()] == ["nightly"]
+
+
+def test_unknown_run_raises_run_not_found_error_suggesting_close_names(
+    store: str | Store,
+) -> None:
+    """X5: RunNotFoundError (a LookupError) names the run and suggests the closest names."""
+    env = flowsdk.TaskEnvironment("lookup")
+
+    @env.task
+    async def root() -> None:
+        pass
+
+    flowsdk.run(root, name="nightly-etl", store=store)
+    with flowsdk.Client(store) as client:
+        with pytest.raises(RunNotFoundError) as typo:
+            client.get_run("nightly-elt")
+        with pytest.raises(RunNotFoundError):
+            client.get_run("nightly-etl", attempt=2)
+        with pytest.raises(LookupError):
+            client.abort("weekly")
+        assert client.get_run("nightly-etl", attempt=1).phase is RunPhase.SUCCEEDED
+    assert "nightly-elt" in str(typo.value)
+    assert "nightly-etl" in str(typo.value)
+
+
+async def test_a_live_run_in_a_memory_store_refuses_client_control() -> None:
+    """memory:// has no external control: Client.abort of its live run says so, not 'no run'."""
+    env = flowsdk.TaskEnvironment("memlive")
+    running = asyncio.Event()
+
+    @env.task
+    async def root() -> None:
+        running.set()
+        await asyncio.sleep(3600)
+
+    memory = MemoryStore()
+    handle = await flowsdk.start(root, name="live", store=memory)
+    await running.wait()
+    try:
+        with flowsdk.Client(memory) as client, pytest.raises(InvalidStateError, match="memory"):
+            client.abort("live", reason="from-a-client")
+    finally:
+        await handle.abort()
+        run = await handle.wait()
+    assert causes(run) == {"a0": "external"}
+
+
+def _comparable(run: flowsdk.Run[Any]) -> tuple[Any, ...]:
+    """A run's records without the times, which differ from one run to the next."""
+    actions = [
+        msgspec.structs.replace(
+            a,
+            started_at=None,
+            ended_at=None,
+            abort=msgspec.structs.replace(a.abort, requested_at=None) if a.abort else None,
+        )
+        for a in run.actions
+    ]
+    events = [(e.seq, e.kind, e.action, e.phase, e.cause, e.reason, e.message) for e in run.events]
+    record = (run.record.name, run.record.phase, run.record.attempt, run.record.task)
+    return record, actions, events
+
+
+def _twin() -> flowsdk.Task[[], int]:
+    """A workflow with a retried failure, a group and a root exit (fresh events per run)."""
+    env = flowsdk.TaskEnvironment("same")
+    running = asyncio.Event()
+
+    @env.task(retries=1, backoff=0)
+    async def bad() -> int:
+        raise ValueError("always")
+
+    @env.task
+    async def orphan() -> None:
+        running.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def root() -> int:
+        with flowsdk.group("g"), contextlib.suppress(RuntimeUserError):
+            await bad()
+        asyncio.create_task(orphan())  # noqa: RUF006 -- left to the root's exit
+        await running.wait()
+        return 1
+
+    return root
+
+
+def test_memory_and_sqlite_stores_keep_the_same_records(tmp_path: Path) -> None:
+    """The same workflow read back from memory:// and from SQLite gives equal records."""
+    memory = MemoryStore()
+    sqlite = sqlite_url(tmp_path / "s.db")
+    for store in (memory, sqlite):
+        flowsdk.run(_twin(), name="twin", store=store)
+    from_memory, from_sqlite = read(memory, "twin"), read(sqlite, "twin")
+    assert _comparable(from_memory) == _comparable(from_sqlite)
+    assert [a.phase for a in from_sqlite.actions] == [
+        ActionPhase.SUCCEEDED,
+        ActionPhase.FAILED,
+        ActionPhase.ABORTED,
+    ]

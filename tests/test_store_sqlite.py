@@ -1,0 +1,355 @@
+"""The SQLite store (SPEC §5; SCENARIOS P5-P8): its file, its schema, locks, damage and races.
+
+Runs are started in-process with `flowsdk.run(..., store=URL)` or, where a
+second process matters, by a runner from tests/runners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import flowsdk
+from flowsdk import ActionPhase, EventKind, RunPhase
+from flowsdk.errors import (
+    RunNotFoundError,
+    StoreCorruptedError,
+    StoreError,
+    StoreLockedError,
+)
+from tests.runners.harness import ROOT, Runner, sqlite_url, sync
+from tests.support import assert_clean
+
+EXIT_RUN_EXISTS = 3  # tests/runners/_common.py
+EXIT_STORE_ERROR = 5  # tests/runners/store_io.py
+
+env = flowsdk.TaskEnvironment("sqlite_tests")
+ran: list[str] = []
+
+
+@env.task
+async def noop() -> str:
+    ran.append("noop")
+    return "done"
+
+
+@pytest.fixture(autouse=True)
+def _forget_runs() -> None:
+    ran.clear()
+
+
+@contextlib.contextmanager
+def write_lock(path: Path, mode: str = "IMMEDIATE") -> Iterator[None]:
+    """Hold the store's write lock from another connection (`BEGIN IMMEDIATE|EXCLUSIVE`)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"BEGIN {mode}")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def pragma(path: Path, name: str) -> object:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    """Every file of `folder` and its bytes."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+# -- the file ----------------------------------------------------------------------------
+
+
+def test_reading_a_missing_store_lists_nothing_and_creates_nothing(tmp_path: Path) -> None:
+    """The store file (and its folder) appears when the first run is recorded, not on a read."""
+    path = tmp_path / "sub" / "s.db"
+    with flowsdk.Client(sqlite_url(path)) as client:
+        assert client.runs() == []
+        with pytest.raises(RunNotFoundError, match="nope"):
+            client.get_run("nope")
+        with pytest.raises(RunNotFoundError, match="nope"):
+            client.abort("nope")
+    assert not (tmp_path / "sub").exists()
+    flowsdk.run(noop, name="first", store=sqlite_url(path))
+    assert path.is_file()
+
+
+def test_reading_an_empty_store_file_lists_nothing_and_leaves_it_empty(tmp_path: Path) -> None:
+    """An empty file (e.g. `touch`ed) is a store with no runs yet, for readers as for runners."""
+    path = tmp_path / "s.db"
+    path.touch()
+    with flowsdk.Client(sqlite_url(path)) as client:
+        assert client.runs() == []
+        with pytest.raises(RunNotFoundError):
+            client.get_run("nope")
+    assert path.read_bytes() == b""
+
+
+def test_a_new_store_is_in_wal_mode_at_schema_version_1(tmp_path: Path) -> None:
+    """A fresh store: WAL journal (readers never wait for writers), `user_version` 1."""
+    path = tmp_path / "s.db"
+    flowsdk.run(noop, name="first", store=sqlite_url(path))
+    assert pragma(path, "journal_mode") == "wal"
+    assert pragma(path, "user_version") == 1
+
+
+def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
+    tmp_path: Path,
+) -> None:
+    """A higher `user_version`: StoreError naming both schema versions; the file is unchanged."""
+    path = tmp_path / "s.db"
+    flowsdk.run(noop, name="first", store=sqlite_url(path))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 7")
+    before = listing(tmp_path)
+    ran.clear()
+    with pytest.raises(StoreError) as reading, flowsdk.Client(sqlite_url(path)) as client:
+        client.runs()
+    with pytest.raises(StoreError) as running:
+        flowsdk.run(noop, name="second", store=sqlite_url(path))
+    assert listing(tmp_path) == before
+    assert ran == []
+    for exc in (reading.value, running.value):
+        assert not isinstance(exc, StoreCorruptedError)
+        assert re.search(r"\b7\b", str(exc))
+        assert re.search(r"\b1\b", str(exc))
+
+
+def test_a_database_of_another_application_raises_store_corrupted_error(tmp_path: Path) -> None:
+    """Another application's SQLite file: StoreCorruptedError, and it is left as it was."""
+    path = tmp_path / "s.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO invoices (total) VALUES (9.5)")
+        conn.commit()
+    before = listing(tmp_path)
+    with pytest.raises(StoreCorruptedError) as reading, flowsdk.Client(sqlite_url(path)) as client:
+        client.runs()
+    with pytest.raises(StoreCorruptedError) as running:
+        flowsdk.run(noop, name="first", store=sqlite_url(path))
+    assert listing(tmp_path) == before
+    assert ran == []
+    assert str(path) in str(reading.value)
+    assert str(path) in str(running.value)
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(random.Random(5).randbytes(8192))
+
+
+def _garbage_header(path: Path) -> None:
+    flowsdk.run(noop, name="earlier", store=sqlite_url(path))
+    data = path.read_bytes()
+    path.write_bytes(b"not a database! " * 6 + data[96:])
+
+
+def _truncated(path: Path) -> None:
+    flowsdk.run(noop, name="earlier", store=sqlite_url(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [_random_bytes, _garbage_header, _truncated])
+def test_a_damaged_store_raises_store_corrupted_error_and_is_never_rewritten(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    """P5: random bytes, a garbage header, a truncated file: fail fast, file byte-for-byte kept."""
+    path = tmp_path / "s.db"
+    damage(path)
+    ran.clear()
+    before = listing(tmp_path)
+    url = sqlite_url(path)
+    with pytest.raises(StoreCorruptedError) as running:
+        flowsdk.run(noop, name="fresh", store=url)
+    with flowsdk.Client(url) as client:
+        with pytest.raises(StoreCorruptedError) as listing_runs:
+            client.runs()
+        with pytest.raises(StoreCorruptedError):
+            client.get_run("earlier")
+        with pytest.raises(StoreCorruptedError):
+            client.abort("earlier")
+    assert listing(tmp_path) == before
+    assert ran == []
+    assert str(path) in str(running.value)
+    assert str(path) in str(listing_runs.value)
+
+
+# -- locks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["EXCLUSIVE", "IMMEDIATE"])
+def test_starting_a_run_on_a_locked_store_raises_store_locked_error(
+    tmp_path: Path, mode: str
+) -> None:
+    """P6: StoreLockedError after busy_timeout, no half-started run; reads still work (WAL).
+
+    In WAL mode `BEGIN EXCLUSIVE` takes the same lock as `BEGIN IMMEDIATE`:
+    readers go on reading the last committed state under either.
+    """
+    path = tmp_path / "s.db"
+    url = sqlite_url(path) + "?busy_timeout=0.2"
+    flowsdk.run(noop, name="earlier", store=url)
+    ran.clear()
+    with write_lock(path, mode):
+        with pytest.raises(StoreLockedError):
+            flowsdk.run(noop, name="late", store=url)
+        with flowsdk.Client(url) as client:
+            during = [r.name for r in client.runs()]
+            earlier = client.get_run("earlier").phase
+    with flowsdk.Client(url) as client:
+        after = [r.name for r in client.runs()]
+        with pytest.raises(RunNotFoundError):
+            client.get_run("late")
+    assert ran == []
+    assert (during, earlier, after) == (["earlier"], RunPhase.SUCCEEDED, ["earlier"])
+
+
+def test_control_on_a_locked_store_fails_loudly_and_is_never_applied_later(
+    tmp_path: Path,
+) -> None:
+    """P6: Client.abort under another writer's lock raises StoreLockedError; nothing is queued."""
+    path = tmp_path / "s.db"
+    url = sqlite_url(path)
+    with Runner("control.py", url, "p6", "one_child") as runner:
+        runner.started(2)
+        with flowsdk.Client(url + "?busy_timeout=0.2") as client:
+            with write_lock(path), pytest.raises(StoreLockedError):
+                client.abort("p6", "a1", reason="during-lock")
+            sync(client, "p6")
+            live = client.get_run("p6")
+            client.abort("p6", "a1", reason="after-lock")
+            assert runner.finish() == 0
+            run = client.get_run("p6")
+    assert [a.phase for a in live.actions] == [ActionPhase.RUNNING] * 2
+    requests = [e for e in run.events if e.kind is EventKind.REQUEST]
+    assert [e.reason for e in requests] == ["after-lock"]
+
+
+@pytest.mark.slow
+def test_a_runner_survives_a_lock_held_past_its_busy_timeout(tmp_path: Path) -> None:
+    """P6: a lock held across a heartbeat delays the runner's writes; none is lost."""
+    path = tmp_path / "s.db"
+    url = sqlite_url(path) + "?busy_timeout=0.2"
+    with Runner("store_io.py", url, "p6b", "lock_across_heartbeat") as runner:
+        runner.started(1)
+        with flowsdk.Client(url) as client:
+            with write_lock(path):
+                runner.send()
+                runner.expect("SLEPT")
+                during = client.get_run("p6b").phase
+            code = runner.finish()
+            run = client.get_run("p6b")
+    assert during is RunPhase.RUNNING
+    assert code == 0, runner.output
+    assert run.phase is RunPhase.SUCCEEDED
+    assert [a.phase for a in run.actions] == [ActionPhase.SUCCEEDED] * 3
+    assert_clean(run)
+
+
+# -- two processes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-store", "existing-store"])
+def test_two_runners_starting_the_same_run_name_exactly_one_wins(
+    tmp_path: Path, existing: bool
+) -> None:
+    """P7: both start at once; one runs, the other gets RunExistsError; no record is mixed."""
+    url = sqlite_url(tmp_path / "s.db")
+    if existing:
+        flowsdk.run(noop, name="earlier", store=url)
+    with (
+        Runner("store_io.py", url, "p7", "same_name", "A") as a,
+        Runner("store_io.py", url, "p7", "same_name", "B") as b,
+    ):
+        a.expect("READY")
+        b.expect("READY")
+        a.send()
+        b.send()
+        first = {ident: r.expect_any("STARTED", "EXISTS")[0] for ident, r in (("A", a), ("B", b))}
+        [winner] = [ident for ident, word in first.items() if word == "STARTED"]
+        loser = b if winner == "A" else a
+        assert loser.finish() == EXIT_RUN_EXISTS, loser.output
+        assert (a if winner == "A" else b).finish() == 0
+        with flowsdk.Client(url) as client:
+            run = client.get_run("p7")
+            names = sorted(r.name for r in client.runs())
+    assert sorted(first.values()) == ["EXISTS", "STARTED"]
+    assert names == (["earlier", "p7"] if existing else ["p7"])
+    assert [a.task for a in run.actions] == [f"p7{winner}.contender"]
+    assert [e.seq for e in run.events] == list(range(len(run.events)))
+    assert [e.phase for e in run.events if e.kind is EventKind.RUN] == ["RUNNING", "SUCCEEDED"]
+    assert_clean(run)
+
+
+def test_readers_never_wait_for_a_runner_that_is_writing(tmp_path: Path) -> None:
+    """P6/WAL: a second process reads a run while its runner writes, with busy_timeout=0."""
+    path = tmp_path / "s.db"
+    url = sqlite_url(path)
+    with (
+        Runner("store_io.py", url, "busy", "writer") as runner,
+        flowsdk.Client(url + "?busy_timeout=0") as reader,
+        flowsdk.Client(url) as control,
+    ):
+        runner.expect("BATCH")
+        snapshots = []
+        for _ in range(20):
+            snapshots.append(reader.get_run("busy"))
+            runner.expect("BATCH")
+        sync(control, "busy")
+        snapshots.append(reader.get_run("busy"))
+        assert runner.finish() == 0
+    for snapshot in snapshots:
+        assert [e.seq for e in snapshot.events] == list(range(len(snapshot.events)))
+    counts = [len(s.actions) for s in snapshots]
+    assert counts == sorted(counts)
+    assert counts[-1] >= 20 * 20
+
+
+def test_a_write_failure_mid_run_is_reported_and_never_recorded_as_success(
+    tmp_path: Path,
+) -> None:
+    """P8: writes fail (file size limit): teardown completes, flowsdk.run raises StoreError."""
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("store_io.py", url, "p8", "disk_full") as runner:
+        runner.expect("LIMITED")
+        code = runner.finish()
+    with flowsdk.Client(url) as client:
+        run = client.get_run("p8")
+    assert code == EXIT_STORE_ERROR, runner.output
+    assert "CLEANUP a1" in runner.lines
+    assert any(line.startswith("STORE-ERROR StoreError") for line in runner.lines)
+    assert run.phase in (RunPhase.FAILED, RunPhase.CRASHED)
+    assert all(a.phase.terminal for a in run.actions)
+
+
+# -- benchmarks ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench_store.py", "bench_abort.py"])
+def test_benchmark_runs_quick_and_prints_its_table(tmp_path: Path, script: str) -> None:
+    """benchmarks/<script> --quick runs to the end and prints its table (no timing asserted)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "target" in done.stdout
+    assert "|" in done.stdout
