@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	FLOWSDK_STORE=memory:// $(BIN)/python examples/hpo_early_stop.py
+	$(BIN)/python examples/hpo_early_stop.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,6 +31,8 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_abort.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
