@@ -336,7 +336,12 @@ class SQLiteStore:
     ) -> RunRecorder:
         """Create the run's row and start its recorder thread."""
         recorder = _RunRecorder(self, record, loop, handler)
-        await recorder.started
+        try:
+            await recorder.started
+        except BaseException:
+            # The thread has nothing left to do but exit: do not leave it behind.
+            await asyncio.shield(recorder.stopped())
+            raise
         return recorder
 
     # -- reading -----------------------------------------------------------------------
@@ -746,6 +751,11 @@ class _RunRecorder:
     def cache_put(self, task: str, version: str, digest: str, output: bytes) -> None:
         """Remember an output; written with the next batch."""
         self._ops.append((5, (task, version, digest, output, time.time())))
+
+    async def stopped(self) -> None:
+        """Wait for the thread to end (after it failed to create the run)."""
+        await asyncio.shield(self._finished)
+        self._thread.join()
 
     async def close(self) -> None:
         """Flush everything, stop the thread; raise `StoreError` if a write failed."""
