@@ -6,7 +6,14 @@ interleaved, each sample on a fresh event loop after a full collection:
 - (a) sequential awaited calls: a root awaits N children one after another
   (bare asyncio: `await asyncio.create_task(child())`, one Task per call);
   per action, in us;
-- (b) fan-out: a root gathers 10,000 children; in ms.
+- (b) fan-out: a root gathers 10,000 children; in ms;
+- (c) replay on retry: a run records N succeeded children, then its root
+  fails; `Client.retry` replays the N children. The "bare" column is the cost
+  of recording one succeeded action in the first attempt, the flowsdk column
+  the cost of replaying it in the retry (target: replay <= 2x recording);
+- (d) payloads: N sequential children each taking and returning a payload of
+  1 KiB or 1 MiB (bytes), SQLite store, against bare asyncio passing the same
+  bytes; per action.
 
 Each flowsdk sample times the whole `flowsdk.run_async`, so creating the run,
 recording every action and event, flushing the last write and closing the
@@ -51,6 +58,7 @@ class Sizes:
 
 FULL = Sizes(reps=7, seq=1_000, fan=10_000)
 QUICK = Sizes(reps=5, seq=100, fan=1_000)
+KIB, MIB = 1024, 1024 * 1024
 
 env = flowsdk.TaskEnvironment("bench_store")
 
@@ -72,6 +80,38 @@ async def sequential(n: int) -> int:
 @env.task
 async def fan_out(n: int) -> int:
     return sum(await asyncio.gather(*(child() for _ in range(n))))
+
+
+@env.task
+async def replayable(n: int) -> int:
+    total = 0
+    for _ in range(n):
+        total += await child()
+    raise RuntimeError(f"fails after {total} children, so that the run can be retried")
+
+
+@env.task
+async def echo(payload: bytes) -> bytes:
+    return payload
+
+
+@env.task
+async def payloads(n: int, size: int) -> int:
+    data = bytes(size)
+    for _ in range(n):
+        data = await echo(data)
+    return len(data)
+
+
+async def _bare_echo(payload: bytes) -> bytes:
+    return payload
+
+
+async def _bare_payloads(n: int, size: int) -> int:
+    data = bytes(size)
+    for _ in range(n):
+        data = await asyncio.create_task(_bare_echo(data))
+    return len(data)
 
 
 async def _bare_child() -> int:
@@ -147,6 +187,66 @@ def measure(
     return rows
 
 
+def replay_rows(url: str, n: int, reps: int) -> Row:
+    """(c): the cost per action of replaying a recorded success, against recording it."""
+    row = Row(
+        f"(c) replay on retry, N={n:,}, per action (bare column: recording it)",
+        "us",
+        max_ratio=2,
+    )
+    recorded: list[float] = []
+    replayed: list[float] = []
+    try:
+        with flowsdk.Client(url) as client:
+            for rep in range(reps):
+                name = f"replay-{os.getpid()}-{rep}"
+                gc.collect()
+                start = time.perf_counter()
+                first = flowsdk.run(replayable, n, name=name, store=url)
+                recorded.append(time.perf_counter() - start)
+                gc.collect()
+                start = time.perf_counter()
+                second = client.retry(name)
+                replayed.append(time.perf_counter() - start)
+                if sum(a.replayed for a in second.actions) != n or len(first.actions) != n + 1:
+                    raise RuntimeError("the retry did not replay every child")
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:120]
+        return row
+    row.bare = statistics.median(recorded) * 1e6 / n
+    row.flow = statistics.median(replayed) * 1e6 / n
+    return row
+
+
+def payload_row(url: str, size: int, n: int, reps: int) -> Row:
+    """(d): a payload of `size` bytes in and out of each of N actions, SQLite store."""
+    label = f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+    row = Row(f"(d) {label} payload in and out, N={n}, per action, sqlite store", "us")
+    bare: list[float] = []
+    flow: list[float] = []
+
+    async def bare_sample() -> float:
+        start = time.perf_counter()
+        await asyncio.create_task(_bare_payloads(n, size))
+        return time.perf_counter() - start
+
+    try:
+        for _ in range(reps):
+            _sample(bare_sample, bare)
+            gc.collect()
+            start = time.perf_counter()
+            run = flowsdk.run(payloads, n, size, store=url)
+            flow.append(time.perf_counter() - start)
+            if run.result() != size:
+                raise RuntimeError("the payload came back changed")
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {exc}"[:120]
+        return row
+    row.bare = statistics.median(bare) * 1e6 / n
+    row.flow = statistics.median(flow) * 1e6 / n
+    return row
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks, print the table, and return 0 (benchmarks report, never gate)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -189,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes.reps,
             ),
         ]
+        replay_n = sizes.seq
+        rows.append(replay_rows(url, replay_n, sizes.reps))
+        rows.append(payload_row(url, KIB, sizes.seq // 5, sizes.reps))
+        rows.append(payload_row(url, MIB, 10 if not args.quick else 3, sizes.reps))
         with flowsdk.Client(url) as client:
             recorded = len(client.runs())
     print()
