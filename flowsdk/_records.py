@@ -7,7 +7,8 @@ are never retyped, so a store written by an older flowsdk stays readable.
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -27,6 +28,7 @@ __all__ = [
     "StopInfo",
     "StopMode",
     "StopRequest",
+    "event_from_row",
 ]
 
 
@@ -119,6 +121,26 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     requested_by: str | None = None
     message: str | None = None
+
+
+def event_from_row(row: tuple[Any, ...]) -> Event:
+    """Build an `Event` from its stored row.
+
+    The row is (seq, at in epoch seconds, kind, action, phase, cause, reason,
+    requested_by, message), as the runtime keeps it and the SQLite store writes it.
+    """
+    seq, at, kind, action, phase, cause, reason, by, message = row
+    return Event(
+        seq=seq,
+        at=datetime.fromtimestamp(at, UTC),
+        kind=EventKind(kind),
+        action=action,
+        phase=phase,
+        cause=cause,
+        reason=reason,
+        requested_by=by,
+        message=message,
+    )
 
 
 class ActionInfo(msgspec.Struct, frozen=True, kw_only=True):

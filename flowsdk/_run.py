@@ -27,6 +27,7 @@ from flowsdk._records import (
     Event,
     EventKind,
     RunRecord,
+    event_from_row,
 )
 from flowsdk._runtime import (
     ActionState,
@@ -93,21 +94,6 @@ def _record(state: ActionState, run: str) -> ActionRecord:
     )
 
 
-def _event(seq: int, entry: tuple[Any, ...]) -> Event:
-    at, kind, action, phase, cause, reason, by, message = entry
-    return Event(
-        seq=seq,
-        at=datetime.fromtimestamp(at, UTC),
-        kind=EventKind(kind),
-        action=action,
-        phase=phase,
-        cause=cause,
-        reason=reason,
-        requested_by=by,
-        message=message,
-    )
-
-
 class Run(Generic[R]):
     """A run that has ended: its phase, its actions and events, and its result."""
 
@@ -141,7 +127,7 @@ class Run(Generic[R]):
         return cls(
             runtime.run_record(),
             lambda: [_record(a, runtime.name) for a in runtime.actions],
-            lambda: [_event(i, e) for i, e in enumerate(runtime.events)],
+            lambda: [event_from_row((i, *e)) for i, e in enumerate(runtime.events)],
             value=root.value if root.phase is ActionPhase.SUCCEEDED else _MISSING,
             exc=root.exc,
             payloads=lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},

@@ -36,11 +36,11 @@ from flowsdk._records import (
     ActionRecord,
     ControlRequest,
     ErrorInfo,
-    Event,
     EventKind,
     RunRecord,
     StopInfo,
     StopMode,
+    event_from_row,
 )
 from flowsdk.errors import (
     RunExistsError,
@@ -424,7 +424,7 @@ class SQLiteStore:
             actions = [_action_record(name, r) for r in rows]
             payloads = {r[0]: (r[-2], r[-1]) for r in rows}
             events = [
-                _event_record(r)
+                event_from_row(r)
                 for r in conn.execute(
                     "SELECT seq, at, kind, action, phase, cause, reason, requested_by, message "
                     "FROM events WHERE run = ? AND run_attempt = ? ORDER BY seq",
@@ -666,21 +666,6 @@ def _action_record(run: str, row: tuple[Any, ...]) -> ActionRecord:
         cleanup_incomplete=bool(incomplete),
         key=key,
         replayed=bool(replayed),
-    )
-
-
-def _event_record(row: tuple[Any, ...]) -> Event:
-    seq, at, kind, action, phase, cause, reason, by, message = row
-    return Event(
-        seq=seq,
-        at=datetime.fromtimestamp(at, UTC),
-        kind=EventKind(kind),
-        action=action,
-        phase=phase,
-        cause=cause,
-        reason=reason,
-        requested_by=by,
-        message=message,
     )
 
 
