@@ -7,6 +7,7 @@ Importing flowsdk opens no store, starts no thread and installs no hook.
 
 from flowsdk import errors
 from flowsdk._client import Client
+from flowsdk._control import ControlResult
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
@@ -21,7 +22,6 @@ from flowsdk._records import (
     StopInfo,
 )
 from flowsdk._run import Run, RunHandle, run, run_async, start
-from flowsdk._runtime import ControlResult
 from flowsdk._task import Task, TaskEnvironment
 
 __all__ = [

@@ -5,13 +5,13 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from flowsdk._control import NOT_FOUND
+from flowsdk._control import NOT_FOUND, ControlResult
 from flowsdk._payload import decode_output
 from flowsdk._phases import RunPhase
 from flowsdk._records import AbortRequest, ControlRequest, MarkFailedRequest, RunRecord, StopRequest
 from flowsdk._retry import retry_run
 from flowsdk._run import _MISSING, Run
-from flowsdk._runtime import ControlResult, requester
+from flowsdk._runtime import requester
 from flowsdk.errors import ActionNotFoundError, InvalidStateError
 from flowsdk.store import Store, StoredRun, open_store
 

@@ -10,10 +10,10 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from flowsdk._history import History
 from flowsdk._payload import recorded_call
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._run import Run, _Runner, run_sync
-from flowsdk._runtime import History
 from flowsdk._task import Task
 from flowsdk.errors import InvalidStateError
 from flowsdk.store import Store, StoredRun

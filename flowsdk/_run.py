@@ -16,7 +16,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from flowsdk._control import apply_request
+from flowsdk import _control as control
+from flowsdk._control import ControlResult
+from flowsdk._history import History
 from flowsdk._names import check_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
@@ -29,14 +31,7 @@ from flowsdk._records import (
     RunRecord,
     event_from_row,
 )
-from flowsdk._runtime import (
-    ActionState,
-    ControlResult,
-    History,
-    Runtime,
-    TaskTracker,
-    requester,
-)
+from flowsdk._runtime import ActionState, Runtime, TaskTracker, requester
 from flowsdk.errors import (
     ActionAbortedError,
     ActionError,
@@ -275,7 +270,7 @@ class _Runner:
         )
         runtime.history = self.history
         self.recorder = await self.store.open_run(
-            runtime.run_record(), loop, functools.partial(apply_request, runtime)
+            runtime.run_record(), loop, functools.partial(control.apply_request, runtime)
         )
         runtime.attach(self.recorder)
         runtime.tracker = TaskTracker(runtime)
@@ -568,7 +563,7 @@ class RunHandle(Generic[R]):
         Raises:
             ActionNotFoundError: the run has no such action or group.
         """
-        return self._runtime.abort(action, group=group, reason=reason, by=requester())
+        return control.abort(self._runtime, action, group=group, reason=reason, by=requester())
 
     async def stop(self, *, abandon: bool = False, reason: str | None = None) -> ControlResult:
         """Stop the run: let in-progress actions finish, or (`abandon=True`) abandon them.
@@ -576,11 +571,11 @@ class RunHandle(Generic[R]):
         Raises:
             InvalidStateError: the run is already stopping (a second stop-and-wait).
         """
-        result = self._runtime.stop(abandon=abandon, reason=reason, by=requester())
+        result = control.stop(self._runtime, abandon=abandon, reason=reason, by=requester())
         if result.outcome == "refused":
             raise InvalidStateError(result.message)
         return result
 
     async def mark_failed(self, action: str, *, reason: str | None = None) -> ControlResult:
         """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`."""
-        return self._runtime.mark_failed(action, reason=reason, by=requester())
+        return control.mark_failed(self._runtime, action, reason=reason, by=requester())

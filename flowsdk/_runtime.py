@@ -30,20 +30,20 @@ import math
 import os
 import socket
 import time
-import traceback
 from asyncio import CancelledError
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from flowsdk._describe import describe, format_stack, safe_str
 from flowsdk._group import current_group
+from flowsdk._history import History
 from flowsdk._payload import (
     decode_inputs,
     decode_output,
     encode_inputs,
     encode_output,
     inputs_digest,
-    same_inputs,
     task_version,
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
@@ -51,7 +51,6 @@ from flowsdk._records import EventKind, RunRecord, StopInfo, StopMode
 from flowsdk.errors import (
     ActionAbortedError,
     ActionMarkedFailedError,
-    ActionNotFoundError,
     NondeterminismError,
     RunClosedError,
     RunStoppingError,
@@ -64,7 +63,7 @@ if TYPE_CHECKING:
     from flowsdk._task import Task
     from flowsdk.store import RunRecorder
 
-__all__ = ["ActionState", "ControlResult", "Runtime", "action_handle", "current_state"]
+__all__ = ["ActionState", "Runtime", "TaskTracker", "action_handle", "current_state", "requester"]
 
 logger = logging.getLogger("flowsdk")
 
@@ -209,30 +208,6 @@ class ActionState:
     def abort_cause(self) -> AbortCause | None:
         """The abort cause to record, if the action was stopped by cancellation."""
         return self.req if isinstance(self.req, AbortCause) else None
-
-
-class ControlResult:
-    """What a control request did: `applied`, `already_ended` or `refused`.
-
-    Attributes:
-        outcome: `"applied"`, `"already_ended"` or `"refused"`.
-        phase: The named action's phase, or the run's when no action was named.
-        message: One sentence for a person.
-    """
-
-    __slots__ = ("message", "outcome", "phase")
-
-    def __init__(self, outcome: str, phase: str, message: str) -> None:
-        self.outcome = outcome
-        self.phase = phase
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"ControlResult({self.outcome!r}, {self.phase!r}, {self.message!r})"
-
-    def as_dict(self) -> dict[str, str]:
-        """Return the `--json` shape: outcome, phase, message."""
-        return {"outcome": self.outcome, "phase": self.phase, "message": self.message}
 
 
 async def action_handle(
@@ -404,42 +379,6 @@ class TaskTracker:
             self.loop.set_task_factory(self.previous)
 
 
-class History:
-    """What a previous attempt of a run recorded, keyed by call key (for a retry)."""
-
-    __slots__ = ("_calls", "run")
-
-    def __init__(
-        self, run: str, calls: dict[str, tuple[str, bytes | None, str, bytes | None]]
-    ) -> None:
-        self.run = run
-        self._calls = calls
-
-    def match(self, key: str, task: str, inputs: bytes) -> bytes | None:
-        """Return the recorded output to replay for this call, or None to execute it.
-
-        Raises:
-            NondeterminismError: the key was recorded for another task or other inputs.
-        """
-        recorded = self._calls.get(key)
-        if recorded is None:
-            return None
-        rec_task, rec_inputs, phase, output = recorded
-        if rec_task != task or (rec_inputs is not None and not same_inputs(rec_inputs, inputs)):
-            what = "task" if rec_task != task else "inputs"
-            before = inputs_digest(rec_inputs)[:12] if rec_inputs is not None else "?"
-            raise NondeterminismError(
-                f"run {self.run!r} diverged from its history at call {key}: a previous attempt "
-                f"recorded {rec_task} with inputs {before}, this attempt called {task} with "
-                f"inputs {inputs_digest(inputs)[:12]} (the {what} differ). A retry replays only "
-                "calls made in the same order with the same inputs; nothing recorded was handed "
-                "to this call. Start a new run instead"
-            )
-        if phase == SUCCEEDED.value and output is not None:
-            return output
-        return None
-
-
 class Runtime:
     """The live state of one run: its actions, their tasks, and its lifetime.
 
@@ -560,7 +499,7 @@ class Runtime:
             task=self.task_path,
         )
 
-    def _run_changed(self) -> None:
+    def run_changed(self) -> None:
         if self._rec is not None:
             self._rec.run(self.run_record())
 
@@ -799,7 +738,7 @@ class Runtime:
                 self.warn(
                     None,
                     f"an unobserved child failed: {type(exc).__name__}: "
-                    f"{_safe_str(exc) if exc else ''}",
+                    f"{safe_str(exc) if exc else ''}",
                 )
 
     def finish_cancelled(self, action: ActionState) -> None:
@@ -842,7 +781,7 @@ class Runtime:
         if action.phase in _TERMINAL:
             return
         action.exc = exc
-        action.error = (type(exc).__name__, _safe_str(exc), "")
+        action.error = (type(exc).__name__, safe_str(exc), "")
         self._finish(action, CRASHED)
 
     def finish_base_exception(self, action: ActionState, exc: BaseException) -> None:
@@ -1036,7 +975,7 @@ class Runtime:
         action.timer = None
         if action.phase in _TERMINAL:
             return
-        stack = _format_stack(action.atask)
+        stack = format_stack(action.atask)
         self.warn(
             action,
             f"action {action.name} ({action.task.name}) is still running "
@@ -1116,9 +1055,9 @@ class Runtime:
         root = self.root
         if root is None or root.phase in _TERMINAL:
             return
-        self._abort([root], cause, reason, by)
+        self.request_cancel([root], cause, reason, by)
 
-    def _abort(
+    def request_cancel(
         self, targets: list[ActionState], req: Request, reason: str | None, by: str | None
     ) -> None:
         """Request `req` for the live targets, `ancestor` for their descendants; cancel them."""
@@ -1189,164 +1128,6 @@ class Runtime:
         if not self.drained.done():
             self.drained.set_result(None)
 
-    # -- control requests ----------------------------------------------------------
-
-    def find(self, action: str | None, group: str | None) -> list[ActionState]:
-        """Resolve a control target: an action name, a group name, or (neither) the root.
-
-        Raises:
-            ActionNotFoundError: no such action or group; the message lists what exists.
-        """
-        if group is not None:
-            found = [a for a in self.actions if a.group == group]
-            if not found:
-                groups = sorted({a.group for a in self.actions if a.group})
-                raise ActionNotFoundError(
-                    f"run {self.name!r} has no group {group!r}"
-                    + (f"; its groups are: {', '.join(groups)}" if groups else "; it has no groups")
-                )
-            return found
-        if action is None:
-            assert self.root is not None
-            return [self.root]
-        state = self.by_name.get(action)
-        if state is None:
-            raise ActionNotFoundError(
-                f"run {self.name!r} has no action {action!r}; "
-                f"its actions are {_name_range(self.actions)}"
-            )
-        return [state]
-
-    def abort(
-        self,
-        action: str | None = None,
-        *,
-        group: str | None = None,
-        reason: str | None = None,
-        by: str | None = None,
-    ) -> ControlResult:
-        """Abort the run (no action), one action's subtree, or a group's actions.
-
-        Idempotent: an action that has ended, or whose abort is already under
-        way, is left as it is and the result says so.
-        """
-        targets = self.find(action, group)
-        if action is not None:
-            what = f"action {action}"
-        elif group is not None:
-            what = f"group {group!r}"
-        else:
-            what = ""
-            if self.phase.terminal:
-                return ControlResult(
-                    "already_ended",
-                    self.phase.value,
-                    f"run {self.name!r} already finished: {self.phase.value}",
-                )
-            if self.closed:
-                return ControlResult(
-                    "already_ended",
-                    self.phase.value,
-                    f"run {self.name!r} is finishing (its root has exited); nothing left to abort",
-                )
-
-        target = f"{what} of run {self.name!r}" if what else f"run {self.name!r}"
-
-        def phase() -> str:
-            return targets[0].phase.value if action is not None else self.phase.value
-
-        live = [t for t in targets if t.phase not in _TERMINAL]
-        if not live:
-            return ControlResult("already_ended", phase(), f"{target} already finished: {phase()}")
-        fresh = [t for t in live if t.req is not EXTERNAL]
-        if not fresh:
-            return ControlResult(
-                "applied",
-                phase(),
-                f"abort of {target} already requested at {_iso(live[0].req_at)}",
-            )
-        self.event(
-            EventKind.REQUEST,
-            action,
-            message=f"abort {what or 'run'}",
-            reason=reason,
-            requested_by=by,
-        )
-        self._abort(fresh, EXTERNAL, reason, by)
-        return ControlResult("applied", phase(), f"abort of {target} applied")
-
-    def stop(
-        self, *, abandon: bool = False, reason: str | None = None, by: str | None = None
-    ) -> ControlResult:
-        """Stop the run: wait for in-progress actions (default), or abandon them.
-
-        A stop-and-abandon also escalates a run that is already stopping; a
-        second stop-and-wait is refused.
-        """
-        if self.phase.terminal:
-            return ControlResult(
-                "already_ended",
-                self.phase.value,
-                f"run {self.name!r} already finished: {self.phase.value}",
-            )
-        mode = StopMode.ABANDON if abandon else StopMode.WAIT
-        if self.stop_mode is StopMode.ABANDON or (
-            self.stop_mode is StopMode.WAIT and mode is StopMode.WAIT
-        ):
-            hint = (
-                "; use 'stop --abandon' to stop waiting for its actions"
-                if mode is StopMode.WAIT
-                else ""
-            )
-            return ControlResult(
-                "refused",
-                self.phase.value,
-                f"run {self.name!r} is already stopping ({self.stop_mode.value}){hint}",
-            )
-        if self.closed and mode is StopMode.WAIT:
-            return ControlResult(
-                "already_ended",
-                self.phase.value,
-                f"run {self.name!r} is finishing (its root has exited)",
-            )
-        self.event(
-            EventKind.REQUEST, None, message=f"stop ({mode.value})", reason=reason, requested_by=by
-        )
-        self.stop_mode = mode
-        self.stop_info = (mode, reason, by, time.time())
-        if self.phase is RunPhase.RUNNING:
-            self.phase = RunPhase.STOPPING
-            self.event(EventKind.RUN, None, RunPhase.STOPPING.value, reason=reason, requested_by=by)
-        self._run_changed()
-        if mode is StopMode.ABANDON:
-            self.abandon_all(STOP, reason, by)
-        return ControlResult(
-            "applied", self.phase.value, f"stop ({mode.value}) of run {self.name!r} applied"
-        )
-
-    def mark_failed(
-        self, action: str, *, reason: str | None = None, by: str | None = None
-    ) -> ControlResult:
-        """Mark one action as failed: its body gets `CancelledError` and it ends FAILED."""
-        [target] = self.find(action, None)
-        if target.phase in _TERMINAL:
-            return ControlResult(
-                "already_ended",
-                target.phase.value,
-                f"action {action} of run {self.name!r} already finished: {target.phase.value}",
-            )
-        if target.req is _Internal.MARK_FAILED:
-            return ControlResult(
-                "applied",
-                target.phase.value,
-                f"action {action} of run {self.name!r} is already being marked as failed",
-            )
-        self.event(EventKind.REQUEST, action, message="mark failed", reason=reason, requested_by=by)
-        self._abort([target], _Internal.MARK_FAILED, reason, by)
-        return ControlResult(
-            "applied", target.phase.value, f"action {action} of run {self.name!r} marked as failed"
-        )
-
     # -- end of the run ------------------------------------------------------------
 
     def final_phase(self) -> RunPhase:
@@ -1377,19 +1158,11 @@ class Runtime:
         self.phase = self.final_phase()
         self.ended_at = time.time()
         self.event(EventKind.RUN, None, self.phase.value)
-        self._run_changed()
+        self.run_changed()
 
 
 def _start_order(action: ActionState) -> int:
     return action.seq
-
-
-def _name_range(actions: list[ActionState]) -> str:
-    if not actions:
-        return "none"
-    if len(actions) <= 8:
-        return ", ".join(a.name for a in actions)
-    return f"{actions[0].name}..{actions[-1].name} ({len(actions)} actions)"
 
 
 def _dt(at: float) -> datetime:
@@ -1398,59 +1171,3 @@ def _dt(at: float) -> datetime:
 
 def _iso(at: float | None) -> str:
     return "?" if at is None else _dt(at).isoformat()
-
-
-def _format_stack(task: asyncio.Task[Any] | None) -> str:
-    """Show where a task's coroutine chain is suspended, innermost last.
-
-    `Task.get_stack()` shows only the task's own frame; following `cr_await`
-    reaches the user's body and whatever it is stuck in.
-    """
-    if task is None:
-        return "  (no task)"
-    lines: list[str] = []
-    coro: Any = task.get_coro()
-    while coro is not None and len(lines) < 20:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
-            break
-        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return "\n".join(lines) or "  (no frames)"
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__}>"
-    if len(text) > _MESSAGE_LIMIT:
-        text = text[:_MESSAGE_LIMIT] + f"... ({len(text) - _MESSAGE_LIMIT} more characters)"
-    return text
-
-
-def describe(exc: BaseException) -> tuple[str, str, str]:
-    """Return an exception's recorded form: type name, message, traceback text.
-
-    Never raises, whatever the exception's `__str__` does.
-    """
-    if isinstance(exc, RuntimeUserError) and exc.error_type:
-        # A child's error passing through unwrapped: record the original's type,
-        # message and traceback text as the child recorded them. Formatting the
-        # ever-growing traceback again at every level would cost depth squared.
-        return exc.error_type, exc.error_message, exc.error_traceback
-    else:
-        cls = type(exc)
-        name = (
-            cls.__qualname__
-            if cls.__module__ in ("builtins", "__main__")
-            else f"{cls.__module__}.{cls.__qualname__}"
-        )
-        message = _safe_str(exc)
-    try:
-        text = "".join(traceback.format_exception(exc))
-    except Exception:
-        text = f"{name}: {message}\n(traceback could not be formatted)"
-    if len(text) > _TRACEBACK_LIMIT:
-        text = text[: _TRACEBACK_LIMIT // 2] + "\n...\n" + text[-_TRACEBACK_LIMIT // 2 :]
-    return name, message, text

@@ -14,8 +14,9 @@ from typing import Any
 import msgspec
 
 from flowsdk._client import Client
+from flowsdk._control import ControlResult
 from flowsdk._records import StopRequest
-from flowsdk._runtime import ControlResult, requester
+from flowsdk._runtime import requester
 from flowsdk.cli._output import EXIT_OK, EXIT_REFUSED, Output, UsageError, open_client
 from flowsdk.cli._show import wait_for_end
 

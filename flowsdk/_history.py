@@ -1,0 +1,45 @@
+"""What earlier attempts of a run recorded, for a retry to replay."""
+
+from __future__ import annotations
+
+from flowsdk._payload import inputs_digest, same_inputs
+from flowsdk._phases import ActionPhase
+from flowsdk.errors import NondeterminismError
+
+__all__ = ["History"]
+
+
+class History:
+    """What a previous attempt of a run recorded, keyed by call key (for a retry)."""
+
+    __slots__ = ("_calls", "run")
+
+    def __init__(
+        self, run: str, calls: dict[str, tuple[str, bytes | None, str, bytes | None]]
+    ) -> None:
+        self.run = run
+        self._calls = calls
+
+    def match(self, key: str, task: str, inputs: bytes) -> bytes | None:
+        """Return the recorded output to replay for this call, or None to execute it.
+
+        Raises:
+            NondeterminismError: the key was recorded for another task or other inputs.
+        """
+        recorded = self._calls.get(key)
+        if recorded is None:
+            return None
+        rec_task, rec_inputs, phase, output = recorded
+        if rec_task != task or (rec_inputs is not None and not same_inputs(rec_inputs, inputs)):
+            what = "task" if rec_task != task else "inputs"
+            before = inputs_digest(rec_inputs)[:12] if rec_inputs is not None else "?"
+            raise NondeterminismError(
+                f"run {self.run!r} diverged from its history at call {key}: a previous attempt "
+                f"recorded {rec_task} with inputs {before}, this attempt called {task} with "
+                f"inputs {inputs_digest(inputs)[:12]} (the {what} differ). A retry replays only "
+                "calls made in the same order with the same inputs; nothing recorded was handed "
+                "to this call. Start a new run instead"
+            )
+        if phase == ActionPhase.SUCCEEDED.value and output is not None:
+            return output
+        return None
