@@ -264,7 +264,6 @@ class _Runner:
         runtime = Runtime(
             self.name,
             loop,
-            owns_loop=self.owns_loop,
             task_path=task_path(self.task),
             attempt=self.attempt,
         )

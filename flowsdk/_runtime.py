@@ -392,7 +392,6 @@ class Runtime:
         name: str,
         loop: asyncio.AbstractEventLoop,
         *,
-        owns_loop: bool,
         attempt: int = 1,
         task_path: str = "",
     ) -> None:
@@ -405,7 +404,6 @@ class Runtime:
         self.tracker: TaskTracker | None = None
         self._timers: dict[tuple[int, Callable[[ActionState], None]], list[ActionState]] = {}
         self.loop = loop
-        self.owns_loop = owns_loop
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None

@@ -385,15 +385,3 @@ class SQLiteStore:
                 f"the runner of run {run!r} is gone; the run is recorded CRASHED",
             )
         return None
-
-    def runner_alive(self, record: RunRecord) -> bool:
-        """Whether the process running `record` is alive (reads the owner row)."""
-        conn = self._read()
-        if conn is None:
-            return False
-        with translate(self.path):
-            row = conn.execute(
-                "SELECT owner, heartbeat FROM runs WHERE name = ? AND attempt = ?",
-                (record.name, record.attempt),
-            ).fetchone()
-        return bool(row and row[0] is not None and is_alive(_owner_decoder.decode(row[0]), row[1]))
