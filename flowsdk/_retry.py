@@ -18,7 +18,9 @@ from flowsdk._task import Task
 from flowsdk.errors import InvalidStateError
 from flowsdk.store import Store, StoredRun
 
-__all__ = ["import_task", "retry_run"]
+__all__ = ["SCRIPT_PATH", "import_task", "retry_run"]
+
+SCRIPT_PATH = "__flowsdk_script__"
 
 RETRYABLE = frozenset({RunPhase.FAILED, RunPhase.ABORTED, RunPhase.STOPPED, RunPhase.CRASHED})
 
@@ -74,6 +76,9 @@ def _import_file(path: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise InvalidStateError(f"cannot import the script {path!r}")
     module = importlib.util.module_from_spec(spec)
+    # Where it came from: a run started from this module records the file again,
+    # so a later retry (from any process) finds it the same way.
+    module.__dict__[SCRIPT_PATH] = os.path.abspath(path)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)

@@ -519,6 +519,9 @@ def task_path(task: Task[..., Any]) -> str:
     """
     fn = task.fn
     module = fn.__module__
+    script = getattr(sys.modules.get(module), "__flowsdk_script__", None)
+    if script is not None:
+        return f"{script}:{fn.__qualname__}"  # a script that a retry or `flowsdk run` imported
     if module == "__main__":
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)

@@ -142,3 +142,21 @@ def test_parse_arguments_splits_positional_and_keyword_values() -> None:
         parse_arguments(["k=1", "2"])
     with pytest.raises(UsageError):
         parse_arguments(["k=1", "k=2"])
+
+
+def test_a_script_run_can_be_retried_again_and_again(project: Path) -> None:
+    """A run started from path/script.py:TASK keeps recording the file on every attempt."""
+    script = str(project / "wf.py")
+    assert (
+        flowsdk_cli(project, "run", f"{script}:main", "1", "flaky=true", "--name", "s1").returncode
+        == 6
+    )
+    for attempt in (2, 3):
+        proc = flowsdk_cli(project, "retry", "s1", "--json")
+        assert proc.returncode == 6, proc.stderr  # still flaky: FAILED again, but it ran
+        data = json.loads(proc.stdout)
+        assert data["run"]["attempt"] == attempt
+        assert data["run"]["task"] == f"{script}:main"
+    (project / "fixed").touch()
+    assert flowsdk_cli(project, "retry", "s1").returncode == 0
+    assert (project / "calls.log").read_text() == "add 1 2\n"  # replayed every time after the first
