@@ -13,13 +13,16 @@ from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk._records import (
     AbortInfo,
+    AbortRequest,
     ActionInfo,
     ActionRecord,
     ErrorInfo,
     Event,
     EventKind,
+    MarkFailedRequest,
     RunRecord,
     StopInfo,
+    StopRequest,
 )
 from flowsdk._run import Run, RunHandle, run, run_async, start
 from flowsdk._task import Task, TaskEnvironment
@@ -27,6 +30,7 @@ from flowsdk._task import Task, TaskEnvironment
 __all__ = [
     "AbortCause",
     "AbortInfo",
+    "AbortRequest",
     "ActionInfo",
     "ActionPhase",
     "ActionRecord",
@@ -35,11 +39,13 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventKind",
+    "MarkFailedRequest",
     "Run",
     "RunHandle",
     "RunPhase",
     "RunRecord",
     "StopInfo",
+    "StopRequest",
     "Task",
     "TaskEnvironment",
     "current_action",
