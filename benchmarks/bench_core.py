@@ -147,81 +147,88 @@ def _check(run: flowsdk.Run[Any], phase: flowsdk.RunPhase, actions: int) -> None
         raise RuntimeError(f"unexpected run: {run.phase.value} with {len(run.actions)} actions")
 
 
-# -- (a) sequential awaited calls ------------------------------------------------------
+# -- the shapes of (a) and (b), shared with bench_store.py --------------------------------
+
+env = flowsdk.TaskEnvironment("bench")
 
 
-async def _bare_child() -> int:
+@env.task
+async def child() -> int:
     await asyncio.sleep(0)
     return 1
 
 
-def sequential(sizes: Sizes) -> Row:
-    n = sizes.seq
+@env.task
+async def sequential_root(n: int) -> int:
+    total = 0
+    for _ in range(n):
+        total += await child()
+    return total
 
-    async def bare_root() -> None:
-        for _ in range(n):
-            await asyncio.create_task(_bare_child())
 
-    async def bare() -> float:
+@env.task
+async def fan_out_root(n: int) -> int:
+    return sum(await asyncio.gather(*(child() for _ in range(n))))
+
+
+async def bare_child() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+async def bare_sequential(n: int) -> int:
+    total = 0
+    for _ in range(n):
+        total += await asyncio.create_task(bare_child())
+    return total
+
+
+async def bare_fan_out(n: int) -> int:
+    return sum(await asyncio.gather(*(bare_child() for _ in range(n))))
+
+
+Sample = Callable[[], Coroutine[Any, Any, float]]
+
+
+def bare_sample(shape: Callable[[int], Coroutine[Any, Any, int]], n: int) -> Sample:
+    """A sample timing bare asyncio's `shape(n)` in a task of its own."""
+
+    async def sample() -> float:
         start = time.perf_counter()
-        await asyncio.create_task(bare_root())
+        await asyncio.create_task(shape(n))
         return time.perf_counter() - start
 
-    async def flow() -> float:
-        env = flowsdk.TaskEnvironment("bench")
+    return sample
 
-        @env.task
-        async def child() -> int:
-            await asyncio.sleep(0)
-            return 1
 
-        @env.task
-        async def root(count: int) -> None:
-            for _ in range(count):
-                await child()
+def flow_sample(task: flowsdk.Task[[int], int], n: int, store: Callable[[], Any]) -> Sample:
+    """A sample timing the whole `flowsdk.run_async(task, n)`: creating, recording, closing."""
 
+    async def sample() -> float:
         start = time.perf_counter()
-        run = await flowsdk.run_async(root, n, store=STORE)
+        run = await flowsdk.run_async(task, n, store=store())
         elapsed = time.perf_counter() - start
         _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
         return elapsed
 
+    return sample
+
+
+def _memory() -> str:
+    return STORE
+
+
+def sequential(sizes: Sizes) -> Row:
+    n = sizes.seq
     row = Row(f"(a) sequential awaited calls, N={n:,}, per action", "us", max_ratio=3)
-    return _measure(row, bare, flow, sizes.reps, 1e6 / n)
-
-
-# -- (b) gather fan-out -----------------------------------------------------------------
+    flow = flow_sample(sequential_root, n, _memory)
+    return _measure(row, bare_sample(bare_sequential, n), flow, sizes.reps, 1e6 / n)
 
 
 def fan_out(sizes: Sizes, n: int) -> Row:
-    async def bare_root() -> None:
-        await asyncio.gather(*(_bare_child() for _ in range(n)))
-
-    async def bare() -> float:
-        start = time.perf_counter()
-        await asyncio.create_task(bare_root())
-        return time.perf_counter() - start
-
-    async def flow() -> float:
-        env = flowsdk.TaskEnvironment("bench")
-
-        @env.task
-        async def child() -> int:
-            await asyncio.sleep(0)
-            return 1
-
-        @env.task
-        async def root(count: int) -> None:
-            await asyncio.gather(*(child() for _ in range(count)))
-
-        start = time.perf_counter()
-        run = await flowsdk.run_async(root, n, store=STORE)
-        elapsed = time.perf_counter() - start
-        _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
-        return elapsed
-
     row = Row(f"(b) gather fan-out of {n:,} children", "ms", max_ratio=5)
-    return _measure(row, bare, flow, sizes.reps, 1e3)
+    flow = flow_sample(fan_out_root, n, _memory)
+    return _measure(row, bare_sample(bare_fan_out, n), flow, sizes.reps, 1e3)
 
 
 # -- (c) memory per in-flight action ------------------------------------------------------

@@ -36,12 +36,22 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from bench_core import Row, render
+from bench_core import (
+    Row,
+    Sample,
+    bare_fan_out,
+    bare_sample,
+    bare_sequential,
+    child,
+    fan_out_root,
+    flow_sample,
+    render,
+    sequential_root,
+)
 
 import flowsdk
 from flowsdk.store import MemoryStore
@@ -61,25 +71,6 @@ QUICK = Sizes(reps=5, seq=100, fan=1_000)
 KIB, MIB = 1024, 1024 * 1024
 
 env = flowsdk.TaskEnvironment("bench_store")
-
-
-@env.task
-async def child() -> int:
-    await asyncio.sleep(0)
-    return 1
-
-
-@env.task
-async def sequential(n: int) -> int:
-    total = 0
-    for _ in range(n):
-        total += await child()
-    return total
-
-
-@env.task
-async def fan_out(n: int) -> int:
-    return sum(await asyncio.gather(*(child() for _ in range(n))))
 
 
 @env.task
@@ -112,47 +103,6 @@ async def _bare_payloads(n: int, size: int) -> int:
     for _ in range(n):
         data = await asyncio.create_task(_bare_echo(data))
     return len(data)
-
-
-async def _bare_child() -> int:
-    await asyncio.sleep(0)
-    return 1
-
-
-async def _bare_sequential(n: int) -> int:
-    total = 0
-    for _ in range(n):
-        total += await asyncio.create_task(_bare_child())
-    return total
-
-
-async def _bare_fan_out(n: int) -> int:
-    return sum(await asyncio.gather(*(_bare_child() for _ in range(n))))
-
-
-Sample = Callable[[], Coroutine[Any, Any, float]]
-
-
-def _bare(shape: Callable[[int], Coroutine[Any, Any, int]], n: int) -> Sample:
-    async def sample() -> float:
-        start = time.perf_counter()
-        await asyncio.create_task(shape(n))
-        return time.perf_counter() - start
-
-    return sample
-
-
-def _flow(task: flowsdk.Task[[int], int], n: int, store: Callable[[], Any]) -> Sample:
-    async def sample() -> float:
-        where = store()
-        start = time.perf_counter()
-        run = await flowsdk.run_async(task, n, store=where)
-        elapsed = time.perf_counter() - start
-        if run.phase is not flowsdk.RunPhase.SUCCEEDED or len(run.actions) != n + 1:
-            raise RuntimeError(f"unexpected run: {run.phase.value}, {len(run.actions)} actions")
-        return elapsed
-
-    return sample
 
 
 def _sample(make: Sample, samples: list[float]) -> None:
@@ -270,9 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 1e6 / sizes.seq,
                 (3, 10),
                 {
-                    "bare": _bare(_bare_sequential, sizes.seq),
-                    "memory": _flow(sequential, sizes.seq, MemoryStore),
-                    "sqlite": _flow(sequential, sizes.seq, lambda: url),
+                    "bare": bare_sample(bare_sequential, sizes.seq),
+                    "memory": flow_sample(sequential_root, sizes.seq, MemoryStore),
+                    "sqlite": flow_sample(sequential_root, sizes.seq, lambda: url),
                 },
                 sizes.reps,
             ),
@@ -282,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 1e3,
                 (5, 15),
                 {
-                    "bare": _bare(_bare_fan_out, sizes.fan),
-                    "memory": _flow(fan_out, sizes.fan, MemoryStore),
-                    "sqlite": _flow(fan_out, sizes.fan, lambda: url),
+                    "bare": bare_sample(bare_fan_out, sizes.fan),
+                    "memory": flow_sample(fan_out_root, sizes.fan, MemoryStore),
+                    "sqlite": flow_sample(fan_out_root, sizes.fan, lambda: url),
                 },
                 sizes.reps,
             ),
