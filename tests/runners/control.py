@@ -127,8 +127,9 @@ async def blocker() -> None:
         flowsdk.current_action().run,
     )
     say("SAW-REQUEST", state)
-    # Still blocking the loop: that is the scenario (X12).
-    time.sleep(max(0.0, unblock_at - time.monotonic()))  # noqa: ASYNC251
+    # Still blocking the loop on purpose: a body that blocks the loop is the
+    # scenario under test (X12), so this sleep is the behaviour, not a wait.
+    time.sleep(max(0.0, unblock_at - time.monotonic()))  # noqa: ASYNC251 - blocking is the point
     try:
         await asyncio.sleep(3600)
     except CancelledError:
