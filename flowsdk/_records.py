@@ -28,7 +28,9 @@ __all__ = [
     "StopInfo",
     "StopMode",
     "StopRequest",
+    "action_from_row",
     "event_from_row",
+    "to_datetime",
 ]
 
 
@@ -121,6 +123,67 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     requested_by: str | None = None
     message: str | None = None
+
+
+def action_from_row(run: str, row: tuple[Any, ...]) -> ActionRecord:
+    """Build an `ActionRecord` from its row, as the runtime makes it and the store keeps it.
+
+    The row is (name, seq, parent, task, group, phase, attempt, started_at,
+    ended_at, error type, message, traceback, abort reason, cause, requested_by,
+    requested_at, cleanup_incomplete, key, replayed, inputs, output), times in
+    epoch seconds.
+    """
+    (
+        name,
+        _seq,
+        parent,
+        task,
+        grp,
+        phase,
+        attempt,
+        started,
+        ended,
+        etype,
+        emsg,
+        etb,
+        areason,
+        acause,
+        aby,
+        aat,
+        incomplete,
+        key,
+        replayed,
+        _inputs,
+        _output,
+    ) = row
+    return ActionRecord(
+        run=run,
+        name=name,
+        parent=parent,
+        task=task,
+        group=grp,
+        phase=ActionPhase(phase),
+        attempt=attempt,
+        started_at=to_datetime(started),
+        ended_at=to_datetime(ended),
+        error=ErrorInfo(type=etype, message=emsg or "", traceback=etb or "") if etype else None,
+        abort=AbortInfo(
+            reason=areason,
+            cause=AbortCause(acause),
+            requested_by=aby,
+            requested_at=to_datetime(aat),
+        )
+        if acause
+        else None,
+        cleanup_incomplete=bool(incomplete),
+        key=key,
+        replayed=bool(replayed),
+    )
+
+
+def to_datetime(at: float | None) -> datetime | None:
+    """Turn epoch seconds (how times are kept and stored) into an aware UTC datetime."""
+    return None if at is None else datetime.fromtimestamp(at, UTC)
 
 
 def event_from_row(row: tuple[Any, ...]) -> Event:

@@ -13,7 +13,6 @@ import sys
 import threading
 from asyncio import CancelledError
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from flowsdk import _control as control
@@ -23,15 +22,14 @@ from flowsdk._names import check_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk._records import (
-    AbortInfo,
     ActionRecord,
-    ErrorInfo,
     Event,
     EventKind,
     RunRecord,
+    action_from_row,
     event_from_row,
 )
-from flowsdk._runtime import ActionState, Runtime, TaskTracker, requester
+from flowsdk._runtime import Runtime, TaskTracker, requester
 from flowsdk.errors import (
     ActionAbortedError,
     ActionError,
@@ -55,38 +53,6 @@ R = TypeVar("R")
 # still pending (abandoned actions, plain asyncio tasks) before naming them.
 FINAL_DRAIN = 1.0
 _MISSING: Any = object()
-
-
-def _dt(at: float | None) -> datetime | None:
-    return None if at is None else datetime.fromtimestamp(at, UTC)
-
-
-def _record(state: ActionState, run: str) -> ActionRecord:
-    error = state.error
-    req = state.abort_cause
-    return ActionRecord(
-        run=run,
-        name=state.name,
-        parent=state.parent.name if state.parent is not None else None,
-        task=state.task.name,
-        group=state.group,
-        phase=state.phase,
-        attempt=state.attempt,
-        started_at=_dt(state.started_at),
-        ended_at=_dt(state.ended_at),
-        error=ErrorInfo(type=error[0], message=error[1], traceback=error[2]) if error else None,
-        abort=AbortInfo(
-            reason=state.req_reason,
-            cause=req,
-            requested_by=state.req_by,
-            requested_at=_dt(state.req_at),
-        )
-        if req is not None
-        else None,
-        cleanup_incomplete=state.cleanup_incomplete,
-        key=state.key,
-        replayed=state.replayed,
-    )
 
 
 class Run(Generic[R]):
@@ -121,7 +87,7 @@ class Run(Generic[R]):
         assert root is not None
         return cls(
             runtime.run_record(),
-            lambda: [_record(a, runtime.name) for a in runtime.actions],
+            lambda: [action_from_row(runtime.name, runtime.action_row(a)) for a in runtime.actions],
             lambda: [event_from_row((i, *e)) for i, e in enumerate(runtime.events)],
             value=root.value if root.phase is ActionPhase.SUCCEEDED else _MISSING,
             exc=root.exc,

@@ -47,7 +47,7 @@ from flowsdk._payload import (
     task_version,
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
-from flowsdk._records import EventKind, RunRecord, StopInfo, StopMode
+from flowsdk._records import EventKind, RunRecord, StopInfo, StopMode, to_datetime
 from flowsdk.errors import (
     ActionAbortedError,
     ActionMarkedFailedError,
@@ -448,36 +448,36 @@ class Runtime:
 
     def _changed(self, action: ActionState) -> None:
         """Send the action's current state to the store (if it streams)."""
-        rec = self._rec
-        if rec is None:
-            return
+        if self._rec is not None:
+            self._rec.action(self.action_row(action))
+
+    def action_row(self, action: ActionState) -> tuple[Any, ...]:
+        """The action's state as a row (see `flowsdk._records.action_from_row`)."""
         error = action.error
         req = action.req
         cause = req.value if isinstance(req, AbortCause) else None
-        rec.action(
-            (
-                action.name,
-                action.seq,
-                action.parent.name if action.parent is not None else None,
-                action.task.name,
-                action.group,
-                action.phase.value,
-                action.attempt,
-                action.started_at,
-                action.ended_at,
-                error[0] if error else None,
-                error[1] if error else None,
-                error[2] if error else None,
-                action.req_reason if cause else None,
-                cause,
-                action.req_by if cause else None,
-                action.req_at if cause else None,
-                int(action.cleanup_incomplete),
-                action.key,
-                int(action.replayed),
-                action.inputs,
-                action.output,
-            )
+        return (
+            action.name,
+            action.seq,
+            action.parent.name if action.parent is not None else None,
+            action.task.name,
+            action.group,
+            action.phase.value,
+            action.attempt,
+            action.started_at,
+            action.ended_at,
+            error[0] if error else None,
+            error[1] if error else None,
+            error[2] if error else None,
+            action.req_reason if cause else None,
+            cause,
+            action.req_by if cause else None,
+            action.req_at if cause else None,
+            int(action.cleanup_incomplete),
+            action.key,
+            int(action.replayed),
+            action.inputs,
+            action.output,
         )
 
     def run_record(self) -> RunRecord:
@@ -486,11 +486,14 @@ class Runtime:
         return RunRecord(
             name=self.name,
             phase=self.phase,
-            started_at=_dt(self.started_at),
-            ended_at=_dt(self.ended_at) if self.ended_at is not None else None,
+            started_at=datetime.fromtimestamp(self.started_at, UTC),
+            ended_at=to_datetime(self.ended_at),
             attempt=self.attempt,
             stop=StopInfo(
-                mode=stop[0], reason=stop[1], requested_by=stop[2], requested_at=_dt(stop[3])
+                mode=stop[0],
+                reason=stop[1],
+                requested_by=stop[2],
+                requested_at=datetime.fromtimestamp(stop[3], UTC),
             )
             if stop
             else None,
@@ -1163,9 +1166,5 @@ def _start_order(action: ActionState) -> int:
     return action.seq
 
 
-def _dt(at: float) -> datetime:
-    return datetime.fromtimestamp(at, UTC)
-
-
 def _iso(at: float | None) -> str:
-    return "?" if at is None else _dt(at).isoformat()
+    return "?" if at is None else datetime.fromtimestamp(at, UTC).isoformat()

@@ -28,6 +28,7 @@ from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ControlRequest,
     RunRecord,
+    action_from_row,
     event_from_row,
 )
 from flowsdk.errors import (
@@ -52,7 +53,6 @@ from flowsdk.store._sqlite_schema import (
     _answer_decoder,
     _owner_decoder,
     _request_encoder,
-    action_record,
     mark_crashed,
     run_record,
     translate,
@@ -286,7 +286,7 @@ class SQLiteStore:
                     (name, record.attempt),
                 )
             )
-            actions = [action_record(name, r) for r in rows]
+            actions = [action_from_row(name, r) for r in rows]
             payloads = {r[0]: (r[-2], r[-1]) for r in rows}
             events = [
                 event_from_row(r)

@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from flowsdk._liveness import Owner
-from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk._phases import RunPhase
 from flowsdk._records import (
-    AbortInfo,
-    ActionRecord,
     ControlRequest,
-    ErrorInfo,
     EventKind,
     RunRecord,
     StopInfo,
     StopMode,
+    to_datetime,
 )
 from flowsdk.errors import (
     StoreCorruptedError,
@@ -40,7 +38,6 @@ __all__ = [
     "ACTION_COLUMNS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
-    "action_record",
     "mark_crashed",
     "run_record",
     "translate",
@@ -153,10 +150,6 @@ RUN_COLUMNS = (
 )
 
 
-def _dt(at: float | None) -> datetime | None:
-    return None if at is None else datetime.fromtimestamp(at, UTC)
-
-
 def _ts(at: datetime | None) -> float | None:
     return None if at is None else at.timestamp()
 
@@ -261,7 +254,7 @@ def run_record(row: tuple[Any, ...]) -> RunRecord:
         name=name,
         phase=RunPhase(phase),
         started_at=datetime.fromtimestamp(started, UTC),
-        ended_at=_dt(ended),
+        ended_at=to_datetime(ended),
         attempt=attempt,
         stop=StopInfo(
             mode=StopMode(mode),
@@ -272,50 +265,4 @@ def run_record(row: tuple[Any, ...]) -> RunRecord:
         if mode
         else None,
         task=task,
-    )
-
-
-def action_record(run: str, row: tuple[Any, ...]) -> ActionRecord:
-    (
-        name,
-        _seq,
-        parent,
-        task,
-        grp,
-        phase,
-        attempt,
-        started,
-        ended,
-        etype,
-        emsg,
-        etb,
-        areason,
-        acause,
-        aby,
-        aat,
-        incomplete,
-        key,
-        replayed,
-        _inputs,
-        _output,
-    ) = row
-    return ActionRecord(
-        run=run,
-        name=name,
-        parent=parent,
-        task=task,
-        group=grp,
-        phase=ActionPhase(phase),
-        attempt=attempt,
-        started_at=_dt(started),
-        ended_at=_dt(ended),
-        error=ErrorInfo(type=etype, message=emsg or "", traceback=etb or "") if etype else None,
-        abort=AbortInfo(
-            reason=areason, cause=AbortCause(acause), requested_by=aby, requested_at=_dt(aat)
-        )
-        if acause
-        else None,
-        cleanup_incomplete=bool(incomplete),
-        key=key,
-        replayed=bool(replayed),
     )
