@@ -7,7 +7,6 @@ Importing flowsdk opens no store, starts no thread and installs no hook.
 
 from flowsdk import errors
 from flowsdk._client import Client
-from flowsdk._control import ControlResult
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
@@ -16,15 +15,20 @@ from flowsdk._records import (
     AbortRequest,
     ActionInfo,
     ActionRecord,
+    Actor,
+    ControlResult,
     ErrorInfo,
     Event,
     EventKind,
     MarkFailedRequest,
+    Outcome,
+    Role,
     RunRecord,
     StopInfo,
     StopRequest,
 )
-from flowsdk._run import Run, RunHandle, run, run_async, start
+from flowsdk._result import Run
+from flowsdk._run import RunHandle, run, run_async, start
 from flowsdk._task import Task, TaskEnvironment
 
 __all__ = [
@@ -34,12 +38,15 @@ __all__ = [
     "ActionInfo",
     "ActionPhase",
     "ActionRecord",
+    "Actor",
     "Client",
     "ControlResult",
     "ErrorInfo",
     "Event",
     "EventKind",
     "MarkFailedRequest",
+    "Outcome",
+    "Role",
     "Run",
     "RunHandle",
     "RunPhase",

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from flowsdk._action import current_state
 from flowsdk._records import ActionInfo
-from flowsdk._runtime import current_state
 from flowsdk.errors import NotInRunError
 
 __all__ = ["current_action"]
 
 
 def current_action() -> ActionInfo:
-    """Return the calling action's run, name, task, attempt and group.
+    """Return the calling action's run, name, task, attempt, group and abort.
 
     Inside a plain asyncio task started by an action's body, this is that
-    action.
+    action. `abort` is `None` until a cancellation has been delivered to the
+    action; then it holds the request's reason, cause, requester and time.
 
     Raises:
         NotInRunError: called outside a run.
@@ -24,10 +25,12 @@ def current_action() -> ActionInfo:
             "flowsdk.current_action() was called outside a run; "
             "call it from a task body running under flowsdk.run()"
         )
+    req = state.req
     return ActionInfo(
-        run=state.runtime.name,
+        run=state.run,
         name=state.name,
         task=state.task.name,
         attempt=state.attempt,
         group=state.group,
+        abort=req.info() if req is not None and state.cancels else None,
     )

@@ -8,7 +8,14 @@ import time
 
 import msgspec
 
-__all__ = ["HEARTBEAT_INTERVAL", "STALE_AFTER", "Owner", "is_alive", "this_process"]
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "STALE_AFTER",
+    "Owner",
+    "is_alive",
+    "process_start",
+    "this_process",
+]
 
 HEARTBEAT_INTERVAL = 1.0
 # A runner whose heartbeat is older than this is considered gone (SPEC §5: within 10 s).
@@ -36,7 +43,8 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0].decode(), int(fields[19])
 
 
-def _start_ticks(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
+    """Return when process `pid` started (clock ticks since boot), or None if it is gone."""
     stat = _stat(pid)
     return None if stat is None else stat[1]
 
@@ -44,7 +52,7 @@ def _start_ticks(pid: int) -> int | None:
 def this_process() -> Owner:
     """Describe the calling process."""
     pid = os.getpid()
-    return Owner(host=socket.gethostname(), pid=pid, started=_start_ticks(pid))
+    return Owner(host=socket.gethostname(), pid=pid, started=process_start(pid))
 
 
 def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import secrets
 import unicodedata
 
-__all__ = ["MAX_NAME_LENGTH", "check_name"]
+__all__ = ["MAX_NAME_LENGTH", "check_name", "new_run_name"]
 
 MAX_NAME_LENGTH = 200
 # Letters, digits and a few separators; never a path separator, never "..".
@@ -37,3 +38,9 @@ def check_name(kind: str, name: object) -> str:
             + "; use letters, digits, space, '_', '-', '.' and ':'"
         )
     return name
+
+
+def new_run_name(function: str) -> str:
+    """Return a fresh run name from a task function's name: `train-1a2b3c4d`."""
+    stem = "".join(c if c.isalnum() else "-" for c in function.lower()).strip("-")[:40] or "run"
+    return f"{stem}-{secrets.token_hex(4)}"

@@ -24,7 +24,7 @@ import msgspec
 from flowsdk.errors import SerializationError
 
 if TYPE_CHECKING:
-    from flowsdk._task import Task
+    from flowsdk._options import TaskSpec
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
@@ -61,7 +61,7 @@ class _Shape:
 
     __slots__ = ("hints", "positional", "return_type", "star_args", "star_kwargs")
 
-    def __init__(self, task: Task[Any, Any]) -> None:
+    def __init__(self, task: TaskSpec) -> None:
         try:
             hints = typing.get_type_hints(task.fn)
         except Exception:  # unresolvable forward references: decode as builtins
@@ -83,7 +83,7 @@ class _Shape:
         )
 
 
-def _shape(task: Task[Any, Any]) -> _Shape:
+def _shape(task: TaskSpec) -> _Shape:
     shape: _Shape | None = task.__dict__.get("_shape")
     if shape is None:
         shape = _Shape(task)
@@ -91,11 +91,11 @@ def _shape(task: Task[Any, Any]) -> _Shape:
     return shape
 
 
-def _limit(task: Task[Any, Any]) -> int:
+def _limit(task: TaskSpec) -> int:
     return task.options.max_payload
 
 
-def encode_inputs(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Record a call's arguments.
 
     Raises:
@@ -116,7 +116,7 @@ def encode_inputs(task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str,
 
 
 def _input_error(
-    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException
+    task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException
 ) -> SerializationError:
     shape = _shape(task)
     named = [(shape.param(i), value) for i, value in enumerate(args)] + list(kwargs.items())
@@ -142,7 +142,7 @@ def _immutable(value: Any) -> bool:
 
 
 def decode_inputs(
-    task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], data: bytes
+    task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], data: bytes
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Return the snapshot of a call's arguments that the child's body receives."""
     if all(_immutable(a) for a in args) and all(_immutable(v) for v in kwargs.values()):
@@ -160,7 +160,7 @@ def decode_inputs(
     return new_args, new_kwargs
 
 
-def recorded_call(task: Task[Any, Any], data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def recorded_call(task: TaskSpec, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Decode recorded inputs into arguments for a new call (a retried run's root)."""
     raw_args, raw_kwargs = msgspec.msgpack.decode(data)
     shape = _shape(task)
@@ -177,7 +177,7 @@ def _convert(raw: Any, hint: Any) -> Any:
         return raw  # an annotation msgspec cannot build: keep the recorded form
 
 
-def encode_output(task: Task[Any, Any], value: Any) -> bytes:
+def encode_output(task: TaskSpec, value: Any) -> bytes:
     """Record a body's return value.
 
     Raises:
@@ -198,7 +198,7 @@ def encode_output(task: Task[Any, Any], value: Any) -> bytes:
     return data
 
 
-def decode_output(task: Task[Any, Any] | None, data: bytes) -> Any:
+def decode_output(task: TaskSpec | None, data: bytes) -> Any:
     """Decode a recorded output, typed by the task's return annotation when known."""
     hint = _shape(task).return_type if task is not None else Any
     raw = msgspec.msgpack.decode(data)
@@ -220,7 +220,7 @@ def inputs_digest(data: bytes) -> str:
     return hashlib.sha256(canonical(data)).hexdigest()
 
 
-def task_version(task: Task[Any, Any]) -> str:
+def task_version(task: TaskSpec) -> str:
     """The task's version for `cache=True`: `cache_version`, else a hash of its source."""
     if task.options.cache_version is not None:
         return task.options.cache_version

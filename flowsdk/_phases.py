@@ -65,6 +65,10 @@ class AbortCause(enum.StrEnum):
     """The run was stopped and its in-progress actions abandoned."""
     SIGINT = "sigint"
     """Ctrl-C (or a KeyboardInterrupt/SystemExit raised in a body) aborted the run."""
+    MARK_FAILED = "mark_failed"
+    """An operator marked the action as failed (its phase is `FAILED`)."""
+    TIMEOUT = "timeout"
+    """Its `timeout` passed (its phase is `FAILED`)."""
 
 
 ACTION_TERMINAL = frozenset(
@@ -110,5 +114,5 @@ def check_action_transition(old: ActionPhase, new: ActionPhase) -> None:
 
 def check_run_transition(old: RunPhase, new: RunPhase) -> None:
     """Raise `ValueError` unless a run may move from `old` to `new`."""
-    if new not in _RUN_TRANSITIONS[old]:
+    if new is not old and new not in _RUN_TRANSITIONS[old]:
         raise ValueError(f"illegal run transition {old.value} -> {new.value}")

@@ -7,28 +7,41 @@ are never retyped, so a store written by an older flowsdk stays readable.
 from __future__ import annotations
 
 import enum
+import getpass
+import os
+import socket
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk.errors import ActionNotFoundError
 
 __all__ = [
+    "ACTION_FIELDS",
+    "EVENT_FIELDS",
     "AbortInfo",
     "AbortRequest",
     "ActionInfo",
     "ActionRecord",
+    "ActionRow",
+    "Actor",
+    "ControlReply",
     "ControlRequest",
+    "ControlResult",
     "ErrorInfo",
     "Event",
     "EventKind",
+    "EventRow",
     "MarkFailedRequest",
+    "Outcome",
+    "Role",
     "RunRecord",
     "StopInfo",
     "StopMode",
     "StopRequest",
     "action_from_row",
+    "describe_target",
     "event_from_row",
     "to_datetime",
 ]
@@ -96,6 +109,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 1
     stop: StopInfo | None = None
     task: str = ""
+    workdir: str = ""
+    """The working directory the run was started in (where a detached retry runs)."""
 
 
 class EventKind(enum.StrEnum):
@@ -119,65 +134,96 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     kind: EventKind
     action: str | None = None
     phase: str | None = None
-    cause: str | None = None
+    """An action's phase (kind `action`) or the run's (kind `run`): the two enums share no type."""
+    cause: AbortCause | None = None
     reason: str | None = None
     requested_by: str | None = None
     message: str | None = None
 
 
-def action_from_row(run: str, row: tuple[Any, ...]) -> ActionRecord:
-    """Build an `ActionRecord` from its row, as the runtime makes it and the store keeps it.
+class ActionRow(msgspec.Struct, array_like=True, gc=False):
+    """One action's state as the runtime sends it to a store and a store keeps it.
 
-    The row is (name, seq, parent, task, group, phase, attempt, started_at,
-    ended_at, error type, message, traceback, abort reason, cause, requested_by,
-    requested_at, cleanup_incomplete, key, replayed, inputs, output), times in
-    epoch seconds.
+    Positional (`array_like`), so it costs what a tuple costs; a store derives
+    its column list from the field names (`ACTION_FIELDS`). Never reorder the
+    fields: new ones are appended at the end. Times are epoch seconds. Not
+    tracked by the garbage collector: it holds only strings, numbers and bytes.
     """
-    (
-        name,
-        _seq,
-        parent,
-        task,
-        grp,
-        phase,
-        attempt,
-        started,
-        ended,
-        etype,
-        emsg,
-        etb,
-        areason,
-        acause,
-        aby,
-        aat,
-        incomplete,
-        key,
-        replayed,
-        _inputs,
-        _output,
-    ) = row
+
+    name: str
+    seq: int
+    parent: str | None
+    task: str
+    group: str | None
+    phase: str
+    attempt: int
+    started_at: float | None
+    ended_at: float | None
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+    abort_reason: str | None
+    abort_cause: str | None
+    abort_by: str | None
+    abort_at: float | None
+    cleanup_incomplete: bool
+    key: str
+    replayed: bool
+    inputs: bytes | None
+    output: bytes | None
+
+
+class EventRow(msgspec.Struct, array_like=True, gc=False):
+    """One event as the runtime appends it to the log and a store keeps it (times in epoch s)."""
+
+    seq: int
+    at: float
+    kind: str
+    action: str | None
+    phase: str | None
+    cause: str | None
+    reason: str | None
+    requested_by: str | None
+    message: str | None
+
+
+ACTION_FIELDS: tuple[str, ...] = ActionRow.__struct_fields__
+"""The fields of `ActionRow`, in order: what a store's column list is derived from."""
+EVENT_FIELDS: tuple[str, ...] = EventRow.__struct_fields__
+"""The fields of `EventRow`, in order."""
+
+
+def action_from_row(run: str, row: ActionRow) -> ActionRecord:
+    """Build the public `ActionRecord` of an `ActionRow`."""
+    cause = row.abort_cause
     return ActionRecord(
         run=run,
-        name=name,
-        parent=parent,
-        task=task,
-        group=grp,
-        phase=ActionPhase(phase),
-        attempt=attempt,
-        started_at=to_datetime(started),
-        ended_at=to_datetime(ended),
-        error=ErrorInfo(type=etype, message=emsg or "", traceback=etb or "") if etype else None,
-        abort=AbortInfo(
-            reason=areason,
-            cause=AbortCause(acause),
-            requested_by=aby,
-            requested_at=to_datetime(aat),
+        name=row.name,
+        parent=row.parent,
+        task=row.task,
+        group=row.group,
+        phase=ActionPhase(row.phase),
+        attempt=row.attempt,
+        started_at=to_datetime(row.started_at),
+        ended_at=to_datetime(row.ended_at),
+        error=ErrorInfo(
+            type=row.error_type,
+            message=row.error_message or "",
+            traceback=row.error_traceback or "",
         )
-        if acause
+        if row.error_type
         else None,
-        cleanup_incomplete=bool(incomplete),
-        key=key,
-        replayed=bool(replayed),
+        abort=AbortInfo(
+            reason=row.abort_reason,
+            cause=AbortCause(cause),
+            requested_by=row.abort_by,
+            requested_at=to_datetime(row.abort_at),
+        )
+        if cause
+        else None,
+        cleanup_incomplete=bool(row.cleanup_incomplete),
+        key=row.key,
+        replayed=bool(row.replayed),
     )
 
 
@@ -186,23 +232,18 @@ def to_datetime(at: float | None) -> datetime | None:
     return None if at is None else datetime.fromtimestamp(at, UTC)
 
 
-def event_from_row(row: tuple[Any, ...]) -> Event:
-    """Build an `Event` from its stored row.
-
-    The row is (seq, at in epoch seconds, kind, action, phase, cause, reason,
-    requested_by, message), as the runtime keeps it and the SQLite store writes it.
-    """
-    seq, at, kind, action, phase, cause, reason, by, message = row
+def event_from_row(row: EventRow) -> Event:
+    """Build the public `Event` of an `EventRow`."""
     return Event(
-        seq=seq,
-        at=datetime.fromtimestamp(at, UTC),
-        kind=EventKind(kind),
-        action=action,
-        phase=phase,
-        cause=cause,
-        reason=reason,
-        requested_by=by,
-        message=message,
+        seq=row.seq,
+        at=datetime.fromtimestamp(row.at, UTC),
+        kind=EventKind(row.kind),
+        action=row.action,
+        phase=row.phase,
+        cause=AbortCause(row.cause) if row.cause else None,
+        reason=row.reason,
+        requested_by=row.requested_by,
+        message=row.message,
     )
 
 
@@ -214,6 +255,8 @@ class ActionInfo(msgspec.Struct, frozen=True, kw_only=True):
     task: str
     attempt: int
     group: str | None
+    abort: AbortInfo | None = None
+    """`None` until a cancellation is delivered to this action; then why, and who asked."""
 
 
 class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort"):
@@ -245,3 +288,85 @@ class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_fai
 
 
 ControlRequest = AbortRequest | StopRequest | MarkFailedRequest
+
+
+def describe_target(run: str, action: str | None, group: str | None) -> str:
+    """Name a control request's target for a person: an action, a group, or the run."""
+    if action is not None:
+        return f"action {action} of run {run!r}"
+    if group is not None:
+        return f"group {group!r} of run {run!r}"
+    return f"run {run!r}"
+
+
+class Outcome(enum.StrEnum):
+    """What a control request did (SPEC §6)."""
+
+    APPLIED = "applied"
+    """The live runner applied it (or an identical request was already under way)."""
+    ALREADY_ENDED = "already_ended"
+    """The target had ended (or its runner was gone): nothing to do."""
+    REFUSED = "refused"
+    """The target's phase refuses it (e.g. a second stop-and-wait)."""
+    QUEUED = "queued"
+    """The runner has not answered in time (its loop is blocked): applied when it reads it."""
+
+
+class ControlResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The one answer to a control request, from the runner or the store, end to end.
+
+    Attributes:
+        outcome: What happened.
+        phase: The named action's phase, or the run's when no action was named.
+        message: One sentence for a person.
+    """
+
+    outcome: Outcome
+    phase: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        """Return the `--json` shape: outcome, phase, message."""
+        return {"outcome": self.outcome.value, "phase": self.phase, "message": self.message}
+
+
+class ControlReply(msgspec.Struct, frozen=True, array_like=True):
+    """How a runner's answer travels through a store: a result, or "no such target".
+
+    The runner resolves targets in its live run (an action the store has not
+    seen yet included), so "not found" comes back from it too; `unwrap()` turns
+    that into `ActionNotFoundError` on the requester's side.
+    """
+
+    result: ControlResult | None = None
+    not_found: str | None = None
+
+    def unwrap(self) -> ControlResult:
+        """Return the result, or raise `ActionNotFoundError` with the runner's message."""
+        if self.result is None:
+            raise ActionNotFoundError(self.not_found or "no such action")
+        return self.result
+
+
+class Role(enum.StrEnum):
+    """What an actor may do: `viewer` reads, `executor` also starts runs, `operator` controls."""
+
+    VIEWER = "viewer"
+    EXECUTOR = "executor"
+    OPERATOR = "operator"
+
+
+class Actor(msgspec.Struct, frozen=True, kw_only=True):
+    """Who asks for an operation: recorded as `requested_by`; `role` decides what is allowed."""
+
+    name: str
+    role: Role = Role.OPERATOR
+
+    @classmethod
+    def local(cls) -> Actor:
+        """Return the operator of this machine: `user@host pid N`, role `operator`."""
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+        return cls(name=f"{user}@{socket.gethostname()} pid {os.getpid()}", role=Role.OPERATOR)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import types
 from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
@@ -12,11 +11,13 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
+from flowsdk._action import current_state
+from flowsdk._execute import action_handle
 from flowsdk._names import check_name
+from flowsdk._options import TaskOptions
 from flowsdk._payload import DEFAULT_MAX_PAYLOAD
-from flowsdk._runtime import action_handle, current_state
 
-__all__ = ["Task", "TaskEnvironment", "TaskOptions"]
+__all__ = ["Task", "TaskEnvironment"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -25,69 +26,6 @@ _UNSET: Any = object()
 _OVERRIDABLE = frozenset(
     {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff", "max_payload"}
 )
-
-
-class TaskOptions:
-    """The resolved options of one task (environment defaults plus overrides)."""
-
-    __slots__ = (
-        "backoff",
-        "cache",
-        "cache_version",
-        "executor",
-        "grace_period",
-        "max_payload",
-        "retries",
-        "timeout",
-    )
-
-    def __init__(
-        self,
-        *,
-        retries: int,
-        timeout: float | None,
-        grace_period: float,
-        backoff: float,
-        cache: bool,
-        cache_version: str | None,
-        executor: str | None,
-        max_payload: int,
-    ) -> None:
-        if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
-            raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
-        if timeout is not None and not _positive(timeout):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
-        if not _positive(grace_period, allow_zero=True):
-            raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
-        if not _positive(backoff, allow_zero=True):
-            raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
-        if executor not in (None, "local"):
-            raise ValueError(
-                f"executor {executor!r} is not available; flowsdk runs task bodies in-process "
-                "(executor=None or 'local')"
-            )
-        self.retries = retries
-        self.timeout = None if timeout is None else float(timeout)
-        self.grace_period = float(grace_period)
-        self.backoff = float(backoff)
-        self.cache = cache
-        self.cache_version = cache_version
-        self.executor = executor
-        self.max_payload = max_payload
-
-    def replace(self, **overrides: Any) -> TaskOptions:
-        """Return a copy with `overrides` applied (unset values keep this copy's)."""
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values.update(overrides)
-        return TaskOptions(**values)
-
-
-def _positive(value: object, *, allow_zero: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return False
-    return value >= 0 if allow_zero else value > 0
 
 
 class _Decorator(Protocol):

@@ -30,6 +30,7 @@ as values. Every error pickles with its attributes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -170,6 +171,25 @@ class RunNotFoundError(FlowError, LookupError):
 
 class ActionNotFoundError(FlowError, LookupError):
     """The run has no action (or group) of that name."""
+
+    @classmethod
+    def for_action(cls, run: str, action: str, names: Sequence[str]) -> ActionNotFoundError:
+        """Build the error for a missing action, listing the run's actions (`names`, in order)."""
+        if not names:
+            known = "none"
+        elif len(names) <= 8:
+            known = ", ".join(names)
+        else:
+            known = f"{names[0]}..{names[-1]} ({len(names)} actions)"
+        return cls(f"run {run!r} has no action {action!r}; its actions are {known}")
+
+    @classmethod
+    def for_group(cls, run: str, group: str, groups: Sequence[str]) -> ActionNotFoundError:
+        """Build the error for a missing group, listing the run's groups."""
+        return cls(
+            f"run {run!r} has no group {group!r}"
+            + (f"; its groups are: {', '.join(groups)}" if groups else "; it has no groups")
+        )
 
 
 class RunExistsError(FlowError):

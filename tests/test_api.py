@@ -56,7 +56,16 @@ ACTION_PHASES = [
     "CRASHED",
 ]
 RUN_PHASES = ["RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "ABORTED", "STOPPED", "CRASHED"]
-ABORT_CAUSES = ["root_exit", "cancelled", "external", "ancestor", "stop", "sigint"]
+ABORT_CAUSES = [
+    "root_exit",
+    "cancelled",
+    "external",
+    "ancestor",
+    "stop",
+    "sigint",
+    "mark_failed",
+    "timeout",
+]
 ACTION_FIELDS = (
     "run",
     "name",

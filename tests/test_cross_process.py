@@ -16,7 +16,7 @@ import pytest
 
 import flowsdk
 from flowsdk import AbortCause, ActionPhase, EventKind, RunPhase
-from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunNotFoundError
+from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from tests.runners.harness import Runner, sqlite_url, sync
 from tests.support import assert_clean, causes, phases
 
@@ -363,13 +363,15 @@ def test_stop_and_abandon_escalates_a_stop_and_wait(url: str) -> None:
     assert_clean(run)
 
 
-def test_second_stop_and_wait_is_refused_with_invalid_state_error(url: str) -> None:
-    """A second stop-and-wait on a STOPPING run raises InvalidStateError; the first stands."""
+def test_second_stop_and_wait_is_a_refused_outcome(url: str) -> None:
+    """A second stop-and-wait on a STOPPING run is a `refused` outcome; the first stands."""
     with Runner("control.py", url, "s4", "stop_wait") as runner, flowsdk.Client(url) as client:
         runner.started(3)
         client.stop("s4")
-        with pytest.raises(InvalidStateError, match="already stopping"):
-            client.stop("s4")
+        again = client.stop("s4")
+        assert again.outcome is flowsdk.Outcome.REFUSED
+        assert again.phase == "STOPPING"
+        assert "already stopping" in again.message
         runner.send()
         assert runner.finish() == 0
         run = client.get_run("s4")

@@ -17,26 +17,16 @@ import pytest
 
 import flowsdk
 from flowsdk import RunPhase
-from flowsdk._run import Run
-from flowsdk._runtime import Runtime, current_state
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
+from flowsdk.store import MemoryStore
 from tests.support import assert_clean, causes, phases
 
 
-def _capture_runtime(box: list[Runtime]) -> None:
-    """Keep the calling run's runtime, to read its records after flowsdk.run raised."""
-    state = current_state()
-    assert state is not None
-    box.append(state.runtime)
-
-
-def _recorded(box: list[Runtime]) -> Run[Any]:
-    # No store yet: once KeyboardInterrupt left flowsdk.run, the records are
-    # only reachable through the runtime the root captured.
-    [runtime] = box
-    box.clear()
-    run = Run._from_runtime(runtime)
-    del runtime
+def _recorded(store: MemoryStore) -> flowsdk.Run[Any]:
+    """The one run recorded in `store` (a run that raised out of flowsdk.run is recorded too)."""
+    [record] = store.list_runs()
+    with flowsdk.Client(store) as client:
+        run = client.get_run(record.name)
     gc.collect()  # the run's tasks go now, so an asyncio complaint lands on this test
     return run
 
@@ -69,7 +59,7 @@ def test_base_exception_in_child_aborts_run_then_leaves_run(
     """E1: KeyboardInterrupt/SystemExit(3) in a child: recorded, run aborted, then re-raised."""
     env = flowsdk.TaskEnvironment("e1")
     raised = make()
-    box: list[Runtime] = []
+    store = MemoryStore()
     sibling_started = asyncio.Event()
     cleanups: list[int] = []
     root_saw: list[type[BaseException]] = []
@@ -91,7 +81,6 @@ def test_base_exception_in_child_aborts_run_then_leaves_run(
 
     @env.task
     async def root() -> None:
-        _capture_runtime(box)
         try:
             if shape == "direct":
                 sib = asyncio.create_task(sibling())
@@ -109,14 +98,14 @@ def test_base_exception_in_child_aborts_run_then_leaves_run(
             raise
 
     with pytest.raises(type(raised)) as info:
-        flowsdk.run(root)
+        flowsdk.run(root, store=store)
     assert info.value is raised
     if isinstance(raised, SystemExit):
         assert info.value.code == 3  # type: ignore[attr-defined]
     assert gathered == []
     assert root_saw == [asyncio.CancelledError]  # not RuntimeUserError, not a group
     assert cleanups == [1]
-    run = _recorded(box)
+    run = _recorded(store)
     assert run.phase is RunPhase.ABORTED
     assert phases(run) == {"a0": "ABORTED", "a1": "ABORTED", "a2": "FAILED"}
     assert causes(run) == {"a0": "sigint", "a1": "ancestor", "a2": None}
@@ -129,7 +118,7 @@ def test_base_exception_in_child_aborts_run_then_leaves_run(
 def test_sigint_aborts_run_then_raises_keyboard_interrupt() -> None:
     """E2: a real SIGINT aborts the root (sigint), descendants (ancestor); then Ctrl-C leaves."""
     env = flowsdk.TaskEnvironment("e2")
-    box: list[Runtime] = []
+    store = MemoryStore()
     running: list[str] = []
     all_running = asyncio.Event()
     cleanups: list[str] = []
@@ -156,7 +145,6 @@ def test_sigint_aborts_run_then_raises_keyboard_interrupt() -> None:
 
     @env.task
     async def root() -> None:
-        _capture_runtime(box)
         tasks = [asyncio.create_task(child(i)) for i in range(2)]
         await all_running.wait()
         os.kill(os.getpid(), signal.SIGINT)
@@ -164,9 +152,9 @@ def test_sigint_aborts_run_then_raises_keyboard_interrupt() -> None:
 
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        flowsdk.run(root)
+        flowsdk.run(root, store=store)
     assert signal.getsignal(signal.SIGINT) is handler_before
-    run = _recorded(box)
+    run = _recorded(store)
     assert run.phase is RunPhase.ABORTED
     assert set(phases(run).values()) == {"ABORTED"}
     assert len(run.actions) == 4
@@ -181,7 +169,7 @@ def test_second_sigint_during_cleanup_abandons_unfinished_actions(
 ) -> None:
     """E2: a second SIGINT during cleanup stops waiting: unfinished actions are ABANDONED."""
     env = flowsdk.TaskEnvironment("e2b")
-    box: list[Runtime] = []
+    store = MemoryStore()
     running: list[str] = []
     both_running = asyncio.Event()
     slow_finished: list[bool] = []
@@ -213,7 +201,6 @@ def test_second_sigint_during_cleanup_abandons_unfinished_actions(
 
     @env.task
     async def root() -> None:
-        _capture_runtime(box)
         s = asyncio.create_task(slow())
         q = asyncio.create_task(quick())
         await both_running.wait()
@@ -222,8 +209,8 @@ def test_second_sigint_during_cleanup_abandons_unfinished_actions(
         await q
 
     with caplog.at_level(logging.WARNING, logger="flowsdk"), pytest.raises(KeyboardInterrupt):
-        flowsdk.run(root)
-    run = _recorded(box)
+        flowsdk.run(root, store=store)
+    run = _recorded(store)
     assert slow_finished == []
     # The body left running is named as the user knows it, not by an SDK frame.
     messages = [r.getMessage() for r in caplog.records if r.name == "flowsdk"]

@@ -7,7 +7,9 @@ the last one checks that both keep the same records.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import os
 from asyncio import CancelledError
 from collections.abc import Iterator
@@ -21,7 +23,6 @@ import flowsdk
 from flowsdk import AbortCause, ActionPhase, EventKind, RunPhase
 from flowsdk.errors import (
     ActionAbortedError,
-    InvalidStateError,
     RunExistsError,
     RunNotFoundError,
     RuntimeUserError,
@@ -328,8 +329,9 @@ def test_unknown_run_raises_run_not_found_error_suggesting_close_names(
     assert "nightly-etl" in str(typo.value)
 
 
-async def test_a_live_run_in_a_memory_store_refuses_client_control() -> None:
-    """memory:// has no external control: Client.abort of its live run says so, not 'no run'."""
+@pytest.mark.parametrize("caller", ["loop", "thread"])
+async def test_client_controls_a_live_memory_store_run_in_the_same_process(caller: str) -> None:
+    """A Client on the same memory:// store object aborts a live run, from its loop or a thread."""
     env = flowsdk.TaskEnvironment("memlive")
     running = asyncio.Event()
 
@@ -341,13 +343,24 @@ async def test_a_live_run_in_a_memory_store_refuses_client_control() -> None:
     memory = MemoryStore()
     handle = await flowsdk.start(root, name="live", store=memory)
     await running.wait()
-    try:
-        with flowsdk.Client(memory) as client, pytest.raises(InvalidStateError, match="memory"):
-            client.abort("live", reason="from-a-client")
-    finally:
-        await handle.abort()
+    with flowsdk.Client(memory) as client:
+        assert [r.phase for r in client.runs()] == [RunPhase.RUNNING]
+        if caller == "loop":
+            result = client.abort("live", reason="from-a-client")
+        else:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # joined: no thread leaks
+                result = await asyncio.get_running_loop().run_in_executor(
+                    pool, functools.partial(client.abort, "live", reason="from-a-client")
+                )
         run = await handle.wait()
+        again = client.abort("live")
+    assert (result.outcome, result.phase) == (flowsdk.Outcome.APPLIED, "RUNNING")
     assert causes(run) == {"a0": "external"}
+    abort = run.action("a0").abort
+    assert abort is not None
+    assert abort.reason == "from-a-client"
+    assert abort.requested_by == flowsdk.Actor.local().name
+    assert again.outcome is flowsdk.Outcome.ALREADY_ENDED
 
 
 def _comparable(run: flowsdk.Run[Any]) -> tuple[Any, ...]:

@@ -97,12 +97,29 @@ def test_reading_an_empty_store_file_lists_nothing_and_leaves_it_empty(tmp_path:
     assert path.read_bytes() == b""
 
 
-def test_a_new_store_is_in_wal_mode_at_schema_version_1(tmp_path: Path) -> None:
-    """A fresh store: WAL journal (readers never wait for writers), `user_version` 1."""
+def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path) -> None:
+    """A fresh store: WAL journal (readers never wait for writers), `user_version` 2."""
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
+    assert pragma(path, "user_version") == 2
+
+
+def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
+    """A store written before the working directory was recorded: migrated in place, runs kept."""
+    path = tmp_path / "s.db"
+    flowsdk.run(noop, name="old", store=sqlite_url(path))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        # What schema 1 was: the same tables without runs.workdir.
+        conn.execute("ALTER TABLE runs DROP COLUMN workdir")
+        conn.execute("PRAGMA user_version = 1")
     assert pragma(path, "user_version") == 1
+    flowsdk.run(noop, name="new", store=sqlite_url(path))
+    assert pragma(path, "user_version") == 2
+    with flowsdk.Client(sqlite_url(path)) as client:
+        old, new = client.get_run("old").record, client.get_run("new").record
+    assert (old.phase, old.workdir) == (RunPhase.SUCCEEDED, "")
+    assert (new.phase, new.workdir) == (RunPhase.SUCCEEDED, os.getcwd())
 
 
 def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
@@ -124,7 +141,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     for exc in (reading.value, running.value):
         assert not isinstance(exc, StoreCorruptedError)
         assert re.search(r"\b7\b", str(exc))
-        assert re.search(r"\b1\b", str(exc))
+        assert re.search(r"\b2\b", str(exc))
 
 
 def test_a_database_of_another_application_raises_store_corrupted_error(tmp_path: Path) -> None:

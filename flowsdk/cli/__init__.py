@@ -4,7 +4,8 @@
 Every verb takes `--store URL` and `--json`, written after the verb. Exit
 codes: 0 done (also an abort of an action that has already ended), 1 refused,
 2 usage error, 3 run or action not found, 4 permission denied, 5 store error,
-6 (`run` and `retry` only) the run did not succeed. An expected error prints
+6 (`run` and `retry` only) the run did not succeed, 7 a control request is
+queued (its runner has not applied it yet). An expected error prints
 one `flowsdk: error: ...` line on stderr, never a traceback.
 """
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start, inspect, control and retry flowsdk runs recorded in a store.",
         epilog="Every verb takes --store URL and --json after the verb. Exit codes: 0 done, "
         "1 refused, 2 usage error, 3 not found, 4 permission denied, 5 store error, "
-        "6 (run, retry) the run did not succeed.",
+        "6 (run, retry) the run did not succeed, 7 request queued.",
     )
     parser.add_argument("--version", action="version", version=f"flowsdk {flowsdk.__version__}")
     verbs = parser.add_subparsers(title="verbs", dest="verb", metavar="VERB", required=True)

@@ -14,10 +14,15 @@ from typing import Any
 import msgspec
 
 from flowsdk._client import Client
-from flowsdk._control import ControlResult
-from flowsdk._records import StopRequest
-from flowsdk._runtime import requester
-from flowsdk.cli._output import EXIT_OK, EXIT_REFUSED, Output, UsageError, open_client
+from flowsdk._records import ControlResult, Outcome
+from flowsdk.cli._output import (
+    EXIT_OK,
+    EXIT_QUEUED,
+    EXIT_REFUSED,
+    Output,
+    UsageError,
+    open_client,
+)
 from flowsdk.cli._show import wait_for_end
 
 __all__ = ["register"]
@@ -83,14 +88,9 @@ def abort(args: argparse.Namespace, out: Output) -> int:
 
 
 def stop(args: argparse.Namespace, out: Output) -> int:
-    """Stop a run (wait or abandon); a second stop-and-wait is refused."""
-    request = StopRequest(
-        run=args.run, abandon=args.abandon, reason=args.reason, requested_by=requester()
-    )
+    """Stop a run (wait or abandon); a second stop-and-wait is refused (exit 1)."""
     with open_client(args) as client:
-        # Through control(), not Client.stop(): a refusal is an answer to print
-        # (outcome "refused", exit 1), not only an error.
-        result = client.control(request)
+        result = client.stop(args.run, abandon=args.abandon, reason=args.reason)
         return _report(out, client, args, result)
 
 
@@ -102,12 +102,13 @@ def fail(args: argparse.Namespace, out: Output) -> int:
 
 
 def _report(out: Output, client: Client, args: argparse.Namespace, result: ControlResult) -> int:
-    refused = result.outcome == "refused"
-    code = EXIT_REFUSED if refused else EXIT_OK
-    if refused or not args.wait:
+    refused = result.outcome is Outcome.REFUSED
+    queued = result.outcome is Outcome.QUEUED
+    code = EXIT_REFUSED if refused else EXIT_QUEUED if queued else EXIT_OK
+    if refused or queued or not args.wait:
         if out.json:
             out.print_json(result.as_dict())
-        elif refused:
+        elif refused or queued:
             out.error(result.message)
         else:
             out.line(result.message)

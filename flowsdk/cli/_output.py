@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_PERMISSION",
+    "EXIT_QUEUED",
     "EXIT_REFUSED",
     "EXIT_RUN_FAILED",
     "EXIT_STORE",
@@ -58,6 +59,7 @@ EXIT_NOT_FOUND = 3
 EXIT_PERMISSION = 4
 EXIT_STORE = 5
 EXIT_RUN_FAILED = 6  # `run` and `retry` only: the run ended in a phase other than SUCCEEDED
+EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied it yet
 
 
 class UsageError(Exception):

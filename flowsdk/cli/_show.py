@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flowsdk._client import Client
-from flowsdk._run import Run
+from flowsdk._result import Run
 from flowsdk.cli._output import (
     EXIT_OK,
     Output,

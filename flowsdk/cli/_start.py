@@ -17,10 +17,12 @@ import sys
 import threading
 from typing import Any
 
+import flowsdk
 from flowsdk._client import Client
+from flowsdk._loader import import_task
+from flowsdk._names import new_run_name
 from flowsdk._phases import RunPhase
-from flowsdk._retry import import_task
-from flowsdk._run import Run, _new_run_name, run
+from flowsdk._result import Run
 from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
 from flowsdk.errors import InvalidStateError, RunNotFoundError
@@ -106,12 +108,12 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
         raise UsageError(str(exc)) from None
     positional, keywords = parse_arguments(args.args)
     with open_client(args) as client:
-        name = args.name if args.name is not None else _new_run_name(task)
+        name = args.name if args.name is not None else new_run_name(task.fn.__name__)
         root: Any = functools.partial(task, *positional, **keywords)
         if not out.json and not args.quiet:
             out.line(f"run {name}")
         return _foreground(
-            out, client, name, args.quiet, lambda: run(root, name=name, store=client.store)
+            out, client, name, args.quiet, lambda: flowsdk.run(root, name=name, store=client.store)
         )
 
 

@@ -1,25 +1,42 @@
-"""Stores: where runs are recorded (SPEC §5).
+"""Stores: where runs are recorded (SPEC §5), behind three small protocols.
 
 `open_store()` turns what a user passes (`store=`, `--store`, `FLOWSDK_STORE`)
 into a store: `memory://`, `sqlite:///relative.db`, `sqlite:////absolute.db`,
-or a plain file path (SQLite). Opening a store object does no I/O; the file is
+or a plain file path (SQLite). It dispatches on the URL's scheme and imports
+only the store it needs. Opening a store object does no I/O; the file is
 touched when a run is recorded or read.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
-from flowsdk.store._base import ControlAnswer, RequestHandler, RunRecorder, Store, StoredRun
-from flowsdk.store._memory import MemoryStore
-from flowsdk.store._sqlite import SQLiteStore
+from flowsdk.store._base import (
+    ControlChannel,
+    InProcessChannel,
+    RequestHandler,
+    RunReader,
+    RunRecorder,
+    RunState,
+    Store,
+    StoredRun,
+)
+
+if TYPE_CHECKING:
+    from flowsdk.store._memory import MemoryStore
+    from flowsdk.store._sqlite import SQLiteStore
 
 __all__ = [
     "DEFAULT_STORE",
-    "ControlAnswer",
+    "ControlChannel",
+    "InProcessChannel",
     "MemoryStore",
     "RequestHandler",
+    "RunReader",
     "RunRecorder",
+    "RunState",
     "SQLiteStore",
     "Store",
     "StoredRun",
@@ -28,6 +45,19 @@ __all__ = [
 ]
 
 DEFAULT_STORE = "sqlite:///.flowsdk/flowsdk.db"
+
+# URL scheme -> (module, class): a store's module is imported when first used.
+_SCHEMES = {
+    "memory": ("flowsdk.store._memory", "MemoryStore"),
+    "sqlite": ("flowsdk.store._sqlite", "SQLiteStore"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    for module, cls in _SCHEMES.values():
+        if cls == name:
+            return getattr(importlib.import_module(module), cls)
+    raise AttributeError(f"module 'flowsdk.store' has no attribute {name!r}")
 
 
 def store_url(store: str | None) -> str:
@@ -44,18 +74,22 @@ def open_store(store: str | Store | None = None) -> Store:
     if store is not None and not isinstance(store, str):
         return store
     url = store_url(store)
-    if url.startswith("memory:"):
-        return MemoryStore(url)
-    if url.startswith("sqlite:"):
-        return SQLiteStore(url)
-    if url.startswith(("postgresql:", "postgres:")):
+    head, colon, _ = url.partition(":")
+    scheme = head.lower() if colon and head.isalpha() and len(head) > 1 else ""
+    if scheme in _SCHEMES:
+        module, cls = _SCHEMES[scheme]
+        found: Store = getattr(importlib.import_module(module), cls)(url)
+        return found
+    if scheme in ("postgresql", "postgres"):
         raise ValueError(
             f"store {url!r}: PostgreSQL stores are not available in this version of flowsdk; "
             "use sqlite:///path.db"
         )
-    if "://" in url:
+    if scheme:
         raise ValueError(
             f"unknown store URL {url!r}; use memory://, sqlite:///relative/path.db or "
             "sqlite:////absolute/path.db"
         )
-    return SQLiteStore("sqlite:///" + url)
+    module, cls = _SCHEMES["sqlite"]
+    plain: Store = getattr(importlib.import_module(module), cls)("sqlite:///" + url)
+    return plain

@@ -1,74 +1,131 @@
-"""The store protocol: what the runtime, the Client and the CLI need from a store.
+"""The store's small protocols: a reader, a per-run recorder, and a control channel.
 
-A store keeps runs (every attempt), their actions and events, and carries
-control requests from any process to the runner of a live run. The runtime
-talks to it only through a `RunRecorder` (one per run), which must never block
-the event loop.
+- `RunReader`: the history, one run, a cheap run phase and target lookup, and
+  the events of a run since a cursor (so `watch` and the console follow a run
+  without reloading it).
+- `RunRecorder`: one per live run; the runtime hands it typed rows
+  (`ActionRow`, `EventRow`) and run records, in order. It never blocks the
+  event loop.
+- `ControlChannel`: carries a control request to the live runner of a run
+  and brings back its `ControlReply`.
+
+A `Store` is all three plus `open_run`. Nothing here knows the runtime: a
+store sees records and rows, never a live run's objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from flowsdk._phases import RunPhase
-from flowsdk._records import ActionRecord, ControlRequest, Event, RunRecord
+from flowsdk._phases import ActionPhase, RunPhase
+from flowsdk._records import (
+    ActionRecord,
+    ActionRow,
+    ControlReply,
+    ControlRequest,
+    ControlResult,
+    Event,
+    EventRow,
+    Outcome,
+    RunRecord,
+)
+from flowsdk.errors import ActionNotFoundError
 
-if TYPE_CHECKING:
-    from flowsdk._run import Run
+__all__ = [
+    "ControlChannel",
+    "InProcessChannel",
+    "RequestHandler",
+    "RunReader",
+    "RunRecorder",
+    "RunState",
+    "Store",
+    "StoredRun",
+]
 
-__all__ = ["ControlAnswer", "RequestHandler", "RunRecorder", "Store", "StoredRun"]
+Lazy = list[Any] | Callable[[], list[Any]]
 
 
 class StoredRun:
-    """One attempt of a run as read from a store."""
+    """One attempt of a run as read from a store (lists built on first use)."""
 
-    __slots__ = ("actions", "events", "payloads", "record")
+    __slots__ = ("_actions", "_events", "_payloads", "record")
 
     def __init__(
         self,
         record: RunRecord,
-        actions: list[ActionRecord],
-        events: list[Event],
-        payloads: dict[str, tuple[bytes | None, bytes | None]] | None = None,
+        actions: list[ActionRecord] | Callable[[], list[ActionRecord]],
+        events: list[Event] | Callable[[], list[Event]],
+        payloads: dict[str, tuple[bytes | None, bytes | None]]
+        | Callable[[], dict[str, tuple[bytes | None, bytes | None]]]
+        | None = None,
     ) -> None:
         self.record = record
-        self.actions = actions
-        self.events = events
-        # action name -> (recorded inputs, recorded output), MessagePack
-        self.payloads = payloads or {}
+        # A run of 10,000 actions should not pay for 40,000 datetime conversions
+        # that nobody reads: each list is built when first asked for.
+        self._actions = actions
+        self._events = events
+        self._payloads = payloads if payloads is not None else {}
+
+    @property
+    def actions(self) -> list[ActionRecord]:
+        """The attempt's actions, in start order."""
+        if callable(self._actions):
+            self._actions = self._actions()
+        return self._actions
+
+    @property
+    def events(self) -> list[Event]:
+        """The attempt's event log, oldest first."""
+        if callable(self._events):
+            self._events = self._events()
+        return self._events
+
+    @property
+    def payloads(self) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Action name -> (recorded inputs, recorded output), MessagePack."""
+        if callable(self._payloads):
+            self._payloads = self._payloads()
+        return self._payloads
 
 
-class ControlAnswer:
-    """The runner's answer to a control request (or the store's, for a run that has ended)."""
+class RunState:
+    """What a cheap keyed lookup tells about a run's latest attempt (and one target)."""
 
-    __slots__ = ("message", "outcome", "phase")
+    __slots__ = ("attempt", "phase", "run", "target_phase")
 
-    def __init__(self, outcome: str, phase: str, message: str) -> None:
-        self.outcome = outcome
+    def __init__(
+        self, run: str, attempt: int, phase: RunPhase, target_phase: ActionPhase | None = None
+    ) -> None:
+        self.run = run
+        self.attempt = attempt
         self.phase = phase
-        self.message = message
+        self.target_phase = target_phase
 
 
-# Called on the runner's event loop with each control request addressed to its run;
-# returns the answer to send back to the requester.
-RequestHandler = Callable[[ControlRequest], ControlAnswer]
+# Called on the runner's event loop with each control request addressed to its
+# run; returns the result, or raises `ActionNotFoundError` for an unknown target.
+RequestHandler = Callable[[ControlRequest], ControlResult]
 
 
 class RunRecorder(Protocol):
     """Receives every change of one live run, in order; never blocks the event loop."""
 
-    def action(self, row: tuple[Any, ...]) -> None:
-        """Record an action's current state (a row built by the runtime on the loop)."""
+    streams: bool
+    """Whether it wants every action and event as it happens (else only the end)."""
 
-    def event(self, row: tuple[Any, ...]) -> None:
-        """Append one event (seq, at, kind, action, phase, cause, reason, requested_by, message)."""
+    def action(self, row: ActionRow) -> None:
+        """Record an action's current state."""
+
+    def event(self, row: EventRow) -> None:
+        """Append one event."""
 
     def run(self, record: RunRecord) -> None:
-        """Record the run's current state (phase, stop, end)."""
+        """Record the run's current state (phase, stop, end); called on every run change."""
 
-    def finished(self, run: Run[Any]) -> None:
+    def finished(self, stored: StoredRun) -> None:
         """Receive the run's final picture (a store that does not stream keeps it)."""
 
     def congested(self) -> bool:
@@ -91,20 +148,10 @@ class RunRecorder(Protocol):
         """
 
 
-class Store(Protocol):
-    """Where runs are kept: memory (one process) or SQLite (shared by processes)."""
+class RunReader(Protocol):
+    """Reads the history; every call is short and never waits for a runner."""
 
     url: str
-    supports_control: bool
-
-    async def open_run(
-        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
-    ) -> RunRecorder:
-        """Create the run (or its next attempt) and return its recorder.
-
-        Raises:
-            RunExistsError: a run (attempt) of that name exists already.
-        """
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
@@ -118,8 +165,127 @@ class Store(Protocol):
             RunNotFoundError: no such run (or attempt); the message suggests close names.
         """
 
-    def request(self, request: ControlRequest, *, timeout: float) -> ControlAnswer:
-        """Deliver a control request to the run's live runner and return its answer."""
+    def run_state(self, name: str, action: str | None = None) -> RunState:
+        """Return the latest attempt's phase (and `action`'s) by keyed lookups only.
+
+        Its cost does not grow with the run's size: a control request on a run
+        of a million actions costs what it costs on a run of ten.
+
+        Raises:
+            RunNotFoundError: no such run.
+            ActionNotFoundError: the run has no action `action` (recorded so far).
+        """
+
+    def group_phases(self, name: str, attempt: int, group: str) -> list[ActionPhase]:
+        """Return the phases of the actions of `group` in one attempt (empty: no such group)."""
+
+    def groups(self, name: str, attempt: int) -> list[str]:
+        """Return the group names of one attempt, sorted (for "no such group" messages)."""
+
+    def root_task_workdir(self, task: str) -> str | None:
+        """Return the working directory of the latest run whose root task is `task`.
+
+        None when no run of this store has that root task (`""` when one has,
+        but its directory was not recorded).
+        """
+
+    def events_since(self, name: str, cursor: int, *, attempt: int | None = None) -> list[Event]:
+        """Return the events of a run (latest attempt by default) with `seq > cursor`.
+
+        Pass the last `seq` seen as the next cursor (start with -1).
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+
+
+class ControlChannel(Protocol):
+    """Carries control requests to the live runner of a run."""
+
+    in_process: bool
+    """True when requests are applied in this process (no store lookup needed first)."""
+
+    def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
+        """Deliver a request to the run's live runner and return its reply.
+
+        Returns an `already_ended` result when the runner is gone, and a
+        `queued` one when it has not answered within `timeout` (the request
+        stays recorded and is applied when the runner reads it).
+        """
+
+
+class Store(RunReader, ControlChannel, Protocol):
+    """Where runs are kept: a reader, a control channel, and recorders for live runs."""
+
+    async def open_run(
+        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+    ) -> RunRecorder:
+        """Create the run (or its next attempt) and return its recorder.
+
+        Raises:
+            RunExistsError: a run (attempt) of that name exists already.
+        """
 
     def close(self) -> None:
         """Release the store's connections."""
+
+
+class InProcessChannel:
+    """A control channel to a runner in this process: applies requests on its loop.
+
+    Called on the runner's own loop thread (`RunHandle`, or code in a task
+    body), it applies the request at once; from any other thread it hands the
+    request to the loop and waits for the answer, up to `timeout`.
+    """
+
+    in_process = True
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: RequestHandler) -> None:
+        self.loop = loop
+        self.handler = handler
+
+    def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
+        """Apply `request` on the runner's loop and return the reply."""
+        if _running_loop() is self.loop:
+            return self._apply(request)
+        answer: concurrent.futures.Future[ControlReply] = concurrent.futures.Future()
+
+        def apply() -> None:
+            # Applied even after the requester stopped waiting: a queued
+            # request is applied when the loop runs again (SPEC §6).
+            answer.set_result(self._apply(request))
+
+        try:
+            self.loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the loop is closed: the run has ended meanwhile
+            return ControlReply(
+                ControlResult(
+                    outcome=Outcome.ALREADY_ENDED,
+                    phase="",
+                    message=f"run {request.run!r} has ended",
+                )
+            )
+        try:
+            return answer.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return ControlReply(
+                ControlResult(
+                    outcome=Outcome.QUEUED,
+                    phase="",
+                    message=f"the runner of run {request.run!r} did not answer within "
+                    f"{timeout:g} s; the request will be applied when its loop runs again",
+                )
+            )
+
+    def _apply(self, request: ControlRequest) -> ControlReply:
+        try:
+            return ControlReply(self.handler(request))
+        except ActionNotFoundError as exc:
+            return ControlReply(not_found=str(exc))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

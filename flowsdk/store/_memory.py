@@ -4,31 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from typing import TYPE_CHECKING, Any
 
-from flowsdk._phases import RunPhase
-from flowsdk._records import ControlRequest, RunRecord
-from flowsdk.errors import InvalidStateError, RunExistsError, RunNotFoundError
-from flowsdk.store._base import ControlAnswer, RequestHandler, RunRecorder, StoredRun
-
-if TYPE_CHECKING:
-    from flowsdk._run import Run
+from flowsdk._phases import ActionPhase, RunPhase
+from flowsdk._records import (
+    ActionRow,
+    ControlReply,
+    ControlRequest,
+    ControlResult,
+    Event,
+    EventRow,
+    Outcome,
+    RunRecord,
+)
+from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunExistsError, RunNotFoundError
+from flowsdk.store._base import (
+    InProcessChannel,
+    RequestHandler,
+    RunRecorder,
+    RunState,
+    StoredRun,
+)
 
 __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    """Runs kept in this object (`memory://`): fast, private to the process, no external control.
+    """Runs kept in this object (`memory://`): fast, private to the process.
 
     Pass the same instance as `store=` to several runs and to `flowsdk.Client`
-    to read them back; a new `"memory://"` URL means a new, empty store.
+    to read them back and to control a live run from this process (another
+    thread, or the run's own loop); a new `"memory://"` URL means a new, empty
+    store. A live run's actions are kept by its runner and appear here when
+    the run ends.
     """
 
-    supports_control = False
+    in_process = True
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._runs: dict[str, list[Run[Any] | None]] = {}
+        self._runs: dict[str, list[StoredRun | None]] = {}
+        self._live: dict[str, _MemoryRecorder] = {}
         self._cache: dict[tuple[str, str, str], bytes] = {}
 
     def __repr__(self) -> str:
@@ -42,21 +57,30 @@ class MemoryStore:
         if len(attempts) >= record.attempt:
             raise RunExistsError(f"a run named {record.name!r} already exists in this memory store")
         attempts.append(None)
-        return _MemoryRecorder(self, record)
+        recorder = _MemoryRecorder(self, record, InProcessChannel(loop, handler))
+        self._live[record.name] = recorder
+        return recorder
 
-    def finished(self, run: Run[Any]) -> None:
-        """Keep the final picture of an attempt."""
-        self._runs[run.name][run.attempt - 1] = run
+    def _finished(self, recorder: _MemoryRecorder, stored: StoredRun) -> None:
+        self._runs[stored.record.name][stored.record.attempt - 1] = stored
+        if self._live.get(stored.record.name) is recorder:
+            del self._live[stored.record.name]
+
+    # -- reading -----------------------------------------------------------------------
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
     ) -> list[RunRecord]:
-        """Return the latest recorded attempt of each run, newest first."""
-        latest = [
-            run.record
-            for attempts in self._runs.values()
-            if (run := next((a for a in reversed(attempts) if a is not None), None)) is not None
-        ]
+        """Return the latest attempt of each run (live ones included), newest first."""
+        latest = []
+        for name, attempts in self._runs.items():
+            live = self._live.get(name)
+            if live is not None:
+                latest.append(live.record)
+            elif (
+                found := next((a for a in reversed(attempts) if a is not None), None)
+            ) is not None:
+                latest.append(found.record)
         latest = [r for r in latest if phase is None or r.phase is phase]
         latest.sort(key=lambda r: r.started_at, reverse=True)
         return latest[:limit] if limit is not None else latest
@@ -68,51 +92,99 @@ class MemoryStore:
         if 0 <= index < len(slots) and slots[index] is None:
             raise InvalidStateError(
                 f"run {name!r} is still running in this memory:// store, which keeps a run's "
-                "records only once it has ended and cannot be controlled from outside; use "
-                "its RunHandle, or a sqlite:// store"
+                "actions only once it has ended; control it with its RunHandle or a Client on "
+                "this store object, or record it in a sqlite:// store to follow it live"
             )
-        attempts = [a for a in slots if a is not None]
-        if attempt is not None:
-            attempts = [a for a in attempts if a.attempt == attempt]
-        if not attempts:
-            close = difflib.get_close_matches(name, [n for n in self._runs if n != name], n=3)
-            hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
-            raise RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
-        run = attempts[-1]
-        return StoredRun(run.record, run.actions, run.events, run.payloads())
+        found = slots[index] if 0 <= index < len(slots) else None
+        if found is None:
+            raise self._not_found(name, attempt)
+        return found
 
-    def request(self, request: ControlRequest, *, timeout: float) -> ControlAnswer:
-        """Refuse: a memory store cannot reach a run from outside its `RunHandle`."""
-        raise InvalidStateError(
-            f"run {request.run!r} lives in a memory:// store, which other processes and clients "
-            "cannot control; use its RunHandle, or a sqlite:// store"
-        )
+    def _not_found(self, name: str, attempt: int | None) -> RunNotFoundError:
+        if attempt is not None and self._runs.get(name):
+            return RunNotFoundError(
+                f"run {name!r} has no attempt {attempt}; its latest is {len(self._runs[name])}"
+            )
+        close = difflib.get_close_matches(name, [n for n in self._runs if n != name], n=3)
+        hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
+        return RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
+
+    def run_state(self, name: str, action: str | None = None) -> RunState:
+        """Return the latest attempt's phase, and `action`'s once the run has ended."""
+        live = self._live.get(name)
+        if live is not None:
+            # The runner resolves the target itself: its actions are not kept here yet.
+            return RunState(name, live.record.attempt, live.record.phase)
+        stored = self.load_run(name)
+        phase = None
+        if action is not None:
+            record = next((a for a in stored.actions if a.name == action), None)
+            if record is None:
+                raise ActionNotFoundError.for_action(name, action, [a.name for a in stored.actions])
+            phase = record.phase
+        return RunState(name, stored.record.attempt, stored.record.phase, phase)
+
+    def group_phases(self, name: str, attempt: int, group: str) -> list[ActionPhase]:
+        """Return the phases of the actions of `group` in one ended attempt."""
+        return [a.phase for a in self.load_run(name, attempt).actions if a.group == group]
+
+    def groups(self, name: str, attempt: int) -> list[str]:
+        """Return the group names of one ended attempt, sorted."""
+        return sorted({a.group for a in self.load_run(name, attempt).actions if a.group})
+
+    def root_task_workdir(self, task: str) -> str | None:
+        """Return the working directory of the latest run whose root task is `task`."""
+        records = [r for r in self.list_runs() if r.task == task]
+        return records[0].workdir if records else None
+
+    def events_since(self, name: str, cursor: int, *, attempt: int | None = None) -> list[Event]:
+        """Return the events with `seq > cursor` of an ended attempt (latest by default)."""
+        return [e for e in self.load_run(name, attempt).events if e.seq > cursor]
+
+    # -- control -----------------------------------------------------------------------
+
+    def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
+        """Apply a request to a live run of this store (in this process)."""
+        live = self._live.get(request.run)
+        if live is None:
+            state = self.run_state(request.run)
+            return ControlReply(
+                ControlResult(
+                    outcome=Outcome.ALREADY_ENDED,
+                    phase=state.phase.value,
+                    message=f"run {request.run!r} already finished: {state.phase.value}",
+                )
+            )
+        return live.channel.request(request, timeout=timeout)
 
     def close(self) -> None:
         """Nothing to release."""
 
 
 class _MemoryRecorder:
-    """Keeps nothing while the run goes on; the runtime's own lists are the record."""
+    """Keeps the run's record while it goes on and its final picture when it ends."""
 
     streams = False
 
-    def __init__(self, store: MemoryStore, record: RunRecord) -> None:
+    def __init__(self, store: MemoryStore, record: RunRecord, channel: InProcessChannel) -> None:
         self._store = store
-        self._record = record
+        self.record = record
+        self.channel = channel
 
-    def action(self, row: tuple[Any, ...]) -> None:
-        """Not used: `streams` is false."""
+    def action(self, row: ActionRow) -> None:
+        """Not used: `streams` is false (the runner's own lists are the record)."""
 
-    def event(self, row: tuple[Any, ...]) -> None:
+    def event(self, row: EventRow) -> None:
         """Not used: `streams` is false."""
 
     def run(self, record: RunRecord) -> None:
-        """Not used: `streams` is false."""
+        """Keep the run's current record (its phase answers control requests)."""
+        self.record = record
 
-    def finished(self, run: Run[Any]) -> None:
+    def finished(self, stored: StoredRun) -> None:
         """Keep the run's final picture in the store."""
-        self._store.finished(run)
+        self.record = stored.record
+        self._store._finished(self, stored)
 
     def congested(self) -> bool:
         """Never: nothing is written while the run goes on."""

@@ -20,43 +20,48 @@ import os
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from flowsdk._liveness import is_alive
-from flowsdk._phases import RunPhase
+from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    ActionRow,
+    ControlReply,
     ControlRequest,
+    ControlResult,
+    Event,
+    EventRow,
+    Outcome,
     RunRecord,
     action_from_row,
     event_from_row,
 )
 from flowsdk.errors import (
+    ActionNotFoundError,
     RunNotFoundError,
     StoreCorruptedError,
     StoreError,
 )
-from flowsdk.store._base import ControlAnswer, RequestHandler, RunRecorder, StoredRun
-
-if TYPE_CHECKING:
-    pass
-
-from flowsdk.store._sqlite_run import RunWriter
+from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_schema import (
-    _MIGRATIONS,
     ACTION_COLUMNS,
     ANSWER_POLL,
     APPLICATION_ID,
     DEFAULT_BUSY_TIMEOUT,
+    EVENT_COLUMNS,
+    MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
-    _answer_decoder,
-    _owner_decoder,
-    _request_encoder,
     mark_crashed,
+    owner_decoder,
+    reply_decoder,
+    request_encoder,
     run_record,
     translate,
 )
+from flowsdk.store._writer import RunWriter
 
 __all__ = ["SQLiteStore"]
 
@@ -69,7 +74,7 @@ class SQLiteStore:
     does not exist yet shows no runs and creates nothing.
     """
 
-    supports_control = True
+    in_process = False
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -171,7 +176,7 @@ class SQLiteStore:
             # Re-read under the write lock: another process may have migrated meanwhile.
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             for step in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[step]:
+                for statement in MIGRATIONS[step]:
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -180,6 +185,11 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         del version
+
+    def _connect_for_writing(self) -> sqlite3.Connection:
+        conn = self.connect(create=True)
+        assert conn is not None  # create=True always gives a connection
+        return conn
 
     def _read(self) -> sqlite3.Connection | None:
         with self._lock:
@@ -200,7 +210,8 @@ class SQLiteStore:
         self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
     ) -> RunRecorder:
         """Create the run's row and start its recorder thread."""
-        recorder = RunWriter(self, record, loop, handler)
+        dialect = SQLiteDialect(self.path, self._connect_for_writing)
+        recorder = RunWriter(dialect, record, loop, handler)
         try:
             await recorder.started
         except BaseException:
@@ -228,7 +239,7 @@ class SQLiteStore:
         dead = [
             (name, attempt)
             for name, attempt, owner, heartbeat in rows
-            if owner is not None and not is_alive(_owner_decoder.decode(owner), heartbeat, now=now)
+            if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat, now=now)
         ]
         for name, attempt in dead:
             try:
@@ -279,24 +290,128 @@ class SQLiteStore:
             if row is None:
                 raise self._not_found(conn, name, attempt)
             record = run_record(row)
-            rows = list(
-                conn.execute(
+            rows = [
+                ActionRow(*r)
+                for r in conn.execute(
                     f"SELECT {ACTION_COLUMNS} FROM actions "
                     "WHERE run = ? AND run_attempt = ? ORDER BY seq",
                     (name, record.attempt),
                 )
-            )
+            ]
             actions = [action_from_row(name, r) for r in rows]
-            payloads = {r[0]: (r[-2], r[-1]) for r in rows}
-            events = [
-                event_from_row(r)
+            payloads = {r.name: (r.inputs, r.output) for r in rows}
+            events = self._events(conn, name, record.attempt, -1)
+        return StoredRun(record, actions, events, payloads)
+
+    def _events(
+        self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int
+    ) -> list[Event]:
+        return [
+            event_from_row(EventRow(*r))
+            for r in conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events "
+                "WHERE run = ? AND run_attempt = ? AND seq > ? ORDER BY seq",
+                (name, attempt, cursor),
+            )
+        ]
+
+    def _latest(self, conn: sqlite3.Connection, name: str) -> tuple[int, str, bytes | None, float]:
+        row = conn.execute(
+            "SELECT attempt, phase, owner, heartbeat FROM runs WHERE name = ? "
+            "ORDER BY attempt DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise self._not_found(conn, name, None)
+        return row  # type: ignore[no-any-return]
+
+    def run_state(self, name: str, action: str | None = None) -> RunState:
+        """Return the latest attempt's phase (and `action`'s) by primary-key lookups."""
+        conn = self._read()
+        if conn is None:
+            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+        with translate(self.path):
+            attempt, phase, owner, heartbeat = self._latest(conn, name)
+            live = not RunPhase(phase).terminal
+            if live and owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
+                with contextlib.suppress(sqlite3.OperationalError):
+                    mark_crashed(conn, name, attempt, time.time())
+                attempt, phase, _, _ = self._latest(conn, name)
+            target = None
+            if action is not None:
+                row = conn.execute(
+                    "SELECT phase FROM actions WHERE run = ? AND run_attempt = ? AND name = ?",
+                    (name, attempt, action),
+                ).fetchone()
+                if row is None:
+                    names = [
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT name FROM actions WHERE run = ? AND run_attempt = ? "
+                            "ORDER BY seq",
+                            (name, attempt),
+                        )
+                    ]
+                    raise ActionNotFoundError.for_action(name, action, names)
+                target = ActionPhase(row[0])
+        return RunState(name, attempt, RunPhase(phase), target)
+
+    def group_phases(self, name: str, attempt: int, group: str) -> list[ActionPhase]:
+        """Return the phases of the actions of `group` in one attempt."""
+        conn = self._read()
+        if conn is None:
+            return []
+        with translate(self.path):
+            return [
+                ActionPhase(r[0])
                 for r in conn.execute(
-                    "SELECT seq, at, kind, action, phase, cause, reason, requested_by, message "
-                    "FROM events WHERE run = ? AND run_attempt = ? ORDER BY seq",
-                    (name, record.attempt),
+                    "SELECT phase FROM actions WHERE run = ? AND run_attempt = ? AND grp = ?",
+                    (name, attempt, group),
                 )
             ]
-        return StoredRun(record, actions, events, payloads)
+
+    def groups(self, name: str, attempt: int) -> list[str]:
+        """Return the group names of one attempt, sorted."""
+        conn = self._read()
+        if conn is None:
+            return []
+        with translate(self.path):
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT grp FROM actions WHERE run = ? AND run_attempt = ? "
+                    "AND grp IS NOT NULL ORDER BY grp",
+                    (name, attempt),
+                )
+            ]
+
+    def root_task_workdir(self, task: str) -> str | None:
+        """Return the working directory of the latest run whose root task is `task`."""
+        conn = self._read()
+        if conn is None:
+            return None
+        with translate(self.path):
+            row = conn.execute(
+                "SELECT workdir FROM runs WHERE task = ? ORDER BY started_at DESC LIMIT 1", (task,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def events_since(self, name: str, cursor: int, *, attempt: int | None = None) -> list[Event]:
+        """Return the events of a run (latest attempt by default) with `seq > cursor`."""
+        conn = self._read()
+        if conn is None:
+            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+        with translate(self.path):
+            if attempt is None:
+                attempt = self._latest(conn, name)[0]
+            elif (
+                conn.execute(
+                    "SELECT 1 FROM runs WHERE name = ? AND attempt = ?", (name, attempt)
+                ).fetchone()
+                is None
+            ):
+                raise self._not_found(conn, name, attempt)
+            return self._events(conn, name, attempt, cursor)
 
     def _not_found(
         self, conn: sqlite3.Connection, name: str, attempt: int | None
@@ -321,11 +436,11 @@ class SQLiteStore:
 
     # -- control -----------------------------------------------------------------------
 
-    def request(self, request: ControlRequest, *, timeout: float) -> ControlAnswer:
-        """Hand a control request to the run's runner and wait for its answer.
+    def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
+        """Hand a control request to the run's runner and wait for its reply.
 
         The request is committed first, so it is never lost: if the runner does
-        not answer in time, the error says it is recorded and will be applied
+        not answer in time, the reply is `queued` and the request is applied
         when the runner reads it.
         """
         conn = self.connect(create=True)
@@ -335,7 +450,7 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 cur = conn.execute(
                     "INSERT INTO requests (run, at, body) VALUES (?, ?, ?)",
-                    (request.run, time.time(), _request_encoder.encode(request)),
+                    (request.run, time.time(), request_encoder.encode(request)),
                 )
                 conn.execute("COMMIT")
                 request_id = cur.lastrowid
@@ -346,8 +461,7 @@ class SQLiteStore:
                         "SELECT state, answer FROM requests WHERE id = ?", (request_id,)
                     ).fetchone()
                     if row[0] == "done":
-                        answer = _answer_decoder.decode(row[1])
-                        return ControlAnswer(answer.outcome, answer.phase, answer.message)
+                        return reply_decoder.decode(row[1])
                     now = time.monotonic()
                     if now >= next_check:
                         next_check = now + 0.2
@@ -356,32 +470,36 @@ class SQLiteStore:
                             conn.execute(
                                 "UPDATE requests SET state = 'dropped' WHERE id = ?", (request_id,)
                             )
-                            return gone
+                            return ControlReply(gone)
                     if now >= deadline:
-                        raise StoreError(
-                            f"the runner of run {request.run!r} did not answer within "
-                            f"{timeout:g} s; the request is recorded (#{request_id}) and "
-                            "will be applied when it reads it"
+                        phase = self._latest(conn, request.run)[1]
+                        return ControlReply(
+                            ControlResult(
+                                outcome=Outcome.QUEUED,
+                                phase=phase,
+                                message=f"the runner of run {request.run!r} did not answer "
+                                f"within {timeout:g} s (is its event loop blocked?); the request "
+                                f"is recorded (#{request_id}) and will be applied when it reads it",
+                            )
                         )
                     time.sleep(ANSWER_POLL)
         finally:
             conn.close()
 
-    def _runner_gone(self, conn: sqlite3.Connection, run: str) -> ControlAnswer | None:
-        row = conn.execute(
-            "SELECT attempt, phase, owner, heartbeat FROM runs WHERE name = ? "
-            "ORDER BY attempt DESC LIMIT 1",
-            (run,),
-        ).fetchone()
-        attempt, phase, owner, heartbeat = row
+    def _runner_gone(self, conn: sqlite3.Connection, run: str) -> ControlResult | None:
+        attempt, phase, owner, heartbeat = self._latest(conn, run)
         if RunPhase(phase).terminal:
-            return ControlAnswer("already_ended", phase, f"run {run!r} already finished: {phase}")
-        if owner is not None and not is_alive(_owner_decoder.decode(owner), heartbeat):
+            return ControlResult(
+                outcome=Outcome.ALREADY_ENDED,
+                phase=phase,
+                message=f"run {run!r} already finished: {phase}",
+            )
+        if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
             with contextlib.suppress(sqlite3.OperationalError):
                 mark_crashed(conn, run, attempt, time.time())
-            return ControlAnswer(
-                "already_ended",
-                RunPhase.CRASHED.value,
-                f"the runner of run {run!r} is gone; the run is recorded CRASHED",
+            return ControlResult(
+                outcome=Outcome.ALREADY_ENDED,
+                phase=RunPhase.CRASHED.value,
+                message=f"the runner of run {run!r} is gone; the run is recorded CRASHED",
             )
         return None

@@ -11,14 +11,16 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from flowsdk._liveness import Owner
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
-    ControlRequest,
+    ACTION_FIELDS,
+    EVENT_FIELDS,
+    ControlReply,
     EventKind,
     RunRecord,
     StopInfo,
@@ -26,38 +28,37 @@ from flowsdk._records import (
     to_datetime,
 )
 from flowsdk.errors import (
+    PermissionDeniedError,
     StoreCorruptedError,
     StoreError,
     StoreLockedError,
 )
 
-if TYPE_CHECKING:
-    pass
-
 __all__ = [
     "ACTION_COLUMNS",
+    "APPLICATION_ID",
+    "EVENT_COLUMNS",
+    "INSERT_ACTION",
+    "INSERT_EVENT",
+    "MIGRATIONS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
     "mark_crashed",
+    "owner_decoder",
+    "reply_decoder",
+    "request_encoder",
     "run_record",
     "translate",
+    "ts",
 ]
 
 logger = logging.getLogger("flowsdk")
 
 APPLICATION_ID = 0x466C6F77  # "Flow": marks the file as a flowsdk store
 DEFAULT_BUSY_TIMEOUT = 5.0
-POLL_INTERVAL = 0.01  # how often a runner looks for control requests (and flushes)
-ANSWER_POLL = 0.005
-MAX_BATCH = 4000  # changes written per transaction, at most
-# Backpressure: past HIGH_WATER unwritten changes, new actions wait until the
-# writer is back under LOW_WATER. A run cannot outrun its store without bound
-# (memory, and the delay before a control request is answered).
-HIGH_WATER = 20_000
-LOW_WATER = 5_000
-LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
+ANSWER_POLL = 0.005  # how often a requester looks for the runner's reply
 
-_MIGRATIONS: dict[int, list[str]] = {
+MIGRATIONS: dict[int, list[str]] = {
     1: [
         """CREATE TABLE runs (
             name TEXT NOT NULL,
@@ -122,35 +123,39 @@ _MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (task, version, digest)
         )""",
     ],
+    # The working directory a run was started in: a detached retry runs there.
+    2: ["ALTER TABLE runs ADD COLUMN workdir TEXT NOT NULL DEFAULT ''"],
 }
-SCHEMA_VERSION = max(_MIGRATIONS)
+SCHEMA_VERSION = max(MIGRATIONS)
 
 _UNFINISHED = "('QUEUED', 'RUNNING', 'STOPPING')"
-_request_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
-_owner_decoder = msgspec.msgpack.Decoder(Owner)
+request_encoder = msgspec.msgpack.Encoder()
+reply_decoder = msgspec.msgpack.Decoder(ControlReply)
+owner_decoder = msgspec.msgpack.Decoder(Owner)
 
-
-class _Answer(msgspec.Struct, frozen=True):
-    outcome: str
-    phase: str
-    message: str
-
-
-_answer_decoder = msgspec.msgpack.Decoder(_Answer)
-
-ACTION_COLUMNS = (
-    "name, seq, parent, task, grp, phase, attempt, started_at, ended_at, "
-    "error_type, error_message, error_traceback, abort_reason, abort_cause, abort_by, abort_at, "
-    "cleanup_incomplete, key, replayed, inputs, output"
-)
+# Column lists derived from the row Structs, written once: `group` is a keyword
+# in SQL, so its column is `grp`.
+_RENAMED = {"group": "grp"}
+ACTION_COLUMNS = ", ".join(_RENAMED.get(f, f) for f in ACTION_FIELDS)
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
-    "owner, heartbeat"
+    "owner, heartbeat, workdir"
 )
 
 
-def _ts(at: datetime | None) -> float | None:
+INSERT_EVENT = (
+    f"INSERT INTO events (run, run_attempt, {EVENT_COLUMNS}) "
+    f"VALUES ({', '.join('?' * (2 + len(EVENT_FIELDS)))})"
+)
+INSERT_ACTION = (
+    f"INSERT OR REPLACE INTO actions (run, run_attempt, {ACTION_COLUMNS}) "
+    f"VALUES ({', '.join('?' * (2 + len(ACTION_FIELDS)))})"
+)
+
+
+def ts(at: datetime | None) -> float | None:
+    """Turn an aware datetime into epoch seconds (how times are stored)."""
     return None if at is None else at.timestamp()
 
 
@@ -159,6 +164,8 @@ def translate(path: str) -> Iterator[None]:
     """Turn sqlite3 errors into the store errors of SPEC §7, naming the file."""
     try:
         yield
+    except sqlite3.IntegrityError:
+        raise  # a constraint the caller expects (a run name taken): not damage
     except sqlite3.OperationalError as exc:
         text = str(exc)
         if "locked" in text or "busy" in text:
@@ -166,7 +173,12 @@ def translate(path: str) -> Iterator[None]:
                 f"the store {path} is locked by another process (waited for its busy timeout); "
                 "try again when the other writer has finished"
             ) from None
-        if "unable to open" in text or "disk I/O" in text or "readonly" in text:
+        if "readonly" in text:
+            raise PermissionDeniedError(
+                f"the store {path} cannot be written by this user ({text}); ask its owner, "
+                "or point --store (or FLOWSDK_STORE) at a store you may write"
+            ) from None
+        if "unable to open" in text or "disk I/O" in text:
             raise StoreError(f"the store {path} cannot be used: {text}") from None
         raise StoreCorruptedError(
             f"the store {path} is damaged ({text}); it was left untouched. Move it aside "
@@ -180,6 +192,7 @@ def translate(path: str) -> Iterator[None]:
 
 
 def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) -> None:
+    """Record a run whose runner is gone, and its unfinished actions, CRASHED (one transaction)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         phase = conn.execute(
@@ -236,7 +249,7 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
                 "runner gone",
             )
         )
-        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany(INSERT_EVENT, rows)
         conn.execute(
             "UPDATE runs SET phase = 'CRASHED', ended_at = ? WHERE name = ? AND attempt = ?",
             (now, name, attempt),
@@ -249,7 +262,8 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
 
 
 def run_record(row: tuple[Any, ...]) -> RunRecord:
-    name, attempt, phase, started, ended, task, mode, reason, by, at, _owner, _hb = row
+    """Build a `RunRecord` from a row of `RUN_COLUMNS`."""
+    name, attempt, phase, started, ended, task, mode, reason, by, at, _owner, _hb, workdir = row
     return RunRecord(
         name=name,
         phase=RunPhase(phase),
@@ -265,4 +279,5 @@ def run_record(row: tuple[Any, ...]) -> RunRecord:
         if mode
         else None,
         task=task,
+        workdir=workdir,
     )

@@ -1,0 +1,185 @@
+"""The live state of one action, and the request that stops it by cancellation.
+
+`ActionState` is what the runtime mutates; records (`ActionRow`,
+`ActionRecord`) are snapshots of it. `Request` says who asked for an action
+to stop, why and when: it is set once per attempt, before the cancellation
+is delivered, and decides the action's terminal phase (`_outcome`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk._records import AbortInfo
+
+if TYPE_CHECKING:
+    from flowsdk._options import TaskSpec
+
+__all__ = ["ActionState", "Request", "RunContext", "current", "current_state"]
+
+
+class RunContext(Protocol):
+    """What an action knows of its run: enough for a task call made in its body."""
+
+    name: str
+    loop: asyncio.AbstractEventLoop
+    closed: bool
+
+    def call(
+        self,
+        task: TaskSpec,
+        parent: ActionState,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Coroutine[Any, Any, Any]:
+        """Return the awaitable of a child action (see `Runtime.call`)."""
+        ...
+
+
+current: contextvars.ContextVar[ActionState | None] = contextvars.ContextVar(
+    "flowsdk.action", default=None
+)
+"""The action whose body (or whose spawned plain task) is running in this context."""
+
+
+def current_state() -> ActionState | None:
+    """Return the action whose body (or whose spawned task) is running, if any."""
+    return current.get()
+
+
+class Request:
+    """Who asked an action to stop by cancellation, why, and when."""
+
+    __slots__ = ("at", "by", "cause", "reason")
+
+    def __init__(self, cause: AbortCause, reason: str | None, by: str | None) -> None:
+        self.cause = cause
+        self.reason = reason
+        self.by = by
+        self.at = time.time()
+
+    def __repr__(self) -> str:
+        return f"Request({self.cause.value!r}, {self.reason!r}, {self.by!r})"
+
+    def info(self) -> AbortInfo:
+        """Return the record of this request (what `abort` of a record holds)."""
+        return AbortInfo(
+            reason=self.reason,
+            cause=self.cause,
+            requested_by=self.by,
+            requested_at=datetime.fromtimestamp(self.at, UTC),
+        )
+
+    def message(self) -> str:
+        """Say why, for the `CancelledError` the body receives: cause, requester, reason."""
+        text = f"flowsdk: {_WHAT.get(self.cause, self.cause.value)}"
+        if self.by:
+            text += f" by {self.by}"
+        if self.reason:
+            text += f": {self.reason}"
+        return text
+
+
+_WHAT = {
+    AbortCause.ROOT_EXIT: "cancelled because the run's root exited (root_exit)",
+    AbortCause.CANCELLED: "cancelled by workflow code (cancelled)",
+    AbortCause.EXTERNAL: "aborted (external)",
+    AbortCause.ANCESTOR: "cancelled because an ancestor was (ancestor)",
+    AbortCause.STOP: "abandoned by a stop (stop)",
+    AbortCause.SIGINT: "aborted by an interrupt (sigint)",
+    AbortCause.MARK_FAILED: "marked as failed (mark_failed)",
+    AbortCause.TIMEOUT: "cancelled: its timeout passed (timeout)",
+}
+
+
+class ActionState:
+    """The live, mutable state of one action (records are snapshots of it)."""
+
+    __slots__ = (
+        "args",
+        "atask",
+        "attempt",
+        "calls",
+        "cancels",
+        "cleanup_incomplete",
+        "delivered",
+        "done",
+        "ended_at",
+        "error",
+        "exc",
+        "group",
+        "host",
+        "inputs",
+        "key",
+        "kwargs",
+        "name",
+        "output",
+        "parent",
+        "phase",
+        "replayed",
+        "req",
+        "run",
+        "runtime",
+        "seq",
+        "started_at",
+        "task",
+        "timer",
+        "value",
+    )
+
+    def __init__(
+        self,
+        runtime: RunContext,
+        seq: int,
+        parent: ActionState | None,
+        task: TaskSpec,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: str,
+        group: str | None,
+    ) -> None:
+        self.runtime = runtime
+        self.run = runtime.name
+        self.seq = seq
+        self.name = f"a{seq}"
+        self.parent = parent
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.key = key
+        self.group = group
+        self.phase = ActionPhase.QUEUED
+        self.attempt = 1
+        self.started_at = time.time()
+        self.ended_at: float | None = None
+        self.value: Any = None
+        self.exc: BaseException | None = None
+        self.error: tuple[str, str, str] | None = None
+        self.req: Request | None = None
+        # The request whose cancellation reached the body (what current_action().abort shows).
+        self.delivered: Request | None = None
+        self.atask: asyncio.Task[None] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.timer: tuple[int, Callable[[ActionState], None]] | None = None
+        self.cancels = 0
+        self.calls = 0
+        self.cleanup_incomplete = False
+        self.replayed = False
+        self.host: asyncio.Task[Any] | None = None
+        self.inputs: bytes | None = None
+        self.output: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<action {self.run}/{self.name} {self.task.name} {self.phase.value}>"
+
+    @property
+    def cause(self) -> AbortCause | None:
+        """The cause of the request that stops this action, if any."""
+        req = self.req
+        return None if req is None else req.cause

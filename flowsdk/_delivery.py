@@ -1,0 +1,146 @@
+"""How a cancellation reaches a body: delivery, the grace period, escalation, abandon.
+
+Once a request is set on an action (`ActionState.req`), `Delivery.deliver`
+cancels the action's task through its executor, with a message that names the
+cause, the requester and the reason. A body still running `grace_period`
+seconds later is cancelled a second time (its cleanup is interrupted and it
+is recorded `cleanup_incomplete=true`); one that ignores that too is, after
+`ABANDON_AFTER` more seconds, recorded as ended and no longer waited for (a
+*zombie*).
+
+Timers due in the same `TIMER_RESOLUTION` share one loop handle, so
+cancelling 1,000 children costs one timer, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+from flowsdk._action import ActionState
+from flowsdk._describe import format_stack
+from flowsdk._phases import AbortCause, ActionPhase
+
+__all__ = ["ABANDON_AFTER", "TIMER_RESOLUTION", "Delivery"]
+
+# After the second cancel, how long a body may still run before it is recorded
+# with cleanup_incomplete=True and no longer waited for.
+ABANDON_AFTER = 1.0
+TIMER_RESOLUTION = 0.01  # grace and abandon deadlines are rounded up to this (seconds)
+
+QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
+_TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
+
+TimerKey = tuple[int, Callable[[ActionState], None]]
+
+
+class Owner(Protocol):
+    """What delivery needs from the runtime: record phases, finish actions, warn."""
+
+    def set_phase(
+        self, action: ActionState, phase: ActionPhase, message: str | None = None
+    ) -> None:
+        """Record an action's new (non-terminal) phase."""
+
+    def finish_cancelled(self, action: ActionState) -> None:
+        """Record an action that ended after (or because of) its request."""
+
+    def warn(self, action: ActionState | None, message: str) -> None:
+        """Log a warning and record it in the event log."""
+
+
+class Delivery:
+    """Delivers cancellations to a run's bodies and escalates when they ignore them."""
+
+    def __init__(self, owner: Owner, loop: asyncio.AbstractEventLoop) -> None:
+        self._owner = owner
+        self._loop = loop
+        self._timers: dict[TimerKey, list[ActionState]] = {}
+        self.zombies: list[ActionState] = []
+        """Bodies that ignored two cancellations: recorded as ended, still running."""
+
+    def deliver(self, action: ActionState) -> None:
+        """Deliver the first cancel of the action's request to its body."""
+        if action.phase is QUEUED:
+            # Its body has not started: it never will. Cancelling the task
+            # before its first step closes the coroutine without running it.
+            self._owner.finish_cancelled(action)
+            assert action.atask is not None
+            action.atask.cancel()
+            return
+        req = action.req
+        if action.phase is RUNNING and (req is None or req.cause is not AbortCause.TIMEOUT):
+            self._owner.set_phase(action, STOPPING)
+        if action.cancels == 0:
+            self.cancel_task(action)
+            self.later(action, action.task.options.grace_period, self._on_grace)
+
+    def cancel_task(self, action: ActionState) -> None:
+        """Cancel the action's task through its executor, with the request's message."""
+        task = action.atask
+        assert task is not None
+        if not task.done():
+            action.cancels += 1
+            req = action.req
+            message = req.message() if req is not None else "flowsdk: cancelled"
+            action.task.options.runner.cancel(task, message)
+
+    def later(
+        self, action: ActionState, delay: float, callback: Callable[[ActionState], None]
+    ) -> None:
+        """Call `callback(action)` in about `delay` seconds, replacing its pending timer.
+
+        Clearing `action.timer` cancels it.
+        """
+        slot = math.ceil((self._loop.time() + delay) / TIMER_RESOLUTION)
+        key = (slot, callback)
+        bucket = self._timers.get(key)
+        if bucket is None:
+            bucket = self._timers[key] = []
+            self._loop.call_at(slot * TIMER_RESOLUTION, self._fire, key)
+        bucket.append(action)
+        action.timer = key
+
+    def _fire(self, key: TimerKey) -> None:
+        _, callback = key
+        for action in self._timers.pop(key, ()):
+            if action.timer == key:  # not cleared or replaced since
+                action.timer = None
+                callback(action)
+
+    def _on_grace(self, action: ActionState) -> None:
+        """The grace period is over: cancel the body again, then give it one more second."""
+        action.timer = None
+        if action.phase in _TERMINAL:
+            return
+        stack = format_stack(action.atask)
+        self._owner.warn(
+            action,
+            f"action {action.name} ({action.task.name}) is still running "
+            f"{action.task.options.grace_period:g} s after it was cancelled; cancelling it again. "
+            f"It is at:\n{stack}",
+        )
+        self.escalate(action)
+
+    def escalate(self, action: ActionState) -> None:
+        """Deliver the second (and last) cancel; give the body `ABANDON_AFTER` more."""
+        # The second cancel interrupts whatever cleanup was running.
+        action.cleanup_incomplete = True
+        self.cancel_task(action)
+        self.later(action, ABANDON_AFTER, self._on_abandon)
+
+    def _on_abandon(self, action: ActionState) -> None:
+        """The body ignored two cancels: record it and stop waiting for it."""
+        action.timer = None
+        if action.phase in _TERMINAL:
+            return
+        action.cleanup_incomplete = True
+        self.zombies.append(action)
+        self._owner.warn(
+            action,
+            f"action {action.name} ({action.task.name}) ignored cancellation; it is recorded "
+            "with cleanup_incomplete=true and no longer waited for",
+        )
+        self._owner.finish_cancelled(action)

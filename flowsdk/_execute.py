@@ -1,0 +1,195 @@
+"""The two coroutines of every action: the caller's handle and the action's own task.
+
+Every action runs its body in an asyncio task of its own (the *action task*,
+`run_action`), created here. What a caller awaits is a thin *handle*
+coroutine (`action_handle`) that starts the action on its first step and then
+waits on a plain future that the action resolves when it ends. Two
+consequences shape the runtime:
+
+- The runtime only ever cancels action tasks it owns, never a caller's task,
+  so an abort never leaks into a parent's `cancelling()` count.
+- No task awaits another task directly through the SDK, so cancelling an
+  action never recurses through an await chain: teardown of a depth-2,000
+  tree is a flat loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import CancelledError
+from typing import TYPE_CHECKING, Any
+
+from flowsdk._action import ActionState, current
+from flowsdk._outcome import outcome
+from flowsdk._payload import decode_inputs
+from flowsdk._phases import AbortCause, ActionPhase
+
+if TYPE_CHECKING:
+    from flowsdk._options import TaskSpec
+    from flowsdk._runtime import Runtime
+
+__all__ = ["OWN_CODE", "action_handle", "run_action", "spawn"]
+
+SUCCEEDED, FAILED = ActionPhase.SUCCEEDED, ActionPhase.FAILED
+_TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
+
+
+async def action_handle(
+    runtime: Runtime,
+    parent: ActionState,
+    task: TaskSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str,
+    inputs: bytes,
+    recorded: bytes | None,
+) -> Any:
+    """Start one child action and return (or raise) what its parent should see.
+
+    This is the coroutine `task(...)` returns inside a run. `Task` copies it
+    under the user's function name. Cancelled while waiting (`t.cancel()`, a
+    parent's `asyncio.timeout`, teardown), it cancels the action (a message
+    given to `t.cancel(msg)` becomes the abort's reason), waits for the
+    action's cleanup, then re-raises `CancelledError`; a second cancel stops
+    the wait. With a `recorded` output (a retried run's history, or the
+    cache) the body does not run: the action is recorded as replayed.
+    """
+    rec = runtime.streaming
+    if rec is not None and rec.congested():
+        await rec.relieved()  # backpressure: the store is far behind this run
+    if recorded is None and task.options.cache:
+        recorded = await runtime.cache_get(task, inputs)
+    if recorded is not None:
+        return runtime.replay(parent, task, key, inputs, recorded)
+    action = spawn(runtime, runtime.new_child(parent, task, args, kwargs, key, inputs))
+    host = asyncio.current_task()
+    if host is not parent.atask:
+        action.host = host  # a task of its own (create_task, gather...): see Runtime.root_exited
+    done = action.done
+    assert done is not None
+    try:
+        await done
+    except CancelledError as exc:
+        if action.phase not in _TERMINAL:
+            reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+            runtime.cancel_from_caller(action, reason)
+            if action.phase not in _TERMINAL:
+                action.done = runtime.loop.create_future()
+                await action.done
+        if action.phase is FAILED and parent.req is None:
+            # Workflow code cancelled it and its cleanup raised instead: as in
+            # asyncio, the awaiter gets that error, not CancelledError.
+            note_failure_host(runtime, action)
+            return outcome(action)
+        raise
+    if action.phase is SUCCEEDED:
+        return action.value
+    note_failure_host(runtime, action)
+    return outcome(action)
+
+
+def spawn(runtime: Runtime, action: ActionState) -> ActionState:
+    """Create the action's task (its body starts on the loop's next step)."""
+    loop = runtime.loop
+    action.done = loop.create_future()
+    tracker = runtime.tracker
+    if tracker is not None and tracker.previous is None:
+        # Our own task: skip the tracking factory (it would only skip it).
+        action.atask = asyncio.Task(run_action(runtime, action), loop=loop)
+    else:
+        action.atask = loop.create_task(run_action(runtime, action))
+    return action
+
+
+async def run_action(runtime: Runtime, action: ActionState) -> None:
+    """Run an action's body, with retries and timeout; record how it ended.
+
+    This is the action task's coroutine. The body is called through the
+    task's executor, the one place a body is called. It never raises an
+    `Exception`: every outcome is recorded on the action, so no task exception
+    can go unretrieved.
+    """
+    current.set(action)
+    task = action.task
+    fn = task.fn
+    options = task.options
+    executor = options.runner
+    runtime.set_running(action)
+    try:
+        while True:
+            # Each attempt gets a fresh snapshot: an attempt that mutated its
+            # arguments does not change what the next one receives.
+            assert action.inputs is not None
+            args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
+            timer = None
+            if options.timeout is not None:
+                timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
+            try:
+                value = await executor.call(fn, args, kwargs)
+            except CancelledError:
+                if timer is not None:
+                    timer.cancel()
+                if action.cause is AbortCause.TIMEOUT and runtime.retry_after_timeout(action):
+                    if await runtime.backoff(action):
+                        continue
+                    return
+                runtime.finish_cancelled(action)
+                return
+            except GeneratorExit:
+                raise
+            except BaseException as exc:
+                if timer is not None:
+                    timer.cancel()
+                # Drop this frame from the traceback: the user sees their body's
+                # frames, and the exception does not keep this frame (and so the
+                # action) alive in a reference cycle.
+                tb = exc.__traceback__
+                if tb is not None and tb.tb_frame.f_code is _RUN_ACTION_CODE:
+                    exc.__traceback__ = tb.tb_next
+                if not isinstance(exc, Exception):
+                    runtime.finish_base_exception(action, exc)
+                    return
+                if action.req is None and runtime.retry(action, exc):
+                    if await runtime.backoff(action):
+                        continue
+                    return
+                runtime.finish_failed(action, exc)
+                return
+            if timer is not None:
+                timer.cancel()
+            if action.req is None:
+                runtime.finish_succeeded(action, value)
+            else:
+                runtime.finish_cancelled(action)
+            return
+    except GeneratorExit:
+        raise  # the coroutine is being closed (a zombie at the end of the run)
+    except BaseException as exc:
+        # The runtime's own bookkeeping failed (a bug, or an exception such as a
+        # test harness's alarm landing in it): record the action CRASHED so that
+        # nothing waits for it forever, then let a BaseException go on.
+        runtime.crash(action, exc)
+        if not isinstance(exc, Exception):
+            raise
+
+
+_RUN_ACTION_CODE = run_action.__code__
+OWN_CODE = frozenset({run_action.__code__, action_handle.__code__})
+"""The code of the SDK's own coroutines: tasks running them are actions, not plain tasks."""
+
+
+def note_failure_host(runtime: Runtime, action: ActionState) -> None:
+    """Remember the caller's task if it exists only to await `action`.
+
+    Such a task (`asyncio.create_task(child())`) ends with the action's
+    error. If workflow code never looks at it, `Runtime.report_unobserved`
+    names the failure at the end of the run instead of asyncio's "Task
+    exception was never retrieved" at garbage collection.
+    """
+    host = asyncio.current_task()
+    parent = action.parent
+    if host is None or parent is None or host is parent.atask:
+        return
+    coro = host.get_coro()
+    if getattr(coro, "cr_code", None) is action_handle.__code__:
+        runtime.failure_hosts.append(host)

@@ -1,0 +1,89 @@
+"""Task options and the shape of a task as the runtime and the recorder see it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from flowsdk.executors import get_executor
+
+__all__ = ["TaskOptions", "TaskSpec"]
+
+
+class TaskSpec(Protocol):
+    """What the runtime and the recorder use of a task (`flowsdk.Task` is one).
+
+    A protocol, so that the runtime does not depend on the decorator module
+    that depends on it.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    options: TaskOptions
+    signature: inspect.Signature
+    __dict__: dict[str, Any]
+
+    @property
+    def _handle(self) -> Callable[..., Coroutine[Any, Any, Any]]: ...
+
+
+class TaskOptions:
+    """The resolved options of one task (environment defaults plus overrides)."""
+
+    __slots__ = (
+        "backoff",
+        "cache",
+        "cache_version",
+        "executor",
+        "grace_period",
+        "max_payload",
+        "retries",
+        "runner",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        retries: int,
+        timeout: float | None,
+        grace_period: float,
+        backoff: float,
+        cache: bool,
+        cache_version: str | None,
+        executor: str | None,
+        max_payload: int,
+    ) -> None:
+        if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
+            raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        if timeout is not None and not _positive(timeout):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
+        if not _positive(grace_period, allow_zero=True):
+            raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
+        if not _positive(backoff, allow_zero=True):
+            raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
+        self.runner = get_executor(executor)  # ValueError for an unknown or missing one
+        self.retries = retries
+        self.timeout = None if timeout is None else float(timeout)
+        self.grace_period = float(grace_period)
+        self.backoff = float(backoff)
+        self.cache = cache
+        self.cache_version = cache_version
+        self.executor = executor
+        self.max_payload = max_payload
+
+    def replace(self, **overrides: Any) -> TaskOptions:
+        """Return a copy with `overrides` applied (unset values keep this copy's)."""
+        values = {name: getattr(self, name) for name in self.__slots__ if name != "runner"}
+        values.update(overrides)
+        return TaskOptions(**values)
+
+
+def _positive(value: object, *, allow_zero: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return False
+    return value >= 0 if allow_zero else value > 0

@@ -1,0 +1,128 @@
+"""What results from how an action ended: its terminal phase, and what its parent sees.
+
+The rules of SPEC §1, in one place:
+
+- once a cancellation requested by flowsdk has been delivered, the request
+  decides the terminal phase, whatever the body returns (`after_cancel`): ABORTED
+  with the request's cause, FAILED for mark-failed and timeouts, ABANDONED
+  for a stop; only an exception raised by the cleanup itself makes it FAILED;
+- what an awaiting parent gets (`outcome`): the value, `RuntimeUserError`
+  whose `__cause__` is the body's exception (never wrapped twice),
+  `ActionAbortedError` for an operator's abort, else `CancelledError`;
+- the run's terminal phase from its root and its stop request (`final_phase`).
+"""
+
+from __future__ import annotations
+
+from asyncio import CancelledError
+from typing import Any
+
+from flowsdk._action import ActionState
+from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk.errors import (
+    ActionAbortedError,
+    ActionMarkedFailedError,
+    FlowError,
+    RuntimeUserError,
+    TaskTimeoutError,
+)
+
+__all__ = ["aborted_error", "after_cancel", "final_phase", "outcome"]
+
+SUCCEEDED, FAILED = ActionPhase.SUCCEEDED, ActionPhase.FAILED
+ABORTED, ABANDONED = ActionPhase.ABORTED, ActionPhase.ABANDONED
+EXTERNAL = AbortCause.EXTERNAL
+
+
+def after_cancel(action: ActionState) -> tuple[ActionPhase, FlowError | None]:
+    """Return the terminal phase of an action stopped by its request, and its error if FAILED."""
+    req = action.req
+    cause = req.cause if req is not None else AbortCause.CANCELLED
+    if cause is AbortCause.MARK_FAILED:
+        reason = req.reason if req is not None else None
+        return FAILED, ActionMarkedFailedError(
+            f"action {action.name} of run {action.run!r} was marked as failed"
+            + (f": {reason}" if reason else ""),
+            run=action.run,
+            action=action.name,
+            reason=reason,
+        )
+    if cause is AbortCause.TIMEOUT:
+        return FAILED, timeout_error(action)
+    if cause is AbortCause.STOP:
+        return ABANDONED, None
+    return ABORTED, None
+
+
+def timeout_error(action: ActionState) -> TaskTimeoutError:
+    """Build the error of an attempt that exceeded its task's `timeout`."""
+    seconds = action.task.options.timeout or 0.0
+    err = TaskTimeoutError(
+        f"action {action.name} ({action.task.name}) of run {action.run!r} exceeded its "
+        f"timeout of {seconds:g} s (attempt {action.attempt})",
+        run=action.run,
+        action=action.name,
+    )
+    err.__cause__ = TimeoutError(f"attempt took longer than {seconds:g} s")
+    return err
+
+
+def outcome(action: ActionState) -> Any:
+    """Return the value, or raise what an awaiting parent gets (SPEC §1)."""
+    phase = action.phase
+    if phase is SUCCEEDED:
+        return action.value
+    if phase is FAILED:
+        exc = action.exc
+        if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
+            raise exc  # never wrapped twice
+        if exc is None or not isinstance(exc, Exception):
+            raise CancelledError  # KeyboardInterrupt/SystemExit: never wrapped
+        error = action.error
+        assert error is not None
+        raise RuntimeUserError(
+            f"action {action.name} ({action.task.name}) of run {action.run!r} failed: "
+            f"{error[0]}: {error[1]}",
+            run=action.run,
+            action=action.name,
+            error_type=error[0],
+            error_message=error[1],
+            error_traceback=error[2],
+        ) from exc
+    if phase is ABORTED and action.cause is EXTERNAL:
+        raise aborted_error(action)
+    raise CancelledError
+
+
+def aborted_error(action: ActionState) -> ActionAbortedError:
+    """Build the `ActionAbortedError` an operator's abort of `action` produces."""
+    req = action.req
+    reason = req.reason if req is not None else None
+    return ActionAbortedError(
+        f"action {action.name} ({action.task.name}) of run {action.run!r} was aborted"
+        + (f": {reason}" if reason else ""),
+        run=action.run,
+        action=action.name,
+        reason=reason,
+        cause=req.cause.value if req is not None else EXTERNAL.value,
+    )
+
+
+def final_phase(root: ActionState, stopped: bool) -> RunPhase:
+    """Decide the run's terminal phase from its root and whether it was stopped."""
+    if stopped:
+        return RunPhase.STOPPED
+    if root.phase is SUCCEEDED:
+        return RunPhase.SUCCEEDED
+    if root.phase is FAILED:
+        exc = root.exc
+        if isinstance(exc, ActionAbortedError) or (
+            exc is not None and not isinstance(exc, Exception)
+        ):
+            return RunPhase.ABORTED
+        if isinstance(exc, RuntimeUserError) and isinstance(exc.__cause__, ActionAbortedError):
+            return RunPhase.ABORTED
+        return RunPhase.FAILED
+    if root.phase is ActionPhase.CRASHED:
+        return RunPhase.CRASHED
+    return RunPhase.ABORTED

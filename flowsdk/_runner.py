@@ -1,0 +1,285 @@
+"""Driving one run on an event loop: its root, its teardown, its end record, Ctrl-C.
+
+`Runner` is what `flowsdk.run`, `run_async`, `start` and a retry share: it
+records the new run, starts the root, waits for the teardown, records the
+run's end and closes its recorder. `run_sync` drives it on a fresh loop of its
+own, with the SIGINT handling of `flowsdk.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import threading
+from asyncio import CancelledError
+from typing import TYPE_CHECKING, Any
+
+from flowsdk._control import apply_request
+from flowsdk._execute import OWN_CODE, spawn
+from flowsdk._history import History
+from flowsdk._loader import task_path
+from flowsdk._names import check_name, new_run_name
+from flowsdk._payload import encode_inputs
+from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk._records import Actor, action_from_row, event_from_row
+from flowsdk._result import NO_VALUE, Run
+from flowsdk._runtime import Runtime
+from flowsdk.store import RunRecorder, Store, StoredRun, open_store
+
+if TYPE_CHECKING:
+    from flowsdk._task import Task
+
+__all__ = ["Runner", "no_running_loop", "run_sync", "unpartial"]
+
+logger = logging.getLogger("flowsdk")
+
+# How long `flowsdk.run` waits, after the run has ended, for tasks that are
+# still pending (abandoned actions, plain asyncio tasks) before naming them.
+FINAL_DRAIN = 1.0
+
+
+class Runner:
+    """Drives one run on the current loop: the root, teardown and the end record."""
+
+    def __init__(
+        self,
+        task: Task[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None,
+        store: str | Store | None,
+        *,
+        owns_loop: bool,
+        attempt: int = 1,
+        history: History | None = None,
+    ) -> None:
+        if not hasattr(task, "_handle"):
+            raise TypeError(
+                f"flowsdk runs a task declared with @env.task, not {task!r}; "
+                "decorate the async function with a TaskEnvironment's .task"
+            )
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.inputs = encode_inputs(task, args, kwargs)
+        self.attempt = attempt
+        self.history = history
+        self.name = check_name("run", name) if name is not None else new_run_name(task.fn.__name__)
+        self.owns_loop = owns_loop
+        self.store = open_store(store)
+        self.runtime: Runtime | None = None
+        self.recorder: RunRecorder
+        self.interrupts = 0
+
+    async def begin(self) -> Runtime:
+        """Record the new run and create its root action (its body starts on the next step).
+
+        Raises:
+            RunExistsError: the store has a run of that name.
+            StoreError: the store cannot be used.
+        """
+        loop = asyncio.get_running_loop()
+        runtime = Runtime(
+            self.name,
+            loop,
+            task_path=task_path(self.task),
+            workdir=os.getcwd(),
+            attempt=self.attempt,
+            history=self.history,
+        )
+        self.handler = functools.partial(apply_request, runtime)
+        self.recorder = await self.store.open_run(runtime.run_record(), loop, self.handler)
+        runtime.attach(self.recorder)
+        runtime.track_tasks(OWN_CODE)
+        self.runtime = runtime
+        spawn(runtime, runtime.new_root(self.task, self.args, self.kwargs, self.inputs))
+        return runtime
+
+    async def finish(self) -> Run[Any]:
+        """Wait for the root and the teardown, then record the run's end.
+
+        Cancelled, it aborts the run (root cause `cancelled`), waits for the
+        teardown, then re-raises `CancelledError`; cancelled again, it abandons
+        the remaining actions.
+        """
+        runtime = self.runtime
+        assert runtime is not None
+        cancelled = 0
+        while not runtime.drained.done():
+            try:
+                await asyncio.shield(runtime.drained)
+            except CancelledError:
+                cancelled += 1
+                if cancelled == 1:
+                    runtime.abort_run(
+                        AbortCause.CANCELLED, reason="the task running the run was cancelled"
+                    )
+                else:
+                    runtime.abandon_all(None)
+        runtime.end()
+        runtime.note_unobserved()
+        tracker = runtime.tracker
+        if tracker is not None:
+            tracker.close()
+            left = tracker.survivors()
+            if left and not self.owns_loop:
+                # flowsdk.run drains its own loop; under run_async they stay in the caller's.
+                runtime.warn(
+                    None,
+                    "plain asyncio tasks started by the run were cancelled at its end but are "
+                    "still running: " + ", ".join(_task_label(t) for t in left),
+                )
+        result = _ended_run(runtime)
+        self.recorder.finished(
+            StoredRun(
+                result.record,
+                lambda: result.actions,
+                lambda: result.events,
+                result.payloads,
+            )
+        )
+        await self.recorder.close()
+        if cancelled:
+            raise CancelledError
+        return result
+
+    def on_sigint(self) -> None:
+        """Ctrl-C: abort the run first; on the second, stop waiting for cleanup."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        self.interrupts += 1
+        if self.interrupts == 1:
+            logger.warning(
+                "run %s: interrupted; aborting (press Ctrl-C again to stop waiting)", runtime.name
+            )
+            runtime.interrupt(
+                KeyboardInterrupt(), reason="interrupted (SIGINT)", by=Actor.local().name
+            )
+        else:
+            runtime.abandon_all(None)
+
+
+def _ended_run(runtime: Runtime) -> Run[Any]:
+    """The `Run` of a runtime whose run has ended (records built when first read)."""
+    root = runtime.root
+    assert root is not None
+    name = runtime.name
+    return Run(
+        runtime.run_record(),
+        lambda: [action_from_row(name, runtime.action_row(a)) for a in runtime.actions],
+        lambda: [event_from_row(e) for e in runtime.events],
+        value=root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE,
+        exc=root.exc,
+        payloads=lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
+    )
+
+
+def no_running_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "flowsdk.run() cannot be called from a running event loop; "
+        "use 'await flowsdk.run_async(...)' (or 'await flowsdk.start(...)') instead"
+    )
+
+
+def run_sync(runner: Runner) -> Run[Any]:
+    """Drive `runner` on a fresh event loop, with the SIGINT handling of `flowsdk.run`."""
+    no_running_loop()
+    loop = asyncio.new_event_loop()
+    previous = None
+    use_signal = threading.current_thread() is threading.main_thread()
+    try:
+        if use_signal:
+            previous = signal.getsignal(signal.SIGINT)
+            loop.add_signal_handler(signal.SIGINT, runner.on_sigint)
+        result = loop.run_until_complete(_begin_and_finish(runner))
+        _final_drain(loop, runner)
+    finally:
+        try:
+            if use_signal:
+                loop.remove_signal_handler(signal.SIGINT)
+                signal.signal(
+                    signal.SIGINT, previous if previous is not None else signal.default_int_handler
+                )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+    runtime = runner.runtime
+    if runtime is not None and runtime.base_exc is not None:
+        raise runtime.base_exc
+    return result
+
+
+async def _begin_and_finish(runner: Runner) -> Run[Any]:
+    await runner.begin()
+    return await runner.finish()
+
+
+def _task_label(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return f"{task.get_name()} ({getattr(coro, '__qualname__', coro)})"
+
+
+def _final_drain(loop: asyncio.AbstractEventLoop, runner: Runner) -> None:
+    """Cancel what is still pending on our own loop, wait a bounded time, name survivors.
+
+    What can be left: plain asyncio tasks that workflow code started and never
+    awaited, the cleanup of abandoned actions, and bodies that ignored two
+    cancellations (zombies, which are not cancelled a third time). None may
+    keep the process from exiting. After a second Ctrl-C nothing is waited for.
+    """
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not pending:
+        return
+    runtime = runner.runtime
+    names: dict[asyncio.Task[Any], str] = {}
+    zombies: set[asyncio.Task[Any]] = set()
+    if runtime is not None:
+        for action in runtime.actions:
+            if action.atask is not None and not action.atask.done():
+                names[action.atask] = f"action {action.name} ({action.task.name})"
+        zombies = {a.atask for a in runtime.delivery.zombies if a.atask is not None}
+    if runner.interrupts < 2:
+        waiting = [t for t in pending if t not in zombies]
+        for t in waiting:
+            t.cancel()
+        if waiting:
+            loop.run_until_complete(asyncio.wait(waiting, timeout=FINAL_DRAIN))
+    survivors = [t for t in pending if not t.done()]
+    for t in survivors:
+        logger.warning(
+            "run %s: %s did not finish after cancellation; it is abandoned",
+            runtime.name if runtime else "?",
+            names.get(t) or _task_label(t),
+        )
+        # A body that also ignores GeneratorExit makes close() raise RuntimeError:
+        # nothing more can be done for it.
+        with contextlib.suppress(RuntimeError):
+            t.get_coro().close()
+        # The loop is closing with this task still pending; that is reported above.
+        t._log_destroy_pending = False  # type: ignore[attr-defined]
+    # A survivor may already have a step scheduled (it was cancelled): let it run
+    # into its closed coroutine now, and retrieve the outcome, reported above.
+    loop.run_until_complete(asyncio.sleep(0))
+    for t in survivors:
+        if t.done() and not t.cancelled():
+            t.exception()
+
+
+def unpartial(task: Any, args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Split `functools.partial(task, *a, **kw)` into the task and its arguments."""
+    kwargs: dict[str, Any] = {}
+    while isinstance(task, functools.partial):
+        args = (*task.args, *args)
+        kwargs = {**task.keywords, **kwargs}
+        task = task.func
+    return task, args, kwargs

@@ -1,0 +1,312 @@
+"""The control service: the one implementation of the operations on runs (SPEC §6).
+
+`Client`, the CLI, `RunHandle` and the web console call it; none of them
+builds a request, checks a permission or interprets an answer on its own.
+
+- Every operation is made by an `Actor` (recorded as `requested_by`) and
+  checked against one role -> permission table (`PERMISSIONS`). The CLI and
+  `Client` act as the local operator: for them the store's own permissions
+  decide (a store file this user cannot write is `PermissionDeniedError`).
+- A control request on a run that has ended is answered from cheap keyed
+  lookups in the store (never a load of the whole run); everything else goes
+  through the control channel to the live runner, which resolves the target
+  in its live run and answers.
+- A retry runs in the foreground (`retry`), or in a detached runner process
+  (`launch_retry`, `launch_run`), which the console needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+
+from flowsdk._liveness import Owner, is_alive, process_start
+from flowsdk._names import check_name, new_run_name
+from flowsdk._phases import RunPhase
+from flowsdk._records import (
+    AbortRequest,
+    Actor,
+    ControlRequest,
+    ControlResult,
+    MarkFailedRequest,
+    Outcome,
+    Role,
+    RunRecord,
+    StopRequest,
+    describe_target,
+)
+from flowsdk._result import Run, run_from_stored
+from flowsdk._retry import RETRYABLE, retry_run
+from flowsdk.errors import (
+    ActionNotFoundError,
+    InvalidStateError,
+    PermissionDeniedError,
+    RunNotFoundError,
+    StoreError,
+)
+from flowsdk.store import ControlChannel, Store
+
+__all__ = [
+    "ANSWER_TIMEOUT",
+    "PERMISSIONS",
+    "ControlService",
+    "Permission",
+]
+
+# How long a control request waits for the live runner's answer (normally < 100 ms).
+ANSWER_TIMEOUT = 10.0
+# How long a detached runner may take to record its run before the launch is reported failed.
+LAUNCH_TIMEOUT = 60.0
+
+
+class Permission(enum.StrEnum):
+    """What an operation needs: reading, starting runs, or controlling them."""
+
+    READ = "read"
+    EXECUTE = "execute"
+    CONTROL = "control"
+
+
+PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.VIEWER: frozenset({Permission.READ}),
+    Role.EXECUTOR: frozenset({Permission.READ, Permission.EXECUTE}),
+    # Abort is its own permission, distinct from execute: only an operator controls runs.
+    Role.OPERATOR: frozenset({Permission.READ, Permission.EXECUTE, Permission.CONTROL}),
+}
+"""The one role -> permission table every front end is checked against."""
+
+
+class ControlService:
+    """Reads, controls, retries and starts runs of one store, on behalf of one actor.
+
+    Args:
+        store: The store the runs are recorded in.
+        actor: Who asks; recorded as `requested_by`, its role checked on every call.
+        channel: How requests reach the runner; default the store's control
+            channel. `RunHandle` passes its run's in-process channel.
+    """
+
+    def __init__(self, store: Store, actor: Actor, channel: ControlChannel | None = None) -> None:
+        self.store = store
+        self.actor = actor
+        self.channel: ControlChannel = channel if channel is not None else store
+
+    def authorize(self, permission: Permission) -> None:
+        """Raise `PermissionDeniedError` unless the actor's role has `permission`."""
+        if permission not in PERMISSIONS[self.actor.role]:
+            raise PermissionDeniedError(
+                f"{self.actor.name} has the role {self.actor.role.value}, which lacks the "
+                f"{permission.value!r} permission"
+            )
+
+    # -- reading -----------------------------------------------------------------------
+
+    def runs(self, *, phase: RunPhase | None = None, limit: int | None = None) -> list[RunRecord]:
+        """Return the execution history (latest attempt of each run), newest first."""
+        self.authorize(Permission.READ)
+        return self.store.list_runs(phase=phase, limit=limit)
+
+    def get_run(self, name: str, *, attempt: int | None = None) -> Run[Any]:
+        """Return one attempt of a run (default: the latest) with its actions and events."""
+        self.authorize(Permission.READ)
+        return run_from_stored(self.store.load_run(name, attempt))
+
+    # -- control -----------------------------------------------------------------------
+
+    def abort(
+        self,
+        run: str,
+        action: str | None = None,
+        *,
+        group: str | None = None,
+        reason: str | None = None,
+    ) -> ControlResult:
+        """Abort a run, one action's subtree, or a group's actions. Idempotent."""
+        return self.send(AbortRequest(run=run, action=action, group=group, reason=reason))
+
+    def stop(self, run: str, *, abandon: bool = False, reason: str | None = None) -> ControlResult:
+        """Stop a run (wait, or abandon); a second stop-and-wait is a `refused` result."""
+        return self.send(StopRequest(run=run, abandon=abandon, reason=reason))
+
+    def mark_failed(self, run: str, action: str, *, reason: str | None = None) -> ControlResult:
+        """Mark an action as failed."""
+        return self.send(MarkFailedRequest(run=run, action=action, reason=reason))
+
+    def send(self, request: ControlRequest) -> ControlResult:
+        """Deliver a control request as this actor and return the result.
+
+        Raises:
+            PermissionDeniedError: the actor may not control runs.
+            RunNotFoundError: no such run.
+            ActionNotFoundError: the run has no such action or group.
+        """
+        self.authorize(Permission.CONTROL)
+        request = msgspec.structs.replace(request, requested_by=self.actor.name)
+        if not self.channel.in_process:
+            ended = self._ended(request)
+            if ended is not None:
+                return ended
+        return self.channel.request(request, timeout=ANSWER_TIMEOUT).unwrap()
+
+    def _ended(self, request: ControlRequest) -> ControlResult | None:
+        """Answer a request on a run that has ended from keyed lookups; None if it is live."""
+        state = self.store.run_state(request.run)
+        if not state.phase.terminal:
+            return None
+        action = getattr(request, "action", None)
+        group = getattr(request, "group", None)
+        phase = state.phase.value
+        if action is not None:
+            target = self.store.run_state(request.run, action).target_phase
+            assert target is not None
+            phase = target.value
+        elif group is not None and not self.store.group_phases(request.run, state.attempt, group):
+            groups = self.store.groups(request.run, state.attempt)
+            raise ActionNotFoundError.for_group(request.run, group, groups)
+        what = describe_target(request.run, action, group)
+        return ControlResult(
+            outcome=Outcome.ALREADY_ENDED, phase=phase, message=f"{what} already finished: {phase}"
+        )
+
+    # -- retry and start ---------------------------------------------------------------
+
+    def retry(self, run: str) -> Run[Any]:
+        """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
+
+        Raises:
+            InvalidStateError: the run succeeded or is still live, or its task
+                cannot be imported.
+        """
+        self.authorize(Permission.EXECUTE)
+        return retry_run(self.store, run)
+
+    def launch_retry(self, run: str) -> tuple[str, int]:
+        """Start the next attempt of a run in a detached runner process; return (run, attempt).
+
+        The runner is `flowsdk retry RUN` with the same store and interpreter,
+        in the working directory the run was first started in when it still
+        exists; it outlives this process. Returns once the new attempt is
+        recorded.
+
+        Raises:
+            InvalidStateError: the run cannot be retried, or the runner failed
+                before recording its attempt (its output is in the message).
+        """
+        self.authorize(Permission.EXECUTE)
+        state = self.store.run_state(run)
+        if state.phase not in RETRYABLE:
+            why = (
+                "it succeeded; there is nothing to retry"
+                if state.phase is RunPhase.SUCCEEDED
+                else "it is still live; stop or abort it first"
+            )
+            raise InvalidStateError(f"run {run!r} is {state.phase.value}: {why}")
+        first = self.store.load_run(run, 1).record
+        attempt = state.attempt + 1
+        self._launch(
+            ["retry", run, "--quiet"],
+            first.workdir,
+            lambda: _attempt_recorded(self.store, run, attempt),
+            f"attempt {attempt} of run {run!r}",
+        )
+        return run, attempt
+
+    def launch_run(
+        self,
+        task: str,
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        name: str | None = None,
+    ) -> str:
+        """Start a new run of a recorded root task in a detached runner process; return its name.
+
+        Only a task already recorded as the root task of a run in this store
+        may be started (so a request can never make the runner import a module
+        nobody ran before). Arguments are JSON values, converted to the
+        parameters' annotations as `flowsdk run` does.
+
+        Raises:
+            InvalidStateError: the task was never recorded as a root task here,
+                or the runner failed before recording its run.
+        """
+        self.authorize(Permission.EXECUTE)
+        workdir = self.store.root_task_workdir(task)
+        if workdir is None:
+            raise InvalidStateError(
+                f"task {task!r} was never the root task of a run in this store; only recorded "
+                "tasks can be started here (start it once with flowsdk run)"
+            )
+        run = check_name("run", name) if name is not None else new_run_name(task.rpartition(".")[2])
+        argv = ["run", task, "--name", run, "--quiet"]
+        argv += [json.dumps(v) for v in args or []]
+        argv += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
+        self._launch(argv, workdir, lambda: _attempt_recorded(self.store, run, 1), f"run {run!r}")
+        return run
+
+    def _launch(self, verb: list[str], workdir: str, recorded: Any, what: str) -> None:
+        cwd = workdir if workdir and os.path.isdir(workdir) else None
+        fd, log = tempfile.mkstemp(prefix="flowsdk-runner-", suffix=".log")
+        os.close(fd)
+        argv = [sys.executable, "-m", "flowsdk", *verb, "--store", self.store.url]
+        pid = spawn_detached(argv, cwd, log)
+        owner = Owner(host=socket.gethostname(), pid=pid, started=process_start(pid))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not recorded():
+            if not is_alive(owner, None) or time.monotonic() > deadline:
+                with open(log, errors="replace") as f:
+                    tail = f.read()[-2000:]
+                state = "exited" if not is_alive(owner, None) else "is still starting"
+                raise InvalidStateError(
+                    f"the runner for {what} {state} before recording it (pid {pid}, log {log})"
+                    + (f":\n{tail}" if tail else "")
+                )
+            time.sleep(0.02)
+
+
+def _attempt_recorded(store: Store, run: str, attempt: int) -> bool:
+    try:
+        return store.run_state(run).attempt >= attempt
+    except RunNotFoundError:
+        return False
+    except StoreError:
+        return False  # being created or locked by the new runner: ask again
+
+
+_DETACH = (
+    "import subprocess, sys\n"
+    "log = open(sys.argv[1], 'ab')\n"
+    "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log,"
+    " stderr=subprocess.STDOUT, start_new_session=True)\n"
+    "print(p.pid, flush=True)\n"
+)
+
+
+def spawn_detached(argv: list[str], cwd: str | None, log: str) -> int:
+    """Start `argv` in a session of its own, not as a child of this process; return its pid.
+
+    A short-lived intermediate process starts it and exits at once, so the
+    runner is re-parented to init: it outlives this process, receives none of
+    its terminal's signals, and this process never has to reap it.
+    """
+    helper = subprocess.run(
+        [sys.executable, "-c", _DETACH, log, *argv],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if helper.returncode != 0 or not helper.stdout.strip().isdigit():
+        raise InvalidStateError(f"could not start a runner process: {helper.stderr.strip()}")
+    return int(helper.stdout.strip())

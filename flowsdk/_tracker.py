@@ -1,0 +1,68 @@
+"""Plain asyncio tasks that a run's bodies start, so the root's exit can cancel them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from types import CodeType
+from typing import Any
+
+from flowsdk._action import RunContext, current
+
+__all__ = ["TaskTracker"]
+
+
+class TaskTracker:
+    """Installed as the loop's task factory for a run's duration; remembers the run's tasks.
+
+    It chains to any factory already set, so a user's own factory keeps
+    working. Python 3.11 tasks do not expose their context; this is how a task
+    is known to belong to the run. Tasks whose coroutine runs one of `own`
+    (the SDK's action and handle coroutines) are not tracked: they are actions.
+    """
+
+    def __init__(
+        self, runtime: RunContext, loop: asyncio.AbstractEventLoop, own: frozenset[CodeType]
+    ) -> None:
+        self.runtime = runtime
+        self.loop = loop
+        self.own = own
+        self.previous: Callable[..., Any] | None = loop.get_task_factory()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        loop.set_task_factory(self)  # type: ignore[arg-type]
+
+    def __call__(
+        self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        previous = self.previous
+        task: Any
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        state = current.get()
+        if (
+            state is not None
+            and state.runtime is self.runtime
+            and not self.runtime.closed
+            and getattr(coro, "cr_code", None) not in self.own
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return task  # type: ignore[no-any-return]
+
+    def cancel_all(self) -> None:
+        """Cancel every tracked task still running (no record: they are not actions)."""
+        for task in list(self.tasks):
+            if not task.done():
+                task.cancel("flowsdk: the run's root exited (root_exit)")
+
+    def survivors(self) -> list[asyncio.Task[Any]]:
+        """The tracked tasks that are still pending."""
+        return [t for t in self.tasks if not t.done()]
+
+    def close(self) -> None:
+        """Give the loop back its previous task factory (unless someone replaced ours)."""
+        factory: object = self.loop.get_task_factory()
+        if factory is self:
+            self.loop.set_task_factory(self.previous)

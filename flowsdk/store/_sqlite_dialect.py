@@ -1,0 +1,170 @@
+"""The SQLite side of the per-run writer: its statements, and how it notices requests.
+
+A request from another process is noticed through `PRAGMA data_version`,
+which changes whenever another connection commits: one cheap read per round
+of the writer instead of a query on the requests table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+import msgspec
+from msgspec.structs import astuple
+
+from flowsdk._liveness import this_process
+from flowsdk._records import RunRecord
+from flowsdk.errors import RunExistsError
+from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, translate, ts
+from flowsdk.store._writer import Batch
+
+__all__ = ["SQLiteDialect"]
+
+
+class SQLiteDialect:
+    """Statements and request detection of the SQLite store, for `RunWriter`."""
+
+    def __init__(self, path: str, connect: Callable[[], sqlite3.Connection]) -> None:
+        self.location = path
+        self._connect = connect
+        self._data_version: int | None = None
+
+    def connect(self) -> sqlite3.Connection:
+        """Open the writer's connection (creating and migrating the file if needed)."""
+        return self._connect()
+
+    def close(self, conn: sqlite3.Connection) -> None:
+        """Close the connection."""
+        conn.close()
+
+    def _transaction(self, conn: sqlite3.Connection, body: Callable[[], object]) -> None:
+        with translate(self.location):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                body()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def insert_run(self, conn: sqlite3.Connection, record: RunRecord) -> None:
+        """Create the run's row, owned by this process."""
+        owner = msgspec.msgpack.encode(this_process())
+        try:
+            self._transaction(
+                conn,
+                lambda: conn.execute(
+                    "INSERT INTO runs (name, attempt, phase, started_at, task, owner, heartbeat, "
+                    "workdir) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.name,
+                        record.attempt,
+                        record.phase.value,
+                        ts(record.started_at),
+                        record.task,
+                        owner,
+                        time.time(),
+                        record.workdir,
+                    ),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise RunExistsError(
+                f"a run named {record.name!r} already exists in {self.location}"
+                + (f" (attempt {record.attempt})" if record.attempt > 1 else "")
+                + "; choose another name"
+            ) from None
+
+    def write(self, conn: sqlite3.Connection, name: str, attempt: int, batch: Batch) -> None:
+        """Write one batch in one transaction."""
+
+        def body() -> None:
+            if batch.actions:
+                conn.executemany(
+                    INSERT_ACTION, [(name, attempt, *astuple(r)) for r in batch.actions.values()]
+                )
+            if batch.events:
+                conn.executemany(INSERT_EVENT, [(name, attempt, *astuple(e)) for e in batch.events])
+            run = batch.run
+            if run is not None:
+                stop = run.stop
+                conn.execute(
+                    "UPDATE runs SET phase = ?, ended_at = ?, stop_mode = ?, stop_reason = ?, "
+                    "stop_by = ?, stop_at = ?, heartbeat = ? WHERE name = ? AND attempt = ?",
+                    (
+                        run.phase.value,
+                        ts(run.ended_at),
+                        stop.mode.value if stop else None,
+                        stop.reason if stop else None,
+                        stop.requested_by if stop else None,
+                        ts(stop.requested_at) if stop else None,
+                        time.time(),
+                        name,
+                        attempt,
+                    ),
+                )
+            if batch.replies:
+                now = time.time()
+                conn.executemany(
+                    "UPDATE requests SET state = 'done', answer = ?, answered_at = ? WHERE id = ?",
+                    [(body, now, request_id) for request_id, body in batch.replies],
+                )
+            if batch.cached:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?, ?)", batch.cached
+                )
+
+        self._transaction(conn, body)
+
+    def heartbeat(self, conn: sqlite3.Connection, name: str, attempt: int) -> None:
+        """Renew the runner's heartbeat."""
+        self._transaction(
+            conn,
+            lambda: conn.execute(
+                "UPDATE runs SET heartbeat = ? WHERE name = ? AND attempt = ?",
+                (time.time(), name, attempt),
+            ),
+        )
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        with translate(self.location):
+            version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+        return version
+
+    def requests_may_be_waiting(self, conn: sqlite3.Connection) -> bool:
+        """Whether another connection has committed since the requests were last claimed."""
+        return self._version(conn) != self._data_version
+
+    def claim_requests(self, conn: sqlite3.Connection, name: str) -> list[tuple[int, bytes]]:
+        """Mark the run's pending requests delivered and return them, oldest first."""
+        # Read before the query and kept only once the claim succeeded: a claim
+        # lost to a lock is tried again on the next round.
+        version = self._version(conn)
+        with translate(self.location):
+            rows: list[tuple[int, bytes]] = conn.execute(
+                "SELECT id, body FROM requests WHERE run = ? AND state = 'pending' ORDER BY id",
+                (name,),
+            ).fetchall()
+        if rows:
+            self._transaction(
+                conn,
+                lambda: conn.executemany(
+                    "UPDATE requests SET state = 'delivered' WHERE id = ? AND state = 'pending'",
+                    [(r[0],) for r in rows],
+                ),
+            )
+        self._data_version = version
+        return rows
+
+    def cache_lookup(
+        self, conn: sqlite3.Connection, task: str, version: str, digest: str
+    ) -> bytes | None:
+        """Return a cached output, if any."""
+        with translate(self.location):
+            row = conn.execute(
+                "SELECT output FROM cache WHERE task = ? AND version = ? AND digest = ?",
+                (task, version, digest),
+            ).fetchone()
+        return row[0] if row else None

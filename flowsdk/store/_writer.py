@@ -1,0 +1,358 @@
+"""The thread that records one live run in a SQL store and carries its control requests.
+
+Dialect-neutral: what is SQL-specific (statements, error translation, how a
+request is noticed) sits behind a `Dialect`; SQLite has one, and a second SQL
+store writes only its own. The thread owns one connection. It writes the
+run's changes in batched transactions (at most `MAX_BATCH` changes each),
+keeps the runner's heartbeat, hands control requests to the run's loop and
+writes their replies, and holds new actions back when it falls far behind
+(`HIGH_WATER`). The event loop only ever appends to a deque.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
+
+from flowsdk._liveness import HEARTBEAT_INTERVAL
+from flowsdk._records import (
+    ActionRow,
+    ControlReply,
+    ControlRequest,
+    ControlResult,
+    EventRow,
+    Outcome,
+    RunRecord,
+)
+from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
+from flowsdk.store._base import RequestHandler, StoredRun
+
+__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunWriter"]
+
+logger = logging.getLogger("flowsdk")
+
+POLL_INTERVAL = 0.01  # how often a runner looks for control requests (and flushes)
+MAX_BATCH = 4000  # changes written per transaction, at most
+# Backpressure: past HIGH_WATER unwritten changes, new actions wait until the
+# writer is back under LOW_WATER. A run cannot outrun its store without bound
+# (memory, and the delay before a control request is answered).
+HIGH_WATER = 20_000
+LOW_WATER = 5_000
+LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
+
+C = TypeVar("C")
+
+_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
+_reply_encoder = msgspec.msgpack.Encoder()
+
+# What the loop appends to the writer's deque: (kind, payload).
+_ACTION, _EVENT, _RUN, _REPLY, _LOOKUP, _CACHE = range(6)
+
+
+class Batch:
+    """The changes one transaction writes, grouped by table, in order."""
+
+    __slots__ = ("actions", "cached", "events", "replies", "run")
+
+    def __init__(self) -> None:
+        self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
+        self.events: list[EventRow] = []
+        self.run: RunRecord | None = None
+        self.replies: list[tuple[int, bytes]] = []  # (request id, encoded ControlReply)
+        self.cached: list[tuple[str, str, str, bytes, float]] = []
+
+
+class Dialect(Protocol[C]):
+    """What the writer needs from one SQL database; `C` is its connection type.
+
+    Every method runs on the writer's thread. A method that finds the store
+    locked raises `StoreLockedError` (the writer keeps its changes and tries
+    again); any other failure raises a `StoreError` naming the cause.
+    """
+
+    location: str
+    """The store as shown in messages (a path, a URL without its password)."""
+
+    def connect(self) -> C:
+        """Open (creating the store if needed) the writer's connection."""
+
+    def close(self, conn: C) -> None:
+        """Close the connection."""
+
+    def insert_run(self, conn: C, record: RunRecord) -> None:
+        """Create the run's row, owned by this process.
+
+        Raises:
+            RunExistsError: that run (attempt) exists already.
+        """
+
+    def write(self, conn: C, name: str, attempt: int, batch: Batch) -> None:
+        """Write one batch in one transaction."""
+
+    def heartbeat(self, conn: C, name: str, attempt: int) -> None:
+        """Renew the runner's heartbeat."""
+
+    def requests_may_be_waiting(self, conn: C) -> bool:
+        """Whether another process may have sent a request since the last call (cheap)."""
+
+    def claim_requests(self, conn: C, name: str) -> list[tuple[int, bytes]]:
+        """Take the run's pending requests (id, body), so no other reader applies them."""
+
+    def cache_lookup(self, conn: C, task: str, version: str, digest: str) -> bytes | None:
+        """Return a cached output, if any."""
+
+
+class RunWriter(Generic[C]):
+    """The thread that writes one live run through a `Dialect` and carries its requests."""
+
+    streams = True
+
+    def __init__(
+        self,
+        dialect: Dialect[C],
+        record: RunRecord,
+        loop: asyncio.AbstractEventLoop,
+        handler: RequestHandler,
+    ) -> None:
+        self._dialect = dialect
+        self._record = record
+        self._loop = loop
+        self._handler = handler
+        self._ops: collections.deque[tuple[int, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._probe_sent: float | None = None
+        self._relief: list[asyncio.Future[None]] = []
+        self.started: asyncio.Future[None] = loop.create_future()
+        self._finished: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._main, name=f"flowsdk-run-{record.name}", daemon=True
+        )
+        self._thread.start()
+
+    # Called on the event loop: only appends to a deque (thread-safe, never blocks).
+    def action(self, row: ActionRow) -> None:
+        """Record an action's state row."""
+        self._ops.append((_ACTION, row))
+
+    def event(self, row: EventRow) -> None:
+        """Append an event row."""
+        self._ops.append((_EVENT, row))
+
+    def run(self, record: RunRecord) -> None:
+        """Record the run's state; written promptly."""
+        self._ops.append((_RUN, record))
+        self._wake.set()
+
+    def finished(self, stored: StoredRun) -> None:
+        """Nothing to do: every change was streamed already."""
+
+    def congested(self) -> bool:
+        """Whether the writer is far behind the run (see `HIGH_WATER`)."""
+        return len(self._ops) > HIGH_WATER
+
+    async def relieved(self) -> None:
+        """Wait until the writer is back under `LOW_WATER` unwritten changes."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._relief.append(fut)
+        self._wake.set()
+        await fut
+
+    async def cache_get(self, task: str, version: str, digest: str) -> bytes | None:
+        """Look up the cache on the writer's thread (the loop never waits on the database)."""
+        fut: asyncio.Future[bytes | None] = self._loop.create_future()
+        self._ops.append((_LOOKUP, (task, version, digest, fut)))
+        self._wake.set()
+        return await fut
+
+    def cache_put(self, task: str, version: str, digest: str, output: bytes) -> None:
+        """Remember an output; written with the next batch."""
+        self._ops.append((_CACHE, (task, version, digest, output, time.time())))
+
+    async def stopped(self) -> None:
+        """Wait for the thread to end (after it failed to create the run)."""
+        await asyncio.shield(self._finished)
+        self._thread.join()
+
+    async def close(self) -> None:
+        """Flush everything, stop the thread; raise `StoreError` if a write failed."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.shield(self._finished)
+        self._thread.join()
+        if self._error is not None:
+            err = self._error
+            self._error = None
+            if isinstance(err, StoreError):
+                raise err
+            raise StoreError(
+                f"writing run {self._record.name!r} to {self._dialect.location} failed: {err}"
+            ) from err
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _main(self) -> None:
+        conn: C | None = None
+        try:
+            try:
+                conn = self._dialect.connect()
+                self._dialect.insert_run(conn, self._record)
+            except BaseException as exc:
+                self._settle(self.started, None, exc)
+                return
+            self._settle(self.started, None, None)
+            self._serve(conn)
+        except BaseException as exc:  # a failed write: reported by close()
+            self._error = exc
+            logger.error("run %s: writing to the store failed: %s", self._record.name, exc)
+        finally:
+            if conn is not None:
+                self._dialect.close(conn)
+            for fut in self._relief:  # nothing more will be written: nobody waits
+                self._settle(fut, None, None)
+            self._settle(self._finished, None, None)
+
+    def _serve(self, conn: C) -> None:
+        dialect = self._dialect
+        name, attempt = self._record.name, self._record.attempt
+        with contextlib.suppress(StoreLockedError):
+            self._take_requests(conn)
+        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+        while True:
+            self._wake.wait(POLL_INTERVAL)
+            self._wake.clear()
+            closing = self._closing
+            self._flush(conn)
+            # Under another writer's lock the requests stay pending: next round.
+            with contextlib.suppress(StoreLockedError):
+                if dialect.requests_may_be_waiting(conn):
+                    self._take_requests(conn)
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+                self._probe_loop()
+                # A heartbeat lost to a lock is replaced by the next one.
+                with contextlib.suppress(StoreLockedError):
+                    dialect.heartbeat(conn, name, attempt)
+            if closing and not self._ops:
+                return
+
+    def _probe_loop(self) -> None:
+        # Cancellation is cooperative: a body that blocks the loop (time.sleep in
+        # an async def) delays every abort. Measure how long a callback waits for
+        # the loop and say so once it runs again.
+        if self._probe_sent is not None:
+            return  # the previous probe has not run yet: the loop is still blocked
+        sent = self._probe_sent = time.monotonic()
+
+        def probe() -> None:
+            self._probe_sent = None
+            lag = time.monotonic() - sent
+            if lag >= LOOP_BLOCKED_WARNING:
+                logger.warning(
+                    "run %s: the event loop was blocked for %.1f s; control requests and "
+                    "cancellation wait until the loop regains control (is a task body calling "
+                    "blocking code such as time.sleep?)",
+                    self._record.name,
+                    lag,
+                )
+
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(probe)
+
+    def _flush(self, conn: C) -> None:
+        ops = self._ops
+        if not ops:
+            return
+        # Bounded transactions: a busy run never holds the write lock for long,
+        # so a control request from another process gets in between two of
+        # them, and is read between them too (the loop comes back at once).
+        taken: list[tuple[int, Any]] = []
+        while ops and len(taken) < MAX_BATCH:
+            taken.append(ops.popleft())
+        if ops:
+            self._wake.set()
+        batch = Batch()
+        lookups: list[Any] = []
+        for kind, payload in taken:
+            if kind == _ACTION:
+                batch.actions[payload.name] = payload
+            elif kind == _EVENT:
+                batch.events.append(payload)
+            elif kind == _RUN:
+                batch.run = payload
+            elif kind == _REPLY:
+                batch.replies.append(payload)
+            elif kind == _LOOKUP:
+                lookups.append(payload)
+            else:
+                batch.cached.append(payload)
+        try:
+            self._dialect.write(conn, self._record.name, self._record.attempt, batch)
+        except StoreLockedError:
+            # Keep the changes (in order) for the next round; nothing is dropped.
+            ops.extendleft(reversed(taken))
+            if self._closing:
+                raise
+            return
+        # Answered after the batch's own writes, so a lookup sees what the same
+        # run cached a moment before.
+        for task, version, digest, fut in lookups:
+            try:
+                found = self._dialect.cache_lookup(conn, task, version, digest)
+            except StoreError as exc:
+                self._settle(fut, None, exc)
+            else:
+                self._settle(fut, found, None)
+        if self._relief and len(ops) < LOW_WATER:
+            waiting, self._relief = self._relief, []
+            for fut in waiting:
+                self._settle(fut, None, None)
+
+    def _settle(self, fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(settle)
+
+    def _take_requests(self, conn: C) -> None:
+        for request_id, body in self._dialect.claim_requests(conn, self._record.name):
+            try:
+                request = _request_decoder.decode(body)
+            except msgspec.DecodeError:
+                self._reply(request_id, _refused("the request could not be read"))
+                continue
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._apply, request_id, request)
+
+    def _apply(self, request_id: int, request: ControlRequest) -> None:
+        # On the event loop: apply the request to the live run, then reply.
+        try:
+            reply = ControlReply(self._handler(request))
+        except ActionNotFoundError as exc:
+            reply = ControlReply(not_found=str(exc))
+        except Exception as exc:  # a bug must not kill the run; answer the request instead
+            logger.exception("run %s: applying %r failed", self._record.name, request)
+            reply = _refused(f"the runner could not apply the request: {exc}")
+        self._reply(request_id, reply)
+
+    def _reply(self, request_id: int, reply: ControlReply) -> None:
+        self._ops.append((_REPLY, (request_id, _reply_encoder.encode(reply))))
+        self._wake.set()
+
+
+def _refused(message: str) -> ControlReply:
+    return ControlReply(ControlResult(outcome=Outcome.REFUSED, phase="", message=message))
