@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -213,7 +214,8 @@ class ControlService:
         first = self.store.load_run(run, 1).record
         attempt = state.attempt + 1
         self._launch(
-            ["retry", run, "--quiet"],
+            ["retry", "--quiet"],
+            [run],
             first.workdir,
             lambda: _attempt_recorded(self.store, run, attempt),
             f"attempt {attempt} of run {run!r}",
@@ -247,17 +249,31 @@ class ControlService:
                 "tasks can be started here (start it once with flowsdk run)"
             )
         run = check_name("run", name) if name is not None else new_run_name(task.rpartition(".")[2])
-        argv = ["run", task, "--name", run, "--quiet"]
-        argv += [json.dumps(v) for v in args or []]
-        argv += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
-        self._launch(argv, workdir, lambda: _attempt_recorded(self.store, run, 1), f"run {run!r}")
+        values = [json.dumps(v) for v in args or []]
+        values += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
+        self._launch(
+            ["run", "--name", run, "--quiet"],
+            [task, *values],
+            workdir,
+            lambda: _attempt_recorded(self.store, run, 1),
+            f"run {run!r}",
+        )
         return run
 
-    def _launch(self, verb: list[str], workdir: str, recorded: Any, what: str) -> None:
+    def _launch(
+        self,
+        options: list[str],
+        positional: list[str],
+        workdir: str,
+        recorded: Callable[[], bool],
+        what: str,
+    ) -> None:
         cwd = workdir if workdir and os.path.isdir(workdir) else None
         fd, log = tempfile.mkstemp(prefix="flowsdk-runner-", suffix=".log")
         os.close(fd)
-        argv = [sys.executable, "-m", "flowsdk", *verb, "--store", self.store.url]
+        # `--` before the positional values: a value such as -3 is not an option.
+        argv = [sys.executable, "-m", "flowsdk", *options, "--store", self.store.url, "--"]
+        argv += positional
         pid = spawn_detached(argv, cwd, log)
         owner = Owner(host=socket.gethostname(), pid=pid, started=process_start(pid))
         deadline = time.monotonic() + LAUNCH_TIMEOUT

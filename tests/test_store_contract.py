@@ -20,14 +20,16 @@ import msgspec
 import pytest
 
 import flowsdk
-from flowsdk import AbortCause, ActionPhase, EventKind, RunPhase
+from flowsdk import AbortCause, AbortRequest, ActionPhase, EventKind, RunPhase
+from flowsdk._records import ControlReply
 from flowsdk.errors import (
     ActionAbortedError,
+    ActionNotFoundError,
     RunExistsError,
     RunNotFoundError,
     RuntimeUserError,
 )
-from flowsdk.store import MemoryStore, Store
+from flowsdk.store import MemoryStore, Store, open_store
 from tests.runners.harness import sqlite_url
 from tests.support import assert_clean, causes, phases
 
@@ -417,3 +419,82 @@ def test_memory_and_sqlite_stores_keep_the_same_records(tmp_path: Path) -> None:
         ActionPhase.FAILED,
         ActionPhase.ABORTED,
     ]
+
+
+# -- the store protocols themselves: reader and control channel --------------------------------
+
+
+def test_reader_follows_a_run_with_events_since_and_answers_run_state(store: str | Store) -> None:
+    """`events_since` gives the events after a cursor; `run_state` is a keyed lookup."""
+    env = flowsdk.TaskEnvironment("follow")
+
+    @env.task
+    async def leaf(i: int) -> int:
+        return i
+
+    @env.task
+    async def root() -> int:
+        return sum(await asyncio.gather(*(leaf(i) for i in range(3))))
+
+    st = open_store(store)
+    flowsdk.run(root, name="followed", store=st)
+    everything = st.events_since("followed", -1)
+    assert [e.seq for e in everything] == list(range(len(everything)))
+    assert everything == read(st, "followed").events
+    cursor = everything[3].seq
+    assert st.events_since("followed", cursor) == everything[4:]
+    assert st.events_since("followed", everything[-1].seq) == []
+    assert st.events_since("followed", -1, attempt=1) == everything
+    state = st.run_state("followed", "a2")
+    assert (state.attempt, state.phase, state.target_phase) == (
+        1,
+        RunPhase.SUCCEEDED,
+        ActionPhase.SUCCEEDED,
+    )
+    with pytest.raises(ActionNotFoundError, match="a0, a1, a2, a3"):
+        st.run_state("followed", "a9")
+    with pytest.raises(RunNotFoundError):
+        st.events_since("nope", -1)
+    with pytest.raises(RunNotFoundError):
+        st.run_state("nope")
+    st.close()
+
+
+async def test_control_channel_answers_each_request_from_the_live_runner(
+    store: str | Store,
+) -> None:
+    """`request()`: not found, applied (exactly once, with its requester), then already ended."""
+    env = flowsdk.TaskEnvironment("channel")
+    running = asyncio.Event()
+
+    @env.task
+    async def root() -> None:
+        running.set()
+        await asyncio.sleep(3600)
+
+    st = open_store(store)
+    handle = await flowsdk.start(root, name="chan", store=st)
+    await running.wait()
+    loop = asyncio.get_running_loop()
+
+    def send(**fields: Any) -> ControlReply:
+        request = AbortRequest(run="chan", requested_by="tester", **fields)
+        return st.request(request, timeout=10)
+
+    with concurrent.futures.ThreadPoolExecutor(
+        1
+    ) as pool:  # as another process would: not on the loop
+        missing = await loop.run_in_executor(pool, functools.partial(send, action="a9"))
+        applied = await loop.run_in_executor(pool, functools.partial(send, reason="via channel"))
+        run = await handle.wait()
+        ended = await loop.run_in_executor(pool, send)
+    assert missing.result is None
+    with pytest.raises(ActionNotFoundError, match="a9"):
+        missing.unwrap()
+    assert applied.unwrap().outcome is flowsdk.Outcome.APPLIED
+    assert ended.unwrap().outcome is flowsdk.Outcome.ALREADY_ENDED
+    abort = run.action("a0").abort
+    assert abort is not None
+    assert (abort.reason, abort.requested_by) == ("via channel", "tester")
+    assert len([e for e in run.events if e.kind is EventKind.REQUEST]) == 1
+    st.close()

@@ -13,6 +13,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from flowsdk._records import ControlReply
 from flowsdk.store._base import (
     ControlChannel,
     InProcessChannel,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_STORE",
     "ControlChannel",
+    "ControlReply",
     "InProcessChannel",
     "MemoryStore",
     "RequestHandler",
