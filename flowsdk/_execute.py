@@ -20,9 +20,17 @@ from asyncio import CancelledError
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, current
+from flowsdk._describe import describe
 from flowsdk._outcome import outcome
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk._records import EventKind
+from flowsdk.errors import (
+    ActionAbortedError,
+    NondeterminismError,
+    RunClosedError,
+    RunStoppingError,
+)
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -30,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OWN_CODE", "action_handle", "run_action", "spawn"]
 
-SUCCEEDED, FAILED = ActionPhase.SUCCEEDED, ActionPhase.FAILED
+SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 
 
@@ -54,7 +62,7 @@ async def action_handle(
     the wait. With a `recorded` output (a retried run's history, or the
     cache) the body does not run: the action is recorded as replayed.
     """
-    rec = runtime.streaming
+    rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
     if recorded is None and task.options.cache:
@@ -129,8 +137,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             except CancelledError:
                 if timer is not None:
                     timer.cancel()
-                if action.cause is AbortCause.TIMEOUT and runtime.retry_after_timeout(action):
-                    if await runtime.backoff(action):
+                if action.cause is AbortCause.TIMEOUT and retry_after_timeout(runtime, action):
+                    if await backoff(runtime, action):
                         continue
                     return
                 runtime.finish_cancelled(action)
@@ -149,8 +157,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 if not isinstance(exc, Exception):
                     runtime.finish_base_exception(action, exc)
                     return
-                if action.req is None and runtime.retry(action, exc):
-                    if await runtime.backoff(action):
+                if action.req is None and retry(runtime, action, exc):
+                    if await backoff(runtime, action):
                         continue
                     return
                 runtime.finish_failed(action, exc)
@@ -171,6 +179,70 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         runtime.crash(action, exc)
         if not isinstance(exc, Exception):
             raise
+
+
+# Exceptions from a body that retries never answer: they are not the user's errors.
+_NOT_RETRIED = (ActionAbortedError, NondeterminismError, RunStoppingError, RunClosedError)
+MAX_BACKOFF = 60.0
+
+
+def retry(runtime: Runtime, action: ActionState, exc: BaseException) -> bool:
+    """Decide whether a failed attempt gets another one; record the failure if so.
+
+    Only user errors are retried: not an abort reaching the body, nor a
+    divergence from a retried run's history, nor a call refused because the
+    run is stopping or closed.
+    """
+    if isinstance(exc, _NOT_RETRIED) or action.attempt > action.task.options.retries:
+        return False
+    if runtime.closed:
+        return False
+    error = describe(exc)
+    runtime.log.event(
+        EventKind.ACTION,
+        action.name,
+        RUNNING.value,
+        message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
+    )
+    return True
+
+
+def retry_after_timeout(runtime: Runtime, action: ActionState) -> bool:
+    """After a timed-out attempt, undo its cancel and decide whether to retry."""
+    task = action.atask
+    assert task is not None
+    while action.cancels:
+        task.uncancel()
+        action.cancels -= 1
+    action.timer = None
+    if action.attempt > action.task.options.retries or runtime.closed:
+        return False
+    action.req = None
+    runtime.log.event(
+        EventKind.ACTION,
+        action.name,
+        RUNNING.value,
+        message=f"attempt {action.attempt} timed out; retrying",
+    )
+    return True
+
+
+async def backoff(runtime: Runtime, action: ActionState) -> bool:
+    """Wait before the next attempt; return False if cancelled meanwhile (recorded)."""
+    options = action.task.options
+    delay = min(options.backoff * 2 ** (action.attempt - 1), MAX_BACKOFF)
+    try:
+        await asyncio.sleep(delay)
+    except CancelledError:
+        runtime.finish_cancelled(action)
+        return False
+    action.attempt += 1
+    action.calls = 0  # the new attempt's children are counted afresh (their keys differ)
+    runtime.log.changed(action)
+    runtime.log.event(
+        EventKind.ACTION, action.name, RUNNING.value, message=f"attempt {action.attempt}"
+    )
+    return True
 
 
 _RUN_ACTION_CODE = run_action.__code__

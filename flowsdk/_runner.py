@@ -25,6 +25,7 @@ from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk._recording import action_row
 from flowsdk._records import Actor, action_from_row, event_from_row
 from flowsdk._result import NO_VALUE, Run
 from flowsdk._runtime import Runtime
@@ -171,8 +172,8 @@ def _ended_run(runtime: Runtime) -> Run[Any]:
     name = runtime.name
     return Run(
         runtime.run_record(),
-        lambda: [action_from_row(name, runtime.action_row(a)) for a in runtime.actions],
-        lambda: [event_from_row(e) for e in runtime.events],
+        lambda: [action_from_row(name, action_row(a)) for a in runtime.actions],
+        lambda: [event_from_row(e) for e in runtime.log.events],
         value=root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE,
         exc=root.exc,
         payloads=lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},

@@ -41,10 +41,9 @@ from flowsdk._payload import (
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
 from flowsdk._phases import check_run_transition as _check_run
+from flowsdk._recording import RunLog
 from flowsdk._records import (
-    ActionRow,
     EventKind,
-    EventRow,
     RunRecord,
     StopInfo,
     StopMode,
@@ -52,8 +51,6 @@ from flowsdk._records import (
 )
 from flowsdk._tracker import TaskTracker
 from flowsdk.errors import (
-    ActionAbortedError,
-    NondeterminismError,
     RunClosedError,
     RunStoppingError,
     SerializationError,
@@ -67,8 +64,6 @@ __all__ = ["Runtime"]
 
 logger = logging.getLogger("flowsdk")
 
-MAX_BACKOFF = 60.0
-
 # Enum members as module constants: on Python 3.11 `ActionPhase.RUNNING` goes
 # through a descriptor on every access, which shows on the per-action path.
 QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
@@ -78,9 +73,6 @@ CANCELLED, ANCESTOR = AbortCause.CANCELLED, AbortCause.ANCESTOR
 ROOT_EXIT, STOP, SIGINT = AbortCause.ROOT_EXIT, AbortCause.STOP, AbortCause.SIGINT
 ACTION_EVENT = EventKind.ACTION.value
 _TERMINAL = (SUCCEEDED, FAILED, ABORTED, ABANDONED, CRASHED)  # `in` compares identity first
-
-# Exceptions from a body that retries never answer: they are not the user's errors.
-_NOT_RETRIED = (ActionAbortedError, NondeterminismError, RunStoppingError, RunClosedError)
 
 
 class Runtime:
@@ -105,8 +97,7 @@ class Runtime:
         self.task_path = task_path
         self.workdir = workdir
         self.history = history
-        self.recorder: RunRecorder | None = None
-        self.streaming: RunRecorder | None = None  # the recorder, if it wants every change
+        self.log = RunLog()
         self.tracker: TaskTracker | None = None
         self.delivery = Delivery(self, loop)
         self.phase = RunPhase.RUNNING
@@ -115,7 +106,6 @@ class Runtime:
         self.actions: list[ActionState] = []
         self.live: dict[str, ActionState] = {}
         self.by_name: dict[str, ActionState] = {}
-        self.events: list[EventRow] = []
         self.root: ActionState | None = None
         self.closed = False
         self.stop: StopInfo | None = None
@@ -127,8 +117,7 @@ class Runtime:
 
     def attach(self, recorder: RunRecorder) -> None:
         """Send every change of this run to `recorder` (actions and events if it streams)."""
-        self.recorder = recorder
-        self.streaming = recorder if recorder.streams else None
+        self.log.attach(recorder)
 
     def track_tasks(self, own: frozenset[CodeType]) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
@@ -138,70 +127,13 @@ class Runtime:
         self,
         kind: EventKind,
         action: str | None = None,
-        phase: str | None = None,
-        cause: str | None = None,
+        *,
         reason: str | None = None,
         requested_by: str | None = None,
         message: str | None = None,
     ) -> None:
-        """Append one entry to the run's event log."""
-        self._log(time.time(), kind.value, action, phase, cause, reason, requested_by, message)
-
-    def _log(
-        self,
-        at: float,
-        kind: str,
-        action: str | None,
-        phase: str | None,
-        cause: str | None,
-        reason: str | None,
-        by: str | None,
-        message: str | None,
-    ) -> None:
-        events = self.events
-        row = EventRow(len(events), at, kind, action, phase, cause, reason, by, message)
-        events.append(row)
-        if self.streaming is not None:
-            self.streaming.event(row)
-
-    def _changed(self, action: ActionState) -> None:
-        """Send the action's current state to the store (if it streams)."""
-        if self.streaming is not None:
-            self.streaming.action(self.action_row(action))
-
-    def action_row(self, action: ActionState) -> ActionRow:
-        """Return the action's state as a row."""
-        error = action.error
-        req = action.req
-        # A request is recorded once it stopped the action: `abort` is null otherwise.
-        if req is not None and action.phase is not RUNNING and action.phase is not SUCCEEDED:
-            reason, cause, by, at = req.reason, req.cause.value, req.by, req.at
-        else:
-            reason, cause, by, at = None, None, None, None
-        parent = action.parent
-        return ActionRow(
-            action.name,
-            action.seq,
-            parent.name if parent is not None else None,
-            action.task.name,
-            action.group,
-            action.phase.value,
-            action.attempt,
-            action.started_at,
-            action.ended_at,
-            error[0] if error else None,
-            error[1] if error else None,
-            error[2] if error else None,
-            reason,
-            cause,
-            by,
-            at,
-            action.cleanup_incomplete,
-            action.key,
-            action.replayed,
-            action.inputs,
-            action.output,
-        )
+        """Append one entry (a request, a warning) to the run's event log."""
+        self.log.event(kind, action, reason=reason, requested_by=requested_by, message=message)
 
     def run_record(self) -> RunRecord:
         """Return the run's current record."""
@@ -217,15 +149,14 @@ class Runtime:
         )
 
     def _run_changed(self) -> None:
-        if self.recorder is not None:
-            self.recorder.run(self.run_record())
+        self.log.run(self.run_record())
 
     def _set_run_phase(
         self, phase: RunPhase, *, reason: str | None = None, by: str | None = None
     ) -> None:
         _check_run(self.phase, phase)
         self.phase = phase
-        self.event(EventKind.RUN, None, phase.value, reason=reason, requested_by=by)
+        self.log.event(EventKind.RUN, None, phase.value, reason=reason, requested_by=by)
 
     def set_phase(
         self, action: ActionState, phase: ActionPhase, message: str | None = None
@@ -235,20 +166,20 @@ class Runtime:
         action.phase = phase
         req = action.req
         if req is not None and phase is not RUNNING:
-            self._log(
+            self.log.append(
                 time.time(), ACTION_EVENT, action.name, phase.value, req.cause.value,
                 req.reason, req.by, message,
             )  # fmt: skip
         else:
-            self._log(
+            self.log.append(
                 time.time(), ACTION_EVENT, action.name, phase.value, None, None, None, message
             )
-        self._changed(action)
+        self.log.changed(action)
 
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
         logger.warning("run %s: %s", self.name, message)
-        self.event(EventKind.WARNING, action.name if action else None, message=message)
+        self.log.event(EventKind.WARNING, action.name if action else None, message=message)
 
     # -- creating actions ----------------------------------------------------------
 
@@ -303,8 +234,8 @@ class Runtime:
         self.actions.append(action)
         self.live[name] = action
         self.by_name[name] = action
-        self._log(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
-        self._changed(action)
+        self.log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
+        self.log.changed(action)
         return action
 
     def new_child(
@@ -327,7 +258,7 @@ class Runtime:
         self, task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: bytes
     ) -> ActionState:
         """Create the root action `a0` and record that the run is running; spawn it next."""
-        self.event(EventKind.RUN, None, RunPhase.RUNNING.value)
+        self.log.event(EventKind.RUN, None, RunPhase.RUNNING.value)
         self.root = self._new(None, task, args, kwargs, "a0", inputs)
         return self.root
 
@@ -351,9 +282,10 @@ class Runtime:
 
     async def cache_get(self, task: TaskSpec, inputs: bytes) -> bytes | None:
         """Look up a finished output of the same task version and inputs in the store."""
-        if self.recorder is None:
+        recorder = self.log.recorder
+        if recorder is None:
             return None
-        return await self.recorder.cache_get(task.name, task_version(task), inputs_digest(inputs))
+        return await recorder.cache_get(task.name, task_version(task), inputs_digest(inputs))
 
     def set_running(self, action: ActionState) -> None:
         """Record that the action's body starts (its first attempt)."""
@@ -390,8 +322,9 @@ class Runtime:
             self.finish_failed(action, exc)
             return
         action.value = value
-        if action.task.options.cache and self.recorder is not None and action.inputs is not None:
-            self.recorder.cache_put(
+        recorder = self.log.recorder
+        if action.task.options.cache and recorder is not None and action.inputs is not None:
+            recorder.cache_put(
                 action.task.name,
                 task_version(action.task),
                 inputs_digest(action.inputs),
@@ -474,63 +407,7 @@ class Runtime:
                     f"{safe_str(exc) if exc else ''}",
                 )
 
-    # -- retries -------------------------------------------------------------------
-
-    def retry(self, action: ActionState, exc: BaseException) -> bool:
-        """Decide whether a failed attempt gets another one; record the failure if so.
-
-        Only user errors are retried: not an abort reaching the body, nor a
-        divergence from a retried run's history, nor a call refused because the
-        run is stopping or closed.
-        """
-        if isinstance(exc, _NOT_RETRIED) or action.attempt > action.task.options.retries:
-            return False
-        if self.closed:
-            return False
-        error = describe(exc)
-        self.event(
-            EventKind.ACTION,
-            action.name,
-            RUNNING.value,
-            message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
-        )
-        return True
-
-    def retry_after_timeout(self, action: ActionState) -> bool:
-        """After a timed-out attempt, undo its cancel and decide whether to retry."""
-        task = action.atask
-        assert task is not None
-        while action.cancels:
-            task.uncancel()
-            action.cancels -= 1
-        action.timer = None
-        if action.attempt > action.task.options.retries or self.closed:
-            return False
-        action.req = None
-        self.event(
-            EventKind.ACTION,
-            action.name,
-            RUNNING.value,
-            message=f"attempt {action.attempt} timed out; retrying",
-        )
-        return True
-
-    async def backoff(self, action: ActionState) -> bool:
-        """Wait before the next attempt; return False if cancelled meanwhile (recorded)."""
-        options = action.task.options
-        delay = min(options.backoff * 2 ** (action.attempt - 1), MAX_BACKOFF)
-        try:
-            await asyncio.sleep(delay)
-        except CancelledError:
-            self.finish_cancelled(action)
-            return False
-        action.attempt += 1
-        action.calls = 0  # the new attempt's children are counted afresh (their keys differ)
-        self._changed(action)
-        self.event(
-            EventKind.ACTION, action.name, RUNNING.value, message=f"attempt {action.attempt}"
-        )
-        return True
+    # -- attempts ------------------------------------------------------------------
 
     def on_timeout(self, action: ActionState) -> None:
         """Cancel an attempt that exceeded its task's timeout."""

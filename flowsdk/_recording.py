@@ -1,0 +1,115 @@
+"""What a run records: its event log, and the stream of its changes to the store.
+
+The runtime calls `RunLog` on every transition; it keeps the event log (typed
+`EventRow`s, the seq being the index) and hands rows to the run's recorder: every
+action change and event when the recorder streams (SQLite), only the run's
+record otherwise (memory, which takes the final picture at the end).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from flowsdk._action import ActionState
+from flowsdk._phases import ActionPhase
+from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
+
+if TYPE_CHECKING:
+    from flowsdk.store import RunRecorder
+
+__all__ = ["RunLog", "action_row"]
+
+RUNNING, SUCCEEDED = ActionPhase.RUNNING, ActionPhase.SUCCEEDED
+
+
+class RunLog:
+    """A run's event log and its recorder."""
+
+    __slots__ = ("events", "recorder", "streaming")
+
+    def __init__(self) -> None:
+        self.events: list[EventRow] = []
+        self.recorder: RunRecorder | None = None
+        self.streaming: RunRecorder | None = None  # the recorder, if it wants every change
+
+    def attach(self, recorder: RunRecorder) -> None:
+        """Send the run's changes to `recorder` from now on."""
+        self.recorder = recorder
+        self.streaming = recorder if recorder.streams else None
+
+    def event(
+        self,
+        kind: EventKind,
+        action: str | None = None,
+        phase: str | None = None,
+        cause: str | None = None,
+        reason: str | None = None,
+        requested_by: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Append one entry to the event log, now."""
+        self.append(time.time(), kind.value, action, phase, cause, reason, requested_by, message)
+
+    def append(
+        self,
+        at: float,
+        kind: str,
+        action: str | None,
+        phase: str | None,
+        cause: str | None,
+        reason: str | None,
+        by: str | None,
+        message: str | None,
+    ) -> None:
+        """Append one entry (the per-action path: plain values, no keywords)."""
+        events = self.events
+        row = EventRow(len(events), at, kind, action, phase, cause, reason, by, message)
+        events.append(row)
+        if self.streaming is not None:
+            self.streaming.event(row)
+
+    def changed(self, action: ActionState) -> None:
+        """Send the action's current state to the store (if it streams)."""
+        if self.streaming is not None:
+            self.streaming.action(action_row(action))
+
+    def run(self, record: RunRecord) -> None:
+        """Send the run's current record to the store."""
+        if self.recorder is not None:
+            self.recorder.run(record)
+
+
+def action_row(action: ActionState) -> ActionRow:
+    """Return the action's state as a row."""
+    error = action.error
+    req = action.req
+    # A request is recorded once it stopped the action: `abort` is null otherwise.
+    if req is not None and action.phase is not RUNNING and action.phase is not SUCCEEDED:
+        reason, cause, by, at = req.reason, req.cause.value, req.by, req.at
+    else:
+        reason, cause, by, at = None, None, None, None
+    parent = action.parent
+    return ActionRow(
+        action.name,
+        action.seq,
+        parent.name if parent is not None else None,
+        action.task.name,
+        action.group,
+        action.phase.value,
+        action.attempt,
+        action.started_at,
+        action.ended_at,
+        error[0] if error else None,
+        error[1] if error else None,
+        error[2] if error else None,
+        reason,
+        cause,
+        by,
+        at,
+        action.cleanup_incomplete,
+        action.key,
+        action.replayed,
+        action.inputs,
+        action.output,
+    )
