@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     import pytest
 
 __all__ = [
-    "STORE_KINDS",
+    "Condition",
     "Gate",
+    "STORE_KINDS",
     "StoreKind",
     "new_store",
     "sqlite_url",

@@ -14,6 +14,7 @@ from typing import assert_type
 import pytest
 
 import flowsdk
+import flowsdk.testing
 from flowsdk import ControlResult, RunPhase
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
 from flowsdk.store import Store
@@ -423,6 +424,11 @@ def test_store_fixture_refuses_no_kinds_or_an_unknown_kind() -> None:
         store_fixture([])
     with pytest.raises(ValueError, match="'mongo'"):
         store_fixture(["mongo"])  # type: ignore[list-item]
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert flowsdk.testing.__all__ == sorted(flowsdk.testing.__all__)
+    assert all(hasattr(flowsdk.testing, name) for name in flowsdk.testing.__all__)
 
 
 def test_sqlite_url_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
