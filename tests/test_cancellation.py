@@ -12,6 +12,7 @@ import pytest
 import flowsdk
 from flowsdk import EventKind, RunHandle, RunPhase
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
+from flowsdk.testing import Gate, start_and_control
 from tests.support import assert_clean, by_task, causes, phases
 
 
@@ -32,22 +33,21 @@ def test_child_swallowing_cancellation_is_abandoned_after_grace(
 ) -> None:
     """C1: a child that swallows every CancelledError is given up on; run() returns."""
     env = flowsdk.TaskEnvironment("c1")
-    started = asyncio.Event()
+    running = Gate()
     swallowed: list[int] = []
 
     @env.task(grace_period=0.05)
     async def zombie() -> None:
-        started.set()
         while True:
             try:
-                await asyncio.sleep(3600)
+                await running.enter()
             except asyncio.CancelledError:
                 swallowed.append(1)
 
     @env.task
     async def root() -> int:
         asyncio.create_task(zombie())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     with caplog.at_level(logging.WARNING, logger="flowsdk"):
@@ -71,7 +71,7 @@ def test_child_swallowing_cancellation_is_abandoned_after_grace(
 async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
     """C1: the abort target that swallows cancellation ends ABORTED(external), incomplete."""
     env = flowsdk.TaskEnvironment("c1b")
-    started = asyncio.Event()
+    running = Gate()
     zombie_tasks: list[asyncio.Task[Any]] = []
     keep_going = [True]
 
@@ -80,10 +80,9 @@ async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
         task = asyncio.current_task()
         assert task is not None
         zombie_tasks.append(task)
-        started.set()
         while keep_going[0]:
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(3600)
+                await running.enter()
 
     @env.task
     async def root() -> str:
@@ -93,10 +92,9 @@ async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
             return exc.action
         return "not aborted"
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    await handle.abort("a1", reason="C1")
-    run = await handle.wait()
+    run, _ = await start_and_control(
+        root, when=running, control=lambda h: h.abort("a1", reason="C1")
+    )
     try:
         assert run.result() == "a1"
         assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
@@ -115,34 +113,32 @@ async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
 async def test_slow_honest_cleanup_is_not_cancelled_again_within_grace() -> None:
     """C2: a cleanup awaiting an event set later finishes; only one cancel is delivered."""
     env = flowsdk.TaskEnvironment("c2")
-    started, cleaning, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
     cleanups: list[int] = []
     finished: list[bool] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             cleanups.append(_cancelling())
-            cleaning.set()
-            await release.wait()
+            await cleanup.enter()
             finished.append(True)
             raise
 
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     handle = await flowsdk.start(root)
-    await cleaning.wait()
+    await cleanup.wait_running()
     for _ in range(5):
         await asyncio.sleep(0)
     assert handle.phase is RunPhase.RUNNING  # teardown waits for the cleanup
-    release.set()
+    cleanup.release()
     run = await handle.wait()
 
     assert run.result() == 42
@@ -158,15 +154,14 @@ async def test_slow_honest_cleanup_is_not_cancelled_again_within_grace() -> None
 def test_cleanup_longer_than_grace_is_interrupted_by_second_cancel() -> None:
     """C2: past grace_period the second cancel interrupts the cleanup (cleanup incomplete)."""
     env = flowsdk.TaskEnvironment("c2b")
-    started, never = asyncio.Event(), asyncio.Event()
+    running, never = Gate(), asyncio.Event()
     interrupted: list[int] = []
     finished: list[bool] = []
 
     @env.task(grace_period=0.05)
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             try:
                 await never.wait()
@@ -179,7 +174,7 @@ def test_cleanup_longer_than_grace_is_interrupted_by_second_cancel() -> None:
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     run = flowsdk.run(root)
@@ -197,27 +192,25 @@ def test_cleanup_longer_than_grace_is_interrupted_by_second_cancel() -> None:
 async def test_root_finally_slow_cleanup_finishes_within_grace() -> None:
     """C2: an aborted root's own `finally` awaiting an event set later runs to its end."""
     env = flowsdk.TaskEnvironment("c2c")
-    started, cleaning, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
     finished: list[bool] = []
 
     @env.task
     async def root() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         finally:
-            cleaning.set()
-            await release.wait()
+            await cleanup.enter()
             finished.append(True)
 
     handle = await flowsdk.start(root)
-    await started.wait()
+    await running.wait_running()
     await handle.abort(reason="C2 root")
-    await cleaning.wait()
+    await cleanup.wait_running()
     for _ in range(5):
         await asyncio.sleep(0)
     assert handle.phase is RunPhase.RUNNING
-    release.set()
+    cleanup.release()
     run = await handle.wait()
 
     assert finished == [True]
@@ -232,15 +225,14 @@ async def test_root_finally_slow_cleanup_finishes_within_grace() -> None:
 def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
     """C3: t.cancel() starts a child's finally; the root's exit interrupts that finally."""
     env = flowsdk.TaskEnvironment("c3")
-    started, in_finally, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    running, in_finally, never = Gate(), asyncio.Event(), asyncio.Event()
     interrupted: list[int] = []
     finished: list[bool] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         finally:
             in_finally.set()
             try:
@@ -253,7 +245,7 @@ def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
     @env.task
     async def root() -> int:
         t = asyncio.create_task(child())
-        await started.wait()
+        await running.wait_running()
         t.cancel()
         await in_finally.wait()
         return 42
@@ -272,22 +264,21 @@ def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
 def test_cleanup_raising_after_parent_cancel_fails_child() -> None:
     """C4: `except CancelledError: raise ValueError` makes the child FAILED; parent sees it."""
     env = flowsdk.TaskEnvironment("c4")
-    started = asyncio.Event()
+    running = Gate()
     error = ValueError("cleanup failed")
     seen: list[BaseException] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             raise error from None
 
     @env.task
     async def root() -> int:
         t = asyncio.create_task(child())
-        await started.wait()
+        await running.wait_running()
         t.cancel()
         try:
             await t
@@ -310,20 +301,19 @@ def test_cleanup_raising_after_parent_cancel_fails_child() -> None:
 def test_cleanup_raising_at_root_exit_fails_child_and_warns() -> None:
     """C4: the same cleanup during root teardown: child FAILED, run SUCCEEDED, warning (R6)."""
     env = flowsdk.TaskEnvironment("c4b")
-    started = asyncio.Event()
+    running = Gate()
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             raise ValueError("cleanup failed") from None
 
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     run = flowsdk.run(root)
@@ -338,15 +328,14 @@ def test_cleanup_raising_at_root_exit_fails_child_and_warns() -> None:
 def test_parent_cancelling_one_child_sees_cancelled_error_and_continues() -> None:
     """C5: `t.cancel(); await t` gives CancelledError; sibling untouched; cancelling() is 0."""
     env = flowsdk.TaskEnvironment("c5")
-    started, sibling_go = asyncio.Event(), asyncio.Event()
+    running, sibling_go = Gate(), asyncio.Event()
     cleanups: list[int] = []
     seen: list[str] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             cleanups.append(1)
             raise
@@ -360,7 +349,7 @@ def test_parent_cancelling_one_child_sees_cancelled_error_and_continues() -> Non
     async def root() -> str:
         s = asyncio.create_task(sibling())
         t = asyncio.create_task(child())
-        await started.wait()
+        await running.wait_running()
         t.cancel()
         try:
             await t

@@ -9,7 +9,7 @@ from asyncio import CancelledError
 import pytest
 
 import flowsdk
-from flowsdk import ActionPhase, EventKind, RunPhase
+from flowsdk import ActionPhase, ControlResult, EventKind, RunPhase
 from flowsdk.errors import (
     ActionAbortedError,
     ActionMarkedFailedError,
@@ -19,6 +19,7 @@ from flowsdk.errors import (
     RuntimeUserError,
     TaskTimeoutError,
 )
+from flowsdk.testing import Gate, start_and_control
 from tests.support import assert_clean, by_task, causes, phases
 
 # -- abort of one action ---------------------------------------------------------------
@@ -27,13 +28,12 @@ from tests.support import assert_clean, by_task, causes, phases
 async def test_abort_of_awaited_child_gives_parent_action_aborted_error() -> None:
     """X1: the named child is ABORTED (external) and its awaiting parent gets ActionAbortedError."""
     env = flowsdk.TaskEnvironment("x1")
-    started = asyncio.Event()
+    gate = Gate()
     seen: list[ActionAbortedError] = []
 
     @env.task
     async def child() -> int:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
         return 1
 
     @env.task
@@ -44,10 +44,9 @@ async def test_abort_of_awaited_child_gives_parent_action_aborted_error() -> Non
             seen.append(exc)
         return "done"
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    result = await handle.abort("a1", reason="not needed")
-    run = await handle.wait()
+    run, result = await start_and_control(
+        root, when=gate, control=lambda h: h.abort("a1", reason="not needed")
+    )
     assert result.outcome == "applied"
     assert run.result() == "done"
     [exc] = seen
@@ -103,13 +102,12 @@ async def test_abort_of_queued_action_never_runs_its_body() -> None:
 async def test_abort_of_directly_awaited_child_leaves_parent_cancelling_count_alone() -> None:
     """X9: after `await child()` raised ActionAbortedError, asyncio.timeout still times out."""
     env = flowsdk.TaskEnvironment("x9")
-    started = asyncio.Event()
+    gate = Gate()
     counts: list[int] = []
 
     @env.task
     async def child() -> int:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
         return 1
 
     @env.task
@@ -127,10 +125,7 @@ async def test_abort_of_directly_awaited_child_leaves_parent_cancelling_count_al
             return "timed out"
         return "not reached"
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    await handle.abort("a1")
-    run = await handle.wait()
+    run, _ = await start_and_control(root, when=gate, control=lambda h: h.abort("a1"))
     assert run.result() == "timed out"
     assert counts == [0]
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
@@ -141,14 +136,12 @@ async def test_abort_of_directly_awaited_child_leaves_parent_cancelling_count_al
 async def test_abort_racing_completion_ends_in_one_phase_the_parent_sees(yields: int) -> None:
     """X3: whichever of abort and return wins, there is one terminal phase and the parent agrees."""
     env = flowsdk.TaskEnvironment("x3")
-    started = asyncio.Event()
-    release = asyncio.Event()
+    gate = Gate()
     seen: list[object] = []
 
     @env.task
     async def child() -> int:
-        started.set()
-        await release.wait()
+        await gate.enter()
         return 7
 
     @env.task
@@ -158,13 +151,13 @@ async def test_abort_racing_completion_ends_in_one_phase_the_parent_sees(yields:
         except ActionAbortedError as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    release.set()
-    for _ in range(yields):
-        await asyncio.sleep(0)
-    result = await handle.abort("a1")
-    run = await handle.wait()
+    async def release_then_abort(handle: flowsdk.RunHandle[None]) -> ControlResult:
+        gate.release()
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        return await handle.abort("a1")
+
+    run, result = await start_and_control(root, when=gate, control=release_then_abort)
     record = run.action("a1")
     if record.phase is ActionPhase.SUCCEEDED:
         assert result.outcome == "already_ended"
@@ -189,8 +182,7 @@ async def test_abort_racing_completion_ends_in_one_phase_the_parent_sees(yields:
 async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() -> None:
     """X4: aborting a SUCCEEDED, FAILED or ABORTED action is idempotent and names its phase."""
     env = flowsdk.TaskEnvironment("x4")
-    ended = asyncio.Event()
-    finish = asyncio.Event()
+    gate = Gate()
 
     @env.task
     async def ok() -> int:
@@ -214,11 +206,10 @@ async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() 
         pending.cancel()
         with contextlib.suppress(CancelledError):
             await pending
-        ended.set()
-        await finish.wait()
+        await gate.enter()
 
     handle = await flowsdk.start(root)
-    await ended.wait()
+    await gate.wait_running()
     for name, phase in [("a1", "SUCCEEDED"), ("a2", "FAILED"), ("a3", "ABORTED")]:
         first = await handle.abort(name)
         second = await handle.abort(name)
@@ -226,7 +217,7 @@ async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() 
         assert f"action {name} of run" in first.message
         assert first.message.endswith(f"already finished: {phase}")
         assert second.as_dict() == first.as_dict()
-    finish.set()
+    gate.release()
     run = await handle.wait()
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED", "a2": "FAILED", "a3": "ABORTED"}
     assert causes(run)["a3"] == "cancelled"
@@ -239,21 +230,17 @@ async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() 
 async def test_double_abort_makes_one_transition_and_one_cancel() -> None:
     """X6: a second abort reports the first; the body sees exactly one CancelledError."""
     env = flowsdk.TaskEnvironment("x6")
-    started = asyncio.Event()
-    in_cleanup = asyncio.Event()
-    release = asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
     seen: list[str] = []
 
     @env.task
     async def child() -> None:
         try:
-            started.set()
-            await asyncio.sleep(3600)
+            await running.enter()
         except CancelledError:
             seen.append("first")
-            in_cleanup.set()
             try:
-                await release.wait()
+                await cleanup.enter()
             except CancelledError:
                 seen.append("second")
                 raise
@@ -264,15 +251,16 @@ async def test_double_abort_makes_one_transition_and_one_cancel() -> None:
         with contextlib.suppress(ActionAbortedError):
             await child()
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    first = await handle.abort("a1", reason="first")
-    await in_cleanup.wait()
-    second = await handle.abort("a1", reason="second")
-    for _ in range(3):
-        await asyncio.sleep(0)
-    release.set()
-    run = await handle.wait()
+    async def abort_twice(handle: flowsdk.RunHandle[None]) -> tuple[ControlResult, ControlResult]:
+        first = await handle.abort("a1", reason="first")
+        await cleanup.wait_running()
+        second = await handle.abort("a1", reason="second")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        cleanup.release()
+        return first, second
+
+    run, (first, second) = await start_and_control(root, when=running, control=abort_twice)
     assert first.outcome == "applied"
     assert second.outcome == "applied"
     assert "already requested" in second.message
@@ -289,15 +277,13 @@ async def test_double_abort_makes_one_transition_and_one_cancel() -> None:
 async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None:
     """X7: P is ABORTED, its descendants ABORTED(ancestor); sibling and ancestors carry on."""
     env = flowsdk.TaskEnvironment("x7")
-    leaf_started = asyncio.Event()
-    sibling_release = asyncio.Event()
+    leaf_gate, sibling_gate = Gate("leaf"), Gate("sibling")
     names: dict[str, str] = {}
     seen: list[BaseException] = []
 
     @env.task
     async def leaf() -> None:
-        leaf_started.set()
-        await asyncio.sleep(3600)
+        await leaf_gate.enter()
 
     @env.task
     async def lower() -> None:
@@ -310,7 +296,7 @@ async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None
 
     @env.task
     async def sibling() -> str:
-        await sibling_release.wait()
+        await sibling_gate.enter()
         return "sibling"
 
     @env.task
@@ -333,11 +319,11 @@ async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None
             seen.append(exc)
             return "upper failed"
 
-    handle = await flowsdk.start(root)
-    await leaf_started.wait()
-    await handle.abort(names["P"], reason="mid")
-    sibling_release.set()
-    run = await handle.wait()
+    async def abort_p(handle: flowsdk.RunHandle[str]) -> None:
+        await handle.abort(names["P"], reason="mid")
+        sibling_gate.release()
+
+    run, _ = await start_and_control(root, when=leaf_gate, control=abort_p)
     p = names["P"]
     [lower_rec] = by_task(run, ".lower")
     [leaf_rec] = by_task(run, ".leaf")
@@ -366,13 +352,12 @@ async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None
 async def test_abort_of_parent_and_child_in_one_instant(order: str) -> None:
     """X8: both are ABORTED(external), once each; the grandparent gets ActionAbortedError for P."""
     env = flowsdk.TaskEnvironment("x8")
-    started = asyncio.Event()
+    gate = Gate()
     seen: list[ActionAbortedError] = []
 
     @env.task
     async def child() -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
 
     @env.task
     async def parent() -> None:
@@ -385,11 +370,11 @@ async def test_abort_of_parent_and_child_in_one_instant(order: str) -> None:
         except ActionAbortedError as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    names = ["a1", "a2"] if order == "parent first" else ["a2", "a1"]
-    results = [await handle.abort(name) for name in names]
-    run = await handle.wait()
+    async def abort_both(handle: flowsdk.RunHandle[None]) -> list[ControlResult]:
+        names = ["a1", "a2"] if order == "parent first" else ["a2", "a1"]
+        return [await handle.abort(name) for name in names]
+
+    run, results = await start_and_control(root, when=gate, control=abort_both)
     assert [r.outcome for r in results] == ["applied", "applied"]
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED", "a2": "ABORTED"}
     assert causes(run) == {"a0": None, "a1": "external", "a2": "external"}
@@ -400,7 +385,7 @@ async def test_abort_of_parent_and_child_in_one_instant(order: str) -> None:
 async def test_abort_inside_timeout_expiring_in_same_tick_wins() -> None:
     """X10: the body sees CancelledError, not TimeoutError; the parent gets ActionAbortedError."""
     env = flowsdk.TaskEnvironment("x10")
-    entered = asyncio.Event()
+    gate = Gate()
     body_saw: list[str] = []
     seen: list[BaseException] = []
 
@@ -410,8 +395,7 @@ async def test_abort_inside_timeout_expiring_in_same_tick_wins() -> None:
             # timeout(0) expires on the next loop step, the same one in which the
             # abort below is applied: both cancels land before the body resumes.
             async with asyncio.timeout(0):
-                entered.set()
-                await asyncio.sleep(3600)
+                await gate.enter()
         except TimeoutError:
             body_saw.append("timeout")
         except CancelledError:
@@ -425,10 +409,7 @@ async def test_abort_inside_timeout_expiring_in_same_tick_wins() -> None:
         except (ActionAbortedError, RuntimeUserError) as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
-    await entered.wait()
-    await handle.abort("a1")
-    run = await handle.wait()
+    run, _ = await start_and_control(root, when=gate, control=lambda h: h.abort("a1"))
     assert body_saw == ["cancelled"]
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
     assert causes(run)["a1"] == "external"
@@ -461,12 +442,9 @@ async def test_abort_during_retry_backoff_starts_no_further_attempt() -> None:
         except (ActionAbortedError, RuntimeUserError) as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
     # Attempt 2 sets the event and raises in one step, so the runtime is in its
-    # backoff (a zero-second sleep) when this test resumes.
-    await second_failing.wait()
-    await handle.abort("a1")
-    run = await handle.wait()
+    # backoff (a zero-second sleep) when the abort is made.
+    run, _ = await start_and_control(root, when=second_failing, control=lambda h: h.abort("a1"))
     assert attempts == [1, 2]
     messages = [e.message or "" for e in run.events if e.action == "a1"]
     retrying = next(i for i, m in enumerate(messages) if m.startswith("attempt 2 failed"))
@@ -482,7 +460,7 @@ async def test_abort_during_retry_backoff_starts_no_further_attempt() -> None:
 async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
     """X11: an abort during attempt 3 cancels it and no fourth attempt starts."""
     env = flowsdk.TaskEnvironment("x11a")
-    third = asyncio.Event()
+    third = Gate()
     attempts: list[int] = []
     seen: list[BaseException] = []
 
@@ -491,8 +469,7 @@ async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
         attempt = flowsdk.current_action().attempt
         attempts.append(attempt)
         if attempt == 3:
-            third.set()
-            await asyncio.sleep(3600)
+            await third.enter()
         raise ValueError(f"attempt {attempt}")
 
     @env.task
@@ -502,10 +479,7 @@ async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
         except (ActionAbortedError, RuntimeUserError) as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
-    await third.wait()
-    await handle.abort("a1")
-    run = await handle.wait()
+    run, _ = await start_and_control(root, when=third, control=lambda h: h.abort("a1"))
     assert attempts == [1, 2, 3]
     record = run.action("a1")
     assert (record.phase, record.attempt) == (ActionPhase.ABORTED, 3)
@@ -516,15 +490,14 @@ async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
 async def test_cleanup_raising_after_abort_is_not_retried() -> None:
     """X11: an exception raised by an aborted attempt's cleanup makes it FAILED, not retried."""
     env = flowsdk.TaskEnvironment("x11c")
-    started = asyncio.Event()
+    gate = Gate()
     attempts: list[int] = []
 
     @env.task(retries=5, backoff=0)
     async def flaky() -> None:
         attempts.append(flowsdk.current_action().attempt)
         try:
-            started.set()
-            await asyncio.sleep(3600)
+            await gate.enter()
         except CancelledError:
             raise ValueError("cleanup broke") from None
 
@@ -536,10 +509,7 @@ async def test_cleanup_raising_after_abort_is_not_retried() -> None:
             return type(exc.__cause__).__name__
         return "no error"
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    await handle.abort("a1")
-    run = await handle.wait()
+    run, _ = await start_and_control(root, when=gate, control=lambda h: h.abort("a1"))
     assert attempts == [1]
     assert run.result() == "ValueError"
     assert run.action("a1").phase is ActionPhase.FAILED
@@ -579,21 +549,19 @@ async def test_root_exit_during_retry_backoff_starts_no_further_attempt() -> Non
 async def test_abort_of_the_root_aborts_the_run() -> None:
     """An abort naming no action aborts the root (external) and its descendants (ancestor)."""
     env = flowsdk.TaskEnvironment("rootabort")
-    started = asyncio.Event()
+    gate = Gate()
 
     @env.task
     async def child() -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
 
     @env.task
     async def root() -> None:
         await asyncio.gather(child(), child())
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    result = await handle.abort(reason="operator said so")
-    run = await handle.wait()
+    run, result = await start_and_control(
+        root, when=gate, control=lambda h: h.abort(reason="operator said so")
+    )
     assert result.outcome == "applied"
     assert run.phase is RunPhase.ABORTED
     assert phases(run) == {"a0": "ABORTED", "a1": "ABORTED", "a2": "ABORTED"}
@@ -607,15 +575,11 @@ async def test_abort_of_the_root_aborts_the_run() -> None:
 async def test_abort_of_a_group_aborts_its_actions_and_later_stages_never_start() -> None:
     """Aborting a stage aborts its actions; the root lets the error through: the run is ABORTED."""
     env = flowsdk.TaskEnvironment("stages")
-    started: list[str] = []
-    both = asyncio.Event()
+    gate = Gate()
 
     @env.task
     async def build(part: str) -> str:
-        started.append(part)
-        if len(started) == 2:
-            both.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
         return part
 
     @env.task
@@ -629,10 +593,11 @@ async def test_abort_of_a_group_aborts_its_actions_and_later_stages_never_start(
         with flowsdk.group("test"):
             await check()
 
-    handle = await flowsdk.start(pipeline)
-    await both.wait()
-    result = await handle.abort(group="build", reason="bad commit")
-    run = await handle.wait()
+    run, result = await start_and_control(
+        pipeline,
+        when=lambda: gate.wait_running(2),
+        control=lambda h: h.abort(group="build", reason="bad commit"),
+    )
     assert result.outcome == "applied"
     assert run.phase is RunPhase.ABORTED
     builds = by_task(run, ".build")
@@ -647,32 +612,30 @@ async def test_abort_of_a_group_aborts_its_actions_and_later_stages_never_start(
 async def test_abort_of_unknown_action_or_group_lists_what_exists() -> None:
     """X5: an unknown action or group raises ActionNotFoundError (a LookupError) listing them."""
     env = flowsdk.TaskEnvironment("x5")
-    started = asyncio.Event()
-    finish = asyncio.Event()
+    gate = Gate()
 
     @env.task
     async def child() -> None:
-        started.set()
-        await finish.wait()
+        await gate.enter()
 
     @env.task
     async def root() -> None:
         with flowsdk.group("stage"):
             await child()
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    with pytest.raises(ActionNotFoundError, match="a7") as info:
-        await handle.abort("a7")
-    assert isinstance(info.value, LookupError)
-    assert "a0" in str(info.value)
-    assert "a1" in str(info.value)
-    with pytest.raises(ActionNotFoundError, match="stage"):
-        await handle.abort(group="nope")
-    with pytest.raises(ActionNotFoundError, match="a9"):
-        await handle.mark_failed("a9")
-    finish.set()
-    run = await handle.wait()
+    async def look_up_unknowns(handle: flowsdk.RunHandle[None]) -> None:
+        with pytest.raises(ActionNotFoundError, match="a7") as info:
+            await handle.abort("a7")
+        assert isinstance(info.value, LookupError)
+        assert "a0" in str(info.value)
+        assert "a1" in str(info.value)
+        with pytest.raises(ActionNotFoundError, match="stage"):
+            await handle.abort(group="nope")
+        with pytest.raises(ActionNotFoundError, match="a9"):
+            await handle.mark_failed("a9")
+        gate.release()
+
+    run, _ = await start_and_control(root, when=gate, control=look_up_unknowns)
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED"}
     assert [e for e in run.events if e.kind is EventKind.REQUEST] == []
     assert_clean(run)
@@ -684,14 +647,12 @@ async def test_abort_of_unknown_action_or_group_lists_what_exists() -> None:
 async def test_stop_and_wait_lets_actions_finish_and_refuses_new_ones() -> None:
     """Stop-and-wait: STOPPING, new calls raise RunStoppingError, actions finish, run STOPPED."""
     env = flowsdk.TaskEnvironment("stopwait")
-    started = asyncio.Event()
-    stopped = asyncio.Event()
+    gate = Gate()
     refusals: list[RunStoppingError] = []
 
     @env.task
     async def child() -> int:
-        started.set()
-        await stopped.wait()
+        await gate.enter()
         return 1
 
     @env.task
@@ -701,7 +662,7 @@ async def test_stop_and_wait_lets_actions_finish_and_refuses_new_ones() -> None:
     @env.task
     async def root() -> int:
         pending = asyncio.create_task(child())
-        await stopped.wait()
+        await gate.enter()
         try:
             other().close()
         except RunStoppingError as exc:
@@ -709,10 +670,10 @@ async def test_stop_and_wait_lets_actions_finish_and_refuses_new_ones() -> None:
         return await pending
 
     handle = await flowsdk.start(root)
-    await started.wait()
+    await gate.wait_running(2)  # the root and its child
     result = await handle.stop(reason="maintenance")
     assert (result.outcome, handle.phase) == ("applied", RunPhase.STOPPING)
-    stopped.set()
+    gate.release_all()
     run = await handle.wait()
     assert run.phase is RunPhase.STOPPED
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED"}
@@ -732,26 +693,24 @@ async def test_stop_and_wait_lets_actions_finish_and_refuses_new_ones() -> None:
 async def test_root_exit_during_stop_and_wait_still_cancels_the_rest() -> None:
     """SPEC §4: the lifetime rule wins during a stop-and-wait; the run ends STOPPED."""
     env = flowsdk.TaskEnvironment("stopexit")
-    started = asyncio.Event()
-    stopped = asyncio.Event()
+    child_gate, root_gate = Gate("child"), Gate("root")
 
     @env.task
     async def child() -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        await child_gate.enter()
 
     @env.task
     async def root() -> int:
         pending = asyncio.create_task(child())
-        await stopped.wait()
+        await root_gate.enter()
         del pending
         return 1
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    await handle.stop()
-    stopped.set()
-    run = await handle.wait()
+    async def stop_then_let_root_return(handle: flowsdk.RunHandle[int]) -> None:
+        await handle.stop()
+        root_gate.release()
+
+    run, _ = await start_and_control(root, when=child_gate, control=stop_then_let_root_return)
     assert run.phase is RunPhase.STOPPED
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
     assert causes(run)["a1"] == "root_exit"
@@ -761,13 +720,13 @@ async def test_root_exit_during_stop_and_wait_still_cancels_the_rest() -> None:
 async def test_stop_and_abandon_abandons_every_action_in_progress() -> None:
     """Stop-and-abandon: each in-progress action ABANDONED (cause stop), run STOPPED."""
     env = flowsdk.TaskEnvironment("stopabandon")
-    started = asyncio.Event()
+    gate = Gate()
     ended: list[str] = []
     all_ended = asyncio.Event()
 
     async def hold(who: str) -> None:
         try:
-            await asyncio.sleep(3600)
+            await gate.enter()
         finally:
             ended.append(who)
             if len(ended) == 2:
@@ -775,7 +734,6 @@ async def test_stop_and_abandon_abandons_every_action_in_progress() -> None:
 
     @env.task
     async def child() -> None:
-        started.set()
         await hold("child")
 
     @env.task
@@ -785,7 +743,7 @@ async def test_stop_and_abandon_abandons_every_action_in_progress() -> None:
         await pending
 
     handle = await flowsdk.start(root)
-    await started.wait()
+    await gate.wait_running(2)  # the root and its child
     result = await handle.stop(abandon=True, reason="shutting down")
     run = await handle.wait()
     await all_ended.wait()  # the abandoned bodies got their cancel and ended
@@ -806,14 +764,13 @@ async def test_stop_and_abandon_abandons_every_action_in_progress() -> None:
 async def test_stop_and_wait_escalates_to_abandon() -> None:
     """A stop-and-abandon during a stop-and-wait abandons what the wait was waiting for."""
     env = flowsdk.TaskEnvironment("escalate")
-    started = asyncio.Event()
+    gate = Gate()
     ended = asyncio.Event()
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await gate.enter()
         finally:
             ended.set()
 
@@ -821,14 +778,14 @@ async def test_stop_and_wait_escalates_to_abandon() -> None:
     async def root() -> None:
         await child()
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    await handle.stop()
-    again = await handle.stop()
-    assert again.outcome is flowsdk.Outcome.REFUSED  # a value, not an exception
-    assert "already stopping" in again.message
-    escalated = await handle.stop(abandon=True)
-    run = await handle.wait()
+    async def stop_twice_then_abandon(handle: flowsdk.RunHandle[None]) -> ControlResult:
+        await handle.stop()
+        again = await handle.stop()
+        assert again.outcome is flowsdk.Outcome.REFUSED  # a value, not an exception
+        assert "already stopping" in again.message
+        return await handle.stop(abandon=True)
+
+    run, escalated = await start_and_control(root, when=gate, control=stop_twice_then_abandon)
     await ended.wait()
     assert escalated.outcome == "applied"
     assert run.phase is RunPhase.STOPPED
@@ -845,14 +802,13 @@ async def test_stop_and_wait_escalates_to_abandon() -> None:
 async def test_mark_failed_fails_the_action_and_aborts_its_descendants() -> None:
     """Mark failed: target FAILED, body saw CancelledError, parent gets RuntimeUserError."""
     env = flowsdk.TaskEnvironment("markfailed")
-    started = asyncio.Event()
+    gate = Gate()
     body_saw: list[str] = []
     seen: list[RuntimeUserError] = []
 
     @env.task
     async def grandchild() -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
 
     @env.task
     async def child() -> None:
@@ -870,10 +826,9 @@ async def test_mark_failed_fails_the_action_and_aborts_its_descendants() -> None
             seen.append(exc)
         return "ok"
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    result = await handle.mark_failed("a1", reason="bad data")
-    run = await handle.wait()
+    run, result = await start_and_control(
+        root, when=gate, control=lambda h: h.mark_failed("a1", reason="bad data")
+    )
     assert result.outcome == "applied"
     assert run.result() == "ok"
     assert body_saw == ["cancelled"]
@@ -893,22 +848,20 @@ async def test_mark_failed_fails_the_action_and_aborts_its_descendants() -> None
 async def test_mark_failed_of_the_root_fails_the_run() -> None:
     """Mark failed on a0: the run is FAILED, result() raises RuntimeUserError from the marker."""
     env = flowsdk.TaskEnvironment("markroot")
-    started = asyncio.Event()
+    gate = Gate()
 
     @env.task
     async def child() -> None:
-        started.set()
-        await asyncio.sleep(3600)
+        await gate.enter()
 
     @env.task
     async def root() -> None:
         await child()
 
-    handle = await flowsdk.start(root)
-    await started.wait()
-    first = await handle.mark_failed("a0", reason="wrong input")
-    second = await handle.mark_failed("a0")
-    run = await handle.wait()
+    async def mark_twice(handle: flowsdk.RunHandle[None]) -> tuple[ControlResult, ControlResult]:
+        return await handle.mark_failed("a0", reason="wrong input"), await handle.mark_failed("a0")
+
+    run, (first, second) = await start_and_control(root, when=gate, control=mark_twice)
     assert (first.outcome, second.outcome) == ("applied", "applied")
     assert "already" in second.message
     assert run.phase is RunPhase.FAILED
@@ -927,37 +880,33 @@ async def test_mark_failed_of_the_root_fails_the_run() -> None:
 async def test_root_exit_waits_for_a_child_cleanup() -> None:
     """J1: at root exit the run waits for the child's cleanup, which completes."""
     env = flowsdk.TaskEnvironment("j1wait")
-    started = asyncio.Event()
-    in_cleanup = asyncio.Event()
-    release = asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
     cleaned: list[str] = []
 
     @env.task
     async def child() -> None:
         try:
-            started.set()
-            await asyncio.sleep(3600)
+            await running.enter()
         except CancelledError:
-            in_cleanup.set()
-            await release.wait()
+            await cleanup.enter()
             cleaned.append("done")
             raise
 
     @env.task
     async def root() -> int:
         pending = asyncio.create_task(child())
-        await started.wait()
+        await running.wait_running()
         del pending
         return 1
 
     handle = await flowsdk.start(root)
     waiter = asyncio.create_task(handle.wait())
-    await in_cleanup.wait()
+    await cleanup.wait_running()
     for _ in range(5):
         await asyncio.sleep(0)
     assert not waiter.done()
     assert handle.phase is RunPhase.RUNNING
-    release.set()
+    cleanup.release()
     run = await waiter
     assert cleaned == ["done"]
     assert run.result() == 1
@@ -970,35 +919,28 @@ async def test_root_exit_waits_for_a_child_cleanup() -> None:
 async def test_stop_and_abandon_during_root_exit_cleanup_returns_at_once() -> None:
     """J1: abandoning a cleanup at root exit ends the run at once, cleanup_incomplete recorded."""
     env = flowsdk.TaskEnvironment("j1abandon")
-    started = asyncio.Event()
-    in_cleanup = asyncio.Event()
-    release = asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
     cleaned = asyncio.Event()
 
     @env.task
     async def child() -> None:
         try:
-            started.set()
-            await asyncio.sleep(3600)
+            await running.enter()
         except CancelledError:
-            in_cleanup.set()
-            await release.wait()
+            await cleanup.enter()
             cleaned.set()
             raise
 
     @env.task
     async def root() -> int:
         pending = asyncio.create_task(child())
-        await started.wait()
+        await running.wait_running()
         del pending
         return 1
 
-    handle = await flowsdk.start(root)
-    await in_cleanup.wait()
-    await handle.stop(abandon=True)
-    run = await handle.wait()
+    run, _ = await start_and_control(root, when=cleanup, control=lambda h: h.stop(abandon=True))
     ended_before_cleanup = not cleaned.is_set()
-    release.set()
+    cleanup.release()
     await cleaned.wait()  # the loop lives on: let the abandoned cleanup end
     assert ended_before_cleanup
     record = run.action("a1")
@@ -1043,8 +985,7 @@ async def test_timeout_option_fails_the_action_with_task_timeout_error() -> None
 async def test_abort_during_a_timed_out_attempts_cleanup_wins_and_is_not_retried() -> None:
     """Guarantee 8: an abort landing while a timed-out attempt cleans up makes it ABORTED."""
     env = flowsdk.TaskEnvironment("timeoutabort")
-    in_cleanup = asyncio.Event()
-    release = asyncio.Event()
+    cleanup = Gate()
     attempts: list[int] = []
     seen: list[BaseException] = []
 
@@ -1054,8 +995,7 @@ async def test_abort_during_a_timed_out_attempts_cleanup_wins_and_is_not_retried
         try:
             await asyncio.sleep(3600)
         except CancelledError:
-            in_cleanup.set()
-            await release.wait()
+            await cleanup.enter()
             raise
 
     @env.task
@@ -1065,11 +1005,11 @@ async def test_abort_during_a_timed_out_attempts_cleanup_wins_and_is_not_retried
         except (ActionAbortedError, RuntimeUserError) as exc:
             seen.append(exc)
 
-    handle = await flowsdk.start(root)
-    await in_cleanup.wait()
-    await handle.abort("a1")
-    release.set()
-    run = await handle.wait()
+    async def abort_then_release(handle: flowsdk.RunHandle[None]) -> None:
+        await handle.abort("a1")
+        cleanup.release()
+
+    run, _ = await start_and_control(root, when=cleanup, control=abort_then_release)
     assert attempts == [1]
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
     assert causes(run)["a1"] == "external"

@@ -9,23 +9,23 @@ from typing import Any
 import pytest
 
 import flowsdk
-from flowsdk import EventKind, RunPhase
+from flowsdk import ControlResult, EventKind, RunPhase
 from flowsdk.errors import ActionAbortedError, RunClosedError, RuntimeUserError
+from flowsdk.testing import Gate, start_and_control
 from tests.support import assert_clean, by_task, causes, phases
 
 
 def test_root_return_cancels_pending_child_and_waits_for_its_handler() -> None:
     """R1: root returns 42 with a pending child; the child's handler runs once, to its end."""
     env = flowsdk.TaskEnvironment("r1")
-    started = asyncio.Event()
+    running = Gate()
     handled: list[int] = []
     finished: list[bool] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
@@ -38,7 +38,7 @@ def test_root_return_cancels_pending_child_and_waits_for_its_handler() -> None:
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     run = flowsdk.run(root)
@@ -112,16 +112,14 @@ def test_root_raise_cancels_sleeping_busy_and_queued_children() -> None:
 async def test_external_abort_of_root_aborts_all_descendants() -> None:
     """R3: aborting the root aborts five children and five grandchildren (cause ancestor)."""
     env = flowsdk.TaskEnvironment("r3")
+    gate = Gate()
     started: list[str] = []
-    all_running = asyncio.Event()
     handled: list[str] = []
 
     async def hold(who: str) -> None:
         started.append(who)
-        if len(started) == 10:
-            all_running.set()
         try:
-            await asyncio.sleep(3600)
+            await gate.enter()
         except asyncio.CancelledError:
             handled.append(who)
             raise
@@ -139,11 +137,10 @@ async def test_external_abort_of_root_aborts_all_descendants() -> None:
     async def root() -> None:
         await asyncio.gather(*(child(i) for i in range(5)))
 
-    handle = await flowsdk.start(root)
-    await all_running.wait()
-    result = await handle.abort(reason="R3")
+    run, result = await start_and_control(
+        root, when=lambda: gate.wait_running(10), control=lambda h: h.abort(reason="R3")
+    )
     assert result.outcome == "applied"
-    run = await handle.wait()
 
     assert run.phase is RunPhase.ABORTED
     assert len(run.actions) == 11
@@ -162,32 +159,30 @@ async def test_external_abort_of_root_aborts_all_descendants() -> None:
 async def test_abort_during_teardown_changes_nothing() -> None:
     """R3: an abort arriving after the root returned (teardown under way) says 'finishing'."""
     env = flowsdk.TaskEnvironment("r3b")
-    started = asyncio.Event()
-    cleaning, release = asyncio.Event(), asyncio.Event()
+    running, cleanup = Gate("running"), Gate("cleanup")
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
-            cleaning.set()
-            await release.wait()
+            await cleanup.enter()
             raise
 
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
-    handle = await flowsdk.start(root)
-    await cleaning.wait()
-    result = await handle.abort(reason="too late")
+    async def abort_too_late(handle: flowsdk.RunHandle[int]) -> ControlResult:
+        result = await handle.abort(reason="too late")
+        cleanup.release()
+        return result
+
+    run, result = await start_and_control(root, when=cleanup, control=abort_too_late)
     assert result.outcome == "already_ended"
     assert "finishing" in result.message
-    release.set()
-    run = await handle.wait()
 
     assert run.result() == 42
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
@@ -277,7 +272,7 @@ def test_grandchild_queued_at_root_exit_never_runs() -> None:
 def test_task_call_in_root_exit_cleanup_raises_run_closed() -> None:
     """R5: calling a task in a handler after the root exited raises RunClosedError at once."""
     env = flowsdk.TaskEnvironment("r5")
-    started = asyncio.Event()
+    running = Gate()
     refused: list[RunClosedError] = []
 
     @env.task
@@ -286,9 +281,8 @@ def test_task_call_in_root_exit_cleanup_raises_run_closed() -> None:
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             try:
                 await notify()
@@ -299,7 +293,7 @@ def test_task_call_in_root_exit_cleanup_raises_run_closed() -> None:
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     run = flowsdk.run(root)
@@ -319,14 +313,13 @@ def test_root_exit_cleanup_raising_oserror_fails_child_not_run(
 ) -> None:
     """R6: a child's root-exit cleanup raises OSError: child FAILED, run SUCCEEDED, warned."""
     env = flowsdk.TaskEnvironment("r6")
-    started = asyncio.Event()
+    running = Gate()
     cleanups: list[int] = []
 
     @env.task
     async def child() -> None:
-        started.set()
         try:
-            await asyncio.sleep(3600)
+            await running.enter()
         except asyncio.CancelledError:
             cleanups.append(1)
             raise OSError("disk gone during cleanup") from None
@@ -334,7 +327,7 @@ def test_root_exit_cleanup_raising_oserror_fails_child_not_run(
     @env.task
     async def root() -> int:
         asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
-        await started.wait()
+        await running.wait_running()
         return 42
 
     with caplog.at_level(logging.WARNING, logger="flowsdk"):

@@ -26,6 +26,7 @@ import pytest
 import flowsdk
 from flowsdk._payload import inputs_digest, same_inputs
 from flowsdk.errors import RuntimeUserError, SerializationError
+from flowsdk.testing import sqlite_url
 from tests.support import assert_clean, phases
 
 # Types a body may take and return; at module level so that the annotations
@@ -80,10 +81,6 @@ SAMPLE = Bundle(
     ok=True,
     nothing=None,
 )
-
-
-def sqlite_url(path: Path) -> str:
-    return "sqlite:///" + str(path)
 
 
 def stored_payloads(db: Path, run: str) -> dict[str, tuple[bytes | None, bytes | None]]:

@@ -1,7 +1,7 @@
 """The store contract (SPEC §5, §6): what `flowsdk.Client` reads back, whatever the store.
 
-Every test runs against a `MemoryStore` object and a SQLite store in tmp_path;
-the last one checks that both keep the same records.
+Every test runs against a `MemoryStore` object and a SQLite store in tmp_path
+(`flowsdk.testing.store_fixture`); the last one checks that both keep the same records.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import functools
 import os
 from asyncio import CancelledError
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 
 import flowsdk
 from flowsdk import AbortCause, AbortRequest, ActionPhase, EventKind, RunPhase
-from flowsdk._records import ControlReply
 from flowsdk.errors import (
     ActionAbortedError,
     ActionNotFoundError,
@@ -29,18 +27,11 @@ from flowsdk.errors import (
     RunNotFoundError,
     RuntimeUserError,
 )
-from flowsdk.store import MemoryStore, Store, open_store
-from tests.runners.harness import sqlite_url
+from flowsdk.store import ControlReply, MemoryStore, Store, open_store
+from flowsdk.testing import Gate, new_store, start_and_control, store_fixture
 from tests.support import assert_clean, causes, phases
 
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | Store]:
-    """A memory store object, or the URL of a SQLite store in tmp_path."""
-    if request.param == "memory":
-        yield MemoryStore()
-    else:
-        yield sqlite_url(tmp_path / "s.db")
+store = store_fixture()
 
 
 def read(store: str | Store, name: str) -> flowsdk.Run[Any]:
@@ -86,8 +77,7 @@ def test_get_run_keeps_phases_causes_groups_and_attempts(store: str | Store) -> 
     """A stored run: each action's phase, abort cause, group and attempt count."""
     env = flowsdk.TaskEnvironment("record")
     calls: list[int] = []
-    victim_running = asyncio.Event()
-    orphan_running = asyncio.Event()
+    victim_running, orphan_running = Gate("victim"), Gate("orphan")
 
     @env.task(retries=2, backoff=0)
     async def flaky() -> int:
@@ -98,25 +88,23 @@ def test_get_run_keeps_phases_causes_groups_and_attempts(store: str | Store) -> 
 
     @env.task
     async def victim() -> None:
-        victim_running.set()
-        await asyncio.sleep(3600)
+        await victim_running.enter()
 
     @env.task
     async def orphan() -> None:
-        orphan_running.set()
-        await asyncio.sleep(3600)
+        await orphan_running.enter()
 
     @env.task
     async def root() -> int:
         with flowsdk.group("stage"):
             value = await flaky()
         t = asyncio.create_task(victim())
-        await victim_running.wait()
+        await victim_running.wait_running()
         t.cancel()
         with contextlib.suppress(CancelledError):
             await t
         asyncio.create_task(orphan())  # noqa: RUF006 -- left to the root's exit
-        await orphan_running.wait()
+        await orphan_running.wait_running()
         return value
 
     flowsdk.run(root, name="shape", store=store)
@@ -229,12 +217,11 @@ def test_result_of_a_stored_run_raises_what_the_live_run_raised(store: str | Sto
 async def test_stored_abort_keeps_reason_requester_and_request_event(store: str | Store) -> None:
     """An abort's record: cause external, the reason, who asked and when; a REQUEST event."""
     env = flowsdk.TaskEnvironment("abortrec")
-    running = asyncio.Event()
+    running = Gate()
 
     @env.task
     async def child() -> None:
-        running.set()
-        await asyncio.sleep(3600)
+        await running.enter()
 
     @env.task
     async def root() -> None:
@@ -242,7 +229,7 @@ async def test_stored_abort_keeps_reason_requester_and_request_event(store: str 
             await child()
 
     handle = await flowsdk.start(root, name="aborted", store=store)
-    await running.wait()
+    await running.wait_running()
     await handle.abort("a1", reason="operator-said-so")
     await handle.wait()
     run = read(store, "aborted")
@@ -264,17 +251,15 @@ async def test_result_of_a_stored_aborted_run_raises_action_aborted_error(
 ) -> None:
     """Run.result() of a stored ABORTED run raises ActionAbortedError with the abort's reason."""
     env = flowsdk.TaskEnvironment("abortres")
-    running = asyncio.Event()
+    running = Gate()
 
     @env.task
     async def root() -> None:
-        running.set()
-        await asyncio.sleep(3600)
+        await running.enter()
 
-    handle = await flowsdk.start(root, name="gone", store=store)
-    await running.wait()
-    await handle.abort(reason="not-today")
-    await handle.wait()
+    await start_and_control(
+        root, when=running, control=lambda h: h.abort(reason="not-today"), name="gone", store=store
+    )
     run = read(store, "gone")
     with pytest.raises(ActionAbortedError) as exc:
         run.result()
@@ -335,16 +320,15 @@ def test_unknown_run_raises_run_not_found_error_suggesting_close_names(
 async def test_client_controls_a_live_memory_store_run_in_the_same_process(caller: str) -> None:
     """A Client on the same memory:// store object aborts a live run, from its loop or a thread."""
     env = flowsdk.TaskEnvironment("memlive")
-    running = asyncio.Event()
+    running = Gate()
 
     @env.task
     async def root() -> None:
-        running.set()
-        await asyncio.sleep(3600)
+        await running.enter()
 
     memory = MemoryStore()
     handle = await flowsdk.start(root, name="live", store=memory)
-    await running.wait()
+    await running.wait_running()
     with flowsdk.Client(memory) as client:
         assert [r.phase for r in client.runs()] == [RunPhase.RUNNING]
         if caller == "loop":
@@ -382,9 +366,9 @@ def _comparable(run: flowsdk.Run[Any]) -> tuple[Any, ...]:
 
 
 def _twin() -> flowsdk.Task[[], int]:
-    """A workflow with a retried failure, a group and a root exit (fresh events per run)."""
+    """A workflow with a retried failure, a group and a root exit (a fresh gate per run)."""
     env = flowsdk.TaskEnvironment("same")
-    running = asyncio.Event()
+    running = Gate()
 
     @env.task(retries=1, backoff=0)
     async def bad() -> int:
@@ -392,15 +376,14 @@ def _twin() -> flowsdk.Task[[], int]:
 
     @env.task
     async def orphan() -> None:
-        running.set()
-        await asyncio.sleep(3600)
+        await running.enter()
 
     @env.task
     async def root() -> int:
         with flowsdk.group("g"), contextlib.suppress(RuntimeUserError):
             await bad()
         asyncio.create_task(orphan())  # noqa: RUF006 -- left to the root's exit
-        await running.wait()
+        await running.wait_running()
         return 1
 
     return root
@@ -408,8 +391,7 @@ def _twin() -> flowsdk.Task[[], int]:
 
 def test_memory_and_sqlite_stores_keep_the_same_records(tmp_path: Path) -> None:
     """The same workflow read back from memory:// and from SQLite gives equal records."""
-    memory = MemoryStore()
-    sqlite = sqlite_url(tmp_path / "s.db")
+    memory, sqlite = new_store("memory", tmp_path), new_store("sqlite", tmp_path)
     for store in (memory, sqlite):
         flowsdk.run(_twin(), name="twin", store=store)
     from_memory, from_sqlite = read(memory, "twin"), read(sqlite, "twin")
