@@ -18,12 +18,10 @@ builds a request, checks a permission or interprets an answer on its own.
 from __future__ import annotations
 
 import enum
-import json
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +247,8 @@ class ControlService:
                 "tasks can be started here (start it once with flowsdk run)"
             )
         run = check_name("run", name) if name is not None else new_run_name(task.rpartition(".")[2])
+        import json  # here: importing flowsdk stays cheap (only launches need it)
+
         values = [json.dumps(v) for v in args or []]
         values += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
         self._launch(
@@ -269,6 +269,8 @@ class ControlService:
         what: str,
     ) -> None:
         cwd = workdir if workdir and os.path.isdir(workdir) else None
+        import tempfile  # here: it imports shutil and the compressors, which flowsdk does not need
+
         fd, log = tempfile.mkstemp(prefix="flowsdk-runner-", suffix=".log")
         os.close(fd)
         # `--` before the positional values: a value such as -3 is not an option.
