@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 import flowsdk
+import flowsdk.executors
 from flowsdk import AbortCause, AbortInfo, Actor, Outcome, Role, RunPhase
 from flowsdk.errors import InvalidStateError, PermissionDeniedError
 from flowsdk.store import MemoryStore
@@ -286,12 +286,17 @@ def test_an_unknown_executor_is_refused_at_declaration_naming_the_known_ones() -
     assert flowsdk.TaskEnvironment("ex2", executor="local").options.executor == "local"
 
 
-def test_an_executor_whose_package_is_missing_names_the_extra_to_install() -> None:
-    """`executor="ray"` without Ray installed says which extra brings it."""
-    if importlib.util.find_spec("ray") is not None:
-        pytest.skip("Ray is installed here: the message is for a machine without it")
-    with pytest.raises(ValueError, match=r"flowsdk\[ray\]"):
-        flowsdk.TaskEnvironment("ex3", executor="ray")
+def test_an_executor_whose_package_is_missing_names_the_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An executor whose module imports a package that is not installed names the extra."""
+    (tmp_path / "gpu_executor_for_test.py").write_text("import no_such_gpu_package\nEXECUTOR = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(
+        flowsdk.executors.EXECUTORS, "gpu", ("gpu_executor_for_test", "EXECUTOR", "gpu")
+    )
+    with pytest.raises(ValueError, match=r"'no_such_gpu_package'.*pip install 'flowsdk\[gpu\]'"):
+        flowsdk.TaskEnvironment("ex3", executor="gpu")
 
 
 # -- detached launches ---------------------------------------------------------------------

@@ -27,6 +27,17 @@ EXPECTED: dict[str, list[str]] = {
         r"a0\s+lifetime\.main\s+SUCCEEDED\s+-",
         r"a1\s+lifetime\.long_job\s+ABORTED\s+root_exit",
     ],
+    "cancel_reason.py": [
+        r"operator: abort of action a2 of run 'search-demo' applied",
+        r"trial lr=0\.01: flowsdk: aborted \(external\) by \S+@\S+ pid \d+: loss is NaN",
+        r"trial lr=0\.01: cause=external reason='loss is NaN'",
+        r"trial lr=0\.001: flowsdk: cancelled by workflow code \(cancelled\): pruned: lr=0\.001 "
+        r"is behind lr=0\.1",
+        r"trial lr=0\.001: cause=cancelled reason='pruned: lr=0\.001 is behind lr=0\.1'",
+        r"run search-demo: SUCCEEDED, best lr 0\.1",
+        r"a2\s+ABORTED\s+external 'loss is NaN'",
+        r"a3\s+ABORTED\s+cancelled 'pruned: lr=0\.001 is behind lr=0\.1'",
+    ],
     "cancel_tasks.py": [
         r"main: a31 failed: ValueError\('data source unavailable'\)",
         r"main: cancelled 30 sleepers",

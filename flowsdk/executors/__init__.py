@@ -8,38 +8,43 @@ not installed, is an error at decoration time, never in the middle of a run.
 
 from __future__ import annotations
 
+import importlib
+
 from flowsdk.executors._local import LOCAL, Executor, LocalExecutor
 
-__all__ = ["LOCAL", "Executor", "LocalExecutor", "get_executor"]
+__all__ = ["EXECUTORS", "LOCAL", "Executor", "LocalExecutor", "get_executor"]
 
-# Executors that exist in this version, by name.
-_EXECUTORS: dict[str, Executor] = {"local": LOCAL}
-# Executors that need an optional extra: name -> (module to probe, extra to install).
-_EXTRAS = {"ray": ("ray", "ray")}
+EXECUTORS: dict[str, tuple[str, str, str | None]] = {
+    "local": ("flowsdk.executors._local", "LOCAL", None),
+}
+"""Executor name -> (module, attribute, the extra that installs what the module imports).
+
+An executor's module is imported when a task first names it, so an optional
+one costs nothing to a program that does not use it.
+"""
 
 
 def get_executor(name: str | None) -> Executor:
     """Return the executor called `name` (`None` is `"local"`).
 
     Raises:
-        ValueError: no executor has that name, or it needs an extra that is not
-            installed; the message says what to install or which names exist.
+        ValueError: no executor has that name, or its module needs a package
+            that is not installed; the message says which names exist, or
+            which extra to install.
     """
     if name is None:
         return LOCAL
-    found = _EXECUTORS.get(name)
-    if found is not None:
-        return found
-    known = ", ".join(repr(n) for n in sorted(_EXECUTORS))
-    if name in _EXTRAS:
-        import importlib.util
-
-        module, extra = _EXTRAS[name]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(
-                f"executor {name!r} needs the {module} package: pip install 'flowsdk[{extra}]'"
-            )
+    entry = EXECUTORS.get(name)
+    if entry is None:
+        known = ", ".join(repr(n) for n in sorted(EXECUTORS))
+        raise ValueError(f"unknown executor {name!r}; the executors are {known}")
+    module, attribute, extra = entry
+    try:
+        found: Executor = getattr(importlib.import_module(module), attribute)
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        install = f"pip install 'flowsdk[{extra}]'" if extra else f"install {missing}"
         raise ValueError(
-            f"executor {name!r} is not part of this version of flowsdk; the executors are {known}"
-        )
-    raise ValueError(f"unknown executor {name!r}; the executors are {known}")
+            f"executor {name!r} needs the package {missing!r}, which is not installed: {install}"
+        ) from None
+    return found
