@@ -18,7 +18,7 @@ and reported as they are (a negative p99 means every delivery but the slowest
 the start of the call to the `CancelledError`, which is the delay an operator
 sees from pressing enter; for the CLI it includes starting Python.
 
-Targets (SPEC §10, SCENARIOS X13): p50 <= 30 ms and p99 <= 100 ms, measured from the return.
+Targets (SPEC §10): p50 <= 30 ms and p99 <= 100 ms, measured from the return.
 200 trials per mode (`--quick`: fewer).
 
 A second table measures whether a control request costs the same on a large run

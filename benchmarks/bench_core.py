@@ -15,7 +15,7 @@ and reports the median of the repetitions and the ratio flowsdk / bare:
 - (e) abort at the root of a chain of depth 2,000 where each level awaits
   `asyncio.create_task(next level)`: from `RunHandle.abort()` until the run
   has ended. Bare asyncio cannot cancel the top of such a chain (Task.cancel()
-  recurses down the await chain and breaks near depth 1,000, SCENARIOS fact 6),
+  recurses down the await chain and breaks near depth 1,000 on 3.11),
   so its column cancels the leaf and lets the cancel unwind to the top.
 - (f) `import flowsdk`: wall time of `python -c "import flowsdk"` minus
   `python -c "pass"`, each in a fresh subprocess.
@@ -397,7 +397,7 @@ def abort_chain(sizes: Sizes) -> Row:
     row.notes.append(
         "(e) bare column: the leaf is cancelled and the cancel unwinds to the top. Cancelling "
         "the top task instead recurses through Task.cancel() and raises RecursionError, leaving "
-        "the chain pending (SCENARIOS fact 6), so that variant is n/a"
+        "the chain pending, so that variant is n/a"
     )
     return _measure(row, bare, flow, sizes.reps, 1e3)
 

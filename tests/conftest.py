@@ -1,4 +1,4 @@
-"""The leak bundle every test runs under (SCENARIOS "+L").
+"""The leak bundle every test runs under.
 
 - warnings are errors (pyproject `filterwarnings`), so "coroutine ... was never
   awaited" and unraisable exceptions fail the test;

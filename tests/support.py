@@ -1,4 +1,4 @@
-"""Assertions shared by the tests: guarantees 1 and 2 of SCENARIOS, phases, causes."""
+"""Assertions shared by the tests: one terminal phase each, nothing left running, phases, causes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ TERMINAL = {p.value for p in ActionPhase if p.terminal}
 
 
 def assert_clean(run: flowsdk.Run[Any]) -> None:
-    """Every action is terminal, with exactly one terminal event (guarantees 1 and 2)."""
+    """Every action is terminal, with exactly one terminal event."""
     for record in run.actions:
         assert record.phase.terminal, f"{record.name} is {record.phase.value}"
         assert record.ended_at is not None, record.name

@@ -226,7 +226,7 @@ def test_aborted_error_is_not_a_user_error() -> None:
 
 
 def test_not_found_errors_are_lookup_errors() -> None:
-    """SPEC 7 / X5: RunNotFoundError and ActionNotFoundError are also LookupError."""
+    """SPEC 7: RunNotFoundError and ActionNotFoundError are also LookupError."""
     assert issubclass(errors.RunNotFoundError, LookupError)
     assert issubclass(errors.ActionNotFoundError, LookupError)
 

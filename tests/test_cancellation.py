@@ -1,4 +1,4 @@
-"""Cancellation inside children (SCENARIOS group C)."""
+"""Cancellation inside children: swallowed, slow, interrupted or replaced cancels."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _cancelling() -> int:
 def test_child_swallowing_cancellation_is_abandoned_after_grace(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """C1: a child that swallows every CancelledError is given up on; run() returns."""
+    """A child that swallows every CancelledError is given up on; run() returns."""
     env = flowsdk.TaskEnvironment("c1")
     running = Gate()
     swallowed: list[int] = []
@@ -63,13 +63,13 @@ def test_child_swallowing_cancellation_is_abandoned_after_grace(
     assert "cancelling it again" in warnings[0]
     assert "in zombie" in warnings[0]  # the stack shows where the body is stuck
     assert "cleanup_incomplete" in warnings[1]
-    assert len(swallowed) == 2  # at most two cancel deliveries (guarantee 4)
+    assert len(swallowed) == 2  # at most two cancel deliveries (bounded teardown)
     assert any(r.name == "flowsdk" and "a1" in r.getMessage() for r in caplog.records)
     assert_clean(run)
 
 
 async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
-    """C1: the abort target that swallows cancellation ends ABORTED(external), incomplete."""
+    """The abort target that swallows cancellation ends ABORTED(external), incomplete."""
     env = flowsdk.TaskEnvironment("c1b")
     running = Gate()
     zombie_tasks: list[asyncio.Task[Any]] = []
@@ -111,7 +111,7 @@ async def test_aborted_child_swallowing_cancellation_is_abandoned() -> None:
 
 
 async def test_slow_honest_cleanup_is_not_cancelled_again_within_grace() -> None:
-    """C2: a cleanup awaiting an event set later finishes; only one cancel is delivered."""
+    """A cleanup awaiting an event set later finishes; only one cancel is delivered."""
     env = flowsdk.TaskEnvironment("c2")
     running, cleanup = Gate("running"), Gate("cleanup")
     cleanups: list[int] = []
@@ -152,7 +152,7 @@ async def test_slow_honest_cleanup_is_not_cancelled_again_within_grace() -> None
 
 
 def test_cleanup_longer_than_grace_is_interrupted_by_second_cancel() -> None:
-    """C2: past grace_period the second cancel interrupts the cleanup (cleanup incomplete)."""
+    """Past grace_period the second cancel interrupts the cleanup (cleanup incomplete)."""
     env = flowsdk.TaskEnvironment("c2b")
     running, never = Gate(), asyncio.Event()
     interrupted: list[int] = []
@@ -190,7 +190,7 @@ def test_cleanup_longer_than_grace_is_interrupted_by_second_cancel() -> None:
 
 
 async def test_root_finally_slow_cleanup_finishes_within_grace() -> None:
-    """C2: an aborted root's own `finally` awaiting an event set later runs to its end."""
+    """An aborted root's own `finally` awaiting an event set later runs to its end."""
     env = flowsdk.TaskEnvironment("c2c")
     running, cleanup = Gate("running"), Gate("cleanup")
     finished: list[bool] = []
@@ -223,7 +223,7 @@ async def test_root_finally_slow_cleanup_finishes_within_grace() -> None:
 
 
 def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
-    """C3: t.cancel() starts a child's finally; the root's exit interrupts that finally."""
+    """A parent's t.cancel() starts a child's finally; the root's exit interrupts that finally."""
     env = flowsdk.TaskEnvironment("c3")
     running, in_finally, never = Gate(), asyncio.Event(), asyncio.Event()
     interrupted: list[int] = []
@@ -262,7 +262,7 @@ def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
 
 
 def test_cleanup_raising_after_parent_cancel_fails_child() -> None:
-    """C4: `except CancelledError: raise ValueError` makes the child FAILED; parent sees it."""
+    """A cleanup doing `except CancelledError: raise ValueError` fails the child; parent sees it."""
     env = flowsdk.TaskEnvironment("c4")
     running = Gate()
     error = ValueError("cleanup failed")
@@ -299,7 +299,7 @@ def test_cleanup_raising_after_parent_cancel_fails_child() -> None:
 
 
 def test_cleanup_raising_at_root_exit_fails_child_and_warns() -> None:
-    """C4: the same cleanup during root teardown: child FAILED, run SUCCEEDED, warning (R6)."""
+    """The same cleanup during root teardown: child FAILED, run SUCCEEDED, warning."""
     env = flowsdk.TaskEnvironment("c4b")
     running = Gate()
 
@@ -326,7 +326,7 @@ def test_cleanup_raising_at_root_exit_fails_child_and_warns() -> None:
 
 
 def test_parent_cancelling_one_child_sees_cancelled_error_and_continues() -> None:
-    """C5: `t.cancel(); await t` gives CancelledError; sibling untouched; cancelling() is 0."""
+    """A parent's `t.cancel(); await t` gives CancelledError; sibling untouched; cancelling() 0."""
     env = flowsdk.TaskEnvironment("c5")
     running, sibling_go = Gate(), asyncio.Event()
     cleanups: list[int] = []
@@ -371,7 +371,7 @@ def test_parent_cancelling_one_child_sees_cancelled_error_and_continues() -> Non
 
 
 def test_child_cancelled_before_first_step_never_runs() -> None:
-    """C6: `t = create_task(child()); t.cancel()` in one tick: no body, no record, no warning."""
+    """`t = create_task(child()); t.cancel()` in one tick: no body, no record, no warning."""
     env = flowsdk.TaskEnvironment("c6")
     body_ran: list[bool] = []
     seen: list[str] = []
@@ -401,7 +401,7 @@ def test_child_cancelled_before_first_step_never_runs() -> None:
 
 
 def test_shielded_child_outlives_cancelled_parent_until_root_exit() -> None:
-    """C7: a child behind asyncio.shield keeps running after its parent is cancelled."""
+    """A child behind asyncio.shield keeps running after its parent is cancelled."""
     env = flowsdk.TaskEnvironment("c7")
     child_started, proceed, child_alive = asyncio.Event(), asyncio.Event(), asyncio.Event()
     parent_saw: list[str] = []
@@ -448,7 +448,7 @@ def test_shielded_child_outlives_cancelled_parent_until_root_exit() -> None:
 
 
 def test_raw_task_outliving_its_action_is_cancelled_at_run_end() -> None:
-    """C8: a plain asyncio task started by a child and dropped is cancelled; no record."""
+    """A plain asyncio task started by a child and dropped is cancelled; no record."""
     env = flowsdk.TaskEnvironment("c8")
     raw_started = asyncio.Event()
     cleanups: list[int] = []
@@ -481,7 +481,7 @@ def test_raw_task_outliving_its_action_is_cancelled_at_run_end() -> None:
 async def test_raw_task_outliving_its_action_is_cancelled_or_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """C8 (run_async): the survivor is cancelled at root exit, or at least named in a warning."""
+    """With run_async: the survivor is cancelled at root exit, or at least named in a warning."""
     env = flowsdk.TaskEnvironment("c8b")
     raw_started = asyncio.Event()
     raw_tasks: list[asyncio.Task[Any]] = []
@@ -523,7 +523,7 @@ async def test_raw_task_outliving_its_action_is_cancelled_or_named(
 
 
 async def test_abort_of_lock_waiter_in_release_tick_passes_lock_on() -> None:
-    """C9: B is aborted in the tick A releases the lock; C gets the lock, B is ABORTED."""
+    """A lock waiter B is aborted in the tick holder A releases it; waiter C gets it, B ABORTED."""
     env = flowsdk.TaskEnvironment("c9")
     lock = asyncio.Lock()
     holding, b_queued, c_queued = asyncio.Event(), asyncio.Event(), asyncio.Event()

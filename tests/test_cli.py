@@ -460,7 +460,7 @@ def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> 
 def test_abort_of_running_action_in_runner_aborts_it_external(
     tmp_path: Path, start_runner: Any
 ) -> None:
-    """X1 across processes: abort RUN a1 -> a1 ABORTED (external, reason), parent catches."""
+    """Across processes: abort RUN a1 -> a1 ABORTED (external, reason), parent catches."""
     store = store_for(tmp_path)
     runner = start_runner(store, "job")
     runner.expect("STARTED a1")

@@ -22,7 +22,7 @@ def _phase_and_cause(run: flowsdk.Run[Any], suffix: str) -> list[tuple[str, str 
 
 @pytest.mark.parametrize("first", ["failed", "aborted", "cancelled"])
 async def test_gather_raises_the_first_outcome_and_leaves_the_others_running(first: str) -> None:
-    """G1: gather raises the first error; the other children run on until the root exits."""
+    """`gather` raises the first error; the other children run on until the root exits."""
     env = flowsdk.TaskEnvironment("g1")
     names: dict[str, str] = {}
     all_started = asyncio.Event()
@@ -107,7 +107,7 @@ async def test_gather_raises_the_first_outcome_and_leaves_the_others_running(fir
 
 
 async def test_gather_with_return_exceptions_returns_each_outcome_in_order() -> None:
-    """G2: [value, RuntimeUserError, ActionAbortedError, CancelledError()]; the parent goes on."""
+    """Gather gives [value, RuntimeUserError, ActionAbortedError, CancelledError()], in order."""
     env = flowsdk.TaskEnvironment("g2")
     names: dict[str, str] = {}
     all_started = asyncio.Event()
@@ -178,7 +178,7 @@ async def test_gather_with_return_exceptions_returns_each_outcome_in_order() -> 
 
 
 async def test_cancelling_a_parent_inside_gather_with_return_exceptions_cancels_it() -> None:
-    """G3: the parent gets CancelledError and every gathered child is ABORTED."""
+    """The parent gets CancelledError and every gathered child is ABORTED."""
     env = flowsdk.TaskEnvironment("g3")
     started: list[int] = []
     all_started = asyncio.Event()
@@ -220,7 +220,7 @@ async def test_cancelling_a_parent_inside_gather_with_return_exceptions_cancels_
 
 
 async def test_wait_first_completed_leaves_the_others_running_until_root_exit() -> None:
-    """G4: asyncio.wait never cancels; the two slow children end ABORTED(root_exit)."""
+    """`asyncio.wait` never cancels; the two slow children end ABORTED(root_exit)."""
     env = flowsdk.TaskEnvironment("g4")
     slow_started: list[int] = []
     both = asyncio.Event()
@@ -255,7 +255,7 @@ async def test_wait_first_completed_leaves_the_others_running_until_root_exit() 
 
 
 async def test_as_completed_break_leaves_the_others_and_a_late_failure_is_recorded() -> None:
-    """G5: after breaking out of as_completed, a child that fails later is FAILED and reported."""
+    """After breaking out of as_completed, a child that fails later is FAILED and reported."""
     env = flowsdk.TaskEnvironment("g5")
     fail_now = asyncio.Event()
     failing = asyncio.Event()
@@ -298,7 +298,7 @@ async def test_as_completed_break_leaves_the_others_and_a_late_failure_is_record
 
 @pytest.mark.parametrize("parent_waits", ["in the block", "in __aexit__"])
 async def test_taskgroup_member_aborted_cancels_its_siblings(parent_waits: str) -> None:
-    """G6: ExceptionGroup([ActionAbortedError]); siblings ABORTED(cancelled); cancelling() is 0."""
+    """A member aborted: ExceptionGroup([ActionAbortedError]), siblings ABORTED, cancelling() 0."""
     env = flowsdk.TaskEnvironment("g6")
     names: list[str] = []
     all_started = asyncio.Event()
@@ -349,7 +349,7 @@ async def test_taskgroup_member_aborted_cancels_its_siblings(parent_waits: str) 
 
 
 async def test_taskgroup_holds_both_a_failure_and_an_abort_of_the_same_step() -> None:
-    """G6: a RuntimeUserError and an abort landing together both reach the ExceptionGroup."""
+    """A RuntimeUserError and an abort landing together both reach the ExceptionGroup."""
     env = flowsdk.TaskEnvironment("g6both")
     names: dict[str, str] = {}
     all_started = asyncio.Event()
@@ -400,7 +400,7 @@ async def test_taskgroup_holds_both_a_failure_and_an_abort_of_the_same_step() ->
 
 @pytest.mark.parametrize("how", ["timeout", "wait_for"])
 async def test_parent_timeout_cancels_the_child_and_waits_for_its_cleanup(how: str) -> None:
-    """G7: the child is ABORTED(cancelled); the parent's TimeoutError comes after the cleanup."""
+    """The child is ABORTED(cancelled); the parent's TimeoutError comes after the cleanup."""
     env = flowsdk.TaskEnvironment("g7")
     in_cleanup = asyncio.Event()
     release = asyncio.Event()
@@ -450,7 +450,7 @@ async def test_parent_timeout_cancels_the_child_and_waits_for_its_cleanup(how: s
 
 
 async def test_shielded_child_outlives_its_cancelled_parent_until_root_exit() -> None:
-    """C7-like: a shielded child outlives its cancelled parent; root exit then cancels it."""
+    """A shielded child outlives its cancelled parent; root exit then cancels it."""
     env = flowsdk.TaskEnvironment("shield")
     started = asyncio.Event()
     child_saw: list[str] = []
@@ -533,7 +533,7 @@ async def _wait_for_racing_parent_abort(
 
 
 async def test_wait_for_result_racing_an_abort_of_the_parent_is_recorded_consistently() -> None:
-    """G8 (3.11, gh-86296): wait_for may hand the parent's body the value despite the abort.
+    """On 3.11 (gh-86296), wait_for may hand the parent's body the value despite the abort.
 
     Whatever the interleaving, every action has one terminal phase, nothing stays
     pending, the aborted parent is ABORTED even when its body got the value, and a

@@ -26,7 +26,7 @@ from tests.support import assert_clean, by_task, causes, phases
 
 
 async def test_abort_of_awaited_child_gives_parent_action_aborted_error() -> None:
-    """X1: the named child is ABORTED (external) and its awaiting parent gets ActionAbortedError."""
+    """The named child is ABORTED (external) and its awaiting parent gets ActionAbortedError."""
     env = flowsdk.TaskEnvironment("x1")
     gate = Gate()
     seen: list[ActionAbortedError] = []
@@ -68,7 +68,7 @@ async def test_abort_of_awaited_child_gives_parent_action_aborted_error() -> Non
 
 
 async def test_abort_of_queued_action_never_runs_its_body() -> None:
-    """X1: an action aborted before its body's first step is ABORTED and its body never runs."""
+    """An action aborted before its body's first step is ABORTED and its body never runs."""
     env = flowsdk.TaskEnvironment("x1q")
     ran: list[str] = []
     handles: list[flowsdk.RunHandle[str]] = []
@@ -100,7 +100,7 @@ async def test_abort_of_queued_action_never_runs_its_body() -> None:
 
 
 async def test_abort_of_directly_awaited_child_leaves_parent_cancelling_count_alone() -> None:
-    """X9: after `await child()` raised ActionAbortedError, asyncio.timeout still times out."""
+    """After `await child()` raised ActionAbortedError, asyncio.timeout still times out."""
     env = flowsdk.TaskEnvironment("x9")
     gate = Gate()
     counts: list[int] = []
@@ -134,7 +134,7 @@ async def test_abort_of_directly_awaited_child_leaves_parent_cancelling_count_al
 
 @pytest.mark.parametrize("yields", range(6))
 async def test_abort_racing_completion_ends_in_one_phase_the_parent_sees(yields: int) -> None:
-    """X3: whichever of abort and return wins, there is one terminal phase and the parent agrees."""
+    """Abort racing the return: whichever wins, there is one terminal phase, the parent agrees."""
     env = flowsdk.TaskEnvironment("x3")
     gate = Gate()
     seen: list[object] = []
@@ -180,7 +180,7 @@ async def test_abort_racing_completion_ends_in_one_phase_the_parent_sees(yields:
 
 
 async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() -> None:
-    """X4: aborting a SUCCEEDED, FAILED or ABORTED action is idempotent and names its phase."""
+    """Aborting a SUCCEEDED, FAILED or ABORTED action is idempotent and names its phase."""
     env = flowsdk.TaskEnvironment("x4")
     gate = Gate()
 
@@ -228,7 +228,7 @@ async def test_abort_of_ended_actions_changes_nothing_and_says_so_twice_alike() 
 
 
 async def test_double_abort_makes_one_transition_and_one_cancel() -> None:
-    """X6: a second abort reports the first; the body sees exactly one CancelledError."""
+    """A second abort reports the first; the body sees exactly one CancelledError."""
     env = flowsdk.TaskEnvironment("x6")
     running, cleanup = Gate("running"), Gate("cleanup")
     seen: list[str] = []
@@ -275,7 +275,7 @@ async def test_double_abort_makes_one_transition_and_one_cancel() -> None:
 
 @pytest.mark.parametrize("caught", [True, False])
 async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None:
-    """X7: P is ABORTED, its descendants ABORTED(ancestor); sibling and ancestors carry on."""
+    """Mid-tree P is ABORTED, its descendants ABORTED(ancestor); sibling and ancestors go on."""
     env = flowsdk.TaskEnvironment("x7")
     leaf_gate, sibling_gate = Gate("leaf"), Gate("sibling")
     names: dict[str, str] = {}
@@ -350,7 +350,7 @@ async def test_abort_mid_tree_affects_exactly_that_subtree(caught: bool) -> None
 
 @pytest.mark.parametrize("order", ["parent first", "child first"])
 async def test_abort_of_parent_and_child_in_one_instant(order: str) -> None:
-    """X8: both are ABORTED(external), once each; the grandparent gets ActionAbortedError for P."""
+    """Parent P and its child both ABORTED(external), once each; grandparent gets it for P."""
     env = flowsdk.TaskEnvironment("x8")
     gate = Gate()
     seen: list[ActionAbortedError] = []
@@ -383,7 +383,7 @@ async def test_abort_of_parent_and_child_in_one_instant(order: str) -> None:
 
 
 async def test_abort_inside_timeout_expiring_in_same_tick_wins() -> None:
-    """X10: the body sees CancelledError, not TimeoutError; the parent gets ActionAbortedError."""
+    """The body sees CancelledError, not TimeoutError; the parent gets ActionAbortedError."""
     env = flowsdk.TaskEnvironment("x10")
     gate = Gate()
     body_saw: list[str] = []
@@ -417,11 +417,11 @@ async def test_abort_inside_timeout_expiring_in_same_tick_wins() -> None:
     assert_clean(run)
 
 
-# -- retries and abort (X11) -----------------------------------------------------------
+# -- retries and abort ----------------------------------------------------------------
 
 
 async def test_abort_during_retry_backoff_starts_no_further_attempt() -> None:
-    """X11: an abort in the backoff after attempt 2 ends the child ABORTED at attempt 2."""
+    """An abort in the backoff after attempt 2 ends the child ABORTED at attempt 2."""
     env = flowsdk.TaskEnvironment("x11b")
     second_failing = asyncio.Event()
     attempts: list[int] = []
@@ -458,7 +458,7 @@ async def test_abort_during_retry_backoff_starts_no_further_attempt() -> None:
 
 
 async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
-    """X11: an abort during attempt 3 cancels it and no fourth attempt starts."""
+    """An abort during attempt 3 cancels it and no fourth attempt starts."""
     env = flowsdk.TaskEnvironment("x11a")
     third = Gate()
     attempts: list[int] = []
@@ -488,7 +488,7 @@ async def test_abort_during_an_attempt_starts_no_further_attempt() -> None:
 
 
 async def test_cleanup_raising_after_abort_is_not_retried() -> None:
-    """X11: an exception raised by an aborted attempt's cleanup makes it FAILED, not retried."""
+    """An exception raised by an aborted attempt's cleanup makes it FAILED, not retried."""
     env = flowsdk.TaskEnvironment("x11c")
     gate = Gate()
     attempts: list[int] = []
@@ -517,7 +517,7 @@ async def test_cleanup_raising_after_abort_is_not_retried() -> None:
 
 
 async def test_root_exit_during_retry_backoff_starts_no_further_attempt() -> None:
-    """X11: a root exit during backoff leaves the child ABORTED(root_exit), no further attempt."""
+    """A root exit during backoff leaves the child ABORTED(root_exit), no further attempt."""
     env = flowsdk.TaskEnvironment("x11r")
     failed = asyncio.Event()
     attempts: list[int] = []
@@ -610,7 +610,7 @@ async def test_abort_of_a_group_aborts_its_actions_and_later_stages_never_start(
 
 
 async def test_abort_of_unknown_action_or_group_lists_what_exists() -> None:
-    """X5: an unknown action or group raises ActionNotFoundError (a LookupError) listing them."""
+    """An unknown action or group raises ActionNotFoundError (a LookupError) listing them."""
     env = flowsdk.TaskEnvironment("x5")
     gate = Gate()
 
@@ -874,11 +874,11 @@ async def test_mark_failed_of_the_root_fails_the_run() -> None:
     assert_clean(run)
 
 
-# -- root exit: wait for cleanup, or abandon it (J1) -------------------------------------
+# -- root exit: wait for cleanup, or abandon it -------------------------------------------
 
 
 async def test_root_exit_waits_for_a_child_cleanup() -> None:
-    """J1: at root exit the run waits for the child's cleanup, which completes."""
+    """At root exit the run waits for the child's cleanup, which completes."""
     env = flowsdk.TaskEnvironment("j1wait")
     running, cleanup = Gate("running"), Gate("cleanup")
     cleaned: list[str] = []
@@ -917,7 +917,7 @@ async def test_root_exit_waits_for_a_child_cleanup() -> None:
 
 
 async def test_stop_and_abandon_during_root_exit_cleanup_returns_at_once() -> None:
-    """J1: abandoning a cleanup at root exit ends the run at once, cleanup_incomplete recorded."""
+    """Abandoning a cleanup at root exit ends the run at once, cleanup_incomplete recorded."""
     env = flowsdk.TaskEnvironment("j1abandon")
     running, cleanup = Gate("running"), Gate("cleanup")
     cleaned = asyncio.Event()
@@ -983,7 +983,7 @@ async def test_timeout_option_fails_the_action_with_task_timeout_error() -> None
 
 
 async def test_abort_during_a_timed_out_attempts_cleanup_wins_and_is_not_retried() -> None:
-    """Guarantee 8: an abort landing while a timed-out attempt cleans up makes it ABORTED."""
+    """An abort wins ties: an abort landing while a timed-out attempt cleans up makes it ABORTED."""
     env = flowsdk.TaskEnvironment("timeoutabort")
     cleanup = Gate()
     attempts: list[int] = []

@@ -42,7 +42,7 @@ def me() -> str:
 def test_abort_from_another_process_cancels_the_body_and_parent_gets_aborted_error(
     url: str,
 ) -> None:
-    """X1: the body's cleanup runs, its parent gets ActionAbortedError, the abort is 'applied'."""
+    """The body's cleanup runs, its parent gets ActionAbortedError, the abort is 'applied'."""
     with Runner("control.py", url, "x1", "one_child") as runner, flowsdk.Client(url) as client:
         assert runner.started(2) == {"a0": "one_child", "a1": "sleeper"}
         result = client.abort("x1", "a1", reason="not-needed")
@@ -64,7 +64,7 @@ def test_abort_from_another_process_cancels_the_body_and_parent_gets_aborted_err
 
 
 def test_abort_of_ended_actions_of_a_live_run_is_idempotent(url: str) -> None:
-    """X4: SUCCEEDED, FAILED and ABORTED actions answer already_ended, twice the same."""
+    """Aborting SUCCEEDED, FAILED and ABORTED actions answers already_ended, twice the same."""
     with Runner("control.py", url, "x4", "ended") as runner, flowsdk.Client(url) as client:
         runner.expect("READY")
         for action, phase in [("a1", "SUCCEEDED"), ("a2", "FAILED"), ("a3", "ABORTED")]:
@@ -90,7 +90,7 @@ def test_abort_of_ended_actions_of_a_live_run_is_idempotent(url: str) -> None:
 
 
 def test_abort_of_actions_of_an_ended_run_is_idempotent(url: str) -> None:
-    """X4: once the run has ended, abort, stop and mark-failed answer already_ended."""
+    """Once the run has ended, abort, stop and mark-failed answer already_ended."""
     env = flowsdk.TaskEnvironment("x4ended")
 
     @env.task
@@ -119,7 +119,7 @@ def test_abort_of_actions_of_an_ended_run_is_idempotent(url: str) -> None:
 
 
 def test_unknown_run_or_action_raises_lookup_errors_and_changes_nothing(url: str) -> None:
-    """X5: RunNotFoundError suggests close names; ActionNotFoundError lists what exists."""
+    """RunNotFoundError suggests close names; ActionNotFoundError lists what exists."""
     with Runner("control.py", url, "x5", "one_child") as runner, flowsdk.Client(url) as client:
         runner.started(2)
         sync(client, "x5")
@@ -143,7 +143,7 @@ def test_unknown_run_or_action_raises_lookup_errors_and_changes_nothing(url: str
 
 
 def test_second_abort_while_the_first_is_under_way_says_already_requested(url: str) -> None:
-    """X6: one CancelledError in the body, one ABORTED transition, the second call says so."""
+    """Double abort: one CancelledError in the body, one ABORTED transition, the second says so."""
     with (
         Runner("control.py", url, "x6", "one_slow_cleanup") as runner,
         flowsdk.Client(url) as client,
@@ -165,7 +165,7 @@ def test_second_abort_while_the_first_is_under_way_says_already_requested(url: s
 
 
 def test_abort_of_a_mid_tree_action_leaves_its_siblings_and_ancestors_running(url: str) -> None:
-    """X7: P ABORTED, its subtree ancestor, its parent FAILED, the sibling still RUNNING."""
+    """Mid-tree P ABORTED, its subtree ancestor, its parent FAILED, the sibling still RUNNING."""
     with Runner("control.py", url, "x7", "tree") as runner, flowsdk.Client(url) as client:
         started = runner.started(6)
         by_function: dict[str, list[str]] = {}
@@ -222,7 +222,7 @@ def test_group_abort_aborts_the_stage_and_later_stages_never_start(url: str) -> 
 
 
 def test_abort_of_the_whole_run_aborts_the_root_and_its_descendants(url: str) -> None:
-    """R3: the root ABORTED (external), its children ABORTED (ancestor), the run ABORTED."""
+    """The root ABORTED (external), its children ABORTED (ancestor), the run ABORTED."""
     with Runner("control.py", url, "r3", "fan_out") as runner, flowsdk.Client(url) as client:
         runner.started(3)
         result = client.abort("r3", reason="shutdown")
@@ -241,7 +241,7 @@ def test_abort_of_the_whole_run_aborts_the_root_and_its_descendants(url: str) ->
 
 
 def test_abort_of_an_action_not_created_yet_is_refused_never_lost(url: str) -> None:
-    """X2: abort names an action the runner has not created: ActionNotFoundError, never applied."""
+    """Abort names an action the runner has not created: ActionNotFoundError, never applied."""
     with (
         Runner("control.py", url, "x2", "gated_create") as runner,
         flowsdk.Client(url) as client,
@@ -260,7 +260,7 @@ def test_abort_of_an_action_not_created_yet_is_refused_never_lost(url: str) -> N
 
 @pytest.mark.slow
 def test_abort_while_the_body_blocks_the_loop_is_recorded_then_delivered(url: str) -> None:
-    """X12: recorded while the loop is blocked, delivered when it unblocks; the block is logged."""
+    """An abort is recorded while the body blocks the loop, delivered after; the block is logged."""
     with Runner("control.py", url, "x12", "one_blocker") as runner, flowsdk.Client(url) as client:
         runner.started(2)
         result = client.abort("x12", "a1", reason="blocked")
@@ -395,7 +395,7 @@ def kill_without_reaping(runner: Runner) -> None:
 def test_sigkilled_runner_shows_the_run_and_unfinished_actions_crashed(
     url: str, reaped: bool
 ) -> None:
-    """P1: 3 SUCCEEDED, 2 RUNNING and 1 QUEUED, then SIGKILL: run and unfinished actions CRASHED."""
+    """SIGKILL with 3 SUCCEEDED, 2 RUNNING and 1 QUEUED: run and unfinished actions CRASHED."""
     with Runner("control.py", url, "p1", "crash") as runner, flowsdk.Client(url) as client:
         queued = runner.expect("READY")[1]
         before = client.get_run("p1")
@@ -419,7 +419,7 @@ def test_sigkilled_runner_shows_the_run_and_unfinished_actions_crashed(
 
 
 def test_control_request_to_a_killed_runner_answers_crashed_at_once(url: str) -> None:
-    """P1: abort, stop, mark-failed of a SIGKILLed runner's run answer already_ended, CRASHED."""
+    """Abort, stop, mark-failed of a SIGKILLed runner's run answer already_ended, CRASHED."""
     with Runner("control.py", url, "p1c", "crash") as runner, flowsdk.Client(url) as client:
         runner.expect("READY")
         kill_without_reaping(runner)

@@ -1,4 +1,4 @@
-"""Exceptions (SCENARIOS group E): wrapping, BaseException passthrough, Ctrl-C."""
+"""Exceptions: wrapping, BaseException passthrough, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class UnpicklableError(Exception):
 def test_base_exception_in_child_aborts_run_then_leaves_run(
     shape: str, make: Callable[[], BaseException]
 ) -> None:
-    """E1: KeyboardInterrupt/SystemExit(3) in a child: recorded, run aborted, then re-raised."""
+    """KeyboardInterrupt/SystemExit(3) in a child: recorded, run aborted, then re-raised."""
     env = flowsdk.TaskEnvironment("e1")
     raised = make()
     store = MemoryStore()
@@ -116,7 +116,7 @@ def test_base_exception_in_child_aborts_run_then_leaves_run(
 
 
 def test_sigint_aborts_run_then_raises_keyboard_interrupt() -> None:
-    """E2: a real SIGINT aborts the root (sigint), descendants (ancestor); then Ctrl-C leaves."""
+    """A real SIGINT aborts the root (sigint), descendants (ancestor); then Ctrl-C leaves."""
     env = flowsdk.TaskEnvironment("e2")
     store = MemoryStore()
     running: list[str] = []
@@ -167,7 +167,7 @@ def test_sigint_aborts_run_then_raises_keyboard_interrupt() -> None:
 def test_second_sigint_during_cleanup_abandons_unfinished_actions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """E2: a second SIGINT during cleanup stops waiting: unfinished actions are ABANDONED."""
+    """A second SIGINT during cleanup stops waiting: unfinished actions are ABANDONED."""
     env = flowsdk.TaskEnvironment("e2b")
     store = MemoryStore()
     running: list[str] = []
@@ -224,7 +224,7 @@ def test_second_sigint_during_cleanup_abandons_unfinished_actions(
 
 @pytest.mark.parametrize("shape", ["direct", "task"])
 def test_child_raising_cancelled_error_itself_is_not_an_abort(shape: str) -> None:
-    """E3: a child raising CancelledError uncancelled: parent gets CancelledError, continues."""
+    """A child raising CancelledError uncancelled: parent gets CancelledError, continues."""
     env = flowsdk.TaskEnvironment("e3")
     seen: list[str] = []
 
@@ -274,7 +274,7 @@ def _group_raising_run(
 
 
 def test_child_exception_group_is_wrapped_once() -> None:
-    """E4: a child's ExceptionGroup reaches the parent as RuntimeUserError.__cause__."""
+    """A child's ExceptionGroup reaches the parent as RuntimeUserError.__cause__."""
     caught: list[RuntimeUserError] = []
 
     async def parent(child: Callable[[], Any]) -> None:
@@ -293,7 +293,7 @@ def test_child_exception_group_is_wrapped_once() -> None:
 
 
 def test_child_exception_group_is_caught_by_except_star() -> None:
-    """E4: `except* RuntimeUserError` catches the wrapped group, awaited or in a TaskGroup."""
+    """`except* RuntimeUserError` catches the wrapped group, awaited or in a TaskGroup."""
     caught: list[BaseExceptionGroup[RuntimeUserError]] = []
 
     async def parent(child: Callable[[], Any]) -> None:
@@ -317,7 +317,7 @@ def test_child_exception_group_is_caught_by_except_star() -> None:
 
 
 def test_wrapped_exception_keeps_identity_and_context_across_boundaries() -> None:
-    """E5: `__cause__ is` the very ValueError, `__context__` kept, wrapped once per boundary."""
+    """`__cause__ is` the very ValueError, `__context__` kept, wrapped once per boundary."""
     env = flowsdk.TaskEnvironment("e5")
     caught: list[RuntimeUserError] = []
 
@@ -355,7 +355,7 @@ def test_wrapped_exception_keeps_identity_and_context_across_boundaries() -> Non
 
 
 def test_wrapper_creates_no_reference_cycle() -> None:
-    """E5: the RuntimeUserError wrapper is freed by refcount alone; nothing cyclic holds it."""
+    """The RuntimeUserError wrapper is freed by refcount alone; nothing cyclic holds it."""
     env = flowsdk.TaskEnvironment("e5b")
     wrappers: list[weakref.ref[RuntimeUserError]] = []
     originals: list[BaseException | None] = []
@@ -407,7 +407,7 @@ def _hostile_run(name: str, exc: BaseException) -> tuple[flowsdk.Run[Any], list[
 
 
 def test_exception_whose_str_raises_is_recorded_with_fallback() -> None:
-    """E6: an exception whose `__str__` raises is recorded as `<unprintable ...>`."""
+    """An exception whose `__str__` raises is recorded as `<unprintable ...>`."""
     hostile = UnprintableError()
     run, caught = _hostile_run("e6", hostile)
     [err] = caught
@@ -422,7 +422,7 @@ def test_exception_whose_str_raises_is_recorded_with_fallback() -> None:
 
 
 def test_unpicklable_exception_is_recorded_and_wrapper_pickles() -> None:
-    """E6: an unpicklable exception is recorded; the parent's wrapper still pickles."""
+    """An unpicklable exception is recorded; the parent's wrapper still pickles."""
     hostile = UnpicklableError("cannot travel")
     run, caught = _hostile_run("e6b", hostile)
     [err] = caught
@@ -437,7 +437,7 @@ def test_unpicklable_exception_is_recorded_and_wrapper_pickles() -> None:
 
 @pytest.mark.slow  # formatting a 100 MB traceback takes most of a second
 def test_huge_exception_message_is_truncated_in_record() -> None:
-    """E6: a 100 MB exception message is recorded truncated; the parent still gets it."""
+    """A 100 MB exception message is recorded truncated; the parent still gets it."""
     hostile = ValueError("x" * 100_000_000)
     run, caught = _hostile_run("e6c", hostile)
     [err] = caught

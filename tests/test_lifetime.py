@@ -1,4 +1,4 @@
-"""Root lifetime (SCENARIOS group R): every action is bound to its run's root."""
+"""Root lifetime: every action is bound to its run's root."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.support import assert_clean, by_task, causes, phases
 
 
 def test_root_return_cancels_pending_child_and_waits_for_its_handler() -> None:
-    """R1: root returns 42 with a pending child; the child's handler runs once, to its end."""
+    """Root returns 42 with a pending child; the child's handler runs once, to its end."""
     env = flowsdk.TaskEnvironment("r1")
     running = Gate()
     handled: list[int] = []
@@ -52,7 +52,7 @@ def test_root_return_cancels_pending_child_and_waits_for_its_handler() -> None:
 
 
 def test_root_raise_cancels_sleeping_busy_and_queued_children() -> None:
-    """R2: root raises ValueError; sleeping, busy and still-QUEUED children all end ABORTED."""
+    """Root raises ValueError; sleeping, busy and still-QUEUED children all end ABORTED."""
     env = flowsdk.TaskEnvironment("r2")
     sleeping, busy = asyncio.Event(), asyncio.Event()
     handled: list[str] = []
@@ -110,7 +110,7 @@ def test_root_raise_cancels_sleeping_busy_and_queued_children() -> None:
 
 
 async def test_external_abort_of_root_aborts_all_descendants() -> None:
-    """R3: aborting the root aborts five children and five grandchildren (cause ancestor)."""
+    """Aborting the root aborts five children and five grandchildren (cause ancestor)."""
     env = flowsdk.TaskEnvironment("r3")
     gate = Gate()
     started: list[str] = []
@@ -157,7 +157,7 @@ async def test_external_abort_of_root_aborts_all_descendants() -> None:
 
 
 async def test_abort_during_teardown_changes_nothing() -> None:
-    """R3: an abort arriving after the root returned (teardown under way) says 'finishing'."""
+    """An abort arriving after the root returned (teardown under way) says 'finishing'."""
     env = flowsdk.TaskEnvironment("r3b")
     running, cleanup = Gate("running"), Gate("cleanup")
 
@@ -192,7 +192,7 @@ async def test_abort_during_teardown_changes_nothing() -> None:
 
 
 def test_grandchild_call_started_after_root_exit_creates_no_record() -> None:
-    """R4: a grandchild's first step comes after the root exited: no record, no warning."""
+    """A grandchild's first step comes after the root exited: no record, no warning."""
     env = flowsdk.TaskEnvironment("r4")
     gate = asyncio.Event()
     child_waiting = asyncio.Event()
@@ -229,7 +229,7 @@ def test_grandchild_call_started_after_root_exit_creates_no_record() -> None:
 
 
 def test_grandchild_queued_at_root_exit_never_runs() -> None:
-    """R4: a grandchild whose action exists but whose body has not started is ABORTED unrun."""
+    """A grandchild whose action exists but whose body has not started is ABORTED unrun."""
     env = flowsdk.TaskEnvironment("r4b")
     gate, root_gate = asyncio.Event(), asyncio.Event()
     child_waiting = asyncio.Event()
@@ -270,7 +270,7 @@ def test_grandchild_queued_at_root_exit_never_runs() -> None:
 
 
 def test_task_call_in_root_exit_cleanup_raises_run_closed() -> None:
-    """R5: calling a task in a handler after the root exited raises RunClosedError at once."""
+    """Calling a task in a handler after the root exited raises RunClosedError at once."""
     env = flowsdk.TaskEnvironment("r5")
     running = Gate()
     refused: list[RunClosedError] = []
@@ -311,7 +311,7 @@ def test_task_call_in_root_exit_cleanup_raises_run_closed() -> None:
 def test_root_exit_cleanup_raising_oserror_fails_child_not_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """R6: a child's root-exit cleanup raises OSError: child FAILED, run SUCCEEDED, warned."""
+    """A child's root-exit cleanup raises OSError: child FAILED, run SUCCEEDED, warned."""
     env = flowsdk.TaskEnvironment("r6")
     running = Gate()
     cleanups: list[int] = []

@@ -1,4 +1,4 @@
-"""Call-shape misuse: forgotten awaits, calls outside a run, bad declarations (M, I3)."""
+"""Call-shape misuse: forgotten awaits, calls outside a run, bad declarations and names."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _run_then_collect(task: flowsdk.Task[[], str]) -> flowsdk.Run[str]:
 
 @pytest.mark.parametrize("shape", ["deleted", "bare statement"])
 def test_task_call_never_awaited_warns_once_naming_the_users_function(shape: str) -> None:
-    """M1: no action is created; exactly one RuntimeWarning, naming the user's function."""
+    """A call never awaited: no action; exactly one RuntimeWarning, naming the user's function."""
     env = flowsdk.TaskEnvironment("m1")
 
     @env.task
@@ -65,7 +65,7 @@ def test_task_call_never_awaited_warns_once_naming_the_users_function(shape: str
 
 
 def test_task_called_outside_a_run_is_a_plain_coroutine() -> None:
-    """M2: asyncio.run(task(x)) runs the body as it is, with no run and no action."""
+    """`asyncio.run(task(x))` runs the body as it is, with no run and no action."""
     env = flowsdk.TaskEnvironment("m2")
     in_run: list[bool] = []
 
@@ -84,7 +84,7 @@ def test_task_called_outside_a_run_is_a_plain_coroutine() -> None:
 
 
 def test_task_called_outside_a_run_from_a_worker_thread_is_a_plain_coroutine() -> None:
-    """M2: a worker thread's asyncio.run(task(x)) also runs the plain body."""
+    """A worker thread's asyncio.run(task(x)) also runs the plain body."""
     env = flowsdk.TaskEnvironment("m2thread")
     results: list[int] = []
 
@@ -100,7 +100,7 @@ def test_task_called_outside_a_run_from_a_worker_thread_is_a_plain_coroutine() -
 
 
 def test_task_called_by_an_executor_worker_inside_a_run_creates_no_action() -> None:
-    """M2: a run_in_executor worker (no run context) runs the plain body: no run, no action."""
+    """A run_in_executor worker (no run context) runs the plain body: no run, no action."""
     env = flowsdk.TaskEnvironment("m2executor")
 
     @env.task
@@ -121,7 +121,7 @@ def test_task_called_by_an_executor_worker_inside_a_run_creates_no_action() -> N
 
 
 def test_task_called_by_a_to_thread_worker_inside_a_run_leaves_the_run_alone() -> None:
-    """M2: a worker that inherited the run context gets the plain body or a FlowError, no action."""
+    """A worker that inherited the run context gets the plain body or a FlowError, no action."""
     env = flowsdk.TaskEnvironment("m2tothread")
     refused: list[str] = []
 
@@ -173,7 +173,7 @@ def test_decorating_anything_but_an_async_function_raises_type_error(
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
 def test_bad_environment_name_raises_value_error_showing_its_repr(name: str) -> None:
-    """I3: a bad environment name is refused with ValueError showing the name's repr."""
+    """A bad environment name is refused with ValueError showing the name's repr."""
     with pytest.raises(ValueError, match="name") as info:
         flowsdk.TaskEnvironment(name)
     assert repr(name[:40])[:-1] in str(info.value)
@@ -181,7 +181,7 @@ def test_bad_environment_name_raises_value_error_showing_its_repr(name: str) -> 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
 def test_bad_task_function_name_raises_value_error(name: str) -> None:
-    """I3: a function whose name is bad is refused at decoration time."""
+    """A function whose name is bad is refused at decoration time."""
     env = flowsdk.TaskEnvironment("names")
 
     async def job() -> None:
@@ -194,7 +194,7 @@ def test_bad_task_function_name_raises_value_error(name: str) -> None:
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
 def test_bad_group_and_run_names_raise_value_error(name: str) -> None:
-    """I3: a group or run with a bad name is refused before anything runs."""
+    """A group or run with a bad name is refused before anything runs."""
     env = flowsdk.TaskEnvironment("names")
     with pytest.raises(ValueError, match="name"):
         flowsdk.group(name)
@@ -208,7 +208,7 @@ def test_bad_group_and_run_names_raise_value_error(name: str) -> None:
 
 
 def test_two_tasks_with_one_name_in_one_environment_raise_value_error() -> None:
-    """I3: an environment refuses a second task with the same function name."""
+    """An environment refuses a second task with the same function name."""
     env = flowsdk.TaskEnvironment("dups")
 
     def declare() -> flowsdk.Task[[], None]:

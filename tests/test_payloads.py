@@ -1,4 +1,4 @@
-"""Recording action inputs and outputs with msgspec (SPEC §6 "Recording and retry"; SCENARIOS I).
+"""Recording action inputs and outputs with msgspec (SPEC §6 "Recording and retry").
 
 Inputs are encoded (and so snapshotted) by the call `task(...)` itself; the
 body receives a decoded snapshot typed by its annotations. Outputs are encoded
@@ -104,12 +104,12 @@ def unrecordable(kind: str) -> Iterator[object]:
         yield lambda: 1
 
 
-# -- I1: inputs that cannot be recorded ------------------------------------------------
+# -- inputs that cannot be recorded ----------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["lambda", "socket", "lock"])
 def test_unrecordable_argument_raises_from_the_call_naming_task_and_parameter(kind: str) -> None:
-    """I1: SerializationError (a TypeError) from task(...) itself; no action, no child code."""
+    """Unrecordable argument: SerializationError (TypeError) from task(...); no action, no body."""
     env = flowsdk.TaskEnvironment("i1")
     ran: list[object] = []
     caught: list[SerializationError] = []
@@ -142,7 +142,7 @@ def test_unrecordable_argument_raises_from_the_call_naming_task_and_parameter(ki
 
 
 def test_unrecordable_argument_does_not_use_up_a_call_ordinal() -> None:
-    """I1: a refused call creates no action, so the next call gets the key a0/1."""
+    """A refused call creates no action, so the next call gets the key a0/1."""
     env = flowsdk.TaskEnvironment("i1key")
 
     @env.task
@@ -161,11 +161,11 @@ def test_unrecordable_argument_does_not_use_up_a_call_ordinal() -> None:
     assert_clean(run)
 
 
-# -- I2: payloads over max_payload ------------------------------------------------------
+# -- payloads over max_payload ----------------------------------------------------------
 
 
 def test_input_over_max_payload_is_refused_by_the_call(tmp_path: Path) -> None:
-    """I2: SerializationError states the size and the limit; no action is stored."""
+    """SerializationError states the size and the limit; no action is stored."""
     env = flowsdk.TaskEnvironment("i2in", max_payload=1024)
     ran: list[int] = []
 
@@ -194,7 +194,7 @@ def test_input_over_max_payload_is_refused_by_the_call(tmp_path: Path) -> None:
 
 
 def test_output_over_max_payload_fails_the_action_and_stores_no_output(tmp_path: Path) -> None:
-    """I2: the child is FAILED with a SerializationError stating size and limit; output NULL."""
+    """The child is FAILED with a SerializationError stating size and limit; output NULL."""
     env = flowsdk.TaskEnvironment("i2out")
     caught: list[RuntimeUserError] = []
 
@@ -227,7 +227,7 @@ def test_output_over_max_payload_fails_the_action_and_stores_no_output(tmp_path:
 
 
 def test_root_input_over_max_payload_starts_no_run(tmp_path: Path) -> None:
-    """I2: flowsdk.run refuses the root's oversized input before anything is recorded."""
+    """`flowsdk.run` refuses the root's oversized input before anything is recorded."""
     env = flowsdk.TaskEnvironment("i2root", max_payload=1024)
 
     @env.task
@@ -241,11 +241,11 @@ def test_root_input_over_max_payload_starts_no_run(tmp_path: Path) -> None:
         assert client.runs() == []
 
 
-# -- I4: outputs that cannot be recorded -------------------------------------------------
+# -- outputs that cannot be recorded -----------------------------------------------------
 
 
 def test_generator_returned_fails_the_child_with_serialization_error(tmp_path: Path) -> None:
-    """I4: the child is FAILED; the parent gets RuntimeUserError caused by SerializationError."""
+    """A child returning a generator FAILS; parent gets RuntimeUserError from SerializationError."""
     env = flowsdk.TaskEnvironment("i4")
     caught: list[RuntimeUserError] = []
 
@@ -275,11 +275,11 @@ def test_generator_returned_fails_the_child_with_serialization_error(tmp_path: P
     assert_clean(run)
 
 
-# -- I5: inputs are snapshotted by the call ------------------------------------------------
+# -- inputs are snapshotted by the call ----------------------------------------------------
 
 
 def test_caller_mutation_after_the_call_does_not_reach_the_child() -> None:
-    """I5: the child sees the arguments as they were at the call, and so does the record."""
+    """The child sees the arguments as they were at the call, and so does the record."""
     env = flowsdk.TaskEnvironment("i5")
     seen: list[tuple[list[int], dict[str, list[str]]]] = []
 
@@ -307,7 +307,7 @@ def test_caller_mutation_after_the_call_does_not_reach_the_child() -> None:
 
 
 def test_each_attempt_of_a_retried_action_gets_a_fresh_snapshot() -> None:
-    """I5: an attempt that mutated its argument does not change what the next attempt receives."""
+    """An attempt that mutated its argument does not change what the next attempt receives."""
     env = flowsdk.TaskEnvironment("i5retry")
     seen: list[list[int]] = []
 

@@ -1,4 +1,8 @@
-"""SCENARIOS guarantees 1-7, checked on random action trees (hypothesis).
+"""The runtime's guarantees, checked on random action trees (hypothesis).
+
+They are: one terminal phase per action, nothing left running, no body after closure,
+the outcome each parent sees, no cancel-count leak, and an abort reaching exactly its
+subtree.
 
 Each example is a tree of at most ~30 actions (depth <= 6, width <= 8) run by
 one task, `node(path)`, whose behaviour is looked up by its path:
@@ -225,9 +229,9 @@ async def _drive(sc: Scenario, order: list[str], yields: dict[str, int]) -> None
 
 
 def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> None:
-    # Guarantees 1 and 2: one terminal phase and one terminal event each, all terminal.
+    # One terminal phase and one terminal event each, all terminal.
     assert_clean(run)
-    assert not sc.violations, sc.violations  # guarantees 3 and 6
+    assert not sc.violations, sc.violations  # no body after closure, no cancel-count leak
     records = {a.name: a for a in run.actions}
     assert sorted(records) == sorted(sc.names.values())
     assert set(sc.names) == set(sc.nodes)
@@ -263,7 +267,7 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
                 if e.kind is EventKind.REQUEST and e.action == wanted and e.reason == "property"
             )
 
-    # Guarantee 7 (and 5's phases): each action's phase follows from the plan and
+    # Abort scope (and the outcome phases): each action's phase follows from the plan and
     # from what was aborted or cancelled above it before it was itself stopped.
     for path, node in sc.nodes.items():
         record = records[sc.names[path]]
@@ -279,11 +283,11 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
             else:
                 allowed = {("ABORTED", "ancestor")}
                 if node.kind == "sleep" and all(sc.nodes[a].kind == "cancel" for a in disturbers):
-                    # Not awaited by the cancelled ancestor: its lifetime is the root's (S6).
+                    # Not awaited by the cancelled ancestor: its lifetime is the root's.
                     allowed.add(("ABORTED", "root_exit"))
         assert got in allowed, f"{path} ({record.name}, {node.kind}): {got} not in {allowed}"
 
-    # Guarantee 5: what each parent saw matches the child's recorded phase.
+    # Outcome mapping: what each parent saw matches the child's recorded phase.
     for parent, view in sc.views.items():
         for child, seen in view.items():
             record = records[sc.names[child]]
@@ -331,5 +335,5 @@ def _example(tree: Node, data: st.DataObject) -> None:
 )
 @given(tree=trees(), data=st.data())
 def test_random_trees_keep_guarantees_1_to_7(tree: Node, data: st.DataObject) -> None:
-    """Guarantees 1-7: one terminal state, lifetime, outcome mapping, abort scope."""
+    """One terminal state, lifetime, no body after closure, outcome mapping, abort scope."""
     _example(tree, data)

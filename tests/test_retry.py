@@ -1,4 +1,4 @@
-"""Retrying a run: replay what succeeded, run the rest again (SPEC §6; SCENARIOS P2-P4).
+"""Retrying a run: replay what succeeded, run the rest again (SPEC §6).
 
 The retried workflows live in tests/retry_workflows (a retry imports the root
 task again by its recorded path). A first attempt that must die or be
@@ -51,7 +51,7 @@ def counts(workdir: Path, *names: str) -> dict[str, int]:
     return {name: count(workdir, name) for name in names}
 
 
-# -- P2: retry after a kill, an abort or a stop -------------------------------------------
+# -- retry after a kill, an abort or a stop -----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def counts(workdir: Path, *names: str) -> dict[str, int]:
 def test_retry_replays_what_succeeded_and_runs_the_rest_again(
     how: str, run_phase: str, unfinished: str, url: str, workdir: Path
 ) -> None:
-    """P2: a, b, c are replayed (bodies not run); root, d, e run again, f for the first time."""
+    """After it ended: a, b, c replayed (bodies not run); root, d, e rerun, f for the first time."""
     with (
         Runner(str(WORKFLOWS / "runner.py"), url, "p2", str(workdir)) as runner,
         flowsdk.Client(url) as client,
@@ -102,7 +102,7 @@ def test_retry_replays_what_succeeded_and_runs_the_rest_again(
         "a": 1,
         "b": 1,
         "c": 1,
-        "d": 2,  # at least once: its first execution never recorded an end (P4)
+        "d": 2,  # at least once: its first execution never recorded an end
         "e": 2,
         "f": 1,
     }
@@ -121,7 +121,7 @@ def test_retry_replays_what_succeeded_and_runs_the_rest_again(
 
 
 def test_retry_of_a_failed_run_replays_what_succeeded(url: str, workdir: Path) -> None:
-    """P2: after a fix, a FAILED run's retry replays a and b and runs check and c."""
+    """After a fix, a FAILED run's retry replays a and b and runs check and c."""
     first = flowsdk.run(pipeline.failing, str(workdir), name="failed", store=url)
     assert first.phase is RunPhase.FAILED
     (workdir / "fixed").touch()
@@ -154,7 +154,7 @@ def test_retry_of_a_failed_run_replays_what_succeeded(url: str, workdir: Path) -
 
 
 def test_a_second_retry_replays_what_the_first_retry_replayed(url: str, workdir: Path) -> None:
-    """P2: replayed actions are recorded with their outputs, so attempt 3 replays them too."""
+    """Replayed actions are recorded with their outputs, so attempt 3 replays them too."""
     flowsdk.run(pipeline.failing, str(workdir), name="thrice", store=url)
     with flowsdk.Client(url) as client:
         second = client.retry("thrice")  # not fixed yet: fails again at check
@@ -178,7 +178,7 @@ def test_a_second_retry_replays_what_the_first_retry_replayed(url: str, workdir:
 def test_retry_replays_what_succeeded_in_an_attempt_before_the_last(
     url: str, workdir: Path
 ) -> None:
-    """P2: attempt 2 failed before calling anything; attempt 3 still replays attempt 1's a, b."""
+    """Attempt 2 failed before calling anything; attempt 3 still replays attempt 1's a, b."""
     flowsdk.run(pipeline.failing, str(workdir), name="early", store=url)
     (workdir / "fail-early").touch()
     with flowsdk.Client(url) as client:
@@ -199,14 +199,14 @@ def test_retry_replays_what_succeeded_in_an_attempt_before_the_last(
     assert_clean(third)
 
 
-# -- P3: a retry that diverges from its history ----------------------------------------------
+# -- a retry that diverges from its history --------------------------------------------------
 
 
 @pytest.mark.parametrize(("flag", "called"), [("other-input", "B"), ("other-task", "other-b")])
 def test_retry_that_calls_differently_raises_nondeterminism_error(
     flag: str, called: str, url: str, workdir: Path
 ) -> None:
-    """P3: the call at a recorded key with other inputs or another task raises, naming the key."""
+    """The call at a recorded key with other inputs or another task raises, naming the key."""
     first = flowsdk.run(pipeline.diverging, str(workdir), name="p3", store=url)
     assert first.phase is RunPhase.FAILED  # check failed: a0/3
     (workdir / flag).touch()
@@ -230,7 +230,7 @@ def test_retry_that_calls_differently_raises_nondeterminism_error(
 
 
 def test_nondeterminism_in_a_child_is_not_retried_away(url: str, workdir: Path) -> None:
-    """P3: a NondeterminismError is not a user error: the child's retries=1 must not rerun it.
+    """A NondeterminismError is not a user error: the child's retries=1 must not rerun it.
 
     Its second attempt's calls have keys of their own (a0/1@2/...), which the
     history does not hold: retrying would execute the diverging call after all.

@@ -32,7 +32,7 @@ def _chain_of_tasks(env: flowsdk.TaskEnvironment, leaf_started: asyncio.Event) -
 
 
 async def test_depth_50_abort_of_root_aborts_every_level() -> None:
-    """S1(a): the root is ABORTED(external), the 50 levels below it ABORTED(ancestor)."""
+    """The root is ABORTED(external), the 50 levels below it ABORTED(ancestor)."""
     leaf_started = asyncio.Event()
     level = _chain_of_tasks(flowsdk.TaskEnvironment("s1a"), leaf_started)
     handle = await flowsdk.start(level, 50)
@@ -48,7 +48,7 @@ async def test_depth_50_abort_of_root_aborts_every_level() -> None:
 
 
 async def test_depth_50_abort_of_leaf_reaches_each_ancestor_once() -> None:
-    """S1(b): the leaf is ABORTED; each ancestor sees one SDK exception, never wrapped twice."""
+    """The leaf is ABORTED; each ancestor sees one SDK exception, never wrapped twice."""
     env = flowsdk.TaskEnvironment("s1b")
     leaf_started = asyncio.Event()
     leaf: list[str] = []
@@ -90,7 +90,7 @@ async def test_depth_50_abort_of_leaf_reaches_each_ancestor_once() -> None:
 
 
 async def test_depth_2000_chain_of_tasks_is_created_aborted_and_torn_down() -> None:
-    """S2: 2,001 actions, each awaiting create_task(next level), abort at the root."""
+    """2,001 actions, each awaiting create_task(next level), abort at the root."""
     leaf_started = asyncio.Event()
     level = _chain_of_tasks(flowsdk.TaskEnvironment("s2tasks"), leaf_started)
     handle = await flowsdk.start(level, 2000)
@@ -104,7 +104,7 @@ async def test_depth_2000_chain_of_tasks_is_created_aborted_and_torn_down() -> N
 
 
 async def test_depth_2000_chain_of_direct_awaits_is_created_aborted_and_torn_down() -> None:
-    """S2: 2,001 actions, each a plain `await next()`, beyond the recursion limit of one stack."""
+    """2,001 actions, each a plain `await next()`, beyond the recursion limit of one stack."""
     env = flowsdk.TaskEnvironment("s2awaits")
     leaf_started = asyncio.Event()
 
@@ -127,7 +127,7 @@ async def test_depth_2000_chain_of_direct_awaits_is_created_aborted_and_torn_dow
 
 
 async def test_depth_2000_chain_wraps_the_leaf_error_once() -> None:
-    """S2: a leaf failure at depth 2,000 reaches the root as one RuntimeUserError, unwrapped."""
+    """A leaf failure at depth 2,000 reaches the root as one RuntimeUserError, unwrapped."""
     env = flowsdk.TaskEnvironment("s2error")
     boom = ValueError("leaf")
 
@@ -152,7 +152,7 @@ async def test_depth_2000_chain_wraps_the_leaf_error_once() -> None:
 
 
 async def test_fan_out_10000_then_abort_of_root() -> None:
-    """S3: 10,000 gathered children ABORTED(ancestor), the root ABORTED(external)."""
+    """10,000 gathered children ABORTED(ancestor), the root ABORTED(external)."""
     env = flowsdk.TaskEnvironment("s3")
     started: list[int] = []
     all_started = asyncio.Event()
@@ -180,7 +180,7 @@ async def test_fan_out_10000_then_abort_of_root() -> None:
 
 
 def test_fan_out_10000_where_every_child_fails() -> None:
-    """S3: gather raises the first RuntimeUserError; the rest are recorded, stragglers root_exit."""
+    """`gather` raises the first RuntimeUserError; the rest are recorded, stragglers root_exit."""
     env = flowsdk.TaskEnvironment("s3fail")
 
     @env.task
@@ -209,7 +209,7 @@ def test_fan_out_10000_where_every_child_fails() -> None:
 
 
 def test_one_task_called_1000_times_concurrently() -> None:
-    """S4: 1,000 distinct actions, result[i] == 2*i, each body sees its own current action."""
+    """1,000 distinct actions, result[i] == 2*i, each body sees its own current action."""
     env = flowsdk.TaskEnvironment("s4")
     seen: dict[int, str] = {}
     mixed_up: list[int] = []
@@ -237,7 +237,7 @@ def test_one_task_called_1000_times_concurrently() -> None:
 
 
 def test_recursive_fib_15_gives_610_with_1973_actions() -> None:
-    """S5: fib(15), each call gathering fib(n-1) and fib(n-2) as actions."""
+    """`fib(15)`, each call gathering fib(n-1) and fib(n-2) as actions."""
     env = flowsdk.TaskEnvironment("s5")
 
     @env.task
@@ -255,7 +255,10 @@ def test_recursive_fib_15_gives_610_with_1973_actions() -> None:
 
 
 def test_spawned_children_outlive_the_parent_that_returned() -> None:
-    """S6: P is SUCCEEDED at once; its late failure is recorded, not fatal; the rest root_exit."""
+    """A parent that spawns and returns SUCCEEDS at once; a late failure is recorded, not fatal.
+
+    The children still running at root exit end ABORTED(root_exit).
+    """
     env = flowsdk.TaskEnvironment("s6")
     fail_now = asyncio.Event()
     failing = asyncio.Event()
@@ -301,7 +304,7 @@ def test_spawned_children_outlive_the_parent_that_returned() -> None:
 
 
 def test_dropped_task_reference_is_not_collected_mid_flight() -> None:
-    """S7: a child whose task reference was dropped survives gc.collect() and SUCCEEDS."""
+    """A child whose task reference was dropped survives gc.collect() and SUCCEEDS."""
     env = flowsdk.TaskEnvironment("s7")
     go = asyncio.Event()
     finished = asyncio.Event()

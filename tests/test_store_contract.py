@@ -191,7 +191,7 @@ def test_result_of_a_stored_failed_run_raises_runtime_user_error(store: str | St
 
 
 def test_result_of_a_stored_run_raises_what_the_live_run_raised(store: str | Store) -> None:
-    """D1/SPEC §7: a child's failure passing through the root is not wrapped twice in the store."""
+    """SPEC §7: a child's failure passing through the root is not wrapped twice in the store."""
     env = flowsdk.TaskEnvironment("passthrough")
 
     @env.task
@@ -296,7 +296,7 @@ def test_duplicate_run_name_raises_run_exists_error(store: str | Store) -> None:
 def test_unknown_run_raises_run_not_found_error_suggesting_close_names(
     store: str | Store,
 ) -> None:
-    """X5: RunNotFoundError (a LookupError) names the run and suggests the closest names."""
+    """RunNotFoundError (a LookupError) names the run and suggests the closest names."""
     env = flowsdk.TaskEnvironment("lookup")
 
     @env.task

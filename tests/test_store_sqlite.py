@@ -1,4 +1,4 @@
-"""The SQLite store (SPEC §5; SCENARIOS P5-P8): its file, its schema, locks, damage and races.
+"""The SQLite store (SPEC §5): its file, its schema, locks, damage and races.
 
 Runs are started in-process with `flowsdk.run(..., store=URL)` or, where a
 second process matters, by a runner from tests/runners.
@@ -182,7 +182,7 @@ def _truncated(path: Path) -> None:
 def test_a_damaged_store_raises_store_corrupted_error_and_is_never_rewritten(
     tmp_path: Path, damage: Callable[[Path], None]
 ) -> None:
-    """P5: random bytes, a garbage header, a truncated file: fail fast, file byte-for-byte kept."""
+    """Corrupt store (random bytes, bad header, truncated): fail fast, file byte-for-byte kept."""
     path = tmp_path / "s.db"
     damage(path)
     ran.clear()
@@ -210,7 +210,7 @@ def test_a_damaged_store_raises_store_corrupted_error_and_is_never_rewritten(
 def test_starting_a_run_on_a_locked_store_raises_store_locked_error(
     tmp_path: Path, mode: str
 ) -> None:
-    """P6: StoreLockedError after busy_timeout, no half-started run; reads still work (WAL).
+    """StoreLockedError after busy_timeout, no half-started run; reads still work (WAL).
 
     In WAL mode `BEGIN EXCLUSIVE` takes the same lock as `BEGIN IMMEDIATE`:
     readers go on reading the last committed state under either.
@@ -236,7 +236,7 @@ def test_starting_a_run_on_a_locked_store_raises_store_locked_error(
 def test_control_on_a_locked_store_fails_loudly_and_is_never_applied_later(
     tmp_path: Path,
 ) -> None:
-    """P6: Client.abort under another writer's lock raises StoreLockedError; nothing is queued."""
+    """Client.abort under another writer's lock raises StoreLockedError; nothing is queued."""
     path = tmp_path / "s.db"
     url = sqlite_url(path)
     with Runner("control.py", url, "p6", "one_child") as runner:
@@ -256,7 +256,7 @@ def test_control_on_a_locked_store_fails_loudly_and_is_never_applied_later(
 
 @pytest.mark.slow
 def test_a_runner_survives_a_lock_held_past_its_busy_timeout(tmp_path: Path) -> None:
-    """P6: a lock held across a heartbeat delays the runner's writes; none is lost."""
+    """A lock held across a heartbeat delays the runner's writes; none is lost."""
     path = tmp_path / "s.db"
     url = sqlite_url(path) + "?busy_timeout=0.2"
     with Runner("store_io.py", url, "p6b", "lock_across_heartbeat") as runner:
@@ -282,7 +282,10 @@ def test_a_runner_survives_a_lock_held_past_its_busy_timeout(tmp_path: Path) -> 
 def test_two_runners_starting_the_same_run_name_exactly_one_wins(
     tmp_path: Path, existing: bool
 ) -> None:
-    """P7: both start at once; one runs, the other gets RunExistsError; no record is mixed."""
+    """Two runners of one run name start at once: one runs, the other gets RunExistsError.
+
+    No record is mixed.
+    """
     url = sqlite_url(tmp_path / "s.db")
     if existing:
         flowsdk.run(noop, name="earlier", store=url)
@@ -311,7 +314,7 @@ def test_two_runners_starting_the_same_run_name_exactly_one_wins(
 
 
 def test_readers_never_wait_for_a_runner_that_is_writing(tmp_path: Path) -> None:
-    """P6/WAL: a second process reads a run while its runner writes, with busy_timeout=0."""
+    """WAL: a second process reads a run while its runner writes, with busy_timeout=0."""
     path = tmp_path / "s.db"
     url = sqlite_url(path)
     with (
@@ -337,7 +340,7 @@ def test_readers_never_wait_for_a_runner_that_is_writing(tmp_path: Path) -> None
 def test_a_write_failure_mid_run_is_reported_and_never_recorded_as_success(
     tmp_path: Path,
 ) -> None:
-    """P8: writes fail (file size limit): teardown completes, flowsdk.run raises StoreError."""
+    """Writes fail (file size limit): teardown completes, flowsdk.run raises StoreError."""
     url = sqlite_url(tmp_path / "s.db")
     with Runner("store_io.py", url, "p8", "disk_full") as runner:
         runner.expect("LIMITED")

@@ -19,7 +19,7 @@ from flowsdk.errors import RunExistsError
 
 __all__ = ["EXIT_RUN_EXISTS", "STARTED", "gate", "main", "say", "started"]
 
-# The runner's exit code when its run name is taken (P7).
+# The runner's exit code when its run name is taken (two runners started one run name).
 EXIT_RUN_EXISTS = 3
 # The actions whose bodies have started, in order (so a root can wait for its children).
 STARTED: list[str] = []

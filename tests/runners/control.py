@@ -119,7 +119,7 @@ async def sibling() -> None:
 
 @env.task
 async def blocker() -> None:
-    """Block the event loop for BLOCK_FOR s; the abort request reaches the store meanwhile (X12)."""
+    """Block the event loop for BLOCK_FOR s; the abort request reaches the store meanwhile."""
     name = started()
     unblock_at = time.monotonic() + BLOCK_FOR
     [state] = wait_for_store(
@@ -128,7 +128,8 @@ async def blocker() -> None:
     )
     say("SAW-REQUEST", state)
     # Still blocking the loop on purpose: a body that blocks the loop is the
-    # scenario under test (X12), so this sleep is the behaviour, not a wait.
+    # scenario under test (an abort while the body blocks the loop), so this sleep is the
+    # behaviour, not a wait.
     time.sleep(max(0.0, unblock_at - time.monotonic()))  # noqa: ASYNC251 - blocking is the point
     try:
         await asyncio.sleep(3600)
@@ -151,7 +152,7 @@ def wait_for_store(sql: str, *params: object) -> tuple[Any, ...]:
             row = conn.execute(sql, params).fetchone()
             if row is not None:
                 return tuple(row)
-            time.sleep(0.002)  # keeps the loop blocked: that is the scenario (X12, P1)
+            time.sleep(0.002)  # keeps the loop blocked: that is the scenario
     raise TimeoutError(f"the store never answered {sql!r}")
 
 
@@ -228,7 +229,7 @@ async def mid() -> None:
 
 @env.task
 async def tree() -> None:
-    """Build the X7 tree: root -> mid -> p -> two sleepers, and mid -> sibling."""
+    """Build a tree to abort mid-way: root -> mid -> p -> two sleepers, and mid -> sibling."""
     started()
     try:
         await mid()
@@ -263,7 +264,7 @@ async def stop_wait() -> list[str]:
 
 @env.task
 async def gated_create() -> int:
-    """Create a child only once the test opens the gate (X2)."""
+    """Create a child only once the test opens the gate (an abort racing its creation)."""
     started()
     await gate()
     return await ok()
@@ -271,7 +272,7 @@ async def gated_create() -> int:
 
 @env.task
 async def crash() -> None:
-    """Reach 3 SUCCEEDED, 2 RUNNING and 1 QUEUED action, then block until killed (P1)."""
+    """Reach 3 SUCCEEDED, 2 RUNNING and 1 QUEUED action, then block until killed."""
     started()
     for _ in range(3):
         await ok()

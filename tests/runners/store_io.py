@@ -19,9 +19,9 @@ from flowsdk.store import SQLiteStore
 from tests.runners._common import STARTED, gate, main, say, started
 
 env = flowsdk.TaskEnvironment("io")
-# The runner's exit code when flowsdk.run raised StoreError (P8).
+# The runner's exit code when flowsdk.run raised StoreError (a write failed: disk full).
 EXIT_STORE_ERROR = 5
-# Longer than the runner's heartbeat interval (1 s) plus its busy timeout (P6).
+# Longer than the runner's heartbeat interval (1 s) plus its busy timeout (store locked).
 LOCKED_FOR = 1.5
 
 
@@ -63,7 +63,7 @@ async def writer() -> int:
 
 @env.task
 async def lock_across_heartbeat() -> int:
-    """Keep running, recording children, while the test holds the store's write lock (P6)."""
+    """Keep running, recording children, while the test holds the store's write lock."""
     started()
     await gate()  # the test holds the lock from now on
     await ok()
@@ -76,7 +76,7 @@ async def lock_across_heartbeat() -> int:
 
 @env.task
 async def disk_full() -> int:
-    """Make every further write to the store fail (RLIMIT_FSIZE), then keep recording (P8)."""
+    """Make every further write to the store fail (RLIMIT_FSIZE), then keep recording."""
     started()
     asyncio.create_task(sleeper())  # noqa: RUF006 -- cancelled at the root's exit
     while len(STARTED) < 2:
@@ -107,7 +107,7 @@ WORKFLOWS: dict[str, flowsdk.Task[[], Any]] = {
 
 
 def same_name() -> None:
-    """P7: once the test says go, start run argv[2] with a task of environment p7<argv[4]>."""
+    """Two runners, one run name: on go, run argv[2] with a task of environment p7<argv[4]>."""
     ident = sys.argv[4]
     mine = flowsdk.TaskEnvironment(f"p7{ident}")
 
@@ -124,7 +124,7 @@ def same_name() -> None:
 
 
 def full() -> None:
-    """P8: run `disk_full`; report the StoreError that flowsdk.run raises and exit with 5."""
+    """Run `disk_full`; report the StoreError that flowsdk.run raises and exit with 5."""
     try:
         main({"disk_full": disk_full})
     except StoreError as exc:
