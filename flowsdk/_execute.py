@@ -137,7 +137,9 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             except CancelledError:
                 if timer is not None:
                     timer.cancel()
-                if action.cause is AbortCause.TIMEOUT and retry_after_timeout(runtime, action):
+                req = action.req
+                timed_out = req is not None and req.cause is AbortCause.TIMEOUT
+                if timed_out and retry_after_timeout(runtime, action):
                     if await backoff(runtime, action):
                         continue
                     return

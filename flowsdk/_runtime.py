@@ -444,6 +444,8 @@ class Runtime:
         if self.tracker is not None:
             self.tracker.cancel_all()
         marked = []
+        exited = Request(ROOT_EXIT, None, None)
+        cancelled_by_code = Request(CANCELLED, None, None)
         for action in list(self.live.values()):
             req = action.req
             if req is not None and req.cause is CANCELLED and action.cancels == 1:
@@ -456,7 +458,7 @@ class Runtime:
                 # yet: that action was cancelled by the code, not by the exit.
                 host = action.host
                 cancelled = host is not None and host.cancelling() > 0 and not host.done()
-                action.req = Request(CANCELLED if cancelled else ROOT_EXIT, None, None)
+                action.req = cancelled_by_code if cancelled else exited
                 marked.append(action)
         self._deliver_all(marked)
 
@@ -480,9 +482,10 @@ class Runtime:
                 # in the same instant as its parent is aborted in its own right.
                 target.req = Request(cause, reason, by)
         affected = list(named)
+        collateral = Request(ANCESTOR, None, None)
         for action in self._descendants(named):
             if action.req is None:
-                action.req = Request(ANCESTOR, None, None)
+                action.req = collateral
                 affected.append(action)
         self._deliver_all(affected)
 
@@ -538,10 +541,11 @@ class Runtime:
             by: Who asked.
         """
         self.closed = True
+        stop = Request(cause, reason, by) if cause is not None else None
         for action in sorted(self.live.values(), key=_start_order, reverse=True):
             req = action.req
-            if cause is not None:
-                action.req = Request(cause, reason, by)
+            if stop is not None:
+                action.req = stop
             elif req is None or req.cause in (AbortCause.MARK_FAILED, AbortCause.TIMEOUT):
                 action.req = Request(ANCESTOR, req.reason if req else None, req.by if req else None)
             # A body that had started is not waited for: its cleanup may never finish.
