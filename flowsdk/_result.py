@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from flowsdk._payload import decode_output
 from flowsdk._phases import AbortCause, RunPhase
-from flowsdk._records import ActionRecord, Event, RunRecord
+from flowsdk._records import ActionRecord, Event
 from flowsdk.errors import (
     ActionAbortedError,
     ActionError,
@@ -27,44 +26,35 @@ NO_VALUE: Any = object()
 
 
 class Run(Generic[R]):
-    """A run that has ended: its phase, its actions and events, and its result."""
+    """A run that has ended: its phase, its actions and events, and its result.
+
+    Args:
+        stored: The run's records (lists built when first read).
+        value: The root's value, when known (`NO_VALUE` otherwise).
+        exc: The root's exception object, in the process that ran it.
+    """
 
     def __init__(
-        self,
-        record: RunRecord,
-        actions: list[ActionRecord] | Callable[[], list[ActionRecord]],
-        events: list[Event] | Callable[[], list[Event]],
-        *,
-        value: Any = NO_VALUE,
-        exc: BaseException | None = None,
-        payloads: Callable[[], dict[str, tuple[bytes | None, bytes | None]]] | None = None,
+        self, stored: StoredRun, *, value: Any = NO_VALUE, exc: BaseException | None = None
     ) -> None:
-        self.record = record
-        # Records are built on first use: a run of 10,000 actions should not pay
-        # for 40,000 datetime conversions nobody reads.
-        self._actions = actions
-        self._events = events
+        self.record = stored.record
+        self._stored = stored
         self._value = value
         self._exc = exc
-        self._payloads = payloads
 
     def payloads(self) -> dict[str, tuple[bytes | None, bytes | None]]:
         """Each action's recorded inputs and output (MessagePack), by action name."""
-        return self._payloads() if self._payloads is not None else {}
+        return self._stored.payloads
 
     @property
     def actions(self) -> list[ActionRecord]:
         """The run's actions, in start order."""
-        if callable(self._actions):
-            self._actions = self._actions()
-        return self._actions
+        return self._stored.actions
 
     @property
     def events(self) -> list[Event]:
         """The run's event log, oldest first."""
-        if callable(self._events):
-            self._events = self._events()
-        return self._events
+        return self._stored.events
 
     @property
     def name(self) -> str:
@@ -151,5 +141,4 @@ def run_from_stored(stored: StoredRun) -> Run[Any]:
         output = stored.payloads.get(stored.actions[0].name, (None, None))[1]
         if output is not None:
             value = decode_output(None, output)
-    payloads = stored.payloads
-    return Run(stored.record, stored.actions, stored.events, value=value, payloads=lambda: payloads)
+    return Run(stored, value=value)

@@ -13,7 +13,7 @@ from flowsdk._runner import Runner, run_sync
 from flowsdk.errors import InvalidStateError
 from flowsdk.store import Store, StoredRun
 
-__all__ = ["RETRYABLE", "retry_run"]
+__all__ = ["RETRYABLE", "check_retryable", "retry_run"]
 
 RETRYABLE = frozenset({RunPhase.FAILED, RunPhase.ABORTED, RunPhase.STOPPED, RunPhase.CRASHED})
 
@@ -36,6 +36,17 @@ def history_of(attempts: list[StoredRun]) -> History:
     return History(attempts[-1].record.name, calls)
 
 
+def check_retryable(name: str, phase: RunPhase) -> None:
+    """Raise `InvalidStateError` unless a run in `phase` may be retried."""
+    if phase not in RETRYABLE:
+        why = (
+            "it succeeded; there is nothing to retry"
+            if phase is RunPhase.SUCCEEDED
+            else "it is still live; stop or abort it first"
+        )
+        raise InvalidStateError(f"run {name!r} is {phase.value}: {why}")
+
+
 def retry_run(store: Store, name: str) -> Run[Any]:
     """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
 
@@ -45,13 +56,7 @@ def retry_run(store: Store, name: str) -> Run[Any]:
     """
     stored = store.load_run(name)
     record = stored.record
-    if record.phase not in RETRYABLE:
-        why = (
-            "it succeeded; there is nothing to retry"
-            if record.phase is RunPhase.SUCCEEDED
-            else "it is still live; stop or abort it first"
-        )
-        raise InvalidStateError(f"run {name!r} is {record.phase.value}: {why}")
+    check_retryable(name, record.phase)
     task = import_task(record.task)
     root_inputs = (
         stored.payloads.get(stored.actions[0].name, (None, None))[0] if stored.actions else None

@@ -134,15 +134,12 @@ class Runner:
                     "plain asyncio tasks started by the run were cancelled at its end but are "
                     "still running: " + ", ".join(_task_label(t) for t in left),
                 )
-        result = _ended_run(runtime)
-        self.recorder.finished(
-            StoredRun(
-                result.record,
-                lambda: result.actions,
-                lambda: result.events,
-                result.payloads,
-            )
-        )
+        stored = _final_records(runtime)
+        self.recorder.finished(stored)
+        root = runtime.root
+        assert root is not None
+        value = root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE
+        result: Run[Any] = Run(stored, value=value, exc=root.exc)
         await self.recorder.close()
         if cancelled:
             raise CancelledError
@@ -165,18 +162,14 @@ class Runner:
             runtime.abandon_all(None)
 
 
-def _ended_run(runtime: Runtime) -> Run[Any]:
-    """The `Run` of a runtime whose run has ended (records built when first read)."""
-    root = runtime.root
-    assert root is not None
+def _final_records(runtime: Runtime) -> StoredRun:
+    """The records of a run that has ended (lists built when first read)."""
     name = runtime.name
-    return Run(
+    return StoredRun(
         runtime.run_record(),
         lambda: [action_from_row(name, action_row(a)) for a in runtime.actions],
         lambda: [event_from_row(e) for e in runtime.log.events],
-        value=root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE,
-        exc=root.exc,
-        payloads=lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
+        lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
     )
 
 

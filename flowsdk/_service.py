@@ -44,7 +44,7 @@ from flowsdk._records import (
     describe_target,
 )
 from flowsdk._result import Run, run_from_stored
-from flowsdk._retry import RETRYABLE, retry_run
+from flowsdk._retry import check_retryable, retry_run
 from flowsdk.errors import (
     ActionNotFoundError,
     InvalidStateError,
@@ -202,13 +202,7 @@ class ControlService:
         """
         self.authorize(Permission.EXECUTE)
         state = self.store.run_state(run)
-        if state.phase not in RETRYABLE:
-            why = (
-                "it succeeded; there is nothing to retry"
-                if state.phase is RunPhase.SUCCEEDED
-                else "it is still live; stop or abort it first"
-            )
-            raise InvalidStateError(f"run {run!r} is {state.phase.value}: {why}")
+        check_retryable(run, state.phase)
         first = self.store.load_run(run, 1).record
         attempt = state.attempt + 1
         self._launch(
