@@ -99,6 +99,7 @@ _WHAT = {
     AbortCause.SIGINT: "aborted by an interrupt (sigint)",
     AbortCause.MARK_FAILED: "marked as failed (mark_failed)",
     AbortCause.TIMEOUT: "cancelled: its timeout passed (timeout)",
+    AbortCause.SIGNAL: "aborted by a signal to its runner (signal)",
 }
 # Built once: cancelling 1,000 children by workflow code formats nothing.
 _PLAIN = {cause: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}

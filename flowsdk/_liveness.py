@@ -1,4 +1,13 @@
-"""Who runs a run, and whether that process is still alive."""
+"""Who runs a run, and whether that process is still alive.
+
+Two rules (SPEC §5): on the runner's own host a runner is alive exactly as long
+as its process (pid and start time) is, whatever its heartbeat says, so a
+runner paused with SIGSTOP, or whose loop or GIL is held for a long time, is
+never taken for dead (and its work never run twice); from another host only
+the heartbeat can tell, and a runner is gone once it is older than
+`STALE_AFTER`. A host is its host name and Linux boot id (a pid from before a
+reboot is never taken for a live one), or `$FLOWSDK_HOST` where that is set.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +23,13 @@ __all__ = [
     "Owner",
     "is_alive",
     "process_start",
+    "this_host",
     "this_process",
 ]
 
 HEARTBEAT_INTERVAL = 1.0
-# A runner whose heartbeat is older than this is considered gone (SPEC §5: within 10 s).
-STALE_AFTER = 8.0
+# A runner on another host whose heartbeat is older than this is gone (SPEC §5).
+STALE_AFTER = 10.0
 
 
 class Owner(msgspec.Struct, frozen=True):
@@ -49,19 +59,30 @@ def process_start(pid: int) -> int | None:
     return None if stat is None else stat[1]
 
 
+def this_host() -> str:
+    """Name this host: `$FLOWSDK_HOST`, else its host name and boot id (`name/boot-id`)."""
+    named = os.environ.get("FLOWSDK_HOST")
+    if named:
+        return named
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}/{boot}"
+
+
 def this_process() -> Owner:
     """Describe the calling process."""
     pid = os.getpid()
-    return Owner(host=socket.gethostname(), pid=pid, started=process_start(pid))
+    return Owner(host=this_host(), pid=pid, started=process_start(pid))
 
 
 def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:
-    """Whether the runner `owner` is alive, judged by its pid (same host) and heartbeat."""
-    now = time.time() if now is None else now
-    if heartbeat is not None and now - heartbeat > STALE_AFTER:
-        return False
-    if owner.host != socket.gethostname():
-        return True  # only the heartbeat can tell for another machine
+    """Whether the runner `owner` is alive: by its process on this host, else by its heartbeat."""
+    if owner.host != this_host():
+        now = time.time() if now is None else now
+        return heartbeat is None or now - heartbeat <= STALE_AFTER
     try:
         os.kill(owner.pid, 0)
     except ProcessLookupError:
@@ -70,6 +91,6 @@ def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None)
         pass  # exists, owned by someone else
     stat = _stat(owner.pid)
     if stat is None:
-        return True  # no /proc here: the pid exists, and the heartbeat is fresh
+        return True  # no /proc here: the pid exists
     state, started = stat
     return state != "Z" and (owner.started is None or started == owner.started)

@@ -69,6 +69,8 @@ class AbortCause(enum.StrEnum):
     """An operator marked the action as failed (its phase is `FAILED`)."""
     TIMEOUT = "timeout"
     """Its `timeout` passed (its phase is `FAILED`)."""
+    SIGNAL = "signal"
+    """SIGTERM or SIGHUP reached the runner (the reason names the signal)."""
 
 
 ACTION_TERMINAL = frozenset(

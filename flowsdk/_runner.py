@@ -145,21 +145,29 @@ class Runner:
             raise CancelledError
         return result
 
-    def on_sigint(self) -> None:
-        """Ctrl-C: abort the run first; on the second, stop waiting for cleanup."""
+    def on_signal(self, signum: int) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP: abort the run first; on the second, stop waiting."""
         runtime = self.runtime
         if runtime is None:
             return
         self.interrupts += 1
-        if self.interrupts == 1:
-            logger.warning(
-                "run %s: interrupted; aborting (press Ctrl-C again to stop waiting)", runtime.name
-            )
+        name = signal.Signals(signum).name
+        if self.interrupts > 1:
+            runtime.abandon_all(None)
+            return
+        logger.warning(
+            "run %s: %s; aborting (send it again to stop waiting for cleanup)",
+            runtime.name,
+            "interrupted" if signum == signal.SIGINT else f"received {name}",
+        )
+        if signum == signal.SIGINT:
             runtime.interrupt(
                 KeyboardInterrupt(), reason="interrupted (SIGINT)", by=Actor.local().name
             )
         else:
-            runtime.abandon_all(None)
+            # The conventional exit status of a process ended by signal N is 128 + N;
+            # raising SystemExit runs the user's own finally blocks on the way out.
+            runtime.interrupt(SystemExit(128 + signum), cause=AbortCause.SIGNAL, reason=name)
 
 
 def _final_records(runtime: Runtime) -> StoredRun:
@@ -184,25 +192,27 @@ def no_running_loop() -> None:
     )
 
 
+# Handled like Ctrl-C while `flowsdk.run` drives a run in the main thread (SPEC §3).
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def run_sync(runner: Runner) -> Run[Any]:
-    """Drive `runner` on a fresh event loop, with the SIGINT handling of `flowsdk.run`."""
+    """Drive `runner` on a fresh event loop, with the signal handling of `flowsdk.run`."""
     no_running_loop()
     loop = asyncio.new_event_loop()
-    previous = None
-    use_signal = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED_SIGNALS:
+            previous[signum] = signal.getsignal(signum)
+            loop.add_signal_handler(signum, runner.on_signal, signum)
     try:
-        if use_signal:
-            previous = signal.getsignal(signal.SIGINT)
-            loop.add_signal_handler(signal.SIGINT, runner.on_sigint)
         result = loop.run_until_complete(_begin_and_finish(runner))
         _final_drain(loop, runner)
     finally:
         try:
-            if use_signal:
-                loop.remove_signal_handler(signal.SIGINT)
-                signal.signal(
-                    signal.SIGINT, previous if previous is not None else signal.default_int_handler
-                )
+            for number, handler in previous.items():
+                loop.remove_signal_handler(number)
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

@@ -388,11 +388,18 @@ class Runtime:
         self._finish(action, FAILED)
         self.abort_run(SIGINT, reason=f"{type(exc).__name__} raised in {action.name}")
 
-    def interrupt(self, exc: BaseException, *, reason: str, by: str | None) -> None:
-        """Abort the run for an interrupt (Ctrl-C); `exc` leaves `flowsdk.run` afterwards."""
+    def interrupt(
+        self,
+        exc: BaseException,
+        *,
+        cause: AbortCause = SIGINT,
+        reason: str,
+        by: str | None = None,
+    ) -> None:
+        """Abort the run for Ctrl-C or a signal; `exc` leaves `flowsdk.run` once it is recorded."""
         if self.base_exc is None:
             self.base_exc = exc
-        self.abort_run(SIGINT, reason=reason, by=by)
+        self.abort_run(cause, reason=reason, by=by)
 
     def note_unobserved(self) -> None:
         """Log each failed child whose error workflow code never retrieved."""

@@ -65,6 +65,7 @@ ABORT_CAUSES = [
     "sigint",
     "mark_failed",
     "timeout",
+    "signal",
 ]
 ACTION_FIELDS = (
     "run",

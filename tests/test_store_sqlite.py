@@ -11,6 +11,7 @@ import os
 import random
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -86,15 +87,41 @@ def test_reading_a_missing_store_lists_nothing_and_creates_nothing(tmp_path: Pat
     assert path.is_file()
 
 
-def test_reading_an_empty_store_file_lists_nothing_and_leaves_it_empty(tmp_path: Path) -> None:
-    """An empty file (e.g. `touch`ed) is a store with no runs yet, for readers as for runners."""
+def test_an_empty_store_file_is_refused_like_a_corrupt_one_and_left_empty(
+    tmp_path: Path,
+) -> None:
+    """SPEC §5: a 0-byte file is not a new store, for readers as for runners."""
     path = tmp_path / "s.db"
     path.touch()
-    with flowsdk.Client(sqlite_url(path)) as client:
-        assert client.runs() == []
-        with pytest.raises(RunNotFoundError):
-            client.get_run("nope")
+    with (
+        flowsdk.Client(sqlite_url(path)) as client,
+        pytest.raises(StoreCorruptedError, match="empty file"),
+    ):
+        client.runs()
+    ran.clear()
+    with pytest.raises(StoreCorruptedError, match="empty file"):
+        flowsdk.run(noop, name="first", store=sqlite_url(path))
+    assert ran == []
     assert path.read_bytes() == b""
+
+
+def test_a_new_store_and_its_folder_are_private_to_their_owner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC §5: created 0700 / 0600 whatever the umask; a store others can write is named."""
+    path = tmp_path / "private" / "s.db"
+    old = os.umask(0o022)
+    try:
+        flowsdk.run(noop, name="first", store=sqlite_url(path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".new")] == []
+    path.chmod(0o666)
+    with caplog.at_level("WARNING", logger="flowsdk"), flowsdk.Client(sqlite_url(path)) as client:
+        assert [r.name for r in client.runs()] == ["first"]
+    assert any("can be written by other users" in r.getMessage() for r in caplog.records)
 
 
 def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path) -> None:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import logging
 import os
+import secrets
 import sqlite3
+import stat
 import threading
 import time
 from typing import Any
@@ -65,6 +68,8 @@ from flowsdk.store._writer import RunWriter
 
 __all__ = ["SQLiteStore"]
 
+logger = logging.getLogger("flowsdk")
+
 
 class SQLiteStore:
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
@@ -96,6 +101,7 @@ class SQLiteStore:
         self.path = path
         self._reader: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._checked_mode = False
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
@@ -106,17 +112,26 @@ class SQLiteStore:
         """Open a connection, creating and migrating the file if `create`.
 
         Returns None when the file does not exist and `create` is false.
+
+        Raises:
+            StoreCorruptedError: the file is not a flowsdk store (an empty file included).
+            StoreError: the file cannot be used or created.
         """
         if not os.path.exists(self.path):
             if not create:
                 return None
-            folder = os.path.dirname(os.path.abspath(self.path))
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create the store's folder {folder}: {exc}") from None
+            self._create()
         elif os.path.isdir(self.path):
             raise StoreError(f"the store {self.path} is a directory, not a file")
+        elif os.path.getsize(self.path) == 0:
+            # A store is never an empty file (new ones are created whole), so this one
+            # was made by something else: refuse it rather than initialise it.
+            raise StoreCorruptedError(
+                f"the store {os.path.abspath(self.path)} is an empty file (0 bytes), not a "
+                "flowsdk store; it was left untouched. Remove it to start a new store there, "
+                "or point --store (or FLOWSDK_STORE) at another file"
+            )
+        self._warn_if_others_can_write()
         with translate(self.path):
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
@@ -127,9 +142,58 @@ class SQLiteStore:
                 conn.close()
                 raise
         if not ready:
-            conn.close()  # an empty file: nothing to read yet, and reading writes nothing
+            conn.close()  # no tables yet: nothing to read, and reading writes nothing
             return None
         return conn
+
+    def _create(self) -> None:
+        """Create the store whole: schema written in a private file, then linked into place.
+
+        Readers never see a half-made store, and two processes creating one
+        store at once end with one of the two files. The file and a folder it
+        creates are readable and writable by their owner only.
+        """
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fresh = os.path.join(
+                folder, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.new"
+            )
+            os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise StoreError(f"cannot create the store {self.path}: {exc}") from None
+        try:
+            with (
+                translate(self.path),
+                contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn,
+            ):
+                self._migrate(conn, 0)
+            try:
+                os.link(fresh, self.path)
+            except FileExistsError:
+                pass  # another process created it first: use theirs
+            except OSError:
+                if not os.path.exists(self.path):  # no hard links on this file system
+                    os.rename(fresh, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fresh)
+
+    def _warn_if_others_can_write(self) -> None:
+        if self._checked_mode:
+            return
+        self._checked_mode = True
+        with contextlib.suppress(OSError):
+            mode = os.stat(self.path).st_mode
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                logger.warning(
+                    "the store %s can be written by other users (mode %o): anyone who can "
+                    "write it can abort runs and choose what a retry imports; "
+                    "run 'chmod 600 %s' to keep it yours",
+                    self.path,
+                    stat.S_IMODE(mode),
+                    self.path,
+                )
 
     def _check_and_migrate(self, conn: sqlite3.Connection, *, create: bool) -> bool:
         # Reading the header fails with "file is not a database" for a foreign file,

@@ -1,0 +1,64 @@
+"""Liveness (SPEC §5): a live runner on this host is never taken for dead; another host's is."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import flowsdk
+from flowsdk import AbortCause, Outcome, RunPhase
+from tests.runners.harness import Runner, sqlite_url, sync
+from tests.support import assert_clean
+
+
+def test_a_paused_runner_on_this_host_stays_running_and_can_still_be_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP past the heartbeat limit: RUNNING, no retry allowed; the abort waits for it."""
+    monkeypatch.setattr("flowsdk._liveness.STALE_AFTER", 0.0)  # every heartbeat is stale now
+    monkeypatch.setattr("flowsdk._service.ANSWER_TIMEOUT", 0.5)
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("control.py", url, "paused", "one_child") as runner, flowsdk.Client(url) as client:
+        runner.started(2)
+        runner.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert [r.phase for r in client.runs()] == [RunPhase.RUNNING]
+            assert client.get_run("paused").phase is RunPhase.RUNNING
+            with pytest.raises(flowsdk.errors.InvalidStateError, match="still live"):
+                client.retry("paused")
+            queued = client.abort("paused", "a1", reason="while paused")
+        finally:
+            runner.proc.send_signal(signal.SIGCONT)
+        assert queued.outcome is Outcome.QUEUED
+        runner.expect("CAUGHT", "ActionAbortedError")
+        assert runner.finish() == 0
+        run = client.get_run("paused")
+    assert run.phase is RunPhase.SUCCEEDED
+    abort = run.action("a1").abort
+    assert abort is not None
+    assert (abort.cause, abort.reason) == (AbortCause.EXTERNAL, "while paused")
+    assert_clean(run)
+
+
+def test_a_runner_on_another_host_is_crashed_once_its_heartbeat_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From another host only the heartbeat tells: a stale one is CRASHED, its actions too."""
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("control.py", url, "far", "one_child") as runner:
+        runner.started(2)
+        with flowsdk.Client(url) as client:
+            sync(client, "far")  # its actions are recorded
+        monkeypatch.setenv("FLOWSDK_HOST", "operator-host")  # this process: another host now
+        runner.proc.send_signal(signal.SIGSTOP)
+        try:
+            with flowsdk.Client(url) as client:
+                assert client.get_run("far").phase is RunPhase.RUNNING  # its heartbeat is fresh
+                monkeypatch.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
+                run = client.get_run("far")
+        finally:
+            runner.proc.kill()
+    assert run.phase is RunPhase.CRASHED
+    assert [a.phase for a in run.actions] == [flowsdk.ActionPhase.CRASHED] * 2
