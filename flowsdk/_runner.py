@@ -93,11 +93,21 @@ class Runner:
             history=self.history,
         )
         self.handler = functools.partial(apply_request, runtime)
-        self.recorder = await self.store.open_run(runtime.run_record(), loop, self.handler)
+        # The root exists before the run is recorded, so that the run's row, its root
+        # and the root's recorded inputs are written in one transaction: a runner
+        # killed right after never leaves a run that cannot be retried.
+        root = runtime.new_root(self.task, self.args, self.kwargs, self.inputs)
+        self.recorder = await self.store.open_run(
+            runtime.run_record(),
+            loop,
+            self.handler,
+            actions=[action_row(root)],
+            events=list(runtime.log.events),
+        )
         runtime.attach(self.recorder)
         runtime.track_tasks(OWN_CODE)
         self.runtime = runtime
-        spawn(runtime, runtime.new_root(self.task, self.args, self.kwargs, self.inputs))
+        spawn(runtime, root)
         return runtime
 
     async def finish(self) -> Run[Any]:

@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -400,3 +401,68 @@ def test_benchmark_runs_quick_and_prints_its_table(tmp_path: Path, script: str) 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "target" in done.stdout
     assert "|" in done.stdout
+
+
+# -- reads and last writes under another writer's lock -----------------------------------------
+
+
+def test_a_read_never_waits_for_the_lock_to_record_a_crash_and_dates_it_by_the_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """A dead runner found under a lock is left RUNNING for now; later CRASHED at its last beat.
+
+    The store's busy timeout is two minutes here: a read that waited for the lock to
+    write CRASHED would overrun the test's timeout.
+    """
+    path = tmp_path / "s.db"
+    url = sqlite_url(path)
+    with Runner("control.py", url, "gone", "one_child") as runner:
+        runner.started(2)
+        with flowsdk.Client(url) as client:
+            sync(client, "gone")
+        runner.proc.kill()
+        runner.proc.wait(timeout=30)
+        killed_at = time.time()
+    slow = url + "?busy_timeout=120"
+    with write_lock(path), flowsdk.Client(slow) as client:
+        assert [r.phase for r in client.runs()] == [RunPhase.RUNNING]
+    with flowsdk.Client(slow) as client:
+        run = client.get_run("gone")
+    assert run.phase is RunPhase.CRASHED
+    assert run.record.ended_at is not None
+    assert run.record.ended_at.timestamp() <= killed_at  # its last heartbeat, not this read
+    assert [a.phase for a in run.actions] == [ActionPhase.CRASHED] * 2
+
+
+def test_the_last_writes_of_a_run_wait_for_a_lock_and_say_so(tmp_path: Path) -> None:
+    """SPEC §5: a run that ends under another writer's lock waits (logging), then records."""
+    path = tmp_path / "s.db"
+    url = sqlite_url(path) + "?busy_timeout=1"
+    with Runner("store_io.py", url, "late", "lock_across_heartbeat") as runner:
+        runner.started(1)
+        with write_lock(path):
+            runner.send()
+            runner.expect("SLEPT")
+            runner.send()  # the run ends while the lock is still held
+            runner.expect("run", "late:", "has", "ended;", "waiting", "for", "the", "lock")
+        code = runner.finish()
+    assert code == 0, runner.output
+    with flowsdk.Client(url) as client:
+        run = client.get_run("late")
+    assert run.phase is RunPhase.SUCCEEDED
+    assert_clean(run)
+
+
+def test_a_runner_killed_right_after_creating_its_run_leaves_a_retryable_run(
+    tmp_path: Path,
+) -> None:
+    """SPEC §5: the run's row and its root's inputs are written together; the run retries."""
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("die_after_start.py", url, "cut") as runner:
+        assert runner.finish() == 137
+    with flowsdk.Client(url) as client:
+        crashed = client.get_run("cut")
+        assert crashed.phase is RunPhase.CRASHED
+        assert [(a.name, a.phase) for a in crashed.actions] == [("a0", ActionPhase.CRASHED)]
+        retried = client.retry("cut")
+    assert (retried.phase, retried.attempt, retried.result()) == (RunPhase.SUCCEEDED, 2, 42)

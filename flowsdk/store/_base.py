@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from flowsdk._phases import ActionPhase, RunPhase
@@ -218,9 +218,18 @@ class Store(RunReader, ControlChannel, Protocol):
     """Where runs are kept: a reader, a control channel, and recorders for live runs."""
 
     async def open_run(
-        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+        self,
+        record: RunRecord,
+        loop: asyncio.AbstractEventLoop,
+        handler: RequestHandler,
+        *,
+        actions: Sequence[ActionRow] = (),
+        events: Sequence[EventRow] = (),
     ) -> RunRecorder:
-        """Create the run (or its next attempt) and return its recorder.
+        """Create the run (or its next attempt) with its first rows, and return its recorder.
+
+        The run's record, `actions` (its root, with its recorded inputs) and
+        `events` are written in one transaction: a run is never recorded in part.
 
         Raises:
             RunExistsError: a run (attempt) of that name exists already.

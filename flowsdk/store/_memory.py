@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+from collections.abc import Sequence
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
@@ -50,7 +51,13 @@ class MemoryStore:
         return f"MemoryStore({len(self._runs)} runs)"
 
     async def open_run(
-        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+        self,
+        record: RunRecord,
+        loop: asyncio.AbstractEventLoop,
+        handler: RequestHandler,
+        *,
+        actions: Sequence[ActionRow] = (),
+        events: Sequence[EventRow] = (),
     ) -> RunRecorder:
         """Reserve the run's name (attempt) and return a recorder that keeps its final picture."""
         attempts = self._runs.setdefault(record.name, [])

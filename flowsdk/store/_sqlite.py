@@ -23,6 +23,7 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -69,6 +70,10 @@ from flowsdk.store._writer import RunWriter
 __all__ = ["SQLiteStore"]
 
 logger = logging.getLogger("flowsdk")
+
+# How long a reader waits for the lock to record a crashed run before it leaves that
+# to the next read (seconds): a `flowsdk show` never waits out a writer's busy timeout.
+MARK_WAIT = 0.1
 
 
 class SQLiteStore:
@@ -271,11 +276,24 @@ class SQLiteStore:
     # -- writing a run -----------------------------------------------------------------
 
     async def open_run(
-        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+        self,
+        record: RunRecord,
+        loop: asyncio.AbstractEventLoop,
+        handler: RequestHandler,
+        *,
+        actions: Sequence[ActionRow] = (),
+        events: Sequence[EventRow] = (),
     ) -> RunRecorder:
-        """Create the run's row and start its recorder thread."""
+        """Create the run's row with its first rows, and start its recorder thread."""
         dialect = SQLiteDialect(self.path, self._connect_for_writing)
-        recorder = RunWriter(dialect, record, loop, handler)
+        recorder = RunWriter(
+            dialect,
+            record,
+            loop,
+            handler,
+            first=(list(actions), list(events)),
+            final_wait=10 * self.busy_timeout,
+        )
         try:
             await recorder.started
         except BaseException:
@@ -301,15 +319,30 @@ class SQLiteStore:
             ).fetchall()
         now = time.time()
         dead = [
-            (name, attempt)
+            (name, attempt, heartbeat)
             for name, attempt, owner, heartbeat in rows
             if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat, now=now)
         ]
-        for name, attempt in dead:
-            try:
-                mark_crashed(conn, name, attempt, now)
-            except sqlite3.OperationalError:
+        for name, attempt, heartbeat in dead:
+            if not self._mark_gone(conn, name, attempt, heartbeat):
                 return  # locked: someone is writing; try on the next read
+
+    def _mark_gone(
+        self, conn: sqlite3.Connection, name: str, attempt: int, heartbeat: float | None
+    ) -> bool:
+        """Record a run whose runner is gone CRASHED, ended at its last heartbeat.
+
+        A reader never waits out the busy timeout for this: when another process
+        holds the lock, the run is left for the next read (return False).
+        """
+        conn.execute(f"PRAGMA busy_timeout = {int(MARK_WAIT * 1000)}")
+        try:
+            mark_crashed(conn, name, attempt, heartbeat if heartbeat is not None else time.time())
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        return True
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
@@ -398,8 +431,7 @@ class SQLiteStore:
             attempt, phase, owner, heartbeat = self._latest(conn, name)
             live = not RunPhase(phase).terminal
             if live and owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
-                with contextlib.suppress(sqlite3.OperationalError):
-                    mark_crashed(conn, name, attempt, time.time())
+                self._mark_gone(conn, name, attempt, heartbeat)
                 attempt, phase, _, _ = self._latest(conn, name)
             target = None
             if action is not None:
@@ -559,8 +591,7 @@ class SQLiteStore:
                 message=f"run {run!r} already finished: {phase}",
             )
         if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
-            with contextlib.suppress(sqlite3.OperationalError):
-                mark_crashed(conn, run, attempt, time.time())
+            self._mark_gone(conn, run, attempt, heartbeat)
             return ControlResult(
                 outcome=Outcome.ALREADY_ENDED,
                 phase=RunPhase.CRASHED.value,

@@ -15,7 +15,7 @@ import msgspec
 from msgspec.structs import astuple
 
 from flowsdk._liveness import this_process
-from flowsdk._records import RunRecord
+from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
 from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, translate, ts
 from flowsdk.store._writer import Batch
@@ -49,27 +49,37 @@ class SQLiteDialect:
                 raise
             conn.execute("COMMIT")
 
-    def insert_run(self, conn: sqlite3.Connection, record: RunRecord) -> None:
-        """Create the run's row, owned by this process."""
+    def insert_run(
+        self,
+        conn: sqlite3.Connection,
+        record: RunRecord,
+        actions: list[ActionRow],
+        events: list[EventRow],
+    ) -> None:
+        """Create the run's row, owned by this process, with its first rows, in one transaction."""
         owner = msgspec.msgpack.encode(this_process())
-        try:
-            self._transaction(
-                conn,
-                lambda: conn.execute(
-                    "INSERT INTO runs (name, attempt, phase, started_at, task, owner, heartbeat, "
-                    "workdir) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.name,
-                        record.attempt,
-                        record.phase.value,
-                        ts(record.started_at),
-                        record.task,
-                        owner,
-                        time.time(),
-                        record.workdir,
-                    ),
+        name, attempt = record.name, record.attempt
+
+        def body() -> None:
+            conn.execute(
+                "INSERT INTO runs (name, attempt, phase, started_at, task, owner, heartbeat, "
+                "workdir) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    attempt,
+                    record.phase.value,
+                    ts(record.started_at),
+                    record.task,
+                    owner,
+                    time.time(),
+                    record.workdir,
                 ),
             )
+            conn.executemany(INSERT_ACTION, [(name, attempt, *astuple(r)) for r in actions])
+            conn.executemany(INSERT_EVENT, [(name, attempt, *astuple(e)) for e in events])
+
+        try:
+            self._transaction(conn, body)
         except sqlite3.IntegrityError:
             raise RunExistsError(
                 f"a run named {record.name!r} already exists in {self.location}"

@@ -86,8 +86,10 @@ class Dialect(Protocol[C]):
     def close(self, conn: C) -> None:
         """Close the connection."""
 
-    def insert_run(self, conn: C, record: RunRecord) -> None:
-        """Create the run's row, owned by this process.
+    def insert_run(
+        self, conn: C, record: RunRecord, actions: list[ActionRow], events: list[EventRow]
+    ) -> None:
+        """Create the run's row, owned by this process, with its first rows, in one transaction.
 
         Raises:
             RunExistsError: that run (attempt) exists already.
@@ -120,8 +122,16 @@ class RunWriter(Generic[C]):
         record: RunRecord,
         loop: asyncio.AbstractEventLoop,
         handler: RequestHandler,
+        *,
+        first: tuple[list[ActionRow], list[EventRow]] = ([], []),
+        final_wait: float = 50.0,
     ) -> None:
         self._dialect = dialect
+        self._first = first
+        # How long the run's last writes may wait for a lock (SPEC §5: ten busy timeouts).
+        self._final_wait = final_wait
+        self._final_deadline: float | None = None
+        self._lock_warned_at = 0.0
         self._record = record
         self._loop = loop
         self._handler = handler
@@ -204,7 +214,7 @@ class RunWriter(Generic[C]):
         try:
             try:
                 conn = self._dialect.connect()
-                self._dialect.insert_run(conn, self._record)
+                self._dialect.insert_run(conn, self._record, *self._first)
             except BaseException as exc:
                 self._settle(self.started, None, exc)
                 return
@@ -300,7 +310,7 @@ class RunWriter(Generic[C]):
             # Keep the changes (in order) for the next round; nothing is dropped.
             ops.extendleft(reversed(taken))
             if self._closing:
-                raise
+                self._wait_for_final_writes()
             return
         # Answered after the batch's own writes, so a lookup sees what the same
         # run cached a moment before.
@@ -315,6 +325,30 @@ class RunWriter(Generic[C]):
             waiting, self._relief = self._relief, []
             for fut in waiting:
                 self._settle(fut, None, None)
+
+    def _wait_for_final_writes(self) -> None:
+        """The run has ended but the store is locked: keep trying, and say so, for a while.
+
+        Raises:
+            StoreLockedError: still locked after `final_wait` seconds.
+        """
+        now = time.monotonic()
+        if self._final_deadline is None:
+            self._final_deadline = now + self._final_wait
+        if now >= self._final_deadline:
+            raise StoreLockedError(
+                f"the run {self._record.name!r} has ended but {self._dialect.location} stayed "
+                f"locked for {self._final_wait:g} s; its last changes could not be recorded"
+            )
+        if now - self._lock_warned_at >= 5.0:
+            self._lock_warned_at = now
+            logger.warning(
+                "run %s: has ended; waiting for the lock on %s to record its last changes "
+                "(up to %.0f s more)",
+                self._record.name,
+                self._dialect.location,
+                self._final_deadline - now,
+            )
 
     def _settle(self, fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
         def settle() -> None:

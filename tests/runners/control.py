@@ -284,7 +284,9 @@ async def crash() -> None:
     # first step is scheduled after this one, which blocks the loop from here on.
     await asyncio.sleep(0)
     [name] = wait_for_store(
-        "SELECT name FROM actions WHERE run = ? AND phase = 'QUEUED'", flowsdk.current_action().run
+        # A child: the root is recorded QUEUED with the run itself, and RUNNING next.
+        "SELECT name FROM actions WHERE run = ? AND phase = 'QUEUED' AND parent IS NOT NULL",
+        flowsdk.current_action().run,
     )
     say("READY", name)
     threading.Event().wait()  # until SIGKILL
