@@ -466,3 +466,50 @@ def test_a_runner_killed_right_after_creating_its_run_leaves_a_retryable_run(
         assert [(a.name, a.phase) for a in crashed.actions] == [("a0", ActionPhase.CRASHED)]
         retried = client.retry("cut")
     assert (retried.phase, retried.attempt, retried.result()) == (RunPhase.SUCCEEDED, 2, 42)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 600 KB tmpfs (root only), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_is_reported_as_disk_full_not_as_damage(small_disk: Path) -> None:
+    """A store on a full disk: StoreError saying "disk full"; the file stays a valid store."""
+    path = small_disk / "s.db"
+    url = sqlite_url(path)
+    env = flowsdk.TaskEnvironment("fill")
+
+    @env.task
+    async def big(i: int) -> bytes:
+        return bytes(40_000) + i.to_bytes(4, "big")
+
+    @env.task
+    async def fill() -> int:
+        n = 0
+        for i in range(200):
+            await big(i)
+            n += 1
+        return n
+
+    with pytest.raises(StoreError) as info:
+        flowsdk.run(fill, name="filled", store=url)
+    assert not isinstance(info.value, StoreCorruptedError)
+    assert "disk full" in str(info.value)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

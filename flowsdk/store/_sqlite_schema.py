@@ -178,6 +178,11 @@ def translate(path: str) -> Iterator[None]:
                 f"the store {path} cannot be written by this user ({text}); ask its owner, "
                 "or point --store (or FLOWSDK_STORE) at a store you may write"
             ) from None
+        if "is full" in text:
+            raise StoreError(
+                f"the store {path} cannot be written: disk full ({text}); what was written "
+                "before is intact. Free some space (or move the store) and try again"
+            ) from None
         if "unable to open" in text or "disk I/O" in text:
             raise StoreError(f"the store {path} cannot be used: {text}") from None
         raise StoreCorruptedError(
