@@ -31,9 +31,9 @@ env = flowsdk.TaskEnvironment("pipeline")
 SHARDS = 3
 # Set (from the loop) when the test stage is running; the operator acts then.
 testing = threading.Event()
-# How long a test shard takes. Long enough for the operator's command to land
-# while the shards run; a stop-and-wait lets them finish.
-SHARD_SECONDS = 1.0
+# Set once the operator's command has returned: a test shard runs until then (unless it
+# is cancelled), however long the command takes to start; a stop-and-wait lets it finish.
+landed = threading.Event()
 
 
 @env.task
@@ -44,7 +44,7 @@ async def build() -> str:
 @env.task
 async def test_shard(artifact: str, shard: int) -> str:
     testing.set()
-    await asyncio.sleep(SHARD_SECONDS)
+    await asyncio.to_thread(landed.wait)  # the testing work; cancellable at this await
     return f"shard {shard} ok"
 
 
@@ -69,6 +69,7 @@ def operator(command: list[str]) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "flowsdk", *command], capture_output=True, text=True, check=False
     )
+    landed.set()
     print(
         f"operator: flowsdk {' '.join(command[:-2])}: {done.stdout.strip() or done.stderr.strip()}"
     )
@@ -76,6 +77,7 @@ def operator(command: list[str]) -> None:
 
 def once(store: str, name: str, command: list[str]) -> None:
     testing.clear()
+    landed.clear()
     helper = threading.Thread(target=operator, args=([*command, "--store", store],))
     helper.start()
     run = flowsdk.run(pipeline, name=name, store=store)

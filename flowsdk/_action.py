@@ -100,6 +100,7 @@ _WHAT = {
     AbortCause.MARK_FAILED: "marked as failed (mark_failed)",
     AbortCause.TIMEOUT: "cancelled: its timeout passed (timeout)",
     AbortCause.SIGNAL: "aborted by a signal to its runner (signal)",
+    AbortCause.CRASHED: "stopped: its run was recorded CRASHED meanwhile (crashed)",
 }
 # Built once: cancelling 1,000 children by workflow code formats nothing.
 _PLAIN = {cause: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}

@@ -71,6 +71,8 @@ class AbortCause(enum.StrEnum):
     """Its `timeout` passed (its phase is `FAILED`)."""
     SIGNAL = "signal"
     """SIGTERM or SIGHUP reached the runner (the reason names the signal)."""
+    CRASHED = "crashed"
+    """Its runner found the run recorded `CRASHED` (gone, seen from another host): stopped."""
 
 
 ACTION_TERMINAL = frozenset(

@@ -103,6 +103,7 @@ class Runner:
             self.handler,
             actions=[action_row(root)],
             events=list(runtime.log.events),
+            on_lost=runtime.lost,
         )
         runtime.attach(self.recorder)
         runtime.track_tasks(OWN_CODE)

@@ -401,6 +401,10 @@ class Runtime:
             self.base_exc = exc
         self.abort_run(cause, reason=reason, by=by)
 
+    def lost(self, message: str) -> None:
+        """The store recorded this run CRASHED while it ran: stop every body (cause `crashed`)."""
+        self.abort_run(AbortCause.CRASHED, reason=message)
+
     def note_unobserved(self) -> None:
         """Log each failed child whose error workflow code never retrieved."""
         hosts, self.failure_hosts = self.failure_hosts, []

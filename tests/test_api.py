@@ -66,6 +66,7 @@ ABORT_CAUSES = [
     "mark_failed",
     "timeout",
     "signal",
+    "crashed",
 ]
 ACTION_FIELDS = (
     "run",

@@ -62,3 +62,35 @@ def test_a_runner_on_another_host_is_crashed_once_its_heartbeat_is_stale(
             runner.proc.kill()
     assert run.phase is RunPhase.CRASHED
     assert [a.phase for a in run.actions] == [flowsdk.ActionPhase.CRASHED] * 2
+
+
+def test_a_runner_that_finds_its_run_crashed_stops_its_bodies_and_records_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §5: back from a pause seen as death elsewhere: stops, one event, StoreError."""
+    url = sqlite_url(tmp_path / "s.db")
+    monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
+    with Runner("control.py", url, "back", "one_child") as runner:
+        runner.started(2)
+        with flowsdk.Client(url) as client:
+            sync(client, "back")
+        monkeypatch.setenv("FLOWSDK_HOST", "operator-host")
+        runner.proc.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
+        with flowsdk.Client(url) as client:
+            crashed = client.get_run("back")
+        runner.proc.send_signal(signal.SIGCONT)
+        runner.expect("CANCELLED", "a1")  # the runner stopped its own body
+        code = runner.finish()
+    assert crashed.phase is RunPhase.CRASHED
+    assert code != 0
+    assert "recorded CRASHED" in runner.output
+    with flowsdk.Client(url) as client:
+        after = client.get_run("back")
+    assert after.phase is RunPhase.CRASHED
+    assert [a.phase for a in after.actions] == [flowsdk.ActionPhase.CRASHED] * 2
+    assert after.events[: len(crashed.events)] == crashed.events
+    [note] = after.events[len(crashed.events) :]
+    assert note.kind is flowsdk.EventKind.WARNING
+    assert note.message is not None
+    assert "found run 'back' recorded CRASHED" in note.message

@@ -225,11 +225,15 @@ class Store(RunReader, ControlChannel, Protocol):
         *,
         actions: Sequence[ActionRow] = (),
         events: Sequence[EventRow] = (),
+        on_lost: Callable[[str], None] | None = None,
     ) -> RunRecorder:
         """Create the run (or its next attempt) with its first rows, and return its recorder.
 
         The run's record, `actions` (its root, with its recorded inputs) and
         `events` are written in one transaction: a run is never recorded in part.
+        `on_lost` is called on the run's loop if the store finds the run recorded
+        `CRASHED` while it runs (by a reader on another host); the recorder then
+        writes nothing more, and its `close()` raises `StoreError`.
 
         Raises:
             RunExistsError: a run (attempt) of that name exists already.

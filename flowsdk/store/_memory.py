@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
@@ -58,6 +58,7 @@ class MemoryStore:
         *,
         actions: Sequence[ActionRow] = (),
         events: Sequence[EventRow] = (),
+        on_lost: Callable[[str], None] | None = None,
     ) -> RunRecorder:
         """Reserve the run's name (attempt) and return a recorder that keeps its final picture."""
         attempts = self._runs.setdefault(record.name, [])

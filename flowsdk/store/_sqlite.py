@@ -18,12 +18,11 @@ import contextlib
 import difflib
 import logging
 import os
-import secrets
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -55,10 +54,11 @@ from flowsdk.store._sqlite_schema import (
     APPLICATION_ID,
     DEFAULT_BUSY_TIMEOUT,
     EVENT_COLUMNS,
-    MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
+    create_store,
     mark_crashed,
+    migrate,
     owner_decoder,
     reply_decoder,
     request_encoder,
@@ -125,7 +125,7 @@ class SQLiteStore:
         if not os.path.exists(self.path):
             if not create:
                 return None
-            self._create()
+            create_store(self.path)
         elif os.path.isdir(self.path):
             raise StoreError(f"the store {self.path} is a directory, not a file")
         elif os.path.getsize(self.path) == 0:
@@ -150,39 +150,6 @@ class SQLiteStore:
             conn.close()  # no tables yet: nothing to read, and reading writes nothing
             return None
         return conn
-
-    def _create(self) -> None:
-        """Create the store whole: schema written in a private file, then linked into place.
-
-        Readers never see a half-made store, and two processes creating one
-        store at once end with one of the two files. The file and a folder it
-        creates are readable and writable by their owner only.
-        """
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            fresh = os.path.join(
-                folder, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.new"
-            )
-            os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        except OSError as exc:
-            raise StoreError(f"cannot create the store {self.path}: {exc}") from None
-        try:
-            with (
-                translate(self.path),
-                contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn,
-            ):
-                self._migrate(conn, 0)
-            try:
-                os.link(fresh, self.path)
-            except FileExistsError:
-                pass  # another process created it first: use theirs
-            except OSError:
-                if not os.path.exists(self.path):  # no hard links on this file system
-                    os.rename(fresh, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(fresh)
 
     def _warn_if_others_can_write(self) -> None:
         if self._checked_mode:
@@ -231,29 +198,13 @@ class SQLiteStore:
         if version < SCHEMA_VERSION:
             if not create and version == 0:
                 return False
-            self._migrate(conn, version)
+            migrate(conn)
         with contextlib.suppress(sqlite3.OperationalError):
             # WAL needs a write lock the first time; a reader may find it set already.
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         return True
-
-    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Re-read under the write lock: another process may have migrated meanwhile.
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[step]:
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        del version
 
     def _connect_for_writing(self) -> sqlite3.Connection:
         conn = self.connect(create=True)
@@ -283,6 +234,7 @@ class SQLiteStore:
         *,
         actions: Sequence[ActionRow] = (),
         events: Sequence[EventRow] = (),
+        on_lost: Callable[[str], None] | None = None,
     ) -> RunRecorder:
         """Create the run's row with its first rows, and start its recorder thread."""
         dialect = SQLiteDialect(self.path, self._connect_for_writing)
@@ -293,6 +245,7 @@ class SQLiteStore:
             handler,
             first=(list(actions), list(events)),
             final_wait=10 * self.busy_timeout,
+            on_lost=on_lost,
         )
         try:
             await recorder.started

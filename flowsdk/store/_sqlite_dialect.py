@@ -7,6 +7,7 @@ of the writer instead of a query on the requests table.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,8 +18,8 @@ from msgspec.structs import astuple
 from flowsdk._liveness import this_process
 from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
-from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, translate, ts
-from flowsdk.store._writer import Batch
+from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, rollback, translate, ts
+from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SQLiteDialect"]
 
@@ -45,7 +46,7 @@ class SQLiteDialect:
             try:
                 body()
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
             conn.execute("COMMIT")
 
@@ -87,10 +88,23 @@ class SQLiteDialect:
                 + "; choose another name"
             ) from None
 
+    def _check_not_lost(self, conn: sqlite3.Connection, name: str, attempt: int) -> None:
+        # Read inside the write transaction: once a reader has recorded the run CRASHED,
+        # no batch of this runner can overwrite the crash record.
+        row = conn.execute(
+            "SELECT phase FROM runs WHERE name = ? AND attempt = ?", (name, attempt)
+        ).fetchone()
+        if row is None or row[0] == "CRASHED":
+            raise RunLost(
+                f"run {name!r} was recorded CRASHED in {self.location} while its runner "
+                f"(pid {os.getpid()}) was alive; it stopped its bodies and recorded nothing more"
+            )
+
     def write(self, conn: sqlite3.Connection, name: str, attempt: int, batch: Batch) -> None:
-        """Write one batch in one transaction."""
+        """Write one batch in one transaction (none once the run is recorded CRASHED)."""
 
         def body() -> None:
+            self._check_not_lost(conn, name, attempt)
             if batch.actions:
                 conn.executemany(
                     INSERT_ACTION, [(name, attempt, *astuple(r)) for r in batch.actions.values()]
@@ -129,14 +143,29 @@ class SQLiteDialect:
         self._transaction(conn, body)
 
     def heartbeat(self, conn: sqlite3.Connection, name: str, attempt: int) -> None:
-        """Renew the runner's heartbeat."""
-        self._transaction(
-            conn,
-            lambda: conn.execute(
+        """Renew the runner's heartbeat (unless the run is recorded CRASHED)."""
+
+        def body() -> None:
+            self._check_not_lost(conn, name, attempt)
+            conn.execute(
                 "UPDATE runs SET heartbeat = ? WHERE name = ? AND attempt = ?",
                 (time.time(), name, attempt),
-            ),
-        )
+            )
+
+        self._transaction(conn, body)
+
+    def note(self, conn: sqlite3.Connection, name: str, attempt: int, message: str) -> None:
+        """Append one `warning` event after the run's last one."""
+
+        def body() -> None:
+            seq = conn.execute(
+                "SELECT coalesce(max(seq), -1) + 1 FROM events WHERE run = ? AND run_attempt = ?",
+                (name, attempt),
+            ).fetchone()[0]
+            row = EventRow(seq, time.time(), "warning", None, None, None, None, None, message)
+            conn.execute(INSERT_EVENT, (name, attempt, *astuple(row)))
+
+        self._transaction(conn, body)
 
     def _version(self, conn: sqlite3.Connection) -> int:
         with translate(self.location):

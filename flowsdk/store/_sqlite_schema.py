@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -43,10 +45,13 @@ __all__ = [
     "MIGRATIONS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
+    "create_store",
     "mark_crashed",
+    "migrate",
     "owner_decoder",
     "reply_decoder",
     "request_encoder",
+    "rollback",
     "run_record",
     "translate",
     "ts",
@@ -196,6 +201,69 @@ def translate(path: str) -> Iterator[None]:
         ) from None
 
 
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not done so itself.
+
+    On some errors (a full disk) SQLite rolls back on its own; a second
+    ROLLBACK would then fail and hide the error that matters.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the store's schema to `SCHEMA_VERSION` in one transaction (under the write lock)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have migrated meanwhile.
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        for step in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def create_store(path: str) -> None:
+    """Create a store file whole: its schema written in a private file, then linked into place.
+
+    Readers never see a half-made store, and two processes creating one store
+    at once end with one of the two files. The file and a folder it creates
+    are readable and writable by their owner only.
+
+    Raises:
+        StoreError: the folder or the file cannot be created.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fresh = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.new")
+        os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise StoreError(f"cannot create the store {path}: {exc}") from None
+    try:
+        with (
+            translate(path),
+            contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn,
+        ):
+            migrate(conn)
+        try:
+            os.link(fresh, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError:
+            if not os.path.exists(path):  # no hard links on this file system
+                os.rename(fresh, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fresh)
+
+
 def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) -> None:
     """Record a run whose runner is gone, and its unfinished actions, CRASHED (one transaction)."""
     conn.execute("BEGIN IMMEDIATE")
@@ -261,7 +329,7 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
         )
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
     logger.warning("run %s: its runner is gone; recorded CRASHED", name)
 

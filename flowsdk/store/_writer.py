@@ -15,8 +15,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
@@ -34,7 +36,7 @@ from flowsdk._records import (
 from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
 from flowsdk.store._base import RequestHandler, StoredRun
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunWriter"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunLost", "RunWriter"]
 
 logger = logging.getLogger("flowsdk")
 
@@ -54,6 +56,16 @@ _reply_encoder = msgspec.msgpack.Encoder()
 
 # What the loop appends to the writer's deque: (kind, payload).
 _ACTION, _EVENT, _RUN, _REPLY, _LOOKUP, _CACHE = range(6)
+
+
+class RunLost(StoreError):
+    """The run was recorded `CRASHED` by another process while this runner lived on.
+
+    That happens when its heartbeat went stale as seen from another host (the
+    runner was paused, or cut off). Its work may already be running again in a
+    retry, so this runner stops its bodies and writes nothing over the crash
+    record but one event.
+    """
 
 
 class Batch:
@@ -96,10 +108,21 @@ class Dialect(Protocol[C]):
         """
 
     def write(self, conn: C, name: str, attempt: int, batch: Batch) -> None:
-        """Write one batch in one transaction."""
+        """Write one batch in one transaction.
+
+        Raises:
+            RunLost: the run is recorded `CRASHED`: nothing was written.
+        """
 
     def heartbeat(self, conn: C, name: str, attempt: int) -> None:
-        """Renew the runner's heartbeat."""
+        """Renew the runner's heartbeat.
+
+        Raises:
+            RunLost: the run is recorded `CRASHED`: nothing was written.
+        """
+
+    def note(self, conn: C, name: str, attempt: int, message: str) -> None:
+        """Append one `warning` event to a run (after its crash record)."""
 
     def requests_may_be_waiting(self, conn: C) -> bool:
         """Whether another process may have sent a request since the last call (cheap)."""
@@ -125,8 +148,10 @@ class RunWriter(Generic[C]):
         *,
         first: tuple[list[ActionRow], list[EventRow]] = ([], []),
         final_wait: float = 50.0,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self._dialect = dialect
+        self._on_lost = on_lost
         self._first = first
         # How long the run's last writes may wait for a lock (SPEC §5: ten busy timeouts).
         self._final_wait = final_wait
@@ -219,7 +244,11 @@ class RunWriter(Generic[C]):
                 self._settle(self.started, None, exc)
                 return
             self._settle(self.started, None, None)
-            self._serve(conn)
+            try:
+                self._serve(conn)
+            except RunLost as lost:
+                self._error = lost
+                self._lost(conn, lost)
         except BaseException as exc:  # a failed write: reported by close()
             self._error = exc
             logger.error("run %s: writing to the store failed: %s", self._record.name, exc)
@@ -252,6 +281,34 @@ class RunWriter(Generic[C]):
                 with contextlib.suppress(StoreLockedError):
                     dialect.heartbeat(conn, name, attempt)
             if closing and not self._ops:
+                return
+
+    def _lost(self, conn: C, lost: RunLost) -> None:
+        """Stop recording: one event, tell the run, then drop every change until the end."""
+        name, attempt = self._record.name, self._record.attempt
+        message = (
+            f"this runner (pid {os.getpid()}) found run {name!r} recorded CRASHED: its "
+            "heartbeat went stale as seen from another host; it cancelled its bodies and "
+            "recorded nothing more"
+        )
+        logger.error("run %s: %s", name, message)
+        with contextlib.suppress(StoreError):
+            self._dialect.note(conn, name, attempt, message)
+        if self._on_lost is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._on_lost, str(lost))
+        for fut in self._relief:
+            self._settle(fut, None, None)
+        self._relief = []
+        while True:  # the run's teardown still appends changes: let them go
+            self._wake.wait(POLL_INTERVAL)
+            self._wake.clear()
+            closing = self._closing
+            while self._ops:
+                kind, payload = self._ops.popleft()
+                if kind == _LOOKUP:
+                    self._settle(payload[3], None, None)
+            if closing:
                 return
 
     def _probe_loop(self) -> None:
