@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy flowsdk tests examples benchmarks
+	$(BIN)/mypy flowsdk tests examples benchmarks soak
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -33,6 +33,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_abort.py
+
+# Long campaigns, not part of `make test`: SIGKILL runners at random moments.
+soak: $(STAMP)
+	$(BIN)/python soak/crash_campaign.py 120
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
