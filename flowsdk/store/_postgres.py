@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import psycopg
@@ -134,7 +134,7 @@ class PostgresStore:
 
     def _reconcile(self, conn: Conn, name: str | None = None) -> None:
         sql = LIVE_RUNS + (" AND r.name = %s" if name is not None else "")
-        rows = conn.execute(sql, (name,) if name is not None else ()).fetchall()  # type: ignore[arg-type]
+        rows = conn.execute(sql, (name,) if name is not None else ()).fetchall()
         for run, attempt, owner, age, held, before_restart in rows:
             if runner_gone(owner, age, bool(held), bool(before_restart)):
                 mark_crashed(conn, run, attempt)
@@ -165,7 +165,7 @@ class PostgresStore:
             if limit is not None:
                 sql += " LIMIT %s"
                 params.append(limit)
-            return [_run_record(r) for r in conn.execute(sql, params)]  # type: ignore[arg-type]
+            return [_run_record(r) for r in conn.execute(sql, params)]
 
         return self._read(work, list)
 
@@ -179,7 +179,7 @@ class PostgresStore:
             rows = [
                 ActionRow(*r)
                 for r in conn.execute(
-                    f"SELECT {ACTION_COLUMNS} FROM flowsdk.actions "  # type: ignore[arg-type]
+                    f"SELECT {ACTION_COLUMNS} FROM flowsdk.actions "
                     "WHERE run = %s AND run_attempt = %s ORDER BY seq",
                     (name, record.attempt),
                 )
@@ -191,7 +191,7 @@ class PostgresStore:
 
         return self._read(work, lambda: self._none_yet(name))
 
-    def _none_yet(self, name: str) -> Any:
+    def _none_yet(self, name: str) -> NoReturn:
         raise RunNotFoundError(
             f"no run named {name!r}: the store {self._target.display} has no runs yet"
         )
@@ -199,19 +199,18 @@ class PostgresStore:
     def _run_row(self, conn: Conn, name: str, attempt: int | None) -> tuple[Any, ...]:
         if attempt is None:
             row = conn.execute(
-                f"SELECT {RUN_COLUMNS} FROM flowsdk.runs WHERE name = %s "  # type: ignore[arg-type]
+                f"SELECT {RUN_COLUMNS} FROM flowsdk.runs WHERE name = %s "
                 "ORDER BY attempt DESC LIMIT 1",
                 (name,),
             ).fetchone()
         else:
             row = conn.execute(
-                f"SELECT {RUN_COLUMNS} FROM flowsdk.runs "  # type: ignore[arg-type]
-                "WHERE name = %s AND attempt = %s",
+                f"SELECT {RUN_COLUMNS} FROM flowsdk.runs WHERE name = %s AND attempt = %s",
                 (name, attempt),
             ).fetchone()
         if row is None:
             raise self._not_found(conn, name, attempt)
-        return row
+        return tuple(row)
 
     def _latest(self, conn: Conn, name: str) -> tuple[int, str]:
         row = conn.execute(
@@ -287,8 +286,7 @@ class PostgresStore:
 
         def work(conn: Conn) -> str | None:
             row = conn.execute(
-                "SELECT workdir FROM flowsdk.runs WHERE task = %s ORDER BY started_at DESC "
-                "LIMIT 1",
+                "SELECT workdir FROM flowsdk.runs WHERE task = %s ORDER BY started_at DESC LIMIT 1",
                 (task,),
             ).fetchone()
             return None if row is None else str(row[0])
@@ -426,7 +424,7 @@ def _events(conn: Conn, name: str, attempt: int, cursor: int) -> list[Event]:
     return [
         event_from_row(EventRow(*r))
         for r in conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM flowsdk.events "  # type: ignore[arg-type]
+            f"SELECT {EVENT_COLUMNS} FROM flowsdk.events "
             "WHERE run = %s AND run_attempt = %s AND seq > %s ORDER BY seq",
             (name, attempt, cursor),
         )
@@ -452,4 +450,3 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         task=task,
         workdir=workdir,
     )
-

@@ -132,14 +132,14 @@ class PostgresDialect:
                 logger.warning(
                     "run %s: lost the database session (%s); reconnecting for up to %g s",
                     self._run,
-                    str(lost).strip().splitlines()[0] if str(lost).strip() else "closed",
+                    _first_line(lost),
                     self._target.busy_timeout,
                 )
             while True:
                 if time.monotonic() >= deadline:
                     raise StoreError(
                         f"the database {self.location} stayed unreachable for its busy timeout "
-                        f"({self._target.busy_timeout:g} s): {lost}"
+                        f"({self._target.busy_timeout:g} s): {_first_line(lost)}"
                     )
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -151,7 +151,7 @@ class PostgresDialect:
                     lost = exc
                     continue
                 except psycopg.Error as exc:
-                    lost = exc
+                    lost = store_error(exc, self._target)
                     continue
                 logger.warning("run %s: reconnected to the database", self._run)
                 break
@@ -161,7 +161,9 @@ class PostgresDialect:
     def insert_run(self, link: Link, record: RunRecord) -> None:
         """Take the run's advisory lock, then create its row owned by this process."""
         pid = os.getpid()
-        owner = owner_encoder.encode(Owner(host=host_identity(), pid=pid, started=process_start(pid)))
+        owner = owner_encoder.encode(
+            Owner(host=host_identity(), pid=pid, started=process_start(pid))
+        )
         conn = link.conn
         try:
             row = conn.execute("SELECT nextval('flowsdk.lock_keys')").fetchone()
@@ -303,10 +305,14 @@ class PostgresDialect:
 
         def work(conn: psycopg.Connection[Any]) -> bytes | None:
             row = conn.execute(
-                "SELECT output FROM flowsdk.cache WHERE task = %s AND version = %s "
-                "AND digest = %s",
+                "SELECT output FROM flowsdk.cache WHERE task = %s AND version = %s AND digest = %s",
                 (task, version, digest),
             ).fetchone()
             return None if row is None else bytes(row[0])
 
         return self._do(link, work)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -199,7 +199,7 @@ def _masked(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def store_error(exc: psycopg.Error, target: PgTarget) -> StoreError:
+def store_error(exc: psycopg.Error, target: PgTarget) -> StoreError | PermissionDeniedError:
     """Turn a psycopg error into the store error of SPEC §7 that says what happened."""
     where = target.display
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -209,7 +209,8 @@ def store_error(exc: psycopg.Error, target: PgTarget) -> StoreError:
             "see the README's scale-out section for the grants"
         )
     if isinstance(
-        exc, pg_errors.LockNotAvailable | pg_errors.DeadlockDetected | pg_errors.SerializationFailure
+        exc,
+        pg_errors.LockNotAvailable | pg_errors.DeadlockDetected | pg_errors.SerializationFailure,
     ):
         return StoreLockedError(
             f"the store {where} is locked by another session past its busy timeout ({text})"
@@ -315,7 +316,7 @@ def _migrate(conn: psycopg.Connection[Any], target: PgTarget, *, create: bool) -
             )
         for step in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[step]:
-                conn.execute(statement)  # type: ignore[arg-type]  # constant SQL text
+                conn.execute(statement)
         conn.execute("UPDATE flowsdk.schema_version SET version = %s", (SCHEMA_VERSION,))
     return True
 
@@ -364,21 +365,19 @@ def mark_crashed(conn: psycopg.Connection[Any], name: str, attempt: int) -> bool
             (r[1], r[0])
             for r in conn.execute(
                 "UPDATE flowsdk.actions SET phase = 'CRASHED', ended_at = %s "
-                "WHERE run = %s AND run_attempt = %s AND phase IN ('QUEUED', 'RUNNING', 'STOPPING') "
-                "RETURNING name, seq",
+                "WHERE run = %s AND run_attempt = %s "
+                "AND phase IN ('QUEUED', 'RUNNING', 'STOPPING') RETURNING name, seq",
                 (end, name, attempt),
             ).fetchall()
         )
         unfinished = [action for _, action in crashed]
+        gone = (None, None, None, "runner gone")  # cause, reason, requested_by, message
         events: list[tuple[Any, ...]] = [
-            (name, attempt, seq + 1 + i, end, EventKind.ACTION.value, action, "CRASHED")
-            + (None, None, None, "runner gone")
+            (name, attempt, seq + 1 + i, end, EventKind.ACTION.value, action, "CRASHED", *gone)
             for i, action in enumerate(unfinished)
         ]
-        events.append(
-            (name, attempt, seq + 1 + len(unfinished), end, EventKind.RUN.value, None, "CRASHED")
-            + (None, None, None, "runner gone")
-        )
+        last = seq + 1 + len(unfinished)
+        events.append((name, attempt, last, end, EventKind.RUN.value, None, "CRASHED", *gone))
         with conn.cursor() as cur:
             cur.executemany(INSERT_EVENT, events)
         conn.execute(
