@@ -3,7 +3,8 @@
 Each runner is tests/runners/control.py running one workflow on a SQLite store
 in tmp_path, or on a new database of the session's PostgreSQL server. The test
 waits for the lines it prints (`STARTED a1 sleeper`), controls the run through
-`flowsdk.Client`, then reads the run back from the store once the runner has exited (or after `sync`, while it still runs).
+`flowsdk.Client`, then reads the run back from the store once the runner has
+exited (or after `sync`, while it still runs).
 """
 
 from __future__ import annotations
