@@ -283,3 +283,27 @@ async def _noop_task() -> int:
 
 def _noop() -> flowsdk.Task[[], int]:
     return _noop_task
+
+
+def test_role_privileges_read_only_lists_but_cannot_control(pg_url: str) -> None:
+    """A role with SELECT only reads the history; a control request is permission denied."""
+    from flowsdk.errors import PermissionDeniedError
+
+    role = f"viewer_{pg_url.rsplit('_', 1)[-1]}"
+    viewer = pg_url.replace("postgres@", f"{role}@")
+    with Runner("control.py", pg_url, "seen", "one_child") as runner:
+        runner.started(2)
+        with admin(pg_url) as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"GRANT USAGE ON SCHEMA flowsdk TO {role}")
+            conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA flowsdk TO {role}")
+        try:
+            with flowsdk.Client(viewer) as client:
+                listed = [(r.name, r.phase) for r in client.runs()]
+                with pytest.raises(PermissionDeniedError, match="lacks a privilege"):
+                    client.abort("seen", reason="not allowed")
+        finally:
+            with admin(pg_url) as conn:
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")
+    assert listed == [("seen", RunPhase.RUNNING)]

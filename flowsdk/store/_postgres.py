@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import psycopg
+from psycopg import errors as pg_errors
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
@@ -137,7 +138,12 @@ class PostgresStore:
         rows = conn.execute(sql, (name,) if name is not None else ()).fetchall()
         for run, attempt, owner, age, held, before_restart in rows:
             if runner_gone(owner, age, bool(held), bool(before_restart)):
-                mark_crashed(conn, run, attempt)
+                try:
+                    mark_crashed(conn, run, attempt)
+                except (pg_errors.InsufficientPrivilege, pg_errors.LockNotAvailable):
+                    # Best effort, as with SQLite: a read-only role still lists and shows
+                    # runs, and a run locked by its writer is judged again on the next read.
+                    return
 
     def reconcile(self) -> None:
         """Mark runs whose runner is gone (and their unfinished actions) CRASHED."""
