@@ -307,3 +307,20 @@ def test_role_privileges_read_only_lists_but_cannot_control(pg_url: str) -> None
                 conn.execute(f"DROP OWNED BY {role}")
                 conn.execute(f"DROP ROLE {role}")
     assert listed == [("seen", RunPhase.RUNNING)]
+
+
+def test_text_with_nul_characters_is_recorded_visibly(pg_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: an error message with one is kept, NUL escaped."""
+
+    @_env.task
+    async def nul_failure() -> None:
+        raise ValueError("before\x00after")
+
+    run = flowsdk.run(nul_failure, name="nul", store=pg_url)
+    with flowsdk.Client(pg_url) as client:
+        stored = client.get_run("nul")
+    assert run.phase is RunPhase.FAILED
+    assert stored.phase is RunPhase.FAILED
+    error = stored.actions[0].error
+    assert error is not None
+    assert "before\\x00after" in error.message

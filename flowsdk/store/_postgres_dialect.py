@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -200,56 +200,78 @@ class PostgresDialect:
         """Write one batch in one transaction (again, whole, after a lost session)."""
         actions = [(name, attempt, *astuple(r)) for r in batch.actions.values()]
         events = [(name, attempt, *astuple(e)) for e in batch.events]
+        run = batch.run
+        stop = run.stop if run is not None else None
+        run_row = (
+            None
+            if run is None
+            else (
+                run.phase.value,
+                None if run.ended_at is None else run.ended_at.timestamp(),
+                stop.mode.value if stop else None,
+                stop.reason if stop else None,
+                stop.requested_by if stop else None,
+                stop.requested_at.timestamp() if stop else None,
+                name,
+                attempt,
+            )
+        )
 
         def work(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction(), conn.cursor() as cur:
-                # The run's row lock orders this batch against a reader marking it CRASHED.
-                row = cur.execute(
-                    "SELECT phase FROM flowsdk.runs WHERE name = %s AND attempt = %s FOR UPDATE",
-                    (name, attempt),
-                ).fetchone()
-                if row is not None and row[0] == "CRASHED":
-                    self._check_not_crashed(conn)
-                if actions:
-                    cur.executemany(INSERT_ACTION, actions)
-                if events:
-                    cur.executemany(INSERT_EVENT, events)
-                run = batch.run
-                if run is not None:
-                    stop = run.stop
-                    cur.execute(
-                        "UPDATE flowsdk.runs SET phase = %s, ended_at = %s, stop_mode = %s, "
-                        "stop_reason = %s, stop_by = %s, stop_at = %s, "
-                        "heartbeat = extract(epoch FROM clock_timestamp()) "
-                        "WHERE name = %s AND attempt = %s",
-                        (
-                            run.phase.value,
-                            None if run.ended_at is None else run.ended_at.timestamp(),
-                            stop.mode.value if stop else None,
-                            stop.reason if stop else None,
-                            stop.requested_by if stop else None,
-                            stop.requested_at.timestamp() if stop else None,
-                            name,
-                            attempt,
-                        ),
-                    )
-                if batch.replies:
-                    now = time.time()
-                    cur.executemany(
-                        "UPDATE flowsdk.requests SET state = 'done', answer = %s, "
-                        "answered_at = %s WHERE id = %s",
-                        [(body, now, request_id) for request_id, body in batch.replies],
-                    )
-                    cur.execute(f"NOTIFY {REPLIES}")
-                if batch.cached:
-                    cur.executemany(
-                        "INSERT INTO flowsdk.cache VALUES (%s, %s, %s, %s, %s) "
-                        "ON CONFLICT (task, version, digest) DO UPDATE SET "
-                        "output = EXCLUDED.output, created_at = EXCLUDED.created_at",
-                        batch.cached,
-                    )
+            try:
+                self._write(conn, batch, actions, events, run_row)
+            except psycopg.DataError as exc:
+                if "NUL" not in str(exc):
+                    raise
+                # PostgreSQL text cannot hold NUL: written as the visible escape `\x00`,
+                # as a terminal shows it, rather than losing the whole batch.
+                self._write(conn, batch, _no_nul(actions), _no_nul(events), _no_nul([run_row])[0])
 
         self._do(link, work)
+
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        actions: list[tuple[Any, ...]],
+        events: list[tuple[Any, ...]],
+        run_row: tuple[Any, ...] | None,
+    ) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            # The run's row lock orders this batch against a reader marking it CRASHED.
+            row = cur.execute(
+                "SELECT phase FROM flowsdk.runs WHERE name = %s AND attempt = %s FOR UPDATE",
+                (self._run, self._attempt),
+            ).fetchone()
+            if row is not None and row[0] == "CRASHED":
+                self._check_not_crashed(conn)
+            if actions:
+                cur.executemany(INSERT_ACTION, actions)
+            if events:
+                cur.executemany(INSERT_EVENT, events)
+            if run_row is not None:
+                cur.execute(
+                    "UPDATE flowsdk.runs SET phase = %s, ended_at = %s, stop_mode = %s, "
+                    "stop_reason = %s, stop_by = %s, stop_at = %s, "
+                    "heartbeat = extract(epoch FROM clock_timestamp()) "
+                    "WHERE name = %s AND attempt = %s",
+                    run_row,
+                )
+            if batch.replies:
+                now = time.time()
+                cur.executemany(
+                    "UPDATE flowsdk.requests SET state = 'done', answer = %s, "
+                    "answered_at = %s WHERE id = %s",
+                    [(body, now, request_id) for request_id, body in batch.replies],
+                )
+                cur.execute(f"NOTIFY {REPLIES}")
+            if batch.cached:
+                cur.executemany(
+                    "INSERT INTO flowsdk.cache VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT (task, version, digest) DO UPDATE SET "
+                    "output = EXCLUDED.output, created_at = EXCLUDED.created_at",
+                    batch.cached,
+                )
 
     def heartbeat(self, link: Link, name: str, attempt: int) -> None:
         """Renew the runner's lease on the server's clock."""
@@ -316,3 +338,10 @@ class PostgresDialect:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _no_nul(rows: Sequence[tuple[Any, ...] | None]) -> list[Any]:
+    def clean(value: object) -> object:
+        return value.replace("\x00", "\\x00") if isinstance(value, str) else value
+
+    return [None if row is None else tuple(clean(v) for v in row) for row in rows]
