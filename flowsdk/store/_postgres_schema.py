@@ -24,7 +24,10 @@ from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, EventKind
 from flowsdk.errors import PermissionDeniedError, StoreError, StoreLockedError
 
 __all__ = [
+    "ACTIONS_IN",
     "ACTION_COLUMNS",
+    "COPY_ACTIONS",
+    "COPY_EVENTS",
     "DEFAULT_BUSY_TIMEOUT",
     "EVENT_COLUMNS",
     "INSERT_ACTION",
@@ -35,6 +38,7 @@ __all__ = [
     "REQUESTS",
     "RUN_COLUMNS",
     "SCHEMA_VERSION",
+    "UPSERT_ACTIONS",
     "PgTarget",
     "connect",
     "connection_lost",
@@ -143,6 +147,18 @@ INSERT_ACTION = (
     "ON CONFLICT (run, run_attempt, name) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ACTION_COLS if c != "name")
 )
+# The fast path of a batch: COPY, with the actions upserted from a session temp table.
+ACTIONS_IN = (
+    "CREATE TEMP TABLE IF NOT EXISTS actions_in (LIKE flowsdk.actions) ON COMMIT DELETE ROWS"
+)
+COPY_ACTIONS = f"COPY actions_in (run, run_attempt, {ACTION_COLUMNS}) FROM STDIN"
+UPSERT_ACTIONS = (
+    f"INSERT INTO flowsdk.actions (run, run_attempt, {ACTION_COLUMNS}) "
+    f"SELECT run, run_attempt, {ACTION_COLUMNS} FROM actions_in "
+    "ON CONFLICT (run, run_attempt, name) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ACTION_COLS if c != "name")
+)
+COPY_EVENTS = f"COPY flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) FROM STDIN"
 INSERT_EVENT = (
     f"INSERT INTO flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) "
     f"VALUES ({', '.join(['%s'] * (2 + len(EVENT_FIELDS)))}) ON CONFLICT DO NOTHING"
