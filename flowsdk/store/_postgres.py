@@ -83,7 +83,7 @@ class PostgresStore:
         self._target = PgTarget(url)
         self.url = url
         self._reader: Conn | None = None
-        self._requester: Conn | None = None
+        self._requesters: list[Conn] = []  # idle sessions for control requests
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -111,10 +111,10 @@ class PostgresStore:
     def close(self) -> None:
         """Close the store's sessions (runs close their own)."""
         with self._lock:
-            for conn in (self._reader, self._requester):
+            for conn in [self._reader, *self._requesters]:
                 if conn is not None:
                     conn.close()
-            self._reader = self._requester = None
+            self._reader, self._requesters = None, []
 
     # -- writing a run -------------------------------------------------------------------
 
@@ -333,16 +333,15 @@ class PostgresStore:
     # -- control -------------------------------------------------------------------------
 
     def _requesting(self) -> Conn:
-        conn = self._requester
-        if conn is None or conn.closed or conn.broken:
-            conn = connect(self._target, create=True)
-            assert conn is not None
-            try:
-                conn.execute(f"LISTEN {REPLIES}")
-            except psycopg.Error as exc:
-                conn.close()
-                raise store_error(exc, self._target) from None
-            self._requester = conn
+        # One session per request under way: threads (the console's) never wait for
+        # each other's answers, and an idle session is reused.
+        with self._lock:
+            while self._requesters:
+                idle = self._requesters.pop()
+                if not (idle.closed or idle.broken):
+                    return idle
+        conn = connect(self._target, create=True)
+        assert conn is not None
         return conn
 
     def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
@@ -352,14 +351,25 @@ class PostgresStore:
         not answer in time, the reply is `queued` and the request is applied
         when the runner reads it.
         """
-        with self._lock:
-            conn = self._requesting()
+        conn = self._requesting()
+        try:
+            # Listening only while a request waits: an idle session that listened would
+            # let notifications pile up unread, holding back the server's queue.
+            conn.execute(f"LISTEN {REPLIES}")
             try:
-                return self._request(conn, request, timeout)
-            except psycopg.Error as exc:
-                conn.close()
-                self._requester = None
-                raise store_error(exc, self._target) from None
+                reply = self._request(conn, request, timeout)
+            finally:
+                if not (conn.closed or conn.broken):
+                    conn.execute("UNLISTEN *")
+        except psycopg.Error as exc:
+            conn.close()
+            raise store_error(exc, self._target) from None
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._requesters.append(conn)
+        return reply
 
     def _request(self, conn: Conn, request: ControlRequest, timeout: float) -> ControlReply:
         wake = request.run if len(request.run.encode()) < 4000 else ""  # NOTIFY payload limit
