@@ -45,6 +45,12 @@ def runner_backend(url: str, run: str) -> int | None:
     return None if row is None else int(str(row[0]))
 
 
+def process_state(pid: int) -> str:
+    """The state letter of process `pid` (`T`: stopped), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
 def wait_until(check: object, what: str) -> None:
     """Poll `check()` until true, failing after `DEADLINE` seconds."""
     assert callable(check)
@@ -113,6 +119,7 @@ def test_paused_runner_is_crashed_from_another_host_once_its_lease_is_old_never_
         with admin(pg_url) as conn:
             while True:  # pause it between two statements, never inside a transaction
                 runner.proc.send_signal(signal.SIGSTOP)
+                wait_until(lambda: process_state(runner.proc.pid) == "T", "the SIGSTOP")
                 state = conn.execute(
                     "SELECT state FROM pg_stat_activity WHERE pid = %s", (backend,)
                 ).fetchone()
