@@ -25,6 +25,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy flowsdk tests examples benchmarks soak
 
 pytest: $(STAMP)
+	bash scripts/ensure-postgres.sh
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

@@ -184,10 +184,13 @@ def _rows(label: str, trials: Trials) -> list[Row]:
     return rows
 
 
-def measure(client_trials: int, cli_trials: int) -> list[Row]:
-    """Start a runner, abort its targets through the Client then the CLI; return the rows."""
+def measure(client_trials: int, cli_trials: int, url: str | None = None) -> list[Row]:
+    """Start a runner, abort its targets through the Client then the CLI; return the rows.
+
+    The store is a new SQLite file, or `url` (an empty store: the PostgreSQL column).
+    """
     with tempfile.TemporaryDirectory(prefix="bench-abort-") as folder:
-        store = "sqlite:///" + str(Path(folder) / "flowsdk.db")
+        store = url or "sqlite:///" + str(Path(folder) / "flowsdk.db")
         run = "bench-abort"
         proc = subprocess.Popen(
             [sys.executable, __file__, "--runner", store, run, str(client_trials + cli_trials)],

@@ -1,4 +1,4 @@
-"""Cost of recording runs in the SQLite store, against memory:// and bare asyncio (SPEC §10).
+"""Cost of recording runs in the SQLite and PostgreSQL stores, against bare asyncio (SPEC §10).
 
 The core shapes of bench_core.py, run three ways in the same process and
 interleaved, each sample on a fresh event loop after a full collection:
@@ -23,6 +23,12 @@ in use. The table shows the median of the repetitions (at least 5) and the
 ratio to bare asyncio; the targets are SPEC §10's. The machines are shared and
 noisy: read the ratios, not the absolute times. The script reports and always
 exits 0. `--quick` uses smaller sizes (for the smoke test).
+
+The PostgreSQL column (SPEC §9): (a) and (b) on a new database of a
+throwaway server this script starts (as the tests do; or the server at
+$FLOWSDK_TEST_POSTGRES), against the SQLite store (target <= 2x), and
+`Client.abort` called in this process -> `CancelledError` in a runner
+process's body (bench_abort.py's measure on that server), p50 and p99.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ from bench_core import (
 
 import flowsdk
 from flowsdk.store import MemoryStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's tests/ helpers
+import bench_abort
+import psycopg
+
+from tests.pg_server import PostgresServer
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ def measure(
     sides: dict[str, Sample],
     reps: int,
 ) -> list[Row]:
-    """Interleave `reps` samples of bare, memory and SQLite; return the memory and SQLite rows."""
+    """Interleave `reps` samples of each side; return the memory, SQLite (and PostgreSQL) rows."""
     samples: dict[str, list[float]] = {side: [] for side in sides}
     error = None
     try:
@@ -133,6 +145,23 @@ def measure(
         row = Row(f"{title}, {side} store", unit, bare=bare, max_ratio=target, error=error)
         if samples[side] and error is None:
             row.flow = statistics.median(samples[side]) * scale
+        rows.append(row)
+    if "postgresql" in sides:
+        # SPEC §10 sets PostgreSQL against SQLite: its "bare" column is the SQLite median.
+        row = Row(
+            f"{title}, postgresql store (bare column: sqlite store)",
+            unit,
+            bare=rows[1].flow,
+            max_ratio=2,
+            error=error,
+        )
+        if samples["postgresql"] and error is None:
+            row.flow = statistics.median(samples["postgresql"]) * scale
+            row.notes.append(
+                f"{title}, postgresql store: {row.flow / bare:.2f}x bare asyncio"
+                if bare
+                else "no bare asyncio median"
+            )
         rows.append(row)
     return rows
 
@@ -204,13 +233,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     print(
-        f"flowsdk {flowsdk.__version__}: SQLite and memory stores vs bare asyncio | "
+        f"flowsdk {flowsdk.__version__}: memory, SQLite and PostgreSQL stores vs bare asyncio | "
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs | median of {sizes.reps} "
         f"({'quick' if args.quick else 'full'} mode)",
         flush=True,
     )
     started = time.perf_counter()
+    server, pg = _postgres()
+    try:
+        rows, recorded = _measure_all(sizes, args.quick, pg)
+    finally:
+        if server is not None:
+            server.stop()
+    print()
+    print(render(rows))
+    elapsed = time.perf_counter() - started
+    print(f"\n(SQLite store: {recorded} runs recorded in one file; total {elapsed:.1f} s)")
+    return 0
+
+
+def _postgres() -> tuple[PostgresServer | None, str | Exception]:
+    """Start a throwaway PostgreSQL server (or use $FLOWSDK_TEST_POSTGRES); return a new database.
+
+    Returns the error instead when there is no server to be had: the PostgreSQL rows say so.
+    """
+    try:
+        server = PostgresServer()
+    except Exception as exc:
+        return None, exc
+    try:
+        return server, server.new_database()
+    except Exception as exc:
+        server.stop()
+        return None, exc
+
+
+def _measure_all(sizes: Sizes, quick: bool, pg: str | Exception) -> tuple[list[Row], int]:
+    pg_side: dict[str, Sample] = {}
+    pg_fan: dict[str, Sample] = {}
+    if isinstance(pg, str):
+        url_pg = pg
+        pg_side["postgresql"] = flow_sample(sequential_root, sizes.seq, lambda: url_pg)
+        pg_fan["postgresql"] = flow_sample(fan_out_root, sizes.fan, lambda: url_pg)
     with tempfile.TemporaryDirectory(prefix="bench-store-") as folder:
         url = "sqlite:///" + str(Path(folder) / "flowsdk.db")
         rows = [
@@ -223,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "bare": bare_sample(bare_sequential, sizes.seq),
                     "memory": flow_sample(sequential_root, sizes.seq, MemoryStore),
                     "sqlite": flow_sample(sequential_root, sizes.seq, lambda: url),
+                    **pg_side,
                 },
                 sizes.reps,
             ),
@@ -235,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "bare": bare_sample(bare_fan_out, sizes.fan),
                     "memory": flow_sample(fan_out_root, sizes.fan, MemoryStore),
                     "sqlite": flow_sample(fan_out_root, sizes.fan, lambda: url),
+                    **pg_fan,
                 },
                 sizes.reps,
             ),
@@ -242,14 +309,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         replay_n = sizes.seq
         rows.append(replay_rows(url, replay_n, sizes.reps))
         rows.append(payload_row(url, KIB, sizes.seq // 5, sizes.reps))
-        rows.append(payload_row(url, MIB, 10 if not args.quick else 3, sizes.reps))
+        rows.append(payload_row(url, MIB, 10 if not quick else 3, sizes.reps))
         with flowsdk.Client(url) as client:
             recorded = len(client.runs())
-    print()
-    print(render(rows))
-    elapsed = time.perf_counter() - started
-    print(f"\n(SQLite store: {recorded} runs recorded in one file; total {elapsed:.1f} s)")
-    return 0
+    if isinstance(pg, str):
+        # A fresh database: the abort runner's run is the only one in it.
+        server_url = pg.rsplit("/", 1)[0]
+        with psycopg.connect(server_url + "/postgres", autocommit=True) as conn:
+            name = f"bench_abort_{os.getpid()}"
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
+        abort_rows = bench_abort.measure(20 if quick else 200, 0, f"{server_url}/{name}")
+        rows += [r for r in abort_rows if "called -> CancelledError" in r.measure]
+        for row in rows[-2:]:
+            row.measure = f"PostgreSQL: {row.measure}"
+            row.max_value = 30.0 if "p50" in row.measure else 100.0
+    else:
+        rows.append(Row("PostgreSQL store", "-", error=f"no server: {pg}"[:120]))
+    return rows, recorded
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "STALE_AFTER",
     "Owner",
+    "host_identity",
     "is_alive",
+    "process_alive",
     "process_start",
     "this_host",
     "this_process",
@@ -76,6 +78,43 @@ def this_process() -> Owner:
     """Describe the calling process."""
     pid = os.getpid()
     return Owner(host=this_host(), pid=pid, started=process_start(pid))
+
+
+def host_identity() -> str:
+    """Name this machine: `$FLOWSDK_HOST`, else its host name and Linux boot id.
+
+    The boot id tells two containers that share a host name apart, and a
+    machine from itself before a reboot (whose pids mean nothing any more).
+    """
+    named = os.environ.get("FLOWSDK_HOST")
+    if named:
+        return named
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    host = socket.gethostname()
+    return f"{host}/{boot}" if boot else host
+
+
+def process_alive(pid: int, started: int | None) -> bool:
+    """Whether process `pid` of this host, started at `started` (clock ticks), still runs.
+
+    A zombie (dead, not yet reaped) is not alive; a pid reused by another
+    process (another start time) is not the same process.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    stat = _stat(pid)
+    if stat is None:
+        return True  # no /proc here: the pid exists
+    state, start = stat
+    return state != "Z" and (started is None or start == started)
 
 
 def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.pg_server import PostgresServer
+
 
 class _Collector(logging.Handler):
     def __init__(self) -> None:
@@ -62,3 +64,22 @@ async def async_leak_bundle(request: pytest.FixtureRequest) -> AsyncIterator[Non
     me = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
     assert not pending, f"tasks left pending: {pending}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started on first use and stopped at the end."""
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty PostgreSQL database (one per test)."""
+    return postgres_server.new_database()

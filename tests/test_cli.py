@@ -685,7 +685,7 @@ def test_show_reports_crashed_run_after_runner_killed(tmp_path: Path, start_runn
         ["runs", "--phase", "SLEEPING"],
         ["show", "r", "--attempt", "two"],
         ["abort", "r", "a1", "--group", "g"],
-        ["runs", "--store", "postgresql://db/flows"],
+        ["runs", "--store", "postgresql://db/flows?busy_timeout=soon"],
         ["runs", "--store", "ftp://host/store.db"],
         ["runs", "--store", "sqlite:///x.db?busy_timeout=soon"],
     ],

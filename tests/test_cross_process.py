@@ -1,9 +1,10 @@
 """Control of a run from another process: `flowsdk.Client` against a subprocess runner (SPEC §6).
 
 Each runner is tests/runners/control.py running one workflow on a SQLite store
-in tmp_path. The test waits for the lines it prints (`STARTED a1 sleeper`),
-controls the run through `flowsdk.Client`, then reads the run back from the
-store once the runner has exited (or after `sync`, while it still runs).
+in tmp_path, or on a new database of the session's PostgreSQL server. The test
+waits for the lines it prints (`STARTED a1 sleeper`), controls the run through
+`flowsdk.Client`, then reads the run back from the store once the runner has
+exited (or after `sync`, while it still runs).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from tests.runners.harness import Runner, sqlite_url, sync
 from tests.support import assert_clean, causes, phases
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new store shared by the runner and the test: a SQLite file, or a PostgreSQL database."""
+    if request.param == "postgresql":
+        pg: str = request.getfixturevalue("pg_url")
+        return pg
     return sqlite_url(tmp_path / "s.db")
 
 

@@ -1,7 +1,8 @@
 """The store contract (SPEC §5, §6): what `flowsdk.Client` reads back, whatever the store.
 
-Every test runs against a `MemoryStore` object and a SQLite store in tmp_path
-(`flowsdk.testing.store_fixture`); the last one checks that both keep the same records.
+Every test runs against a `MemoryStore` object, a SQLite store in tmp_path and
+a new database on the session's PostgreSQL server; the last one checks that
+they all keep the same records.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ from flowsdk.errors import (
     RuntimeUserError,
 )
 from flowsdk.store import ControlReply, MemoryStore, Store, open_store
-from flowsdk.testing import Gate, new_store, start_and_control, store_fixture
+from flowsdk.testing import Gate, new_store, start_and_control
 from tests.support import assert_clean, causes, phases
 
-store = store_fixture()
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
+    """A new, empty store of each kind: memory, a SQLite file, a PostgreSQL database."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return new_store(request.param, tmp_path)
 
 
 def read(store: str | Store, name: str) -> flowsdk.Run[Any]:
@@ -389,13 +397,16 @@ def _twin() -> flowsdk.Task[[], int]:
     return root
 
 
-def test_memory_and_sqlite_stores_keep_the_same_records(tmp_path: Path) -> None:
-    """The same workflow read back from memory:// and from SQLite gives equal records."""
+def test_memory_sqlite_and_postgres_stores_keep_the_same_records(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The same workflow read back from memory://, SQLite and PostgreSQL gives equal records."""
     memory, sqlite = new_store("memory", tmp_path), new_store("sqlite", tmp_path)
-    for store in (memory, sqlite):
+    for store in (memory, sqlite, pg_url):
         flowsdk.run(_twin(), name="twin", store=store)
     from_memory, from_sqlite = read(memory, "twin"), read(sqlite, "twin")
     assert _comparable(from_memory) == _comparable(from_sqlite)
+    assert _comparable(read(pg_url, "twin")) == _comparable(from_sqlite)
     assert [a.phase for a in from_sqlite.actions] == [
         ActionPhase.SUCCEEDED,
         ActionPhase.FAILED,

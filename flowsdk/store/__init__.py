@@ -2,7 +2,8 @@
 
 `open_store()` turns what a user passes (`store=`, `--store`, `FLOWSDK_STORE`)
 into a store: `memory://`, `sqlite:///relative.db`, `sqlite:////absolute.db`,
-or a plain file path (SQLite). It dispatches on the URL's scheme and imports
+`postgresql://user@host/db` (extra `flowsdk[postgres]`), or a plain file
+path (SQLite). It dispatches on the URL's scheme and imports
 only the store it needs. Opening a store object does no I/O; the file is
 touched when a run is recorded or read.
 """
@@ -14,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._records import ControlReply
+from flowsdk.errors import StoreError
 from flowsdk.store._base import (
     ControlChannel,
     InProcessChannel,
@@ -27,6 +29,7 @@ from flowsdk.store._base import (
 
 if TYPE_CHECKING:
     from flowsdk.store._memory import MemoryStore
+    from flowsdk.store._postgres import PostgresStore
     from flowsdk.store._sqlite import SQLiteStore
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "ControlReply",
     "InProcessChannel",
     "MemoryStore",
+    "PostgresStore",
     "RequestHandler",
     "RunReader",
     "RunRecorder",
@@ -52,6 +56,8 @@ DEFAULT_STORE = "sqlite:///.flowsdk/flowsdk.db"
 _SCHEMES = {
     "memory": ("flowsdk.store._memory", "MemoryStore"),
     "sqlite": ("flowsdk.store._sqlite", "SQLiteStore"),
+    "postgresql": ("flowsdk.store._postgres", "PostgresStore"),
+    "postgres": ("flowsdk.store._postgres", "PostgresStore"),
 }
 
 
@@ -71,7 +77,8 @@ def open_store(store: str | Store | None = None) -> Store:
     """Return the store named by `store` (a URL, a path, or a store object).
 
     Raises:
-        ValueError: the URL's scheme is not one flowsdk knows.
+        ValueError: the URL's scheme is not one flowsdk knows, or the URL is malformed.
+        StoreError: a PostgreSQL URL, without the `flowsdk[postgres]` extra installed.
     """
     if store is not None and not isinstance(store, str):
         return store
@@ -80,17 +87,20 @@ def open_store(store: str | Store | None = None) -> Store:
     scheme = head.lower() if colon and head.isalpha() and len(head) > 1 else ""
     if scheme in _SCHEMES:
         module, cls = _SCHEMES[scheme]
-        found: Store = getattr(importlib.import_module(module), cls)(url)
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != "psycopg":
+                raise
+            raise StoreError(
+                "PostgreSQL stores need the psycopg driver: pip install 'flowsdk[postgres]'"
+            ) from None
+        found: Store = getattr(imported, cls)(url)
         return found
-    if scheme in ("postgresql", "postgres"):
-        raise ValueError(
-            f"store {url!r}: PostgreSQL stores are not available in this version of flowsdk; "
-            "use sqlite:///path.db"
-        )
     if scheme:
         raise ValueError(
-            f"unknown store URL {url!r}; use memory://, sqlite:///relative/path.db or "
-            "sqlite:////absolute/path.db"
+            f"unknown store URL {url!r}; use memory://, sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or postgresql://user@host/database"
         )
     module, cls = _SCHEMES["sqlite"]
     plain: Store = getattr(importlib.import_module(module), cls)("sqlite:///" + url)

@@ -20,6 +20,7 @@ from typing import Any
 import flowsdk
 from flowsdk.errors import ActionAbortedError, RunStoppingError, RuntimeUserError
 from flowsdk.store import SQLiteStore
+from flowsdk.store._postgres_schema import PgTarget
 from tests.runners._common import STARTED, gate, main, say, started
 
 env = flowsdk.TaskEnvironment("ctl")
@@ -145,9 +146,20 @@ def wait_for_store(sql: str, *params: object) -> tuple[Any, ...]:
     keeps writing and reading the store, but nothing on the loop runs until
     this returns.
     """
-    path = SQLiteStore(sys.argv[1]).path
+    url = sys.argv[1]
     deadline = time.monotonic() + 30
-    with contextlib.closing(sqlite3.connect(path)) as conn:
+    if url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(PgTarget(url).conninfo, autocommit=True) as pg:
+            pg.execute("SET search_path TO flowsdk")
+            while time.monotonic() < deadline:
+                found = pg.execute(sql.replace("?", "%s"), params).fetchone()
+                if found is not None:
+                    return tuple(found)
+                time.sleep(0.002)  # keeps the loop blocked: that is the scenario
+        raise TimeoutError(f"the store never answered {sql!r}")
+    with contextlib.closing(sqlite3.connect(SQLiteStore(url).path)) as conn:
         while time.monotonic() < deadline:
             row = conn.execute(sql, params).fetchone()
             if row is not None:
