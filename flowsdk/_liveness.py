@@ -25,7 +25,6 @@ __all__ = [
     "is_alive",
     "process_alive",
     "process_start",
-    "this_host",
     "this_process",
 ]
 
@@ -61,23 +60,10 @@ def process_start(pid: int) -> int | None:
     return None if stat is None else stat[1]
 
 
-def this_host() -> str:
-    """Name this host: `$FLOWSDK_HOST`, else its host name and boot id (`name/boot-id`)."""
-    named = os.environ.get("FLOWSDK_HOST")
-    if named:
-        return named
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        return socket.gethostname()
-    return f"{socket.gethostname()}/{boot}"
-
-
 def this_process() -> Owner:
     """Describe the calling process."""
     pid = os.getpid()
-    return Owner(host=this_host(), pid=pid, started=process_start(pid))
+    return Owner(host=host_identity(), pid=pid, started=process_start(pid))
 
 
 def host_identity() -> str:
@@ -119,17 +105,7 @@ def process_alive(pid: int, started: int | None) -> bool:
 
 def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:
     """Whether the runner `owner` is alive: by its process on this host, else by its heartbeat."""
-    if owner.host != this_host():
+    if owner.host != host_identity():
         now = time.time() if now is None else now
         return heartbeat is None or now - heartbeat <= STALE_AFTER
-    try:
-        os.kill(owner.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    stat = _stat(owner.pid)
-    if stat is None:
-        return True  # no /proc here: the pid exists
-    state, started = stat
-    return state != "Z" and (owner.started is None or started == owner.started)
+    return process_alive(owner.pid, owner.started)

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from flowsdk._liveness import Owner, is_alive, process_start, this_host
+from flowsdk._liveness import Owner, host_identity, is_alive, process_start
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
@@ -270,7 +270,7 @@ class ControlService:
         argv = [sys.executable, "-m", "flowsdk", *options, "--store", self.store.url, "--"]
         argv += positional
         pid = spawn_detached(argv, cwd, log)
-        owner = Owner(host=this_host(), pid=pid, started=process_start(pid))
+        owner = Owner(host=host_identity(), pid=pid, started=process_start(pid))
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while not recorded():
             if not is_alive(owner, None) or time.monotonic() > deadline:

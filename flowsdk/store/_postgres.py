@@ -18,7 +18,7 @@ import asyncio
 import difflib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -44,7 +44,7 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
-from flowsdk.store._postgres_dialect import PostgresDialect
+from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
     ACTION_COLUMNS,
     EVENT_COLUMNS,
@@ -119,11 +119,26 @@ class PostgresStore:
     # -- writing a run -------------------------------------------------------------------
 
     async def open_run(
-        self, record: RunRecord, loop: asyncio.AbstractEventLoop, handler: RequestHandler
+        self,
+        record: RunRecord,
+        loop: asyncio.AbstractEventLoop,
+        handler: RequestHandler,
+        *,
+        actions: Sequence[ActionRow] = (),
+        events: Sequence[EventRow] = (),
+        on_lost: Callable[[str], None] | None = None,
     ) -> RunRecorder:
-        """Create the run's row and start its writer thread."""
+        """Create the run's row with its first rows, and start its writer thread."""
         dialect = PostgresDialect(self._target, record.name, record.attempt)
-        recorder = RunWriter(dialect, record, loop, handler)
+        recorder: RunWriter[Link] = RunWriter(
+            dialect,
+            record,
+            loop,
+            handler,
+            first=(list(actions), list(events)),
+            final_wait=10 * self._target.busy_timeout,
+            on_lost=on_lost,
+        )
         try:
             await recorder.started
         except BaseException:

@@ -25,7 +25,7 @@ from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
 from flowsdk._liveness import Owner, host_identity, process_start
-from flowsdk._records import RunRecord
+from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError, StoreError
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
@@ -42,7 +42,7 @@ from flowsdk.store._postgres_schema import (
     owner_encoder,
     store_error,
 )
-from flowsdk.store._writer import Batch
+from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
 
@@ -115,9 +115,10 @@ class PostgresDialect:
             (self._run, self._attempt),
         ).fetchone()
         if row is not None and row[0] == "CRASHED":
-            raise StoreError(
+            raise RunLost(
                 f"run {self._run!r} was recorded CRASHED in {self.location} while its runner "
-                "could not reach the database (its lease ran out); nothing more is recorded"
+                f"(pid {os.getpid()}) was alive (its lease ran out); it stopped its bodies and "
+                "recorded nothing more"
             )
 
     def _do(self, link: Link, work: Callable[[psycopg.Connection[Any]], T]) -> T:
@@ -163,8 +164,10 @@ class PostgresDialect:
 
     # -- the run -------------------------------------------------------------------------
 
-    def insert_run(self, link: Link, record: RunRecord) -> None:
-        """Take the run's advisory lock, then create its row owned by this process."""
+    def insert_run(
+        self, link: Link, record: RunRecord, actions: list[ActionRow], events: list[EventRow]
+    ) -> None:
+        """Take the run's advisory lock, then create its row and first rows in one transaction."""
         pid = os.getpid()
         owner = owner_encoder.encode(
             Owner(host=host_identity(), pid=pid, started=process_start(pid))
@@ -177,21 +180,33 @@ class PostgresDialect:
             # Held by this session until it ends: its release tells every host the runner is gone.
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
             link.key = key
-            conn.execute(
-                "INSERT INTO flowsdk.runs (name, attempt, phase, started_at, task, owner, "
-                "heartbeat, workdir, lock_key) VALUES (%s, %s, %s, %s, %s, %s, "
-                "extract(epoch FROM clock_timestamp()), %s, %s)",
-                (
-                    record.name,
-                    record.attempt,
-                    record.phase.value,
-                    record.started_at.timestamp(),
-                    record.task,
-                    owner,
-                    record.workdir,
-                    key,
-                ),
-            )
+            name, attempt = record.name, record.attempt
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    "INSERT INTO flowsdk.runs (name, attempt, phase, started_at, task, owner, "
+                    "heartbeat, workdir, lock_key) VALUES (%s, %s, %s, %s, %s, %s, "
+                    "extract(epoch FROM clock_timestamp()), %s, %s)",
+                    (
+                        name,
+                        attempt,
+                        record.phase.value,
+                        record.started_at.timestamp(),
+                        record.task,
+                        owner,
+                        record.workdir,
+                        key,
+                    ),
+                )
+                # The root and its recorded inputs with the run: never recorded in part.
+                if actions:
+                    cur.executemany(
+                        INSERT_ACTION,
+                        _no_nul([(name, attempt, *astuple(r)) for r in actions]),
+                    )
+                if events:
+                    cur.executemany(
+                        INSERT_EVENT, _no_nul([(name, attempt, *astuple(e)) for e in events])
+                    )
         except pg_errors.UniqueViolation:
             raise RunExistsError(
                 f"a run named {record.name!r} already exists in {self.location}"
@@ -311,6 +326,24 @@ class PostgresDialect:
             ).fetchone()
             if row is None:
                 self._check_not_crashed(conn)
+
+        self._do(link, work)
+
+    def note(self, link: Link, name: str, attempt: int, message: str) -> None:
+        """Append one `warning` event after the run's last one."""
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                row = conn.execute(
+                    "SELECT coalesce(max(seq), -1) + 1 FROM flowsdk.events "
+                    "WHERE run = %s AND run_attempt = %s",
+                    (name, attempt),
+                ).fetchone()
+                assert row is not None
+                event = EventRow(
+                    row[0], time.time(), "warning", None, None, None, None, None, message
+                )
+                conn.execute(INSERT_EVENT, (name, attempt, *astuple(event)))
 
         self._do(link, work)
 
