@@ -25,6 +25,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy flowsdk tests examples benchmarks
 
 pytest: $(STAMP)
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest

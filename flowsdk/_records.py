@@ -40,6 +40,7 @@ __all__ = [
     "StopInfo",
     "StopMode",
     "StopRequest",
+    "TokenRecord",
     "action_from_row",
     "describe_target",
     "event_from_row",
@@ -370,3 +371,23 @@ class Actor(msgspec.Struct, frozen=True, kw_only=True):
         except (KeyError, OSError):
             user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
         return cls(name=f"{user}@{socket.gethostname()} pid {os.getpid()}", role=Role.OPERATOR)
+
+
+class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A console and API token as a store keeps it: never the secret, only its hash.
+
+    Attributes:
+        name: What the token is called (recorded as `requested_by` `token:NAME`).
+        role: What its holder may do.
+        digest: The SHA-256 hex digest of the secret.
+        created_at: When it was created.
+        last_used_at: When a request last presented it (updated at most once a minute).
+        revoked_at: When it was revoked; a revoked token is refused.
+    """
+
+    name: str
+    role: Role
+    digest: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None

@@ -23,6 +23,7 @@ from flowsdk.store._base import (
     RunState,
     Store,
     StoredRun,
+    TokenStore,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoredRun",
+    "TokenStore",
     "open_store",
     "store_url",
 ]
