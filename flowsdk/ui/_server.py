@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -37,7 +38,15 @@ def is_loopback(host: str) -> bool:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that announces its address once it accepts connections."""
+    """A uvicorn server that announces its address once it accepts connections.
+
+    Ctrl-C and SIGTERM shut it down gracefully and the process exits 0 (uvicorn
+    would raise the signal again after shutting down, ending with -15 or 130).
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
