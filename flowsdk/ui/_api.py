@@ -196,8 +196,9 @@ async def list_runs(request: Request, service: ControlService) -> Response:
     """`GET /api/runs?phase=P&name=TEXT&limit=N`."""
     query = _query(request, RunsQuery)
     limit = query.limit or None
+    phase = query.phase if query.phase is not msgspec.UNSET else None
     records = await run_in_threadpool(
-        partial(service.runs, phase=query.phase, limit=None if query.name else limit)
+        partial(service.runs, phase=phase, limit=None if query.name else limit)
     )
     if query.name:
         records = [r for r in records if query.name in r.name][:limit]
@@ -208,7 +209,8 @@ async def get_run(request: Request, service: ControlService) -> Response:
     """`GET /api/runs/RUN?attempt=N&events=true`."""
     query = _query(request, RunQuery)
     name = request.path_params["run"]
-    run = await run_in_threadpool(partial(service.get_run, name, attempt=query.attempt))
+    attempt = query.attempt if query.attempt is not msgspec.UNSET else None
+    run = await run_in_threadpool(partial(service.get_run, name, attempt=attempt))
 
     def detail() -> RunDetail:
         return RunDetail(
@@ -284,11 +286,15 @@ async def whoami(request: Request, service: ControlService) -> Response:
     return json_response(WhoAmI(name=name.removeprefix("token:"), role=service.actor.role.value))
 
 
+async def runs(request: Request, service: ControlService) -> Response:
+    """`/api/runs`: GET the history, POST a new run (one route, so 405 names both)."""
+    return await (list_runs if request.method == "GET" else start)(request, service)
+
+
 def routes() -> list[tuple[str, Handler, list[str]]]:
     """Return (path, handler, methods) of every JSON path but the stream and the document."""
     return [
-        ("/api/runs", list_runs, ["GET"]),
-        ("/api/runs", start, ["POST"]),
+        ("/api/runs", runs, ["GET", "POST"]),
         ("/api/runs/{run}", get_run, ["GET"]),
         ("/api/runs/{run}/abort", abort, ["POST"]),
         ("/api/runs/{run}/stop", stop, ["POST"]),

@@ -86,7 +86,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         error = ApiError(404, "NotFoundError", f"no such path: {request.url.path}")
     elif exc.status_code == 405:
-        error = ApiError(405, "MethodNotAllowedError", f"{request.method} is not allowed here")
+        error = ApiError(
+            405,
+            "MethodNotAllowedError",
+            f"{request.method} is not allowed here",
+            dict(exc.headers or {}),  # `Allow`: the methods that are
+        )
     else:
         error = ApiError(exc.status_code, "BadRequestError", str(exc.detail))
     return error_response(error)

@@ -73,18 +73,19 @@ class StartBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Name | None = None
 
 
+# A query string has no null: an absent parameter is UNSET (so `phase=null` is refused).
 class RunsQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """`GET /api/runs` query: filter by phase and by a substring of the name."""
 
-    phase: RunPhase | None = None
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    phase: RunPhase | msgspec.UnsetType = msgspec.UNSET
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
     limit: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 50
 
 
 class RunQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """`GET /api/runs/RUN` query: an earlier attempt, and the event log."""
 
-    attempt: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
     events: bool = False
 
 
@@ -154,14 +155,21 @@ def _answers(ok: str, schema: dict[str, Any], *errors: str) -> dict[str, Any]:
 
 def _query(struct: type[msgspec.Struct], components: dict[str, Any]) -> list[dict[str, Any]]:
     schema = components[struct.__name__]
-    params = []
-    for field, prop in schema["properties"].items():
-        # A query string has no null: an absent parameter is the default.
-        options = [p for p in prop.get("anyOf", [prop]) if p != {"type": "null"}]
-        params.append({"name": field, "in": "query", "required": False, "schema": options[0]})
-    return params
+    return [
+        {"name": field, "in": "query", "required": False, "schema": prop}
+        for field, prop in schema["properties"].items()
+    ]
 
 
+# One server-sent event as a client parses it: its name and its data (a JSON object).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["run", "action", "event", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["event", "data"],
+}
 _RUN = {"name": "run", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -187,14 +195,14 @@ def openapi() -> dict[str, Any]:
     )
     outcome = {"oneOf": [_ref(ControlResult), _ref(ErrorBody)]}
 
-    def control(body: type, summary: str) -> dict[str, Any]:
+    def control(body: type, summary: str, *, required: bool = False) -> dict[str, Any]:
         answers = _answers("200", _ref(ControlResult), "400", "404", "413", "422")
         answers["409"] = {"description": _ERRORS["409"], **_json(outcome)}
         return {
             "post": {
                 "summary": summary,
                 "parameters": [_RUN],
-                "requestBody": {"required": False, **_json(_ref(body))},
+                "requestBody": {"required": required, **_json(_ref(body))},
                 "responses": answers,
             }
         }
@@ -228,7 +236,7 @@ def openapi() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "event: run / action / event / end",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
                     **{k: v for k, v in _answers("200", {}, "404").items() if k != "200"},
                 },
@@ -236,7 +244,7 @@ def openapi() -> dict[str, Any]:
         },
         "/api/runs/{run}/abort": control(AbortBody, "Abort the run, an action or a group"),
         "/api/runs/{run}/stop": control(StopBody, "Stop and wait, or stop and abandon"),
-        "/api/runs/{run}/fail": control(FailBody, "Mark an action as failed"),
+        "/api/runs/{run}/fail": control(FailBody, "Mark an action as failed", required=True),
         "/api/runs/{run}/retry": {
             "post": {
                 "summary": "Start the next attempt in a new, detached runner process",
