@@ -36,6 +36,7 @@ __all__ = [
     "MarkFailedRequest",
     "Outcome",
     "Role",
+    "RefusedRequest",
     "RunRecord",
     "StopInfo",
     "StopMode",
@@ -288,7 +289,20 @@ class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_fai
     requested_by: str | None = None
 
 
-ControlRequest = AbortRequest | StopRequest | MarkFailedRequest
+class RefusedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    """A control request the requester's side refused (its role lacks the permission).
+
+    It changes nothing: the runner only writes it to the run's event log, so
+    the log shows who tried what, and why it was refused.
+    """
+
+    run: str
+    action: str | None = None
+    message: str
+    requested_by: str | None = None
+
+
+ControlRequest = AbortRequest | StopRequest | MarkFailedRequest | RefusedRequest
 
 
 def describe_target(run: str, action: str | None, group: str | None) -> str:

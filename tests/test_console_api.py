@@ -202,6 +202,9 @@ def test_a_reason_of_exactly_10000_characters_is_accepted(site: Site, ended: str
 
 def test_abort_action_reaches_the_body_with_the_tokens_name_and_reason(site: Site) -> None:
     with start_held(site.store, "abort-me") as runner:
+        # A viewer's try is refused, logged, and written to the run's event log.
+        refused = site.call("POST", "/api/runs/abort-me/abort", who="viewer", body={"action": "a3"})
+        assert refused.status == 403
         reply = site.call(
             "POST", "/api/runs/abort-me/abort", body={"action": "a3", "reason": "bad data"}
         )
@@ -214,6 +217,14 @@ def test_abort_action_reaches_the_body_with_the_tokens_name_and_reason(site: Sit
     with flowsdk.Client(site.store) as client:
         a3 = next(a for a in client.get_run("abort-me").actions if a.name == "a3")
     assert a3.phase.value == "ABORTED"
+    events = client.get_run("abort-me").events
+    (note,) = [e for e in events if e.requested_by == "token:viewer"]
+    assert note.kind.value == "request"
+    assert note.action == "a3"
+    assert note.message is not None
+    assert "refused" in note.message
+    assert "'control' permission" in note.message
+    assert "refused POST /api/runs/abort-me/abort: 403 token:viewer" in site.console.logged()
     assert a3.abort is not None
     assert (a3.abort.requested_by, a3.abort.reason) == ("token:operator", "bad data")
 
