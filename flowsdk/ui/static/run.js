@@ -13,6 +13,7 @@
   let role = null;
   let live = false;
   const expanded = new Set();
+  const openTracebacks = new Set(); // kept open across the live re-renders
   let scheduled = null;
 
   document.title = "flowsdk · " + runName;
@@ -184,6 +185,11 @@
       add(err, el("span", "etype", a.error.type + ": "), el("span", null, a.error.message));
       if (a.error.traceback) {
         const tb = el("details", null, el("summary", null, "traceback"), el("pre", null, a.error.traceback));
+        tb.open = openTracebacks.has(a.name);
+        tb.addEventListener("toggle", () => {
+          if (tb.open) openTracebacks.add(a.name);
+          else openTracebacks.delete(a.name);
+        });
         add(err, tb);
       }
       add(row, err);
@@ -328,7 +334,7 @@
   function renderEvents() {
     const list = document.getElementById("events");
     const all = [...events.values()].sort((x, y) => x.seq - y.seq);
-    const items = all.slice(-MAX_EVENTS).map((e) => {
+    const items = all.slice(-MAX_EVENTS).reverse().map((e) => { // newest first
       const item = el("li", "event");
       item.dataset.kind = e.kind;
       add(item, 
