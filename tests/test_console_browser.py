@@ -204,3 +204,27 @@ def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:
         page.context.close()
 
     site.run(body)
+
+
+def test_abort_run_then_retry_follows_the_new_attempt(site: Site) -> None:
+    with start_held(site.store, "b-retry") as runner:
+
+        def abort() -> None:
+            page = site.page("/runs/b-retry", role="operator")
+            _row(page, "a3").locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            page.get_by_role("button", name="Abort run").click()
+            _confirm(page, "wrong parameters")
+            runner.expect("CANCELLED", "a3")
+            runner.finish()
+            page.locator("#run-phase").filter(has_text="ABORTED").wait_for(timeout=MS)
+            # The next attempt runs detached, with no stdin: a3's gate opens at once.
+            page.get_by_role("button", name="Retry").click()
+            assert page.locator("#confirm-reason").is_hidden()
+            page.locator("dialog#confirm").get_by_role("button", name="Confirm").click()
+            page.locator("#run-facts dd").filter(has_text="2").first.wait_for(timeout=MS)
+            page.locator("#run-phase").filter(has_text="SUCCEEDED").wait_for(timeout=MS)
+            assert _row(page, "a1").locator(".tag").filter(has_text="replayed").count() == 1
+            assert page.errors == []
+            page.context.close()
+
+        site.run(abort)

@@ -34,6 +34,10 @@ def _sse(kind: str, value: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(value) + b"\n\n"
 
 
+class _NewAttempt(Exception):
+    """The run followed has a newer attempt than the one the stream began with."""
+
+
 class _Follower:
     """Reads what changed in one attempt of a run since the last poll (blocking store reads)."""
 
@@ -64,11 +68,16 @@ class _Follower:
         return [_sse("run", run.record), *(_sse("action", a) for a in actions)]
 
     def poll(self) -> tuple[list[bytes], bool]:
-        """Return the new messages, and whether the run has ended (all read)."""
+        """Return the new messages, and whether the run has ended (all read).
+
+        Raises:
+            _NewAttempt: a new attempt began; the stream closes without `end`
+                and the page opens a new one, which starts from that attempt.
+        """
         state = self.store.run_state(self.run)
         ended = state.phase.terminal
         if state.attempt != self.attempt:
-            return [], True  # a new attempt began: the page opens a new stream for it
+            raise _NewAttempt
         out: list[bytes] = []
         events = self.store.events_since(self.run, self.cursor, attempt=self.attempt)
         run_changed = False
@@ -104,6 +113,13 @@ async def stream(request: Request, service: ControlService) -> Response:
     async def body() -> AsyncIterator[bytes]:
         for message in first:
             yield message
+        try:
+            async for message in changes():
+                yield message
+        except _NewAttempt:
+            return
+
+    async def changes() -> AsyncIterator[bytes]:
         quiet = 0.0
         while True:
             messages, ended = await run_in_threadpool(follower.poll)
