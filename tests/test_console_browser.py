@@ -199,7 +199,8 @@ def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:
         page = site.page("/", role="viewer")
         page.locator('tr[data-run="b-hist"]').wait_for(timeout=MS)
         page.locator("#name").fill("b-hist")
-        page.wait_for_function("document.querySelectorAll('tbody tr').length === 1", timeout=MS)
+        # (Playwright's string predicates are eval, which the page's CSP forbids.)
+        playwright_api.expect(page.locator("tbody tr")).to_have_count(1, timeout=MS)
         assert page.locator('tr[data-run="b-hist"] .phase').text_content() == "SUCCEEDED"
         page.context.close()
 
