@@ -26,6 +26,7 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	bash scripts/ensure-postgres.sh
+	sh scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
@@ -34,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_abort.py
+	$(BIN)/python benchmarks/bench_console.py
 
 # Long campaigns, not part of `make test`: SIGKILL runners at random moments.
 soak: $(STAMP)

@@ -20,6 +20,7 @@ from flowsdk._records import (
     ControlResult,
     EventKind,
     Outcome,
+    RefusedRequest,
     StopMode,
     StopRequest,
     describe_target,
@@ -161,4 +162,7 @@ def apply_request(runtime: Runtime, request: ControlRequest) -> ControlResult:
         return abort(runtime, request.action, group=request.group, reason=request.reason, by=by)
     if isinstance(request, StopRequest):
         return stop(runtime, abandon=request.abandon, reason=request.reason, by=by)
+    if isinstance(request, RefusedRequest):
+        runtime.event(EventKind.REQUEST, request.action, message=request.message, requested_by=by)
+        return _result(REFUSED, runtime.phase.value, request.message)
     return mark_failed(runtime, request.action, reason=request.reason, by=by)

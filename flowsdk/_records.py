@@ -36,10 +36,12 @@ __all__ = [
     "MarkFailedRequest",
     "Outcome",
     "Role",
+    "RefusedRequest",
     "RunRecord",
     "StopInfo",
     "StopMode",
     "StopRequest",
+    "TokenRecord",
     "action_from_row",
     "describe_target",
     "event_from_row",
@@ -287,7 +289,20 @@ class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_fai
     requested_by: str | None = None
 
 
-ControlRequest = AbortRequest | StopRequest | MarkFailedRequest
+class RefusedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    """A control request the requester's side refused (its role lacks the permission).
+
+    It changes nothing: the runner only writes it to the run's event log, so
+    the log shows who tried what, and why it was refused.
+    """
+
+    run: str
+    action: str | None = None
+    message: str
+    requested_by: str | None = None
+
+
+ControlRequest = AbortRequest | StopRequest | MarkFailedRequest | RefusedRequest
 
 
 def describe_target(run: str, action: str | None, group: str | None) -> str:
@@ -370,3 +385,23 @@ class Actor(msgspec.Struct, frozen=True, kw_only=True):
         except (KeyError, OSError):
             user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
         return cls(name=f"{user}@{socket.gethostname()} pid {os.getpid()}", role=Role.OPERATOR)
+
+
+class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A console and API token as a store keeps it: never the secret, only its hash.
+
+    Attributes:
+        name: What the token is called (recorded as `requested_by` `token:NAME`).
+        role: What its holder may do.
+        digest: The SHA-256 hex digest of the secret.
+        created_at: When it was created.
+        last_used_at: When a request last presented it (updated at most once a minute).
+        revoked_at: When it was revoked; a revoked token is refused.
+    """
+
+    name: str
+    role: Role
+    digest: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None

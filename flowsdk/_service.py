@@ -37,6 +37,7 @@ from flowsdk._records import (
     ControlResult,
     MarkFailedRequest,
     Outcome,
+    RefusedRequest,
     Role,
     RunRecord,
     StopRequest,
@@ -46,6 +47,7 @@ from flowsdk._result import Run, run_from_stored
 from flowsdk._retry import check_retryable, retry_run
 from flowsdk.errors import (
     ActionNotFoundError,
+    FlowError,
     InvalidStateError,
     PermissionDeniedError,
     RunNotFoundError,
@@ -147,13 +149,43 @@ class ControlService:
             RunNotFoundError: no such run.
             ActionNotFoundError: the run has no such action or group.
         """
-        self.authorize(Permission.CONTROL)
+        try:
+            self.authorize(Permission.CONTROL)
+        except PermissionDeniedError as exc:
+            self._record_refused(request, exc)
+            raise
         request = msgspec.structs.replace(request, requested_by=self.actor.name)
         if not self.channel.in_process:
             ended = self._ended(request)
             if ended is not None:
                 return ended
         return self.channel.request(request, timeout=ANSWER_TIMEOUT).unwrap()
+
+    def _record_refused(self, request: ControlRequest, exc: PermissionDeniedError) -> None:
+        """Write a refused request to its live run's event log (best effort, SPEC §8).
+
+        An ended run's log is closed: there the refusal is only the caller's to report.
+        """
+        what = (
+            "abort"
+            if isinstance(request, AbortRequest)
+            else "stop"
+            if isinstance(request, StopRequest)
+            else "mark failed"
+        )
+        action = getattr(request, "action", None)
+        note = RefusedRequest(
+            run=request.run,
+            action=action,
+            message=f"{what} refused: {exc}",
+            requested_by=self.actor.name,
+        )
+        try:
+            if self.store.run_state(request.run).phase.terminal:
+                return
+            self.channel.request(note, timeout=ANSWER_TIMEOUT)
+        except (FlowError, LookupError):
+            pass  # no such run or action, or the store is busy: the refusal still stands
 
     def _ended(self, request: ControlRequest) -> ControlResult | None:
         """Answer a request on a run that has ended from keyed lookups; None if it is live."""

@@ -28,6 +28,8 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
+from flowsdk.store import SQLiteStore
+from flowsdk.store._sqlite_schema import SCHEMA_VERSION
 from tests.runners.harness import ROOT, Runner, sqlite_url, sync
 from tests.support import assert_clean
 
@@ -126,11 +128,11 @@ def test_a_new_store_and_its_folder_are_private_to_their_owner(
 
 
 def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path) -> None:
-    """A fresh store: WAL journal (readers never wait for writers), `user_version` 2."""
+    """A fresh store: WAL journal (readers never wait for writers), the latest `user_version`."""
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
-    assert pragma(path, "user_version") == 2
+    assert pragma(path, "user_version") == SCHEMA_VERSION == 3
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
@@ -138,12 +140,16 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> N
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="old", store=sqlite_url(path))
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        # What schema 1 was: the same tables without runs.workdir.
+        # What schema 1 was: the same tables without runs.workdir and the tokens.
         conn.execute("ALTER TABLE runs DROP COLUMN workdir")
+        conn.execute("DROP TABLE tokens")
         conn.execute("PRAGMA user_version = 1")
     assert pragma(path, "user_version") == 1
     flowsdk.run(noop, name="new", store=sqlite_url(path))
-    assert pragma(path, "user_version") == 2
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    migrated = SQLiteStore(sqlite_url(path))
+    assert not migrated.token_mode()  # the tokens table is there, empty
+    migrated.close()
     with flowsdk.Client(sqlite_url(path)) as client:
         old, new = client.get_run("old").record, client.get_run("new").record
     assert (old.phase, old.workdir) == (RunPhase.SUCCEEDED, "")
@@ -169,7 +175,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     for exc in (reading.value, running.value):
         assert not isinstance(exc, StoreCorruptedError)
         assert re.search(r"\b7\b", str(exc))
-        assert re.search(r"\b2\b", str(exc))
+        assert re.search(rf"\b{SCHEMA_VERSION}\b", str(exc))
 
 
 def test_a_database_of_another_application_raises_store_corrupted_error(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from flowsdk.store._base import (
     RunState,
     Store,
     StoredRun,
+    TokenStore,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "StoredRun",
+    "TokenStore",
     "open_store",
     "store_url",
 ]

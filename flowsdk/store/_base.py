@@ -8,8 +8,9 @@
   event loop.
 - `ControlChannel`: carries a control request to the live runner of a run
   and brings back its `ControlReply`.
+- `TokenStore`: the console's tokens (SPEC §8), kept as hashes beside the runs.
 
-A `Store` is all three plus `open_run`. Nothing here knows the runtime: a
+A `Store` is all four plus `open_run`. Nothing here knows the runtime: a
 store sees records and rows, never a live run's objects.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from flowsdk._phases import ActionPhase, RunPhase
@@ -31,6 +33,7 @@ from flowsdk._records import (
     EventRow,
     Outcome,
     RunRecord,
+    TokenRecord,
 )
 from flowsdk.errors import ActionNotFoundError
 
@@ -43,6 +46,7 @@ __all__ = [
     "RunState",
     "Store",
     "StoredRun",
+    "TokenStore",
 ]
 
 Lazy = list[Any] | Callable[[], list[Any]]
@@ -165,6 +169,19 @@ class RunReader(Protocol):
             RunNotFoundError: no such run (or attempt); the message suggests close names.
         """
 
+    def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
+        """Return one attempt's run record alone (default: the latest), without its actions.
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+        """
+
+    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
+        """Return the records of the named actions of one attempt (unknown names are skipped).
+
+        Keyed lookups: a follower re-reads only the actions its new events name.
+        """
+
     def run_state(self, name: str, action: str | None = None) -> RunState:
         """Return the latest attempt's phase (and `action`'s) by keyed lookups only.
 
@@ -214,7 +231,34 @@ class ControlChannel(Protocol):
         """
 
 
-class Store(RunReader, ControlChannel, Protocol):
+class TokenStore(Protocol):
+    """Keeps the console's tokens: a name, a role and the hash of the secret, never the secret.
+
+    A store that has ever held a token is in token mode for good: revoked
+    tokens stay listed (with `revoked_at`), so `token_mode()` stays true.
+    """
+
+    def create_token(self, token: TokenRecord) -> None:
+        """Add a token (replacing a revoked one of the same name).
+
+        Raises:
+            InvalidStateError: a token of that name exists and is not revoked.
+        """
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Return every token ever created (revoked ones included), by name."""
+
+    def revoke_token(self, name: str, at: datetime) -> bool:
+        """Revoke a token from now on; False when no unrevoked token has that name."""
+
+    def token_mode(self) -> bool:
+        """Return whether a token was ever created in this store."""
+
+    def token_used(self, name: str, at: datetime) -> None:
+        """Record that a request presented the token `name` at `at` (best effort)."""
+
+
+class Store(RunReader, ControlChannel, TokenStore, Protocol):
     """Where runs are kept: a reader, a control channel, and recorders for live runs."""
 
     async def open_run(

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import difflib
 from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import msgspec
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    ActionRecord,
     ActionRow,
     ControlReply,
     ControlRequest,
@@ -16,6 +20,7 @@ from flowsdk._records import (
     EventRow,
     Outcome,
     RunRecord,
+    TokenRecord,
 )
 from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunExistsError, RunNotFoundError
 from flowsdk.store._base import (
@@ -46,6 +51,7 @@ class MemoryStore:
         self._runs: dict[str, list[StoredRun | None]] = {}
         self._live: dict[str, _MemoryRecorder] = {}
         self._cache: dict[tuple[str, str, str], bytes] = {}
+        self._tokens: dict[str, TokenRecord] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._runs)} runs)"
@@ -117,6 +123,18 @@ class MemoryStore:
         hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
         return RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
 
+    def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
+        """Return one attempt's run record (a live run's current one included)."""
+        live = self._live.get(name)
+        if live is not None and (attempt is None or attempt == live.record.attempt):
+            return live.record
+        return self.load_run(name, attempt).record
+
+    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
+        """Return the records of the named actions of one ended attempt."""
+        wanted = set(actions)
+        return [a for a in self.load_run(name, attempt).actions if a.name in wanted]
+
     def run_state(self, name: str, action: str | None = None) -> RunState:
         """Return the latest attempt's phase, and `action`'s once the run has ended."""
         live = self._live.get(name)
@@ -164,6 +182,40 @@ class MemoryStore:
                 )
             )
         return live.channel.request(request, timeout=timeout)
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def create_token(self, token: TokenRecord) -> None:
+        """Add a token (replacing a revoked one of the same name)."""
+        known = self._tokens.get(token.name)
+        if known is not None and known.revoked_at is None:
+            raise InvalidStateError(
+                f"a token named {token.name!r} exists already; revoke it first "
+                "(flowsdk token revoke) or choose another name"
+            )
+        self._tokens[token.name] = token
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Return every token ever created (revoked ones included), by name."""
+        return [self._tokens[name] for name in sorted(self._tokens)]
+
+    def revoke_token(self, name: str, at: datetime) -> bool:
+        """Revoke a token; False when no unrevoked token has that name."""
+        known = self._tokens.get(name)
+        if known is None or known.revoked_at is not None:
+            return False
+        self._tokens[name] = msgspec.structs.replace(known, revoked_at=at)
+        return True
+
+    def token_mode(self) -> bool:
+        """Return whether a token was ever created in this store."""
+        return bool(self._tokens)
+
+    def token_used(self, name: str, at: datetime) -> None:
+        """Record when a token was last presented."""
+        known = self._tokens.get(name)
+        if known is not None:
+            self._tokens[name] = msgspec.structs.replace(known, last_used_at=at)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -28,6 +28,7 @@ from psycopg import errors as pg_errors
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    ActionRecord,
     ActionRow,
     ControlReply,
     ControlRequest,
@@ -59,6 +60,7 @@ from flowsdk.store._postgres_schema import (
     runner_gone,
     store_error,
 )
+from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -70,7 +72,7 @@ _reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 Conn = psycopg.Connection[Any]
 
 
-class PostgresStore:
+class PostgresStore(PostgresTokens):
     """A store in a PostgreSQL database (`postgresql://user@host:5432/db`).
 
     Opening it does no I/O; the schema is created when the first run is
@@ -211,6 +213,31 @@ class PostgresStore:
             return StoredRun(record, actions, events, payloads)
 
         return self._read(work, lambda: self._none_yet(name))
+
+    def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
+        """Return one attempt's run record alone (default: the latest)."""
+        return self._read(
+            lambda conn: _run_record(self._run_row(conn, name, attempt)),
+            lambda: self._none_yet(name),
+        )
+
+    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
+        """Return the records of the named actions of one attempt, in start order."""
+        if not actions:
+            return []
+
+        def work(conn: Conn) -> list[ActionRecord]:
+            rows = [
+                ActionRow(*r)
+                for r in conn.execute(
+                    f"SELECT {ACTION_COLUMNS} FROM flowsdk.actions WHERE run = %s "
+                    "AND run_attempt = %s AND name = ANY(%s) ORDER BY seq",
+                    (name, attempt, actions),
+                )
+            ]
+            return [action_from_row(name, r) for r in rows]
+
+        return self._read(work, list)
 
     def _none_yet(self, name: str) -> NoReturn:
         raise RunNotFoundError(

@@ -126,6 +126,17 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (task, version, digest)
         )""",
     ],
+    # The console's tokens (SPEC §8): the SHA-256 of the secret, never the secret.
+    2: [
+        """CREATE TABLE flowsdk.tokens (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        )"""
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

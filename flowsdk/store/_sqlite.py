@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from flowsdk._liveness import is_alive
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    ActionRecord,
     ActionRow,
     ControlReply,
     ControlRequest,
@@ -65,6 +66,7 @@ from flowsdk.store._sqlite_schema import (
     run_record,
     translate,
 )
+from flowsdk.store._sqlite_tokens import SQLiteTokens
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["SQLiteStore"]
@@ -76,7 +78,7 @@ logger = logging.getLogger("flowsdk")
 MARK_WAIT = 0.1
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteTokens):
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
 
     The URL may carry `?busy_timeout=SECONDS` (default 5). The file and its
@@ -352,6 +354,47 @@ class SQLiteStore:
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             events = self._events(conn, name, record.attempt, -1)
         return StoredRun(record, actions, events, payloads)
+
+    def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
+        """Return one attempt's run record alone (default: the latest)."""
+        conn = self._read()
+        if conn is None:
+            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+        with translate(self.path):
+            if attempt is None:
+                row = conn.execute(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY attempt DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND attempt = ?",
+                    (name, attempt),
+                ).fetchone()
+            if row is None:
+                raise self._not_found(conn, name, attempt)
+            return run_record(row)
+
+    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
+        """Return the records of the named actions of one attempt, in start order."""
+        conn = self._read()
+        if conn is None or not actions:
+            return []
+        rows: list[ActionRow] = []
+        with translate(self.path):
+            # In chunks: SQLite limits the number of bound parameters of one statement.
+            for i in range(0, len(actions), 500):
+                chunk = actions[i : i + 500]
+                rows += [
+                    ActionRow(*r)
+                    for r in conn.execute(
+                        f"SELECT {ACTION_COLUMNS} FROM actions WHERE run = ? AND run_attempt = ? "
+                        f"AND name IN ({', '.join('?' * len(chunk))})",
+                        (name, attempt, *chunk),
+                    )
+                ]
+        rows.sort(key=lambda r: r.seq)
+        return [action_from_row(name, r) for r in rows]
 
     def _events(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int

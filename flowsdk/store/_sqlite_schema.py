@@ -130,6 +130,17 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # The working directory a run was started in: a detached retry runs there.
     2: ["ALTER TABLE runs ADD COLUMN workdir TEXT NOT NULL DEFAULT ''"],
+    # The console's tokens (SPEC §8): the SHA-256 of the secret, never the secret.
+    3: [
+        """CREATE TABLE tokens (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            revoked_at REAL
+        )"""
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

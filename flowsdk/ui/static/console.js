@@ -1,0 +1,167 @@
+// The console's shared helpers. Every text that came from a workflow or an
+// operator is inserted as a text node (textContent), never as markup.
+"use strict";
+
+const TOKEN_KEY = "flowsdk-token";
+const LIVE_PHASES = new Set(["QUEUED", "RUNNING", "STOPPING"]);
+
+// Append children to a node: nodes as they are, anything else as a text node; null is skipped.
+function add(node, ...children) {
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function el(tag, cls, ...children) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  return add(node, ...children);
+}
+
+function phaseBadge(phase) {
+  const badge = el("span", "phase", phase);
+  badge.dataset.phase = phase;
+  return badge;
+}
+
+function fmtTime(iso) {
+  if (!iso) return "-";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { hour12: false });
+}
+
+function fmtDuration(start, end) {
+  if (!start) return "-";
+  const stop = end ? new Date(end) : new Date();
+  let s = Math.max(0, (stop - new Date(start)) / 1000);
+  let text;
+  if (s < 10) text = s.toFixed(2) + "s";
+  else if (s < 60) text = s.toFixed(1) + "s";
+  else if (s < 3600) text = Math.floor(s / 60) + "m" + String(Math.floor(s % 60)).padStart(2, "0") + "s";
+  else text = Math.floor(s / 3600) + "h" + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + "m";
+  return end ? text : text + "+";
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+let tokenPrompt = null;
+
+// Ask for a token once (several failing calls share one prompt); kept in sessionStorage.
+function promptToken(message) {
+  if (tokenPrompt) return tokenPrompt;
+  tokenPrompt = new Promise((resolve) => {
+    const dialog = el("dialog", "token-dialog");
+    dialog.id = "token-dialog";
+    const form = el("form");
+    form.method = "dialog";
+    const input = el("input");
+    input.type = "password";
+    input.id = "token-input";
+    input.autocomplete = "off";
+    input.placeholder = "flowsdk_...";
+    const ok = el("button", "primary", "Use token");
+    ok.type = "submit";
+    ok.id = "token-ok";
+    form.append(
+      el("h3", null, "Token needed"),
+      el("p", null, message),
+      el("p", "muted", "Create one with: flowsdk token create NAME --role viewer. It is kept for this tab only."),
+      el("label", null, "Token ", input),
+      el("div", "dialog-buttons", ok)
+    );
+    dialog.append(form);
+    document.body.append(dialog);
+    form.addEventListener("submit", () => {
+      sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+      dialog.remove();
+      tokenPrompt = null;
+      resolve();
+    });
+    dialog.addEventListener("cancel", (e) => e.preventDefault());
+    dialog.showModal();
+    input.focus();
+  });
+  return tokenPrompt;
+}
+
+function authHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  const t = token();
+  if (t) headers["Authorization"] = "Bearer " + t;
+  return headers;
+}
+
+// Call the JSON API; on 401 ask for a token and try again. Returns {status, data}.
+async function api(method, path, body) {
+  for (;;) {
+    const init = { method, headers: authHeaders(body === undefined ? {} : { "Content-Type": "application/json" }) };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    const response = await fetch(path, init);
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (e) {
+      data = null;
+    }
+    if (response.status === 401) {
+      const had = token();
+      await promptToken(had ? "That token was refused (unknown or revoked)." : "This console needs a token.");
+      continue;
+    }
+    return { status: response.status, data };
+  }
+}
+
+// Read a server-sent-event stream with fetch, so the bearer token travels in a header.
+async function readStream(path, onMessage, signal) {
+  for (;;) {
+    const response = await fetch(path, { headers: authHeaders({ Accept: "text/event-stream" }), signal });
+    if (response.status === 401) {
+      await promptToken(token() ? "That token was refused (unknown or revoked)." : "This console needs a token.");
+      continue;
+    }
+    if (!response.ok) {
+      let message = "HTTP " + response.status;
+      try {
+        message = (await response.json()).message;
+      } catch (e) { /* keep the status */ }
+      throw new Error(message);
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let kind = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event: ")) kind = line.slice(7);
+          else if (line.startsWith("data: ")) data.push(line.slice(6));
+        }
+        if (data.length) onMessage(kind, JSON.parse(data.join("\n")));
+      }
+    }
+  }
+}
+
+async function showWho() {
+  const { status, data } = await api("GET", "/api/whoami");
+  const who = document.getElementById("who");
+  if (status === 200 && who) {
+    who.textContent = data.name + " · " + data.role;
+    who.dataset.role = data.role;
+  }
+  return status === 200 ? data : null;
+}
+
+window.flowsdk = { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, LIVE_PHASES, token };

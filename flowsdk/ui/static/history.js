@@ -1,0 +1,56 @@
+// The history page: runs newest first, filtered by phase and name, refreshed live.
+"use strict";
+(() => {
+  const { el, phaseBadge, fmtTime, fmtDuration, api, showWho } = window.flowsdk;
+  const PHASES = ["RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "ABORTED", "STOPPED", "CRASHED"];
+  const select = document.getElementById("phase");
+  const name = document.getElementById("name");
+  const body = document.getElementById("runs");
+  const status = document.getElementById("status");
+  for (const p of PHASES) select.append(el("option", null, p));
+  const params = new URLSearchParams(location.search);
+  select.value = params.get("phase") || "";
+  name.value = params.get("name") || "";
+
+  async function refresh() {
+    const query = new URLSearchParams({ limit: "200" });
+    if (select.value) query.set("phase", select.value);
+    if (name.value) query.set("name", name.value);
+    const { status: code, data } = await api("GET", "/api/runs?" + query);
+    if (code !== 200) {
+      status.textContent = data ? data.message : "HTTP " + code;
+      return;
+    }
+    status.textContent = "";
+    const rows = data.map((run) => {
+      const link = el("a", null, run.name);
+      link.href = "/runs/" + encodeURIComponent(run.name);
+      const row = el(
+        "tr", null,
+        el("td", null, link),
+        el("td", null, phaseBadge(run.phase)),
+        el("td", "mono", run.task || "-"),
+        el("td", "num", run.attempt),
+        el("td", null, fmtTime(run.started_at)),
+        el("td", "num", fmtDuration(run.started_at, run.ended_at)),
+        el("td", "muted", run.stop ? run.stop.mode + (run.stop.reason ? ": " + run.stop.reason : "") : "")
+      );
+      row.dataset.run = run.name;
+      return row;
+    });
+    body.replaceChildren(...rows);
+    document.getElementById("count").textContent = data.length + (data.length === 1 ? " run" : " runs");
+  }
+
+  function filtersChanged() {
+    const query = new URLSearchParams();
+    if (select.value) query.set("phase", select.value);
+    if (name.value) query.set("name", name.value);
+    history.replaceState(null, "", query.toString() ? "?" + query : "/");
+    refresh();
+  }
+  select.addEventListener("change", filtersChanged);
+  name.addEventListener("input", filtersChanged);
+  showWho().then(refresh);
+  setInterval(refresh, 2000);
+})();

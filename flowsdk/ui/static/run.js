@@ -1,0 +1,415 @@
+// The run page: the live action tree, the timeline, the event log and the operator's buttons.
+"use strict";
+(() => {
+  const { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, LIVE_PHASES } = window.flowsdk;
+  const FOLD_AFTER = 12; // a parent with more children than this shows the first ones and a summary
+  const MAX_ROWS = 1500; // rows drawn at most, whatever the run's size
+  const MAX_EVENTS = 300;
+
+  const runName = decodeURIComponent(location.pathname.replace(/^\/runs\//, ""));
+  let run = null;
+  let actions = new Map();
+  let events = new Map(); // seq -> event (the stream's and the first read's, merged)
+  let role = null;
+  let live = false;
+  const expanded = new Set();
+  const openTracebacks = new Set(); // kept open across the live re-renders
+  let scheduled = null;
+
+  document.title = "flowsdk · " + runName;
+  document.getElementById("crumb").textContent = runName;
+
+  const can = {
+    control: () => role === "operator",
+    execute: () => role === "operator" || role === "executor",
+  };
+
+  function schedule() {
+    if (scheduled === null) scheduled = setTimeout(() => { scheduled = null; render(); }, actions.size > 2000 ? 300 : 60);
+  }
+
+  // -- the dialogs -------------------------------------------------------------------------
+
+  const dialog = document.getElementById("confirm");
+  const reasonBox = document.getElementById("confirm-reason");
+  const dialogOutcome = document.getElementById("confirm-outcome");
+  let pending = null;
+
+  function ask(title, text, act, withReason = true) {
+    document.getElementById("confirm-title").textContent = title;
+    document.getElementById("confirm-text").textContent = text;
+    reasonBox.value = "";
+    reasonBox.parentElement.hidden = !withReason;
+    dialogOutcome.textContent = "";
+    document.getElementById("confirm-ok").disabled = false;
+    pending = act;
+    dialog.showModal();
+    if (withReason) reasonBox.focus();
+  }
+
+  document.getElementById("confirm-cancel").addEventListener("click", () => { pending = null; dialog.close(); });
+  document.getElementById("confirm-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!pending) return;
+    const ok = document.getElementById("confirm-ok");
+    ok.disabled = true;
+    const reason = reasonBox.value.trim() || null;
+    const { status, data } = await pending(reason);
+    ok.disabled = false;
+    const text = data && data.outcome ? data.outcome + ": " + data.message
+      : data && data.message ? data.message : status === 202 ? "started" : "HTTP " + status;
+    if (status === 200 || status === 202 || (status === 409 && data && data.outcome)) {
+      pending = null;
+      dialog.close();
+      const outcome = document.getElementById("outcome");
+      outcome.textContent = text;
+      outcome.dataset.outcome = data && data.outcome ? data.outcome : "started";
+      if (status === 202) follow();
+    } else {
+      dialogOutcome.textContent = text;
+    }
+  });
+
+  const post = (path, body) => (reason) => api("POST", "/api/runs/" + encodeURIComponent(runName) + path, body === undefined ? undefined : Object.assign({}, body, { reason }));
+
+  function liveBelow(name) {
+    let count = 0;
+    const stack = [name];
+    const kids = childrenOf();
+    while (stack.length) {
+      const n = stack.pop();
+      for (const c of kids.get(n) || []) {
+        if (LIVE_PHASES.has(actions.get(c).phase)) count++;
+        stack.push(c);
+      }
+    }
+    return count;
+  }
+
+  function liveCount() {
+    let n = 0;
+    for (const a of actions.values()) if (LIVE_PHASES.has(a.phase)) n++;
+    return n;
+  }
+
+  function button(label, cls, onClick) {
+    const b = el("button", cls, label);
+    b.type = "button";
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  function runButtons() {
+    const box = document.getElementById("run-buttons");
+    const buttons = [];
+    if (run && LIVE_PHASES.has(run.phase) && can.control()) {
+      const n = liveCount();
+      buttons.push(button("Abort run", "danger", () => ask("Abort run",
+        `Abort run ${runName}: its ${n} action(s) in progress get CancelledError and end ABORTED.`,
+        post("/abort", { action: null, group: null }))));
+      if (run.phase === "RUNNING") {
+        buttons.push(button("Stop and wait", "warn", () => ask("Stop and wait",
+          `Stop and wait: no new action starts; the ${n} action(s) in progress are allowed to finish, then the run ends STOPPED.`,
+          post("/stop", { abandon: false }))));
+      }
+      buttons.push(button("Stop and abandon", "danger", () => ask("Stop and abandon",
+        `Stop and abandon: ${n} action(s) in progress will be ABANDONED and their cleanup not waited for.`,
+        post("/stop", { abandon: true }))));
+    }
+    if (run && !LIVE_PHASES.has(run.phase) && run.phase !== "SUCCEEDED" && can.execute()) {
+      buttons.push(button("Retry", "primary", () => ask("Retry",
+        `Retry run ${runName}: attempt ${run.attempt + 1} starts in a new process; actions that succeeded are replayed from their recorded results.`,
+        post("/retry"), false)));
+    }
+    box.replaceChildren(...buttons);
+  }
+
+  // -- the tree ----------------------------------------------------------------------------
+
+  let kidsCache = null;
+  function childrenOf() {
+    if (kidsCache) return kidsCache;
+    const kids = new Map();
+    for (const a of actions.values()) {
+      const key = a.parent;
+      if (!kids.has(key)) kids.set(key, []);
+      kids.get(key).push(a.name);
+    }
+    kidsCache = kids;
+    return kids;
+  }
+
+  function summary(names) {
+    const counts = new Map();
+    for (const n of names) {
+      const p = actions.get(n).phase;
+      counts.set(p, (counts.get(p) || 0) + 1);
+    }
+    return [...counts].map(([p, c]) => c + " " + p).join(", ");
+  }
+
+  function actionRow(a, depth) {
+    const row = el("div", "action");
+    row.dataset.action = a.name;
+    row.dataset.phase = a.phase;
+    const head = el("div", "line");
+    head.style.paddingLeft = (depth * 18 + 4) + "px";
+    const tags = el("span", "tags");
+    if (a.attempt > 1) add(tags, el("span", "tag", "attempt " + a.attempt));
+    if (a.replayed) add(tags, el("span", "tag", "replayed"));
+    if (a.cleanup_incomplete) add(tags, el("span", "tag bad", "cleanup incomplete"));
+    add(head, 
+      el("span", "name mono", a.name),
+      el("span", "task mono", a.task),
+      phaseBadge(a.phase),
+      el("span", "dur num", fmtDuration(a.started_at, a.ended_at)),
+      tags
+    );
+    if (LIVE_PHASES.has(a.phase) && can.control()) {
+      const acts = el("span", "row-buttons");
+      add(acts, 
+        button("Abort action", "small danger", () => ask("Abort action",
+          `Abort action ${a.name} (${a.task}): it and its ${liveBelow(a.name)} live descendant(s) get CancelledError and end ABORTED.`,
+          post("/abort", { action: a.name, group: null }))),
+        button("Mark as failed", "small warn", () => ask("Mark as failed",
+          `Mark action ${a.name} (${a.task}) as failed: its body is cancelled, it ends FAILED and its parent gets RuntimeUserError.`,
+          post("/fail", { action: a.name })))
+      );
+      add(head, acts);
+    }
+    add(row, head);
+    const pad = (depth * 18 + 26) + "px";
+    if (a.error) {
+      const err = el("div", "error");
+      err.style.paddingLeft = pad;
+      add(err, el("span", "etype", a.error.type + ": "), el("span", null, a.error.message));
+      if (a.error.traceback) {
+        const tb = el("details", null, el("summary", null, "traceback"), el("pre", null, a.error.traceback));
+        tb.open = openTracebacks.has(a.name);
+        tb.addEventListener("toggle", () => {
+          if (tb.open) openTracebacks.add(a.name);
+          else openTracebacks.delete(a.name);
+        });
+        add(err, tb);
+      }
+      add(row, err);
+    }
+    if (a.abort) {
+      const ab = el("div", "abort");
+      ab.style.paddingLeft = pad;
+      add(ab, 
+        el("span", "cause", a.abort.cause),
+        a.abort.reason ? el("span", "reason", "“" + a.abort.reason + "”") : null,
+        a.abort.requested_by ? el("span", "muted", "by " + a.abort.requested_by) : null,
+        a.abort.requested_at ? el("span", "muted", "at " + fmtTime(a.abort.requested_at)) : null
+      );
+      add(row, ab);
+    }
+    return row;
+  }
+
+  function groupRow(group, names, depth) {
+    const row = el("div", "group");
+    row.dataset.group = group;
+    row.style.paddingLeft = (depth * 18 + 4) + "px";
+    const liveNames = names.filter((n) => LIVE_PHASES.has(actions.get(n).phase));
+    add(row, el("span", "gname", "stage " + group), el("span", "muted", summary(names)));
+    if (liveNames.length && can.control()) {
+      add(row, button("Abort stage", "small danger", () => ask("Abort stage",
+        `Abort stage ${group}: its ${liveNames.length} live action(s) get CancelledError and end ABORTED.`,
+        post("/abort", { action: null, group }))));
+    }
+    return row;
+  }
+
+  function renderTree() {
+    kidsCache = null;
+    const kids = childrenOf();
+    const rows = [];
+    const order = [];
+    const walk = (parent, depth) => {
+      const names = kids.get(parent) || [];
+      const byGroup = new Map();
+      for (const n of names) {
+        const g = actions.get(n).group;
+        if (!byGroup.has(g)) byGroup.set(g, []);
+        byGroup.get(g).push(n);
+      }
+      for (const [group, members] of byGroup) {
+        if (rows.length >= MAX_ROWS) return;
+        let d = depth;
+        if (group !== null && group !== (parent !== null ? actions.get(parent)?.group : null)) {
+          rows.push(groupRow(group, members, depth));
+          d = depth + 1;
+        }
+        const key = String(parent) + "\u0000" + String(group);
+        const folded = members.length > FOLD_AFTER && !expanded.has(key);
+        const shown = folded ? members.slice(0, FOLD_AFTER - 2) : members;
+        for (const n of shown) {
+          if (rows.length >= MAX_ROWS) return;
+          rows.push(actionRow(actions.get(n), d));
+          order.push(n);
+          walk(n, d + 1);
+        }
+        if (folded) {
+          const rest = members.slice(shown.length);
+          const fold = el("div", "fold");
+          fold.style.paddingLeft = (d * 18 + 4) + "px";
+          add(fold, 
+            el("span", null, "… " + rest.length.toLocaleString() + " more actions: " + summary(rest)),
+            button("Show all", "small", () => { expanded.add(key); render(); })
+          );
+          rows.push(fold);
+        }
+      }
+    };
+    walk(null, 0);
+    if (rows.length >= MAX_ROWS) rows.push(el("div", "fold", "… more actions not drawn (" + actions.size.toLocaleString() + " in all)"));
+    document.getElementById("tree").replaceChildren(...rows);
+    return order;
+  }
+
+  // -- the timeline ------------------------------------------------------------------------
+
+  function renderTimeline(order) {
+    const box = document.getElementById("timeline");
+    if (!run) return;
+    const t0 = new Date(run.started_at).getTime();
+    let t1 = run.ended_at ? new Date(run.ended_at).getTime() : Date.now();
+    for (const n of order) {
+      const a = actions.get(n);
+      if (a.ended_at) t1 = Math.max(t1, new Date(a.ended_at).getTime());
+    }
+    const span = Math.max(t1 - t0, 1);
+    const rows = [];
+    const axis = el("div", "axis", el("span", null, "0s"), el("span", null, fmtDuration(run.started_at, new Date(t1).toISOString())));
+    rows.push(axis);
+    for (const n of order.slice(0, 300)) {
+      const a = actions.get(n);
+      if (!a.started_at) continue;
+      const start = new Date(a.started_at).getTime();
+      const end = a.ended_at ? new Date(a.ended_at).getTime() : Date.now();
+      const bar = el("div", "bar");
+      bar.dataset.phase = a.phase;
+      bar.style.left = ((start - t0) / span * 100).toFixed(3) + "%";
+      bar.style.width = Math.max((end - start) / span * 100, 0.4).toFixed(3) + "%";
+      bar.title = a.name + " " + a.task + " " + a.phase + " " + fmtDuration(a.started_at, a.ended_at);
+      const track = el("div", "track", bar);
+      rows.push(el("div", "tl-row", el("span", "tl-name mono", a.name + " " + a.task.split(".").pop()), track));
+    }
+    if (order.length > 300) rows.push(el("div", "fold", "… the first 300 drawn actions are shown"));
+    box.replaceChildren(...rows);
+  }
+
+  // -- the header and the event log --------------------------------------------------------
+
+  function renderHead() {
+    document.getElementById("run-name").textContent = runName;
+    const phase = document.getElementById("run-phase");
+    phase.textContent = run.phase;
+    phase.dataset.phase = run.phase;
+    document.getElementById("live").textContent = live ? "● live" : "";
+    const facts = document.getElementById("run-facts");
+    const fact = (k, v) => [el("dt", null, k), el("dd", null, v)];
+    facts.replaceChildren(
+      ...fact("task", run.task || "-"), ...fact("attempt", run.attempt),
+      ...fact("started", fmtTime(run.started_at)), ...fact("duration", fmtDuration(run.started_at, run.ended_at))
+    );
+    const stop = document.getElementById("run-stop");
+    stop.replaceChildren();
+    if (run.stop) {
+      add(stop, 
+        el("strong", null, "stop (" + run.stop.mode + ")"),
+        run.stop.reason ? el("span", "reason", "“" + run.stop.reason + "”") : null,
+        el("span", "muted", "by " + (run.stop.requested_by || "?") + " at " + fmtTime(run.stop.requested_at))
+      );
+    }
+    const counts = new Map();
+    for (const a of actions.values()) counts.set(a.phase, (counts.get(a.phase) || 0) + 1);
+    document.getElementById("counts").replaceChildren(
+      ...[...counts].map(([p, c]) => { const b = phaseBadge(c.toLocaleString() + " " + p); b.dataset.phase = p; return b; })
+    );
+  }
+
+  function renderEvents() {
+    const list = document.getElementById("events");
+    const all = [...events.values()].sort((x, y) => x.seq - y.seq);
+    const items = all.slice(-MAX_EVENTS).reverse().map((e) => { // newest first
+      const item = el("li", "event");
+      item.dataset.kind = e.kind;
+      add(item, 
+        el("span", "muted mono", fmtTime(e.at)),
+        el("span", "kind", e.kind),
+        e.action ? el("span", "mono", e.action) : null,
+        e.phase ? phaseBadge(e.phase) : null,
+        e.cause ? el("span", "cause", e.cause) : null,
+        e.reason ? el("span", "reason", "“" + e.reason + "”") : null,
+        e.requested_by ? el("span", "muted", "by " + e.requested_by) : null,
+        e.message ? el("span", "msg", e.message) : null
+      );
+      return item;
+    });
+    list.replaceChildren(...items);
+  }
+
+  function render() {
+    if (!run) return;
+    renderHead();
+    runButtons();
+    const order = renderTree();
+    renderTimeline(order);
+    renderEvents();
+  }
+
+  // -- following the run -------------------------------------------------------------------
+
+  // The stream sends changes from now on; the log so far is read once.
+  async function loadEvents() {
+    const { status, data } = await api("GET", "/api/runs/" + encodeURIComponent(runName) + "?events=true");
+    if (status !== 200 || (run && data.run.attempt !== run.attempt)) return;
+    for (const e of data.events) events.set(e.seq, e);
+    schedule();
+  }
+
+  let following = false;
+  async function follow() {
+    if (following) return;
+    following = true;
+    try {
+      for (;;) {
+        live = true;
+        let ended = false;
+        loadEvents();
+        await readStream("/api/runs/" + encodeURIComponent(runName) + "/stream", (kind, data) => {
+          if (kind === "run") {
+            if (run && data.attempt !== run.attempt) { actions = new Map(); events = new Map(); }
+            run = data;
+          } else if (kind === "action") {
+            actions.set(data.name, data);
+          } else if (kind === "event") {
+            events.set(data.seq, data);
+          } else if (kind === "end") {
+            run = data;
+            ended = true;
+          }
+          schedule();
+        });
+        if (ended) break;
+        await new Promise((r) => setTimeout(r, 300)); // a new attempt began: follow it
+      }
+    } catch (e) {
+      const outcome = document.getElementById("outcome");
+      outcome.textContent = e.message;
+    } finally {
+      live = false;
+      following = false;
+      schedule();
+    }
+  }
+
+  showWho().then((who) => {
+    role = who ? who.role : null;
+    follow();
+  });
+  setInterval(() => { if (live) schedule(); }, 1000); // running durations advance
+})();

@@ -1,0 +1,154 @@
+"""What the console's tests share: a real `flowsdk ui` subprocess, HTTP calls, tokens, runs.
+
+`Console` starts `python -m flowsdk ui --port 0` on a store, reads its first
+stdout line for the address, and on close sends SIGTERM and checks it exits
+0 without a traceback. Its stderr (the log, refused requests included) goes
+to a file the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import flowsdk
+from tests.runners.harness import ROOT, Runner
+
+__all__ = ["WAIT", "Console", "Reply", "create_token", "start_held", "wait_for"]
+
+WAIT = 30.0
+
+
+def create_token(store: str, name: str, role: str) -> str:
+    """Create a token with the CLI; return its secret."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowsdk",
+            "token",
+            "create",
+            name,
+            "--role",
+            role,
+            "--store",
+            store,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+class Reply:
+    """One HTTP answer: status, headers (lower-case names), the body and its JSON (or None)."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        self.body = body
+        try:
+            self.json: Any = json.loads(body)
+        except ValueError:
+            self.json = None
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.body[:300]!r})"
+
+
+class Console:
+    """A `flowsdk ui` subprocess serving `store` on a free loopback port."""
+
+    def __init__(self, store: str, log: Path, *extra: str) -> None:
+        self.store = store
+        self.log = log
+        self._stderr = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flowsdk", "ui", "--store", store, "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(WAIT):
+                self.close()
+                raise AssertionError(f"the console printed nothing in {WAIT} s")
+        first = self.proc.stdout.readline().strip()
+        if not first.startswith("flowsdk console: http://"):
+            self.close()
+            raise AssertionError(f"unexpected first line {first!r}: {log.read_text()}")
+        self.url = first.removeprefix("flowsdk console: ").rstrip("/")
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        body: Any = None,
+        raw: bytes | None = None,
+    ) -> Reply:
+        """Make one HTTP request; `body` is sent as JSON, `raw` as it is."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                return Reply(answer.status, dict(answer.headers), answer.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return Reply(error.code, dict(error.headers), error.read())
+
+    def logged(self) -> str:
+        """Return what the console has logged so far."""
+        self._stderr.flush()
+        return self.log.read_text()
+
+    def close(self) -> int:
+        """Stop the console with SIGTERM; return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=WAIT)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        self._stderr.close()
+        return code
+
+
+def start_held(store: str, run: str) -> Runner:
+    """Start tests/runners/console.py's `held` run in another process; wait until a3 holds."""
+    runner = Runner("console.py", store, run, "held")
+    runner.expect("STARTED", "a3")
+    return runner
+
+
+def wait_for(client: flowsdk.Client, run: str, check: Any, what: str) -> flowsdk.Run[Any]:
+    """Poll the store until `check(run)` is true (deadline `WAIT`)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        current = client.get_run(run)
+        if check(current):
+            return current
+        assert time.monotonic() < deadline, f"run {run}: {what} not seen in {WAIT} s"
+        time.sleep(0.05)

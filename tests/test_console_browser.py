@@ -1,0 +1,231 @@
+"""The console in a real browser: Debian's Chromium driven by Playwright (SPEC §8).
+
+One console (token mode: an operator and a viewer token) and one browser serve
+the module; each test opens a fresh browser context (its own sessionStorage).
+Runs are real runner processes (tests/runners/console.py).
+
+Playwright's sync API runs an event loop in the thread that uses it, so the
+browser lives in a worker thread of its own (`Site.run`), away from the
+asyncio loops of the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.console_support import Console, create_token, start_held
+from tests.runners.harness import sqlite_url
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+MS = 30_000  # how long a page may take to show what a test waits for
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason="the browser tests need Debian's Chromium at /usr/bin/chromium "
+        "(apt-get install chromium; `make test` installs it when run as root)",
+    ),
+]
+
+
+class Site:
+    def __init__(
+        self, console: Console, tokens: dict[str, str], worker: ThreadPoolExecutor
+    ) -> None:
+        self.console = console
+        self.tokens = tokens
+        self.worker = worker
+        self.browser: Any = None
+        self.store = console.store
+
+    def run(self, body: Callable[[], None]) -> None:
+        """Run `body` in the browser's thread (where every Playwright call must be made)."""
+        self.worker.submit(body).result(timeout=110)
+
+    def page(self, path: str, role: str | None) -> Any:
+        """Open `path` in a new context; with `role`, its token is already in sessionStorage."""
+        context = self.browser.new_context(viewport={"width": 1300, "height": 1000})
+        if role is not None:
+            secret = self.tokens[role]
+            context.add_init_script(f"sessionStorage.setItem('flowsdk-token', {secret!r});")
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.errors = errors
+        page.goto(self.console.url + path)
+        return page
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("browser")
+    store = sqlite_url(tmp / "s.db")
+    tokens = {role: create_token(store, role, role) for role in ("viewer", "operator")}
+    console = Console(store, tmp / "console.log")
+    worker = ThreadPoolExecutor(1, thread_name_prefix="browser")
+    site = Site(console, tokens, worker)
+    pw = worker.submit(lambda: playwright_api.sync_playwright().start()).result(timeout=60)
+    try:
+        site.browser = worker.submit(
+            lambda: pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        ).result(timeout=60)
+        yield site
+    finally:
+        if site.browser is not None:
+            worker.submit(site.browser.close).result(timeout=60)
+        worker.submit(pw.stop).result(timeout=60)
+        worker.shutdown()
+        assert console.close() == 0
+
+
+def _row(page: Any, action: str) -> Any:
+    return page.locator(f'.action[data-action="{action}"]')
+
+
+def _confirm(page: Any, reason: str) -> None:
+    dialog = page.locator("dialog#confirm")
+    dialog.locator("textarea").fill(reason)
+    dialog.get_by_role("button", name="Confirm").click()
+
+
+def test_the_token_prompt_then_abort_action_with_a_reason_live(site: Site) -> None:
+    with start_held(site.store, "b-abort") as runner:
+
+        def body() -> None:
+            page = site.page("/runs/b-abort", role=None)
+            page.locator("#token-input").fill(site.tokens["operator"])
+            page.get_by_role("button", name="Use token").click()
+            row = _row(page, "a3")
+            row.locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            reason = "<b>bad</b> data <script>document.title='x'</script>"
+            row.get_by_role("button", name="Abort action").click()
+            assert "CancelledError" in page.locator("#confirm-text").text_content()
+            _confirm(page, reason)
+            row.locator(".phase").filter(has_text="ABORTED").wait_for(timeout=MS)
+            words = " ".join(runner.expect("CANCELLED", "a3"))
+            assert "token:operator" in words
+            # The reason is shown as the text it is: no element was made from it.
+            row.locator(".reason").filter(has_text="<b>bad</b>").wait_for(timeout=MS)
+            assert row.locator(".reason b, .reason script").count() == 0
+            token = page.evaluate("sessionStorage.getItem('flowsdk-token')")
+            assert token == site.tokens["operator"]
+            assert page.locator("#outcome").text_content().startswith("applied")
+            # The failed action's markup-laden message is text too.
+            error = _row(page, "a2").locator(".error")
+            assert "<img src=x" in error.text_content()
+            assert error.locator("img, b").count() == 0
+            assert page.title() != "1"
+            assert page.errors == []
+            page.context.close()
+
+        site.run(body)
+        runner.finish()
+
+
+def test_stop_and_wait_then_stop_and_abandon_on_the_same_run(site: Site) -> None:
+    with start_held(site.store, "b-stop") as runner:
+
+        def body() -> None:
+            page = site.page("/runs/b-stop", role="operator")
+            _row(page, "a3").locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            page.get_by_role("button", name="Stop and wait").click()
+            _confirm(page, "maintenance window")
+            page.locator("#run-phase").filter(has_text="STOPPING").wait_for(timeout=MS)
+            # A stop-and-wait is under way: no second one is offered, abandon is.
+            assert page.get_by_role("button", name="Stop and wait").count() == 0
+            page.get_by_role("button", name="Stop and abandon").click()
+            assert "ABANDONED" in page.locator("#confirm-text").text_content()
+            _confirm(page, "taking too long")
+            row = _row(page, "a3")
+            row.locator(".phase").filter(has_text="ABANDONED").wait_for(timeout=MS)
+            runner.expect("CANCELLED", "a3")
+            runner.finish()
+            page.locator("#run-phase").filter(has_text="STOPPED").wait_for(timeout=MS)
+            assert "token:operator" in page.locator("#run-stop").text_content()
+            page.context.close()
+
+        site.run(body)
+
+
+def test_a_viewer_sees_the_run_but_no_control_buttons(site: Site) -> None:
+    with start_held(site.store, "b-view") as runner:
+
+        def body() -> None:
+            page = site.page("/runs/b-view", role="viewer")
+            _row(page, "a3").locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            page.locator("#who").filter(has_text="viewer").wait_for(timeout=MS)
+            for label in (
+                "Abort run",
+                "Abort action",
+                "Abort stage",
+                "Stop and wait",
+                "Stop and abandon",
+                "Mark as failed",
+                "Retry",
+            ):
+                assert page.get_by_role("button", name=label).count() == 0, label
+            runner.send("go")
+            page.locator("#run-phase").filter(has_text="SUCCEEDED").wait_for(timeout=MS)
+            page.context.close()
+
+        site.run(body)
+        runner.finish()
+
+
+def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:
+    with start_held(site.store, "b-hist") as runner:
+        runner.send("go")
+        runner.expect("RESULT", "SUCCEEDED")
+        runner.finish()
+
+    def body() -> None:
+        page = site.page("/", role="viewer")
+        page.locator('tr[data-run="b-hist"]').wait_for(timeout=MS)
+        page.locator("#name").fill("b-hist")
+        # (Playwright's string predicates are eval, which the page's CSP forbids.)
+        playwright_api.expect(page.locator("tbody tr")).to_have_count(1, timeout=MS)
+        assert page.locator('tr[data-run="b-hist"] .phase').text_content() == "SUCCEEDED"
+        page.context.close()
+
+    site.run(body)
+
+
+def test_abort_run_then_retry_follows_the_new_attempt(site: Site) -> None:
+    with start_held(site.store, "b-retry") as runner:
+
+        def abort() -> None:
+            page = site.page("/runs/b-retry", role="operator")
+            _row(page, "a3").locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            page.get_by_role("button", name="Abort run").click()
+            _confirm(page, "wrong parameters")
+            runner.expect("CANCELLED", "a3")
+            runner.finish()
+            page.locator("#run-phase").filter(has_text="ABORTED").wait_for(timeout=MS)
+            # The next attempt runs detached, with no stdin: a3's gate opens at once.
+            page.get_by_role("button", name="Retry").click()
+            assert page.locator("#confirm-reason").is_hidden()
+            page.locator("dialog#confirm").get_by_role("button", name="Confirm").click()
+            page.locator("#run-facts dd").filter(has_text="2").first.wait_for(timeout=MS)
+            page.locator("#run-phase").filter(has_text="SUCCEEDED").wait_for(timeout=MS)
+            assert _row(page, "a1").locator(".tag").filter(has_text="replayed").count() == 1
+            assert page.errors == []
+            page.context.close()
+
+        site.run(abort)
