@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from flowsdk.cli._arguments import parse_arguments
 from flowsdk.cli._output import UsageError
-from flowsdk.cli._start import parse_arguments
 
 WORKFLOW = """
 import os
@@ -135,8 +135,8 @@ def test_run_of_a_task_that_cannot_be_found_is_a_usage_error(project: Path, targ
 
 def test_parse_arguments_splits_positional_and_keyword_values() -> None:
     assert parse_arguments(["1", "x", "[1, 2]", "k=v", "n=3", 'j={"a": null}']) == (
-        [1, "x", [1, 2]],
-        {"k": "v", "n": 3, "j": {"a": None}},
+        ["1", "x", "[1, 2]"],
+        {"k": "v", "n": "3", "j": '{"a": null}'},
     )
     with pytest.raises(UsageError):
         parse_arguments(["k=1", "2"])

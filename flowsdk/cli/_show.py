@@ -9,6 +9,7 @@ from typing import Any
 
 from flowsdk._client import Client
 from flowsdk._result import Run
+from flowsdk.cli._detail import action_json, action_lines, find_action, value_previews
 from flowsdk.cli._output import (
     EXIT_OK,
     Output,
@@ -39,6 +40,12 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         "groups, attempts, abort causes and reasons, and errors.",
     )
     show_parser.add_argument("run", metavar="RUN", help="the run's name")
+    show_parser.add_argument(
+        "action",
+        metavar="ACTION",
+        nargs="?",
+        help="show this action in full: inputs, output, error with traceback, abort, events",
+    )
     show_parser.add_argument("--events", action="store_true", help="also print the event log")
     show_parser.add_argument(
         "--attempt", type=positive_int, metavar="N", help="show attempt N (default: the latest)"
@@ -57,27 +64,42 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
     watch_parser.set_defaults(handler=watch, parser=watch_parser)
 
 
-def show_lines(out: Output, run: Run[Any], *, events: bool, spaced: bool = True) -> list[str]:
+def show_lines(
+    out: Output, run: Run[Any], *, events: bool, spaced: bool = True, values: bool = False
+) -> list[str]:
     """Render a run for people: its header, its action tree, and optionally its events.
 
     Without `spaced` the lines hold no blank line (a `watch` frame ends with one).
+    With `values`, the tree has a preview of each action's inputs and output.
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
-    lines = [*run_header(out, run.record, now=now), *gap, *action_tree(out, run.actions, now=now)]
+    previews = value_previews(run) if values else None
+    lines = [
+        *run_header(out, run.record, now=now),
+        *gap,
+        *action_tree(out, run.actions, now=now, previews=previews),
+    ]
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]
     return lines
 
 
 def show(args: argparse.Namespace, out: Output) -> int:
-    """Print one run (an attempt of it), with `--events` its event log."""
+    """Print one run (an attempt of it), with `--events` its event log; or one action in full."""
     with open_client(args) as client:
         run = client.get_run(args.run, attempt=args.attempt)
-    if out.json:
-        out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
-    else:
-        out.lines(show_lines(out, run, events=args.events))
+        if args.action is not None:
+            action = find_action(run, args.action)
+            if out.json:
+                out.print_json(action_json(run, action))
+            else:
+                out.lines(action_lines(out, run, action))
+            return EXIT_OK
+        if out.json:
+            out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
+        else:
+            out.lines(show_lines(out, run, events=args.events, values=True))
     return EXIT_OK
 
 

@@ -100,6 +100,18 @@ class SQLiteStore:
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
 
+    def _no_runs(self, name: str) -> str:
+        where = os.path.abspath(self.path)
+        relative = (
+            ""
+            if os.path.isabs(self.path)
+            else (
+                f" (the store path {self.path!r} is relative to the working directory, "
+                f"{os.getcwd()}: run where the runs were started, or pass --store / FLOWSDK_STORE)"
+            )
+        )
+        return f"no run named {name!r}: the store {where} has no runs yet{relative}"
+
     # -- connections -----------------------------------------------------------------
 
     def connect(self, *, create: bool) -> sqlite3.Connection | None:
@@ -275,7 +287,7 @@ class SQLiteStore:
         self.reconcile()
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             if attempt is None:
                 row = conn.execute(
@@ -329,7 +341,7 @@ class SQLiteStore:
         """Return the latest attempt's phase (and `action`'s) by primary-key lookups."""
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             attempt, phase, owner, heartbeat = self._latest(conn, name)
             live = not RunPhase(phase).terminal
@@ -400,7 +412,7 @@ class SQLiteStore:
         """Return the events of a run (latest attempt by default) with `seq > cursor`."""
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             if attempt is None:
                 attempt = self._latest(conn, name)[0]
