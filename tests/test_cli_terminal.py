@@ -1,16 +1,17 @@
-"""Stored text on a terminal (SPEC §6): control characters are shown, never obeyed.
+r"""Stored text on a terminal (SPEC §6): control characters are shown, never obeyed.
 
 A run is recorded whose error type, error message, abort reason and stop
 reason hold ESC sequences (clear screen, color, window title, CSI), BEL, CR,
 LF and C1 characters. Every human view of it, through real `flowsdk`
 subprocesses, must contain no raw control character but the line breaks of
-its own layout, and show the hostile text as visible escapes (`\\x1b`);
+its own layout, and show the hostile text as visible escapes (`\x1b`);
 `--json` must keep the exact text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -53,14 +54,10 @@ async def blocked(text: str) -> str:
 @env.task
 async def root() -> str:
     assert _release is not None
-    try:
+    with contextlib.suppress(RuntimeUserError):
         await broken(HOSTILE)
-    except RuntimeUserError:
-        pass
-    try:
+    with contextlib.suppress(ActionAbortedError):
         await blocked(HOSTILE)
-    except ActionAbortedError:
-        pass
     await _release.wait()
     return HOSTILE
 
