@@ -466,8 +466,10 @@ def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> 
     assert watch.returncode == 0, err
     runner.expect("RESULT SUCCEEDED")
     runner.finish()
-    frames = [f.splitlines() for f in rest.split("\n\n") if f.strip()]
+    *frames, summary = [f.splitlines() for f in rest.split("\n\n") if f.strip()]
     assert frames[-1][0].split() == ["run", "live", "SUCCEEDED"]
+    assert summary == ["run live SUCCEEDED after " + summary[0].split(" after ")[1]]
+    assert summary[0].endswith(": 2 actions (2 SUCCEEDED)")
     assert all(a != b for a, b in itertools.pairwise(frames))  # only on a change
 
 

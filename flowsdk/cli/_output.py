@@ -53,6 +53,8 @@ __all__ = [
     "show_json",
     "store_location",
     "table",
+    "tree_children",
+    "tree_order",
 ]
 
 EXIT_OK = 0
@@ -300,13 +302,19 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
     return lines
 
 
-def _tree_order(actions: list[ActionRecord]) -> list[tuple[int, ActionRecord]]:
-    """Depth-first order of the action tree, children in start order, with their depth."""
+def tree_children(actions: list[ActionRecord]) -> dict[str | None, list[ActionRecord]]:
+    """Each action's children in start order, by parent name (`None`: the roots)."""
     known = {a.name for a in actions}
     children: dict[str | None, list[ActionRecord]] = {}
     for action in actions:
         parent = action.parent if action.parent in known else None
         children.setdefault(parent, []).append(action)
+    return children
+
+
+def tree_order(actions: list[ActionRecord]) -> list[tuple[int, ActionRecord]]:
+    """Depth-first order of the action tree, children in start order, with their depth."""
+    children = tree_children(actions)
     ordered: list[tuple[int, ActionRecord]] = []
     stack = [(0, a) for a in reversed(children.get(None, []))]
     while stack:
@@ -350,16 +358,20 @@ def action_tree(
     *,
     now: datetime,
     previews: dict[str, str] | None = None,
+    entries: Sequence[tuple[int, ActionRecord | str]] | None = None,
 ) -> list[str]:
     """Draw the action tree: one aligned row per action, indented under its parent.
 
     Columns: action, task, phase, duration, group, attempt (and, given
     `previews`, each action's values); below a row, its abort cause and
-    reason, its error, and whether its cleanup was incomplete.
+    reason, its error, and whether its cleanup was incomplete. `entries`
+    (default: every action, depth first) may replace parts of the tree by
+    lines of text (`(depth, text)`): how a live view folds what does not fit.
     """
     if not actions:
         return ["(no actions recorded)"]
-    ordered = _tree_order(actions)
+    shown = list(entries) if entries is not None else tree_order(actions)
+    ordered = [(depth, a) for depth, a in shown if not isinstance(a, str)]
     rows = [
         [
             "  " * depth + visible(a.name),
@@ -377,8 +389,12 @@ def action_tree(
         headers.append("VALUES")
     lines = table(out, headers, rows, phase_column=2)
     result = [lines[0]]
-    for (depth, action), line in zip(ordered, lines[1:], strict=True):
-        result.append(line)
+    row_lines = iter(lines[1:])
+    for depth, action in shown:
+        if isinstance(action, str):
+            result.append("  " * depth + action)
+            continue
+        result.append(next(row_lines))
         pad = "  " * (depth + 2)
         result.extend(pad + note for note in _details(action))
     return result

@@ -23,6 +23,7 @@ from flowsdk._phases import RunPhase
 from flowsdk._result import Run
 from flowsdk._text import visible
 from flowsdk.cli._arguments import bind_arguments, parse_arguments
+from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
 from flowsdk.errors import InvalidStateError, RunNotFoundError
@@ -115,56 +116,68 @@ def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any)
     live = _LiveTree(out, client, name) if out.tty and not out.json and not quiet else None
     if live is not None:
         live.start()
+    result: Run[Any] | None = None
     try:
-        result: Run[Any] = start()
+        result = start()
     finally:
         if live is not None:
-            live.stop()
+            live.stop(result)
+    assert result is not None
     if out.json:
         out.print_json(show_json(result.record, result.actions, None))
     elif quiet:
         out.line(f"run {visible(result.name)}: {result.phase.value}")
+    elif live is not None and live.drawing:
+        out.line(summary_line(result))  # the live region holds the final tree
     else:
-        out.lines(["", *show_lines(out, result, events=False)])
+        out.lines(
+            ["", *show_lines(out, result, events=False, values=True), "", summary_line(result)]
+        )
     return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
 
 
 class _LiveTree:
-    """Redraws the run's tree on a terminal while the run goes on (SQLite stores only).
+    """Draws the run's tree live on a terminal while the run goes on (SQLite stores only).
 
     It reads the store from a thread of its own, as `flowsdk watch` would from
-    another process, so drawing never slows the run's event loop.
+    another process, so drawing never slows the run's event loop. What the
+    run's tasks print goes above the live region.
     """
 
     def __init__(self, out: Output, client: Client, name: str) -> None:
-        self.out = out
         self.name = name
         self.store = client.store
+        self.view = LiveView(out, capture=True)
+        self.drawing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._draw, name="flowsdk-live-tree", daemon=True)
 
     def start(self) -> None:
         """Start drawing (nothing to draw from a memory store)."""
         if isinstance(self.store, SQLiteStore):
+            self.view.start()
+            self.drawing = True
             self._thread.start()
 
-    def stop(self) -> None:
-        """Stop drawing and wait for the thread."""
+    def stop(self, final: Run[Any] | None) -> None:
+        """Stop drawing, after a last frame of `final` (the run as it ended)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self.drawing:
+            if final is not None:
+                self.view.update(final)
+            self.view.stop()
 
     def _draw(self) -> None:
         reader = Client(SQLiteStore(self.store.url))
         try:
-            while not self._stop.wait(POLL_INTERVAL * 5):
+            while not self._stop.wait(POLL_INTERVAL * 2):
                 try:
-                    current = reader.get_run(self.name)
+                    self.view.update(reader.get_run(self.name))
                 except RunNotFoundError:
                     continue  # not recorded yet
                 except Exception:  # a drawing problem must never disturb the run
                     return
-                self.out.stdout.write(_CLEAR)
-                self.out.lines(show_lines(self.out, current, events=False))
         finally:
             reader.close()
