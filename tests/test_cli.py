@@ -793,3 +793,13 @@ def test_locked_store_still_reads_but_control_exits_5(tmp_path: Path, start_runn
 def test_each_expected_error_has_its_exit_code(error: FlowError, code: int) -> None:
     """CLI exit codes: the mapping of SPEC §6 (4 has no verb that raises it yet)."""
     assert exit_code(error) == code
+
+
+def test_abort_of_a_group_without_actions_says_so_and_lists_the_groups(tmp_path: Path) -> None:
+    """CLI exit 3: a group that has no action (yet) is named, with the run's groups."""
+    store = store_for(tmp_path)
+    finished_run(store, "staged")
+    result = cli(store, "abort", "staged", "--group", "deploy")
+    assert result.code == 3
+    assert "run 'staged' has no action in group 'deploy'" in result.stderr
+    assert "its groups are: train" in result.stderr
