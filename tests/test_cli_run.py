@@ -367,3 +367,22 @@ def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> Non
             assert time.monotonic() < deadline, "the launched run never ended"
             time.sleep(0.05)
     assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
+
+
+def test_show_action_has_its_inputs_and_output_and_the_tree_previews_them(project: Path) -> None:
+    proc = flowsdk_cli(project, "run", "wf:main", "40", "label=answer", "--name", "r9")
+    assert proc.returncode == 0, proc.stderr
+    detail = flowsdk_cli(project, "show", "r9", "a1")
+    assert detail.returncode == 0, detail.stderr
+    lines = detail.stdout.splitlines()
+    assert lines[0] == "action a1 of run r9  SUCCEEDED"
+    assert lines[lines.index("inputs:") + 1 :][:3] == ["  #0: 40", "  y: 2", "output: 42"]
+    assert "  key       a0/1" in lines
+    tree = flowsdk_cli(project, "show", "r9").stdout.splitlines()
+    assert next(line for line in tree if line.startswith("  a1 ")).endswith("(40, y=2) -> 42")
+    assert next(line for line in tree if line.startswith("a0 ")).endswith(
+        '(40, label="answer") -> "answer:42"'
+    )
+    missing = flowsdk_cli(project, "show", "r9", "a7")
+    assert missing.returncode == 3
+    assert "run 'r9' has no action 'a7'; its actions are a0, a1" in missing.stderr

@@ -85,7 +85,9 @@ def _events_of(events: list[Event], name: str) -> list[Event]:
 def _value_lines(value: Any, indent: str) -> list[str]:
     """Render a decoded value as indented JSON lines, cut past `_VALUE_LIMIT` characters."""
     try:
-        text = msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+        data = msgspec.json.encode(value)
+        # Short values on one line; longer ones indented, one item a line.
+        text = (data if len(data) <= 80 else msgspec.json.format(data, indent=2)).decode()
     except (TypeError, ValueError, msgspec.EncodeError):
         text = repr(value)
     size = len(text)
@@ -93,6 +95,14 @@ def _value_lines(value: Any, indent: str) -> list[str]:
     if size > _VALUE_LIMIT:
         lines.append(f"{indent}… ({size:,} characters in all; --json shows all of it)")
     return lines
+
+
+def _labelled(label: str, value: Any, indent: str) -> list[str]:
+    """`label value` on one line when the value is short, else below the label, indented."""
+    lines = _value_lines(value, "")
+    if len(lines) == 1 and len(label) + len(lines[0]) < 100:
+        return [f"{label} {lines[0]}"]
+    return [label, *(indent + line for line in lines)]
 
 
 def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
@@ -122,16 +132,14 @@ def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
     if named is not None:
         lines.append("inputs:" if named else "inputs: (none)")
         for param, value in named.items():
-            lines.append(f"  {visible(param)}:")
-            lines.extend(_value_lines(value, "    "))
+            lines.extend(_labelled(f"  {visible(param)}:", value, "    "))
     elif inputs is None:
         lines.append("inputs: (not recorded)")
     if output is not None:
-        lines.append("output:")
         try:
-            lines.extend(_value_lines(_decode(output), "  "))
+            lines.extend(_labelled("output:", _decode(output), "  "))
         except (msgspec.DecodeError, ValueError, TypeError):
-            lines.append(f"  {_UNREADABLE}")
+            lines.append(f"output: {_UNREADABLE}")
     elif action.phase.value == "SUCCEEDED":
         lines.append("output: (not recorded)")
     error = action.error
