@@ -534,7 +534,8 @@ def test_abort_of_group_aborts_its_actions_external(tmp_path: Path, start_runner
     runner.expect("STARTED a1")
     missing = cli(store, "abort", "grouped", "--group", "evaluate")
     assert missing.code == 3
-    assert "no group 'evaluate'; its groups are: train" in missing.stderr
+    assert "has no action in group 'evaluate'" in missing.stderr
+    assert "its groups are: train" in missing.stderr
     result = cli(store, "abort", "grouped", "--group", "train", "--wait", "--json")
     assert result.code == 0, result.stderr
     answer = result.json()
