@@ -196,3 +196,22 @@ def test_a_reason_over_the_limit_is_a_usage_error(store: str, tmp_path: Path) ->
 def test_client_refuses_a_reason_over_the_limit(store: str) -> None:
     with flowsdk.Client(store) as client, pytest.raises(ValueError, match="over the limit"):
         client.abort("hostile", reason="r" * (MAX_REASON + 1))
+
+
+@env.task
+async def verbose() -> None:
+    raise ValueError("x" * 1_000_000 + "\nsecond line")
+
+
+def test_a_huge_error_message_is_bounded_in_human_views(tmp_path: Path) -> None:
+    url = "sqlite:///" + str(tmp_path / "huge.db")
+    flowsdk.run(verbose, name="huge", store=url)
+    tree = flowsdk_cli(url, "show", "huge")
+    assert len(tree.stdout) < 2_000
+    assert "(more: show RUN ACTION)" in tree.stdout
+    detail = flowsdk_cli(url, "show", "huge", "a0")
+    assert len(detail.stdout) < 60_000  # the message and the traceback bounded
+    exact = json.loads(flowsdk_cli(url, "show", "huge", "a0", "--json").stdout)
+    message = exact["action"]["error"]["message"]
+    assert message.startswith("x" * 1_000)
+    assert message[:1_000] in detail.stdout

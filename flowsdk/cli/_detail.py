@@ -34,6 +34,8 @@ _VALUE_LIMIT = 2_000
 # The width of one argument's or the output's preview in the tree.
 _PREVIEW = 24
 _UNREADABLE = "<unreadable>"
+# An error message longer than this is cut in the human view.
+_MESSAGE_LIMIT = 20_000
 
 
 def find_action(run: Run[Any], name: str) -> ActionRecord:
@@ -145,7 +147,9 @@ def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
     error = action.error
     if error is not None:
         lines += ["", f"error: {visible(error.type)}"]
-        lines += ["  " + line for line in visible_lines(error.message)]
+        lines += ["  " + line for line in visible_lines(error.message[:_MESSAGE_LIMIT])]
+        if len(error.message) > _MESSAGE_LIMIT:
+            lines.append(f"  … ({len(error.message):,} characters in all; --json has all of it)")
         if error.traceback:
             lines.append("traceback:")
             lines += ["  " + line for line in visible_lines(error.traceback.rstrip("\n"))]

@@ -67,6 +67,9 @@ EXIT_RUN_FAILED = 6  # `run` and `retry` only: the run ended in a phase other th
 EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied it yet
 
 
+# An error's first line in the tree is cut to this many characters (`show RUN ACTION` has more).
+_FIRST_LINE = 200
+
 CLEANUP_NOTE = (
     "cleanup may be incomplete: its body had not returned when it was given up on "
     "(a second cancel after the grace period, or stop and abandon)"
@@ -338,6 +341,8 @@ def _details(action: ActionRecord) -> list[str]:
     if error is not None:
         # The first line only: `show RUN ACTION` has the whole message and the traceback.
         first, _, rest = error.message.partition("\n")
+        if len(first) > _FIRST_LINE:
+            first, rest = first[: _FIRST_LINE - 1] + "…", "(cut)"
         notes.append(
             f"error {visible(error.type)}: {visible(first)}"
             + (" (more: show RUN ACTION)" if rest else "")
