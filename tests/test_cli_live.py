@@ -169,6 +169,9 @@ def test_run_keeps_the_tasks_prints_above_the_live_tree_and_ends_with_a_summary(
     term = terminal("run", "fan:main", "500", "--name", "live")
     assert term.finish() == 0
     lines = term.lines()
+    seen = "\n".join(lines)
+    assert "hello from the task" in lines, seen
+    assert "run live  SUCCEEDED" in lines, seen
     # The task's prints are whole lines, above the tree's final frame.
     assert lines.index("hello from the task") < lines.index("run live  SUCCEEDED")
     assert lines.index("fan-out done") < lines.index("run live  SUCCEEDED")

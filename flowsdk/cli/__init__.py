@@ -98,9 +98,17 @@ class _LogFormatter(logging.Formatter):
         return f"flowsdk: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the `sys.stderr` of the moment: a live view routes it above its region."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def entry_point() -> NoReturn:
     """The console script: `sys.exit(main())`, with flowsdk's warnings on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_LogFormatter())
     handler.setLevel(logging.WARNING)
     logging.getLogger("flowsdk").addHandler(handler)
