@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,25 @@ def test_a_huge_error_message_is_bounded_in_human_views(tmp_path: Path) -> None:
     message = exact["action"]["error"]["message"]
     assert message.startswith("x" * 1_000)
     assert message[:1_000] in detail.stdout
+
+
+@env.task
+async def echo(value: str) -> str:
+    return value
+
+
+def test_a_damaged_value_record_is_shown_as_unreadable_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.db"
+    flowsdk.run(echo, "hi", name="damaged", store="sqlite:///" + str(path))
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE actions SET inputs = x'c1c1', output = x'dd' WHERE run = 'damaged'")
+    url = "sqlite:///" + str(path)
+    detail = flowsdk_cli(url, "show", "damaged", "a0")
+    assert detail.returncode == 0, detail.stderr
+    assert "inputs: <unreadable>" in detail.stdout
+    assert "output: <unreadable>" in detail.stdout
+    tree = flowsdk_cli(url, "show", "damaged")
+    assert tree.returncode == 0, tree.stderr
+    assert tree.stdout.splitlines()[-1].endswith("<unreadable>")
+    exact = json.loads(flowsdk_cli(url, "show", "damaged", "a0", "--json").stdout)
+    assert (exact["inputs"], exact["output"]) == (None, None)

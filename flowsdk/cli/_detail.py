@@ -67,11 +67,15 @@ def _decode(data: bytes | None) -> Any:
 def action_json(run: Run[Any], action: ActionRecord) -> dict[str, Any]:
     """Return the `show RUN ACTION --json` object of SPEC §6."""
     inputs, output = run.payloads().get(action.name, (None, None))
+    try:
+        named, value = decode_inputs(inputs), _decode(output)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        named, value = None, None  # a damaged record: shown as not recorded, never a traceback
     return {
         "run": msgspec.to_builtins(run.record),
         "action": msgspec.to_builtins(action),
-        "inputs": decode_inputs(inputs),
-        "output": _decode(output),
+        "inputs": named,
+        "output": value,
         # Progress reports and captured logs are recorded by a later version:
         # the keys are present (and empty) so that readers can rely on them.
         "progress": [],
