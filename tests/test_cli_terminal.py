@@ -153,7 +153,7 @@ def test_json_keeps_the_exact_text(store: str) -> None:
     assert shown["run"]["stop"]["reason"] == HOSTILE
     assert HOSTILE in [e["reason"] for e in shown["events"]]
     detail = json.loads(flowsdk_cli(store, "show", "hostile", "a2", "--json").stdout)
-    assert detail["inputs"] == {"#0": HOSTILE}
+    assert detail["inputs"] == {"text": HOSTILE}
     assert detail["action"]["abort"]["reason"] == HOSTILE
     assert (detail["progress"], detail["logs"]) == ([], [])
     root = json.loads(flowsdk_cli(store, "show", "hostile", "a0", "--json").stdout)

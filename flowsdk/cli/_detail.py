@@ -3,9 +3,10 @@
 Recorded inputs and outputs are MessagePack; they are decoded here into
 plain values (lists, dicts, numbers, strings, datetimes) without importing
 the workflow's code, so showing a run never runs anything of it. Inputs are
-named by parameter when the call named them (`f(lr=0.1)`); a positional
-value is named by its position (`#0`), since the record holds the call as it
-was made.
+named by parameter: by the call when it named them (`f(lr=0.1)`), else by
+the function's signature read from the run's root module source
+(`_signatures`); a positional value whose name cannot be known for sure is
+named by its position (`#0`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowsdk.cli._output import (
     format_duration,
     format_time,
 )
+from flowsdk.cli._signatures import Params, task_params
 from flowsdk.errors import ActionNotFoundError
 
 __all__ = ["action_json", "action_lines", "decode_inputs", "find_action", "value_previews"]
@@ -50,14 +52,29 @@ def find_action(run: Run[Any], name: str) -> ActionRecord:
     raise ActionNotFoundError.for_action(run.name, name, [a.name for a in run.actions])
 
 
-def decode_inputs(data: bytes | None) -> dict[str, Any] | None:
-    """Decode recorded inputs into `{PARAM: VALUE}` (positional values as `#0`, `#1`, ...)."""
+def decode_inputs(data: bytes | None, params: Params | None = None) -> dict[str, Any] | None:
+    """Decode recorded inputs into `{PARAM: VALUE}`.
+
+    A positional value is named by `params` when known, else by its position
+    (`#0`, `#1`, ...).
+    """
     if data is None:
         return None
     args, kwargs = msgspec.msgpack.decode(data)
-    named: dict[str, Any] = {f"#{i}": value for i, value in enumerate(args)}
+    named: dict[str, Any] = {}
+    for i, value in enumerate(args):
+        if params is not None and i < len(params.positional):
+            named[params.positional[i]] = value
+        elif params is not None and params.star is not None:
+            named[f"*{params.star}[{i - len(params.positional)}]"] = value
+        else:
+            named[f"#{i}"] = value
     named.update(kwargs)
     return named
+
+
+def _params(run: Run[Any], action: ActionRecord) -> Params | None:
+    return task_params(run.record).get(action.task.rpartition(".")[2])
 
 
 def _decode(data: bytes | None) -> Any:
@@ -68,7 +85,7 @@ def action_json(run: Run[Any], action: ActionRecord) -> dict[str, Any]:
     """Return the `show RUN ACTION --json` object of SPEC §6."""
     inputs, output = run.payloads().get(action.name, (None, None))
     try:
-        named, value = decode_inputs(inputs), _decode(output)
+        named, value = decode_inputs(inputs, _params(run, action)), _decode(output)
     except (msgspec.DecodeError, ValueError, TypeError):
         named, value = None, None  # a damaged record: shown as not recorded, never a traceback
     return {
@@ -131,7 +148,7 @@ def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
     inputs, output = run.payloads().get(action.name, (None, None))
     lines.append("")
     try:
-        named = decode_inputs(inputs)
+        named = decode_inputs(inputs, _params(run, action))
     except (msgspec.DecodeError, ValueError, TypeError):
         named = None
         lines.append(f"inputs: {_UNREADABLE}")
