@@ -11,14 +11,19 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import flowsdk
+from flowsdk._phases import RunPhase
+from flowsdk._records import RunRecord
 from flowsdk.cli._arguments import parse_arguments
 from flowsdk.cli._output import UsageError
+from flowsdk.cli._signatures import Params, task_params
 from flowsdk.errors import SerializationError
 
 WORKFLOW = """
@@ -394,3 +399,31 @@ def test_show_action_has_its_inputs_and_output_and_the_tree_previews_them(projec
     missing = flowsdk_cli(project, "show", "r9", "a7")
     assert missing.returncode == 3
     assert "run 'r9' has no action 'a7'; its actions are a0, a1" in missing.stderr
+
+
+def test_parameter_names_are_read_only_when_certain(tmp_path: Path) -> None:
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "async def one(a, b, *rest): ...\n"
+        "def twice(x): ...\n"
+        "class K:\n"
+        "    def twice(self, y): ...\n"
+        "import os; os.remove('must-not-run')\n"
+    )
+    started = datetime.now(UTC) + timedelta(seconds=60)
+    record = RunRecord(
+        name="r",
+        phase=RunPhase.SUCCEEDED,
+        started_at=started,
+        ended_at=None,
+        task="mod:one",
+        workdir=str(tmp_path),
+    )
+    params = task_params(record)
+    assert params["one"] == Params(["a", "b"], "rest")
+    assert "twice" not in params  # defined twice: which one ran is not known
+    by_path = msgspec.structs.replace(record, task=f"{source}:one", workdir="")
+    assert task_params(by_path)["one"].positional == ["a", "b"]
+    edited = msgspec.structs.replace(record, started_at=started - timedelta(seconds=3600))
+    assert task_params(edited) == {}
+    assert task_params(msgspec.structs.replace(record, task="nowhere:one")) == {}
