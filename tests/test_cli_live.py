@@ -55,6 +55,11 @@ async def main(n: int, hold: bool = False, fail: bool = False) -> int:
     if fail:
         raise RuntimeError("failed on purpose")
     return sum(values)
+
+
+@env.task
+async def hostile() -> None:
+    raise ValueError("\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\rfake row")
 """
 
 
@@ -87,6 +92,7 @@ class Terminal:
         self.screen = pyte.HistoryScreen(COLS, ROWS, history=100_000)
         self.stream = pyte.ByteStream(self.screen)
         self.closed = False
+        self.raw = b""
 
     def read_until(self, done: Callable[[Terminal], bool]) -> None:
         """Read output until `done(self)` or the end of output; fail past the deadline."""
@@ -104,6 +110,7 @@ class Terminal:
                 data = b""
             if not data:
                 self.closed = True
+            self.raw += data
             self.stream.feed(data)
 
     def finish(self) -> int:
@@ -232,3 +239,12 @@ def test_watch_keeps_the_header_of_a_tall_tree_and_ends_with_summary_and_exit_st
         (project / "go").touch()
         runner.communicate(timeout=DEADLINE)
     assert runner.returncode == 6, runner.stderr
+
+
+def test_the_live_view_shows_hostile_text_as_escapes(terminal: Callable[..., Terminal]) -> None:
+    term = terminal("run", "fan:hostile", "--name", "evil")
+    assert term.finish() == 6
+    # rich moves the cursor with its own sequences; the stored ones never reach the terminal.
+    for sequence in (b"\x1b[2J", b"\x1b]0;", b"\x07", "\x9b".encode(), b"\rfake"):
+        assert sequence not in term.raw
+    assert any("\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\rfake row" in line for line in term.lines())
