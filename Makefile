@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/python examples/hpo_early_stop.py
+	@echo "next: $(BIN)/flowsdk runs, then $(BIN)/flowsdk show NAME (the tree, with each action's values)" \
+		"and $(BIN)/flowsdk show NAME a1 (one trial in full); the web console: $(BIN)/flowsdk ui"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -57,7 +57,10 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
         cls = type(exc)
         name = (
             cls.__qualname__
+            # A script imported by a retry or `flowsdk run` has a synthetic module
+            # name (`flowsdk_script_<hash>`): its types are named as in `__main__`.
             if cls.__module__ in ("builtins", "__main__")
+            or cls.__module__.startswith("flowsdk_script_")
             else f"{cls.__module__}.{cls.__qualname__}"
         )
         message = safe_str(exc)

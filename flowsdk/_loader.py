@@ -61,7 +61,8 @@ def import_task(path: str) -> Task[..., Any]:
 
 def _import_file(path: str) -> ModuleType:
     if not os.path.isfile(path):
-        raise InvalidStateError(f"the script {path!r} recorded for this run no longer exists")
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise InvalidStateError(f"no script {path!r}{where}: the file does not exist")
     name = "flowsdk_script_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
     module = sys.modules.get(name)
     if module is not None:

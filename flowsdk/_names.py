@@ -16,7 +16,7 @@ _ALLOWED = re.compile(r"[A-Za-z0-9_.:\- ]+")
 def check_name(kind: str, name: object) -> str:
     """Return `name` if it is a usable name, else raise `ValueError` showing its `repr`.
 
-    A usable name is 1-200 characters of letters, digits, space, `_`, `-`, `.`
+    A usable name is 1-200 characters of ASCII letters, digits, space, `_`, `-`, `.`
     and `:`; it is not `.`/`..` and has no control or bidirectional characters, so it
     is safe in a terminal, a URL and a file name.
     """
@@ -35,12 +35,13 @@ def check_name(kind: str, name: object) -> str:
         raise ValueError(
             f"{kind} name {name!r} is not allowed"
             + (f": it contains {shown}" if shown else "")
-            + "; use letters, digits, space, '_', '-', '.' and ':'"
+            + "; use ASCII letters (A-Z, a-z), digits, space, '_', '-', '.' and ':'"
         )
     return name
 
 
 def new_run_name(function: str) -> str:
     """Return a fresh run name from a task function's name: `train-1a2b3c4d`."""
-    stem = "".join(c if c.isalnum() else "-" for c in function.lower()).strip("-")[:40] or "run"
+    chars = (c if c.isascii() and c.isalnum() else "-" for c in function.lower())
+    stem = "".join(chars).strip("-")[:40] or "run"
     return f"{stem}-{secrets.token_hex(4)}"

@@ -104,7 +104,7 @@ def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any])
     """
     try:
         data = _encoder.encode((args, kwargs))
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise _input_error(task, args, kwargs, exc) from exc
     if len(data) > _limit(task):
         raise SerializationError(
@@ -123,7 +123,7 @@ def _input_error(
     for name, value in named:
         try:
             _encoder.encode(value)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as inner:
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as inner:
             return SerializationError(
                 f"task {task.name!r}: parameter {name!r} cannot be recorded "
                 f"({type(value).__name__}: {inner}); pass data (numbers, strings, lists, dicts, "
@@ -185,7 +185,7 @@ def encode_output(task: TaskSpec, value: Any) -> bytes:
     """
     try:
         data = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise SerializationError(
             f"task {task.name!r} returned a {type(value).__name__} that cannot be recorded: {exc}; "
             "return data (numbers, strings, lists, dicts, dataclasses, msgspec Structs, ...)"

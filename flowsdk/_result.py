@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from flowsdk._payload import decode_output
 from flowsdk._phases import AbortCause, RunPhase
@@ -140,5 +143,8 @@ def run_from_stored(stored: StoredRun) -> Run[Any]:
     if stored.record.phase is RunPhase.SUCCEEDED and stored.actions:
         output = stored.payloads.get(stored.actions[0].name, (None, None))[1]
         if output is not None:
-            value = decode_output(None, output)
+            # A damaged record must not stop a reader from seeing the run's
+            # tree: `result()` then says that no output can be read.
+            with contextlib.suppress(msgspec.DecodeError):
+                value = decode_output(None, output)
     return Run(stored, value=value)

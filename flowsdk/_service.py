@@ -45,6 +45,7 @@ from flowsdk._records import (
 )
 from flowsdk._result import Run, run_from_stored
 from flowsdk._retry import check_retryable, retry_run
+from flowsdk._text import check_reason
 from flowsdk.errors import (
     ActionNotFoundError,
     FlowError,
@@ -148,12 +149,14 @@ class ControlService:
             PermissionDeniedError: the actor may not control runs.
             RunNotFoundError: no such run.
             ActionNotFoundError: the run has no such action or group.
+            ValueError: the reason is over 10,000 characters.
         """
         try:
             self.authorize(Permission.CONTROL)
         except PermissionDeniedError as exc:
             self._record_refused(request, exc)
             raise
+        check_reason(getattr(request, "reason", None))
         request = msgspec.structs.replace(request, requested_by=self.actor.name)
         if not self.channel.in_process:
             ended = self._ended(request)
@@ -257,8 +260,9 @@ class ControlService:
 
         Only a task already recorded as the root task of a run in this store
         may be started (so a request can never make the runner import a module
-        nobody ran before). Arguments are JSON values, converted to the
-        parameters' annotations as `flowsdk run` does.
+        nobody ran before). Arguments are JSON values, converted strictly to
+        the parameters' annotations (passed with `flowsdk run --json-args`, so
+        a string arrives as the string it is).
 
         Raises:
             InvalidStateError: the task was never recorded as a root task here,
@@ -277,7 +281,7 @@ class ControlService:
         values = [json.dumps(v) for v in args or []]
         values += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
         self._launch(
-            ["run", "--name", run, "--quiet"],
+            ["run", "--name", run, "--quiet", "--json-args"],
             [task, *values],
             workdir,
             lambda: _attempt_recorded(self.store, run, 1),

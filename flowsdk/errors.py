@@ -185,10 +185,15 @@ class ActionNotFoundError(FlowError, LookupError):
 
     @classmethod
     def for_group(cls, run: str, group: str, groups: Sequence[str]) -> ActionNotFoundError:
-        """Build the error for a missing group, listing the run's groups."""
+        """Build the error for a missing group, listing the run's groups.
+
+        A group exists once one of its actions has started: a pipeline stage
+        that has not started yet has no action to abort.
+        """
         return cls(
-            f"run {run!r} has no group {group!r}"
-            + (f"; its groups are: {', '.join(groups)}" if groups else "; it has no groups")
+            f"run {run!r} has no action in group {group!r} (yet: a group has actions only "
+            "once one of them has started)"
+            + (f"; its groups are: {', '.join(groups)}" if groups else "; it has no groups yet")
         )
 
 

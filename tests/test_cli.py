@@ -228,7 +228,15 @@ def test_runs_lists_newest_first_as_aligned_table(tmp_path: Path) -> None:
     result = cli(store, "runs")
     assert result.code == 0
     header, *rows = result.stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "STARTED", "DURATION", "TASK"]
+    assert header.split() == [
+        "NAME",
+        "PHASE",
+        "ATTEMPT",
+        "STARTED",
+        "DURATION",
+        "TASK",
+        "REASON",
+    ]
     assert [r.split()[0] for r in rows] == ["third-run", "second-run", "first-run"]
     assert [r.split()[1] for r in rows] == ["SUCCEEDED", "FAILED", "SUCCEEDED"]
     phase_column = header.index("PHASE")
@@ -246,7 +254,7 @@ def test_runs_filters_by_phase_and_limit(tmp_path: Path) -> None:
     limited = cli(store, "runs", "--limit", "2", "--json")
     assert [r["name"] for r in limited.json()] == ["third-run", "second-run"]
     none = cli(store, "runs", "--phase", "CRASHED")
-    assert (none.code, none.stdout.strip()) == (0, f"no CRASHED runs in {store}")
+    assert (none.code, none.stdout.strip()) == (0, f"no CRASHED runs in {tmp_path / 'store.db'}")
 
 
 def test_runs_json_is_a_list_of_run_objects_with_every_key(tmp_path: Path) -> None:
@@ -323,14 +331,23 @@ def test_show_draws_action_tree_with_groups_attempts_and_errors(tmp_path: Path) 
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["run", "tree", "SUCCEEDED"]
     header = next(i for i, line in enumerate(lines) if line.startswith("ACTION"))
-    assert lines[header].split() == ["ACTION", "TASK", "PHASE", "DURATION", "GROUP", "ATTEMPT"]
+    assert lines[header].split() == [
+        "ACTION",
+        "TASK",
+        "PHASE",
+        "DURATION",
+        "GROUP",
+        "ATTEMPT",
+        "VALUES",
+    ]
     rows = {line.split()[0]: line for line in lines[header + 1 :] if line.lstrip()[:1] == "a"}
     assert rows["a0"].startswith("a0 ")
     assert rows["a1"].startswith("  a1 ")
     assert rows["a2"].startswith("    a2 ")
     assert rows["a3"].startswith("    a3 ")
     assert rows["a1"].split()[1:3] == ["cli.stage", "SUCCEEDED"]
-    assert rows["a2"].split()[-2:] == ["train", "2"]  # group, attempt
+    assert rows["a2"].split()[4:6] == ["train", "2"]  # group, attempt
+    assert rows["a2"].endswith("() -> 2")  # its values: no inputs, output 2
     assert rows["a3"].split()[1:3] == ["cli.broken", "FAILED"]
     assert "error KeyError: 'bad key'" in result.stdout
 
@@ -449,8 +466,10 @@ def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> 
     assert watch.returncode == 0, err
     runner.expect("RESULT SUCCEEDED")
     runner.finish()
-    frames = [f.splitlines() for f in rest.split("\n\n") if f.strip()]
+    *frames, summary = [f.splitlines() for f in rest.split("\n\n") if f.strip()]
     assert frames[-1][0].split() == ["run", "live", "SUCCEEDED"]
+    assert summary == ["run live SUCCEEDED after " + summary[0].split(" after ")[1]]
+    assert summary[0].endswith(": 2 actions (2 SUCCEEDED)")
     assert all(a != b for a, b in itertools.pairwise(frames))  # only on a change
 
 
@@ -515,7 +534,8 @@ def test_abort_of_group_aborts_its_actions_external(tmp_path: Path, start_runner
     runner.expect("STARTED a1")
     missing = cli(store, "abort", "grouped", "--group", "evaluate")
     assert missing.code == 3
-    assert "no group 'evaluate'; its groups are: train" in missing.stderr
+    assert "has no action in group 'evaluate'" in missing.stderr
+    assert "its groups are: train" in missing.stderr
     result = cli(store, "abort", "grouped", "--group", "train", "--wait", "--json")
     assert result.code == 0, result.stderr
     answer = result.json()
@@ -681,7 +701,7 @@ def test_show_reports_crashed_run_after_runner_killed(tmp_path: Path, start_runn
         ["bogus"],
         ["show"],
         ["fail", "some-run"],
-        ["runs", "--limit", "0"],
+        ["runs", "--limit", "-1"],
         ["runs", "--phase", "SLEEPING"],
         ["show", "r", "--attempt", "two"],
         ["abort", "r", "a1", "--group", "g"],
@@ -774,3 +794,13 @@ def test_locked_store_still_reads_but_control_exits_5(tmp_path: Path, start_runn
 def test_each_expected_error_has_its_exit_code(error: FlowError, code: int) -> None:
     """CLI exit codes: the mapping of SPEC §6 (4 has no verb that raises it yet)."""
     assert exit_code(error) == code
+
+
+def test_abort_of_a_group_without_actions_says_so_and_lists_the_groups(tmp_path: Path) -> None:
+    """CLI exit 3: a group that has no action (yet) is named, with the run's groups."""
+    store = store_for(tmp_path)
+    finished_run(store, "staged")
+    result = cli(store, "abort", "staged", "--group", "deploy")
+    assert result.code == 3
+    assert "run 'staged' has no action in group 'deploy'" in result.stderr
+    assert "its groups are: train" in result.stderr

@@ -10,13 +10,21 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+import flowsdk
+from flowsdk._phases import RunPhase
+from flowsdk._records import RunRecord
+from flowsdk.cli._arguments import parse_arguments
 from flowsdk.cli._output import UsageError
-from flowsdk.cli._start import parse_arguments
+from flowsdk.cli._signatures import Params, task_params
+from flowsdk.errors import SerializationError
 
 WORKFLOW = """
 import os
@@ -135,8 +143,8 @@ def test_run_of_a_task_that_cannot_be_found_is_a_usage_error(project: Path, targ
 
 def test_parse_arguments_splits_positional_and_keyword_values() -> None:
     assert parse_arguments(["1", "x", "[1, 2]", "k=v", "n=3", 'j={"a": null}']) == (
-        [1, "x", [1, 2]],
-        {"k": "v", "n": 3, "j": {"a": None}},
+        ["1", "x", "[1, 2]"],
+        {"k": "v", "n": "3", "j": '{"a": null}'},
     )
     with pytest.raises(UsageError):
         parse_arguments(["k=1", "2"])
@@ -160,3 +168,262 @@ def test_a_script_run_can_be_retried_again_and_again(project: Path) -> None:
     (project / "fixed").touch()
     assert flowsdk_cli(project, "retry", "s1").returncode == 0
     assert (project / "calls.log").read_text() == "add 1 2\n"  # replayed every time after the first
+
+
+TYPED = """
+import dataclasses
+import flowsdk
+
+env = flowsdk.TaskEnvironment("typed")
+
+
+@dataclasses.dataclass
+class Config:
+    depth: int
+    name: str
+
+
+class DivergedError(Exception):
+    pass
+
+
+@env.task
+async def typed(ref: str, n: int, ratio: float = 0.5, flag: bool = False,
+                cfg: Config | None = None, tags: list[str] | None = None) -> str:
+    return repr((ref, n, ratio, flag, cfg, tags))
+
+
+@env.task
+async def loose(value, *rest: int, **extra: float) -> str:
+    return repr((value, rest, extra))
+
+
+@env.task
+async def diverge() -> None:
+    raise DivergedError("loss is nan")
+"""
+
+
+@pytest.fixture
+def typed_project(tmp_path: Path) -> Path:
+    (tmp_path / "typed.py").write_text(TYPED)
+    return tmp_path
+
+
+def output_of(cwd: Path, run: str) -> Any:
+    return shown_action(cwd, run, "a0")["output"]
+
+
+def shown_action(cwd: Path, run: str, action: str) -> dict[str, Any]:
+    proc = flowsdk_cli(cwd, "show", run, action, "--json")
+    assert proc.returncode == 0, proc.stderr
+    value: dict[str, Any] = json.loads(proc.stdout)
+    return value
+
+
+def test_run_converts_each_argument_to_its_parameters_annotation(typed_project: Path) -> None:
+    cfg = '{"depth": 3, "name": "x"}'
+    argv = ["typed:typed", "1.10", "5", "ratio=1e3", "flag=true", f"cfg={cfg}", 'tags=["a"]']
+    proc = flowsdk_cli(typed_project, "run", *argv, "--name", "t1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert output_of(typed_project, "t1") == (
+        "('1.10', 5, 1000.0, True, Config(depth=3, name='x'), ['a'])"
+    )
+    # A str parameter takes the text as it is, even when it looks like JSON.
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "ref=[1]", "n=2", "--name", "t2")
+    assert proc.returncode == 0, proc.stderr
+    assert output_of(typed_project, "t2") == "('[1]', 2, 0.5, False, None, None)"
+    # No annotation: JSON when it is JSON, else the text; *args and **kwargs by theirs.
+    proc = flowsdk_cli(
+        typed_project, "run", "typed:loose", "abc", "1", "2", "k=2.5", "--name", "t3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert output_of(typed_project, "t3") == "('abc', (1, 2), {'k': 2.5})"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["1.10"], "missing argument 'n' (int)"),
+        (["x", '"5"'], "argument 'n' expects int (written as JSON), got"),
+        (["x", "5", "flag=yes"], "argument 'flag' expects bool (written as JSON), got"),
+        (["x", "5", 'cfg={"depth": "deep"}'], "argument 'cfg' expects typed.Config | None"),
+        (["x", "5", "colour=red"], "unknown argument 'colour'; the task's parameters are: ref, n"),
+        (["x", "5", "0.1", "true", "null", "null", "7"], "too many positional arguments"),
+        (["x", "5", "n=6"], "argument 'n' is given twice"),
+        (["x", "n=" + "[" * 10_000 + "]" * 10_000], "argument 'n'"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_parameter_and_record_nothing(
+    typed_project: Path, argv: list[str], message: str
+) -> None:
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", *argv, "--name", "bad")
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    runs = flowsdk_cli(typed_project, "runs", "--json")
+    assert json.loads(runs.stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("bad/name!", "run name 'bad/name!' is not allowed"),
+        ("", "run name must not be empty"),
+        ("n" * 300, "run name is 300 characters long; the limit is 200"),
+        ("tréning", "use ASCII letters"),
+    ],
+)
+def test_a_bad_run_name_exits_2_without_a_traceback(
+    typed_project: Path, name: str, message: str
+) -> None:
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", name)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_script_is_named_as_missing(typed_project: Path) -> None:
+    proc = flowsdk_cli(typed_project, "run", "not/there.py:x")
+    assert proc.returncode == 2
+    assert f"no script 'not/there.py' (relative to {typed_project}): the file does not exist" in (
+        proc.stderr
+    )
+    assert "recorded for this run" not in proc.stderr
+
+
+def test_a_store_that_cannot_be_read_fails_before_the_run_is_announced(
+    typed_project: Path,
+) -> None:
+    (typed_project / "runs.db").write_bytes(b"this is not a database" * 100)
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "never")
+    assert proc.returncode == 5
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_scripts_error_type_has_no_synthetic_module_name(typed_project: Path) -> None:
+    proc = flowsdk_cli(typed_project, "run", "typed.py:diverge", "--name", "d1", "--quiet")
+    assert proc.returncode == 6
+    assert shown_action(typed_project, "d1", "a0")["action"]["error"]["type"] == "DivergedError"
+    retried = flowsdk_cli(typed_project, "retry", "d1", "--quiet")
+    assert retried.returncode == 6
+    shown = flowsdk_cli(typed_project, "show", "d1")
+    assert "error DivergedError: loss is nan" in shown.stdout
+    assert "flowsdk_script_" not in shown.stdout
+
+
+def test_options_before_the_verb_and_the_store_location_when_nothing_is_found(
+    typed_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "here")
+    assert proc.returncode == 0, proc.stderr
+    before = flowsdk_cli(typed_project, "--store", "sqlite:///runs.db", "--json", "runs")
+    assert before.returncode == 0, before.stderr
+    assert [r["name"] for r in json.loads(before.stdout)] == ["here"]
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    lost = flowsdk_cli(elsewhere, "show", "here")
+    assert lost.returncode == 3
+    assert f"the store {elsewhere / 'runs.db'} has no runs yet" in lost.stderr
+    assert "relative to the working directory" in lost.stderr
+    empty = flowsdk_cli(elsewhere, "runs")
+    assert empty.stdout.startswith(f"no runs in {elsewhere / 'runs.db'} (the store path")
+
+
+def test_runs_lists_50_by_default_and_says_how_many_more(tmp_path: Path) -> None:
+    store = "sqlite:///" + str(tmp_path / "many.db")
+
+    @flowsdk.TaskEnvironment("many").task
+    async def tiny() -> None:
+        return None
+
+    for i in range(53):
+        flowsdk.run(tiny, name=f"r{i:02d}", store=store)
+    env_proc = flowsdk_cli(tmp_path, "runs", "--store", store)
+    lines = env_proc.stdout.splitlines()
+    assert len(lines) == 1 + 50 + 1
+    assert lines[1].split()[0] == "r52"
+    assert lines[-1] == "3 more: --limit 53 (or --limit 0) to list them"
+    everything = flowsdk_cli(tmp_path, "runs", "--store", store, "--limit", "0", "--json")
+    assert len(json.loads(everything.stdout)) == 53
+
+
+def test_an_input_nested_too_deeply_is_a_serialization_error() -> None:
+    @flowsdk.TaskEnvironment("deep").task
+    async def take(x: list[Any]) -> int:
+        return len(x)
+
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(SerializationError, match="parameter 'x' cannot be recorded"):
+        flowsdk.run(take, deep)
+
+
+def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> None:
+    """`launch_run` (the console's start) gives a str parameter the string, not its JSON."""
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
+    assert proc.returncode == 0, proc.stderr
+    with flowsdk.Client("sqlite:///" + str(typed_project / "runs.db")) as client:
+        name = client.service.launch_run("typed:typed", ["1.10", 5], {"tags": ["a"]}, name="L1")
+        deadline = time.monotonic() + 60
+        while not client.get_run(name).phase.terminal:
+            assert time.monotonic() < deadline, "the launched run never ended"
+            time.sleep(0.05)
+    assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
+
+
+def test_show_action_has_its_inputs_and_output_and_the_tree_previews_them(project: Path) -> None:
+    proc = flowsdk_cli(project, "run", "wf:main", "40", "label=answer", "--name", "r9")
+    assert proc.returncode == 0, proc.stderr
+    detail = flowsdk_cli(project, "show", "r9", "a1")
+    assert detail.returncode == 0, detail.stderr
+    lines = detail.stdout.splitlines()
+    assert lines[0] == "action a1 of run r9  SUCCEEDED"
+    # By name: `add(x, y=2)` passed x by position; its name is read from wf.py's source.
+    assert lines[lines.index("inputs:") + 1 :][:3] == ["  x: 40", "  y: 2", "output: 42"]
+    as_json = json.loads(flowsdk_cli(project, "show", "r9", "a1", "--json").stdout)
+    assert (as_json["inputs"], as_json["output"]) == ({"x": 40, "y": 2}, 42)
+    # Edited since the run started: the names could be wrong, so positions are shown.
+    later = time.time() + 60
+    os.utime(project / "wf.py", (later, later))
+    edited = json.loads(flowsdk_cli(project, "show", "r9", "a1", "--json").stdout)
+    assert edited["inputs"] == {"#0": 40, "y": 2}
+    assert "  key       a0/1" in lines
+    tree = flowsdk_cli(project, "show", "r9").stdout.splitlines()
+    assert next(line for line in tree if line.startswith("  a1 ")).endswith("(40, y=2) -> 42")
+    assert next(line for line in tree if line.startswith("a0 ")).endswith(
+        '(40, label="answer") -> "answer:42"'
+    )
+    missing = flowsdk_cli(project, "show", "r9", "a7")
+    assert missing.returncode == 3
+    assert "run 'r9' has no action 'a7'; its actions are a0, a1" in missing.stderr
+
+
+def test_parameter_names_are_read_only_when_certain(tmp_path: Path) -> None:
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "async def one(a, b, *rest): ...\n"
+        "def twice(x): ...\n"
+        "class K:\n"
+        "    def twice(self, y): ...\n"
+        "import os; os.remove('must-not-run')\n"
+    )
+    started = datetime.now(UTC) + timedelta(seconds=60)
+    record = RunRecord(
+        name="r",
+        phase=RunPhase.SUCCEEDED,
+        started_at=started,
+        ended_at=None,
+        task="mod:one",
+        workdir=str(tmp_path),
+    )
+    params = task_params(record)
+    assert params["one"] == Params(["a", "b"], "rest")
+    assert "twice" not in params  # defined twice: which one ran is not known
+    by_path = msgspec.structs.replace(record, task=f"{source}:one", workdir="")
+    assert task_params(by_path)["one"].positional == ["a", "b"]
+    edited = msgspec.structs.replace(record, started_at=started - timedelta(seconds=3600))
+    assert task_params(edited) == {}
+    assert task_params(msgspec.structs.replace(record, task="nowhere:one")) == {}

@@ -1,7 +1,7 @@
 """The `flowsdk` command line (SPEC §6): list, show, watch and control runs.
 
 `python -m flowsdk ...` and the `flowsdk` console script are the same program.
-Every verb takes `--store URL` and `--json`, written after the verb. Exit
+Every verb takes `--store URL` and `--json`, after the verb or before it. Exit
 codes: 0 done (also an abort of an action that has already ended), 1 refused,
 2 usage error, 3 run or action not found, 4 permission denied, 5 store error,
 6 (`run` and `retry` only) the run did not succeed, 7 a control request is
@@ -41,11 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowsdk",
         description="Start, inspect, control and retry flowsdk runs recorded in a store.",
-        epilog="Every verb takes --store URL and --json after the verb. Exit codes: 0 done, "
+        epilog="Every verb takes --store URL and --json, after the verb or before it. Exit "
+        "codes: 0 done, "
         "1 refused, 2 usage error, 3 not found, 4 permission denied, 5 store error, "
         "6 (run, retry) the run did not succeed, 7 request queued.",
     )
     parser.add_argument("--version", action="version", version=f"flowsdk {flowsdk.__version__}")
+    # The same options before the verb (`flowsdk --store x.db runs`), under names of
+    # their own: a verb's parser would otherwise reset them to its defaults.
+    parser.add_argument("--store", dest="global_store", metavar="URL", help="the store")
+    parser.add_argument(
+        "--json", dest="global_json", action="store_true", help="machine-readable output"
+    )
     verbs = parser.add_subparsers(title="verbs", dest="verb", metavar="VERB", required=True)
     common = common_options()
     for module in _VERBS:
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.store is None:
+        args.store = args.global_store
+    args.json = args.json or args.global_json
     out = Output(json=args.json)
     try:
         code: int = args.handler(args, out)
@@ -88,9 +98,17 @@ class _LogFormatter(logging.Formatter):
         return f"flowsdk: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the `sys.stderr` of the moment: a live view routes it above its region."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def entry_point() -> NoReturn:
     """The console script: `sys.exit(main())`, with flowsdk's warnings on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_LogFormatter())
     handler.setLevel(logging.WARNING)
     logging.getLogger("flowsdk").addHandler(handler)

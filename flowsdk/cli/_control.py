@@ -9,12 +9,14 @@ request is harmless: an abort of an action that has ended exits 0 and says so.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import msgspec
 
 from flowsdk._client import Client
 from flowsdk._records import ControlResult, Outcome
+from flowsdk._text import MAX_REASON, check_reason, visible
 from flowsdk.cli._output import (
     EXIT_OK,
     EXIT_QUEUED,
@@ -25,11 +27,41 @@ from flowsdk.cli._output import (
 )
 from flowsdk.cli._show import wait_for_end
 
-__all__ = ["register"]
+__all__ = ["read_reason", "register"]
+
+
+def read_reason(args: argparse.Namespace) -> str | None:
+    """Return the reason of `--reason` or `--reason-file`, at most `MAX_REASON` characters.
+
+    Raises:
+        UsageError: the file cannot be read, or the reason is too long.
+    """
+    reason: str | None = args.reason
+    path: str | None = args.reason_file
+    if path is not None:
+        try:
+            if path == "-":
+                reason = sys.stdin.read(MAX_REASON + 1)
+            else:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    reason = f.read(MAX_REASON + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the reason from {path!r}: {exc.strerror}") from None
+        reason = reason.rstrip("\n")
+    try:
+        return check_reason(reason)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reason", metavar="TEXT", help="why (recorded with the request)")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--reason", metavar="TEXT", help=f"why (recorded; at most {MAX_REASON:,} characters)"
+    )
+    given.add_argument(
+        "--reason-file", metavar="PATH", help="read the reason from a file (- for stdin)"
+    )
     parser.add_argument(
         "--wait", action="store_true", help="then wait until the run ends and report its phase"
     )
@@ -83,21 +115,21 @@ def abort(args: argparse.Namespace, out: Output) -> int:
     if args.action is not None and args.group is not None:
         raise UsageError("name an ACTION or a --group, not both")
     with open_client(args) as client:
-        result = client.abort(args.run, args.action, group=args.group, reason=args.reason)
+        result = client.abort(args.run, args.action, group=args.group, reason=read_reason(args))
         return _report(out, client, args, result)
 
 
 def stop(args: argparse.Namespace, out: Output) -> int:
     """Stop a run (wait or abandon); a second stop-and-wait is refused (exit 1)."""
     with open_client(args) as client:
-        result = client.stop(args.run, abandon=args.abandon, reason=args.reason)
+        result = client.stop(args.run, abandon=args.abandon, reason=read_reason(args))
         return _report(out, client, args, result)
 
 
 def fail(args: argparse.Namespace, out: Output) -> int:
     """Mark an action as failed."""
     with open_client(args) as client:
-        result = client.mark_failed(args.run, args.action, reason=args.reason)
+        result = client.mark_failed(args.run, args.action, reason=read_reason(args))
         return _report(out, client, args, result)
 
 
@@ -111,15 +143,15 @@ def _report(out: Output, client: Client, args: argparse.Namespace, result: Contr
         elif refused or queued:
             out.error(result.message)
         else:
-            out.line(result.message)
+            out.line(visible(result.message))
         return code
     if not out.json:
         # Printed (and flushed) before waiting, so a reader knows the request was applied.
-        out.line(result.message)
-        out.line(f"waiting for run {args.run!r} to end ...")
+        out.line(visible(result.message))
+        out.line(f"waiting for run {visible(args.run)!r} to end ...")
     run = wait_for_end(client, args.run)
     if out.json:
         out.print_json({**result.as_dict(), "run": msgspec.to_builtins(run.record)})
     else:
-        out.line(f"run {run.name!r} ended: {run.phase.value}")
+        out.line(f"run {visible(run.name)!r} ended: {run.phase.value}")
     return code

@@ -19,6 +19,7 @@ import msgspec
 
 from flowsdk._client import Client
 from flowsdk._records import ActionRecord, Event, RunRecord
+from flowsdk._text import visible
 from flowsdk.errors import (
     ActionNotFoundError,
     FlowError,
@@ -30,6 +31,7 @@ from flowsdk.errors import (
 )
 
 __all__ = [
+    "CLEANUP_NOTE",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_PERMISSION",
@@ -49,7 +51,10 @@ __all__ = [
     "open_client",
     "run_header",
     "show_json",
+    "store_location",
     "table",
+    "tree_children",
+    "tree_order",
 ]
 
 EXIT_OK = 0
@@ -60,6 +65,15 @@ EXIT_PERMISSION = 4
 EXIT_STORE = 5
 EXIT_RUN_FAILED = 6  # `run` and `retry` only: the run ended in a phase other than SUCCEEDED
 EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied it yet
+
+
+# An error's first line in the tree is cut to this many characters (`show RUN ACTION` has more).
+_FIRST_LINE = 200
+
+CLEANUP_NOTE = (
+    "cleanup may be incomplete: its body had not returned when it was given up on "
+    "(a second cancel after the grace period, or stop and abandon)"
+)
 
 
 class UsageError(Exception):
@@ -106,6 +120,17 @@ def open_client(args: argparse.Namespace) -> Client:
         return Client(args.store)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def store_location(client: Client) -> str:
+    """Say where a store is: its absolute path for a file, and how a relative one resolved."""
+    path = getattr(client.store, "path", None)
+    if not isinstance(path, str):
+        return client.store.url
+    where = os.path.abspath(path)
+    if os.path.isabs(path):
+        return where
+    return f"{where} (the store path {path!r} is relative to the working directory)"
 
 
 # -- the terminal ------------------------------------------------------------------------
@@ -156,8 +181,8 @@ class Output:
         self.stdout.flush()
 
     def error(self, message: str) -> None:
-        """Print `flowsdk: error: message` on stderr."""
-        self.stderr.write(f"flowsdk: error: {message}\n")
+        """Print `flowsdk: error: message` on stderr (control characters made visible)."""
+        self.stderr.write(f"flowsdk: error: {visible(message)}\n")
         self.stderr.flush()
 
     def phase(self, text: str, phase: str) -> str:
@@ -260,11 +285,11 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
     """Describe a run in a few lines: name, phase, attempt, task, times, stop request."""
     phase = record.phase.value
     lines = [
-        f"run {record.name}  {out.phase(phase, phase)}"
+        f"run {visible(record.name)}  {out.phase(phase, phase)}"
         + (f"  (attempt {record.attempt})" if record.attempt > 1 else "")
     ]
     if record.task:
-        lines.append(f"  task      {record.task}")
+        lines.append(f"  task      {visible(record.task)}")
     lines.append(
         f"  started   {format_time(record.started_at)}"
         + (f"   ended {format_time(record.ended_at)}" if record.ended_at else "")
@@ -274,19 +299,25 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
     if stop is not None:
         lines.append(
             f"  stop      {stop.mode.value}, requested at {format_time(stop.requested_at)}"
-            + (f" by {stop.requested_by}" if stop.requested_by else "")
-            + (f": {stop.reason}" if stop.reason else "")
+            + (f" by {visible(stop.requested_by)}" if stop.requested_by else "")
+            + (f": {visible(stop.reason)}" if stop.reason else "")
         )
     return lines
 
 
-def _tree_order(actions: list[ActionRecord]) -> list[tuple[int, ActionRecord]]:
-    """Depth-first order of the action tree, children in start order, with their depth."""
+def tree_children(actions: list[ActionRecord]) -> dict[str | None, list[ActionRecord]]:
+    """Each action's children in start order, by parent name (`None`: the roots)."""
     known = {a.name for a in actions}
     children: dict[str | None, list[ActionRecord]] = {}
     for action in actions:
         parent = action.parent if action.parent in known else None
         children.setdefault(parent, []).append(action)
+    return children
+
+
+def tree_order(actions: list[ActionRecord]) -> list[tuple[int, ActionRecord]]:
+    """Depth-first order of the action tree, children in start order, with their depth."""
+    children = tree_children(actions)
     ordered: list[tuple[int, ActionRecord]] = []
     stack = [(0, a) for a in reversed(children.get(None, []))]
     while stack:
@@ -302,48 +333,73 @@ def _details(action: ActionRecord) -> list[str]:
     if abort is not None:
         notes.append(
             f"aborted ({abort.cause.value})"
-            + (f" by {abort.requested_by}" if abort.requested_by else "")
+            + (f" by {visible(abort.requested_by)}" if abort.requested_by else "")
             + (f" at {format_time(abort.requested_at)}" if abort.requested_at else "")
-            + (f": {abort.reason}" if abort.reason else "")
+            + (f": {visible(abort.reason)}" if abort.reason else "")
         )
     error = action.error
     if error is not None:
-        message = error.message.splitlines() or [""]
-        notes.append(f"error {error.type}: {message[0]}")
-        notes.extend(f"  {line}" for line in message[1:])
+        # The first line only: `show RUN ACTION` has the whole message and the traceback.
+        first, _, rest = error.message.partition("\n")
+        if len(first) > _FIRST_LINE:
+            first, rest = first[: _FIRST_LINE - 1] + "…", "(cut)"
+        notes.append(
+            f"error {visible(error.type)}: {visible(first)}"
+            + (" (more: show RUN ACTION)" if rest else "")
+        )
     if action.cleanup_incomplete:
-        notes.append("cleanup incomplete: the body was still running when it was abandoned")
+        notes.append(CLEANUP_NOTE)
     if action.replayed:
-        notes.append("replayed: the recorded output of an earlier attempt was reused")
+        notes.append(
+            "replayed: a recorded output was reused "
+            "(from an earlier attempt of this run, or from the cache of any run)"
+        )
     return notes
 
 
-def action_tree(out: Output, actions: list[ActionRecord], *, now: datetime) -> list[str]:
+def action_tree(
+    out: Output,
+    actions: list[ActionRecord],
+    *,
+    now: datetime,
+    previews: dict[str, str] | None = None,
+    entries: Sequence[tuple[int, ActionRecord | str]] | None = None,
+) -> list[str]:
     """Draw the action tree: one aligned row per action, indented under its parent.
 
-    Columns: action, task, phase, duration, group, attempt; below a row, its
-    abort cause and reason, its error, and whether its cleanup was incomplete.
+    Columns: action, task, phase, duration, group, attempt (and, given
+    `previews`, each action's values); below a row, its abort cause and
+    reason, its error, and whether its cleanup was incomplete. `entries`
+    (default: every action, depth first) may replace parts of the tree by
+    lines of text (`(depth, text)`): how a live view folds what does not fit.
     """
     if not actions:
         return ["(no actions recorded)"]
-    ordered = _tree_order(actions)
+    shown = list(entries) if entries is not None else tree_order(actions)
+    ordered = [(depth, a) for depth, a in shown if not isinstance(a, str)]
     rows = [
         [
-            "  " * depth + a.name,
-            a.task,
+            "  " * depth + visible(a.name),
+            visible(a.task),
             a.phase.value,
             format_duration(a.started_at, a.ended_at, now=now),
-            a.group or "",
+            visible(a.group or ""),
             str(a.attempt),
+            *([previews.get(a.name, "")] if previews is not None else []),
         ]
         for depth, a in ordered
     ]
-    lines = table(
-        out, ["ACTION", "TASK", "PHASE", "DURATION", "GROUP", "ATTEMPT"], rows, phase_column=2
-    )
+    headers = ["ACTION", "TASK", "PHASE", "DURATION", "GROUP", "ATTEMPT"]
+    if previews is not None:
+        headers.append("VALUES")
+    lines = table(out, headers, rows, phase_column=2)
     result = [lines[0]]
-    for (depth, action), line in zip(ordered, lines[1:], strict=True):
-        result.append(line)
+    row_lines = iter(lines[1:])
+    for depth, action in shown:
+        if isinstance(action, str):
+            result.append("  " * depth + action)
+            continue
+        result.append(next(row_lines))
         pad = "  " * (depth + 2)
         result.extend(pad + note for note in _details(action))
     return result
@@ -355,21 +411,21 @@ def event_lines(out: Output, events: list[Event]) -> list[str]:
         return ["(no events recorded)"]
     rows = []
     for e in events:
-        details = [e.message or ""]
+        details = [visible(e.message or "")]
         if e.reason:
-            details.append(f"reason: {e.reason}")
+            details.append(f"reason: {visible(e.reason)}")
         if e.requested_by:
-            details.append(f"by {e.requested_by}")
+            details.append(f"by {visible(e.requested_by)}")
         rows.append(
             [
                 str(e.seq),
                 format_time(e.at, precise=True),
                 e.kind.value,
-                e.action or "-",
-                e.phase or "-",
+                visible(e.action or "-"),
+                visible(e.phase or "-"),
                 e.cause or "-",
-                # One row per event: a multi-line message is folded onto the row.
-                "; ".join(d for d in details if d).replace("\n", " | "),
+                # One row per event: a line break in a message shows as `\n`.
+                "; ".join(d for d in details if d),
             ]
         )
     return table(

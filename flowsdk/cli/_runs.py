@@ -9,16 +9,23 @@ from typing import Any
 import msgspec
 
 from flowsdk._phases import RunPhase
+from flowsdk._records import RunRecord
+from flowsdk._text import visible
 from flowsdk.cli._output import (
     EXIT_OK,
     Output,
     format_duration,
     format_time,
     open_client,
+    store_location,
     table,
 )
 
-__all__ = ["positive_int", "register"]
+__all__ = ["DEFAULT_LIMIT", "positive_int", "register"]
+
+DEFAULT_LIMIT = 50
+# A reason is cut to this many characters in the table (`show` has it in full).
+_REASON_WIDTH = 40
 
 
 def positive_int(text: str) -> int:
@@ -30,6 +37,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, not {value}")
     return value
+
+
+def _limit(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return positive_int(text)
 
 
 def _run_phase(text: str) -> RunPhase:
@@ -53,32 +66,57 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--phase", type=_run_phase, metavar="P", help="only runs in phase P (e.g. FAILED)"
     )
-    parser.add_argument("--limit", type=positive_int, metavar="N", help="at most N runs")
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"at most N runs (default {DEFAULT_LIMIT}; 0: all)",
+    )
     parser.set_defaults(handler=runs, parser=parser)
 
 
 def runs(args: argparse.Namespace, out: Output) -> int:
     """List runs as an aligned table (or a JSON list of RUN objects)."""
     with open_client(args) as client:
-        records = client.runs(phase=args.phase, limit=args.limit)
-        url = client.store.url
+        # All of them, to say how many more there are beyond the limit.
+        records = client.runs(phase=args.phase)
+        where = store_location(client)
+    more = max(len(records) - args.limit, 0) if args.limit else 0
+    if args.limit:
+        records = records[: args.limit]
     if out.json:
         out.print_json(msgspec.to_builtins(records))
         return EXIT_OK
     if not records:
         which = f"{args.phase.value} runs" if args.phase is not None else "runs"
-        out.line(f"no {which} in {url}")
+        out.line(f"no {which} in {where}")
         return EXIT_OK
     now = datetime.now(UTC)
     rows = [
         [
-            r.name,
+            visible(r.name),
             r.phase.value,
+            str(r.attempt),
             format_time(r.started_at),
             format_duration(r.started_at, r.ended_at, now=now),
-            r.task or "-",
+            visible(r.task or "-"),
+            _reason(r),
         ]
         for r in records
     ]
-    out.lines(table(out, ["NAME", "PHASE", "STARTED", "DURATION", "TASK"], rows, phase_column=1))
+    headers = ["NAME", "PHASE", "ATTEMPT", "STARTED", "DURATION", "TASK", "REASON"]
+    out.lines(table(out, headers, rows, phase_column=1))
+    if more:
+        out.line(f"{more:,} more: --limit {args.limit + more} (or --limit 0) to list them")
     return EXIT_OK
+
+
+def _reason(record: RunRecord) -> str:
+    stop = record.stop
+    if stop is None or not stop.reason:
+        return ""
+    text = visible(stop.reason)
+    if len(text) > _REASON_WIDTH:
+        text = text[: _REASON_WIDTH - 1] + "…"
+    return f"stop: {text}"

@@ -8,9 +8,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flowsdk._client import Client
+from flowsdk._phases import RunPhase
 from flowsdk._result import Run
+from flowsdk._text import visible
+from flowsdk.cli._detail import action_json, action_lines, find_action, value_previews
+from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import (
     EXIT_OK,
+    EXIT_RUN_FAILED,
     Output,
     action_tree,
     event_lines,
@@ -26,7 +31,6 @@ __all__ = ["POLL_INTERVAL", "register", "show_lines", "wait_for_end"]
 POLL_INTERVAL = 0.1
 # On a terminal, `watch` redraws at least this often so running durations advance.
 REDRAW_INTERVAL = 1.0
-_CLEAR = "\x1b[H\x1b[2J"
 
 
 def register(verbs: Any, common: argparse.ArgumentParser) -> None:
@@ -39,6 +43,12 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         "groups, attempts, abort causes and reasons, and errors.",
     )
     show_parser.add_argument("run", metavar="RUN", help="the run's name")
+    show_parser.add_argument(
+        "action",
+        metavar="ACTION",
+        nargs="?",
+        help="show this action in full: inputs, output, error with traceback, abort, events",
+    )
     show_parser.add_argument("--events", action="store_true", help="also print the event log")
     show_parser.add_argument(
         "--attempt", type=positive_int, metavar="N", help="show attempt N (default: the latest)"
@@ -49,35 +59,56 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         "watch",
         parents=[common],
         help="show a run live until it ends",
-        description="Redraw a run's action tree as it changes, until the run ends. When "
-        "stdout is not a terminal, print a new frame only when something changed (each "
-        "frame ends with a blank line); with --json, one `show --json` object per line.",
+        description="Redraw a run's action tree in place as it changes, until the run ends, "
+        "then print a summary line. What does not fit the terminal is folded. When stdout "
+        "is not a terminal, print a new frame only when something changed (each frame ends "
+        "with a blank line); with --json, one `show --json` object per line.",
     )
     watch_parser.add_argument("run", metavar="RUN", help="the run's name")
+    watch_parser.add_argument(
+        "--exit-status",
+        action="store_true",
+        help="exit 6 unless the run SUCCEEDED (default: exit 0 once it has ended)",
+    )
     watch_parser.set_defaults(handler=watch, parser=watch_parser)
 
 
-def show_lines(out: Output, run: Run[Any], *, events: bool, spaced: bool = True) -> list[str]:
+def show_lines(
+    out: Output, run: Run[Any], *, events: bool, spaced: bool = True, values: bool = False
+) -> list[str]:
     """Render a run for people: its header, its action tree, and optionally its events.
 
     Without `spaced` the lines hold no blank line (a `watch` frame ends with one).
+    With `values`, the tree has a preview of each action's inputs and output.
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
-    lines = [*run_header(out, run.record, now=now), *gap, *action_tree(out, run.actions, now=now)]
+    previews = value_previews(run) if values else None
+    lines = [
+        *run_header(out, run.record, now=now),
+        *gap,
+        *action_tree(out, run.actions, now=now, previews=previews),
+    ]
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]
     return lines
 
 
 def show(args: argparse.Namespace, out: Output) -> int:
-    """Print one run (an attempt of it), with `--events` its event log."""
+    """Print one run (an attempt of it), with `--events` its event log; or one action in full."""
     with open_client(args) as client:
         run = client.get_run(args.run, attempt=args.attempt)
-    if out.json:
-        out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
-    else:
-        out.lines(show_lines(out, run, events=args.events))
+        if args.action is not None:
+            action = find_action(run, args.action)
+            if out.json:
+                out.print_json(action_json(run, action))
+            else:
+                out.lines(action_lines(out, run, action))
+            return EXIT_OK
+        if out.json:
+            out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
+        else:
+            out.lines(show_lines(out, run, events=args.events, values=True))
     return EXIT_OK
 
 
@@ -87,29 +118,57 @@ def _signature(run: Run[Any]) -> tuple[Any, ...]:
 
 
 def watch(args: argparse.Namespace, out: Output) -> int:
-    """Redraw the run until it ends; exit 0 once it has ended (whatever its phase)."""
+    """Redraw the run until it ends, then print a summary line.
+
+    Exits 0 once the run has ended; with `--exit-status`, 6 unless it SUCCEEDED.
+    """
     with open_client(args) as client:
-        last: tuple[Any, ...] | None = None
-        drawn = 0.0
-        while True:
-            run = client.get_run(args.run)
-            signature = _signature(run)
-            changed = signature != last
-            ended = run.record.phase.terminal
-            if out.json:
-                if changed:
-                    out.print_json(show_json(run.record, run.actions, None), compact=True)
-            elif out.tty:
-                if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
-                    out.stdout.write(_CLEAR)
-                    out.lines(show_lines(out, run, events=False))
-                    drawn = time.monotonic()
-            elif changed:
-                out.lines([*show_lines(out, run, events=False, spaced=False), ""])
-            last = signature
-            if ended:
-                return EXIT_OK
-            time.sleep(POLL_INTERVAL)
+        run = client.get_run(args.run)  # an unknown run fails before anything is drawn
+        live = LiveView(out, capture=False) if out.tty and not out.json else None
+        if live is not None:
+            live.start()
+        try:
+            run = _follow(client, args.run, out, live, run)
+        except KeyboardInterrupt:
+            if live is not None:
+                live.stop()
+                live = None
+            if not out.json:
+                out.line(f"stopped watching; run {visible(args.run)} goes on")
+            raise
+        finally:
+            if live is not None:
+                live.stop()
+    if not out.json:
+        out.line(summary_line(run))
+    if args.exit_status and run.phase is not RunPhase.SUCCEEDED:
+        return EXIT_RUN_FAILED
+    return EXIT_OK
+
+
+def _follow(
+    client: Client, name: str, out: Output, live: LiveView | None, run: Run[Any]
+) -> Run[Any]:
+    last: tuple[Any, ...] | None = None
+    drawn = 0.0
+    while True:
+        signature = _signature(run)
+        changed = signature != last
+        ended = run.record.phase.terminal
+        if out.json:
+            if changed:
+                out.print_json(show_json(run.record, run.actions, None), compact=True)
+        elif live is not None:
+            if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
+                live.update(run)
+                drawn = time.monotonic()
+        elif changed:
+            out.lines([*show_lines(out, run, events=False, spaced=False), ""])
+        last = signature
+        if ended:
+            return run
+        time.sleep(POLL_INTERVAL)
+        run = client.get_run(name)
 
 
 def wait_for_end(client: Client, name: str) -> Run[Any]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import re
 import sys
 import threading
 from typing import Any
@@ -20,17 +18,18 @@ from typing import Any
 import flowsdk
 from flowsdk._client import Client
 from flowsdk._loader import import_task
-from flowsdk._names import new_run_name
+from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._result import Run
+from flowsdk._text import visible
+from flowsdk.cli._arguments import bind_arguments, parse_arguments
+from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
 from flowsdk.errors import InvalidStateError, RunNotFoundError
 from flowsdk.store import SQLiteStore
 
-__all__ = ["parse_arguments", "register"]
-
-_KEYWORD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+__all__ = ["register"]
 _CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -41,12 +40,16 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="start a run of a task, in the foreground",
         description="Run MODULE:TASK (or path/to/script.py:TASK) with ARGS: positional "
-        "values and key=value pairs, each parsed as JSON, else taken as a string. Exits 0 "
-        "when the run succeeded, 6 otherwise.",
+        "values and key=value pairs. A str parameter takes the text as it is; any other "
+        "type is written as JSON and converted strictly (n=5, flag=true, cfg='{\"a\": 1}'). "
+        "Exits 0 when the run succeeded, 6 otherwise, 2 for bad arguments.",
     )
     run_parser.add_argument("target", metavar="MODULE:TASK", help="the root task")
     run_parser.add_argument("args", metavar="ARGS", nargs="*", help="value or key=value")
     run_parser.add_argument("--name", help="the run's name (default: generated)")
+    # Every value is JSON, also for str parameters: how a detached launch passes
+    # values so that they arrive exactly (ControlService.launch_run).
+    run_parser.add_argument("--json-args", action="store_true", help=argparse.SUPPRESS)
     _add_quiet(run_parser)
     run_parser.set_defaults(handler=run_verb, parser=run_parser)
 
@@ -68,35 +71,6 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print only the outcome")
 
 
-def parse_arguments(values: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Split command-line task arguments into positional and keyword values.
-
-    `key=value` (key an identifier) is a keyword argument; every value is
-    parsed as JSON, else taken as the string it is.
-    """
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for text in values:
-        match = _KEYWORD.fullmatch(text)
-        if match:
-            key, raw = match.groups()
-            if key in kwargs:
-                raise UsageError(f"argument {key!r} is given twice")
-            kwargs[key] = _value(raw)
-        elif kwargs:
-            raise UsageError(f"positional value {text!r} after key=value arguments")
-        else:
-            args.append(_value(text))
-    return args, kwargs
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def run_verb(args: argparse.Namespace, out: Output) -> int:
     """Start a run of `MODULE:TASK` and wait for its end."""
     if ":" not in args.target:
@@ -106,12 +80,20 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
         task = import_task(args.target)
     except InvalidStateError as exc:
         raise UsageError(str(exc)) from None
-    positional, keywords = parse_arguments(args.args)
+    texts, keyword_texts = parse_arguments(args.args)
+    positional, keywords = bind_arguments(task.fn, texts, keyword_texts, as_json=args.json_args)
+    try:
+        name = check_name("run", args.name) if args.name is not None else None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
     with open_client(args) as client:
-        name = args.name if args.name is not None else new_run_name(task.fn.__name__)
+        name = name if name is not None else new_run_name(task.fn.__name__)
         root: Any = functools.partial(task, *positional, **keywords)
+        # Read the store first: a store that cannot be read fails here, before
+        # anything says that a run is starting.
+        client.runs(limit=1)
         if not out.json and not args.quiet:
-            out.line(f"run {name}")
+            out.line(f"run {visible(name)}")
         return _foreground(
             out, client, name, args.quiet, lambda: flowsdk.run(root, name=name, store=client.store)
         )
@@ -134,56 +116,68 @@ def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any)
     live = _LiveTree(out, client, name) if out.tty and not out.json and not quiet else None
     if live is not None:
         live.start()
+    result: Run[Any] | None = None
     try:
-        result: Run[Any] = start()
+        result = start()
     finally:
         if live is not None:
-            live.stop()
+            live.stop(result)
+    assert result is not None
     if out.json:
         out.print_json(show_json(result.record, result.actions, None))
     elif quiet:
-        out.line(f"run {result.name}: {result.phase.value}")
+        out.line(f"run {visible(result.name)}: {result.phase.value}")
+    elif live is not None and live.drawing:
+        out.line(summary_line(result))  # the live region holds the final tree
     else:
-        out.lines(["", *show_lines(out, result, events=False)])
+        out.lines(
+            ["", *show_lines(out, result, events=False, values=True), "", summary_line(result)]
+        )
     return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
 
 
 class _LiveTree:
-    """Redraws the run's tree on a terminal while the run goes on (SQLite stores only).
+    """Draws the run's tree live on a terminal while the run goes on (SQLite stores only).
 
     It reads the store from a thread of its own, as `flowsdk watch` would from
-    another process, so drawing never slows the run's event loop.
+    another process, so drawing never slows the run's event loop. What the
+    run's tasks print goes above the live region.
     """
 
     def __init__(self, out: Output, client: Client, name: str) -> None:
-        self.out = out
         self.name = name
         self.store = client.store
+        self.view = LiveView(out, capture=True)
+        self.drawing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._draw, name="flowsdk-live-tree", daemon=True)
 
     def start(self) -> None:
         """Start drawing (nothing to draw from a memory store)."""
         if isinstance(self.store, SQLiteStore):
+            self.view.start()
+            self.drawing = True
             self._thread.start()
 
-    def stop(self) -> None:
-        """Stop drawing and wait for the thread."""
+    def stop(self, final: Run[Any] | None) -> None:
+        """Stop drawing, after a last frame of `final` (the run as it ended)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self.drawing:
+            if final is not None:
+                self.view.update(final)
+            self.view.stop()
 
     def _draw(self) -> None:
         reader = Client(SQLiteStore(self.store.url))
         try:
-            while not self._stop.wait(POLL_INTERVAL * 5):
+            while not self._stop.wait(POLL_INTERVAL * 2):
                 try:
-                    current = reader.get_run(self.name)
+                    self.view.update(reader.get_run(self.name))
                 except RunNotFoundError:
                     continue  # not recorded yet
                 except Exception:  # a drawing problem must never disturb the run
                     return
-                self.out.stdout.write(_CLEAR)
-                self.out.lines(show_lines(self.out, current, events=False))
         finally:
             reader.close()

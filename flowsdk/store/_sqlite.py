@@ -19,7 +19,6 @@ import difflib
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +64,7 @@ from flowsdk.store._sqlite_schema import (
     request_encoder,
     run_record,
     translate,
+    warn_if_others_can_write,
 )
 from flowsdk.store._sqlite_tokens import SQLiteTokens
 from flowsdk.store._writer import RunWriter
@@ -113,6 +113,18 @@ class SQLiteStore(SQLiteTokens):
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
 
+    def _no_runs(self, name: str) -> str:
+        where = os.path.abspath(self.path)
+        relative = (
+            ""
+            if os.path.isabs(self.path)
+            else (
+                f" (the store path {self.path!r} is relative to the working directory, "
+                f"{os.getcwd()}: run where the runs were started, or pass --store / FLOWSDK_STORE)"
+            )
+        )
+        return f"no run named {name!r}: the store {where} has no runs yet{relative}"
+
     # -- connections -----------------------------------------------------------------
 
     def connect(self, *, create: bool) -> sqlite3.Connection | None:
@@ -154,20 +166,9 @@ class SQLiteStore(SQLiteTokens):
         return conn
 
     def _warn_if_others_can_write(self) -> None:
-        if self._checked_mode:
-            return
-        self._checked_mode = True
-        with contextlib.suppress(OSError):
-            mode = os.stat(self.path).st_mode
-            if mode & (stat.S_IWGRP | stat.S_IWOTH):
-                logger.warning(
-                    "the store %s can be written by other users (mode %o): anyone who can "
-                    "write it can abort runs and choose what a retry imports; "
-                    "run 'chmod 600 %s' to keep it yours",
-                    self.path,
-                    stat.S_IMODE(mode),
-                    self.path,
-                )
+        if not self._checked_mode:
+            self._checked_mode = True
+            warn_if_others_can_write(self.path)
 
     def _check_and_migrate(self, conn: sqlite3.Connection, *, create: bool) -> bool:
         # Reading the header fails with "file is not a database" for a foreign file,
@@ -327,7 +328,7 @@ class SQLiteStore(SQLiteTokens):
         self.reconcile()
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             if attempt is None:
                 row = conn.execute(
@@ -422,7 +423,7 @@ class SQLiteStore(SQLiteTokens):
         """Return the latest attempt's phase (and `action`'s) by primary-key lookups."""
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             attempt, phase, owner, heartbeat = self._latest(conn, name)
             live = not RunPhase(phase).terminal
@@ -492,7 +493,7 @@ class SQLiteStore(SQLiteTokens):
         """Return the events of a run (latest attempt by default) with `seq > cursor`."""
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             if attempt is None:
                 attempt = self._latest(conn, name)[0]

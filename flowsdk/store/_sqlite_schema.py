@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = [
     "run_record",
     "translate",
     "ts",
+    "warn_if_others_can_write",
 ]
 
 logger = logging.getLogger("flowsdk")
@@ -273,6 +275,21 @@ def create_store(path: str) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fresh)
+
+
+def warn_if_others_can_write(path: str) -> None:
+    """Name a store file that other users can write in a warning (SPEC §5)."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            logger.warning(
+                "the store %s can be written by other users (mode %o): anyone who can "
+                "write it can abort runs and choose what a retry imports; "
+                "run 'chmod 600 %s' to keep it yours",
+                path,
+                stat.S_IMODE(mode),
+                path,
+            )
 
 
 def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) -> None:

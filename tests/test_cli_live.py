@@ -1,0 +1,250 @@
+"""The live view of `flowsdk run` and `flowsdk watch`, in a real pseudo-terminal.
+
+Each command runs on the slave side of a pty of 40 rows by 120 columns; what
+it writes is fed to `pyte`, a VT100 emulator, so the tests assert what a
+person would see on the screen and in the scrollback: the task's own prints
+above the live region, the run's header on top of a tree too tall for the
+screen, the final summary line, and no screen-clearing flood.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyte
+import pytest
+
+ROWS, COLS = 40, 120
+DEADLINE = 40.0
+HOLD_AND_FAIL = ("hold=true", "fail=true", "--name", "tall", "--quiet")
+
+WORKFLOW = """
+import asyncio
+import os
+import flowsdk
+
+env = flowsdk.TaskEnvironment("fan")
+
+
+async def gate() -> None:
+    while not os.path.exists("go"):
+        await asyncio.sleep(0.05)
+
+
+@env.task
+async def leaf(i: int, hold: bool) -> int:
+    if hold:
+        await gate()
+    return i * i
+
+
+@env.task
+async def main(n: int, hold: bool = False, fail: bool = False) -> int:
+    print("hello from the task", flush=True)
+    values = await asyncio.gather(*(leaf(i, hold) for i in range(n)))
+    print("fan-out done", flush=True)
+    if fail:
+        raise RuntimeError("failed on purpose")
+    return sum(values)
+
+
+@env.task
+async def hostile() -> None:
+    raise ValueError("\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\rfake row")
+"""
+
+
+def _controlling_terminal() -> None:
+    # In the child, a session leader by now: make the pty (its stdin) its
+    # controlling terminal, so that Ctrl-C on it sends SIGINT as on a real one.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A command on a pseudo-terminal, its output rendered by a terminal emulator."""
+
+    def __init__(self, argv: list[str], cwd: Path) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "FLOWSDK_STORE": "sqlite:///runs.db"}
+        env.pop("NO_COLOR", None)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_controlling_terminal,
+        )
+        os.close(slave)
+        self.master = master
+        self.screen = pyte.HistoryScreen(COLS, ROWS, history=100_000)
+        self.stream = pyte.ByteStream(self.screen)
+        self.closed = False
+        self.raw = b""
+
+    def read_until(self, done: Callable[[Terminal], bool]) -> None:
+        """Read output until `done(self)` or the end of output; fail past the deadline."""
+        deadline = time.monotonic() + DEADLINE
+        while not done(self):
+            assert not self.closed, "the output ended first:\n" + "\n".join(self.lines())
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out; the screen shows:\n" + "\n".join(self.display())
+            ready, _, _ = select.select([self.master], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the slave side is closed
+                data = b""
+            if not data:
+                self.closed = True
+            self.raw += data
+            self.stream.feed(data)
+
+    def finish(self) -> int:
+        """Read to the end of output and return the exit code."""
+        self.read_until(lambda t: t.closed)
+        return self.proc.wait(timeout=DEADLINE)
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def display(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def history(self) -> list[str]:
+        return [
+            "".join(char.data for char in line.values()).rstrip()
+            for line in self.screen.history.top
+        ]
+
+    def shows(self, text: str) -> bool:
+        """Whether the screen (not the scrollback) shows `text`."""
+        return text in "\n".join(self.display())
+
+    def lines(self) -> list[str]:
+        """Everything a person could scroll through: the scrollback, then the screen."""
+        text = [*self.history(), *self.display()]
+        while text and not text[-1]:
+            text.pop()
+        return text
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=DEADLINE)
+        os.close(self.master)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "fan.py").write_text(WORKFLOW)
+    return tmp_path
+
+
+@pytest.fixture
+def terminal(project: Path) -> Iterator[Callable[..., Terminal]]:
+    opened: list[Terminal] = []
+
+    def start(*args: str) -> Terminal:
+        term = Terminal([sys.executable, "-m", "flowsdk", *args], project)
+        opened.append(term)
+        return term
+
+    try:
+        yield start
+    finally:
+        for term in opened:
+            term.close()
+
+
+def test_run_keeps_the_tasks_prints_above_the_live_tree_and_ends_with_a_summary(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term = terminal("run", "fan:main", "500", "--name", "live")
+    assert term.finish() == 0
+    lines = term.lines()
+    seen = "\n".join(lines)
+    assert "hello from the task" in lines, seen
+    assert "run live  SUCCEEDED" in lines, seen
+    # The task's prints are whole lines, above the tree's final frame.
+    assert lines.index("hello from the task") < lines.index("run live  SUCCEEDED")
+    assert lines.index("fan-out done") < lines.index("run live  SUCCEEDED")
+    assert "  a1-a500: 500 SUCCEEDED" in lines  # 500 finished siblings folded into one line
+    assert lines[-1].startswith("run live SUCCEEDED after ")
+    assert lines[-1].endswith(": 501 actions (501 SUCCEEDED)")
+    # Redrawn in place: no frame after frame in the scrollback.
+    assert len(lines) < ROWS
+    assert lines.count("run live  SUCCEEDED") == 1
+
+
+def test_watch_keeps_the_header_of_a_tall_tree_and_ends_with_summary_and_exit_status(
+    project: Path, terminal: Callable[..., Terminal]
+) -> None:
+    env = {**os.environ, "FLOWSDK_STORE": "sqlite:///runs.db"}
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "flowsdk", "run", "fan:main", "500", *HOLD_AND_FAIL],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The runner prints nothing until the end (--quiet): wait for the run to be recorded.
+        deadline = time.monotonic() + DEADLINE
+        while subprocess.run(
+            [sys.executable, "-m", "flowsdk", "show", "tall", "a500"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            timeout=DEADLINE,
+            check=False,
+        ).returncode:
+            assert time.monotonic() < deadline, "the run never recorded its 500th leaf"
+        # Ctrl-C stops watching (not the run), and says so.
+        first = terminal("watch", "tall")
+        first.read_until(lambda t: t.shows("more lines"))
+        first.send(b"\x03")
+        assert first.finish() == 130
+        assert any(line.startswith("stopped watching; run tall goes on") for line in first.lines())
+
+        watch = terminal("watch", "tall", "--exit-status")
+        watch.read_until(lambda t: t.shows("more lines (flowsdk show RUN has them all)"))
+        shown = watch.display()
+        # 501 RUNNING actions do not fit in 40 rows: the header stays on top, the rest is cut.
+        assert shown[0] == "run tall  RUNNING"
+        assert shown[1].startswith("  task      fan:main")
+        assert any(line.startswith("ACTION  TASK") for line in shown[:6])
+        (project / "go").touch()
+        assert watch.finish() == 6  # --exit-status: the run FAILED
+        lines = watch.lines()
+        assert lines[-1].startswith("run tall FAILED after ")
+        assert lines[-1].endswith(": 501 actions (500 SUCCEEDED, 1 FAILED)")
+        assert "  a1-a500: 500 SUCCEEDED" in lines
+        assert len(lines) < 2 * ROWS
+    finally:
+        (project / "go").touch()
+        runner.communicate(timeout=DEADLINE)
+    assert runner.returncode == 6, runner.stderr
+
+
+def test_the_live_view_shows_hostile_text_as_escapes(terminal: Callable[..., Terminal]) -> None:
+    term = terminal("run", "fan:hostile", "--name", "evil")
+    assert term.finish() == 6
+    # rich moves the cursor with its own sequences; the stored ones never reach the terminal.
+    for sequence in (b"\x1b[2J", b"\x1b]0;", b"\x07", "\x9b".encode(), b"\rfake"):
+        assert sequence not in term.raw
+    assert any("\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\rfake row" in line for line in term.lines())
