@@ -7,7 +7,7 @@ import inspect
 import types
 from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
@@ -23,8 +23,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNSET: Any = object()
+CacheMode = Literal["auto", "disable", "override"]
 _OVERRIDABLE = frozenset(
-    {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff", "max_payload"}
+    {
+        "retries",
+        "timeout",
+        "deadline",
+        "grace_period",
+        "cache",
+        "cache_version",
+        "backoff",
+        "max_payload",
+    }
 )
 
 
@@ -43,9 +53,15 @@ class TaskEnvironment:
             cancel, stop or `BaseException`).
         timeout: Seconds of running time for one attempt, else `None`; an
             attempt that exceeds it is cancelled and fails with `TaskTimeoutError`.
+        deadline: Seconds from the action's first start across all its
+            attempts, else `None`; when it passes, the running attempt is
+            cancelled, no further attempt starts, and the action fails with
+            `TaskTimeoutError`.
         grace_period: Seconds a cancelled body may spend in its cleanup before
             the runtime cancels it again.
-        cache: Reuse a finished action's output for the same task version and inputs.
+        cache: Reuse a finished action's output for the same task version and
+            inputs: `True` or `"auto"`; `False` or `"disable"` (the default);
+            `"override"` runs the body again and replaces the cached value.
         cache_version: The task version for `cache` (default: a hash of the source).
         executor: Where bodies run; `None` (or `"local"`) runs them in-process.
         backoff: Seconds before the first retry; each further retry waits twice
@@ -60,11 +76,12 @@ class TaskEnvironment:
         retries: int = 0,
         timeout: float | None = None,
         grace_period: float = 10.0,
-        cache: bool = False,
+        cache: bool | CacheMode = False,
         cache_version: str | None = None,
         executor: str | None = None,
         backoff: float = 1.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        deadline: float | None = None,
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -76,6 +93,7 @@ class TaskEnvironment:
             cache_version=cache_version,
             executor=executor,
             max_payload=max_payload,
+            deadline=deadline,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -91,8 +109,9 @@ class TaskEnvironment:
         *,
         retries: int = ...,
         timeout: float | None = ...,
+        deadline: float | None = ...,
         grace_period: float = ...,
-        cache: bool = ...,
+        cache: bool | CacheMode = ...,
         cache_version: str | None = ...,
         backoff: float = ...,
         max_payload: int = ...,
