@@ -21,6 +21,8 @@ class TaskSpec(Protocol):
 
     name: str
     fn: Callable[..., Any]
+    body: Callable[..., Coroutine[Any, Any, Any]]
+    """What runs one attempt: `fn`, or for a plain `def` a coroutine running it in a thread."""
     options: TaskOptions
     signature: inspect.Signature
     __dict__: dict[str, Any]
