@@ -47,7 +47,6 @@ __all__ = ["OWN_CODE", "action_handle", "in_thread", "run_action", "spawn"]
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 _MISSING: Any = object()
-_OWN_VARS = frozenset({current})  # the SDK's own context variables: never copied back
 
 
 async def action_handle(
@@ -108,7 +107,9 @@ async def action_handle(
             note_failure_host(runtime, action)
             return outcome(action)
         raise
-    adopt_context(action)
+    context = action.context
+    if context is not None and len(context) > 1:  # more than the SDK's own `current`
+        adopt_context(action)
     if action.phase is SUCCEEDED:
         return action.value
     note_failure_host(runtime, action)
@@ -120,14 +121,14 @@ def adopt_context(action: ActionState) -> None:
 
     As in asyncio, where a coroutine runs in the context of the task awaiting
     it (or the `context=` given to `create_task`): what the body set is what
-    the caller's context holds afterwards. The SDK's own variables stay the
+    the caller's context holds afterwards. The SDK's own `current` stays the
     caller's. Cheap: a context holds a handful of variables.
     """
     context = action.context
     if context is None:
         return
     for var, value in context.items():
-        if var.get(_MISSING) is not value and var not in _OWN_VARS:
+        if var is not current and var.get(_MISSING) is not value:
             var.set(value)
 
 
@@ -159,10 +160,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     fn = task.body
     options = task.options
     executor = options.runner
-    loop = runtime.loop
     runtime.set_running(action)
-    if options.deadline is not None:
-        action.deadline_at = loop.time() + options.deadline
     try:
         while True:
             # Each attempt gets a fresh snapshot: an attempt that mutated its
@@ -170,7 +168,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             assert action.inputs is not None
             args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
             timer = None
-            if options.timeout is not None or action.deadline_at is not None:
+            if options.timed:
                 timer = start_timer(runtime, action)
             try:
                 value = await executor.call(fn, args, kwargs)
@@ -209,10 +207,11 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 timer.cancel()
             req = action.req
             if req is None:
-                atask = action.atask
-                if atask is not None and atask.cancelling() and _must_cancel(atask):
+                if action.atask._must_cancel:  # type: ignore[union-attr]
                     # The body cancelled its own task and returned at once: as in
-                    # asyncio, that task ends cancelled, not with the value.
+                    # asyncio, that task ends cancelled, not with the value. (A
+                    # cancel requested and not delivered yet: asyncio's own flag,
+                    # as no public API tells it from one the body handled.)
                     runtime.finish_cancelled(action)
                 else:
                     runtime.finish_succeeded(action, value)
@@ -232,17 +231,15 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             raise
 
 
-def _must_cancel(task: asyncio.Task[Any]) -> bool:
-    # A cancel requested and not delivered yet (asyncio's own flag: no public API
-    # tells it from a cancel the body already received and handled).
-    return bool(getattr(task, "_must_cancel", False))
-
-
 def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:
     """Arm the attempt's timer: its `timeout`, or the action's `deadline` if sooner."""
     loop = runtime.loop
-    timeout = action.task.options.timeout
+    options = action.task.options
+    timeout = options.timeout
     deadline_at = action.deadline_at
+    if deadline_at is None and options.deadline is not None:
+        # The first attempt starts: the deadline counts from here, across attempts.
+        action.deadline_at = deadline_at = loop.time() + options.deadline
     if deadline_at is not None and (timeout is None or deadline_at <= loop.time() + timeout):
         return loop.call_at(deadline_at, runtime.on_deadline, action)
     assert timeout is not None

@@ -45,6 +45,7 @@ class TaskOptions:
         "max_payload",
         "retries",
         "runner",
+        "timed",
         "timeout",
     )
 
@@ -86,6 +87,7 @@ class TaskOptions:
         # "override": run the body even when a cached value exists, then replace it.
         self.cache_override = _CACHE_MODES[cache] is None
         self.deadline = None if deadline is None else float(deadline)
+        self.timed = timeout is not None or deadline is not None  # one test per attempt
         self.cache_version = cache_version
         self.executor = executor
         self.max_payload = max_payload
@@ -107,7 +109,7 @@ _CACHE_MODES: dict[object, bool | None] = {
     "disable": False,
     "override": None,
 }
-_DERIVED = frozenset({"runner", "cache_override"})
+_DERIVED = frozenset({"runner", "cache_override", "timed"})
 
 
 def _positive(value: object, *, allow_zero: bool = False) -> bool:
