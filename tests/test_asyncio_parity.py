@@ -187,9 +187,10 @@ async def test_outer_task_absorbing_its_cancel_returns_its_value() -> None:
     assert [a.phase for a in by_task(run, "leaf")] == [ActionPhase.ABORTED]
 
 
-async def test_operator_abort_of_an_absorbing_child_still_gives_action_aborted_error() -> None:
-    """SPEC §1: an operator's abort is not workflow code's cancel: it cannot be absorbed."""
-    env = flowsdk.TaskEnvironment("parity_abort")
+@pytest.mark.parametrize("request_kind", ["abort", "mark_failed"])
+async def test_operator_requests_cannot_be_absorbed(request_kind: str) -> None:
+    """SPEC §1: an operator's request is not workflow code's cancel: it keeps its outcome."""
+    env = flowsdk.TaskEnvironment(f"parity_{request_kind}")
     started = asyncio.Event()
     names: list[str] = []
 
@@ -209,17 +210,60 @@ async def test_operator_abort_of_an_absorbing_child_still_gives_action_aborted_e
             await child()
         except ActionAbortedError:
             return "aborted"
+        except RuntimeUserError as exc:
+            return f"failed: {type(exc.__cause__).__name__}"
         return "value"
 
     handle = await flowsdk.start(main)
     await started.wait()
-    await handle.abort(names[0], reason="operator")
+    if request_kind == "abort":
+        await handle.abort(names[0], reason="operator")
+    else:
+        await handle.mark_failed(names[0], reason="operator")
     run = await handle.wait()
-    assert run.result() == "aborted"
+    [record] = by_task(run, "child")
+    assert record.abort is not None
+    if request_kind == "abort":
+        assert run.result() == "aborted"
+        assert record.phase is ActionPhase.ABORTED
+        assert record.abort.cause.value == "external"
+    else:
+        assert run.result() == "failed: ActionMarkedFailedError"
+        assert record.phase is ActionPhase.FAILED
+        assert record.abort.cause.value == "mark_failed"
+
+
+async def test_root_exit_cannot_be_absorbed() -> None:
+    """SPEC §1: the lifetime rule wins: a detached child absorbing the root's exit is ABORTED."""
+    env = flowsdk.TaskEnvironment("parity_root_exit")
+    started = asyncio.Event()
+    absorbed: list[int] = []
+    detached: list[asyncio.Task[int]] = []
+
+    @env.task
+    async def child() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            absorbed.append(1)
+            return 42
+        return 0
+
+    @env.task
+    async def main() -> str:
+        detached.append(asyncio.create_task(child()))
+        await started.wait()
+        return "done"
+
+    run = await flowsdk.run_async(main)
+    await asyncio.gather(*detached, return_exceptions=True)
+    assert run.result() == "done"
+    assert absorbed == [1]
     [record] = by_task(run, "child")
     assert record.phase is ActionPhase.ABORTED
     assert record.abort is not None
-    assert record.abort.cause.value == "external"
+    assert record.abort.cause.value == "root_exit"
 
 
 # -- D2: cleanup errors reach an awaiter that is itself being cancelled -------------
