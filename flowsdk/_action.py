@@ -60,13 +60,19 @@ class Request:
     descendants of an aborted action share their `ancestor` request).
     """
 
-    __slots__ = ("at", "by", "cause", "reason")
+    __slots__ = ("at", "by", "cause", "native", "reason")
 
-    def __init__(self, cause: AbortCause, reason: str | None, by: str | None) -> None:
+    def __init__(
+        self, cause: AbortCause, reason: str | None, by: str | None, native: bool = False
+    ) -> None:
         self.cause = cause
         self.reason = reason
         self.by = by
         self.at = time.time()
+        # Made by workflow code's own asyncio cancellation (`t.cancel()`, a
+        # timeout, a cancel reaching the awaiter): a body may absorb it, as in
+        # asyncio. Operators' and the runtime's requests are never absorbed.
+        self.native = native
 
     def __repr__(self) -> str:
         return f"Request({self.cause.value!r}, {self.reason!r}, {self.by!r})"
@@ -116,6 +122,8 @@ class ActionState:
         "calls",
         "cancels",
         "cleanup_incomplete",
+        "context",
+        "deadline_at",
         "delivered",
         "done",
         "ended_at",
@@ -178,6 +186,9 @@ class ActionState:
         self.cancels = 0
         self.calls = 0
         self.cleanup_incomplete = False
+        # The context the body runs in (its writes are copied back to the awaiter's).
+        self.context: contextvars.Context | None = None
+        self.deadline_at: float | None = None  # loop time the `deadline` option passes at
         self.replayed = False
         self.host: asyncio.Task[Any] | None = None
         self.inputs: bytes | None = None

@@ -16,18 +16,24 @@ consequences shape the runtime:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import threading
 from asyncio import CancelledError
+from collections.abc import Callable, Coroutine
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
-from flowsdk._action import ActionState, current
+from flowsdk._action import ActionState, Request, current
 from flowsdk._describe import describe
-from flowsdk._outcome import outcome
+from flowsdk._outcome import absorbs, outcome
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._records import EventKind
 from flowsdk.errors import (
     ActionAbortedError,
     NondeterminismError,
+    NonRecoverableError,
     RunClosedError,
     RunStoppingError,
 )
@@ -36,10 +42,11 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
 
-__all__ = ["OWN_CODE", "action_handle", "run_action", "spawn"]
+__all__ = ["OWN_CODE", "action_handle", "in_thread", "run_action", "spawn"]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
+_MISSING: Any = object()
 
 
 async def action_handle(
@@ -65,7 +72,7 @@ async def action_handle(
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
-    if recorded is None and task.options.cache:
+    if recorded is None and task.options.cache and not task.options.cache_override:
         recorded = await runtime.cache_get(task, inputs)
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
@@ -83,29 +90,60 @@ async def action_handle(
             runtime.cancel_from_caller(action, reason)
             if action.phase not in _TERMINAL:
                 action.done = runtime.loop.create_future()
-                await action.done
-        if action.phase is FAILED and parent.req is None:
-            # Workflow code cancelled it and its cleanup raised instead: as in
-            # asyncio, the awaiter gets that error, not CancelledError.
+                try:
+                    await action.done
+                finally:
+                    adopt_context(action)
+        else:
+            adopt_context(action)
+        phase = action.phase
+        if phase is SUCCEEDED:
+            # As in asyncio: the child absorbed the cancel and returned (or it had
+            # returned already), so the awaiter gets its value.
+            return action.value
+        if phase is FAILED:
+            # Its cleanup raised: as in asyncio, the awaiter gets that error, not
+            # CancelledError, even while it is being cancelled itself.
             note_failure_host(runtime, action)
             return outcome(action)
         raise
+    context = action.context
+    if context is not None and len(context) > 1:  # more than the SDK's own `current`
+        adopt_context(action)
     if action.phase is SUCCEEDED:
         return action.value
     note_failure_host(runtime, action)
     return outcome(action)
 
 
+def adopt_context(action: ActionState) -> None:
+    """Make the body's context-variable writes visible in the awaiter's context.
+
+    As in asyncio, where a coroutine runs in the context of the task awaiting
+    it (or the `context=` given to `create_task`): what the body set is what
+    the caller's context holds afterwards. The SDK's own `current` stays the
+    caller's. Cheap: a context holds a handful of variables.
+    """
+    context = action.context
+    if context is None:
+        return
+    for var, value in context.items():
+        if var is not current and var.get(_MISSING) is not value:
+            var.set(value)
+
+
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:
     """Create the action's task (its body starts on the loop's next step)."""
     loop = runtime.loop
     action.done = loop.create_future()
+    # The copy asyncio would make, kept so that the awaiter can adopt the body's writes.
+    action.context = context = copy_context()
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
         # Our own task: skip the tracking factory (it would only skip it).
-        action.atask = asyncio.Task(run_action(runtime, action), loop=loop)
+        action.atask = asyncio.Task(run_action(runtime, action), loop=loop, context=context)
     else:
-        action.atask = loop.create_task(run_action(runtime, action))
+        action.atask = loop.create_task(run_action(runtime, action), context=context)
     return action
 
 
@@ -119,7 +157,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     """
     current.set(action)
     task = action.task
-    fn = task.fn
+    fn = task.body
     options = task.options
     executor = options.runner
     runtime.set_running(action)
@@ -130,8 +168,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             assert action.inputs is not None
             args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
             timer = None
-            if options.timeout is not None:
-                timer = runtime.loop.call_later(options.timeout, runtime.on_timeout, action)
+            if options.timed:
+                timer = start_timer(runtime, action)
             try:
                 value = await executor.call(fn, args, kwargs)
             except CancelledError:
@@ -156,7 +194,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 tb = exc.__traceback__
                 if tb is not None and tb.tb_frame.f_code is _RUN_ACTION_CODE:
                     exc.__traceback__ = tb.tb_next
-                if not isinstance(exc, Exception):
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
                     runtime.finish_base_exception(action, exc)
                     return
                 if action.req is None and retry(runtime, action, exc):
@@ -167,8 +205,18 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 return
             if timer is not None:
                 timer.cancel()
-            if action.req is None:
-                runtime.finish_succeeded(action, value)
+            req = action.req
+            if req is None:
+                if action.atask._must_cancel:  # type: ignore[union-attr]
+                    # The body cancelled its own task and returned at once: as in
+                    # asyncio, that task ends cancelled, not with the value. (A
+                    # cancel requested and not delivered yet: asyncio's own flag,
+                    # as no public API tells it from one the body handled.)
+                    runtime.finish_cancelled(action)
+                else:
+                    runtime.finish_succeeded(action, value)
+            elif absorbs(req):
+                runtime.finish_absorbed(action, value)
             else:
                 runtime.finish_cancelled(action)
             return
@@ -183,8 +231,35 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             raise
 
 
+def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:
+    """Arm the attempt's timer: its `timeout`, or the action's `deadline` if sooner."""
+    loop = runtime.loop
+    options = action.task.options
+    timeout = options.timeout
+    deadline_at = action.deadline_at
+    if deadline_at is None and options.deadline is not None:
+        # The first attempt starts: the deadline counts from here, across attempts.
+        action.deadline_at = deadline_at = loop.time() + options.deadline
+    if deadline_at is not None and (timeout is None or deadline_at <= loop.time() + timeout):
+        return loop.call_at(deadline_at, runtime.on_deadline, action)
+    assert timeout is not None
+    return loop.call_later(timeout, runtime.on_timeout, action)
+
+
+def expired(runtime: Runtime, action: ActionState) -> bool:
+    """Say whether the action's `deadline` has passed."""
+    deadline_at = action.deadline_at
+    return deadline_at is not None and runtime.loop.time() >= deadline_at
+
+
 # Exceptions from a body that retries never answer: they are not the user's errors.
-_NOT_RETRIED = (ActionAbortedError, NondeterminismError, RunStoppingError, RunClosedError)
+_NOT_RETRIED = (
+    ActionAbortedError,
+    NondeterminismError,
+    NonRecoverableError,
+    RunStoppingError,
+    RunClosedError,
+)
 MAX_BACKOFF = 60.0
 
 
@@ -195,9 +270,9 @@ def retry(runtime: Runtime, action: ActionState, exc: BaseException) -> bool:
     divergence from a retried run's history, nor a call refused because the
     run is stopping or closed.
     """
-    if isinstance(exc, _NOT_RETRIED) or action.attempt > action.task.options.retries:
-        return False
-    if runtime.closed:
+    if not isinstance(exc, Exception) or isinstance(exc, _NOT_RETRIED):
+        return False  # a BaseException fails its action at once, as it would in asyncio
+    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
         return False
     error = describe(exc)
     runtime.log.event(
@@ -217,7 +292,7 @@ def retry_after_timeout(runtime: Runtime, action: ActionState) -> bool:
         task.uncancel()
         action.cancels -= 1
     action.timer = None
-    if action.attempt > action.task.options.retries or runtime.closed:
+    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
         return False
     action.req = None
     runtime.log.event(
@@ -233,9 +308,17 @@ async def backoff(runtime: Runtime, action: ActionState) -> bool:
     """Wait before the next attempt; return False if cancelled meanwhile (recorded)."""
     options = action.task.options
     delay = min(options.backoff * 2 ** (action.attempt - 1), MAX_BACKOFF)
+    deadline_at = action.deadline_at
+    if deadline_at is not None:
+        delay = max(0.0, min(delay, deadline_at - runtime.loop.time()))
     try:
         await asyncio.sleep(delay)
     except CancelledError:
+        runtime.finish_cancelled(action)
+        return False
+    if expired(runtime, action):
+        # The deadline passed while waiting: no further attempt starts.
+        action.req = Request(AbortCause.TIMEOUT, None, None)
         runtime.finish_cancelled(action)
         return False
     action.attempt += 1
@@ -267,3 +350,51 @@ def note_failure_host(runtime: Runtime, action: ActionState) -> None:
     coro = host.get_coro()
     if getattr(coro, "cr_code", None) is action_handle.__code__:
         runtime.failure_hosts.append(host)
+
+
+def in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Return the body of a plain `def` task: a coroutine that runs `fn` in a thread.
+
+    Each call gets a daemon thread of its own, running in a copy of the
+    action's context (so `current_action()` works there). A thread cannot be
+    interrupted: cancelled, the coroutine raises `CancelledError` at once (the
+    request decides the action's outcome, the parent gets it without
+    waiting), the thread runs on and its late result is discarded. If it was
+    still running then, the action is marked `cleanup_incomplete`.
+    """
+
+    @functools.wraps(fn)
+    async def body(*args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        context = copy_context()
+        finished = threading.Event()
+
+        def settle(ok: bool, value: Any) -> None:
+            if future.done():
+                return  # cancelled meanwhile: the late result is discarded
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        def work() -> None:
+            try:
+                outcome: tuple[bool, Any] = (True, context.run(fn, *args, **kwargs))
+            except BaseException as exc:  # handed to the loop, raised in the action's task
+                outcome = (False, exc)
+            finished.set()
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        thread = threading.Thread(target=work, name=f"flowsdk-{fn.__name__}", daemon=True)
+        thread.start()
+        try:
+            return await future
+        except CancelledError:
+            action = current.get()
+            if action is not None and not finished.is_set():
+                action.cleanup_incomplete = True
+            raise
+
+    return body

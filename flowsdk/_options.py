@@ -21,6 +21,8 @@ class TaskSpec(Protocol):
 
     name: str
     fn: Callable[..., Any]
+    body: Callable[..., Coroutine[Any, Any, Any]]
+    """What runs one attempt: `fn`, or for a plain `def` a coroutine running it in a thread."""
     options: TaskOptions
     signature: inspect.Signature
     __dict__: dict[str, Any]
@@ -35,12 +37,15 @@ class TaskOptions:
     __slots__ = (
         "backoff",
         "cache",
+        "cache_override",
         "cache_version",
+        "deadline",
         "executor",
         "grace_period",
         "max_payload",
         "retries",
         "runner",
+        "timed",
         "timeout",
     )
 
@@ -51,10 +56,11 @@ class TaskOptions:
         timeout: float | None,
         grace_period: float,
         backoff: float,
-        cache: bool,
+        cache: bool | str,
         cache_version: str | None,
         executor: str | None,
         max_payload: int,
+        deadline: float | None = None,
     ) -> None:
         if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
             raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
@@ -62,6 +68,8 @@ class TaskOptions:
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if timeout is not None and not _positive(timeout):
             raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
+        if deadline is not None and not _positive(deadline):
+            raise ValueError(f"deadline must be a number of seconds > 0 or None, not {deadline!r}")
         if not _positive(grace_period, allow_zero=True):
             raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
         if not _positive(backoff, allow_zero=True):
@@ -71,16 +79,37 @@ class TaskOptions:
         self.timeout = None if timeout is None else float(timeout)
         self.grace_period = float(grace_period)
         self.backoff = float(backoff)
-        self.cache = cache
+        if cache not in _CACHE_MODES or not isinstance(cache, bool | str):
+            raise ValueError(
+                f"cache must be True, False, 'auto', 'disable' or 'override', not {cache!r}"
+            )
+        self.cache = _CACHE_MODES[cache] is not False
+        # "override": run the body even when a cached value exists, then replace it.
+        self.cache_override = _CACHE_MODES[cache] is None
+        self.deadline = None if deadline is None else float(deadline)
+        self.timed = timeout is not None or deadline is not None  # one test per attempt
         self.cache_version = cache_version
         self.executor = executor
         self.max_payload = max_payload
 
     def replace(self, **overrides: Any) -> TaskOptions:
         """Return a copy with `overrides` applied (unset values keep this copy's)."""
-        values = {name: getattr(self, name) for name in self.__slots__ if name != "runner"}
+        values = {name: getattr(self, name) for name in self.__slots__ if name not in _DERIVED}
+        values["cache"] = "override" if self.cache_override else self.cache
         values.update(overrides)
         return TaskOptions(**values)
+
+
+# Flyte's cache values too: "auto" caches, "disable" does not, "override" runs
+# again and replaces the cached value (None here).
+_CACHE_MODES: dict[object, bool | None] = {
+    True: True,
+    False: False,
+    "auto": True,
+    "disable": False,
+    "override": None,
+}
+_DERIVED = frozenset({"runner", "cache_override", "timed"})
 
 
 def _positive(value: object, *, allow_zero: bool = False) -> bool:

@@ -6,8 +6,11 @@ The rules of SPEC §1, in one place:
   decides the terminal phase, whatever the body returns (`after_cancel`): ABORTED
   with the request's cause, FAILED for mark-failed and timeouts, ABANDONED
   for a stop; only an exception raised by the cleanup itself makes it FAILED;
+- except that a body may absorb workflow code's own asyncio cancellation
+  (`absorbs`): it returns a value and, as in asyncio, that value is its result;
 - what an awaiting parent gets (`outcome`): the value, `RuntimeUserError`
-  whose `__cause__` is the body's exception (never wrapped twice),
+  whose `__cause__` is the body's exception (never wrapped twice), a
+  `BaseException` other than `KeyboardInterrupt`/`SystemExit` unwrapped,
   `ActionAbortedError` for an operator's abort, else `CancelledError`;
 - the run's terminal phase from its root and its stop request (`final_phase`).
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 from asyncio import CancelledError
 from typing import Any
 
-from flowsdk._action import ActionState
+from flowsdk._action import ActionState, Request
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk.errors import (
     ActionAbortedError,
@@ -27,11 +30,26 @@ from flowsdk.errors import (
     TaskTimeoutError,
 )
 
-__all__ = ["aborted_error", "after_cancel", "final_phase", "outcome"]
+__all__ = ["absorbs", "aborted_error", "after_cancel", "final_phase", "interrupts", "outcome"]
 
 SUCCEEDED, FAILED = ActionPhase.SUCCEEDED, ActionPhase.FAILED
 ABORTED, ABANDONED = ActionPhase.ABORTED, ActionPhase.ABANDONED
 EXTERNAL = AbortCause.EXTERNAL
+
+
+def absorbs(req: Request) -> bool:
+    """Say whether a body that returns after `req` was delivered gives its value.
+
+    Yes for workflow code's own cancellation (`t.cancel()`, `asyncio.timeout`,
+    `wait_for`, a cancel reaching the awaiter), as in asyncio; never for an
+    operator's request, the root's exit, a stop or a timeout.
+    """
+    return req.native
+
+
+def interrupts(exc: BaseException | None) -> bool:
+    """Say whether `exc` is an interrupt (`KeyboardInterrupt`, `SystemExit`): it aborts the run."""
+    return isinstance(exc, KeyboardInterrupt | SystemExit)
 
 
 def after_cancel(action: ActionState) -> tuple[ActionPhase, FlowError | None]:
@@ -55,15 +73,22 @@ def after_cancel(action: ActionState) -> tuple[ActionPhase, FlowError | None]:
 
 
 def timeout_error(action: ActionState) -> TaskTimeoutError:
-    """Build the error of an attempt that exceeded its task's `timeout`."""
-    seconds = action.task.options.timeout or 0.0
+    """Build the error of an action that exceeded its task's `timeout` or `deadline`."""
+    options = action.task.options
+    deadline_at = action.deadline_at
+    if deadline_at is not None and deadline_at <= action.runtime.loop.time():
+        seconds = options.deadline or 0.0
+        what, cause = "deadline", f"the action took longer than {seconds:g} s in all"
+    else:
+        seconds = options.timeout or 0.0
+        what, cause = "timeout", f"attempt took longer than {seconds:g} s"
     err = TaskTimeoutError(
         f"action {action.name} ({action.task.name}) of run {action.run!r} exceeded its "
-        f"timeout of {seconds:g} s (attempt {action.attempt})",
+        f"{what} of {seconds:g} s (attempt {action.attempt})",
         run=action.run,
         action=action.name,
     )
-    err.__cause__ = TimeoutError(f"attempt took longer than {seconds:g} s")
+    err.__cause__ = TimeoutError(cause)
     return err
 
 
@@ -76,8 +101,10 @@ def outcome(action: ActionState) -> Any:
         exc = action.exc
         if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
             raise exc  # never wrapped twice
-        if exc is None or not isinstance(exc, Exception):
-            raise CancelledError  # KeyboardInterrupt/SystemExit: never wrapped
+        if exc is None or interrupts(exc):
+            raise CancelledError  # KeyboardInterrupt/SystemExit: the run is being aborted
+        if not isinstance(exc, Exception):
+            raise exc  # another BaseException: unwrapped, as in asyncio
         error = action.error
         assert error is not None
         raise RuntimeUserError(
@@ -116,9 +143,7 @@ def final_phase(root: ActionState, stopped: bool) -> RunPhase:
         return RunPhase.SUCCEEDED
     if root.phase is FAILED:
         exc = root.exc
-        if isinstance(exc, ActionAbortedError) or (
-            exc is not None and not isinstance(exc, Exception)
-        ):
+        if isinstance(exc, ActionAbortedError) or interrupts(exc):
             return RunPhase.ABORTED
         if isinstance(exc, RuntimeUserError) and isinstance(exc.__cause__, ActionAbortedError):
             return RunPhase.ABORTED

@@ -125,6 +125,8 @@ class Run(Generic[R]):
             raise InvalidStateError(f"run {self.name!r} has not ended: {phase.value}")
         if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
             raise exc
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc  # a BaseException of the root's body: unwrapped, as a parent gets it
         error = root.error
         raise RuntimeUserError(
             f"run {self.name!r} {phase.value.lower()}"

@@ -22,7 +22,11 @@ R = TypeVar("R")
 
 
 async def run_async(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
+    task: Task[..., R],
+    *args: Any,
+    name: str | None = None,
+    store: str | Store | None = None,
+    **task_kwargs: Any,
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run and wait until the run ends.
 
@@ -33,9 +37,11 @@ async def run_async(
     Args:
         task: A task declared with `@env.task`.
         *args: Positional arguments for the task.
+        **task_kwargs: Refused with a `TypeError` that says to use `functools.partial`.
         name: The run's name (unique in its store); default: generated.
         store: Where the run is recorded (see `flowsdk.run`).
     """
+    refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
     runner = Runner(task, args, kwargs, name, store, owns_loop=False)
     runtime = await runner.begin()
@@ -48,9 +54,14 @@ async def run_async(
 
 
 async def start(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
+    task: Task[..., R],
+    *args: Any,
+    name: str | None = None,
+    store: str | Store | None = None,
+    **task_kwargs: Any,
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
+    refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
     runner = Runner(task, args, kwargs, name, store, owns_loop=False)
     runtime = await runner.begin()
@@ -60,7 +71,11 @@ async def start(
 
 
 def run(
-    task: Task[..., R], *args: Any, name: str | None = None, store: str | Store | None = None
+    task: Task[..., R],
+    *args: Any,
+    name: str | None = None,
+    store: str | Store | None = None,
+    **task_kwargs: Any,
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run, on a fresh event loop.
 
@@ -71,6 +86,7 @@ def run(
     Args:
         task: A task declared with `@env.task` (or a `functools.partial` of one).
         *args: Positional arguments for the task.
+        **task_kwargs: Refused with a `TypeError` that says to use `functools.partial`.
         name: The run's name (unique in its store); default: generated.
         store: Where the run is recorded: a URL (`sqlite:///path.db`,
             `memory://`), a path, or a store object; default: `$FLOWSDK_STORE`,
@@ -80,8 +96,26 @@ def run(
         RuntimeError: called from a running event loop (use `flowsdk.run_async`).
     """
     no_running_loop()
+    refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
     return run_sync(Runner(task, args, kwargs, name, store, owns_loop=True))
+
+
+def refuse_keywords(task: object, keywords: dict[str, Any]) -> None:
+    """Refuse keyword arguments meant for the task: they go through `functools.partial`.
+
+    Raises:
+        TypeError: `keywords` is not empty; the message shows the call to write.
+    """
+    if not keywords:
+        return
+    name = getattr(task, "__name__", "task")
+    given = ", ".join(f"{k}=..." for k in keywords)
+    raise TypeError(
+        f"keyword arguments for the task ({', '.join(sorted(keywords))}) are not accepted "
+        f"here: the keywords of flowsdk.run are the run's own options (name, store). "
+        f"Pass them with functools.partial: flowsdk.run(functools.partial({name}, {given}))"
+    )
 
 
 class RunHandle(Generic[R]):

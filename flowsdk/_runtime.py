@@ -353,12 +353,29 @@ class Runtime:
             return
         if action.req is None:
             # Cancelled by workflow code (or it raised CancelledError itself).
-            action.req = Request(CANCELLED, None, None)
+            action.req = Request(CANCELLED, None, None, native=True)
         phase, exc = after_cancel(action)
         if exc is not None:
             action.exc = exc
             action.error = describe(exc)
         self._finish(action, phase)
+
+    def finish_absorbed(self, action: ActionState, value: Any) -> None:
+        """Record a body that caught workflow code's cancellation and returned `value`.
+
+        As in asyncio, the value is the action's result (SUCCEEDED); a warning
+        event says the cancel was absorbed.
+        """
+        if action.phase in _TERMINAL:
+            return
+        req = action.req
+        assert req is not None
+        self.warn(
+            action,
+            f"{action.name} ({action.task.name}) absorbed its cancellation "
+            f"({req.cause.value}) and returned a value: recorded SUCCEEDED",
+        )
+        self.finish_succeeded(action, value)
 
     def crash(self, action: ActionState, exc: BaseException) -> None:
         """Record an action whose bookkeeping failed as CRASHED; never raises."""
@@ -426,6 +443,11 @@ class Runtime:
             action.req = Request(AbortCause.TIMEOUT, None, None)
             self.delivery.deliver(action)
 
+    def on_deadline(self, action: ActionState) -> None:
+        """Cancel the attempt running when the action's `deadline` passed; no retry follows."""
+        action.deadline_at = 0.0  # passed, whatever the loop's clock resolution
+        self.on_timeout(action)
+
     # -- lifetime and requests -----------------------------------------------------
 
     def cancel_from_caller(self, action: ActionState, reason: str | None = None) -> None:
@@ -436,9 +458,7 @@ class Runtime:
             # Only this action: as in asyncio, the cancel reaches its descendants
             # through the awaits it is in (they record cause `ancestor`), and a
             # child behind `asyncio.shield` keeps running.
-            action.req = (
-                Request(ANCESTOR, None, None) if ancestor else Request(CANCELLED, reason, None)
-            )
+            action.req = Request(ANCESTOR if ancestor else CANCELLED, reason, None, native=True)
             self.delivery.deliver(action)
 
     def _deliver_all(self, actions: Iterable[ActionState]) -> None:

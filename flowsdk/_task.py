@@ -7,12 +7,12 @@ import inspect
 import types
 from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
 from flowsdk._action import current_state
-from flowsdk._execute import action_handle
+from flowsdk._execute import action_handle, in_thread
 from flowsdk._names import check_name
 from flowsdk._options import TaskOptions
 from flowsdk._payload import DEFAULT_MAX_PAYLOAD
@@ -23,15 +23,29 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNSET: Any = object()
+CacheMode = Literal["auto", "disable", "override"]
 _OVERRIDABLE = frozenset(
-    {"retries", "timeout", "grace_period", "cache", "cache_version", "backoff", "max_payload"}
+    {
+        "retries",
+        "timeout",
+        "deadline",
+        "grace_period",
+        "cache",
+        "cache_version",
+        "backoff",
+        "max_payload",
+    }
 )
 
 
 class _Decorator(Protocol):
     """What `@env.task(...)` with options returns: a decorator keeping the signature."""
 
+    @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 class TaskEnvironment:
@@ -43,9 +57,15 @@ class TaskEnvironment:
             cancel, stop or `BaseException`).
         timeout: Seconds of running time for one attempt, else `None`; an
             attempt that exceeds it is cancelled and fails with `TaskTimeoutError`.
+        deadline: Seconds from the action's first start across all its
+            attempts, else `None`; when it passes, the running attempt is
+            cancelled, no further attempt starts, and the action fails with
+            `TaskTimeoutError`.
         grace_period: Seconds a cancelled body may spend in its cleanup before
             the runtime cancels it again.
-        cache: Reuse a finished action's output for the same task version and inputs.
+        cache: Reuse a finished action's output for the same task version and
+            inputs: `True` or `"auto"`; `False` or `"disable"` (the default);
+            `"override"` runs the body again and replaces the cached value.
         cache_version: The task version for `cache` (default: a hash of the source).
         executor: Where bodies run; `None` (or `"local"`) runs them in-process.
         backoff: Seconds before the first retry; each further retry waits twice
@@ -60,11 +80,12 @@ class TaskEnvironment:
         retries: int = 0,
         timeout: float | None = None,
         grace_period: float = 10.0,
-        cache: bool = False,
+        cache: bool | CacheMode = False,
         cache_version: str | None = None,
         executor: str | None = None,
         backoff: float = 1.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        deadline: float | None = None,
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -76,6 +97,7 @@ class TaskEnvironment:
             cache_version=cache_version,
             executor=executor,
             max_payload=max_payload,
+            deadline=deadline,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -86,26 +108,31 @@ class TaskEnvironment:
     def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
 
     @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
     def task(
         self,
         *,
         retries: int = ...,
         timeout: float | None = ...,
+        deadline: float | None = ...,
         grace_period: float = ...,
-        cache: bool = ...,
+        cache: bool | CacheMode = ...,
         cache_version: str | None = ...,
         backoff: float = ...,
         max_payload: int = ...,
     ) -> _Decorator: ...
 
     def task(self, *fn: Any, **overrides: Any) -> Any:
-        """Declare an `async def` function as a task of this environment.
+        """Declare an `async def` (or a plain `def`) function as a task of this environment.
 
-        Usable bare (`@env.task`) or with overrides of the environment's
-        defaults (`@env.task(retries=2, timeout=60)`).
+        A plain `def` body runs in a worker thread of its own. Usable bare
+        (`@env.task`) or with overrides of the environment's defaults
+        (`@env.task(retries=2, timeout=60)`).
 
         Raises:
-            TypeError: `fn` is not an `async def` function.
+            TypeError: `fn` is neither an `async def` nor a plain `def` function.
             ValueError: an option is out of range, or the environment already
                 has a task of that name.
         """
@@ -117,8 +144,8 @@ class TaskEnvironment:
             )
         options = self.options.replace(**overrides)
 
-        def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]:
-            task = Task(fn, self, options)
+        def decorate(fn: Callable[P, Any]) -> Task[P, Any]:
+            task: Task[P, Any] = Task(fn, self, options)
             if task.name in self._tasks:
                 raise ValueError(
                     f"environment {self.name!r} already has a task named {task.name!r}; "
@@ -137,28 +164,28 @@ class TaskEnvironment:
 class Task(Generic[P, R]):
     """An `async def` function declared with `@env.task`.
 
-    Outside a run, calling it returns the plain coroutine of the function (no
-    action, no store), so task bodies are unit-testable as they are. Inside a
-    run, calling it returns an awaitable that starts a child action of the
-    calling action when it first runs.
+    Outside a run, calling it is calling the plain function (for an `async
+    def`, its coroutine; no action, no store), so task bodies are
+    unit-testable as they are. Inside a run, calling it returns an awaitable
+    that starts a child action of the calling action when it first runs.
     """
 
     # Copied from the function by functools.update_wrapper; declared for type checkers.
     __name__: str
     __qualname__: str
 
-    def __init__(
-        self, fn: Callable[P, Coroutine[Any, Any, R]], env: TaskEnvironment, options: TaskOptions
-    ) -> None:
-        if not inspect.iscoroutinefunction(fn):
+    def __init__(self, fn: Callable[P, Any], env: TaskEnvironment, options: TaskOptions) -> None:
+        is_async = inspect.iscoroutinefunction(fn)
+        if not is_async and not _plain_function(fn):
             shown = getattr(fn, "__qualname__", repr(fn))
             raise TypeError(
-                f"@{env.name}.task needs an 'async def' function; {shown!r} is a "
-                f"{type(fn).__name__}. Write it as 'async def' (blocking work can go to "
-                "asyncio.to_thread)."
+                f"@{env.name}.task needs an 'async def' or a plain 'def' function; "
+                f"{shown!r} is a {_kind(fn)}."
             )
         functools.update_wrapper(self, fn)
         self.fn = fn
+        # A plain `def` runs in a worker thread, so blocking code does not block the loop.
+        self.body: Callable[..., Coroutine[Any, Any, Any]] = fn if is_async else in_thread(fn)
         self.env = env
         self.options = options
         self.name = check_name("task", f"{env.name}.{check_name('task', fn.__name__)}")
@@ -177,6 +204,24 @@ class Task(Generic[P, R]):
         parent = current_state()
         if parent is None or parent.runtime.loop is not _get_running_loop():
             # Outside a run -- or in a thread that inherited a run's context
-            # (asyncio.to_thread) but not its loop: a plain coroutine, no action.
-            return self.fn(*args, **kwargs)
+            # (asyncio.to_thread) but not its loop: the plain function, no action.
+            plain: Coroutine[Any, Any, R] = self.fn(*args, **kwargs)
+            return plain
         return parent.runtime.call(self, parent, args, kwargs)
+
+
+def _plain_function(fn: object) -> bool:
+    """Say whether `fn` is a plain (sync, non-generator) function or method."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        return False
+    return not (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn))
+
+
+def _kind(fn: object) -> str:
+    if inspect.isclass(fn):
+        return "class"
+    if inspect.isgeneratorfunction(fn):
+        return "generator function"
+    if inspect.isasyncgenfunction(fn):
+        return "async generator function"
+    return type(fn).__name__

@@ -16,6 +16,7 @@ FlowError(Exception)
 ├── InvalidStateError           a control request the current phase refuses
 ├── PermissionDeniedError
 ├── SerializationError          an input or output that cannot be recorded
+├── NonRecoverableError         raised by a body: a permanent error, never retried
 ├── NondeterminismError         a retried run diverged from its recorded history
 └── StoreError
     ├── StoreCorruptedError
@@ -40,6 +41,7 @@ __all__ = [
     "ActionNotFoundError",
     "FlowError",
     "InvalidStateError",
+    "NonRecoverableError",
     "NondeterminismError",
     "NotInRunError",
     "PermissionDeniedError",
@@ -92,7 +94,8 @@ class RuntimeUserError(ActionError):
 
     In the process that ran the child, `__cause__` is the very exception object
     the body raised. Read from the store, it is absent and `error_type`,
-    `error_message` and `error_traceback` carry the recorded text.
+    `error_message` and `error_traceback` carry the recorded text. `code` is
+    `error_type` under Flyte's name, so ported `except` blocks keep working.
     """
 
     def __init__(
@@ -109,6 +112,11 @@ class RuntimeUserError(ActionError):
         self.error_type = error_type
         self.error_message = error_message
         self.error_traceback = error_traceback
+
+    @property
+    def code(self) -> str:
+        """The original error's type name (Flyte's name for `error_type`)."""
+        return self.error_type
 
 
 class TaskTimeoutError(RuntimeUserError):
@@ -215,6 +223,15 @@ class SerializationError(FlowError, TypeError):
 
 class NondeterminismError(FlowError):
     """A retried run called something other than what its history recorded."""
+
+
+class NonRecoverableError(FlowError):
+    """Raised by a task body for a permanent error: the action fails without a retry.
+
+    Whatever the task's `retries` says, no further attempt starts; the parent
+    gets `RuntimeUserError` whose `__cause__` is this error. Subclass it for
+    errors of your own that no retry can fix.
+    """
 
 
 class StoreError(FlowError):

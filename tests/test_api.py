@@ -37,6 +37,7 @@ ERROR_TREE = {
     "InvalidStateError": "FlowError",
     "PermissionDeniedError": "FlowError",
     "SerializationError": "FlowError",
+    "NonRecoverableError": "FlowError",
     "NondeterminismError": "FlowError",
     "StoreError": "FlowError",
     "StoreCorruptedError": "StoreError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -149,25 +149,29 @@ def test_task_called_by_a_to_thread_worker_inside_a_run_leaves_the_run_alone() -
     assert_clean(run)
 
 
-def _sync_function() -> int:
-    return 1
+def _generator() -> Iterator[int]:
+    yield 1
 
 
 async def _async_generator() -> AsyncIterator[int]:
     yield 1
 
 
+class _NotAFunction:
+    pass
+
+
 @pytest.mark.parametrize(
-    "fn", [_sync_function, _async_generator, lambda: None, print], ids=lambda f: repr(f)[:30]
+    "fn", [_generator, _async_generator, _NotAFunction, print], ids=lambda f: repr(f)[:30]
 )
-def test_decorating_anything_but_an_async_function_raises_type_error(
+def test_decorating_anything_but_a_function_raises_type_error(
     fn: Callable[..., Any],
 ) -> None:
-    """Decorating a non-`async def` callable fails at decoration time with TypeError."""
-    env = flowsdk.TaskEnvironment("notasync")
-    with pytest.raises(TypeError, match="async def"):
+    """Decorating anything but an `async def` or a plain `def` fails at decoration time."""
+    env = flowsdk.TaskEnvironment("notafunction")
+    with pytest.raises(TypeError, match="'async def' or a plain 'def'"):
         cast(Any, env.task)(fn)
-    with pytest.raises(TypeError, match="async def"):
+    with pytest.raises(TypeError, match="'async def' or a plain 'def'"):
         cast(Any, env.task(retries=1))(fn)
 
 

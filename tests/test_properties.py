@@ -9,7 +9,9 @@ one task, `node(path)`, whose behaviour is looked up by its path:
 
 - leaves return a value, raise a user exception, sleep until cancelled (a
   detached child nobody awaits: root exit ends it), get `t.cancel()`ed by their
-  parent, or get aborted through the `RunHandle`;
+  parent, get `t.cancel()`ed and absorb it (catch `CancelledError` and return a
+  value: as in asyncio, a SUCCEEDED child whose parent gets that value), or get
+  aborted through the `RunHandle`;
 - inner nodes start their children (as asyncio tasks or with a direct await),
   then either gather them with `return_exceptions=True` and return, or wait
   until they themselves are cancelled by their parent or aborted.
@@ -37,10 +39,12 @@ MAX_DEPTH = 6
 MAX_WIDTH = 8
 MAX_NODES = 30
 
-LEAF_KINDS = ("value", "raise", "sleep", "cancel", "abort")
+LEAF_KINDS = ("value", "raise", "sleep", "cancel", "absorb", "abort")
 INNER_KINDS = ("gather", "gather", "cancel", "abort")
 # Kinds that end only when cancelled: their parent must not await them directly.
-TASK_ONLY = ("sleep", "cancel")
+TASK_ONLY = ("sleep", "cancel", "absorb")
+# Kinds their parent cancels with `t.cancel()` once they have started.
+CANCELLED_BY_PARENT = ("cancel", "absorb")
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Node:
 
 def _natural(node: Node) -> tuple[str, str | None]:
     """(phase, cause) the action ends with when nothing above it interferes."""
-    if node.kind == "value" or (node.inner and node.kind == "gather"):
+    if node.kind in ("value", "absorb") or (node.inner and node.kind == "gather"):
         return ("SUCCEEDED", None)
     return {
         "raise": ("FAILED", None),
@@ -153,6 +157,12 @@ class Scenario:
         if node.kind == "raise":
             self.raised[path] = ValueError(path)
             raise self.raised[path]
+        if node.kind == "absorb":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.returned[path] = len(path)
+                return len(path)
         await asyncio.sleep(3600)
         raise AssertionError(f"{path} was never cancelled")
 
@@ -165,7 +175,7 @@ class Scenario:
                 tasks[cpath] = asyncio.create_task(task(cpath))
                 self.hosts.append(tasks[cpath])
         for cpath, child in children:
-            if child.kind == "cancel":
+            if child.kind in CANCELLED_BY_PARENT:
                 await self.started[cpath].wait()
                 tasks[cpath].cancel()
         for cpath, child in children:
@@ -257,7 +267,7 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
     hit: dict[str, int] = {}
     for path, node in sc.nodes.items():
         name = sc.names[path]
-        if node.kind == "cancel":
+        if node.kind in CANCELLED_BY_PARENT:
             hit[path] = first_stop[name]
         elif outcomes.get(path) == "applied":
             wanted = None if path == "r" else name
@@ -282,9 +292,13 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
                 allowed = {_natural(node)}
             else:
                 allowed = {("ABORTED", "ancestor")}
-                if node.kind == "sleep" and all(sc.nodes[a].kind == "cancel" for a in disturbers):
+                by_code = all(sc.nodes[a].kind == "cancel" for a in disturbers)
+                if node.kind == "sleep" and by_code:
                     # Not awaited by the cancelled ancestor: its lifetime is the root's.
                     allowed.add(("ABORTED", "root_exit"))
+                if node.kind == "absorb" and by_code:
+                    # Workflow code's cancel reached it through an ancestor: absorbed.
+                    allowed.add(("SUCCEEDED", None))
         assert got in allowed, f"{path} ({record.name}, {node.kind}): {got} not in {allowed}"
 
     # Outcome mapping: what each parent saw matches the child's recorded phase.

@@ -1,0 +1,460 @@
+"""Plain asyncio semantics: the same program under bare asyncio and as tasks.
+
+Each program is written once, against a decorator `task`: the identity under
+plain asyncio, `env.task` under flowsdk. Its `main` observes what asyncio
+lets it observe (a value, an exception's type, `cancelling()` counts, an
+`ExceptionGroup`'s shape) and returns that observation; the test runs it both
+ways and compares. The one allowed difference is SPEC §7's wrapping: a
+child's exception reaches its awaiter as `RuntimeUserError` whose
+`__cause__` is the original, so `seen` unwraps it (and checks it is there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+import flowsdk
+from flowsdk import ActionPhase, EventKind
+from flowsdk.errors import ActionAbortedError, RuntimeUserError
+from tests.support import assert_clean
+
+F = TypeVar("F", bound=Callable[..., Any])
+Deco = Callable[[F], F]
+Main = Callable[[], Coroutine[Any, Any, Any]]
+Program = Callable[[Callable[[Any], Any]], Main]
+
+_envs = itertools.count()
+
+
+def seen(exc: BaseException, *, wrapped: bool) -> Any:
+    """Describe an exception as the awaiter sees it, minus SPEC §7's wrapping."""
+    if isinstance(exc, RuntimeUserError) and exc.__cause__ is not None:
+        assert wrapped, f"wrapped under plain asyncio? {exc!r}"
+        exc = exc.__cause__
+    if isinstance(exc, BaseExceptionGroup):
+        return [type(exc).__name__, sorted(str(seen(e, wrapped=wrapped)) for e in exc.exceptions)]
+    return type(exc).__name__
+
+
+async def observe(awaitable: Any, *, wrapped: bool) -> list[Any]:
+    """Await and say what came back: `["value", v]` or `["raised", description]`."""
+    try:
+        return ["value", await awaitable]
+    except BaseException as exc:  # the observation itself, whatever it is
+        return ["raised", seen(exc, wrapped=wrapped)]
+
+
+async def both(program: Callable[[Callable[[Any], Any], bool], Main]) -> tuple[Any, Any, Any]:
+    """Run `program` under plain asyncio and as tasks; return both observations and the run."""
+    plain_main = program(lambda fn: fn, False)
+    plain = await asyncio.create_task(plain_main())
+    env = flowsdk.TaskEnvironment(f"parity{next(_envs)}")
+    flow_main = program(env.task, True)
+    run = await flowsdk.run_async(env.task(flow_main))
+    return _plain(plain), _plain(run.result()), run
+
+
+def _plain(value: Any) -> Any:
+    # Outputs come back decoded from their record: tuples as lists.
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def by_task(run: flowsdk.Run[Any], name: str) -> list[Any]:
+    return [a for a in run.actions if a.task.endswith(f".{name}")]
+
+
+# -- D1: a child that absorbs its cancel gives its value ---------------------------
+
+
+async def test_child_absorbing_t_cancel_gives_its_value() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+
+        @task
+        async def child() -> int:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return 42
+            return 0
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(child())
+            await started.wait()
+            t.cancel("early stop")
+            got = await observe(t, wrapped=wrapped)
+            me = asyncio.current_task()
+            assert me is not None
+            return [got, t.cancelled(), me.cancelling()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["value", 42], False, 0]
+    [child] = by_task(run, "child")
+    assert child.phase is ActionPhase.SUCCEEDED
+    warnings = [e for e in run.events if e.kind is EventKind.WARNING]
+    assert any(e.action == child.name and "absorbed" in (e.message or "") for e in warnings)
+    assert_clean(run)
+
+
+async def test_wait_for_returns_the_value_of_a_child_absorbing_its_timeout() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child() -> str:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return "partial"
+            return "full"
+
+        async def main() -> list[Any]:
+            got = await observe(asyncio.wait_for(child(), 0.01), wrapped=wrapped)
+            me = asyncio.current_task()
+            assert me is not None
+            return [got, me.cancelling()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["value", "partial"], 0]  # Python 3.11's wait_for
+    assert [a.phase for a in by_task(run, "child")] == [ActionPhase.SUCCEEDED]
+
+
+async def test_timeout_block_around_an_absorbing_child_keeps_the_value() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child() -> int:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return 7
+            return 0
+
+        async def main() -> list[Any]:
+            async def timed() -> Any:
+                async with asyncio.timeout(0.01):
+                    return await child()
+
+            got = await observe(timed(), wrapped=wrapped)
+            me = asyncio.current_task()
+            assert me is not None
+            return [got, me.cancelling()]
+
+        return main
+
+    plain, flow, _ = await both(program)
+    assert plain == flow == [["value", 7], 0]
+
+
+async def test_outer_task_absorbing_its_cancel_returns_its_value() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+
+        @task
+        async def leaf() -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+        @task
+        async def middle() -> str:
+            try:
+                await leaf()
+            except asyncio.CancelledError:
+                return "absorbed"
+            return "finished"
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(middle())
+            await started.wait()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["value", "absorbed"], False]
+    assert [a.phase for a in by_task(run, "middle")] == [ActionPhase.SUCCEEDED]
+    assert [a.phase for a in by_task(run, "leaf")] == [ActionPhase.ABORTED]
+
+
+@pytest.mark.parametrize("request_kind", ["abort", "mark_failed"])
+async def test_operator_requests_cannot_be_absorbed(request_kind: str) -> None:
+    """SPEC §1: an operator's request is not workflow code's cancel: it keeps its outcome."""
+    env = flowsdk.TaskEnvironment(f"parity_{request_kind}")
+    started = asyncio.Event()
+    names: list[str] = []
+
+    @env.task
+    async def child() -> int:
+        names.append(flowsdk.current_action().name)
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return 42
+        return 0
+
+    @env.task
+    async def main() -> str:
+        try:
+            await child()
+        except ActionAbortedError:
+            return "aborted"
+        except RuntimeUserError as exc:
+            return f"failed: {type(exc.__cause__).__name__}"
+        return "value"
+
+    handle = await flowsdk.start(main)
+    await started.wait()
+    if request_kind == "abort":
+        await handle.abort(names[0], reason="operator")
+    else:
+        await handle.mark_failed(names[0], reason="operator")
+    run = await handle.wait()
+    [record] = by_task(run, "child")
+    assert record.abort is not None
+    if request_kind == "abort":
+        assert run.result() == "aborted"
+        assert record.phase is ActionPhase.ABORTED
+        assert record.abort.cause.value == "external"
+    else:
+        assert run.result() == "failed: ActionMarkedFailedError"
+        assert record.phase is ActionPhase.FAILED
+        assert record.abort.cause.value == "mark_failed"
+
+
+async def test_root_exit_cannot_be_absorbed() -> None:
+    """SPEC §1: the lifetime rule wins: a detached child absorbing the root's exit is ABORTED."""
+    env = flowsdk.TaskEnvironment("parity_root_exit")
+    started = asyncio.Event()
+    absorbed: list[int] = []
+    detached: list[asyncio.Task[int]] = []
+
+    @env.task
+    async def child() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            absorbed.append(1)
+            return 42
+        return 0
+
+    @env.task
+    async def main() -> str:
+        detached.append(asyncio.create_task(child()))
+        await started.wait()
+        return "done"
+
+    run = await flowsdk.run_async(main)
+    await asyncio.gather(*detached, return_exceptions=True)
+    assert run.result() == "done"
+    assert absorbed == [1]
+    [record] = by_task(run, "child")
+    assert record.phase is ActionPhase.ABORTED
+    assert record.abort is not None
+    assert record.abort.cause.value == "root_exit"
+
+
+# -- D2: cleanup errors reach an awaiter that is itself being cancelled -------------
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+async def test_cleanup_error_reaches_a_cancelled_awaiter_at_any_depth(depth: int) -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+
+        @task
+        async def leaf() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                raise ZeroDivisionError("cleanup")
+
+        @task
+        async def level(n: int) -> None:
+            if n == 0:
+                await leaf()
+            else:
+                await level(n - 1)
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(level(depth - 1))
+            await started.wait()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["raised", "ZeroDivisionError"], False]
+    assert_clean(run)
+
+
+async def test_taskgroup_members_cleanup_errors_form_its_exception_group() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started: list[int] = []
+        all_started = asyncio.Event()
+
+        @task
+        async def member(i: int) -> None:
+            started.append(i)
+            if len(started) == 2:
+                all_started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                raise ValueError(i)
+
+        @task
+        async def holder() -> None:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(member(0))
+                tg.create_task(member(1))
+                await asyncio.sleep(3600)
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(holder())
+            await all_started.wait()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["raised", ["ExceptionGroup", ["ValueError", "ValueError"]]], False]
+    assert_clean(run)
+
+
+# -- D3: other BaseExceptions propagate unwrapped, without aborting the run ---------
+
+
+class Halt(BaseException):
+    """A user's own BaseException (not an interrupt, not a cancel)."""
+
+
+async def test_base_exception_reaches_the_awaiter_unwrapped() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child() -> None:
+            raise Halt("stop here")
+
+        async def main() -> list[Any]:
+            try:
+                await child()
+            except Halt as exc:
+                return ["caught", type(exc).__name__, str(exc)]
+            return ["not caught"]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == ["caught", "Halt", "stop here"]
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    [child] = by_task(run, "child")
+    assert child.phase is ActionPhase.FAILED
+    assert child.abort is None
+
+
+async def test_base_exceptions_join_a_taskgroups_base_exception_group() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def member(i: int) -> int:
+            if i == 1:
+                raise Halt(i)
+            await asyncio.sleep(3600)
+            return i
+
+        async def main() -> list[Any]:
+            async def grouped() -> None:
+                async with asyncio.TaskGroup() as tg:
+                    for i in range(3):
+                        tg.create_task(member(i))
+
+            return await observe(grouped(), wrapped=wrapped)
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == ["raised", ["BaseExceptionGroup", ["Halt"]]]
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    assert sorted(a.phase.value for a in by_task(run, "member")) == [
+        "ABORTED",
+        "ABORTED",
+        "FAILED",
+    ]
+
+
+async def test_base_exception_of_the_root_fails_the_run_and_is_what_result_raises() -> None:
+    env = flowsdk.TaskEnvironment("parity_root_base")
+
+    @env.task
+    async def main() -> None:
+        raise Halt("root")
+
+    run = await flowsdk.run_async(main)
+    assert run.phase is flowsdk.RunPhase.FAILED
+    with pytest.raises(Halt, match="root"):
+        run.result()
+
+
+# -- D4: context variables live in the context asyncio gives ------------------------
+
+cvar: contextvars.ContextVar[int] = contextvars.ContextVar("parity_cvar", default=0)
+
+
+async def test_child_context_writes_land_in_the_context_given_to_create_task() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child(value: int) -> None:
+            cvar.set(value)
+
+        async def main() -> list[Any]:
+            ctx = contextvars.copy_context()
+            await asyncio.create_task(child(1), context=ctx)
+            in_ctx = ctx.get(cvar)
+            after_task = cvar.get()  # a task of its own: its writes stay in its context
+            await child(2)  # awaited directly: it runs in this very context
+            return [in_ctx, after_task, cvar.get()]
+
+        return main
+
+    plain, flow, _ = await both(program)
+    assert plain == flow == [1, 0, 2]
+
+
+# -- D5: a body that cancels its own task and returns at once -----------------------
+
+
+async def test_body_cancelling_its_own_task_ends_cancelled() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child() -> int:
+            me = asyncio.current_task()
+            assert me is not None
+            me.cancel()
+            return 1
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(child())
+            return [await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["raised", "CancelledError"], True]
+    [child] = by_task(run, "child")
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.cause.value == "cancelled"
