@@ -25,7 +25,7 @@ from contextvars import copy_context
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, Request, current
-from flowsdk._describe import describe
+from flowsdk._describe import describe, safe_str
 from flowsdk._outcome import absorbs, outcome
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
 
-__all__ = ["OWN_CODE", "action_handle", "in_thread", "run_action", "spawn"]
+__all__ = ["OWN_CODE", "action_handle", "in_thread", "note_unobserved", "run_action", "spawn"]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
@@ -398,3 +398,16 @@ def in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]
             raise
 
     return body
+
+
+def note_unobserved(runtime: Runtime) -> None:
+    """Log each failed child whose error workflow code never retrieved."""
+    hosts, runtime.failure_hosts = runtime.failure_hosts, []
+    for host in hosts:
+        if host.done() and not host.cancelled() and getattr(host, "_log_traceback", False):
+            host._log_traceback = False
+            exc = host.exception()
+            runtime.warn(
+                None,
+                f"an unobserved child failed: {type(exc).__name__}: {safe_str(exc) if exc else ''}",
+            )

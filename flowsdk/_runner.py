@@ -19,7 +19,7 @@ from asyncio import CancelledError
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._control import apply_request
-from flowsdk._execute import OWN_CODE, spawn
+from flowsdk._execute import OWN_CODE, note_unobserved, spawn
 from flowsdk._history import History
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
@@ -133,7 +133,7 @@ class Runner:
                 else:
                     runtime.abandon_all(None)
         runtime.end()
-        runtime.note_unobserved()
+        note_unobserved(runtime)
         tracker = runtime.tracker
         if tracker is not None:
             tracker.close()

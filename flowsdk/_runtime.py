@@ -422,19 +422,6 @@ class Runtime:
         """The store recorded this run CRASHED while it ran: stop every body (cause `crashed`)."""
         self.abort_run(AbortCause.CRASHED, reason=message)
 
-    def note_unobserved(self) -> None:
-        """Log each failed child whose error workflow code never retrieved."""
-        hosts, self.failure_hosts = self.failure_hosts, []
-        for host in hosts:
-            if host.done() and not host.cancelled() and getattr(host, "_log_traceback", False):
-                host._log_traceback = False
-                exc = host.exception()
-                self.warn(
-                    None,
-                    f"an unobserved child failed: {type(exc).__name__}: "
-                    f"{safe_str(exc) if exc else ''}",
-                )
-
     # -- attempts ------------------------------------------------------------------
 
     def on_timeout(self, action: ActionState) -> None:
