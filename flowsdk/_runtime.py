@@ -419,7 +419,7 @@ class Runtime:
         self.abort_run(cause, reason=reason, by=by)
 
     def lost(self, message: str) -> None:
-        """The store recorded this run CRASHED while it ran: stop every body (cause `crashed`)."""
+        """The run can no longer be recorded: stop every body (cause `crashed`, `message` why)."""
         self.abort_run(AbortCause.CRASHED, reason=message)
 
     # -- attempts ------------------------------------------------------------------

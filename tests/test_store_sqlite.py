@@ -6,6 +6,7 @@ second process matters, by a runner from tests/runners.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -495,27 +496,39 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_disk_is_reported_as_disk_full_not_as_damage(small_disk: Path) -> None:
-    """A store on a full disk: StoreError saying "disk full"; the file stays a valid store."""
+def test_a_full_disk_stops_the_run_and_is_reported_as_disk_full_not_as_damage(
+    small_disk: Path,
+) -> None:
+    """SPEC §5: retried for the busy timeout, then the run is stopped: never runs unrecorded."""
     path = small_disk / "s.db"
-    url = sqlite_url(path)
+    url = sqlite_url(path) + "?busy_timeout=0.5"
     env = flowsdk.TaskEnvironment("fill")
+    made: list[int] = []
+    stopped: list[str] = []
 
     @env.task
     async def big(i: int) -> bytes:
+        made.append(i)
         return bytes(40_000) + i.to_bytes(4, "big")
 
     @env.task
     async def fill() -> int:
-        n = 0
-        for i in range(200):
-            await big(i)
-            n += 1
-        return n
+        try:
+            for i in range(100_000):
+                await big(i)
+                await asyncio.sleep(0.001)
+        except asyncio.CancelledError as exc:
+            stopped.append(str(exc))
+            raise
+        return len(made)
 
     with pytest.raises(StoreError) as info:
         flowsdk.run(fill, name="filled", store=url)
     assert not isinstance(info.value, StoreCorruptedError)
     assert "disk full" in str(info.value)
+    assert len(made) < 100_000  # stopped, not run on unrecorded
+    [message] = stopped
+    assert "the store could not be written" in message
+    assert "disk full" in message
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

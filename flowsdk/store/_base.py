@@ -275,9 +275,11 @@ class Store(RunReader, ControlChannel, TokenStore, Protocol):
 
         The run's record, `actions` (its root, with its recorded inputs) and
         `events` are written in one transaction: a run is never recorded in part.
-        `on_lost` is called on the run's loop if the store finds the run recorded
-        `CRASHED` while it runs (by a reader on another host); the recorder then
-        writes nothing more, and its `close()` raises `StoreError`.
+        `on_lost` is called on the run's loop (with why) when the recorder stops
+        recording while the run goes on: the store found the run recorded
+        `CRASHED` (by a reader on another host), or it could not be written for
+        longer than its busy timeout. The recorder then writes nothing more, and
+        its `close()` raises `StoreError`.
 
         Raises:
             RunExistsError: a run (attempt) of that name exists already.

@@ -138,6 +138,7 @@ class PostgresStore(PostgresTokens):
             loop,
             handler,
             first=(list(actions), list(events)),
+            fail_wait=self._target.busy_timeout,
             final_wait=10 * self._target.busy_timeout,
             on_lost=on_lost,
         )

@@ -247,6 +247,7 @@ class SQLiteStore(SQLiteTokens):
             loop,
             handler,
             first=(list(actions), list(events)),
+            fail_wait=self.busy_timeout,
             final_wait=10 * self.busy_timeout,
             on_lost=on_lost,
         )

@@ -147,6 +147,7 @@ class RunWriter(Generic[C]):
         handler: RequestHandler,
         *,
         first: tuple[list[ActionRow], list[EventRow]] = ([], []),
+        fail_wait: float = 5.0,
         final_wait: float = 50.0,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
@@ -155,6 +156,10 @@ class RunWriter(Generic[C]):
         self._first = first
         # How long the run's last writes may wait for a lock (SPEC §5: ten busy timeouts).
         self._final_wait = final_wait
+        # How long a write that fails (not a lock) is tried again before the run is given up.
+        self._fail_wait = fail_wait
+        self._failing_since: float | None = None
+        self._retry_delay = 0.05
         self._final_deadline: float | None = None
         self._lock_warned_at = 0.0
         self._record = record
@@ -252,6 +257,12 @@ class RunWriter(Generic[C]):
         except BaseException as exc:  # a failed write: reported by close()
             self._error = exc
             logger.error("run %s: writing to the store failed: %s", self._record.name, exc)
+            # A run is never left running unrecorded: its bodies are stopped.
+            if self._on_lost is not None and not self._closing:
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(
+                        self._on_lost, f"the store could not be written: {exc}"
+                    )
         finally:
             if conn is not None:
                 self._dialect.close(conn)
@@ -369,6 +380,15 @@ class RunWriter(Generic[C]):
             if self._closing:
                 self._wait_for_final_writes()
             return
+        except RunLost:
+            raise
+        except StoreError as exc:
+            # Disk full, an I/O error: keep the changes and try again with backoff,
+            # for up to the busy timeout (ten of them for the last writes).
+            ops.extendleft(reversed(taken))
+            self._back_off(exc)
+            return
+        self._failing_since = None
         # Answered after the batch's own writes, so a lookup sees what the same
         # run cached a moment before.
         for task, version, digest, fut in lookups:
@@ -382,6 +402,25 @@ class RunWriter(Generic[C]):
             waiting, self._relief = self._relief, []
             for fut in waiting:
                 self._settle(fut, None, None)
+
+    def _back_off(self, exc: StoreError) -> None:
+        """Wait before writing again after a failed write; raise `exc` once past the limit."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._retry_delay = 0.05
+            logger.warning(
+                "run %s: writing to %s failed (%s); trying again for up to %g s",
+                self._record.name,
+                self._dialect.location,
+                exc,
+                self._final_wait if self._closing else self._fail_wait,
+            )
+        limit = self._final_wait if self._closing else self._fail_wait
+        if now - self._failing_since >= limit:
+            raise exc
+        time.sleep(self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, 1.0)
 
     def _wait_for_final_writes(self) -> None:
         """The run has ended but the store is locked: keep trying, and say so, for a while.
