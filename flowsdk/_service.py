@@ -165,9 +165,10 @@ class ControlService:
         return self.channel.request(request, timeout=ANSWER_TIMEOUT).unwrap()
 
     def _record_refused(self, request: ControlRequest, exc: PermissionDeniedError) -> None:
-        """Write a refused request to its live run's event log (best effort, SPEC §8).
+        """Write a refused request to its run's event log (best effort, SPEC §8).
 
-        An ended run's log is closed: there the refusal is only the caller's to report.
+        A live run's runner writes it (through the control channel); an ended
+        run's log gets it from the store directly.
         """
         what = (
             "abort"
@@ -185,6 +186,7 @@ class ControlService:
         )
         try:
             if self.store.run_state(request.run).phase.terminal:
+                self.store.note_request(request.run, action, note.message, self.actor.name)
                 return
             self.channel.request(note, timeout=ANSWER_TIMEOUT)
         except (FlowError, LookupError):

@@ -20,6 +20,7 @@ import pytest
 
 import flowsdk
 import flowsdk.executors
+import flowsdk.store
 from flowsdk import AbortCause, AbortInfo, Actor, Outcome, Role, RunPhase
 from flowsdk.errors import InvalidStateError, PermissionDeniedError
 from flowsdk.store import MemoryStore
@@ -400,3 +401,32 @@ def test_a_launch_whose_runner_fails_at_once_says_why(tmp_path: Path) -> None:
     with flowsdk.Client(url) as client, pytest.raises(InvalidStateError) as info:
         client.service.launch_retry("r1")
     assert "the module is broken now" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+def test_a_refused_request_on_an_ended_run_is_written_to_its_event_log(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SPEC §8: the log says who tried what and why it was refused, even after the run ended."""
+    env = flowsdk.TaskEnvironment("refusedlog")
+
+    @env.task
+    async def done() -> int:
+        return 1
+
+    store: str | flowsdk.store.Store
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "sqlite":
+        store = sqlite_url(tmp_path / "s.db")
+    else:
+        store = request.getfixturevalue("pg_url")
+    flowsdk.run(done, name="over", store=store)
+    with flowsdk.Client(store, actor=Actor(name="token:ci", role=Role.EXECUTOR)) as client:
+        with pytest.raises(PermissionDeniedError):
+            client.abort("over", "a0", reason="nope")
+        [note] = [e for e in client.get_run("over").events if e.kind is flowsdk.EventKind.REQUEST]
+    assert (note.action, note.requested_by) == ("a0", "token:ci")
+    assert note.message is not None
+    assert "refused" in note.message
+    assert "'control'" in note.message

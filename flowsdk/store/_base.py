@@ -285,6 +285,13 @@ class Store(RunReader, ControlChannel, TokenStore, Protocol):
             RunExistsError: a run (attempt) of that name exists already.
         """
 
+    def note_request(self, name: str, action: str | None, message: str, requested_by: str) -> None:
+        """Append a `request` event to the latest attempt of an ended run (a refused request).
+
+        A live run's log is written by its runner only; this is for runs that
+        have ended, whose log no runner writes any more.
+        """
+
     def close(self) -> None:
         """Release the store's connections."""
 

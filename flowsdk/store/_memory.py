@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -17,6 +17,7 @@ from flowsdk._records import (
     ControlRequest,
     ControlResult,
     Event,
+    EventKind,
     EventRow,
     Outcome,
     RunRecord,
@@ -157,6 +158,21 @@ class MemoryStore:
     def groups(self, name: str, attempt: int) -> list[str]:
         """Return the group names of one ended attempt, sorted."""
         return sorted({a.group for a in self.load_run(name, attempt).actions if a.group})
+
+    def note_request(self, name: str, action: str | None, message: str, requested_by: str) -> None:
+        """Append a `request` event to the latest attempt of an ended run."""
+        stored = self.load_run(name)
+        events = stored.events
+        events.append(
+            Event(
+                seq=len(events),
+                at=datetime.now(UTC),
+                kind=EventKind.REQUEST,
+                action=action,
+                requested_by=requested_by,
+                message=message,
+            )
+        )
 
     def root_task_workdir(self, task: str) -> str | None:
         """Return the working directory of the latest run whose root task is `task`."""

@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import psycopg
+from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
 from flowsdk._phases import ActionPhase, RunPhase
@@ -49,6 +50,7 @@ from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
     ACTION_COLUMNS,
     EVENT_COLUMNS,
+    INSERT_EVENT,
     LIVE_RUNS,
     REPLIES,
     REQUESTS,
@@ -214,6 +216,34 @@ class PostgresStore(PostgresTokens):
             return StoredRun(record, actions, events, payloads)
 
         return self._read(work, lambda: self._none_yet(name))
+
+    def note_request(self, name: str, action: str | None, message: str, requested_by: str) -> None:
+        """Append a `request` event to the latest attempt of an ended run."""
+        conn = connect(self._target, create=False)
+        if conn is None:
+            return
+        try:
+            with conn.transaction():
+                attempt = self._latest(conn, name)[0]
+                # The run's row lock orders this event against any other writer of its log.
+                conn.execute(
+                    "SELECT 1 FROM flowsdk.runs WHERE name = %s AND attempt = %s FOR UPDATE",
+                    (name, attempt),
+                )
+                row = conn.execute(
+                    "SELECT coalesce(max(seq), -1) + 1 FROM flowsdk.events "
+                    "WHERE run = %s AND run_attempt = %s",
+                    (name, attempt),
+                ).fetchone()
+                assert row is not None
+                event = EventRow(
+                    row[0], time.time(), "request", action, None, None, None, requested_by, message
+                )
+                conn.execute(INSERT_EVENT, (name, attempt, *astuple(event)))
+        except psycopg.Error as exc:
+            raise store_error(exc, self._target) from None
+        finally:
+            conn.close()
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""

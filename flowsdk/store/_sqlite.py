@@ -30,12 +30,8 @@ from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
     ActionRecord,
     ActionRow,
-    ControlReply,
-    ControlRequest,
-    ControlResult,
     Event,
     EventRow,
-    Outcome,
     RunRecord,
     action_from_row,
     event_from_row,
@@ -48,9 +44,9 @@ from flowsdk.errors import (
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._sqlite_dialect import SQLiteDialect
+from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
-    ANSWER_POLL,
     APPLICATION_ID,
     DEFAULT_BUSY_TIMEOUT,
     EVENT_COLUMNS,
@@ -60,8 +56,6 @@ from flowsdk.store._sqlite_schema import (
     mark_crashed,
     migrate,
     owner_decoder,
-    reply_decoder,
-    request_encoder,
     run_record,
     translate,
     warn_if_others_can_write,
@@ -78,7 +72,7 @@ logger = logging.getLogger("flowsdk")
 MARK_WAIT = 0.1
 
 
-class SQLiteStore(SQLiteTokens):
+class SQLiteStore(SQLiteRequests, SQLiteTokens):
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
 
     The URL may carry `?busy_timeout=SECONDS` (default 5). The file and its
@@ -527,72 +521,3 @@ class SQLiteStore(SQLiteTokens):
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
         return RunNotFoundError(f"no run named {name!r} in {self.path}{hint}")
-
-    # -- control -----------------------------------------------------------------------
-
-    def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
-        """Hand a control request to the run's runner and wait for its reply.
-
-        The request is committed first, so it is never lost: if the runner does
-        not answer in time, the reply is `queued` and the request is applied
-        when the runner reads it.
-        """
-        conn = self.connect(create=True)
-        assert conn is not None
-        try:
-            with translate(self.path):
-                conn.execute("BEGIN IMMEDIATE")
-                cur = conn.execute(
-                    "INSERT INTO requests (run, at, body) VALUES (?, ?, ?)",
-                    (request.run, time.time(), request_encoder.encode(request)),
-                )
-                conn.execute("COMMIT")
-                request_id = cur.lastrowid
-                deadline = time.monotonic() + timeout
-                next_check = time.monotonic() + 0.2
-                while True:
-                    row = conn.execute(
-                        "SELECT state, answer FROM requests WHERE id = ?", (request_id,)
-                    ).fetchone()
-                    if row[0] == "done":
-                        return reply_decoder.decode(row[1])
-                    now = time.monotonic()
-                    if now >= next_check:
-                        next_check = now + 0.2
-                        gone = self._runner_gone(conn, request.run)
-                        if gone is not None:
-                            conn.execute(
-                                "UPDATE requests SET state = 'dropped' WHERE id = ?", (request_id,)
-                            )
-                            return ControlReply(gone)
-                    if now >= deadline:
-                        phase = self._latest(conn, request.run)[1]
-                        return ControlReply(
-                            ControlResult(
-                                outcome=Outcome.QUEUED,
-                                phase=phase,
-                                message=f"the runner of run {request.run!r} did not answer "
-                                f"within {timeout:g} s (is its event loop blocked?); the request "
-                                f"is recorded (#{request_id}) and will be applied when it reads it",
-                            )
-                        )
-                    time.sleep(ANSWER_POLL)
-        finally:
-            conn.close()
-
-    def _runner_gone(self, conn: sqlite3.Connection, run: str) -> ControlResult | None:
-        attempt, phase, owner, heartbeat = self._latest(conn, run)
-        if RunPhase(phase).terminal:
-            return ControlResult(
-                outcome=Outcome.ALREADY_ENDED,
-                phase=phase,
-                message=f"run {run!r} already finished: {phase}",
-            )
-        if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
-            self._mark_gone(conn, run, attempt, heartbeat)
-            return ControlResult(
-                outcome=Outcome.ALREADY_ENDED,
-                phase=RunPhase.CRASHED.value,
-                message=f"the runner of run {run!r} is gone; the run is recorded CRASHED",
-            )
-        return None
