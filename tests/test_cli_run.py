@@ -6,6 +6,7 @@ working directory, as a user's project would be.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -427,3 +428,25 @@ def test_parameter_names_are_read_only_when_certain(tmp_path: Path) -> None:
     edited = msgspec.structs.replace(record, started_at=started - timedelta(seconds=3600))
     assert task_params(edited) == {}
     assert task_params(msgspec.structs.replace(record, task="nowhere:one")) == {}
+
+
+def test_runs_shows_the_abort_reason_of_an_aborted_run(tmp_path: Path) -> None:
+    """The REASON column: an operator's abort reason (made visible), or a stop's reason."""
+    store = "sqlite:///" + str(tmp_path / "reasons.db")
+    env = flowsdk.TaskEnvironment("reasons")
+
+    @env.task
+    async def hang() -> None:
+        await asyncio.sleep(3600)
+
+    async def aborted() -> None:
+        handle = await flowsdk.start(hang, name="stopped-by-hand", store=store)
+        await asyncio.sleep(0)  # the root's body starts
+        await handle.abort(reason="disk \x1b[2J almost full")
+        await handle.wait()
+
+    asyncio.run(aborted())
+    proc = flowsdk_cli(tmp_path, "runs", "--store", store)
+    [row] = [line for line in proc.stdout.splitlines() if line.startswith("stopped-by-hand")]
+    assert "external: disk \\x1b[2J almost full" in row
+    assert "\x1b" not in proc.stdout

@@ -8,8 +8,9 @@ from typing import Any
 
 import msgspec
 
+from flowsdk._client import Client
 from flowsdk._phases import RunPhase
-from flowsdk._records import RunRecord
+from flowsdk._records import AbortInfo, RunRecord
 from flowsdk._text import visible
 from flowsdk.cli._output import (
     EXIT_OK,
@@ -82,9 +83,10 @@ def runs(args: argparse.Namespace, out: Output) -> int:
         # All of them, to say how many more there are beyond the limit.
         records = client.runs(phase=args.phase)
         where = store_location(client)
-    more = max(len(records) - args.limit, 0) if args.limit else 0
-    if args.limit:
-        records = records[: args.limit]
+        more = max(len(records) - args.limit, 0) if args.limit else 0
+        if args.limit:
+            records = records[: args.limit]
+        aborts = {} if out.json else _root_aborts(client, records)
     if out.json:
         out.print_json(msgspec.to_builtins(records))
         return EXIT_OK
@@ -101,7 +103,7 @@ def runs(args: argparse.Namespace, out: Output) -> int:
             format_time(r.started_at),
             format_duration(r.started_at, r.ended_at, now=now),
             visible(r.task or "-"),
-            _reason(r),
+            _reason(r, aborts.get(r.name)),
         ]
         for r in records
     ]
@@ -112,11 +114,26 @@ def runs(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _reason(record: RunRecord) -> str:
+def _root_aborts(client: Client, records: list[RunRecord]) -> dict[str, AbortInfo]:
+    """The abort of each ABORTED run's root: one keyed lookup per listed run."""
+    found = {}
+    for record in records:
+        if record.phase is RunPhase.ABORTED and record.stop is None:
+            root = client.store.load_actions(record.name, record.attempt, ["a0"])
+            if root and root[0].abort is not None:
+                found[record.name] = root[0].abort
+    return found
+
+
+def _reason(record: RunRecord, abort: AbortInfo | None) -> str:
     stop = record.stop
-    if stop is None or not stop.reason:
+    if stop is not None and stop.reason:
+        label, reason = "stop", stop.reason
+    elif abort is not None and abort.reason:
+        label, reason = abort.cause.value, abort.reason
+    else:
         return ""
-    text = visible(stop.reason)
+    text = visible(reason)
     if len(text) > _REASON_WIDTH:
         text = text[: _REASON_WIDTH - 1] + "…"
-    return f"stop: {text}"
+    return f"{label}: {text}"
