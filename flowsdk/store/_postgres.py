@@ -19,7 +19,6 @@ import difflib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
@@ -38,11 +37,8 @@ from flowsdk._records import (
     EventRow,
     Outcome,
     RunRecord,
-    StopInfo,
-    StopMode,
     action_from_row,
     event_from_row,
-    to_datetime,
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
@@ -63,6 +59,7 @@ from flowsdk.store._postgres_schema import (
     store_error,
 )
 from flowsdk.store._postgres_tokens import PostgresTokens
+from flowsdk.store._rows import run_record
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -191,7 +188,7 @@ class PostgresStore(PostgresTokens):
             if limit is not None:
                 sql += " LIMIT %s"
                 params.append(limit)
-            return [_run_record(r) for r in conn.execute(sql, params)]
+            return [run_record(r) for r in conn.execute(sql, params)]
 
         return self._read(work, list)
 
@@ -201,7 +198,7 @@ class PostgresStore(PostgresTokens):
         def work(conn: Conn) -> StoredRun:
             self._reconcile(conn, name)
             row = self._run_row(conn, name, attempt)
-            record = _run_record(row)
+            record = run_record(row)
             rows = [
                 ActionRow(*r)
                 for r in conn.execute(
@@ -248,7 +245,7 @@ class PostgresStore(PostgresTokens):
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""
         return self._read(
-            lambda conn: _run_record(self._run_row(conn, name, attempt)),
+            lambda conn: run_record(self._run_row(conn, name, attempt)),
             lambda: self._none_yet(name),
         )
 
@@ -518,24 +515,3 @@ def _events(conn: Conn, name: str, attempt: int, cursor: int) -> list[Event]:
             (name, attempt, cursor),
         )
     ]
-
-
-def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    name, attempt, phase, started, ended, task, mode, reason, by, at, _owner, _hb, workdir = row
-    return RunRecord(
-        name=name,
-        phase=RunPhase(phase),
-        started_at=datetime.fromtimestamp(started, UTC),
-        ended_at=to_datetime(ended),
-        attempt=attempt,
-        stop=StopInfo(
-            mode=StopMode(mode),
-            reason=reason,
-            requested_by=by,
-            requested_at=datetime.fromtimestamp(at, UTC),
-        )
-        if mode
-        else None,
-        task=task,
-        workdir=workdir,
-    )

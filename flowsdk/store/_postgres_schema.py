@@ -22,6 +22,12 @@ from flowsdk._liveness import Owner, host_identity, process_alive
 from flowsdk._phases import RunPhase
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, EventKind
 from flowsdk.errors import PermissionDeniedError, StoreError, StoreLockedError
+from flowsdk.store._rows import (
+    ACTION_COLUMN_NAMES,
+    ACTION_COLUMNS,
+    EVENT_COLUMNS,
+    RUN_COLUMNS,
+)
 
 __all__ = [
     "ACTIONS_IN",
@@ -143,14 +149,7 @@ SCHEMA_VERSION = max(MIGRATIONS)
 owner_encoder = msgspec.msgpack.Encoder()
 _owner_decoder = msgspec.msgpack.Decoder(Owner)
 
-_RENAMED = {"group": "grp"}
-_ACTION_COLS = [_RENAMED.get(f, f) for f in ACTION_FIELDS]
-ACTION_COLUMNS = ", ".join(_ACTION_COLS)
-EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
-RUN_COLUMNS = (
-    "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
-    "owner, heartbeat, workdir"
-)
+_ACTION_COLS = ACTION_COLUMN_NAMES
 # Idempotent, so a batch whose commit was lost with the connection can be written again.
 INSERT_ACTION = (
     f"INSERT INTO flowsdk.actions (run, run_attempt, {ACTION_COLUMNS}) "

@@ -13,8 +13,7 @@ import secrets
 import sqlite3
 import stat
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import msgspec
 
@@ -25,10 +24,6 @@ from flowsdk._records import (
     EVENT_FIELDS,
     ControlReply,
     EventKind,
-    RunRecord,
-    StopInfo,
-    StopMode,
-    to_datetime,
 )
 from flowsdk.errors import (
     PermissionDeniedError,
@@ -36,6 +31,7 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
+from flowsdk.store._rows import ACTION_COLUMNS, EVENT_COLUMNS, RUN_COLUMNS, run_record
 
 __all__ = [
     "ACTION_COLUMNS",
@@ -150,16 +146,6 @@ _UNFINISHED = "('QUEUED', 'RUNNING', 'STOPPING')"
 request_encoder = msgspec.msgpack.Encoder()
 reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 owner_decoder = msgspec.msgpack.Decoder(Owner)
-
-# Column lists derived from the row Structs, written once: `group` is a keyword
-# in SQL, so its column is `grp`.
-_RENAMED = {"group": "grp"}
-ACTION_COLUMNS = ", ".join(_RENAMED.get(f, f) for f in ACTION_FIELDS)
-EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
-RUN_COLUMNS = (
-    "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
-    "owner, heartbeat, workdir"
-)
 
 
 INSERT_EVENT = (
@@ -360,25 +346,3 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
         rollback(conn)
         raise
     logger.warning("run %s: its runner is gone; recorded CRASHED", name)
-
-
-def run_record(row: tuple[Any, ...]) -> RunRecord:
-    """Build a `RunRecord` from a row of `RUN_COLUMNS`."""
-    name, attempt, phase, started, ended, task, mode, reason, by, at, _owner, _hb, workdir = row
-    return RunRecord(
-        name=name,
-        phase=RunPhase(phase),
-        started_at=datetime.fromtimestamp(started, UTC),
-        ended_at=to_datetime(ended),
-        attempt=attempt,
-        stop=StopInfo(
-            mode=StopMode(mode),
-            reason=reason,
-            requested_by=by,
-            requested_at=datetime.fromtimestamp(at, UTC),
-        )
-        if mode
-        else None,
-        task=task,
-        workdir=workdir,
-    )

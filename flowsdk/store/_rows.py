@@ -1,0 +1,55 @@
+"""The row layout both SQL stores share: column lists derived from the row Structs, runs.
+
+SQLite and PostgreSQL keep the same columns in the same order; each dialect
+writes its own statements around these lists.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flowsdk._phases import RunPhase
+from flowsdk._records import (
+    ACTION_FIELDS,
+    EVENT_FIELDS,
+    RunRecord,
+    StopInfo,
+    StopMode,
+    to_datetime,
+)
+
+__all__ = ["ACTION_COLUMNS", "ACTION_COLUMN_NAMES", "EVENT_COLUMNS", "RUN_COLUMNS", "run_record"]
+
+# `group` is a keyword in SQL, so its column is `grp`.
+_RENAMED = {"group": "grp"}
+ACTION_COLUMN_NAMES = [_RENAMED.get(f, f) for f in ACTION_FIELDS]
+"""The actions table's columns after (run, run_attempt), in `ActionRow` order."""
+ACTION_COLUMNS = ", ".join(ACTION_COLUMN_NAMES)
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
+RUN_COLUMNS = (
+    "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
+    "owner, heartbeat, workdir"
+)
+
+
+def run_record(row: tuple[Any, ...]) -> RunRecord:
+    """Build a `RunRecord` from a row of `RUN_COLUMNS` (times in epoch seconds)."""
+    name, attempt, phase, started, ended, task, mode, reason, by, at, _owner, _hb, workdir = row
+    return RunRecord(
+        name=name,
+        phase=RunPhase(phase),
+        started_at=datetime.fromtimestamp(started, UTC),
+        ended_at=to_datetime(ended),
+        attempt=attempt,
+        stop=StopInfo(
+            mode=StopMode(mode),
+            reason=reason,
+            requested_by=by,
+            requested_at=datetime.fromtimestamp(at, UTC),
+        )
+        if mode
+        else None,
+        task=task,
+        workdir=workdir,
+    )
