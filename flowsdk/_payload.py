@@ -59,7 +59,7 @@ _IMMUTABLE = frozenset(
 class _Shape:
     """What the codec needs to know of a task's function, computed once per task."""
 
-    __slots__ = ("hints", "positional", "return_type", "star_args", "star_kwargs")
+    __slots__ = ("_names", "hints", "positional", "return_type", "star_args", "star_kwargs")
 
     def __init__(self, task: TaskSpec) -> None:
         try:
@@ -74,6 +74,14 @@ class _Shape:
         self.star_kwargs = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
         self.return_type = hints.pop("return", Any)
         self.hints = hints
+        self._names: dict[int, list[str]] = {}
+
+    def names(self, count: int) -> list[str]:
+        """The names of the first `count` positional values (cached per count)."""
+        names: list[str] | None = self._names.get(count)
+        if names is None:
+            names = self._names[count] = [self.param(i) for i in range(count)]
+        return names
 
     def param(self, index: int) -> str:
         if index < len(self.positional):
@@ -103,7 +111,13 @@ def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any])
             the parameter), or the inputs exceed the task's `max_payload`.
     """
     try:
-        data = _encoder.encode((args, kwargs))
+        if args:
+            # The positional values' parameter names travel with them, so a reader
+            # (`flowsdk show`, the console) names every input without importing the
+            # workflow. Comparisons and digests ignore them (`canonical`).
+            data = _encoder.encode((args, kwargs, _shape(task).names(len(args))))
+        else:
+            data = _encoder.encode((args, kwargs))
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise _input_error(task, args, kwargs, exc) from exc
     if len(data) > _limit(task):
@@ -147,7 +161,7 @@ def decode_inputs(
     """Return the snapshot of a call's arguments that the child's body receives."""
     if all(_immutable(a) for a in args) and all(_immutable(v) for v in kwargs.values()):
         return args, kwargs  # nothing a caller could mutate
-    raw_args, raw_kwargs = msgspec.msgpack.decode(data)
+    raw_args, raw_kwargs = msgspec.msgpack.decode(data)[:2]
     shape = _shape(task)
     new_args = tuple(
         original if _immutable(original) else _convert(raw, shape.hints.get(shape.param(i)))
@@ -162,7 +176,7 @@ def decode_inputs(
 
 def recorded_call(task: TaskSpec, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Decode recorded inputs into arguments for a new call (a retried run's root)."""
-    raw_args, raw_kwargs = msgspec.msgpack.decode(data)
+    raw_args, raw_kwargs = msgspec.msgpack.decode(data)[:2]
     shape = _shape(task)
     args = tuple(_convert(raw, shape.hints.get(shape.param(i))) for i, raw in enumerate(raw_args))
     return args, {k: _convert(v, shape.hints.get(k)) for k, v in raw_kwargs.items()}
@@ -206,8 +220,12 @@ def decode_output(task: TaskSpec | None, data: bytes) -> Any:
 
 
 def canonical(data: bytes) -> bytes:
-    """Re-encode recorded data with sorted dictionary keys (equal values, equal bytes)."""
-    return _canonical_encoder.encode(msgspec.msgpack.decode(data))
+    """Re-encode recorded inputs' values with sorted dictionary keys (equal values, equal bytes).
+
+    The parameter names recorded with positional values are left out: they are
+    not part of the call, and recordings without them compare equal.
+    """
+    return _canonical_encoder.encode(msgspec.msgpack.decode(data)[:2])
 
 
 def same_inputs(recorded: bytes, called: bytes) -> bool:

@@ -183,7 +183,7 @@ def test_input_over_max_payload_is_refused_by_the_call(tmp_path: Path) -> None:
         return "not refused"
 
     run = flowsdk.run(root, name="i2in", store=sqlite_url(tmp_path / "s.db"))
-    size = len(msgspec.msgpack.encode(((b"x" * 2000,), {})))
+    size = len(msgspec.msgpack.encode(((b"x" * 2000,), {}, ["blob"])))  # values, then names
     message = run.result()
     assert "'i2in.child'" in message
     assert f"{size:,} bytes" in message
@@ -302,7 +302,8 @@ def test_caller_mutation_after_the_call_does_not_reach_the_child() -> None:
     assert run.result() == 2
     inputs = run.payloads()["a1"][0]
     assert inputs is not None
-    assert msgspec.msgpack.decode(inputs) == [[[1, 2], {"tags": ["a"]}], {}]
+    # The values as passed, then the positional values' parameter names.
+    assert msgspec.msgpack.decode(inputs) == [[[1, 2], {"tags": ["a"]}], {}, ["items", "meta"]]
     assert_clean(run)
 
 

@@ -52,18 +52,25 @@ def find_action(run: Run[Any], name: str) -> ActionRecord:
     raise ActionNotFoundError.for_action(run.name, name, [a.name for a in run.actions])
 
 
-def decode_inputs(data: bytes | None, params: Params | None = None) -> dict[str, Any] | None:
+def decode_inputs(
+    data: bytes | None, params: Params | None = None, *, names: bool = True
+) -> dict[str, Any] | None:
     """Decode recorded inputs into `{PARAM: VALUE}`.
 
-    A positional value is named by `params` when known, else by its position
+    A positional value is named as recorded with it; for a recording without
+    names (an older flowsdk), by `params` when known, else by its position
     (`#0`, `#1`, ...).
     """
     if data is None:
         return None
-    args, kwargs = msgspec.msgpack.decode(data)
+    decoded = msgspec.msgpack.decode(data)
+    args, kwargs = decoded[0], decoded[1]
+    recorded_names = decoded[2] if names and len(decoded) > 2 else None
     named: dict[str, Any] = {}
     for i, value in enumerate(args):
-        if params is not None and i < len(params.positional):
+        if recorded_names is not None and i < len(recorded_names):
+            named[str(recorded_names[i])] = value
+        elif params is not None and i < len(params.positional):
             named[params.positional[i]] = value
         elif params is not None and params.star is not None:
             named[f"*{params.star}[{i - len(params.positional)}]"] = value
@@ -201,7 +208,7 @@ def value_previews(run: Run[Any]) -> dict[str, str]:
     previews: dict[str, str] = {}
     for name, (inputs, output) in run.payloads().items():
         try:
-            named = decode_inputs(inputs)
+            named = decode_inputs(inputs, names=False)  # the call as written: `(0.1, y=2)`
             args = (
                 ", ".join(
                     (f"{visible(k)}=" if not k.startswith("#") else "") + preview(v, _PREVIEW)
