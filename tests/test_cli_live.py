@@ -36,6 +36,8 @@ env = flowsdk.TaskEnvironment("fan")
 
 
 async def gate() -> None:
+    # The test creates the file `go` from its own process: a file is the gate between
+    # them (the pytest timeout bounds the wait).
     while not os.path.exists("go"):
         await asyncio.sleep(0.05)
 

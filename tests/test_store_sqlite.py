@@ -516,7 +516,7 @@ def test_a_full_disk_stops_the_run_and_is_reported_as_disk_full_not_as_damage(
         try:
             for i in range(100_000):
                 await big(i)
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # the workload goes on while its writes fail
         except asyncio.CancelledError as exc:
             stopped.append(str(exc))
             raise
