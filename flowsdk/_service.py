@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -305,9 +306,11 @@ class ControlService:
         fd, log = tempfile.mkstemp(prefix="flowsdk-runner-", suffix=".log")
         os.close(fd)
         # `--` before the positional values: a value such as -3 is not an option.
-        argv = [sys.executable, "-m", "flowsdk", *options, "--store", self.store.url, "--"]
-        argv += positional
-        pid = spawn_detached(argv, cwd, log)
+        argv = [sys.executable, "-m", "flowsdk", *options, "--", *positional]
+        # The store through the environment, not the command line, where `ps` would
+        # show a password a PostgreSQL URL may hold to every user of the machine.
+        env = {**os.environ, "FLOWSDK_STORE": portable_url(self.store.url)}
+        pid = spawn_detached(argv, cwd, log, env)
         owner = Owner(host=host_identity(), pid=pid, started=process_start(pid))
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while not recorded():
@@ -340,7 +343,24 @@ _DETACH = (
 )
 
 
-def spawn_detached(argv: list[str], cwd: str | None, log: str) -> int:
+def portable_url(url: str) -> str:
+    """Return `url` as a process in another working directory must see it.
+
+    A SQLite path relative to this process's directory becomes absolute: a
+    detached runner starts in the run's own working directory.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return url
+    path = unquote(parts.path)
+    path = path[1:] if path.startswith("/") else path
+    absolute = "sqlite:///" + os.path.abspath(path)
+    return absolute + (f"?{parts.query}" if parts.query else "")
+
+
+def spawn_detached(
+    argv: list[str], cwd: str | None, log: str, env: dict[str, str] | None = None
+) -> int:
     """Start `argv` in a session of its own, not as a child of this process; return its pid.
 
     A short-lived intermediate process starts it and exits at once, so the
@@ -350,6 +370,7 @@ def spawn_detached(argv: list[str], cwd: str | None, log: str) -> int:
     helper = subprocess.run(
         [sys.executable, "-c", _DETACH, log, *argv],
         cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

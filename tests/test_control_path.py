@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -360,7 +361,9 @@ def test_retry_and_start_in_a_detached_runner_in_the_runs_working_directory(
     )
     assert first.returncode == 6, first.stdout + first.stderr
     (workdir / "fixed").touch()
-    with flowsdk.Client(url) as client:
+    # Relative to this process, not to the run's directory, where the runner starts.
+    relative = "sqlite:///" + os.path.relpath(tmp_path / "s.db")
+    with flowsdk.Client(relative) as client:
         assert client.get_run("r1").record.workdir == str(workdir)
         assert client.service.launch_retry("r1") == ("r1", 2)
         retried = _wait_for_end(client, "r1", 2)
