@@ -151,4 +151,4 @@ def wait_for(client: flowsdk.Client, run: str, check: Any, what: str) -> flowsdk
         if check(current):
             return current
         assert time.monotonic() < deadline, f"run {run}: {what} not seen in {WAIT} s"
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling another process's store, bounded by the deadline above

@@ -371,7 +371,7 @@ def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> Non
         deadline = time.monotonic() + 60
         while not client.get_run(name).phase.terminal:
             assert time.monotonic() < deadline, "the launched run never ended"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling a detached process's run, bounded by the deadline
     assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
 
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import psycopg
 
-from flowsdk._records import Role, TokenRecord, to_datetime
+from flowsdk._records import TokenRecord
 from flowsdk.errors import InvalidStateError
 from flowsdk.store._postgres_schema import PgTarget, connect, store_error
+from flowsdk.store._rows import TOKEN_COLUMNS, token_record
 
 __all__ = ["PostgresTokens"]
 
 T = TypeVar("T")
-_COLUMNS = "name, role, digest, created_at, last_used_at, revoked_at"
 
 
 class _Sessions(Protocol):
@@ -60,7 +60,7 @@ class PostgresTokens:
                     "(flowsdk token revoke) or choose another name"
                 )
             conn.execute(
-                f"INSERT INTO flowsdk.tokens ({_COLUMNS}) VALUES (%s, %s, %s, %s, NULL, NULL) "
+                f"INSERT INTO flowsdk.tokens ({TOKEN_COLUMNS}) VALUES (%s, %s, %s, %s, NULL, NULL) "
                 "ON CONFLICT (name) DO UPDATE SET role = EXCLUDED.role, "
                 "digest = EXCLUDED.digest, created_at = EXCLUDED.created_at, "
                 "last_used_at = NULL, revoked_at = NULL",
@@ -73,18 +73,10 @@ class PostgresTokens:
         """Return every token ever created (revoked ones included), by name."""
 
         def work(conn: psycopg.Connection[Any]) -> list[TokenRecord]:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM flowsdk.tokens ORDER BY name").fetchall()
-            return [
-                TokenRecord(
-                    name=name,
-                    role=Role(role),
-                    digest=digest,
-                    created_at=datetime.fromtimestamp(created, UTC),
-                    last_used_at=to_datetime(used),
-                    revoked_at=to_datetime(revoked),
-                )
-                for name, role, digest, created, used, revoked in rows
-            ]
+            rows = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM flowsdk.tokens ORDER BY name"
+            ).fetchall()
+            return [token_record(row) for row in rows]
 
         return self._read(work, list)
 

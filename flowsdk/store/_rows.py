@@ -13,13 +13,23 @@ from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ACTION_FIELDS,
     EVENT_FIELDS,
+    Role,
     RunRecord,
     StopInfo,
     StopMode,
+    TokenRecord,
     to_datetime,
 )
 
-__all__ = ["ACTION_COLUMNS", "ACTION_COLUMN_NAMES", "EVENT_COLUMNS", "RUN_COLUMNS", "run_record"]
+__all__ = [
+    "ACTION_COLUMNS",
+    "ACTION_COLUMN_NAMES",
+    "EVENT_COLUMNS",
+    "RUN_COLUMNS",
+    "TOKEN_COLUMNS",
+    "run_record",
+    "token_record",
+]
 
 # `group` is a keyword in SQL, so its column is `grp`.
 _RENAMED = {"group": "grp"}
@@ -31,6 +41,7 @@ RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
     "owner, heartbeat, workdir"
 )
+TOKEN_COLUMNS = "name, role, digest, created_at, last_used_at, revoked_at"
 
 
 def run_record(row: tuple[Any, ...]) -> RunRecord:
@@ -52,4 +63,17 @@ def run_record(row: tuple[Any, ...]) -> RunRecord:
         else None,
         task=task,
         workdir=workdir,
+    )
+
+
+def token_record(row: tuple[Any, ...]) -> TokenRecord:
+    """Build a `TokenRecord` from a row of `TOKEN_COLUMNS` (never holds a secret)."""
+    name, role, digest, created, used, revoked = row
+    return TokenRecord(
+        name=name,
+        role=Role(role),
+        digest=digest,
+        created_at=datetime.fromtimestamp(created, UTC),
+        last_used_at=to_datetime(used),
+        revoked_at=to_datetime(revoked),
     )

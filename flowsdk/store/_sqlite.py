@@ -325,19 +325,7 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
         if conn is None:
             raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
-            if attempt is None:
-                row = conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY attempt DESC LIMIT 1",
-                    (name,),
-                ).fetchone()
-            else:
-                row = conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND attempt = ?",
-                    (name, attempt),
-                ).fetchone()
-            if row is None:
-                raise self._not_found(conn, name, attempt)
-            record = run_record(row)
+            record = self._record(conn, name, attempt)
             rows = [
                 ActionRow(*r)
                 for r in conn.execute(
@@ -355,21 +343,25 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
         """Return one attempt's run record alone (default: the latest)."""
         conn = self._read()
         if conn is None:
-            raise RunNotFoundError(f"no run named {name!r}: the store {self.path} has no runs yet")
+            raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
-            if attempt is None:
-                row = conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY attempt DESC LIMIT 1",
-                    (name,),
-                ).fetchone()
-            else:
-                row = conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND attempt = ?",
-                    (name, attempt),
-                ).fetchone()
-            if row is None:
-                raise self._not_found(conn, name, attempt)
-            return run_record(row)
+            return self._record(conn, name, attempt)
+
+    def _record(self, conn: sqlite3.Connection, name: str, attempt: int | None) -> RunRecord:
+        """One attempt's run record (default: the latest), by primary key."""
+        if attempt is None:
+            row = conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY attempt DESC LIMIT 1",
+                (name,),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND attempt = ?",
+                (name, attempt),
+            ).fetchone()
+        if row is None:
+            raise self._not_found(conn, name, attempt)
+        return run_record(row)
 
     def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
         """Return the records of the named actions of one attempt, in start order."""

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
-from flowsdk._records import Role, TokenRecord, to_datetime
+from flowsdk._records import TokenRecord
 from flowsdk.errors import InvalidStateError
+from flowsdk.store._rows import TOKEN_COLUMNS, token_record
 from flowsdk.store._sqlite_schema import translate
 
 __all__ = ["SQLiteTokens"]
-
-_COLUMNS = "name, role, digest, created_at, last_used_at, revoked_at"
 
 
 class _Connections(Protocol):
@@ -50,7 +49,7 @@ class SQLiteTokens:
                             "(flowsdk token revoke) or choose another name"
                         )
                     conn.execute(
-                        f"INSERT OR REPLACE INTO tokens ({_COLUMNS}) "
+                        f"INSERT OR REPLACE INTO tokens ({TOKEN_COLUMNS}) "
                         "VALUES (?, ?, ?, ?, NULL, NULL)",
                         (token.name, token.role.value, token.digest, token.created_at.timestamp()),
                     )
@@ -67,18 +66,8 @@ class SQLiteTokens:
         if conn is None:
             return []
         with translate(self.path):
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM tokens ORDER BY name").fetchall()
-        return [
-            TokenRecord(
-                name=name,
-                role=Role(role),
-                digest=digest,
-                created_at=datetime.fromtimestamp(created, UTC),
-                last_used_at=to_datetime(used),
-                revoked_at=to_datetime(revoked),
-            )
-            for name, role, digest, created, used, revoked in rows
-        ]
+            rows = conn.execute(f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY name").fetchall()
+        return [token_record(row) for row in rows]
 
     def revoke_token(self: _Connections, name: str, at: datetime) -> bool:
         """Revoke a token from the next request on; False when no unrevoked token has that name."""
