@@ -283,7 +283,7 @@ def _measure_all(sizes: Sizes, quick: bool, pg: str | Exception) -> tuple[list[R
                 f"(a) sequential awaited calls, N={sizes.seq:,}, per action",
                 "us",
                 1e6 / sizes.seq,
-                (3, 10),
+                (1.5, 3),
                 {
                     "bare": bare_sample(bare_sequential, sizes.seq),
                     "memory": flow_sample(sequential_root, sizes.seq, MemoryStore),
@@ -296,7 +296,7 @@ def _measure_all(sizes: Sizes, quick: bool, pg: str | Exception) -> tuple[list[R
                 f"(b) gather fan-out of {sizes.fan:,} children",
                 "ms",
                 1e3,
-                (5, 15),
+                (3, 4),
                 {
                     "bare": bare_sample(bare_fan_out, sizes.fan),
                     "memory": flow_sample(fan_out_root, sizes.fan, MemoryStore),

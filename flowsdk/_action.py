@@ -112,6 +112,10 @@ _WHAT = {
 _PLAIN = {cause: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}
 
 
+QUEUED = ActionPhase.QUEUED  # a constant: Enum member access is slow on Python 3.11
+_time = time.time
+
+
 class ActionState:
     """The live, mutable state of one action (records are snapshots of it)."""
 
@@ -170,9 +174,9 @@ class ActionState:
         self.kwargs = kwargs
         self.key = key
         self.group = group
-        self.phase = ActionPhase.QUEUED
+        self.phase = QUEUED
         self.attempt = 1
-        self.started_at = time.time()
+        self.started_at = _time()
         self.ended_at: float | None = None
         self.value: Any = None
         self.exc: BaseException | None = None

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from asyncio import CancelledError
 from collections.abc import Callable, Coroutine
 from contextvars import copy_context
@@ -26,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, Request, current
 from flowsdk._describe import describe, safe_str
+from flowsdk._group import group_label
 from flowsdk._outcome import absorbs, outcome
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk._recording import action_row
 from flowsdk._records import EventKind
 from flowsdk.errors import (
     ActionAbortedError,
@@ -37,6 +40,7 @@ from flowsdk.errors import (
     RunClosedError,
     RunStoppingError,
 )
+from flowsdk.executors import LOCAL
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -45,6 +49,11 @@ if TYPE_CHECKING:
 __all__ = ["OWN_CODE", "action_handle", "in_thread", "note_unobserved", "run_action", "spawn"]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
+QUEUED = ActionPhase.QUEUED
+ACTION_EVENT = EventKind.ACTION.value
+_Task = asyncio.Task
+_current_task = asyncio.current_task
+_time = time.time
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 _MISSING: Any = object()
 
@@ -76,8 +85,8 @@ async def action_handle(
         recorded = await runtime.cache_get(task, inputs)
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
-    action = spawn(runtime, runtime.new_child(parent, task, args, kwargs, key, inputs))
-    host = asyncio.current_task()
+    action = start_child(runtime, parent, task, args, kwargs, key, inputs)
+    host = _current_task()
     if host is not parent.atask:
         action.host = host  # a task of its own (create_task, gather...): see Runtime.root_exited
     done = action.done
@@ -110,6 +119,9 @@ async def action_handle(
     context = action.context
     if context is not None and len(context) > 1:  # more than the SDK's own `current`
         adopt_context(action)
+    # The action has ended and its awaiter is back: its future, context and
+    # host are not needed any more (a long run keeps only its records).
+    action.done = action.context = action.host = None
     if action.phase is SUCCEEDED:
         return action.value
     note_failure_host(runtime, action)
@@ -130,6 +142,46 @@ def adopt_context(action: ActionState) -> None:
     for var, value in context.items():
         if var is not current and var.get(_MISSING) is not value:
             var.set(value)
+
+
+def start_child(
+    runtime: Runtime,
+    parent: ActionState,
+    task: TaskSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str,
+    inputs: bytes,
+) -> ActionState:
+    """Create a child action of `parent`, record it QUEUED and create its task.
+
+    The per-call path, in one function: what `Runtime._new` and `spawn` do,
+    without their calls (the root and replayed actions go through those).
+    """
+    if runtime.closed:
+        # The root exited between the call and this first step: the action
+        # never starts, as if it had been cancelled before its first step.
+        raise CancelledError
+    actions = runtime.actions
+    action = ActionState(runtime, len(actions), parent, task, args, kwargs, key, group_label.get())
+    action.inputs = inputs
+    name = action.name
+    actions.append(action)
+    runtime.live[name] = action
+    runtime.by_name[name] = action
+    log = runtime.log
+    log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
+    if log.streaming is not None:
+        log.streaming.action(action_row(action))
+    loop = runtime.loop
+    action.done = loop.create_future()
+    action.context = context = copy_context()
+    tracker = runtime.tracker
+    if tracker is not None and tracker.previous is None:
+        action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
+    else:
+        action.atask = loop.create_task(run_action(runtime, action), context=context)
+    return action
 
 
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:
@@ -160,7 +212,15 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     fn = task.body
     options = task.options
     executor = options.runner
-    runtime.set_running(action)
+    if action.phase is QUEUED:
+        # QUEUED -> RUNNING: legal by construction, recorded without the table check.
+        action.phase = RUNNING
+        log = runtime.log
+        log.append(_time(), ACTION_EVENT, action.name, "RUNNING", None, None, None, None)
+        if log.streaming is not None:
+            log.streaming.action(action_row(action))
+    else:
+        runtime.set_running(action)
     try:
         while True:
             # Each attempt gets a fresh snapshot: an attempt that mutated its
@@ -171,7 +231,10 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             if options.timed:
                 timer = start_timer(runtime, action)
             try:
-                value = await executor.call(fn, args, kwargs)
+                if executor is LOCAL:
+                    value = await fn(*args, **kwargs)  # the local executor's call, inlined
+                else:
+                    value = await executor.call(fn, args, kwargs)
             except CancelledError:
                 if timer is not None:
                     timer.cancel()
@@ -229,6 +292,10 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         runtime.crash(action, exc)
         if not isinstance(exc, Exception):
             raise
+    finally:
+        # The task is ending: the action no longer refers to it, so a finished
+        # action is freed by reference counting (task, coroutine and all).
+        action.atask = None
 
 
 def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:

@@ -7,14 +7,17 @@ from types import TracebackType
 
 from flowsdk._names import check_name
 
-__all__ = ["current_group", "group"]
+__all__ = ["current_group", "group", "group_label"]
 
-_group: contextvars.ContextVar[str | None] = contextvars.ContextVar("flowsdk.group", default=None)
+group_label: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flowsdk.group", default=None
+)
+"""The innermost group name of the calling context (read on the per-call path)."""
 
 
 def current_group() -> str | None:
     """Return the innermost group name of the calling context, or `None`."""
-    return _group.get()
+    return group_label.get()
 
 
 class group:
@@ -36,7 +39,7 @@ class group:
         self._tokens: list[contextvars.Token[str | None]] = []
 
     def __enter__(self) -> group:
-        self._tokens.append(_group.set(self.name))
+        self._tokens.append(group_label.set(self.name))
         return self
 
     def __exit__(
@@ -45,7 +48,7 @@ class group:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _group.reset(self._tokens.pop())
+        group_label.reset(self._tokens.pop())
 
     async def __aenter__(self) -> group:
         return self.__enter__()

@@ -39,6 +39,7 @@ __all__ = [
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
+_encode = _encoder.encode
 _canonical_encoder = msgspec.msgpack.Encoder(order="deterministic")
 _IMMUTABLE = frozenset(
     {
@@ -115,12 +116,14 @@ def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any])
             # The positional values' parameter names travel with them, so a reader
             # (`flowsdk show`, the console) names every input without importing the
             # workflow. Comparisons and digests ignore them (`canonical`).
-            data = _encoder.encode((args, kwargs, _shape(task).names(len(args))))
+            shape = task.__dict__.get("_shape") or _shape(task)
+            names = shape._names.get(len(args)) or shape.names(len(args))
+            data = _encode((args, kwargs, names))
         else:
-            data = _encoder.encode((args, kwargs))
+            data = _encode((args, kwargs))
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise _input_error(task, args, kwargs, exc) from exc
-    if len(data) > _limit(task):
+    if len(data) > task.options.max_payload:
         raise SerializationError(
             f"the inputs of task {task.name!r} are {len(data):,} bytes, over the limit of "
             f"{_limit(task):,} bytes; pass a reference (a path, a URL, a key) instead, or raise "
@@ -159,8 +162,12 @@ def decode_inputs(
     task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], data: bytes
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Return the snapshot of a call's arguments that the child's body receives."""
+    if _IMMUTABLE.issuperset(map(type, args)) and (
+        not kwargs or _IMMUTABLE.issuperset(map(type, kwargs.values()))
+    ):
+        return args, kwargs  # nothing a caller could mutate (the common case, checked in C)
     if all(_immutable(a) for a in args) and all(_immutable(v) for v in kwargs.values()):
-        return args, kwargs  # nothing a caller could mutate
+        return args, kwargs  # tuples of immutable values
     raw_args, raw_kwargs = msgspec.msgpack.decode(data)[:2]
     shape = _shape(task)
     new_args = tuple(
@@ -198,13 +205,13 @@ def encode_output(task: TaskSpec, value: Any) -> bytes:
         SerializationError: the value cannot be recorded, or exceeds `max_payload`.
     """
     try:
-        data = _encoder.encode(value)
+        data = _encode(value)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise SerializationError(
             f"task {task.name!r} returned a {type(value).__name__} that cannot be recorded: {exc}; "
             "return data (numbers, strings, lists, dicts, dataclasses, msgspec Structs, ...)"
         ) from exc
-    if len(data) > _limit(task):
+    if len(data) > task.options.max_payload:
         raise SerializationError(
             f"task {task.name!r} returned {len(data):,} bytes, over the limit of {_limit(task):,} "
             "bytes; return a reference instead, or raise max_payload= on the task"

@@ -41,7 +41,7 @@ from flowsdk._payload import (
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
 from flowsdk._phases import check_run_transition as _check_run
-from flowsdk._recording import RunLog
+from flowsdk._recording import RunLog, action_row
 from flowsdk._records import (
     EventKind,
     RunRecord,
@@ -238,22 +238,6 @@ class Runtime:
         self.log.changed(action)
         return action
 
-    def new_child(
-        self,
-        parent: ActionState,
-        task: TaskSpec,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        key: str,
-        inputs: bytes,
-    ) -> ActionState:
-        """Create a child action of `parent` (on the handle's first step); spawn it next."""
-        if self.closed:
-            # The root exited between the call and this first step: the action
-            # never starts, as if it had been cancelled before its first step.
-            raise CancelledError
-        return self._new(parent, task, args, kwargs, key, inputs)
-
     def new_root(
         self, task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: bytes
     ) -> ActionState:
@@ -297,8 +281,21 @@ class Runtime:
         if action.phase in _TERMINAL:
             return  # a zombie's body ending after it was given up on: already recorded
         action.timer = None
-        action.ended_at = time.time()
-        self.set_phase(action, phase, "cleanup incomplete" if action.cleanup_incomplete else None)
+        action.ended_at = now = time.time()
+        # Any phase that is not terminal may end: recorded without the table check.
+        action.phase = phase
+        message = "cleanup incomplete" if action.cleanup_incomplete else None
+        req = action.req
+        log = self.log
+        if req is not None:
+            log.append(
+                now, ACTION_EVENT, action.name, phase._value_, req.cause._value_,
+                req.reason, req.by, message,
+            )  # fmt: skip
+        else:
+            log.append(now, ACTION_EVENT, action.name, phase._value_, None, None, None, message)
+        if log.streaming is not None:
+            log.streaming.action(action_row(action))
         del self.live[action.name]
         # The action's inputs are not needed any more; drop them early so a long
         # run does not hold every argument it ever passed.
