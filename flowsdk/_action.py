@@ -88,7 +88,7 @@ class Request:
 
     def message(self) -> str:
         """Say why, for the `CancelledError` the body receives: cause, requester, reason."""
-        text = _PLAIN[self.cause]
+        text = _PLAIN[self.cause._value_]  # keyed by value: Enum.__hash__ is Python code on 3.11
         if self.by:
             text += f" by {self.by}"
         if self.reason:
@@ -109,7 +109,7 @@ _WHAT = {
     AbortCause.CRASHED: "stopped: its run was recorded CRASHED meanwhile (crashed)",
 }
 # Built once: cancelling 1,000 children by workflow code formats nothing.
-_PLAIN = {cause: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}
+_PLAIN = {cause.value: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}
 
 
 QUEUED = ActionPhase.QUEUED  # a constant: Enum member access is slow on Python 3.11

@@ -165,14 +165,15 @@ class Runtime:
         check_action_transition(action.phase, phase)
         action.phase = phase
         req = action.req
+        # `_value_`, not `.value`: the latter is a Python-level property on 3.11.
         if req is not None and phase is not RUNNING:
             self.log.append(
-                time.time(), ACTION_EVENT, action.name, phase.value, req.cause.value,
+                time.time(), ACTION_EVENT, action.name, phase._value_, req.cause._value_,
                 req.reason, req.by, message,
             )  # fmt: skip
         else:
             self.log.append(
-                time.time(), ACTION_EVENT, action.name, phase.value, None, None, None, message
+                time.time(), ACTION_EVENT, action.name, phase._value_, None, None, None, message
             )
         self.log.changed(action)
 

@@ -40,13 +40,10 @@ class TaskTracker:
             task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
+        if getattr(coro, "cr_code", None) in self.own:
+            return task  # an action's handle (gather, create_task of a call): not tracked
         state = current.get()
-        if (
-            state is not None
-            and state.runtime is self.runtime
-            and not self.runtime.closed
-            and getattr(coro, "cr_code", None) not in self.own
-        ):
+        if state is not None and state.runtime is self.runtime and not self.runtime.closed:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return task  # type: ignore[no-any-return]
