@@ -2,11 +2,15 @@
 
 Decorate `async def` functions with `@env.task`; calling a task inside a run
 starts a child action bound to the lifetime of the run's root action.
-Importing flowsdk opens no store, starts no thread and installs no hook.
+Importing flowsdk opens no store, starts no thread and installs no hook; what
+runs a workflow or reads a store (`run`, `start`, `Run`, `Client`) is imported
+when first used, so that `import flowsdk` stays close to `import asyncio`.
 """
 
+import importlib
+import typing
+
 from flowsdk import errors
-from flowsdk._client import Client
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
@@ -27,9 +31,12 @@ from flowsdk._records import (
     StopInfo,
     StopRequest,
 )
-from flowsdk._result import Run
-from flowsdk._run import RunHandle, run, run_async, start
 from flowsdk._task import Task, TaskEnvironment
+
+if typing.TYPE_CHECKING:
+    from flowsdk._client import Client
+    from flowsdk._result import Run
+    from flowsdk._run import RunHandle, run, run_async, start
 
 __all__ = [
     "AbortCause",
@@ -64,3 +71,22 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): the runner, the stores and the control path.
+_LAZY = {
+    "Client": "flowsdk._client",
+    "Run": "flowsdk._result",
+    "RunHandle": "flowsdk._run",
+    "run": "flowsdk._run",
+    "run_async": "flowsdk._run",
+    "start": "flowsdk._run",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowsdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

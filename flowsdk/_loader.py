@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -63,6 +62,8 @@ def _import_file(path: str) -> ModuleType:
     if not os.path.isfile(path):
         where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
         raise InvalidStateError(f"no script {path!r}{where}: the file does not exist")
+    import hashlib  # on first use: `import flowsdk` stays light
+
     name = "flowsdk_script_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
     module = sys.modules.get(name)
     if module is not None:

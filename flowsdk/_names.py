@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import unicodedata
 
 __all__ = ["MAX_NAME_LENGTH", "check_name", "new_run_name"]
@@ -44,4 +44,4 @@ def new_run_name(function: str) -> str:
     """Return a fresh run name from a task function's name: `train-1a2b3c4d`."""
     chars = (c if c.isascii() and c.isalnum() else "-" for c in function.lower())
     stem = "".join(chars).strip("-")[:40] or "run"
-    return f"{stem}-{secrets.token_hex(4)}"
+    return f"{stem}-{os.urandom(4).hex()}"

@@ -12,11 +12,8 @@ how a retry or the cache recognises a call it has seen before.
 from __future__ import annotations
 
 import datetime
-import decimal
-import hashlib
 import inspect
 import typing
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -51,10 +48,10 @@ _IMMUTABLE = frozenset(
         type(None),
         datetime.datetime,
         datetime.date,
-        uuid.UUID,
-        decimal.Decimal,
     }
 )
+# Immutable too, recognised by name so that `import flowsdk` does not import their modules.
+_IMMUTABLE_BY_NAME = frozenset({("uuid", "UUID"), ("decimal", "Decimal")})
 
 
 class _Shape:
@@ -149,13 +146,15 @@ def _input_error(
     return SerializationError(f"task {task.name!r}: its inputs cannot be recorded: {exc}")
 
 
+def _immutable_type(kind: type) -> bool:
+    return kind in _IMMUTABLE or (kind.__module__, kind.__qualname__) in _IMMUTABLE_BY_NAME
+
+
 def _immutable(value: Any) -> bool:
     kind = type(value)
-    if kind in _IMMUTABLE:
-        return True
     if kind is tuple:
-        return all(type(v) in _IMMUTABLE for v in value)
-    return False
+        return all(_immutable_type(type(v)) for v in value)
+    return _immutable_type(kind)
 
 
 def decode_inputs(
@@ -242,6 +241,8 @@ def same_inputs(recorded: bytes, called: bytes) -> bool:
 
 def inputs_digest(data: bytes) -> str:
     """A stable digest of recorded inputs, independent of dictionary order (the cache key)."""
+    import hashlib  # on first use (the cache): `import flowsdk` stays light
+
     return hashlib.sha256(canonical(data)).hexdigest()
 
 
@@ -255,6 +256,8 @@ def task_version(task: TaskSpec) -> str:
             source = inspect.getsource(task.fn)
         except (OSError, TypeError):
             source = task.fn.__code__.co_code.hex()
+        import hashlib
+
         version = hashlib.sha256(source.encode()).hexdigest()[:16]
         task.__dict__["_version"] = version
     return version

@@ -7,7 +7,6 @@ are never retyped, so a store written by an older flowsdk stays readable.
 from __future__ import annotations
 
 import enum
-import getpass
 import os
 import socket
 from datetime import UTC, datetime
@@ -381,6 +380,8 @@ class Actor(msgspec.Struct, frozen=True, kw_only=True):
     def local(cls) -> Actor:
         """Return the operator of this machine: `user@host pid N`, role `operator`."""
         try:
+            import getpass  # only when an actor is named: not on import
+
             user = getpass.getuser()
         except (KeyError, OSError):
             user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"

@@ -7,9 +7,7 @@ import inspect
 import types
 from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Literal, Protocol, TypeVar, overload
-
-from typing_extensions import ParamSpec
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from flowsdk._action import current_state
 from flowsdk._execute import action_handle, in_thread

@@ -41,7 +41,7 @@ class TaskTracker:
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
         if getattr(coro, "cr_code", None) in self.own:
-            return task  # an action's handle (gather, create_task of a call): not tracked
+            return task  # type: ignore[no-any-return]  # an action's handle: not tracked
         state = current.get()
         if state is not None and state.runtime is self.runtime and not self.runtime.closed:
             self.tasks.add(task)
