@@ -48,7 +48,7 @@ def find(runtime: Runtime, action: str | None, group: str | None) -> list[Action
     if action is None:
         assert runtime.root is not None
         return [runtime.root]
-    state = runtime.by_name.get(action)
+    state = runtime.action_named(action)
     if state is None:
         raise ActionNotFoundError.for_action(
             runtime.name, action, [a.name for a in runtime.actions]

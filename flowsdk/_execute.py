@@ -168,7 +168,6 @@ def start_child(
     name = action.name
     actions.append(action)
     runtime.live[name] = action
-    runtime.by_name[name] = action
     log = runtime.log
     log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
     if log.streaming is not None:

@@ -105,7 +105,6 @@ class Runtime:
         self.ended_at: float | None = None
         self.actions: list[ActionState] = []
         self.live: dict[str, ActionState] = {}
-        self.by_name: dict[str, ActionState] = {}
         self.root: ActionState | None = None
         self.closed = False
         self.stop: StopInfo | None = None
@@ -177,6 +176,17 @@ class Runtime:
             )
         self.log.changed(action)
 
+    def action_named(self, name: str) -> ActionState | None:
+        """Return the action called `name` (`a<seq>`: its index in `actions`), if any."""
+        digits = name[1:]
+        if name[:1] != "a" or not (digits.isascii() and digits.isdigit()):
+            return None
+        seq = int(digits)
+        if seq >= len(self.actions):
+            return None
+        action = self.actions[seq]
+        return action if action.name == name else None  # "a01" is not a1
+
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
         logger.warning("run %s: %s", self.name, message)
@@ -234,7 +244,6 @@ class Runtime:
         name = action.name
         self.actions.append(action)
         self.live[name] = action
-        self.by_name[name] = action
         self.log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
         self.log.changed(action)
         return action

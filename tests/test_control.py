@@ -633,6 +633,10 @@ async def test_abort_of_unknown_action_or_group_lists_what_exists() -> None:
             await handle.abort(group="nope")
         with pytest.raises(ActionNotFoundError, match="a9"):
             await handle.mark_failed("a9")
+        # Names are `a<seq>` exactly: no leading zero, no other digits, no other letter.
+        for spelling in ("a01", "a\u0661", "b1", "a", "a-1"):
+            with pytest.raises(ActionNotFoundError):
+                await handle.abort(spelling)
         gate.release()
 
     run, _ = await start_and_control(root, when=gate, control=look_up_unknowns)
