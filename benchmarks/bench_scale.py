@@ -47,7 +47,8 @@ async def waves(total: int, wave: int) -> list[float]:
         await asyncio.gather(*(child(i) for i in range(wave)))
         gc.collect()
         seen.append(rss_mb())
-        print(f"  wave {w + 1:>4}: {(w + 1) * wave:>10,} actions, RSS {seen[-1]:7.1f} MB", flush=True)
+        done = (w + 1) * wave
+        print(f"  wave {w + 1:>4}: {done:>10,} actions, RSS {seen[-1]:7.1f} MB", flush=True)
     return seen
 
 

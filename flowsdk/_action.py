@@ -21,7 +21,7 @@ from flowsdk._records import AbortInfo
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
 
-__all__ = ["ActionState", "Request", "RunContext", "current", "current_state"]
+__all__ = ["PHASES", "ActionState", "Ended", "Request", "RunContext", "current", "current_state"]
 
 
 class RunContext(Protocol):
@@ -114,6 +114,24 @@ _PLAIN = {cause.value: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in 
 
 QUEUED = ActionPhase.QUEUED  # a constant: Enum member access is slow on Python 3.11
 _time = time.time
+
+
+PHASES = (None, *ActionPhase)
+"""Phase codes for `Runtime.ended` (0: not a forgotten action)."""
+
+
+class Ended:
+    """What the runtime still knows of a finished action it forgot: its name and phase."""
+
+    __slots__ = ("name", "phase")
+
+    cause = None
+    req = None
+    group = None
+
+    def __init__(self, name: str, phase: ActionPhase) -> None:
+        self.name = name
+        self.phase = phase
 
 
 class ActionState:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flowsdk._action import ActionState
-from flowsdk._phases import AbortCause
+from flowsdk._action import ActionState, Ended
+from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._records import (
     AbortRequest,
     ControlRequest,
@@ -33,17 +33,23 @@ __all__ = ["apply_request", "find"]
 APPLIED, ALREADY_ENDED, REFUSED = Outcome.APPLIED, Outcome.ALREADY_ENDED, Outcome.REFUSED
 
 
-def find(runtime: Runtime, action: str | None, group: str | None) -> list[ActionState]:
+def find(
+    runtime: Runtime, action: str | None, group: str | None
+) -> list[ActionState | Ended]:
     """Resolve a control target: an action name, a group name, or (neither) the root.
 
     Raises:
         ActionNotFoundError: no such action or group; the message lists what exists.
     """
     if group is not None:
-        found = [a for a in runtime.actions if a.group == group]
+        found: list[ActionState | Ended] = [a for a in runtime.actions.values() if a.group == group]
+        if not found and group in runtime.ended_groups:
+            return [Ended(group, ActionPhase.SUCCEEDED)]  # its actions have all ended
         if not found:
-            groups = sorted({a.group for a in runtime.actions if a.group})
-            raise ActionNotFoundError.for_group(runtime.name, group, groups)
+            groups = {a.group for a in runtime.actions.values() if a.group}
+            raise ActionNotFoundError.for_group(
+                runtime.name, group, sorted(groups | runtime.ended_groups)
+            )
         return found
     if action is None:
         assert runtime.root is not None
@@ -51,7 +57,7 @@ def find(runtime: Runtime, action: str | None, group: str | None) -> list[Action
     state = runtime.action_named(action)
     if state is None:
         raise ActionNotFoundError.for_action(
-            runtime.name, action, [a.name for a in runtime.actions]
+            runtime.name, action, [a.name for a in runtime.actions.values()]
         )
     return [state]
 
@@ -80,7 +86,7 @@ def abort(
     def phase() -> str:
         return targets[0].phase.value if action is not None else runtime.phase.value
 
-    live = [t for t in targets if not t.phase.terminal]
+    live = [t for t in targets if isinstance(t, ActionState) and not t.phase.terminal]
     if not live:
         return _result(ALREADY_ENDED, phase(), f"{target} already finished")
     fresh = [t for t in live if t.cause is not AbortCause.EXTERNAL]
@@ -133,7 +139,7 @@ def mark_failed(
     """Mark one action as failed: its body gets `CancelledError` and it ends FAILED."""
     [target] = find(runtime, action, None)
     what = describe_target(runtime.name, action, None)
-    if target.phase.terminal:
+    if not isinstance(target, ActionState) or target.phase.terminal:
         return _result(ALREADY_ENDED, target.phase.value, f"{what} already finished")
     if target.cause is AbortCause.MARK_FAILED:
         return _result(APPLIED, target.phase.value, f"{what} is already being marked as failed")

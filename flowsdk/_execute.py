@@ -162,11 +162,12 @@ def start_child(
         # The root exited between the call and this first step: the action
         # never starts, as if it had been cancelled before its first step.
         raise CancelledError
-    actions = runtime.actions
-    action = ActionState(runtime, len(actions), parent, task, args, kwargs, key, group_label.get())
+    seq = runtime.started
+    runtime.started = seq + 1
+    action = ActionState(runtime, seq, parent, task, args, kwargs, key, group_label.get())
     action.inputs = inputs
     name = action.name
-    actions.append(action)
+    runtime.actions[seq] = action
     runtime.live[name] = action
     log = runtime.log
     log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
@@ -295,6 +296,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         # The task is ending: the action no longer refers to it, so a finished
         # action is freed by reference counting (task, coroutine and all).
         action.atask = None
+        if runtime.forgets and action.phase in _TERMINAL:
+            runtime.forget(action)  # the store has its record
 
 
 def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:

@@ -26,10 +26,14 @@ RUNNING, SUCCEEDED = ActionPhase.RUNNING, ActionPhase.SUCCEEDED
 class RunLog:
     """A run's event log and its recorder."""
 
-    __slots__ = ("events", "recorder", "streaming")
+    __slots__ = ("count", "events", "keep", "recorder", "streaming")
 
     def __init__(self) -> None:
         self.events: list[EventRow] = []
+        self.count = 0  # every entry's number, kept or not
+        # Whether entries are kept here too: always, unless the run spills (its
+        # store streams every change and the run has grown past `KEEP_IN_MEMORY`).
+        self.keep = True
         self.recorder: RunRecorder | None = None
         self.streaming: RunRecorder | None = None  # the recorder, if it wants every change
 
@@ -63,9 +67,10 @@ class RunLog:
         message: str | None,
     ) -> None:
         """Append one entry (the per-action path: plain values, no keywords)."""
-        events = self.events
-        row = EventRow(len(events), at, kind, action, phase, cause, reason, by, message)
-        events.append(row)
+        row = EventRow(self.count, at, kind, action, phase, cause, reason, by, message)
+        self.count += 1
+        if self.keep:
+            self.events.append(row)
         if self.streaming is not None:
             self.streaming.event(row)
 

@@ -145,7 +145,7 @@ class Runner:
                     "plain asyncio tasks started by the run were cancelled at its end but are "
                     "still running: " + ", ".join(_task_label(t) for t in left),
                 )
-        stored = _final_records(runtime)
+        stored = _final_records(runtime, self.store)
         self.recorder.finished(stored)
         root = runtime.root
         assert root is not None
@@ -181,14 +181,35 @@ class Runner:
             runtime.interrupt(SystemExit(128 + signum), cause=AbortCause.SIGNAL, reason=name)
 
 
-def _final_records(runtime: Runtime) -> StoredRun:
-    """The records of a run that has ended (lists built when first read)."""
+def _final_records(runtime: Runtime, store: Store) -> StoredRun:
+    """The records of a run that has ended (lists built when first read).
+
+    A run that spilled (more than `KEEP_IN_MEMORY` actions, with a store that
+    streams every change) has forgotten its finished actions and events: its
+    records are read back from the store, once, when first asked for.
+    """
     name = runtime.name
+    if runtime.spilled:
+        attempt = runtime.attempt
+        loaded: list[StoredRun] = []
+
+        def load() -> StoredRun:
+            if not loaded:
+                loaded.append(store.load_run(name, attempt))
+            return loaded[0]
+
+        return StoredRun(
+            runtime.run_record(),
+            lambda: load().actions,
+            lambda: load().events,
+            lambda: load().payloads,
+        )
+    actions = runtime.actions.values()
     return StoredRun(
         runtime.run_record(),
-        lambda: [action_from_row(name, action_row(a)) for a in runtime.actions],
+        lambda: [action_from_row(name, action_row(a)) for a in actions],
         lambda: [event_from_row(e) for e in runtime.log.events],
-        lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
+        lambda: {a.name: (a.inputs, a.output) for a in actions},
     )
 
 
@@ -259,7 +280,7 @@ def _final_drain(loop: asyncio.AbstractEventLoop, runner: Runner) -> None:
     names: dict[asyncio.Task[Any], str] = {}
     zombies: set[asyncio.Task[Any]] = set()
     if runtime is not None:
-        for action in runtime.actions:
+        for action in runtime.actions.values():
             if action.atask is not None and not action.atask.done():
                 names[action.atask] = f"action {action.name} ({action.task.name})"
         zombies = {a.atask for a in runtime.delivery.zombies if a.atask is not None}

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from flowsdk._action import ActionState, Request
+from flowsdk._action import PHASES, ActionState, Ended, Request
 from flowsdk._delivery import Delivery
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import current_group
@@ -60,7 +60,10 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk.store import RunRecorder
 
-__all__ = ["Runtime"]
+__all__ = ["KEEP_IN_MEMORY", "Runtime"]
+
+KEEP_IN_MEMORY = 10_000
+"""Actions a run keeps in memory before it spills (only with a store that streams)."""
 
 logger = logging.getLogger("flowsdk")
 
@@ -103,7 +106,18 @@ class Runtime:
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None
-        self.actions: list[ActionState] = []
+        # Start order -> action. A run whose store streams every change spills
+        # once it has started `KEEP_IN_MEMORY` actions: from then on a finished
+        # action is forgotten (`forget`; the store has its record, only its
+        # phase stays in `ended`) and events are not kept, so memory stays flat
+        # however many actions the run goes through. The ended run's records
+        # are then read back from the store.
+        self.actions: dict[int, ActionState] = {}
+        self.started = 0  # actions created so far (the next one's seq)
+        self.forgets = False
+        self.spilled = False
+        self.ended = bytearray()  # seq -> index in PHASES of a forgotten action's phase
+        self.ended_groups: set[str] = set()  # groups of forgotten actions
         self.live: dict[str, ActionState] = {}
         self.root: ActionState | None = None
         self.closed = False
@@ -117,6 +131,7 @@ class Runtime:
     def attach(self, recorder: RunRecorder) -> None:
         """Send every change of this run to `recorder` (actions and events if it streams)."""
         self.log.attach(recorder)
+        self.forgets = recorder.streams
 
     def track_tasks(self, own: frozenset[CodeType]) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
@@ -176,16 +191,35 @@ class Runtime:
             )
         self.log.changed(action)
 
-    def action_named(self, name: str) -> ActionState | None:
+    def action_named(self, name: str) -> ActionState | Ended | None:
         """Return the action called `name` (`a<seq>`: its index in `actions`), if any."""
         digits = name[1:]
         if name[:1] != "a" or not (digits.isascii() and digits.isdigit()):
             return None
         seq = int(digits)
-        if seq >= len(self.actions):
-            return None
-        action = self.actions[seq]
-        return action if action.name == name else None  # "a01" is not a1
+        if f"a{seq}" != name:
+            return None  # "a01" is not a1
+        action = self.actions.get(seq)
+        if action is None and seq < len(self.ended) and self.ended[seq]:
+            return Ended(name, PHASES[self.ended[seq]])
+        return action
+
+    def forget(self, action: ActionState) -> None:
+        """Drop a finished action whose record the store has: keep only its phase."""
+        if not self.spilled:
+            if self.started < KEEP_IN_MEMORY:
+                return
+            self.spilled = True
+            self.log.keep = False
+        seq = action.seq
+        if action is self.root or self.actions.pop(seq, None) is None:
+            return
+        ended = self.ended
+        if len(ended) <= seq:
+            ended.extend(bytes(seq + 1 - len(ended)))
+        ended[seq] = PHASES.index(action.phase)
+        if action.group is not None:
+            self.ended_groups.add(action.group)
 
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
@@ -238,11 +272,13 @@ class Runtime:
         key: str,
         inputs: bytes,
     ) -> ActionState:
-        action = ActionState(self, len(self.actions), parent, task, args, kwargs, key, None)
+        seq = self.started
+        self.started = seq + 1
+        action = ActionState(self, seq, parent, task, args, kwargs, key, None)
         action.group = current_group()
         action.inputs = inputs
         name = action.name
-        self.actions.append(action)
+        self.actions[seq] = action
         self.live[name] = action
         self.log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
         self.log.changed(action)

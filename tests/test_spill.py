@@ -1,0 +1,113 @@
+"""A long run on a store that streams every change keeps bounded memory (SPEC §10, 1M actions).
+
+Past `KEEP_IN_MEMORY` started actions, a finished action is forgotten by the
+runtime (the store has its record) and events are no longer kept in memory;
+the ended run's records are read back from the store. Control requests naming
+a forgotten action or group still get their answer. The threshold is lowered
+here so that the tests stay small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import flowsdk
+from flowsdk import _runtime
+from flowsdk._action import current
+from flowsdk.errors import ActionNotFoundError
+from flowsdk.testing import Gate
+
+KEEP = 20
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_runtime, "KEEP_IN_MEMORY", KEEP)
+
+
+def _held() -> int:
+    """How many actions the calling action's runtime holds."""
+    state = current.get()
+    assert state is not None
+    return len(state.runtime.actions)  # type: ignore[attr-defined]
+
+
+env = flowsdk.TaskEnvironment("spill")
+
+
+@env.task
+async def leaf(i: int) -> int:
+    await asyncio.sleep(0)
+    return i * 2
+
+
+@env.task
+async def waves(count: int, size: int) -> list[int]:
+    held = []
+    for w in range(count):
+        with flowsdk.group(f"wave{w}"):
+            await asyncio.gather(*(leaf(i) for i in range(size)))
+        held.append(_held())
+    return held
+
+
+def test_a_long_sqlite_run_forgets_finished_actions_and_reads_its_records_back(
+    tmp_path: Path,
+) -> None:
+    run = flowsdk.run(waves, 10, 30, store=f"sqlite:///{tmp_path / 's.db'}")
+    held = run.result()
+    # Past the threshold, what the runtime holds does not grow with the waves.
+    assert max(held[2:]) <= KEEP + 2, held
+    assert len(run.actions) == 301
+    assert {a.phase for a in run.actions} == {flowsdk.ActionPhase.SUCCEEDED}
+    assert [a.name for a in run.actions] == [f"a{i}" for i in range(301)]
+    # Every transition is in the log: QUEUED, RUNNING and SUCCEEDED of each action.
+    assert [e.seq for e in run.events] == list(range(len(run.events)))
+    assert sum(1 for e in run.events if e.action is not None) == 3 * 301
+    with flowsdk.Client(f"sqlite:///{tmp_path / 's.db'}") as client:
+        stored = client.get_run(run.name)
+    assert [a.name for a in stored.actions] == [a.name for a in run.actions]
+
+
+def test_the_memory_store_never_spills() -> None:
+    run = flowsdk.run(waves, 4, 30, store="memory://")
+    assert run.result()[-1] == 121
+    assert len(run.events) > 3 * 121
+
+
+GATE = Gate("holder")
+
+
+@env.task
+async def holder() -> str:
+    await asyncio.gather(*(leaf(i) for i in range(3 * KEEP)))
+    with flowsdk.group("late"):
+        await leaf(0)
+    # The leaves above are forgotten by now: requests naming them are still answered.
+    await GATE.enter()
+    return "done"
+
+
+async def test_requests_naming_forgotten_actions_are_answered(tmp_path: Path) -> None:
+    handle = await flowsdk.start(holder, store=f"sqlite:///{tmp_path / 's.db'}")
+    await GATE.wait_running(1)
+    runtime = handle._runtime
+    assert runtime.spilled
+    assert 1 not in runtime.actions
+    result = await handle.abort("a1", reason="too late")
+    assert result.outcome is flowsdk.Outcome.ALREADY_ENDED
+    assert result.phase == "SUCCEEDED"
+    result = await handle.abort(group="late", reason="too late")
+    assert result.outcome is flowsdk.Outcome.ALREADY_ENDED
+    with pytest.raises(ActionNotFoundError):
+        await handle.abort(f"a{10 * KEEP}")
+    with pytest.raises(ActionNotFoundError):
+        await handle.abort(group="never")
+    GATE.release()
+    run = await handle.wait()
+    assert run.result() == "done"
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    assert len(run.actions) == 3 * KEEP + 2
