@@ -33,9 +33,7 @@ __all__ = ["apply_request", "find"]
 APPLIED, ALREADY_ENDED, REFUSED = Outcome.APPLIED, Outcome.ALREADY_ENDED, Outcome.REFUSED
 
 
-def find(
-    runtime: Runtime, action: str | None, group: str | None
-) -> list[ActionState | Ended]:
+def find(runtime: Runtime, action: str | None, group: str | None) -> list[ActionState | Ended]:
     """Resolve a control target: an action name, a group name, or (neither) the root.
 
     Raises:
