@@ -21,7 +21,7 @@ from flowsdk._records import AbortInfo
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
 
-__all__ = ["PHASES", "ActionState", "Ended", "Request", "RunContext", "current", "current_state"]
+__all__ = ["ActionState", "Ended", "Request", "RunContext", "current", "current_state"]
 
 
 class RunContext(Protocol):
@@ -114,10 +114,6 @@ _PLAIN = {cause.value: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in 
 
 QUEUED = ActionPhase.QUEUED  # a constant: Enum member access is slow on Python 3.11
 _time = time.time
-
-
-PHASES = (None, *ActionPhase)
-"""Phase codes for `Runtime.ended` (0: not a forgotten action)."""
 
 
 class Ended:

@@ -41,12 +41,12 @@ def find(runtime: Runtime, action: str | None, group: str | None) -> list[Action
     """
     if group is not None:
         found: list[ActionState | Ended] = [a for a in runtime.actions.values() if a.group == group]
-        if not found and group in runtime.ended_groups:
+        if not found and group in runtime.forgotten.groups:
             return [Ended(group, ActionPhase.SUCCEEDED)]  # its actions have all ended
         if not found:
             groups = {a.group for a in runtime.actions.values() if a.group}
             raise ActionNotFoundError.for_group(
-                runtime.name, group, sorted(groups | runtime.ended_groups)
+                runtime.name, group, sorted(groups | runtime.forgotten.groups)
             )
         return found
     if action is None:

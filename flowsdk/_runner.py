@@ -189,7 +189,7 @@ def _final_records(runtime: Runtime, store: Store) -> StoredRun:
     records are read back from the store, once, when first asked for.
     """
     name = runtime.name
-    if runtime.spilled:
+    if runtime.forgotten.spilled:
         attempt = runtime.attempt
         loaded: list[StoredRun] = []
 

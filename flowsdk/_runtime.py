@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from flowsdk._action import PHASES, ActionState, Ended, Request
+from flowsdk._action import ActionState, Ended, Request
 from flowsdk._delivery import Delivery
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import current_group
@@ -50,6 +50,7 @@ from flowsdk._records import (
     to_datetime,
 )
 from flowsdk._tracker import TaskTracker
+from flowsdk._tree import Forgotten, descendants, seq_of
 from flowsdk.errors import (
     RunClosedError,
     RunStoppingError,
@@ -115,9 +116,7 @@ class Runtime:
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
         self.forgets = False
-        self.spilled = False
-        self.ended = bytearray()  # seq -> index in PHASES of a forgotten action's phase
-        self.ended_groups: set[str] = set()  # groups of forgotten actions
+        self.forgotten = Forgotten()
         self.live: dict[str, ActionState] = {}
         self.root: ActionState | None = None
         self.closed = False
@@ -192,34 +191,22 @@ class Runtime:
         self.log.changed(action)
 
     def action_named(self, name: str) -> ActionState | Ended | None:
-        """Return the action called `name` (`a<seq>`: its index in `actions`), if any."""
-        digits = name[1:]
-        if name[:1] != "a" or not (digits.isascii() and digits.isdigit()):
+        """Return the action called `name` (or what is left of it once forgotten), if any."""
+        seq = seq_of(name)
+        if seq is None:
             return None
-        seq = int(digits)
-        if f"a{seq}" != name:
-            return None  # "a01" is not a1
-        action = self.actions.get(seq)
-        if action is None and seq < len(self.ended) and self.ended[seq]:
-            return Ended(name, PHASES[self.ended[seq]])
-        return action
+        return self.actions.get(seq) or self.forgotten.get(name, seq)
 
     def forget(self, action: ActionState) -> None:
-        """Drop a finished action whose record the store has: keep only its phase."""
-        if not self.spilled:
+        """Drop a finished action whose record the store has, once the run spills."""
+        forgotten = self.forgotten
+        if not forgotten.spilled:
             if self.started < KEEP_IN_MEMORY:
                 return
-            self.spilled = True
+            forgotten.spilled = True
             self.log.keep = False
-        seq = action.seq
-        if action is self.root or self.actions.pop(seq, None) is None:
-            return
-        ended = self.ended
-        if len(ended) <= seq:
-            ended.extend(bytes(seq + 1 - len(ended)))
-        ended[seq] = PHASES.index(action.phase)
-        if action.group is not None:
-            self.ended_groups.add(action.group)
+        if action is not self.root and self.actions.pop(action.seq, None) is not None:
+            forgotten.add(action)
 
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
@@ -544,40 +531,11 @@ class Runtime:
                 target.req = Request(cause, reason, by)
         affected = list(named)
         collateral = Request(ANCESTOR, None, None)
-        for action in self._descendants(named):
+        for action in descendants(self.live.values(), named):
             if action.req is None:
                 action.req = collateral
                 affected.append(action)
         self._deliver_all(affected)
-
-    def _descendants(self, targets: set[ActionState]) -> list[ActionState]:
-        """The live actions below any of `targets`, in one pass over the live actions.
-
-        Each ancestor chain is walked once (the answer is remembered for every
-        node on it), so a deep tree costs linear time, not depth squared.
-        """
-        if all(t.calls == 0 and t.attempt == 1 for t in targets):
-            return []  # leaves: nothing below them (the common case, kept cheap)
-        below: dict[ActionState, bool] = dict.fromkeys(targets, True)
-        found = []
-        for action in self.live.values():
-            if action in below:
-                continue
-            path = []
-            node: ActionState | None = action
-            verdict = False
-            while node is not None:
-                known = below.get(node)
-                if known is not None:
-                    verdict = known
-                    break
-                path.append(node)
-                node = node.parent
-            for visited in path:
-                below[visited] = verdict
-            if verdict:
-                found.append(action)
-        return found
 
     def request_stop(self, mode: StopMode, reason: str | None, by: str | None) -> None:
         """Stop the run: refuse new actions; with `abandon`, give up on those in progress."""

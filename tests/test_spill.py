@@ -95,7 +95,7 @@ async def test_requests_naming_forgotten_actions_are_answered(tmp_path: Path) ->
     handle = await flowsdk.start(holder, store=f"sqlite:///{tmp_path / 's.db'}")
     await GATE.wait_running(1)
     runtime = handle._runtime
-    assert runtime.spilled
+    assert runtime.forgotten.spilled
     assert 1 not in runtime.actions
     result = await handle.abort("a1", reason="too late")
     assert result.outcome is flowsdk.Outcome.ALREADY_ENDED
