@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+
 def start_cluster() -> None:
     """Start the session's cluster through flowsdk's executor (as a first Ray task would)."""
     with warnings.catch_warnings():
@@ -40,16 +41,16 @@ def ray_cluster() -> Iterator[None]:
             ray.shutdown()
 
 
-async def wait_for_file(path: Path, timeout: float = 60.0) -> str:
+async def wait_for_file(path: Path, within: float = 60.0) -> str:
     """Return the text of `path` once a remote body has written it (polled, with a deadline)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not path.exists() or not path.read_text():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path} was not written within {timeout} s")
+            raise AssertionError(f"{path} was not written within {within} s")
         await asyncio.sleep(0.01)  # polling a file another process writes
     return path.read_text()
 
 
-def wait_for_file_sync(path: Path, timeout: float = 60.0) -> str:
+def wait_for_file_sync(path: Path, within: float = 60.0) -> str:
     """The same, outside an event loop."""
-    return asyncio.run(wait_for_file(path, timeout))
+    return asyncio.run(wait_for_file(path, within))

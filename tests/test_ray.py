@@ -117,7 +117,8 @@ def test_value_and_error_round_trip() -> None:
     assert "Raised on a Ray worker" in failed.error.traceback
     assert "in fails" in failed.error.traceback
     message = running_event(run, by_task(run, "square")[0].name)
-    assert "actor " in message and "task " in message
+    assert "actor " in message
+    assert "task " in message
     assert_clean(run)
 
 
@@ -218,7 +219,7 @@ def test_report_without_a_sink_raises_in_the_body() -> None:
 def test_root_exit_cancels_the_remote_body(tmp_path: Path) -> None:
     @driver().task
     async def main(folder: str) -> str:
-        asyncio.create_task(sleeper(folder))
+        asyncio.create_task(sleeper(folder))  # noqa: RUF006 (the root's exit ends it)
         await wait_for_file(Path(folder) / "started")
         return "root done"
 
@@ -226,7 +227,8 @@ def test_root_exit_cancels_the_remote_body(tmp_path: Path) -> None:
     assert run.result() == "root done"
     child = by_task(run, "sleeper")[0]
     assert child.phase is ActionPhase.ABORTED
-    assert child.abort is not None and child.abort.cause is AbortCause.ROOT_EXIT
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.ROOT_EXIT
     assert_cleaned_on_worker(tmp_path)
     assert (tmp_path / "why").read_text().endswith("|root_exit")
     assert_clean(run)
@@ -283,7 +285,8 @@ def test_external_abort_from_the_cli(tmp_path: Path) -> None:
     assert run.result() == "aborted: operator says"
     child = by_task(run, "sleeper")[0]
     assert child.phase is ActionPhase.ABORTED
-    assert child.abort is not None and child.abort.cause is AbortCause.EXTERNAL
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.EXTERNAL
     assert_cleaned_on_worker(folder)
     assert (folder / "why").read_text().endswith("|external")
 
@@ -307,7 +310,8 @@ def test_mark_failed_reaches_the_remote_body(tmp_path: Path) -> None:
     assert run.result() == ActionMarkedFailedError.__name__
     child = by_task(run, "sleeper")[0]
     assert child.phase is ActionPhase.FAILED
-    assert child.abort is not None and child.abort.cause is AbortCause.MARK_FAILED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.MARK_FAILED
     assert_cleaned_on_worker(tmp_path)
 
 
@@ -335,7 +339,8 @@ def test_timeout_counts_on_the_worker(tmp_path: Path) -> None:
     assert run.result() == TaskTimeoutError.__name__
     child = by_task(run, "slow")[0]
     assert child.phase is ActionPhase.FAILED
-    assert child.abort is not None and child.abort.cause is AbortCause.TIMEOUT
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.TIMEOUT
     assert_cleaned_on_worker(tmp_path)
 
 
@@ -354,7 +359,8 @@ def test_stop_and_abandon_reaches_the_remote_body(tmp_path: Path) -> None:
     assert run.phase is flowsdk.RunPhase.STOPPED
     child = by_task(run, "sleeper")[0]
     assert child.phase is ActionPhase.ABANDONED
-    assert child.abort is not None and child.abort.cause is AbortCause.STOP
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.STOP
     assert_cleaned_on_worker(tmp_path)
 
 
@@ -495,7 +501,8 @@ def test_a_dead_worker_fails_the_attempt_and_it_is_retried(tmp_path: Path) -> No
     child = by_task(run, "dies_once")[0]
     assert (child.phase, child.attempt) == (ActionPhase.SUCCEEDED, 2)
     failed = [e.message or "" for e in run.events if "failed with" in (e.message or "")]
-    assert failed and "ray.exceptions" in failed[0]
+    assert failed
+    assert "ray.exceptions" in failed[0]
 
 
 def test_ray_options_are_checked_at_decoration() -> None:
@@ -521,7 +528,7 @@ def test_the_local_cluster_listens_on_loopback_only() -> None:
     assert ray_lines, listing
     for line in ray_lines:
         local_address = line.split()[3]
-        assert local_address.startswith(("127.0.0.1:", "[::1]:")), line
+        assert local_address.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")), line
 
 
 def test_import_flowsdk_does_not_import_ray() -> None:

@@ -81,6 +81,7 @@ class _Pool:
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         self.idle: list[_Actor] = []
+        self.starting: set[asyncio.Future[None]] = set()
 
     async def acquire(self, actor_class: Any) -> _Actor:
         """Take an idle actor, or start one and wait until it answers."""
@@ -92,7 +93,9 @@ class _Pool:
             pid, actor_id = await ping
         except asyncio.CancelledError:
             # Cancelled while it starts: it is still a good actor for the next body.
-            asyncio.ensure_future(self._adopt(handle, ping))
+            adopting = asyncio.ensure_future(self._adopt(handle, ping))
+            self.starting.add(adopting)
+            adopting.add_done_callback(self.starting.discard)
             raise
         return _Actor(handle, pid, actor_id)
 
@@ -149,9 +152,7 @@ class RayExecutor:
         if options is None:
             return None
         if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
-            raise ValueError(
-                f"ray_options must be a dict of Ray actor options, not {options!r}"
-            )
+            raise ValueError(f"ray_options must be a dict of Ray actor options, not {options!r}")
         retries = sorted(k for k in options if k in RETRY_OPTIONS)
         if retries:
             raise ValueError(
@@ -229,13 +230,17 @@ class RayExecutor:
             action.key,
             options.timeout,
         )
-        ref = actor.handle.run.remote(call_id, task.name, action.inputs, info, options.max_payload, body)
+        ref = actor.handle.run.remote(
+            call_id, task.name, action.inputs, info, options.max_payload, body
+        )
         actor.known.add(task.name)
         action.runtime.event(
             EventKind.ACTION,
             action.name,
             phase="RUNNING",
-            message=f"running on Ray: actor {actor.id} (pid {actor.pid}), task {ref.task_id().hex()}",
+            message=(
+                f"running on Ray: actor {actor.id} (pid {actor.pid}), task {ref.task_id().hex()}"
+            ),
         )
         reply: Reply
         while True:
@@ -274,7 +279,9 @@ class RayExecutor:
             raise asyncio.CancelledError(data or "flowsdk: cancelled on Ray")
         raise _rebuild(data)
 
-    async def _handle(self, action: ActionState, messages: list[tuple[Any, ...]]) -> list[tuple[int, str | None]]:
+    async def _handle(
+        self, action: ActionState, messages: list[tuple[Any, ...]]
+    ) -> list[tuple[int, str | None]]:
         """Act on what a remote body said: log records, reports, its timeout."""
         acks: list[tuple[int, str | None]] = []
         for message in messages:
@@ -322,8 +329,10 @@ class RayExecutor:
         key = (env, repr(sorted(options.items())))
         pool = self._pools.get(key)
         if pool is None:
+            # An idle actor holds no CPU unless the options ask for one (Ray's default
+            # would keep a CPU per actor for placement, and a pool would starve).
             pool = self._pools[key] = _Pool(
-                {**options, "max_restarts": 0, "max_task_retries": 0}
+                {"num_cpus": 0, **options, "max_restarts": 0, "max_task_retries": 0}
             )
         return pool
 
@@ -397,7 +406,9 @@ def _body_bytes(task: TaskSpec) -> bytes:
     if cached is None:
         from ray import cloudpickle
 
-        class Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+        base: Any = cloudpickle.CloudPickler
+
+        class Pickler(base):  # type: ignore[misc]
             def reducer_override(self, obj: Any) -> Any:
                 kind = type(obj)
                 if kind.__name__ == "Task" and kind.__module__ == "flowsdk._task":
@@ -405,7 +416,8 @@ def _body_bytes(task: TaskSpec) -> bytes:
                 return super().reducer_override(obj)
 
         buffer = io.BytesIO()
-        Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(task.body)
+        pickler: Any = Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dump(task.body)
         cached = task.__dict__["_ray_body"] = buffer.getvalue()
     return cached
 
@@ -432,11 +444,14 @@ def _by_name(module: str, qualname: str, message: str) -> BaseException:
         found = getattr(found, part, None)
     if isinstance(found, type) and issubclass(found, BaseException):
         try:
-            return found(message)
+            rebuilt: BaseException = found(message)
         except Exception:
             pass
+        else:
+            return rebuilt
     stand_in = type(qualname.rpartition(".")[2], (Exception,), {"__module__": module})
-    return stand_in(message)
+    made: BaseException = stand_in(message)
+    return made
 
 
 RAY = RayExecutor()

@@ -54,7 +54,9 @@ and the attempt's `timeout` in seconds (counted here, from the body's start)."""
 Reply = tuple[str, Any]
 """One turn's answer: `("done", outcome)` or `("messages", [message, ...])`."""
 
-_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("flowsdk.ray_call", default=None)
+_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "flowsdk.ray_call", default=None
+)
 
 NESTED = (
     "a body running on Ray cannot start child actions in flowsdk v1: task {task!r} was called "
@@ -273,7 +275,10 @@ async def _attempt(task: RemoteTask, inputs: bytes) -> tuple[str, Any]:
     except SerializationError as exc:
         return ("error", _error(exc))
     except BaseException as exc:
-        return ("interrupt" if isinstance(exc, KeyboardInterrupt | SystemExit) else "error", _error(exc))
+        return (
+            "interrupt" if isinstance(exc, KeyboardInterrupt | SystemExit) else "error",
+            _error(exc),
+        )
 
 
 def _error(exc: BaseException) -> tuple[bytes | None, str, str, str, str]:
