@@ -76,35 +76,33 @@ class _Actor:
 
 
 class _Pool:
-    """The idle actors of one environment (and one set of `ray_options`)."""
+    """The actors of one environment (and one set of `ray_options`) that no body holds.
+
+    An actor still starting stays in the pool (with its first call) until a
+    body waits for it to the end: a body cancelled while its actor starts
+    leaves that actor to the next body instead of making another.
+    """
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         self.idle: list[_Actor] = []
-        self.starting: set[asyncio.Future[None]] = set()
+        self.starting: list[tuple[Any, Any]] = []
 
     async def acquire(self, actor_class: Any) -> _Actor:
-        """Take an idle actor, or start one and wait until it answers."""
+        """Take an idle actor, else one that is starting, else start one; wait until it answers."""
         if self.idle:
             return self.idle.pop()
-        handle = actor_class.options(**self.options).remote()
-        ping = handle.ping.remote()
+        if self.starting:
+            handle, ping = self.starting.pop()
+        else:
+            handle = actor_class.options(**self.options).remote()
+            ping = handle.ping.remote()
         try:
-            pid, actor_id = await ping
+            pid, actor_id = await asyncio.shield(asyncio.wrap_future(ping.future()))
         except asyncio.CancelledError:
-            # Cancelled while it starts: it is still a good actor for the next body.
-            adopting = asyncio.ensure_future(self._adopt(handle, ping))
-            self.starting.add(adopting)
-            adopting.add_done_callback(self.starting.discard)
+            self.starting.append((handle, ping))
             raise
         return _Actor(handle, pid, actor_id)
-
-    async def _adopt(self, handle: Any, ping: Any) -> None:
-        try:
-            pid, actor_id = await ping
-        except Exception:
-            return
-        self.idle.append(_Actor(handle, pid, actor_id))
 
 
 class _Remote:
