@@ -336,7 +336,9 @@ class RayExecutor:
 
     async def _connect(self) -> Any:
         """Connect to Ray (SPEC §9: this process's cluster, `$RAY_ADDRESS`, or a local one)."""
-        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        ray = sys.modules.get("ray")
+        initialized = getattr(ray, "is_initialized", None)  # None while Ray is being imported
+        if not self._lock.locked() and initialized is not None and initialized():
             return self.connect()
         # Starting or joining a cluster takes seconds: not on the run's loop.
         return await asyncio.to_thread(self.connect)
