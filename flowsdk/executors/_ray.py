@@ -35,6 +35,8 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from flowsdk._action import ActionState, current
 from flowsdk._payload import decode_output
 from flowsdk._records import EventKind
@@ -50,6 +52,8 @@ if importlib.util.find_spec("ray") is None:  # get_executor turns this into "ins
 __all__ = ["RAY", "RayExecutor"]
 
 logger = logging.getLogger("flowsdk")
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
 
 RETRY_OPTIONS = ("max_retries", "retry_exceptions", "max_restarts", "max_task_retries")
 MANAGED_OPTIONS = (
@@ -228,9 +232,8 @@ class RayExecutor:
             action.key,
             options.timeout,
         )
-        ref = actor.handle.run.remote(
-            call_id, task.name, action.inputs, info, options.max_payload, body
-        )
+        packed = _encode((task.name, action.inputs, info, options.max_payload, body))
+        ref = actor.handle.run.remote(call_id, packed)
         actor.known.add(task.name)
         action.runtime.event(
             EventKind.ACTION,
@@ -390,7 +393,7 @@ async def _settled(ref: Any) -> Reply:
     (Cancelling the future of an awaited reference makes Ray cancel the actor
     task; flowsdk cancels the body with its own request instead.)
     """
-    reply: Reply = await asyncio.shield(asyncio.wrap_future(ref.future()))
+    reply: Reply = _decode(await asyncio.shield(asyncio.wrap_future(ref.future())))
     return reply
 
 

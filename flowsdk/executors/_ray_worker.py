@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+import msgspec
+
 from flowsdk._action import ActionState, Request, current
 from flowsdk._payload import encode_output, recorded_call
 from flowsdk._phases import AbortCause
@@ -53,6 +55,9 @@ and the attempt's `timeout` in seconds (counted here, from the body's start)."""
 
 Reply = tuple[str, Any]
 """One turn's answer: `("done", outcome)` or `("messages", [message, ...])`."""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
 
 _call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
     "flowsdk.ray_call", default=None
@@ -132,7 +137,7 @@ class Call:
         self.loop = loop
         self.action = action
         self.outbox: list[tuple[Any, ...]] = []
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[tuple[str, Any]] | None = None
         self.acks: dict[int, asyncio.Future[str | None]] = {}
         self.seq = 0
@@ -143,7 +148,7 @@ class Call:
         """Queue a message for the driver (from the loop's thread or any other)."""
         if threading.get_ident() == self.thread:
             self.outbox.append(message)
-            self.wake.set()
+            self._wake()
         else:
             self.loop.call_soon_threadsafe(self.post, message)
 
@@ -151,19 +156,25 @@ class Call:
         """Wait for the body to end or to have something to say; return that."""
         task = self.task
         assert task is not None
-        while not self.outbox and not task.done():
-            self.wake.clear()
-            waiter = asyncio.ensure_future(self.wake.wait())
+        if not self.outbox and not task.done():
+            self.waiter = waiter = self.loop.create_future()
+            task.add_done_callback(self._wake)
             try:
-                await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+                await waiter
             finally:
-                waiter.cancel()
+                task.remove_done_callback(self._wake)
+                self.waiter = None
         if self.outbox:
             messages, self.outbox = self.outbox, []
             return ("messages", messages)
         if self.timer is not None:
             self.timer.cancel()
         return ("done", task.result())
+
+    def _wake(self, _: object = None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def acknowledge(self, acks: list[tuple[int, str | None]]) -> None:
         """Resolve the reports the driver has delivered (with an error text if refused)."""
@@ -177,7 +188,7 @@ class BodyActor:
     """Runs flowsdk task bodies, one at a time, as an async Ray actor (see the module doc)."""
 
     def __init__(self) -> None:
-        self.bodies: dict[str, Callable[..., Any]] = {}
+        self.tasks: dict[str, RemoteTask] = {}
         self.calls: dict[int, Call] = {}
         self.cancelled_early: dict[int, tuple[str, tuple[str, str | None, str | None, float]]] = {}
         self.last = 0
@@ -189,7 +200,18 @@ class BodyActor:
 
         return os.getpid(), ray.get_runtime_context().get_actor_id() or "?"
 
-    async def run(
+    async def run(self, call_id: int, packed: bytes) -> bytes:
+        """Start one attempt of a body; answer its first turn (MessagePack both ways).
+
+        `packed` holds the task's name, the recorded inputs, the `CallInfo`,
+        `max_payload` and, the first time this actor runs that task, its body
+        (pickled). One bytes argument and one bytes answer: Ray passes them as
+        they are, which costs less than several arguments of their own.
+        """
+        name, inputs, info, max_payload, body_data = _decode(packed)
+        return _encode(await self._run(call_id, name, inputs, info, max_payload, body_data))
+
+    async def _run(
         self,
         call_id: int,
         name: str,
@@ -198,21 +220,16 @@ class BodyActor:
         max_payload: int,
         body_data: bytes | None,
     ) -> Reply:
-        """Start one attempt of the body called `name`; answer its first turn.
-
-        `body_data` is the body, pickled, the first time this actor runs it.
-        """
         self.last = max(self.last, call_id)
         if body_data is not None:
-            self.bodies[name] = pickle.loads(body_data)
+            self.tasks[name] = RemoteTask(info[2], pickle.loads(body_data), max_payload)
         early = self.cancelled_early.pop(call_id, None)
         if early is not None:
             # The cancel came first: the body never starts.
             return ("done", ("cancelled", early[0]))
         loop = asyncio.get_running_loop()
-        run, action_name, task_name, attempt, group, key, timeout = info
-        body = self.bodies[name]
-        task = RemoteTask(task_name, body, max_payload)
+        run, action_name, _, attempt, group, key, timeout = info
+        task = self.tasks[name]
         action = ActionState(
             RemoteRun(run, loop), int(action_name[1:]), None, cast(Any, task), (), {}, key, group
         )
@@ -228,11 +245,11 @@ class BodyActor:
             call.timer = loop.call_later(timeout, call.post, ("timeout",))
         return await self._turn(call_id, call)
 
-    async def resume(self, call_id: int, acks: list[tuple[int, str | None]]) -> Reply:
+    async def resume(self, call_id: int, acks: list[tuple[int, str | None]]) -> bytes:
         """Acknowledge what the driver has handled; answer the body's next turn."""
         call = self.calls[call_id]
         call.acknowledge(acks)
-        return await self._turn(call_id, call)
+        return _encode(await self._turn(call_id, call))
 
     async def _turn(self, call_id: int, call: Call) -> Reply:
         reply = await call.turn()
