@@ -12,8 +12,9 @@ Two measures (SPEC §10, §9):
   cancelled; the body takes `time.time()` in its `except CancelledError`.
   Latency = that time - the time the cancel was issued (`t.cancel()` in the
   parent for flowsdk; `ray.cancel(ref)` for bare Ray, shown for reference).
-  The flowsdk body says it has started with a log record that the driver
-  receives (the forwarding channel), so each cancel lands in a sleeping body.
+  The flowsdk body says that it has started, and when the cancel landed, with
+  log records the driver receives (the forwarding channel), so each cancel
+  lands in a sleeping body.
   Target: p99 <= 100 ms.
 
 A local cluster is started for this process (loopback only). The script
@@ -40,7 +41,7 @@ import flowsdk
 env = flowsdk.TaskEnvironment("bench_ray", executor="ray", grace_period=5)
 driver = flowsdk.TaskEnvironment("bench_ray_driver")
 
-STARTED = logging.getLogger("bench_ray.started")
+SIGNAL = logging.getLogger("bench_ray.signal")
 
 
 @env.task
@@ -49,13 +50,13 @@ async def square(x: int) -> int:
 
 
 @env.task
-async def sleeper() -> float:
-    STARTED.warning("started")
+async def sleeper() -> None:
+    SIGNAL.warning("started")
     try:
         await asyncio.sleep(60)
     except asyncio.CancelledError:
-        return time.time()  # absorbed: the parent gets the time the cancel landed
-    return 0.0
+        SIGNAL.warning("landed %r", time.time())  # forwarded before the outcome
+        raise
 
 
 @driver.task
@@ -95,29 +96,42 @@ class _Bare:
         return self.landed
 
 
-class _Started(logging.Handler):
+class _Signals(logging.Handler):
+    """Receives the sleeper's records, forwarded from its worker to this process."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.event: asyncio.Event | None = None
+        self.started: asyncio.Event | None = None
+        self.landed: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.event is not None:
-            self.event.set()
+        text = record.getMessage()
+        if text == "started" and self.started is not None:
+            self.started.set()
+        elif text.startswith("landed "):
+            self.landed = float(text.split()[1])
+
+    def take(self) -> float | None:
+        landed, self.landed = self.landed, None
+        return landed
 
 
-_started = _Started()
+_signals = _Signals()
 
 
 @driver.task
 async def cancels(count: int) -> list[float]:
     latencies = []
     for _ in range(count):
-        _started.event = asyncio.Event()
+        _signals.started = asyncio.Event()
         t = asyncio.create_task(sleeper())
-        await _started.event.wait()
+        await _signals.started.wait()
         issued = time.time()
         t.cancel()
-        landed = await t
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+        landed = _signals.take()
+        assert landed is not None, "the body's cancellation record did not arrive"
         latencies.append((landed - issued) * 1000)
     return latencies
 
@@ -157,8 +171,8 @@ def main() -> int:
         from flowsdk.executors._ray import RAY
 
         RAY.connect()
-    STARTED.addHandler(_started)
-    STARTED.propagate = False
+    SIGNAL.addHandler(_signals)
+    SIGNAL.propagate = False
     bare_calls, flow_calls = flowsdk.run(sequential, calls, reps).result()
     bare_cancelled = asyncio.run(bare_cancels(count))
     flow_cancels = flowsdk.run(cancels, count).result()
