@@ -539,3 +539,26 @@ def test_import_flowsdk_does_not_import_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_body_that_cannot_be_sent_fails_with_serialization_error() -> None:
+    import threading
+
+    from flowsdk.errors import SerializationError
+
+    lock = threading.Lock()  # a lock cannot be pickled
+
+    @env.task
+    async def holds_a_lock() -> bool:
+        return lock.locked()
+
+    @driver().task
+    async def main() -> str:
+        try:
+            await holds_a_lock()
+        except RuntimeUserError as exc:
+            return f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        return "sent"
+
+    text = flowsdk.run(main).result()
+    assert text.startswith(f"{SerializationError.__name__}: task 'onray.holds_a_lock' cannot be")

@@ -40,6 +40,7 @@ import msgspec
 from flowsdk._action import ActionState, current
 from flowsdk._payload import decode_output
 from flowsdk._records import EventKind
+from flowsdk.errors import SerializationError
 from flowsdk.executors._ray_worker import BodyActor, Reply, refused_task
 from flowsdk.executors._remote import deliver_remote_report
 
@@ -220,9 +221,10 @@ class RayExecutor:
             actor_class = await self._connect()
         task = action.task
         options = task.options
+        pickled = _body_bytes(task)  # SerializationError before an actor is taken
         remote.actor = actor = await self._pool(task).acquire(actor_class)
         remote.call_id = call_id = next(self._ids)
-        body = None if task.name in actor.known else _body_bytes(task)
+        body = None if task.name in actor.known else pickled
         info = (
             action.run,
             action.name,
@@ -420,7 +422,14 @@ def _body_bytes(task: TaskSpec) -> bytes:
 
         buffer = io.BytesIO()
         pickler: Any = Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        pickler.dump(task.body)
+        try:
+            pickler.dump(task.body)
+        except Exception as exc:
+            raise SerializationError(
+                f"task {task.name!r} cannot be sent to Ray: its function (or something it "
+                f"refers to) cannot be pickled ({type(exc).__name__}: {exc}); define it at "
+                "module level and keep what it uses picklable"
+            ) from exc
         cached = task.__dict__["_ray_body"] = buffer.getvalue()
     return cached
 
