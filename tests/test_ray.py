@@ -562,3 +562,33 @@ def test_a_body_that_cannot_be_sent_fails_with_serialization_error() -> None:
 
     text = flowsdk.run(main).result()
     assert text.startswith(f"{SerializationError.__name__}: task 'onray.holds_a_lock' cannot be")
+
+
+def test_a_keyboard_interrupt_in_a_remote_body_aborts_the_run_and_spares_the_actor() -> None:
+    interrupt_env = flowsdk.TaskEnvironment("onray_interrupt", executor="ray")
+
+    @interrupt_env.task
+    async def interrupts() -> int:
+        raise KeyboardInterrupt
+
+    @interrupt_env.task
+    async def pid() -> int:
+        return os.getpid()
+
+    pids: list[int] = []
+
+    @driver().task
+    async def first() -> None:
+        pids.append(await pid())
+        await interrupts()
+
+    @driver().task
+    async def second() -> int:
+        return await pid()
+
+    with pytest.raises(KeyboardInterrupt):
+        flowsdk.run(first)
+    # The actor's event loop survived: the next body runs on the same worker.
+    after = flowsdk.run(second)
+    assert after.phase is flowsdk.RunPhase.SUCCEEDED
+    assert after.result() == pids[0] != os.getpid()
