@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_abort.py
 	$(BIN)/python benchmarks/bench_console.py
+	$(BIN)/python benchmarks/bench_ray.py
 
 # One run of 1,000,000 actions in waves of 10,000 (minutes): time and memory per wave.
 bench-scale: $(STAMP)

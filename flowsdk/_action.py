@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flowsdk._phases import AbortCause, ActionPhase
-from flowsdk._records import AbortInfo
+from flowsdk._records import AbortInfo, EventKind
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -39,6 +39,21 @@ class RunContext(Protocol):
         kwargs: dict[str, Any],
     ) -> Coroutine[Any, Any, Any]:
         """Return the awaitable of a child action (see `Runtime.call`)."""
+        ...
+
+    def event(
+        self,
+        kind: EventKind,
+        action: str | None = None,
+        *,
+        phase: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Append an entry to the run's event log (an executor says where a body runs)."""
+        ...
+
+    def on_timeout(self, action: ActionState) -> None:
+        """Cancel an attempt whose `timeout` passed (an executor that times attempts itself)."""
         ...
 
 

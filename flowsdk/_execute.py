@@ -304,7 +304,7 @@ def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:
     """Arm the attempt's timer: its `timeout`, or the action's `deadline` if sooner."""
     loop = runtime.loop
     options = action.task.options
-    timeout = options.timeout
+    timeout = options.driver_timeout
     deadline_at = action.deadline_at
     if deadline_at is None and options.deadline is not None:
         # The first attempt starts: the deadline counts from here, across attempts.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from flowsdk.executors import get_executor
@@ -40,9 +40,11 @@ class TaskOptions:
         "cache_override",
         "cache_version",
         "deadline",
+        "driver_timeout",
         "executor",
         "grace_period",
         "max_payload",
+        "ray_options",
         "retries",
         "runner",
         "timed",
@@ -61,6 +63,7 @@ class TaskOptions:
         executor: str | None,
         max_payload: int,
         deadline: float | None = None,
+        ray_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
             raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
@@ -74,7 +77,8 @@ class TaskOptions:
             raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
         if not _positive(backoff, allow_zero=True):
             raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
-        self.runner = get_executor(executor)  # ValueError for an unknown or missing one
+        self.runner = runner = get_executor(executor)  # ValueError for an unknown or missing one
+        self.ray_options = runner.check_options(ray_options)
         self.retries = retries
         self.timeout = None if timeout is None else float(timeout)
         self.grace_period = float(grace_period)
@@ -87,7 +91,10 @@ class TaskOptions:
         # "override": run the body even when a cached value exists, then replace it.
         self.cache_override = _CACHE_MODES[cache] is None
         self.deadline = None if deadline is None else float(deadline)
-        self.timed = timeout is not None or deadline is not None  # one test per attempt
+        # The timeout the runtime's own timer counts (an executor may count it where
+        # the body runs: Ray counts from the body's start on its worker).
+        self.driver_timeout = None if runner.times_attempts else self.timeout
+        self.timed = self.driver_timeout is not None or deadline is not None  # one test per attempt
         self.cache_version = cache_version
         self.executor = executor
         self.max_payload = max_payload
@@ -109,7 +116,7 @@ _CACHE_MODES: dict[object, bool | None] = {
     "disable": False,
     "override": None,
 }
-_DERIVED = frozenset({"runner", "cache_override", "timed"})
+_DERIVED = frozenset({"runner", "cache_override", "timed", "driver_timeout"})
 
 
 def _positive(value: object, *, allow_zero: bool = False) -> bool:

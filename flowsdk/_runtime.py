@@ -141,12 +141,15 @@ class Runtime:
         kind: EventKind,
         action: str | None = None,
         *,
+        phase: str | None = None,
         reason: str | None = None,
         requested_by: str | None = None,
         message: str | None = None,
     ) -> None:
-        """Append one entry (a request, a warning) to the run's event log."""
-        self.log.event(kind, action, reason=reason, requested_by=requested_by, message=message)
+        """Append one entry (a request, a warning, where a body runs) to the run's event log."""
+        self.log.event(
+            kind, action, phase, reason=reason, requested_by=requested_by, message=message
+        )
 
     def run_record(self) -> RunRecord:
         """Return the run's current record."""

@@ -32,6 +32,7 @@ _OVERRIDABLE = frozenset(
         "cache_version",
         "backoff",
         "max_payload",
+        "ray_options",
     }
 )
 
@@ -69,6 +70,9 @@ class TaskEnvironment:
         backoff: Seconds before the first retry; each further retry waits twice
             as long, at most 60 s.
         max_payload: The largest recorded input or output, in bytes (default 10 MiB).
+        ray_options: With `executor="ray"`: Ray actor options for placement
+            (`num_cpus`, `num_gpus`, `resources`, `memory`, `runtime_env`, ...);
+            Ray's own retry and restart options are refused (`ValueError`).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class TaskEnvironment:
         backoff: float = 1.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         deadline: float | None = None,
+        ray_options: dict[str, Any] | None = None,
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -96,6 +101,7 @@ class TaskEnvironment:
             executor=executor,
             max_payload=max_payload,
             deadline=deadline,
+            ray_options=ray_options,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -120,6 +126,7 @@ class TaskEnvironment:
         cache_version: str | None = ...,
         backoff: float = ...,
         max_payload: int = ...,
+        ray_options: dict[str, Any] | None = ...,
     ) -> _Decorator: ...
 
     def task(self, *fn: Any, **overrides: Any) -> Any:

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tests.pg_server import PostgresServer
+from tests.ray_support import ray_cluster
+
+__all__ = ["ray_cluster"]  # the session's Ray cluster (tests/ray_support.py)
 
 
 class _Collector(logging.Handler):

@@ -14,6 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+# Examples that start a Ray cluster: Ray's own processes log to stderr, so they
+# have a test of their own (below) that does not ask for a silent stderr.
+RAY_EXAMPLES = ("hpo_ray.py",)
 
 # Key lines of each example's output, as regular expressions matched against
 # whole lines (run names are random, so they are matched loosely). An example
@@ -63,6 +66,13 @@ EXPECTED: dict[str, list[str]] = {
         r"a3\s+0\.01\s+ABORTED\s+cancelled\s+-",
         r"a4\s+0\.001\s+ABORTED\s+cancelled\s+-",
     ],
+    "hpo_ray.py": [
+        r"run search-[0-9a-f]+: SUCCEEDED",
+        # Which trial wins depends on how fast each actor starts too.
+        r"best lr \S+: score 0\.9\d\d \(target 0\.95\)",
+        r"the winning trial ran on a Ray worker: True",
+        r"3 trials stopped early",
+    ],
     "pipeline_stages.py": [
         r"operator: flowsdk abort abort-stage --group test: abort of group 'test' of run "
         r"'abort-stage' applied",
@@ -96,7 +106,9 @@ def test_expected_lines_name_existing_examples() -> None:
     assert {p.name for p in EXAMPLES} >= set(EXPECTED), "EXPECTED names a missing example"
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script", [p for p in EXAMPLES if p.name not in RAY_EXAMPLES], ids=lambda p: p.name
+)
 def test_example_runs_and_prints_its_key_lines(script: Path) -> None:
     env = {**os.environ, "FLOWSDK_STORE": "memory://"}
     # -W error: a "coroutine was never awaited" or any other warning is a failure.
@@ -154,3 +166,26 @@ def test_external_abort_example_takes_the_abort_from_another_process() -> None:
     assert example.returncode == 0, err
     assert "main: a3 was aborted: diverging loss" in out
     assert re.search(r"a3\s+ABORTED\s+external\s+diverging loss", out)
+
+
+def test_ray_example_runs_its_trials_on_ray() -> None:
+    """hpo_ray.py starts its own local cluster (loopback only) and stops it at exit."""
+    pytest.importorskip("ray")
+    env = {**os.environ, "FLOWSDK_STORE": "memory://", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "examples/hpo_ray.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    for pattern in EXPECTED["hpo_ray.py"]:
+        assert any(re.fullmatch(pattern, line) for line in lines), (
+            f"no line matches {pattern!r} in:\n{proc.stdout}"
+        )

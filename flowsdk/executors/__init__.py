@@ -16,6 +16,7 @@ __all__ = ["EXECUTORS", "LOCAL", "Executor", "LocalExecutor", "get_executor"]
 
 EXECUTORS: dict[str, tuple[str, str, str | None]] = {
     "local": ("flowsdk.executors._local", "LOCAL", None),
+    "ray": ("flowsdk.executors._ray", "RAY", "ray"),
 }
 """Executor name -> (module, attribute, the extra that installs what the module imports).
 

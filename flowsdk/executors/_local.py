@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 __all__ = ["LOCAL", "Executor", "LocalExecutor"]
@@ -14,6 +14,18 @@ class Executor(Protocol):
 
     name: str
     """What the action record's `executor` field says."""
+
+    times_attempts: bool
+    """True: the executor counts an attempt's `timeout` where the body runs (from
+    the body's start there) and calls `RunContext.on_timeout` when it passes;
+    False: the runtime's timer counts it."""
+
+    def check_options(self, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Validate the task's `ray_options` (at decoration); return what is kept.
+
+        Raises:
+            ValueError: options this executor refuses.
+        """
 
     def call(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -36,6 +48,15 @@ class LocalExecutor:
     """Runs bodies on the run's event loop, in the action's task (the default)."""
 
     name = "local"
+    times_attempts = False
+
+    def check_options(self, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Refuse `ray_options`: a local body has no placement."""
+        if options is not None:
+            raise ValueError(
+                "ray_options is for tasks that run on Ray: add executor='ray' to the environment"
+            )
+        return None
 
     def call(
         self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -1,0 +1,393 @@
+"""The worker side of the Ray executor: the async actor that runs one body at a time.
+
+This module runs in a Ray worker process. It imports no Ray: the driver
+(`_ray.py`) turns `BodyActor` into a Ray actor class. What crosses the
+boundary is plain data: the body's recorded inputs and output as the
+MessagePack bytes flowsdk records, the cancellation's message and request,
+and the messages a body sends while it runs (log records, reports, the
+expiry of its `timeout`).
+
+Each call is answered in *turns*: `run` starts the body and returns at the
+first of "the body ended" and "the body has something to say"; the driver
+handles what it said (re-emits a log record, delivers a report) and asks
+for the next turn with `resume`, carrying the acknowledgements. A body that
+says nothing costs one actor call, like a bare one.
+
+Cancellation is the driver's own `cancel` message, delivered in this
+actor's event loop: it carries the request (so `str(CancelledError)` and
+`current_action().abort` say why), and it is recorded when it comes before
+the body has started, so that body never starts (the early-cancel race that
+`ray.cancel` alone loses, ray-project/ray#52628).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import os
+import pickle
+import threading
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import msgspec
+
+from flowsdk._action import ActionState, Request, current
+from flowsdk._payload import encode_output, recorded_call
+from flowsdk._phases import AbortCause
+from flowsdk.errors import InvalidStateError, SerializationError
+
+__all__ = [
+    "BodyActor",
+    "Call",
+    "CallInfo",
+    "Reply",
+    "refused_task",
+    "report_from_worker",
+]
+
+CallInfo = tuple[str, str, str, int, str | None, str, float | None]
+"""What the driver tells the worker of one attempt: run, action, task, attempt, group, key,
+and the attempt's `timeout` in seconds (counted here, from the body's start)."""
+
+Reply = tuple[str, Any]
+"""One turn's answer: `("done", outcome)` or `("messages", [message, ...])`."""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "flowsdk.ray_call", default=None
+)
+
+NESTED = (
+    "a body running on Ray cannot start child actions in flowsdk v1: task {task!r} was called "
+    "from {where}; nothing was submitted. Fan out from a driver-side parent instead (a task "
+    "without executor='ray' that calls the Ray tasks)"
+)
+
+
+class RemoteTask:
+    """What the worker knows of a task: enough to decode inputs and encode the output."""
+
+    def __init__(self, name: str, body: Callable[..., Any], max_payload: int) -> None:
+        self.name = name
+        self.fn = inspect.unwrap(body)
+        self.body = body
+        self.signature = inspect.signature(self.fn)
+        self.options = _Limits(max_payload)
+
+
+class _Limits:
+    __slots__ = ("max_payload",)
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+
+
+class RemoteRun:
+    """The run as a remote body sees it: named, and refusing task calls (SPEC §9)."""
+
+    closed = False
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self.loop = loop
+
+    def call(
+        self, task: Any, parent: ActionState, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        """Refuse a task call made in a remote body."""
+        raise InvalidStateError(NESTED.format(task=task.name, where=f"{parent.name} on Ray"))
+
+    def event(self, kind: Any, action: str | None = None, **fields: Any) -> None:
+        """Events are recorded by the driver only."""
+
+    def on_timeout(self, action: ActionState) -> None:
+        """Timeouts are decided by the driver only."""
+
+
+class _RefusedTask:
+    """A task object as a remote body sees it: calling it is refused (no nesting in v1)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        action = current.get()
+        where = f"{action.name} on Ray" if action is not None else "a Ray worker"
+        raise InvalidStateError(NESTED.format(task=self.name, where=where))
+
+    def __repr__(self) -> str:
+        return f"<flowsdk task {self.name} (on a Ray worker: calls are refused)>"
+
+
+def refused_task(name: str) -> _RefusedTask:
+    """Stand in for a flowsdk task referenced by a body shipped to a worker."""
+    return _RefusedTask(name)
+
+
+class Call:
+    """One attempt of one body on this worker: its task, its outbox, its acknowledgements."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, action: ActionState) -> None:
+        self.loop = loop
+        self.action = action
+        self.outbox: list[tuple[Any, ...]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[tuple[str, Any]] | None = None
+        self.acks: dict[int, asyncio.Future[str | None]] = {}
+        self.seq = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.thread = threading.get_ident()
+
+    def post(self, message: tuple[Any, ...]) -> None:
+        """Queue a message for the driver (from the loop's thread or any other)."""
+        if threading.get_ident() == self.thread:
+            self.outbox.append(message)
+            self._wake()
+        else:
+            self.loop.call_soon_threadsafe(self.post, message)
+
+    async def turn(self) -> Reply:
+        """Wait for the body to end or to have something to say; return that."""
+        task = self.task
+        assert task is not None
+        if not self.outbox and not task.done():
+            self.waiter = waiter = self.loop.create_future()
+            task.add_done_callback(self._wake)
+            try:
+                await waiter
+            finally:
+                task.remove_done_callback(self._wake)
+                self.waiter = None
+        if self.outbox:
+            messages, self.outbox = self.outbox, []
+            return ("messages", messages)
+        if self.timer is not None:
+            self.timer.cancel()
+        return ("done", task.result())
+
+    def _wake(self, _: object = None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def acknowledge(self, acks: list[tuple[int, str | None]]) -> None:
+        """Resolve the reports the driver has delivered (with an error text if refused)."""
+        for seq, error in acks:
+            future = self.acks.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result(error)
+
+
+class BodyActor:
+    """Runs flowsdk task bodies, one at a time, as an async Ray actor (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, RemoteTask] = {}
+        self.calls: dict[int, Call] = {}
+        self.cancelled_early: dict[int, tuple[str, tuple[str, str | None, str | None, float]]] = {}
+        self.last = 0
+        _forward_logging()
+
+    async def ping(self) -> tuple[int, str]:
+        """Answer with this worker's process id and actor id (the actor has started)."""
+        import ray  # here, in a Ray worker, Ray is there
+
+        return os.getpid(), ray.get_runtime_context().get_actor_id() or "?"
+
+    async def run(self, call_id: int, packed: bytes) -> bytes:
+        """Start one attempt of a body; answer its first turn (MessagePack both ways).
+
+        `packed` holds the task's name, the recorded inputs, the `CallInfo`,
+        `max_payload` and, the first time this actor runs that task, its body
+        (pickled). One bytes argument and one bytes answer: Ray passes them as
+        they are, which costs less than several arguments of their own.
+        """
+        name, inputs, info, max_payload, body_data = _decode(packed)
+        return _encode(await self._run(call_id, name, inputs, info, max_payload, body_data))
+
+    async def _run(
+        self,
+        call_id: int,
+        name: str,
+        inputs: bytes,
+        info: CallInfo,
+        max_payload: int,
+        body_data: bytes | None,
+    ) -> Reply:
+        self.last = max(self.last, call_id)
+        if body_data is not None:
+            self.tasks[name] = RemoteTask(info[2], pickle.loads(body_data), max_payload)
+        early = self.cancelled_early.pop(call_id, None)
+        if early is not None:
+            # The cancel came first: the body never starts.
+            return ("done", ("cancelled", early[0]))
+        loop = asyncio.get_running_loop()
+        run, action_name, _, attempt, group, key, timeout = info
+        task = self.tasks[name]
+        action = ActionState(
+            RemoteRun(run, loop), int(action_name[1:]), None, cast(Any, task), (), {}, key, group
+        )
+        action.name = action_name
+        action.attempt = attempt
+        call = Call(loop, action)
+        self.calls[call_id] = call
+        context = contextvars.copy_context()
+        context.run(current.set, action)
+        context.run(_call.set, call)
+        call.task = loop.create_task(_attempt(task, inputs), context=context)
+        if timeout is not None:
+            call.timer = loop.call_later(timeout, call.post, ("timeout",))
+        return await self._turn(call_id, call)
+
+    async def resume(self, call_id: int, acks: list[tuple[int, str | None]]) -> bytes:
+        """Acknowledge what the driver has handled; answer the body's next turn."""
+        call = self.calls[call_id]
+        call.acknowledge(acks)
+        return _encode(await self._turn(call_id, call))
+
+    async def _turn(self, call_id: int, call: Call) -> Reply:
+        reply = await call.turn()
+        if reply[0] == "done":
+            self.calls.pop(call_id, None)
+        return reply
+
+    async def cancel(
+        self, call_id: int, message: str, request: tuple[str, str | None, str | None, float]
+    ) -> bool:
+        """Cancel the body of `call_id` with `message`, or note it if it has not started yet."""
+        call = self.calls.get(call_id)
+        if call is None:
+            if call_id > self.last:
+                self.cancelled_early[call_id] = (message, request)
+            return False
+        action = call.action
+        cause, reason, by, at = request
+        req = Request(AbortCause(cause), reason, by)
+        req.at = at
+        action.req = req
+        action.cancels += 1
+        task = call.task
+        return task is not None and task.cancel(message)
+
+
+async def _attempt(task: RemoteTask, inputs: bytes) -> tuple[str, Any]:
+    """Run one attempt of a body; return its outcome as plain data (never raise).
+
+    A `KeyboardInterrupt` or `SystemExit` is caught here too: leaving the
+    task, it would stop the actor's event loop and the driver would never get
+    an answer.
+    """
+    try:
+        args, kwargs = recorded_call(cast(Any, task), inputs)
+        value = await task.body(*args, **kwargs)
+        return ("ok", encode_output(cast(Any, task), value))
+    except asyncio.CancelledError as exc:
+        return ("cancelled", exc.args[0] if exc.args and isinstance(exc.args[0], str) else "")
+    except SerializationError as exc:
+        return ("error", _error(exc))
+    except BaseException as exc:
+        return (
+            "interrupt" if isinstance(exc, KeyboardInterrupt | SystemExit) else "error",
+            _error(exc),
+        )
+
+
+def _error(exc: BaseException) -> tuple[bytes | None, str, str, str, str]:
+    """Describe an exception for the driver: pickled if it can be, else its type and message."""
+    cls = type(exc)
+    text = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {cls.__name__}>"
+    exc.__traceback__ = None  # the frames stay here; their text travels
+    try:
+        data: bytes | None = pickle.dumps(exc)
+    except Exception:
+        data = None
+    return (data, cls.__module__, cls.__qualname__, message, text)
+
+
+async def report_from_worker(value: float, step: int | None, name: str) -> None:
+    """Send a progress report from a remote body to its driver and wait until it is delivered.
+
+    The worker-side counterpart of `flowsdk.executors._remote.deliver_remote_report`:
+    `flowsdk.report` called in a body running on Ray comes here. It returns once
+    the driver has delivered the report (so a cancel decided on it lands at
+    this `await`).
+
+    Raises:
+        InvalidStateError: called outside a body running on Ray, or the driver
+            refused the report (its message says why).
+    """
+    call = _call.get()
+    if call is None:
+        raise InvalidStateError("report_from_worker() was called outside a body running on Ray")
+    call.seq += 1
+    future: asyncio.Future[str | None] = call.loop.create_future()
+    call.acks[call.seq] = future
+    call.post(("report", call.seq, value, step, name))
+    error = await future
+    if error is not None:
+        raise InvalidStateError(error)
+
+
+class _Forwarder(logging.Handler):
+    """Sends the log records emitted inside a remote body to its driver."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        call = _call.get()
+        if call is None:
+            return
+        try:
+            message = record.getMessage()
+            exc_text = None
+            if record.exc_info:
+                exc_text = "".join(traceback.format_exception(*record.exc_info))
+            elif record.exc_text:
+                exc_text = record.exc_text
+            fields = {
+                "name": record.name,
+                "msg": message,
+                "args": None,
+                "levelname": record.levelname,
+                "levelno": record.levelno,
+                "pathname": record.pathname,
+                "filename": record.filename,
+                "module": record.module,
+                "lineno": record.lineno,
+                "funcName": record.funcName,
+                "created": record.created,
+                "msecs": record.msecs,
+                "exc_text": exc_text,
+                "stack_info": record.stack_info,
+                "threadName": record.threadName,
+                "processName": "ray worker",
+                "process": record.process,
+            }
+        except Exception:
+            self.handleError(record)
+            return
+        call.post(("log", fields))
+
+
+_installed = False
+
+
+def _forward_logging() -> None:
+    """Install the forwarder on the worker's root logger (once per process)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    root = logging.getLogger()
+    root.addHandler(_Forwarder())
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        # Records at INFO and above are what an action keeps by default (SPEC §2).
+        root.setLevel(logging.INFO)

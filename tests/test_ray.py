@@ -1,0 +1,594 @@
+"""SPEC §9: task bodies on Ray, every lifetime rule holding across the boundary.
+
+All of these run against one real local Ray cluster for the session
+(`tests/ray_support.py`). A remote body's `finally` writes a marker file
+holding its worker's pid, so each test sees that the cleanup ran on the
+worker, not in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flowsdk
+from flowsdk import AbortCause, ActionPhase, EventKind
+from flowsdk.errors import (
+    ActionAbortedError,
+    ActionMarkedFailedError,
+    InvalidStateError,
+    RuntimeUserError,
+    TaskTimeoutError,
+)
+from tests.ray_support import wait_for_file, wait_for_file_sync
+from tests.support import assert_clean, by_task
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+env = flowsdk.TaskEnvironment("onray", executor="ray", grace_period=5.0)
+_drivers = itertools.count(1)
+
+
+def driver() -> flowsdk.TaskEnvironment:
+    """A fresh driver-side environment (each test's root is called `main`)."""
+    return flowsdk.TaskEnvironment(f"driver{next(_drivers)}")
+
+
+def mark(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+@env.task
+async def square(x: int) -> int:
+    return x * x
+
+
+class BodyError(Exception):
+    pass
+
+
+@env.task
+async def fails(text: str) -> int:
+    raise BodyError(text)
+
+
+@env.task
+async def sleeper(folder: str) -> str:
+    """Say it started, sleep; on cancellation write why and where into `done`."""
+    mark(f"{folder}/started", str(os.getpid()))
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError as exc:
+        abort = flowsdk.current_action().abort
+        mark(f"{folder}/why", f"{exc}|{abort.cause.value if abort else None}")
+        raise
+    finally:
+        mark(f"{folder}/done", str(os.getpid()))
+    return "slept"
+
+
+def assert_cleaned_on_worker(folder: Path) -> None:
+    pid = wait_for_file_sync(folder / "done")
+    assert int(pid) != os.getpid()
+    assert pid == (folder / "started").read_text()
+
+
+def running_event(run: flowsdk.Run[Any], action: str) -> str:
+    messages = [
+        e.message or ""
+        for e in run.events
+        if e.kind is EventKind.ACTION and e.action == action and e.phase == "RUNNING"
+    ]
+    return next(m for m in messages if m.startswith("running on Ray"))
+
+
+def test_value_and_error_round_trip() -> None:
+    causes: list[BaseException | None] = []
+
+    @driver().task
+    async def main() -> int:
+        value = await square(7)
+        try:
+            await fails("bad input 42")
+        except RuntimeUserError as exc:
+            causes.append(exc.__cause__)
+        return value
+
+    run = flowsdk.run(main)
+    assert run.result() == 49
+    [cause] = causes
+    assert type(cause) is BodyError
+    assert str(cause) == "bad input 42"
+    failed = by_task(run, "fails")[0]
+    assert failed.phase is ActionPhase.FAILED
+    assert failed.error is not None
+    assert failed.error.type.endswith("BodyError")
+    assert "Raised on a Ray worker" in failed.error.traceback
+    assert "in fails" in failed.error.traceback
+    message = running_event(run, by_task(run, "square")[0].name)
+    assert "actor " in message
+    assert "task " in message
+    assert_clean(run)
+
+
+def test_current_action_and_logging_reach_the_driver() -> None:
+    seen: list[tuple[str, str, str | None]] = []
+
+    class PerAction(logging.Handler):
+        """A handler keyed on the action's context, as per-action log capture is."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            from flowsdk._action import current
+
+            action = current.get()
+            seen.append((record.getMessage(), record.levelname, action.name if action else None))
+
+    @env.task
+    async def introspect(tag: str) -> dict[str, Any]:
+        info = flowsdk.current_action()
+        logging.getLogger("user.remote").info("hello %s from pid %d", tag, os.getpid())
+        try:
+            raise ValueError("logged")
+        except ValueError:
+            logging.getLogger("user.remote").exception("with traceback")
+        return {"run": info.run, "name": info.name, "task": info.task, "attempt": info.attempt,
+                "group": info.group, "pid": os.getpid()}  # fmt: skip
+
+    @driver().task
+    async def main() -> dict[str, Any]:
+        with flowsdk.group("stage"):
+            return await introspect("x")
+
+    handler = PerAction()
+    logger = logging.getLogger("user.remote")
+    logger.addHandler(handler)
+    try:
+        run = flowsdk.run(main)
+    finally:
+        logger.removeHandler(handler)
+    info = run.result()
+    assert info["pid"] != os.getpid()
+    assert info == {"run": run.name, "name": "a1", "task": "onray.introspect", "attempt": 1,
+                    "group": "stage", "pid": info["pid"]}  # fmt: skip
+    assert seen[0] == (f"hello x from pid {info['pid']}", "INFO", "a1")
+    assert seen[1][1:] == ("ERROR", "a1")
+
+
+def test_report_channel_delivers_to_the_driver_sink() -> None:
+    from flowsdk.executors._ray_worker import report_from_worker
+    from flowsdk.executors._remote import set_report_sink
+
+    got: list[tuple[str, float, int | None, str]] = []
+
+    async def sink(action: Any, value: float, step: int | None, name: str) -> None:
+        got.append((action.name, value, step, name))
+
+    @env.task
+    async def reporter() -> int:
+        for step in range(3):
+            await report_from_worker(step / 2, step, "loss")
+        return len(got)  # the driver's list, as pickled: empty on the worker
+
+    @driver().task
+    async def main() -> int:
+        return await reporter()
+
+    previous = set_report_sink(sink)
+    try:
+        run = flowsdk.run(main)
+    finally:
+        set_report_sink(previous)
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    assert got == [("a1", 0.0, 0, "loss"), ("a1", 0.5, 1, "loss"), ("a1", 1.0, 2, "loss")]
+
+
+def test_report_without_a_sink_raises_in_the_body() -> None:
+    from flowsdk.executors._ray_worker import report_from_worker
+    from flowsdk.executors._remote import set_report_sink
+
+    @env.task
+    async def reporter_alone() -> None:
+        await report_from_worker(1.0, None, "value")
+
+    @driver().task
+    async def main() -> None:
+        await reporter_alone()
+
+    previous = set_report_sink(None)
+    try:
+        run = flowsdk.run(main)
+    finally:
+        set_report_sink(previous)
+    with pytest.raises(RuntimeUserError) as info:
+        run.result()
+    assert isinstance(info.value.__cause__, InvalidStateError)
+    assert "no report sink" in str(info.value.__cause__)
+
+
+def test_root_exit_cancels_the_remote_body(tmp_path: Path) -> None:
+    @driver().task
+    async def main(folder: str) -> str:
+        asyncio.create_task(sleeper(folder))  # noqa: RUF006 (the root's exit ends it)
+        await wait_for_file(Path(folder) / "started")
+        return "root done"
+
+    run = flowsdk.run(main, str(tmp_path))
+    assert run.result() == "root done"
+    child = by_task(run, "sleeper")[0]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.ROOT_EXIT
+    assert_cleaned_on_worker(tmp_path)
+    assert (tmp_path / "why").read_text().endswith("|root_exit")
+    assert_clean(run)
+
+
+def test_task_cancel_reaches_the_remote_body(tmp_path: Path) -> None:
+    @driver().task
+    async def main(folder: str) -> str:
+        t = asyncio.create_task(sleeper(folder))
+        await wait_for_file(Path(folder) / "started")
+        t.cancel("early stop")
+        try:
+            await t
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "not cancelled"
+
+    run = flowsdk.run(main, str(tmp_path))
+    assert run.result() == "cancelled"
+    child = by_task(run, "sleeper")[0]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert (child.abort.cause, child.abort.reason) == (AbortCause.CANCELLED, "early stop")
+    assert_cleaned_on_worker(tmp_path)
+    assert "early stop" in (tmp_path / "why").read_text()
+
+
+def test_external_abort_from_the_cli(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    folder = tmp_path / "m"
+    folder.mkdir()
+
+    @driver().task
+    async def main(folder: str) -> str:
+        try:
+            await sleeper(folder)
+        except ActionAbortedError as exc:
+            return f"aborted: {exc.reason}"
+        return "finished"
+
+    async def scenario() -> flowsdk.Run[Any]:
+        handle = await flowsdk.start(main, str(folder), store=store)
+        await wait_for_file(folder / "started")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flowsdk", "abort", handle.name, "a1",
+            "--reason", "operator says", "--store", store,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, (out, err)
+        return await handle.wait()
+
+    run = asyncio.run(scenario())
+    assert run.result() == "aborted: operator says"
+    child = by_task(run, "sleeper")[0]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.EXTERNAL
+    assert_cleaned_on_worker(folder)
+    assert (folder / "why").read_text().endswith("|external")
+
+
+def test_mark_failed_reaches_the_remote_body(tmp_path: Path) -> None:
+    @driver().task
+    async def main(folder: str) -> str:
+        try:
+            await sleeper(folder)
+        except RuntimeUserError as exc:
+            return type(exc.__cause__).__name__
+        return "finished"
+
+    async def scenario() -> flowsdk.Run[Any]:
+        handle = await flowsdk.start(main, str(tmp_path))
+        await wait_for_file(tmp_path / "started")
+        await handle.mark_failed("a1", reason="bad trial")
+        return await handle.wait()
+
+    run = asyncio.run(scenario())
+    assert run.result() == ActionMarkedFailedError.__name__
+    child = by_task(run, "sleeper")[0]
+    assert child.phase is ActionPhase.FAILED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.MARK_FAILED
+    assert_cleaned_on_worker(tmp_path)
+
+
+def test_timeout_counts_on_the_worker(tmp_path: Path) -> None:
+    timed = flowsdk.TaskEnvironment("onray_timed", executor="ray", timeout=0.5)
+
+    @timed.task
+    async def slow(folder: str) -> str:
+        mark(f"{folder}/started", str(os.getpid()))
+        try:
+            await asyncio.sleep(60)
+        finally:
+            mark(f"{folder}/done", str(os.getpid()))
+        return "slow"
+
+    @driver().task
+    async def main(folder: str) -> str:
+        try:
+            await slow(folder)
+        except RuntimeUserError as exc:
+            return type(exc).__name__
+        return "finished"
+
+    run = flowsdk.run(main, str(tmp_path))
+    assert run.result() == TaskTimeoutError.__name__
+    child = by_task(run, "slow")[0]
+    assert child.phase is ActionPhase.FAILED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.TIMEOUT
+    assert_cleaned_on_worker(tmp_path)
+
+
+def test_stop_and_abandon_reaches_the_remote_body(tmp_path: Path) -> None:
+    @driver().task
+    async def main(folder: str) -> str:
+        return await sleeper(folder)
+
+    async def scenario() -> flowsdk.Run[Any]:
+        handle = await flowsdk.start(main, str(tmp_path))
+        await wait_for_file(tmp_path / "started")
+        await handle.stop(abandon=True, reason="enough")
+        return await handle.wait()
+
+    run = asyncio.run(scenario())
+    assert run.phase is flowsdk.RunPhase.STOPPED
+    child = by_task(run, "sleeper")[0]
+    assert child.phase is ActionPhase.ABANDONED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.STOP
+    assert_cleaned_on_worker(tmp_path)
+
+
+def test_stop_and_wait_lets_the_remote_body_finish(tmp_path: Path) -> None:
+    @env.task
+    async def gated(folder: str) -> str:
+        mark(f"{folder}/started", str(os.getpid()))
+        while not Path(folder, "go").exists():
+            await asyncio.sleep(0.01)  # polling a file this test writes
+        return "finished"
+
+    @driver().task
+    async def main(folder: str) -> str:
+        return await gated(folder)
+
+    async def scenario() -> flowsdk.Run[Any]:
+        handle = await flowsdk.start(main, str(tmp_path))
+        await wait_for_file(tmp_path / "started")
+        await handle.stop(reason="drain")
+        (tmp_path / "go").write_text("go")
+        return await handle.wait()
+
+    run = asyncio.run(scenario())
+    assert run.phase is flowsdk.RunPhase.STOPPED
+    child = by_task(run, "gated")[0]
+    assert child.phase is ActionPhase.SUCCEEDED
+
+
+def test_a_body_swallowing_cancellation_is_killed_after_its_grace(tmp_path: Path) -> None:
+    stubborn_env = flowsdk.TaskEnvironment("onray_stubborn", executor="ray", grace_period=0.3)
+
+    @stubborn_env.task
+    async def stubborn(folder: str) -> str:
+        mark(f"{folder}/started", str(os.getpid()))
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                mark(f"{folder}/swallowed", "yes")
+
+    @driver().task
+    async def main(folder: str) -> str:
+        t = asyncio.create_task(stubborn(folder))
+        await wait_for_file(Path(folder) / "started")
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+        return "done"
+
+    run = flowsdk.run(main, str(tmp_path))
+    child = by_task(run, "stubborn")[0]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.cleanup_incomplete is True
+    assert (tmp_path / "swallowed").exists()
+    pid = int((tmp_path / "started").read_text())
+    assert wait_until_gone(pid)
+    assert_clean(run)
+
+
+def wait_until_gone(pid: int) -> bool:
+    async def poll() -> bool:
+        for _ in range(3000):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            await asyncio.sleep(0.01)  # polling for another process's exit
+        return False
+
+    return asyncio.run(poll())
+
+
+def test_early_cancel_race_never_lets_a_body_run_on(tmp_path: Path) -> None:
+    @env.task
+    async def brief(folder: str, i: int) -> None:
+        await asyncio.sleep(0.05)
+        mark(f"{folder}/ran-{i}", "ran past its first await")
+
+    @driver().task
+    async def main(folder: str, count: int) -> int:
+        rng = random.Random(13)
+        cancelled = 0
+        for i in range(count):
+            t = asyncio.create_task(brief(folder, i))
+            # The delay IS the behaviour under test: a cancel 0-5 ms after submission.
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                cancelled += 1
+        return cancelled
+
+    run = flowsdk.run(main, str(tmp_path), 300)
+    assert run.result() == 300
+    ran = sorted(p.name for p in tmp_path.glob("ran-*"))
+    assert ran == []
+    assert all(a.phase is ActionPhase.ABORTED for a in by_task(run, "brief"))
+
+
+def test_nested_calls_are_refused() -> None:
+    @env.task
+    async def nests() -> int:
+        return await square(2)
+
+    @driver().task
+    async def main() -> str:
+        try:
+            await nests()
+        except RuntimeUserError as exc:
+            return f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        return "nested"
+
+    run = flowsdk.run(main)
+    text = run.result()
+    assert text.startswith("InvalidStateError: a body running on Ray cannot start child actions")
+    assert "onray.square" in text
+    assert len(run.actions) == 2  # nothing was submitted for the nested call
+
+
+def test_a_dead_worker_fails_the_attempt_and_it_is_retried(tmp_path: Path) -> None:
+    retried = flowsdk.TaskEnvironment("onray_retried", executor="ray", retries=1, backoff=0)
+
+    @retried.task
+    async def dies_once(folder: str) -> int:
+        first = Path(folder, "first")
+        if not first.exists():
+            first.write_text(str(os.getpid()))
+            os._exit(1)
+        return 2
+
+    @driver().task
+    async def main(folder: str) -> int:
+        return await dies_once(folder)
+
+    run = flowsdk.run(main, str(tmp_path))
+    assert run.result() == 2
+    child = by_task(run, "dies_once")[0]
+    assert (child.phase, child.attempt) == (ActionPhase.SUCCEEDED, 2)
+    failed = [e.message or "" for e in run.events if "failed with" in (e.message or "")]
+    assert failed
+    assert "ray.exceptions" in failed[0]
+
+
+def test_ray_options_are_checked_at_decoration() -> None:
+    with pytest.raises(ValueError, match="max_retries"):
+        flowsdk.TaskEnvironment("bad_retries", executor="ray", ray_options={"max_retries": 3})
+    with pytest.raises(ValueError, match="max_restarts"):
+        env.task(ray_options={"max_restarts": 1})
+    with pytest.raises(ValueError, match="executor='ray'"):
+        flowsdk.TaskEnvironment("bad_local", ray_options={"num_cpus": 1})
+    with pytest.raises(ValueError, match="manages its actors"):
+        flowsdk.TaskEnvironment("bad_conc", executor="ray", ray_options={"max_concurrency": 2})
+    placed = flowsdk.TaskEnvironment("placed", executor="ray", ray_options={"num_cpus": 0.5})
+    assert placed.options.ray_options == {"num_cpus": 0.5}
+
+
+def test_the_local_cluster_listens_on_loopback_only() -> None:
+    listing = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=True).stdout
+    ray_lines = [
+        line
+        for line in listing.splitlines()
+        if any(name in line for name in ('"raylet"', '"gcs_server"', '"ray::', "ray::"))
+    ]
+    assert ray_lines, listing
+    for line in ray_lines:
+        local_address = line.split()[3]
+        assert local_address.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")), line
+
+
+def test_import_flowsdk_does_not_import_ray() -> None:
+    probe = (
+        "import sys, flowsdk\n"
+        "env = flowsdk.TaskEnvironment('e', executor='ray')\n"
+        "print('ray' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_body_that_cannot_be_sent_fails_with_serialization_error() -> None:
+    import threading
+
+    from flowsdk.errors import SerializationError
+
+    lock = threading.Lock()  # a lock cannot be pickled
+
+    @env.task
+    async def holds_a_lock() -> bool:
+        return lock.locked()
+
+    @driver().task
+    async def main() -> str:
+        try:
+            await holds_a_lock()
+        except RuntimeUserError as exc:
+            return f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        return "sent"
+
+    text = flowsdk.run(main).result()
+    assert text.startswith(f"{SerializationError.__name__}: task 'onray.holds_a_lock' cannot be")
+
+
+def test_a_keyboard_interrupt_in_a_remote_body_aborts_the_run_and_spares_the_actor() -> None:
+    interrupt_env = flowsdk.TaskEnvironment("onray_interrupt", executor="ray")
+
+    @interrupt_env.task
+    async def interrupts() -> int:
+        raise KeyboardInterrupt
+
+    @interrupt_env.task
+    async def pid() -> int:
+        return os.getpid()
+
+    pids: list[int] = []
+
+    @driver().task
+    async def first() -> None:
+        pids.append(await pid())
+        await interrupts()
+
+    @driver().task
+    async def second() -> int:
+        return await pid()
+
+    with pytest.raises(KeyboardInterrupt):
+        flowsdk.run(first)
+    # The actor's event loop survived: the next body runs on the same worker.
+    after = flowsdk.run(second)
+    assert after.phase is flowsdk.RunPhase.SUCCEEDED
+    assert after.result() == pids[0] != os.getpid()
