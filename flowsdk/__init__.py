@@ -10,6 +10,7 @@ from flowsdk._client import Client
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk._progress import Report, follow, report
 from flowsdk._records import (
     AbortInfo,
     AbortRequest,
@@ -46,6 +47,7 @@ __all__ = [
     "EventKind",
     "MarkFailedRequest",
     "Outcome",
+    "Report",
     "Role",
     "Run",
     "RunHandle",
@@ -57,7 +59,9 @@ __all__ = [
     "TaskEnvironment",
     "current_action",
     "errors",
+    "follow",
     "group",
+    "report",
     "run",
     "run_async",
     "start",

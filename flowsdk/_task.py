@@ -34,6 +34,7 @@ _OVERRIDABLE = frozenset(
         "cache_version",
         "backoff",
         "max_payload",
+        "log_level",
     }
 )
 
@@ -71,6 +72,8 @@ class TaskEnvironment:
         backoff: Seconds before the first retry; each further retry waits twice
             as long, at most 60 s.
         max_payload: The largest recorded input or output, in bytes (default 10 MiB).
+        log_level: The lowest level of the `logging` records emitted in a body
+            that are kept with its action (`"INFO"` by default; a name or a number).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class TaskEnvironment:
         backoff: float = 1.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         deadline: float | None = None,
+        log_level: int | str = "INFO",
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -98,6 +102,7 @@ class TaskEnvironment:
             executor=executor,
             max_payload=max_payload,
             deadline=deadline,
+            log_level=log_level,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -122,6 +127,7 @@ class TaskEnvironment:
         cache_version: str | None = ...,
         backoff: float = ...,
         max_payload: int = ...,
+        log_level: int | str = ...,
     ) -> _Decorator: ...
 
     def task(self, *fn: Any, **overrides: Any) -> Any:
