@@ -69,9 +69,9 @@ class _Capture(logging.Handler):
             except Exception:  # logging must never break the body
                 self.handleError(record)
         last = logging.lastResort
-        if self.stand_in and last is not None and record.levelno >= last.level:
-            if self._alone(record):
-                last.handle(record)
+        stands_in = self.stand_in and last is not None and record.levelno >= last.level
+        if stands_in and last is not None and self._alone(record):
+            last.handle(record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:

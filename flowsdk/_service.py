@@ -36,8 +36,10 @@ from flowsdk._records import (
     Actor,
     ControlRequest,
     ControlResult,
+    LogEntry,
     MarkFailedRequest,
     Outcome,
+    Progress,
     RefusedRequest,
     Role,
     RunRecord,
@@ -121,6 +123,23 @@ class ControlService:
         """Return one attempt of a run (default: the latest) with its actions and events."""
         self.authorize(Permission.READ)
         return run_from_stored(self.store.load_run(name, attempt))
+
+    def progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
+        """Return the progress reports of one attempt (or one action), oldest first."""
+        self.authorize(Permission.READ)
+        return self.store.load_progress(name, attempt, action)
+
+    def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt."""
+        self.authorize(Permission.READ)
+        return self.store.latest_progress(name, attempt)
+
+    def logs(
+        self, name: str, attempt: int, action: str | None = None, cursor: int = -1
+    ) -> list[LogEntry]:
+        """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
+        self.authorize(Permission.READ)
+        return self.store.load_logs(name, attempt, action, cursor)
 
     # -- control -----------------------------------------------------------------------
 
