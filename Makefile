@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_abort.py
 	$(BIN)/python benchmarks/bench_console.py
+	$(BIN)/python benchmarks/bench_report.py
 
 # Long campaigns, not part of `make test`: SIGKILL runners at random moments.
 soak: $(STAMP)

@@ -165,7 +165,8 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
     """Record a numeric progress value of the calling action and tell its observers.
 
     Shown by `show`, `watch` and the console, and kept in the store. Returns
-    once the observers attached with `flowsdk.follow` have seen it.
+    once the observers attached with `flowsdk.follow` have seen it. Without
+    observers it costs a few microseconds and no loop step.
 
     Raises:
         NotInRunError: called outside a run.
@@ -178,38 +179,56 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
             "flowsdk.report() was called outside a run; call it from a task body "
             "running under flowsdk.run()"
         )
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"flowsdk.report needs a number as value, not {type(value).__name__}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-        raise TypeError(f"step must be an int or None, not {type(step).__name__}")
-    if step is not None and step < 0:
+    kind = type(value)
+    if kind is not float and (kind is bool or not isinstance(value, int | float)):
+        raise TypeError(f"flowsdk.report needs a number as value, not {kind.__name__}")
+    if step is not None and (type(step) is not int or step < 0):
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int or None, not {type(step).__name__}")
         raise ValueError(f"step must be >= 0, not {step}")
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, not {type(name).__name__}")
-    if not name or len(name) > MAX_NAME:
-        raise ValueError(f"name must be 1 to {MAX_NAME} characters, not {len(name)}")
-    await deliver_report(state, float(value), step, name)
+    if name != "value":
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string, not {type(name).__name__}")
+        if not name or len(name) > MAX_NAME:
+            raise ValueError(f"name must be 1 to {MAX_NAME} characters, not {len(name)}")
+        name = name.replace("\x00", "\\x00")
+    trace = _record(state, float(value), step, name)
+    if trace.observers:
+        await _observe(state, trace)
 
 
 async def deliver_report(state: ActionState, value: float, step: int | None, name: str) -> None:
     """Record a report of `state` and wait until its observers have seen it.
 
-    The driver-side entry point: `flowsdk.report` calls it in the body's own
-    task, and an executor that runs the body elsewhere calls it, on the run's
-    loop, with each report the remote body sends (from the action's task,
-    so that a cancel decided by an observer lands where the body waits).
+    The driver-side entry point: `flowsdk.report` does the same in the body's
+    own task, and an executor that runs the body elsewhere calls it, on the
+    run's loop, with each report the remote body sends (from the action's
+    task, so that a cancel decided by an observer lands where the body waits).
     """
-    trace = trace_of(state)
-    row = ProgressRow(
-        state.name, trace.reports, time.time(), name.replace("\x00", "\\x00"), step, value
-    )
+    trace = _record(state, value, step, name.replace("\x00", "\\x00"))
+    if trace.observers:
+        await _observe(state, trace)
+
+
+def _record(state: ActionState, value: float, step: int | None, name: str) -> Trace:
+    """Record one report of `state` (the cheap part: no observer, no await)."""
+    try:
+        trace: Trace = state.trace
+    except AttributeError:
+        trace = state.trace = Trace(state)
+    row = ProgressRow(state.name, trace.reports, time.time(), name, step, value)
     trace.reports += 1
     trace.latest = row
     recorder = recorder_of(state)
     if recorder is not None:
         recorder.progress(row)
-    if not trace.observers:
-        return
+    return trace
+
+
+async def _observe(state: ActionState, trace: Trace) -> None:
+    """Hand the latest report to each observer; let a cancel they decided on land here."""
+    row = trace.latest
+    assert row is not None
     seen = Report(state, row)
     for observer in trace.observers:
         answer = observer(seen)

@@ -281,6 +281,7 @@ class _MemoryRecorder:
         self._store = store
         self.record = record
         self.channel = channel
+        self._reports: list[ProgressRow] | None = None
 
     def action(self, row: ActionRow) -> None:
         """Not used: `streams` is false (the runner's own lists are the record)."""
@@ -290,8 +291,11 @@ class _MemoryRecorder:
 
     def progress(self, row: ProgressRow) -> None:
         """Keep one progress report (readable while the run goes on)."""
-        key = (self.record.name, self.record.attempt)
-        self._store._progress.setdefault(key, []).append(row)
+        reports = self._reports
+        if reports is None:
+            key = (self.record.name, self.record.attempt)
+            reports = self._reports = self._store._progress.setdefault(key, [])
+        reports.append(row)
 
     def log(self, row: LogRow) -> None:
         """Keep one log record; an action keeps its last `MAX_LOGS`."""
