@@ -61,11 +61,14 @@ def test_a_pruned_child_is_aborted_at_its_report_with_the_reason_and_its_finally
     assert run.result() == ["float", "CancelledError"]
     a1, a2 = run.actions[1], run.actions[2]
     assert (a1.phase, a2.phase) == (ActionPhase.SUCCEEDED, ActionPhase.ABORTED)
-    assert a2.abort is not None and a2.abort.cause is AbortCause.CANCELLED
+    assert a2.abort is not None
+    assert a2.abort.cause is AbortCause.CANCELLED
     assert a2.abort.reason == "pruned at step 3"
     assert sorted(cleaned) == ["a1", "a2"]
     # a1 reached every step; a2 stopped at the report of step 3, before its next line.
-    assert reached.count(2) == 2 and reached.count(3) == 1 and reached.count(4) == 1
+    assert reached.count(2) == 2
+    assert reached.count(3) == 1
+    assert reached.count(4) == 1
     assert [s for a, s, _ in seen if a == "a2"] == [0, 1, 2, 3]
 
 
@@ -98,7 +101,8 @@ def test_a_prune_decided_on_the_last_report_stops_the_body_at_that_report() -> N
     assert after == []
     child = run.actions[1]
     assert child.phase is ActionPhase.ABORTED
-    assert child.abort is not None and child.abort.reason == "worse than the median"
+    assert child.abort is not None
+    assert child.abort.reason == "worse than the median"
 
 
 def test_reports_of_grandchildren_are_not_passed_to_the_grandparent() -> None:
@@ -139,7 +143,7 @@ def test_report_rejects_bad_input_and_runs_only_in_a_run() -> None:
     flowsdk.run(main, store=MemoryStore())
     assert errors == ["TypeError", "ValueError", "ValueError"]
     with pytest.raises(TypeError, match="call of a task"):
-        flowsdk.follow(42, print)  # type: ignore[arg-type]
+        _ = flowsdk.follow(42, print)  # type: ignore[arg-type]
 
 
 def test_logs_are_captured_per_action_at_the_log_level_and_each_is_bounded() -> None:
@@ -214,8 +218,10 @@ def test_show_and_logs_print_progress_and_logs_with_escapes_made_visible(tmp_pat
     tree = cli("show", "shown")
     assert "loss 0.5 @3" in tree
     detail = cli("show", "shown", "a1")
-    assert "\x1b" not in detail and "\x07" not in detail
-    assert "evil \\x1b]0;title\\x07 text" in detail and "step      3  0.5" in detail
+    assert "\x1b" not in detail
+    assert "\x07" not in detail
+    assert "evil \\x1b]0;title\\x07 text" in detail
+    assert "step      3  0.5" in detail
     printed = cli("logs", "shown")
     assert "a1 INFO tests.progress: evil \\x1b]0;title\\x07 text" in printed
     assert "\x1b" not in printed
@@ -269,7 +275,8 @@ def test_an_optuna_study_prunes_in_the_parent_and_its_states_match_the_records()
     pruned = [a for a in run.actions if a.phase is ActionPhase.ABORTED]
     assert pruned, "the median pruner pruned nothing"
     for action in pruned:
-        assert action.abort is not None and action.abort.cause is AbortCause.CANCELLED
+        assert action.abort is not None
+        assert action.abort.cause is AbortCause.CANCELLED
         assert (action.abort.reason or "").startswith("pruned by MedianPruner at step ")
         assert "median" in (action.abort.reason or "")
     with pytest.raises(ValueError, match="n_trials"):
@@ -282,8 +289,18 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
     url = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "HPO_DIR": str(tmp_path), "NO_COLOR": "1", "PYTHONPATH": str(REPO)}
     runner = subprocess.Popen(
-        [sys.executable, "-m", "flowsdk", "run", "tests.workflows.hpo_study:search"]
-        + ["--name", "study", "--store", url, "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "flowsdk",
+            "run",
+            "tests.workflows.hpo_study:search",
+            "--name",
+            "study",
+            "--store",
+            url,
+            "--quiet",
+        ],
         cwd=REPO,
         env={**env, "HPO_BLOCK": "1"},
         stdout=subprocess.DEVNULL,
@@ -314,11 +331,13 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
     with flowsdk.Client(url) as client:
         run = client.get_run("study")
         first = client.get_run("study", attempt=1)
-    assert run.record.attempt == 2 and run.phase is RunPhase.SUCCEEDED
+    assert run.record.attempt == 2
+    assert run.phase is RunPhase.SUCCEEDED
     counts = run.result()
     assert counts["trials"] == 12
     replayed = [a for a in run.actions if a.replayed and a.task == "hpo_study.trial"]
-    assert len(replayed) >= 5 and len(replayed) <= finished
+    assert len(replayed) >= 5
+    assert len(replayed) <= finished
     # The same parameters as the first attempt, trial by trial.
     before = {a.key: a for a in first.actions if a.task == "hpo_study.trial"}
     inputs = first.payloads()
