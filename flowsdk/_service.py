@@ -124,9 +124,13 @@ class ControlService:
         self.authorize(Permission.READ)
         return run_from_stored(self.store.load_run(name, attempt))
 
-    def progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
-        """Return the progress reports of one attempt (or one action), oldest first."""
+    def progress(
+        self, name: str, attempt: int | None = None, action: str | None = None
+    ) -> list[Progress]:
+        """Return the progress reports of one attempt (default: the latest), oldest first."""
         self.authorize(Permission.READ)
+        if attempt is None:
+            attempt = self.store.load_record(name).attempt
         return self.store.load_progress(name, attempt, action)
 
     def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
@@ -135,10 +139,12 @@ class ControlService:
         return self.store.latest_progress(name, attempt)
 
     def logs(
-        self, name: str, attempt: int, action: str | None = None, cursor: int = -1
+        self, name: str, attempt: int | None = None, action: str | None = None, cursor: int = -1
     ) -> list[LogEntry]:
-        """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
+        """Return the kept log records of one attempt (default: the latest) after `cursor`."""
         self.authorize(Permission.READ)
+        if attempt is None:
+            attempt = self.store.load_record(name).attempt
         return self.store.load_logs(name, attempt, action, cursor)
 
     # -- control -----------------------------------------------------------------------
