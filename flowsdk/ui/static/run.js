@@ -303,7 +303,8 @@
 
   // -- progress curves and logs ------------------------------------------------------------
 
-  const SVG_NS = "http://www.w3.org/2000/svg";
+  // The SVG namespace, from an <svg> of the page (the HTML parser gives it its namespace).
+  const SVG_NS = document.getElementById("svg-proto").namespaceURI;
   const MAX_CURVES = 200;
   const MAX_LOGS = 500;
   let progress = []; // the run's reports, oldest first
