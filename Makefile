@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/python examples/hpo_early_stop.py
+	$(BIN)/python examples/hpo_optuna.py
 	@echo "next: $(BIN)/flowsdk runs, then $(BIN)/flowsdk show NAME (the tree, with each action's values)" \
-		"and $(BIN)/flowsdk show NAME a1 (one trial in full); the web console: $(BIN)/flowsdk ui"
+		"and $(BIN)/flowsdk show NAME a1 (one trial in full: its curve and logs), $(BIN)/flowsdk logs NAME;" \
+		"the web console (curves of the search): $(BIN)/flowsdk ui"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

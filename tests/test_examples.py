@@ -63,6 +63,13 @@ EXPECTED: dict[str, list[str]] = {
         r"a3\s+0\.01\s+ABORTED\s+cancelled\s+-",
         r"a4\s+0\.001\s+ABORTED\s+cancelled\s+-",
     ],
+    "hpo_optuna.py": [
+        r"run search-[0-9a-f]+: SUCCEEDED",
+        r"36 trials: (\d+) complete, ([1-9]\d*) pruned, 0 failed",
+        r"best validation loss 0\.\d+ with lr=\S+, l2=\S+, batch=\d+",
+        r"actions: \d+ SUCCEEDED, [1-9]\d* ABORTED",
+        r"a\d+\s+cancelled: pruned by MedianPruner at step \d+ \(value [\d.]+; median [\d.]+\)",
+    ],
     "pipeline_stages.py": [
         r"operator: flowsdk abort abort-stage --group test: abort of group 'test' of run "
         r"'abort-stage' applied",
