@@ -234,8 +234,12 @@ async def _observe(state: ActionState, trace: Trace) -> None:
         answer = observer(seen)
         if answer is not None and inspect.isawaitable(answer):
             await answer
-    host = state.host
-    if state.req is None and host is not None and host.cancelling() and not host.done():
+    # The task awaiting this action: a task of its own (`create_task`, `gather`), or
+    # the parent's body awaiting the call directly.
+    waiter = state.host
+    if waiter is None and state.parent is not None:
+        waiter = state.parent.atask
+    if state.req is None and waiter is not None and waiter.cancelling() and not waiter.done():
         # An observer cancelled the task awaiting this action (`t.cancel()`): that
         # task turns it into this action's cancel on its next step. Give it that
         # step, so the cancel lands here and not at the body's next await.

@@ -346,3 +346,34 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
         old = before.get(action.key)
         if old is not None:
             assert again[action.name][0] == inputs[old.name][0]
+
+
+def test_an_observer_cancelling_the_parent_itself_stops_the_child_at_its_report() -> None:
+    env = flowsdk.TaskEnvironment("direct")
+    after: list[int] = []
+
+    @env.task
+    async def train() -> None:
+        for step in range(3):
+            await flowsdk.report(float(step), step=step)
+            after.append(step)
+
+    @env.task
+    async def main() -> str:
+        me = asyncio.current_task()
+        assert me is not None
+
+        def on_report(report: flowsdk.Report) -> None:
+            if report.step == 1:
+                me.cancel("enough")  # the parent awaits the call directly
+
+        try:
+            await flowsdk.follow(train(), on_report)
+        except asyncio.CancelledError:
+            return "stopped"
+        return "finished"
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.result() == "stopped"
+    assert after == [0]
+    assert run.actions[1].phase is ActionPhase.ABORTED
