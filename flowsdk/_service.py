@@ -139,13 +139,21 @@ class ControlService:
         return self.store.latest_progress(name, attempt)
 
     def logs(
-        self, name: str, attempt: int | None = None, action: str | None = None, cursor: int = -1
+        self,
+        name: str,
+        attempt: int | None = None,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
     ) -> list[LogEntry]:
-        """Return the kept log records of one attempt (default: the latest) after `cursor`."""
+        """Return the kept log records of one attempt (default: the latest) after `cursor`.
+
+        Oldest first, at most `limit` of them (all without one).
+        """
         self.authorize(Permission.READ)
         if attempt is None:
             attempt = self.store.load_record(name).attempt
-        return self.store.load_logs(name, attempt, action, cursor)
+        return self.store.load_logs(name, attempt, action, cursor, limit)
 
     # -- control -----------------------------------------------------------------------
 

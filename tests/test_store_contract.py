@@ -537,6 +537,8 @@ def test_progress_and_logs_are_kept_bounded_and_read_back(store: str | Store) ->
         assert [e.message for e in everything[-2:]] == ["record 0", "record 1"]
         after = opened.load_logs("traced", 1, cursor=everything[-2].seq)
         assert [e.message for e in after] == ["record 1"]
+        page = opened.load_logs("traced", 1, "a1", cursor=first[9].seq, limit=3)
+        assert [e.message for e in page] == ["record 15", "record 16", "record 17"]
     finally:
         if isinstance(store, str):
             opened.close()

@@ -235,11 +235,17 @@ class RunReader(Protocol):
         """Return each action's latest progress report in one attempt (keyed by action)."""
 
     def load_logs(
-        self, name: str, attempt: int, action: str | None = None, cursor: int = -1
+        self,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
     ) -> list[LogEntry]:
         """Return the kept log records of one attempt (or one action) with `seq > cursor`.
 
-        Oldest first; pass the last `seq` seen as the next cursor to follow a run.
+        Oldest first, the first `limit` of them; pass the last `seq` seen as the
+        next cursor to follow a run (or to read the next page).
         """
 
 

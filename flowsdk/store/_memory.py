@@ -207,7 +207,12 @@ class MemoryStore:
         return {action: progress_from_row(row) for action, row in latest.items()}
 
     def load_logs(
-        self, name: str, attempt: int, action: str | None = None, cursor: int = -1
+        self,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
     ) -> list[LogEntry]:
         """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
         kept = self._logs.get((name, attempt), {})
@@ -216,7 +221,7 @@ class MemoryStore:
         else:
             rows = [row for records in list(kept.values()) for row in list(records)]
             rows.sort(key=lambda r: r.seq)
-        return [log_from_row(r) for r in rows if r.seq > cursor]
+        return [log_from_row(r) for r in rows if r.seq > cursor][:limit]
 
     # -- control -----------------------------------------------------------------------
 

@@ -54,7 +54,12 @@ class PostgresTrace:
         return self._read(work, dict)
 
     def load_logs(
-        self: _Sessions, name: str, attempt: int, action: str | None = None, cursor: int = -1
+        self: _Sessions,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
     ) -> list[LogEntry]:
         """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
         params: tuple[Any, ...] = (name, attempt, cursor)
@@ -62,6 +67,8 @@ class PostgresTrace:
             params += (action,)
 
         def work(conn: psycopg.Connection[Any]) -> list[LogEntry]:
-            return POSTGRES_TRACE.logs(conn.execute(POSTGRES_TRACE.logs_query(action), params))
+            return POSTGRES_TRACE.logs(
+                conn.execute(POSTGRES_TRACE.logs_query(action, limit), params)
+            )
 
         return self._read(work, list)

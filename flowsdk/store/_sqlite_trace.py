@@ -50,7 +50,12 @@ class SQLiteTrace:
             return SQLITE_TRACE.latest(conn.execute(SQLITE_TRACE.latest_progress, (name, attempt)))
 
     def load_logs(
-        self: _Connections, name: str, attempt: int, action: str | None = None, cursor: int = -1
+        self: _Connections,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
     ) -> list[LogEntry]:
         """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
         conn = self._read()
@@ -60,4 +65,4 @@ class SQLiteTrace:
         if action is not None:
             params += (action,)
         with translate(self.path):
-            return SQLITE_TRACE.logs(conn.execute(SQLITE_TRACE.logs_query(action), params))
+            return SQLITE_TRACE.logs(conn.execute(SQLITE_TRACE.logs_query(action, limit), params))

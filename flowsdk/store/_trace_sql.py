@@ -143,10 +143,11 @@ class TraceSQL:
         extra = self.progress_action if action is not None else ""
         return f"{self.select_progress}{extra} ORDER BY at, action, n"
 
-    def logs_query(self, action: str | None) -> str:
+    def logs_query(self, action: str | None, limit: int | None = None) -> str:
         """Return the query for a run's (or one action's) kept log records after a cursor."""
         extra = f" AND action = {self.mark}" if action is not None else ""
-        return f"{self.select_logs}{extra} ORDER BY seq"
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        return f"{self.select_logs}{extra} ORDER BY seq{page}"
 
     @staticmethod
     def logs(rows: Iterable[Sequence[Any]]) -> list[LogEntry]:

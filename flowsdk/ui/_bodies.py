@@ -38,6 +38,8 @@ __all__ = [
 
 MAX_REASON = 10_000
 """The longest reason accepted, in characters (SPEC §6)."""
+MAX_LOG_PAGE = 5_000
+"""The most log records one `GET /api/runs/RUN/logs` answers (page on with `after`)."""
 MAX_BODY = 1 << 20
 """The largest request body accepted, in bytes."""
 
@@ -100,6 +102,7 @@ class TraceQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.UNSET
     )
     after: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LOG_PAGE)] = MAX_LOG_PAGE
 
 
 class ProgressAnswer(msgspec.Struct, kw_only=True):

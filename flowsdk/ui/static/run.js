@@ -329,10 +329,13 @@
       const attempt = run ? "attempt=" + run.attempt + "&" : "";
       const p = await api("GET", base + "/progress?" + attempt);
       if (p.status === 200) progress = p.data.progress;
-      const l = await api("GET", base + "/logs?" + attempt + "after=" + logCursor);
-      if (l.status === 200 && l.data.logs.length) {
+      // Page on to the newest records (each answer holds at most 5,000); keep the last ones.
+      for (let page = 0; page < 20; page++) {
+        const l = await api("GET", base + "/logs?" + attempt + "after=" + logCursor);
+        if (l.status !== 200 || !l.data.logs.length) break;
         logs = logs.concat(l.data.logs).slice(-MAX_LOGS);
         logCursor = l.data.logs[l.data.logs.length - 1].seq;
+        if (l.data.logs.length < 5000) break;
       }
       schedule();
     } finally {
