@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/python examples/hpo_early_stop.py
+	$(BIN)/python examples/hpo_optuna.py
 	@echo "next: $(BIN)/flowsdk runs, then $(BIN)/flowsdk show NAME (the tree, with each action's values)" \
-		"and $(BIN)/flowsdk show NAME a1 (one trial in full); the web console: $(BIN)/flowsdk ui"
+		"and $(BIN)/flowsdk show NAME a1 (one trial in full: its curve and logs), $(BIN)/flowsdk logs NAME;" \
+		"the web console (curves of the search): $(BIN)/flowsdk ui"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_abort.py
 	$(BIN)/python benchmarks/bench_console.py
 	$(BIN)/python benchmarks/bench_ray.py
+	$(BIN)/python benchmarks/bench_report.py
 
 # One run of 1,000,000 actions in waves of 10,000 (minutes): time and memory per wave.
 bench-scale: $(STAMP)

@@ -14,6 +14,7 @@ from flowsdk import errors
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
+from flowsdk._progress import Report, follow, report
 from flowsdk._records import (
     AbortInfo,
     AbortRequest,
@@ -53,6 +54,7 @@ __all__ = [
     "EventKind",
     "MarkFailedRequest",
     "Outcome",
+    "Report",
     "Role",
     "Run",
     "RunHandle",
@@ -64,7 +66,9 @@ __all__ = [
     "TaskEnvironment",
     "current_action",
     "errors",
+    "follow",
     "group",
+    "report",
     "run",
     "run_async",
     "start",

@@ -179,8 +179,12 @@ class ActionState:
         "started_at",
         "task",
         "timer",
+        # Made on first use by `_progress.trace_of` (reports, log records): never set,
+        # so an action that neither reports nor logs pays nothing for it.
+        "trace",
         "value",
     )
+    trace: Any  # a `_progress.Trace`, once the action has reported or logged
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ from types import TracebackType
 from typing import Any
 
 from flowsdk._phases import RunPhase
-from flowsdk._records import Actor, ControlRequest, ControlResult, RunRecord
+from flowsdk._records import Actor, ControlRequest, ControlResult, LogEntry, Progress, RunRecord
 from flowsdk._result import Run
 from flowsdk._service import ControlService
 from flowsdk.store import Store, open_store
@@ -68,6 +68,20 @@ class Client:
             RunNotFoundError: no such run; the message suggests close names.
         """
         return self.service.get_run(name, attempt=attempt)
+
+    def progress(self, run: str, attempt: int, action: str | None = None) -> list[Progress]:
+        """Return the progress reports of one attempt of a run (or one action), oldest first."""
+        return self.service.progress(run, attempt, action)
+
+    def latest_progress(self, run: str, attempt: int) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt of a run."""
+        return self.service.latest_progress(run, attempt)
+
+    def logs(
+        self, run: str, attempt: int, action: str | None = None, cursor: int = -1
+    ) -> list[LogEntry]:
+        """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
+        return self.service.logs(run, attempt, action, cursor)
 
     def retry(self, run: str) -> Run[Any]:
         """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.

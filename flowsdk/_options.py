@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ class TaskOptions:
         "driver_timeout",
         "executor",
         "grace_period",
+        "log_level",
         "max_payload",
         "ray_options",
         "retries",
@@ -64,6 +66,7 @@ class TaskOptions:
         max_payload: int,
         deadline: float | None = None,
         ray_options: Mapping[str, Any] | None = None,
+        log_level: int | str = "INFO",
     ) -> None:
         if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
             raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
@@ -77,6 +80,8 @@ class TaskOptions:
             raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
         if not _positive(backoff, allow_zero=True):
             raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
+        # The lowest level of the `logging` records kept with the action (a number).
+        self.log_level = level_number(log_level)
         self.runner = runner = get_executor(executor)  # ValueError for an unknown or missing one
         self.ray_options = runner.check_options(ray_options)
         self.retries = retries
@@ -123,3 +128,20 @@ def _positive(value: object, *, allow_zero: bool = False) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return False
     return value >= 0 if allow_zero else value > 0
+
+
+def level_number(level: int | str) -> int:
+    """Return the number of a logging level given as a name or a number.
+
+    Raises:
+        ValueError: not a level.
+    """
+    if isinstance(level, str) and isinstance(logging.getLevelName(level.upper()), int):
+        number: int = logging.getLevelName(level.upper())
+        return number
+    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ValueError(
+        f"log_level must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL or a "
+        f"number >= 0), not {level!r}"
+    )

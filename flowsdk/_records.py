@@ -32,8 +32,13 @@ __all__ = [
     "Event",
     "EventKind",
     "EventRow",
+    "LogEntry",
+    "LogRow",
+    "MAX_LOGS",
     "MarkFailedRequest",
     "Outcome",
+    "Progress",
+    "ProgressRow",
     "Role",
     "RefusedRequest",
     "RunRecord",
@@ -44,6 +49,8 @@ __all__ = [
     "action_from_row",
     "describe_target",
     "event_from_row",
+    "log_from_row",
+    "progress_from_row",
     "to_datetime",
 ]
 
@@ -186,6 +193,90 @@ class EventRow(msgspec.Struct, array_like=True, gc=False):
     reason: str | None
     requested_by: str | None
     message: str | None
+
+
+class ProgressRow(msgspec.Struct, array_like=True, gc=False):
+    """One `flowsdk.report` of an action, as the runtime sends it to a store (epoch s).
+
+    `n` counts the action's reports from 0, across its attempts.
+    """
+
+    action: str
+    n: int
+    at: float
+    name: str
+    step: int | None
+    value: float
+
+
+class LogRow(msgspec.Struct, array_like=True, gc=False):
+    """One log record emitted in an action's body, as a store keeps it (epoch s).
+
+    `seq` orders the run's records (a follower's cursor); `n` counts the
+    action's own records from 0, so the first kept `n` is how many were dropped.
+    """
+
+    seq: int
+    action: str
+    n: int
+    at: float
+    level: str
+    logger: str
+    message: str
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """One progress value reported by an action (`show RUN ACTION --json`: `progress`)."""
+
+    action: str
+    name: str
+    step: int | None
+    value: float
+    at: datetime
+
+
+class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One captured log record of an action (`show RUN ACTION --json`: `logs`).
+
+    `n` is the record's number among its action's records (from 0): an
+    action's first kept `n` is how many older records were dropped.
+    """
+
+    seq: int
+    action: str
+    n: int
+    at: datetime
+    level: str
+    logger: str
+    message: str
+
+
+def progress_from_row(row: ProgressRow) -> Progress:
+    """Build the public `Progress` of a `ProgressRow`."""
+    return Progress(
+        action=row.action,
+        name=row.name,
+        step=row.step,
+        value=row.value,
+        at=datetime.fromtimestamp(row.at, UTC),
+    )
+
+
+def log_from_row(row: LogRow) -> LogEntry:
+    """Build the public `LogEntry` of a `LogRow`."""
+    return LogEntry(
+        seq=row.seq,
+        action=row.action,
+        n=row.n,
+        at=datetime.fromtimestamp(row.at, UTC),
+        level=row.level,
+        logger=row.logger,
+        message=row.message,
+    )
+
+
+MAX_LOGS = 1000
+"""Log records kept per action (the oldest are dropped first, and counted)."""
 
 
 ACTION_FIELDS: tuple[str, ...] = ActionRow.__struct_fields__

@@ -18,6 +18,7 @@ import threading
 from asyncio import CancelledError
 from typing import TYPE_CHECKING, Any
 
+from flowsdk import _logs as logs
 from flowsdk._control import apply_request
 from flowsdk._execute import OWN_CODE, note_unobserved, spawn
 from flowsdk._history import History
@@ -108,6 +109,7 @@ class Runner:
         runtime.attach(self.recorder)
         runtime.track_tasks(OWN_CODE)
         self.runtime = runtime
+        logs.install()  # records emitted in bodies are kept with their actions
         spawn(runtime, root)
         return runtime
 
@@ -120,6 +122,12 @@ class Runner:
         """
         runtime = self.runtime
         assert runtime is not None
+        try:
+            return await self._finish(runtime)
+        finally:
+            logs.uninstall()
+
+    async def _finish(self, runtime: Runtime) -> Run[Any]:
         cancelled = 0
         while not runtime.drained.done():
             try:

@@ -36,8 +36,10 @@ from flowsdk._records import (
     Actor,
     ControlRequest,
     ControlResult,
+    LogEntry,
     MarkFailedRequest,
     Outcome,
+    Progress,
     RefusedRequest,
     Role,
     RunRecord,
@@ -121,6 +123,37 @@ class ControlService:
         """Return one attempt of a run (default: the latest) with its actions and events."""
         self.authorize(Permission.READ)
         return run_from_stored(self.store.load_run(name, attempt))
+
+    def progress(
+        self, name: str, attempt: int | None = None, action: str | None = None
+    ) -> list[Progress]:
+        """Return the progress reports of one attempt (default: the latest), oldest first."""
+        self.authorize(Permission.READ)
+        if attempt is None:
+            attempt = self.store.load_record(name).attempt
+        return self.store.load_progress(name, attempt, action)
+
+    def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt."""
+        self.authorize(Permission.READ)
+        return self.store.latest_progress(name, attempt)
+
+    def logs(
+        self,
+        name: str,
+        attempt: int | None = None,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
+    ) -> list[LogEntry]:
+        """Return the kept log records of one attempt (default: the latest) after `cursor`.
+
+        Oldest first, at most `limit` of them (all without one).
+        """
+        self.authorize(Permission.READ)
+        if attempt is None:
+            attempt = self.store.load_record(name).attempt
+        return self.store.load_logs(name, attempt, action, cursor, limit)
 
     # -- control -----------------------------------------------------------------------
 

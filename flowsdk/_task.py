@@ -33,6 +33,7 @@ _OVERRIDABLE = frozenset(
         "backoff",
         "max_payload",
         "ray_options",
+        "log_level",
     }
 )
 
@@ -73,6 +74,8 @@ class TaskEnvironment:
         ray_options: With `executor="ray"`: Ray actor options for placement
             (`num_cpus`, `num_gpus`, `resources`, `memory`, `runtime_env`, ...);
             Ray's own retry and restart options are refused (`ValueError`).
+        log_level: The lowest level of the `logging` records emitted in a body
+            that are kept with its action (`"INFO"` by default; a name or a number).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class TaskEnvironment:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         deadline: float | None = None,
         ray_options: dict[str, Any] | None = None,
+        log_level: int | str = "INFO",
     ) -> None:
         self.name = check_name("environment", name)
         self.options = TaskOptions(
@@ -102,6 +106,7 @@ class TaskEnvironment:
             max_payload=max_payload,
             deadline=deadline,
             ray_options=ray_options,
+            log_level=log_level,
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
 
@@ -127,6 +132,7 @@ class TaskEnvironment:
         backoff: float = ...,
         max_payload: int = ...,
         ray_options: dict[str, Any] | None = ...,
+        log_level: int | str = ...,
     ) -> _Decorator: ...
 
     def task(self, *fn: Any, **overrides: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -41,6 +42,9 @@ _release: asyncio.Event | None = None
 
 @env.task
 async def broken(text: str) -> None:
+    # Logged and reported under a hostile name too: logs and progress are stored text.
+    logging.getLogger(text).warning(text)
+    await flowsdk.report(1.5, step=1, name=text[:200])
     raise HostileError(text)
 
 
@@ -121,6 +125,8 @@ def test_visible_escapes_every_control_character_and_keeps_letters() -> None:
         ["show", "hostile", "a0"],
         ["runs"],
         ["watch", "hostile"],
+        ["logs", "hostile"],
+        ["logs", "hostile", "a1"],
     ],
 )
 def test_human_views_show_control_characters_as_escapes(store: str, argv: list[str]) -> None:

@@ -11,6 +11,7 @@ asyncio loops of the rest of the suite.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import flowsdk
 from tests.console_support import Console, create_token, start_held
 from tests.runners.harness import sqlite_url
 
@@ -229,3 +231,41 @@ def test_abort_run_then_retry_follows_the_new_attempt(site: Site) -> None:
             page.context.close()
 
         site.run(abort)
+
+
+def test_the_run_page_plots_each_trials_curve_and_says_why_one_was_pruned(site: Site) -> None:
+    env = flowsdk.TaskEnvironment("b_curves")
+
+    @env.task
+    async def trial(rate: float) -> float:
+        for step in range(6):
+            await flowsdk.report(1 / (step + 1) + rate, step=step, name="loss")
+        return rate
+
+    @env.task
+    async def study() -> None:
+        def prune(report: flowsdk.Report) -> None:
+            if report.value > 0.9 and report.step == 2:
+                report.cancel("<b>pruned</b> by MedianPruner at step 2 (value 1.2; median 0.5)")
+
+        await asyncio.gather(
+            *(flowsdk.follow(trial(r), prune) for r in (0.1, 0.2, 0.9)), return_exceptions=True
+        )
+
+    flowsdk.run(study, name="b-curves", store=site.store)
+
+    def body() -> None:
+        page = site.page("/runs/b-curves", role="viewer")
+        curves = page.locator("svg.curves polyline.curve")
+        playwright_api.expect(curves).to_have_count(3, timeout=MS)
+        pruned = page.locator("svg.curves polyline.pruned")
+        assert pruned.count() == 1
+        assert pruned.get_attribute("data-action") == "a3"
+        why = pruned.locator("title").text_content()
+        assert "<b>pruned</b> by MedianPruner at step 2" in why
+        assert "ABORTED" in why
+        assert pruned.locator("title b").count() == 0
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)

@@ -56,6 +56,8 @@ def test_the_document_describes_every_path_itself_included(console: Console) -> 
         "/api/runs/{run}/stop",
         "/api/runs/{run}/fail",
         "/api/runs/{run}/retry",
+        "/api/runs/{run}/progress",
+        "/api/runs/{run}/logs",
         "/api/whoami",
         "/api/openapi.json",
     }

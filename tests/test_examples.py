@@ -73,6 +73,13 @@ EXPECTED: dict[str, list[str]] = {
         r"the winning trial ran on a Ray worker: True",
         r"3 trials stopped early",
     ],
+    "hpo_optuna.py": [
+        r"run search-[0-9a-f]+: SUCCEEDED",
+        r"36 trials: (\d+) complete, ([1-9]\d*) pruned, 0 failed",
+        r"best validation loss 0\.\d+ with lr=\S+, l2=\S+, batch=\d+",
+        r"actions: \d+ SUCCEEDED, [1-9]\d* ABORTED",
+        r"a\d+\s+cancelled: pruned by MedianPruner at step \d+ \(value [\d.]+; median [\d.]+\)",
+    ],
     "pipeline_stages.py": [
         r"operator: flowsdk abort abort-stage --group test: abort of group 'test' of run "
         r"'abort-stage' applied",

@@ -216,6 +216,90 @@ def test_report_without_a_sink_raises_in_the_body() -> None:
     assert "no report sink" in str(info.value.__cause__)
 
 
+def test_a_remote_body_reports_and_is_pruned_at_its_report(tmp_path: Path) -> None:
+    """`flowsdk.report` on Ray: recorded by the driver, seen by `follow`, pruned right there."""
+    marker = tmp_path / "finally"
+
+    @env.task
+    async def trial(path: str) -> int:
+        try:
+            for step in range(10):
+                await flowsdk.report(1.0 / (step + 1), step=step, name="loss")
+            return 10
+        finally:
+            mark(path, f"pid {os.getpid()} at {flowsdk.current_action().abort}")
+
+    seen: list[tuple[int | None, float]] = []
+
+    def prune(report: flowsdk.Report) -> None:
+        seen.append((report.step, report.value))
+        if report.step == 3:
+            report.cancel("pruned at step 3")
+
+    @driver().task
+    async def main(path: str) -> str:
+        try:
+            await flowsdk.follow(trial(path), prune)
+        except asyncio.CancelledError:
+            return "pruned"
+        return "finished"
+
+    run = flowsdk.run(main, str(marker), store=f"sqlite:///{tmp_path / 's.db'}")
+    assert run.result() == "pruned"
+    assert seen == [(0, 1.0), (1, 0.5), (2, 1.0 / 3), (3, 0.25)]  # nothing after the prune
+    [child] = by_task(run, "onray.trial")
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.cause is AbortCause.CANCELLED
+    assert child.abort.reason == "pruned at step 3"
+    text = marker.read_text()
+    assert text.startswith("pid ")
+    assert f"pid {os.getpid()} " not in text  # the cleanup ran on the worker
+    with flowsdk.Client(f"sqlite:///{tmp_path / 's.db'}") as client:
+        progress = client.progress(run.name, run.attempt)
+    assert [(p.action, p.step) for p in progress] == [(child.name, s) for s in range(4)]
+
+
+def test_an_optuna_study_with_trials_on_ray_prunes_in_the_parent() -> None:
+    """The Optuna integration with the objective's bodies on Ray: reports cross, prunes land."""
+    optuna = pytest.importorskip("optuna")
+    from flowsdk.integrations.optuna import optimize
+
+    @env.task
+    async def ray_objective(x: float) -> float:
+        for step in range(4):
+            await flowsdk.report((x - 0.2) ** 2 + 1 / (step + 1), step=step)
+        return (x - 0.2) ** 2
+
+    def space(trial: Any) -> dict[str, Any]:
+        return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+    studies: list[Any] = []
+
+    @driver().task
+    async def search() -> int:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            sampler=optuna.samplers.RandomSampler(seed=5),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        )
+        studies.append(study)
+        await optimize(study, ray_objective, space, n_trials=8, concurrency=2)
+        return len(study.trials)
+
+    run = flowsdk.run(search)
+    assert run.result() == 8
+    trials = by_task(run, "onray.ray_objective")
+    states = [t.state for t in studies[0].trials]
+    done = optuna.trial.TrialState
+    assert states.count(done.COMPLETE) == sum(a.phase is ActionPhase.SUCCEEDED for a in trials)
+    assert states.count(done.PRUNED) == sum(a.phase is ActionPhase.ABORTED for a in trials)
+    for action in trials:
+        if action.phase is ActionPhase.ABORTED:
+            assert action.abort is not None
+            assert (action.abort.reason or "").startswith("pruned by MedianPruner at step ")
+
+
 def test_root_exit_cancels_the_remote_body(tmp_path: Path) -> None:
     @driver().task
     async def main(folder: str) -> str:

@@ -491,3 +491,54 @@ async def test_control_channel_answers_each_request_from_the_live_runner(
     assert (abort.reason, abort.requested_by) == ("via channel", "tester")
     assert len([e for e in run.events if e.kind is EventKind.REQUEST]) == 1
     st.close()
+
+
+def test_progress_and_logs_are_kept_bounded_and_read_back(store: str | Store) -> None:
+    """Reports and captured log records are read back in order; an action keeps 1,000 records."""
+    env = flowsdk.TaskEnvironment("traced")
+    log = __import__("logging").getLogger("contract.traced")
+
+    @env.task
+    async def noisy(records: int) -> None:
+        for i in range(records):
+            log.info("record %d", i)
+        for step in range(3):
+            await flowsdk.report(step / 2, step=step, name="loss")
+
+    @env.task
+    async def main() -> None:
+        await noisy(1005)
+        await noisy(2)
+
+    opened = open_store(store) if isinstance(store, str) else store
+    try:
+        run = flowsdk.run(main, name="traced", store=opened)
+        assert run.phase is RunPhase.SUCCEEDED
+        progress = opened.load_progress("traced", 1)
+        assert [(p.action, p.name, p.step, p.value) for p in progress] == [
+            (a, "loss", s, s / 2) for a in ("a1", "a2") for s in range(3)
+        ]
+        assert [(p.action, p.step) for p in opened.load_progress("traced", 1, "a2")] == [
+            ("a2", 0),
+            ("a2", 1),
+            ("a2", 2),
+        ]
+        latest = opened.latest_progress("traced", 1)
+        assert {a: (p.step, p.value) for a, p in latest.items()} == {
+            "a1": (2, 1.0),
+            "a2": (2, 1.0),
+        }
+        first = opened.load_logs("traced", 1, "a1")
+        assert len(first) == 1000
+        assert (first[0].n, first[0].message, first[-1].message) == (5, "record 5", "record 1004")
+        assert {e.logger for e in first} == {"contract.traced"}
+        everything = opened.load_logs("traced", 1)
+        assert [e.seq for e in everything] == sorted(e.seq for e in everything)
+        assert [e.message for e in everything[-2:]] == ["record 0", "record 1"]
+        after = opened.load_logs("traced", 1, cursor=everything[-2].seq)
+        assert [e.message for e in after] == ["record 1"]
+        page = opened.load_logs("traced", 1, "a1", cursor=first[9].seq, limit=3)
+        assert [e.message for e in page] == ["record 15", "record 16", "record 17"]
+    finally:
+        if isinstance(store, str):
+            opened.close()

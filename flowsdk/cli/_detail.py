@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from flowsdk._records import ActionRecord, Event
+from flowsdk._records import ActionRecord, Event, LogEntry, Progress
 from flowsdk._result import Run
 from flowsdk._text import preview, visible, visible_lines
 from flowsdk.cli._output import (
@@ -29,7 +29,16 @@ from flowsdk.cli._output import (
 from flowsdk.cli._signatures import Params, task_params
 from flowsdk.errors import ActionNotFoundError
 
-__all__ = ["action_json", "action_lines", "decode_inputs", "find_action", "value_previews"]
+__all__ = [
+    "action_json",
+    "action_lines",
+    "decode_inputs",
+    "find_action",
+    "log_lines",
+    "progress_text",
+    "with_progress",
+    "value_previews",
+]
 
 # A value longer than this is cut in the human view (`--json` has it whole).
 _VALUE_LIMIT = 2_000
@@ -88,7 +97,12 @@ def _decode(data: bytes | None) -> Any:
     return None if data is None else msgspec.msgpack.decode(data)
 
 
-def action_json(run: Run[Any], action: ActionRecord) -> dict[str, Any]:
+def action_json(
+    run: Run[Any],
+    action: ActionRecord,
+    progress: list[Progress] | None = None,
+    logs: list[LogEntry] | None = None,
+) -> dict[str, Any]:
     """Return the `show RUN ACTION --json` object of SPEC §6."""
     inputs, output = run.payloads().get(action.name, (None, None))
     try:
@@ -100,10 +114,19 @@ def action_json(run: Run[Any], action: ActionRecord) -> dict[str, Any]:
         "action": msgspec.to_builtins(action),
         "inputs": named,
         "output": value,
-        # Progress reports and captured logs are recorded by a later version:
-        # the keys are present (and empty) so that readers can rely on them.
-        "progress": [],
-        "logs": [],
+        "progress": [
+            {"name": p.name, "step": p.step, "value": p.value, "at": msgspec.to_builtins(p.at)}
+            for p in progress or []
+        ],
+        "logs": [
+            {
+                "at": msgspec.to_builtins(e.at),
+                "level": e.level,
+                "logger": e.logger,
+                "message": e.message,
+            }
+            for e in logs or []
+        ],
         "events": msgspec.to_builtins(_events_of(run.events, action.name)),
     }
 
@@ -135,7 +158,13 @@ def _labelled(label: str, value: Any, indent: str) -> list[str]:
     return [label, *(indent + line for line in lines)]
 
 
-def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
+def action_lines(
+    out: Output,
+    run: Run[Any],
+    action: ActionRecord,
+    progress: list[Progress] | None = None,
+    logs: list[LogEntry] | None = None,
+) -> list[str]:
     """Render one action in full for people (every stored text made visible)."""
     now = datetime.now(UTC)
     phase = action.phase.value
@@ -192,15 +221,75 @@ def action_lines(out: Output, run: Run[Any], action: ActionRecord) -> list[str]:
         ]
     if action.cleanup_incomplete:
         lines.append(f"  {CLEANUP_NOTE}")
+    lines += ["", *_progress_lines(progress or []), "", *_logs_block(logs or []), ""]
     lines += [
-        "",
-        "progress: (none recorded; progress reports come with a later version)",
-        "logs: (none recorded; log capture comes with a later version)",
-        "",
         "events:",
         *event_lines(out, _events_of(run.events, action.name)),
     ]
     return lines
+
+
+_PROGRESS_SHOWN = 20  # the last reports of each name shown (--json has them all)
+
+
+def progress_text(report: Progress) -> str:
+    """One report in a few characters: `loss 0.52 @4` (`value` is not named)."""
+    text = f"{report.value:.4g}"
+    if report.name != "value":
+        text = f"{visible(report.name)} {text}"
+    return text if report.step is None else f"{text} @{report.step}"
+
+
+def with_progress(
+    previews: dict[str, str] | None, latest: dict[str, Progress]
+) -> dict[str, str] | None:
+    """Add each action's latest progress to the tree's value column (made if needed)."""
+    if not latest:
+        return previews
+    merged = dict(previews) if previews is not None else {}
+    for name, report in latest.items():
+        before = merged.get(name, "")
+        merged[name] = f"{before}  [{progress_text(report)}]" if before else progress_text(report)
+    return merged
+
+
+def _progress_lines(progress: list[Progress]) -> list[str]:
+    if not progress:
+        return ["progress: (none reported)"]
+    names: dict[str, list[Progress]] = {}
+    for report in progress:
+        names.setdefault(report.name, []).append(report)
+    lines = [f"progress: {len(progress):,} reports"]
+    for name, reports in names.items():
+        lines.append(f"  {visible(name)}:")
+        if len(reports) > _PROGRESS_SHOWN:
+            lines.append(f"    … {len(reports) - _PROGRESS_SHOWN:,} earlier (--json has them)")
+        for report in reports[-_PROGRESS_SHOWN:]:
+            step = "-" if report.step is None else str(report.step)
+            lines.append(f"    step {step:>6}  {report.value:.6g}   {format_time(report.at)}")
+    return lines
+
+
+def log_lines(entries: list[LogEntry], *, action: bool = False) -> list[str]:
+    """Render log records for a terminal, control characters made visible."""
+    lines = []
+    for entry in entries:
+        head = f"{format_time(entry.at)} " + (f"{visible(entry.action)} " if action else "")
+        head += f"{visible(entry.level)} {visible(entry.logger)}: "
+        text = visible_lines(entry.message) or [""]
+        lines.append(head + text[0])
+        lines += ["    " + line for line in text[1:]]
+    return lines
+
+
+def _logs_block(logs: list[LogEntry]) -> list[str]:
+    if not logs:
+        return ["logs: (none captured)"]
+    dropped = logs[0].n
+    head = f"logs: {len(logs):,} records" + (
+        f" ({dropped:,} earlier ones dropped: an action keeps its last 1,000)" if dropped else ""
+    )
+    return [head, *("  " + line for line in log_lines(logs))]
 
 
 def value_previews(run: Run[Any]) -> dict[str, str]:

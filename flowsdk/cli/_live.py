@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flowsdk._phases import ActionPhase
-from flowsdk._records import ActionRecord
+from flowsdk._records import ActionRecord, Progress
 from flowsdk._result import Run
 from flowsdk._text import visible
+from flowsdk.cli._detail import with_progress
 from flowsdk.cli._output import (
     Output,
     action_tree,
@@ -117,28 +118,41 @@ def _entries(trees: _Subtrees, *, collapse: bool, fold: bool) -> list[Entry]:
     return entries
 
 
-def fit_tree(out: Output, actions: list[ActionRecord], *, now: datetime, height: int) -> list[str]:
-    """Draw the action tree in at most `height` lines, folding what does not fit."""
-    lines = action_tree(out, actions, now=now)
+def fit_tree(
+    out: Output,
+    actions: list[ActionRecord],
+    *,
+    now: datetime,
+    height: int,
+    progress: dict[str, Progress] | None = None,
+) -> list[str]:
+    """Draw the action tree in at most `height` lines, folding what does not fit.
+
+    With `progress`, each action's latest report is shown in the value column.
+    """
+    previews = with_progress(None, progress or {})
+    lines = action_tree(out, actions, now=now, previews=previews)
     if len(lines) <= height:
         return lines
     trees = _Subtrees(actions)
     for collapse, fold in ((True, False), (True, True)):
         entries = _entries(trees, collapse=collapse, fold=fold)
-        lines = action_tree(out, actions, now=now, entries=entries)
+        lines = action_tree(out, actions, now=now, entries=entries, previews=previews)
         if len(lines) <= height:
             return lines
     keep = max(height - 1, 1)
     return [*lines[:keep], f"… {len(lines) - keep:,} more lines (flowsdk show RUN has them all)"]
 
 
-def frame_lines(out: Output, run: Run[Any], *, height: int) -> list[str]:
+def frame_lines(
+    out: Output, run: Run[Any], *, height: int, progress: dict[str, Progress] | None = None
+) -> list[str]:
     """One frame: the run's header, then its tree fitted to what is left of `height`."""
     now = datetime.now(UTC)
     header = [*run_header(out, run.record, now=now), ""]
     # One line is kept free: the cursor rests below the region.
     room = max(height - len(header) - 1, 3)
-    return [*header, *fit_tree(out, run.actions, now=now, height=room)]
+    return [*header, *fit_tree(out, run.actions, now=now, height=room, progress=progress)]
 
 
 class LiveView:
@@ -176,11 +190,11 @@ class LiveView:
         """Start drawing (nothing is shown until the first `update`)."""
         self.live.start()
 
-    def update(self, run: Run[Any]) -> None:
-        """Draw a new frame of `run`, fitted to the terminal's current size."""
+    def update(self, run: Run[Any], progress: dict[str, Progress] | None = None) -> None:
+        """Draw a new frame of `run` (and its latest progress), fitted to the terminal."""
         from rich.text import Text
 
-        lines = frame_lines(self.out, run, height=self.console.size.height)
+        lines = frame_lines(self.out, run, height=self.console.size.height, progress=progress)
         text = Text("\n").join(Text.from_ansi(line, no_wrap=True) for line in lines)
         text.no_wrap = True
         text.overflow = "ellipsis"

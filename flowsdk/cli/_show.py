@@ -9,9 +9,16 @@ from typing import Any
 
 from flowsdk._client import Client
 from flowsdk._phases import RunPhase
+from flowsdk._records import Progress
 from flowsdk._result import Run
 from flowsdk._text import visible
-from flowsdk.cli._detail import action_json, action_lines, find_action, value_previews
+from flowsdk.cli._detail import (
+    action_json,
+    action_lines,
+    find_action,
+    value_previews,
+    with_progress,
+)
 from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import (
     EXIT_OK,
@@ -74,7 +81,13 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
 
 
 def show_lines(
-    out: Output, run: Run[Any], *, events: bool, spaced: bool = True, values: bool = False
+    out: Output,
+    run: Run[Any],
+    *,
+    events: bool,
+    spaced: bool = True,
+    values: bool = False,
+    progress: dict[str, Progress] | None = None,
 ) -> list[str]:
     """Render a run for people: its header, its action tree, and optionally its events.
 
@@ -83,7 +96,7 @@ def show_lines(
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
-    previews = value_previews(run) if values else None
+    previews = with_progress(value_previews(run) if values else None, progress or {})
     lines = [
         *run_header(out, run.record, now=now),
         *gap,
@@ -100,15 +113,19 @@ def show(args: argparse.Namespace, out: Output) -> int:
         run = client.get_run(args.run, attempt=args.attempt)
         if args.action is not None:
             action = find_action(run, args.action)
+            attempt = run.record.attempt
+            progress = client.progress(run.name, attempt, action.name)
+            logs = client.logs(run.name, attempt, action.name)
             if out.json:
-                out.print_json(action_json(run, action))
+                out.print_json(action_json(run, action, progress, logs))
             else:
-                out.lines(action_lines(out, run, action))
+                out.lines(action_lines(out, run, action, progress, logs))
             return EXIT_OK
         if out.json:
             out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
         else:
-            out.lines(show_lines(out, run, events=args.events, values=True))
+            latest = client.latest_progress(run.name, run.record.attempt)
+            out.lines(show_lines(out, run, events=args.events, values=True, progress=latest))
     return EXIT_OK
 
 
@@ -152,7 +169,8 @@ def _follow(
     last: tuple[Any, ...] | None = None
     drawn = 0.0
     while True:
-        signature = _signature(run)
+        progress = client.latest_progress(name, run.record.attempt)
+        signature = (*_signature(run), tuple(progress.values()))
         changed = signature != last
         ended = run.record.phase.terminal
         if out.json:
@@ -160,10 +178,10 @@ def _follow(
                 out.print_json(show_json(run.record, run.actions, None), compact=True)
         elif live is not None:
             if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
-                live.update(run)
+                live.update(run, progress)
                 drawn = time.monotonic()
         elif changed:
-            out.lines([*show_lines(out, run, events=False, spaced=False), ""])
+            out.lines([*show_lines(out, run, events=False, spaced=False, progress=progress), ""])
         last = signature
         if ended:
             return run

@@ -130,9 +130,9 @@ def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any)
     elif live is not None and live.drawing:
         out.line(summary_line(result))  # the live region holds the final tree
     else:
-        out.lines(
-            ["", *show_lines(out, result, events=False, values=True), "", summary_line(result)]
-        )
+        progress = client.latest_progress(result.name, result.record.attempt)
+        tree = show_lines(out, result, events=False, values=True, progress=progress)
+        out.lines(["", *tree, "", summary_line(result)])
     return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
 
 
@@ -166,7 +166,8 @@ class _LiveTree:
             self._thread.join()
         if self.drawing:
             if final is not None:
-                self.view.update(final)
+                latest = self.store.latest_progress(final.name, final.record.attempt)
+                self.view.update(final, latest)
             self.view.stop()
 
     def _draw(self) -> None:
@@ -174,7 +175,9 @@ class _LiveTree:
         try:
             while not self._stop.wait(POLL_INTERVAL * 2):
                 try:
-                    self.view.update(reader.get_run(self.name))
+                    run = reader.get_run(self.name)
+                    latest = reader.latest_progress(self.name, run.record.attempt)
+                    self.view.update(run, latest)
                 except RunNotFoundError:
                     continue  # not recorded yet
                 except Exception:  # a drawing problem must never disturb the run

@@ -92,6 +92,7 @@ class RemoteRun:
     """The run as a remote body sees it: named, and refusing task calls (SPEC §9)."""
 
     closed = False
+    remote = True  # `flowsdk.report` sends reports to the driver
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name

@@ -31,7 +31,11 @@ from flowsdk._records import (
     ControlResult,
     Event,
     EventRow,
+    LogEntry,
+    LogRow,
     Outcome,
+    Progress,
+    ProgressRow,
     RunRecord,
     TokenRecord,
 )
@@ -129,6 +133,15 @@ class RunRecorder(Protocol):
     def run(self, record: RunRecord) -> None:
         """Record the run's current state (phase, stop, end); called on every run change."""
 
+    def progress(self, row: ProgressRow) -> None:
+        """Record one progress report (any thread; never blocks)."""
+
+    def log(self, row: LogRow) -> None:
+        """Record one captured log record (any thread; never blocks).
+
+        The store keeps an action's last `MAX_LOGS` records.
+        """
+
     def finished(self, stored: StoredRun) -> None:
         """Receive the run's final picture (a store that does not stream keeps it)."""
 
@@ -213,6 +226,26 @@ class RunReader(Protocol):
 
         Raises:
             RunNotFoundError: no such run.
+        """
+
+    def load_progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
+        """Return the progress reports of one attempt (or of one action), oldest first."""
+
+    def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt (keyed by action)."""
+
+    def load_logs(
+        self,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
+    ) -> list[LogEntry]:
+        """Return the kept log records of one attempt (or one action) with `seq > cursor`.
+
+        Oldest first, the first `limit` of them; pass the last `seq` seen as the
+        next cursor to follow a run (or to read the next page).
         """
 
 

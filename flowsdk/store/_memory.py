@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import difflib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ import msgspec
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    MAX_LOGS,
     ActionRecord,
     ActionRow,
     ControlReply,
@@ -19,9 +21,15 @@ from flowsdk._records import (
     Event,
     EventKind,
     EventRow,
+    LogEntry,
+    LogRow,
     Outcome,
+    Progress,
+    ProgressRow,
     RunRecord,
     TokenRecord,
+    log_from_row,
+    progress_from_row,
 )
 from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunExistsError, RunNotFoundError
 from flowsdk.store._base import (
@@ -53,6 +61,9 @@ class MemoryStore:
         self._live: dict[str, _MemoryRecorder] = {}
         self._cache: dict[tuple[str, str, str], bytes] = {}
         self._tokens: dict[str, TokenRecord] = {}
+        # (run, attempt) -> reports in order; (run, attempt) -> action -> its last records.
+        self._progress: dict[tuple[str, int], list[ProgressRow]] = {}
+        self._logs: dict[tuple[str, int], dict[str, collections.deque[LogRow]]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._runs)} runs)"
@@ -183,6 +194,35 @@ class MemoryStore:
         """Return the events with `seq > cursor` of an ended attempt (latest by default)."""
         return [e for e in self.load_run(name, attempt).events if e.seq > cursor]
 
+    def load_progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
+        """Return the progress reports of one attempt (or of one action), oldest first."""
+        rows = self._progress.get((name, attempt), [])
+        return [progress_from_row(r) for r in list(rows) if action is None or r.action == action]
+
+    def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt."""
+        latest: dict[str, ProgressRow] = {}
+        for row in list(self._progress.get((name, attempt), [])):
+            latest[row.action] = row
+        return {action: progress_from_row(row) for action, row in latest.items()}
+
+    def load_logs(
+        self,
+        name: str,
+        attempt: int,
+        action: str | None = None,
+        cursor: int = -1,
+        limit: int | None = None,
+    ) -> list[LogEntry]:
+        """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
+        kept = self._logs.get((name, attempt), {})
+        if action is not None:
+            rows = list(kept.get(action, ()))
+        else:
+            rows = [row for records in list(kept.values()) for row in list(records)]
+            rows.sort(key=lambda r: r.seq)
+        return [log_from_row(r) for r in rows if r.seq > cursor][:limit]
+
     # -- control -----------------------------------------------------------------------
 
     def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
@@ -246,12 +286,29 @@ class _MemoryRecorder:
         self._store = store
         self.record = record
         self.channel = channel
+        self._reports: list[ProgressRow] | None = None
 
     def action(self, row: ActionRow) -> None:
         """Not used: `streams` is false (the runner's own lists are the record)."""
 
     def event(self, row: EventRow) -> None:
         """Not used: `streams` is false."""
+
+    def progress(self, row: ProgressRow) -> None:
+        """Keep one progress report (readable while the run goes on)."""
+        reports = self._reports
+        if reports is None:
+            key = (self.record.name, self.record.attempt)
+            reports = self._reports = self._store._progress.setdefault(key, [])
+        reports.append(row)
+
+    def log(self, row: LogRow) -> None:
+        """Keep one log record; an action keeps its last `MAX_LOGS`."""
+        kept = self._store._logs.setdefault((self.record.name, self.record.attempt), {})
+        records = kept.get(row.action)
+        if records is None:
+            records = kept[row.action] = collections.deque(maxlen=MAX_LOGS)
+        records.append(row)
 
     def run(self, record: RunRecord) -> None:
         """Keep the run's current record (its phase answers control requests)."""

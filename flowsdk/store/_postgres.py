@@ -59,6 +59,7 @@ from flowsdk.store._postgres_schema import (
     store_error,
 )
 from flowsdk.store._postgres_tokens import PostgresTokens
+from flowsdk.store._postgres_trace import PostgresTrace
 from flowsdk.store._rows import run_record
 from flowsdk.store._writer import RunWriter
 
@@ -71,7 +72,7 @@ _reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 Conn = psycopg.Connection[Any]
 
 
-class PostgresStore(PostgresTokens):
+class PostgresStore(PostgresTokens, PostgresTrace):
     """A store in a PostgreSQL database (`postgresql://user@host:5432/db`).
 
     Opening it does no I/O; the schema is created when the first run is

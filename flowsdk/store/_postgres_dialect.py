@@ -42,6 +42,7 @@ from flowsdk.store._postgres_schema import (
     owner_encoder,
     store_error,
 )
+from flowsdk.store._postgres_trace import POSTGRES_TRACE
 from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
@@ -291,6 +292,9 @@ class PostgresDialect:
                     cur.executemany(INSERT_ACTION, actions)
                 if events:
                     cur.executemany(INSERT_EVENT, events)
+            POSTGRES_TRACE.write(
+                cur.executemany, self._run, self._attempt, batch.progress, batch.logs
+            )
             if run_row is not None:
                 cur.execute(
                     "UPDATE flowsdk.runs SET phase = %s, ended_at = %s, stop_mode = %s, "

@@ -28,6 +28,7 @@ from flowsdk.store._rows import (
     EVENT_COLUMNS,
     RUN_COLUMNS,
 )
+from flowsdk.store._trace_sql import table_statements
 
 __all__ = [
     "ACTIONS_IN",
@@ -143,6 +144,8 @@ MIGRATIONS: dict[int, list[str]] = {
             revoked_at DOUBLE PRECISION
         )"""
     ],
+    # Progress reports and captured log records of actions (SPEC §2).
+    3: table_statements("flowsdk.", "DOUBLE PRECISION"),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -61,6 +61,7 @@ from flowsdk.store._sqlite_schema import (
     warn_if_others_can_write,
 )
 from flowsdk.store._sqlite_tokens import SQLiteTokens
+from flowsdk.store._sqlite_trace import SQLiteTrace
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["SQLiteStore"]
@@ -72,7 +73,7 @@ logger = logging.getLogger("flowsdk")
 MARK_WAIT = 0.1
 
 
-class SQLiteStore(SQLiteRequests, SQLiteTokens):
+class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
 
     The URL may carry `?busy_timeout=SECONDS` (default 5). The file and its

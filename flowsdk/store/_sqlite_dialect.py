@@ -19,6 +19,7 @@ from flowsdk._liveness import this_process
 from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
 from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, rollback, translate, ts
+from flowsdk.store._sqlite_trace import SQLITE_TRACE
 from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SQLiteDialect"]
@@ -111,6 +112,7 @@ class SQLiteDialect:
                 )
             if batch.events:
                 conn.executemany(INSERT_EVENT, [(name, attempt, *astuple(e)) for e in batch.events])
+            SQLITE_TRACE.write(conn.executemany, name, attempt, batch.progress, batch.logs)
             run = batch.run
             if run is not None:
                 stop = run.stop

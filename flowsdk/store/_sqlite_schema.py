@@ -32,6 +32,7 @@ from flowsdk.errors import (
     StoreLockedError,
 )
 from flowsdk.store._rows import ACTION_COLUMNS, EVENT_COLUMNS, RUN_COLUMNS, run_record
+from flowsdk.store._trace_sql import table_statements
 
 __all__ = [
     "ACTION_COLUMNS",
@@ -139,6 +140,8 @@ MIGRATIONS: dict[int, list[str]] = {
             revoked_at REAL
         )"""
     ],
+    # Progress reports and captured log records of actions (SPEC §2).
+    4: table_statements("", "REAL"),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

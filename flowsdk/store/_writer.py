@@ -30,7 +30,9 @@ from flowsdk._records import (
     ControlRequest,
     ControlResult,
     EventRow,
+    LogRow,
     Outcome,
+    ProgressRow,
     RunRecord,
 )
 from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
@@ -55,7 +57,7 @@ _request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _reply_encoder = msgspec.msgpack.Encoder()
 
 # What the loop appends to the writer's deque: (kind, payload).
-_ACTION, _EVENT, _RUN, _REPLY, _LOOKUP, _CACHE = range(6)
+_ACTION, _EVENT, _RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(8)
 
 
 class RunLost(StoreError):
@@ -71,11 +73,13 @@ class RunLost(StoreError):
 class Batch:
     """The changes one transaction writes, grouped by table, in order."""
 
-    __slots__ = ("actions", "cached", "events", "replies", "run")
+    __slots__ = ("actions", "cached", "events", "logs", "progress", "replies", "run")
 
     def __init__(self) -> None:
         self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
         self.events: list[EventRow] = []
+        self.progress: list[ProgressRow] = []
+        self.logs: list[LogRow] = []
         self.run: RunRecord | None = None
         self.replies: list[tuple[int, bytes]] = []  # (request id, encoded ControlReply)
         self.cached: list[tuple[str, str, str, bytes, float]] = []
@@ -186,6 +190,14 @@ class RunWriter(Generic[C]):
     def event(self, row: EventRow) -> None:
         """Append an event row."""
         self._ops.append((_EVENT, row))
+
+    def progress(self, row: ProgressRow) -> None:
+        """Record one progress report (written with the next batch)."""
+        self._ops.append((_PROGRESS, row))
+
+    def log(self, row: LogRow) -> None:
+        """Record one log record (written with the next batch; any thread)."""
+        self._ops.append((_LOG, row))
 
     def run(self, record: RunRecord) -> None:
         """Record the run's state; written promptly."""
@@ -364,6 +376,10 @@ class RunWriter(Generic[C]):
                 batch.actions[payload.name] = payload
             elif kind == _EVENT:
                 batch.events.append(payload)
+            elif kind == _PROGRESS:
+                batch.progress.append(payload)
+            elif kind == _LOG:
+                batch.logs.append(payload)
             elif kind == _RUN:
                 batch.run = payload
             elif kind == _REPLY:

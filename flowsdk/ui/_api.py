@@ -38,6 +38,8 @@ from flowsdk.ui._bodies import (
     AbortBody,
     ErrorBody,
     FailBody,
+    LogsAnswer,
+    ProgressAnswer,
     RetryAnswer,
     RunDetail,
     RunQuery,
@@ -45,6 +47,7 @@ from flowsdk.ui._bodies import (
     StartAnswer,
     StartBody,
     StopBody,
+    TraceQuery,
     WhoAmI,
 )
 
@@ -280,6 +283,27 @@ async def start(request: Request, service: ControlService) -> Response:
     return json_response(StartAnswer(run=await run_in_threadpool(launch)), 202)
 
 
+def _trace_query(request: Request) -> tuple[str, int | None, str | None, int, int]:
+    query = _query(request, TraceQuery)
+    attempt = query.attempt if query.attempt is not msgspec.UNSET else None
+    action = query.action if query.action is not msgspec.UNSET else None
+    return request.path_params["run"], attempt, action, query.after, query.limit
+
+
+async def progress(request: Request, service: ControlService) -> Response:
+    """`GET /api/runs/RUN/progress?attempt=N&action=A`."""
+    name, attempt, action, _, _ = _trace_query(request)
+    reports = await run_in_threadpool(partial(service.progress, name, attempt, action))
+    return json_response(ProgressAnswer(run=name, progress=reports))
+
+
+async def logs(request: Request, service: ControlService) -> Response:
+    """`GET /api/runs/RUN/logs?attempt=N&action=A&after=SEQ&limit=N` (at most 5,000)."""
+    name, attempt, action, after, limit = _trace_query(request)
+    records = await run_in_threadpool(partial(service.logs, name, attempt, action, after, limit))
+    return json_response(LogsAnswer(run=name, logs=records))
+
+
 async def whoami(request: Request, service: ControlService) -> Response:
     """`GET /api/whoami`."""
     name = service.actor.name
@@ -300,5 +324,7 @@ def routes() -> list[tuple[str, Handler, list[str]]]:
         ("/api/runs/{run}/stop", stop, ["POST"]),
         ("/api/runs/{run}/fail", fail, ["POST"]),
         ("/api/runs/{run}/retry", retry, ["POST"]),
+        ("/api/runs/{run}/progress", progress, ["GET"]),
+        ("/api/runs/{run}/logs", logs, ["GET"]),
         ("/api/whoami", whoami, ["GET"]),
     ]

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import msgspec
 
 from flowsdk._phases import RunPhase
-from flowsdk._records import ActionRecord, ControlResult, Event, RunRecord
+from flowsdk._records import ActionRecord, ControlResult, Event, LogEntry, Progress, RunRecord
 
 __all__ = [
     "MAX_BODY",
@@ -22,6 +22,8 @@ __all__ = [
     "AbortBody",
     "ErrorBody",
     "FailBody",
+    "LogsAnswer",
+    "ProgressAnswer",
     "RetryAnswer",
     "RunDetail",
     "RunQuery",
@@ -29,12 +31,15 @@ __all__ = [
     "StartAnswer",
     "StartBody",
     "StopBody",
+    "TraceQuery",
     "WhoAmI",
     "openapi",
 ]
 
 MAX_REASON = 10_000
 """The longest reason accepted, in characters (SPEC §6)."""
+MAX_LOG_PAGE = 5_000
+"""The most log records one `GET /api/runs/RUN/logs` answers (page on with `after`)."""
 MAX_BODY = 1 << 20
 """The largest request body accepted, in bytes."""
 
@@ -87,6 +92,31 @@ class RunQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     attempt: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
     events: bool = False
+
+
+class TraceQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`GET /api/runs/RUN/progress` and `/logs` query: an attempt, one action, a cursor."""
+
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    action: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+    after: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LOG_PAGE)] = MAX_LOG_PAGE
+
+
+class ProgressAnswer(msgspec.Struct, kw_only=True):
+    """The progress reports of a run's actions, oldest first."""
+
+    run: str
+    progress: list[Progress]
+
+
+class LogsAnswer(msgspec.Struct, kw_only=True):
+    """The kept log records of a run's actions with `seq` after the cursor, oldest first."""
+
+    run: str
+    logs: list[LogEntry]
 
 
 class RunDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -183,6 +213,9 @@ def openapi() -> dict[str, Any]:
         RunsQuery,
         RunQuery,
         RunDetail,
+        TraceQuery,
+        ProgressAnswer,
+        LogsAnswer,
         RetryAnswer,
         StartAnswer,
         WhoAmI,
@@ -227,6 +260,20 @@ def openapi() -> dict[str, Any]:
                 "summary": "One run with its actions (and events)",
                 "parameters": [_RUN, *_query(RunQuery, components)],
                 "responses": _answers("200", _ref(RunDetail), "404", "422"),
+            }
+        },
+        "/api/runs/{run}/progress": {
+            "get": {
+                "summary": "The progress reports of the run's actions (or one action's)",
+                "parameters": [_RUN, *_query(TraceQuery, components)],
+                "responses": _answers("200", _ref(ProgressAnswer), "404", "422"),
+            }
+        },
+        "/api/runs/{run}/logs": {
+            "get": {
+                "summary": "The captured log records of the run's actions after a cursor",
+                "parameters": [_RUN, *_query(TraceQuery, components)],
+                "responses": _answers("200", _ref(LogsAnswer), "404", "422"),
             }
         },
         "/api/runs/{run}/stream": {

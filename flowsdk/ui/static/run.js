@@ -301,6 +301,120 @@
     box.replaceChildren(...rows);
   }
 
+  // -- progress curves and logs ------------------------------------------------------------
+
+  // The SVG namespace, from an <svg> of the page (the HTML parser gives it its namespace).
+  const SVG_NS = document.getElementById("svg-proto").namespaceURI;
+  const MAX_CURVES = 200;
+  const MAX_LOGS = 500;
+  let progress = []; // the run's reports, oldest first
+  let logs = []; // the latest log records, oldest first
+  let logCursor = -1;
+  let tracing = false;
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  async function loadTrace() {
+    if (tracing) return;
+    tracing = true;
+    try {
+      const base = "/api/runs/" + encodeURIComponent(runName);
+      const attempt = run ? "attempt=" + run.attempt + "&" : "";
+      const p = await api("GET", base + "/progress?" + attempt);
+      if (p.status === 200) progress = p.data.progress;
+      // Page on to the newest records (each answer holds at most 5,000); keep the last ones.
+      for (let page = 0; page < 20; page++) {
+        const l = await api("GET", base + "/logs?" + attempt + "after=" + logCursor);
+        if (l.status !== 200 || !l.data.logs.length) break;
+        logs = logs.concat(l.data.logs).slice(-MAX_LOGS);
+        logCursor = l.data.logs[l.data.logs.length - 1].seq;
+        if (l.data.logs.length < 5000) break;
+      }
+      schedule();
+    } finally {
+      tracing = false;
+    }
+  }
+
+  function fmtValue(v) {
+    return Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : String(Math.round(v * 1e4) / 1e4);
+  }
+
+  function renderProgress() {
+    const section = document.getElementById("progress-section");
+    if (!progress.length) { section.hidden = true; return; }
+    section.hidden = false;
+    const series = new Map(); // "action name" -> {action, name, points}
+    for (const r of progress) {
+      const key = r.action + " " + r.name;
+      if (!series.has(key)) {
+        if (series.size >= MAX_CURVES) continue;
+        series.set(key, { action: r.action, name: r.name, points: [] });
+      }
+      const s = series.get(key);
+      s.points.push([r.step === null ? s.points.length : r.step, r.value]);
+    }
+    let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    for (const s of series.values()) {
+      for (const [x, y] of s.points) {
+        if (!Number.isFinite(y)) continue;
+        x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+      }
+    }
+    if (!Number.isFinite(x0)) { x0 = 0; x1 = 1; y0 = 0; y1 = 1; }
+    if (x1 === x0) x1 = x0 + 1;
+    if (y1 === y0) y1 = y0 + 1;
+    const W = 720, H = 260, L = 56, R = 12, T = 10, B = 28;
+    const px = (x) => (L + (x - x0) / (x1 - x0) * (W - L - R)).toFixed(1);
+    const py = (y) => (T + (1 - (y - y0) / (y1 - y0)) * (H - T - B)).toFixed(1);
+    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "curves", role: "img", "aria-label": "progress curves" });
+    chart.append(
+      svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }),
+      svg("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }),
+      svg("text", { x: L - 4, y: T + 8, class: "tick", "text-anchor": "end" }, fmtValue(y1)),
+      svg("text", { x: L - 4, y: H - B, class: "tick", "text-anchor": "end" }, fmtValue(y0)),
+      svg("text", { x: L, y: H - 8, class: "tick" }, "step " + x0),
+      svg("text", { x: W - R, y: H - 8, class: "tick", "text-anchor": "end" }, "step " + x1)
+    );
+    let i = 0;
+    for (const s of series.values()) {
+      const a = actions.get(s.action);
+      const phase = a ? a.phase : "RUNNING";
+      const pts = s.points.filter(([, y]) => Number.isFinite(y)).map(([x, y]) => px(x) + "," + py(y)).join(" ");
+      const last = s.points[s.points.length - 1];
+      let why = s.action + (a ? " " + a.task : "") + " · " + s.name + " · " + phase + " · last " + fmtValue(last[1]) + " at step " + last[0];
+      if (a && a.abort) why += " · " + a.abort.cause + (a.abort.reason ? ": " + a.abort.reason : "");
+      const curve = svg("polyline", { points: pts, class: "curve" + (phase === "ABORTED" ? " pruned" : ""), stroke: `hsl(${(i * 137) % 360} 60% 42%)` }, svg("title", null, why));
+      curve.dataset.action = s.action;
+      curve.dataset.phase = phase;
+      chart.append(curve);
+      i += 1;
+    }
+    const box = document.getElementById("progress");
+    const note = series.size >= MAX_CURVES ? el("div", "fold", "… the first " + MAX_CURVES + " curves are drawn") : null;
+    box.replaceChildren(chart, ...(note ? [note] : []));
+  }
+
+  function renderLogs() {
+    const section = document.getElementById("logs-section");
+    if (!logs.length) { section.hidden = true; return; }
+    section.hidden = false;
+    const items = logs.map((r) => {
+      const item = el("li", "log");
+      item.dataset.level = r.level;
+      add(item, el("span", "muted mono", fmtTime(r.at)), el("span", "mono", r.action), el("span", "kind", r.level), el("span", "muted", r.logger), el("span", "msg", r.message));
+      return item;
+    });
+    document.getElementById("logs").replaceChildren(...items);
+  }
+
   // -- the header and the event log --------------------------------------------------------
 
   function renderHead() {
@@ -358,6 +472,8 @@
     runButtons();
     const order = renderTree();
     renderTimeline(order);
+    renderProgress();
+    renderLogs();
     renderEvents();
   }
 
@@ -403,6 +519,7 @@
     } finally {
       live = false;
       following = false;
+      loadTrace(); // what was reported and logged up to the end
       schedule();
     }
   }
@@ -411,5 +528,5 @@
     role = who ? who.role : null;
     follow();
   });
-  setInterval(() => { if (live) schedule(); }, 1000); // running durations advance
+  setInterval(() => { if (live) { schedule(); loadTrace(); } }, 1000); // running durations advance
 })();

@@ -1,0 +1,1 @@
+"""Integrations of flowsdk with other libraries (each behind its own extra)."""

@@ -1,0 +1,384 @@
+"""Progress reports, the observers that follow them, per-action logs, and the Optuna study."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+import flowsdk
+from flowsdk import AbortCause, ActionPhase, RunPhase
+from flowsdk.errors import NotInRunError
+from flowsdk.integrations.optuna import optimize
+from flowsdk.store import MemoryStore
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("tests.progress")
+
+
+def test_a_pruned_child_is_aborted_at_its_report_with_the_reason_and_its_finally_runs() -> None:
+    env = flowsdk.TaskEnvironment("prune")
+    seen: list[tuple[str, int | None, float]] = []
+    reached: list[int] = []
+    cleaned: list[str] = []
+
+    @env.task
+    async def train(rate: float) -> float:
+        try:
+            for step in range(5):
+                await flowsdk.report(rate * step, step=step)
+                reached.append(step)  # never after the report the observer pruned
+            return rate
+        finally:
+            cleaned.append(flowsdk.current_action().name)
+
+    @env.task
+    async def main() -> list[str]:
+        def on_report(report: flowsdk.Report) -> None:
+            seen.append((report.action, report.step, report.value))
+            if report.value >= 0.5:
+                report.cancel(f"pruned at step {report.step}")
+
+        results = await asyncio.gather(
+            flowsdk.follow(train(0.1), on_report),
+            flowsdk.follow(train(0.2), on_report),
+            return_exceptions=True,
+        )
+        return [type(r).__name__ for r in results]
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.phase is RunPhase.SUCCEEDED
+    assert run.result() == ["float", "CancelledError"]
+    a1, a2 = run.actions[1], run.actions[2]
+    assert (a1.phase, a2.phase) == (ActionPhase.SUCCEEDED, ActionPhase.ABORTED)
+    assert a2.abort is not None
+    assert a2.abort.cause is AbortCause.CANCELLED
+    assert a2.abort.reason == "pruned at step 3"
+    assert sorted(cleaned) == ["a1", "a2"]
+    # a1 reached every step; a2 stopped at the report of step 3, before its next line.
+    assert reached.count(2) == 2
+    assert reached.count(3) == 1
+    assert reached.count(4) == 1
+    assert [s for a, s, _ in seen if a == "a2"] == [0, 1, 2, 3]
+
+
+def test_a_prune_decided_on_the_last_report_stops_the_body_at_that_report() -> None:
+    env = flowsdk.TaskEnvironment("last")
+    after: list[str] = []
+
+    @env.task
+    async def train() -> str:
+        await flowsdk.report(1.0, step=0)
+        await flowsdk.report(9.0, step=1)  # the last report: pruned here
+        after.append("returned")
+        return "done"
+
+    @env.task
+    async def main() -> str:
+        def on_report(report: flowsdk.Report) -> None:
+            if report.step == 1:
+                task.cancel("worse than the median")  # the task awaiting the call
+
+        task = asyncio.create_task(flowsdk.follow(train(), on_report))
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "finished"
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.result() == "cancelled"
+    assert after == []
+    child = run.actions[1]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.reason == "worse than the median"
+
+
+def test_reports_of_grandchildren_are_not_passed_to_the_grandparent() -> None:
+    env = flowsdk.TaskEnvironment("nested")
+    seen: list[str] = []
+
+    @env.task
+    async def leaf() -> None:
+        await flowsdk.report(1.0)
+
+    @env.task
+    async def middle() -> None:
+        await leaf()
+        await flowsdk.report(2.0)
+
+    @env.task
+    async def main() -> None:
+        await flowsdk.follow(middle(), lambda r: seen.append(f"{r.action}={r.value}"))
+
+    flowsdk.run(main, store=MemoryStore())
+    assert seen == ["a1=2.0"]
+
+
+def test_report_rejects_bad_input_and_runs_only_in_a_run() -> None:
+    with pytest.raises(NotInRunError, match="outside a run"):
+        asyncio.run(flowsdk.report(1.0))
+    env = flowsdk.TaskEnvironment("bad")
+    errors: list[str] = []
+
+    @env.task
+    async def main() -> None:
+        for kwargs in ({"value": "x"}, {"value": 1, "step": -1}, {"value": 1, "name": ""}):
+            try:
+                await flowsdk.report(**kwargs)
+            except (TypeError, ValueError) as exc:
+                errors.append(type(exc).__name__)
+
+    flowsdk.run(main, store=MemoryStore())
+    assert errors == ["TypeError", "ValueError", "ValueError"]
+    with pytest.raises(TypeError, match="call of a task"):
+        _ = flowsdk.follow(42, print)  # type: ignore[arg-type]
+
+
+def test_logs_are_captured_per_action_at_the_log_level_and_each_is_bounded() -> None:
+    env = flowsdk.TaskEnvironment("logged")
+
+    @env.task
+    async def quiet() -> None:
+        log.debug("not kept: below INFO")
+        log.info("kept \x1b[2J")
+        log.warning("x" * 20_000)
+
+    @env.task(log_level="DEBUG")
+    async def chatty() -> None:
+        log.setLevel(logging.DEBUG)
+        try:
+            log.debug("kept at DEBUG")
+        finally:
+            log.setLevel(logging.NOTSET)
+
+    @env.task
+    async def main() -> None:
+        log.info("the root's own")
+        await quiet()
+        await chatty()
+
+    store = MemoryStore()
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    run = flowsdk.run(main, store=store)
+    assert (root.level, list(root.handlers)) == before  # the handler is gone with the run
+    records = store.load_logs(run.name, 1)
+    assert [(e.action, e.level) for e in records] == [
+        ("a0", "INFO"),
+        ("a1", "INFO"),
+        ("a1", "WARNING"),
+        ("a2", "DEBUG"),
+    ]
+    assert records[1].message == "kept \x1b[2J"
+    assert len(records[2].message.encode()) <= 8 * 1024
+    assert records[2].message.endswith("[truncated]")
+    log.info("outside any run: not kept")
+    with pytest.raises(ValueError, match="log_level"):
+        flowsdk.TaskEnvironment("wrong", log_level="LOUD")
+
+
+def test_show_and_logs_print_progress_and_logs_with_escapes_made_visible(tmp_path: Path) -> None:
+    env = flowsdk.TaskEnvironment("shown")
+
+    @env.task
+    async def work() -> None:
+        log.info("evil \x1b]0;title\x07 text")
+        await flowsdk.report(0.5, step=3, name="loss")
+
+    @env.task
+    async def main() -> None:
+        await work()
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    flowsdk.run(main, name="shown", store=url)
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "flowsdk", *args, "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env={**os.environ, "NO_COLOR": "1"},
+        )
+        return done.stdout
+
+    tree = cli("show", "shown")
+    assert "loss 0.5 @3" in tree
+    detail = cli("show", "shown", "a1")
+    assert "\x1b" not in detail
+    assert "\x07" not in detail
+    assert "evil \\x1b]0;title\\x07 text" in detail
+    assert "step      3  0.5" in detail
+    printed = cli("logs", "shown")
+    assert "a1 INFO tests.progress: evil \\x1b]0;title\\x07 text" in printed
+    assert "\x1b" not in printed
+    data = json.loads(cli("show", "shown", "a1", "--json"))
+    assert [(p["name"], p["step"], p["value"]) for p in data["progress"]] == [("loss", 3, 0.5)]
+    assert data["logs"][0]["message"] == "evil \x1b]0;title\x07 text"
+    followed = cli("logs", "shown", "a1", "--follow", "--json")
+    assert json.loads(followed.splitlines()[0])["action"] == "a1"
+
+
+def _study_counts(run: flowsdk.Run[Any], study: optuna.Study) -> None:
+    trials = [a for a in run.actions if a.task.endswith(".objective")]
+    phases = [a.phase for a in trials]
+    states = [t.state for t in study.trials]
+    TS = optuna.trial.TrialState
+    assert states.count(TS.COMPLETE) == phases.count(ActionPhase.SUCCEEDED)
+    assert states.count(TS.PRUNED) == phases.count(ActionPhase.ABORTED)
+    assert states.count(TS.FAIL) == phases.count(ActionPhase.FAILED)
+
+
+def test_an_optuna_study_prunes_in_the_parent_and_its_states_match_the_records() -> None:
+    env = flowsdk.TaskEnvironment("study")
+    studies: list[optuna.Study] = []
+
+    @env.task
+    async def objective(x: float) -> float:
+        if x > 0.9:
+            raise ValueError("diverged")
+        for step in range(6):
+            await flowsdk.report((x - 0.2) ** 2 + 1 / (step + 1), step=step)
+        return (x - 0.2) ** 2
+
+    def space(trial: optuna.Trial) -> dict[str, Any]:
+        return {"x": trial.suggest_float("x", 0.0, 1.0)}
+
+    @env.task
+    async def main() -> int:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            sampler=optuna.samplers.RandomSampler(seed=3),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
+        )
+        studies.append(study)
+        await optimize(study, objective, space, n_trials=20, concurrency=4)
+        return len(study.trials)
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.result() == 20
+    study = studies[0]
+    _study_counts(run, study)
+    pruned = [a for a in run.actions if a.phase is ActionPhase.ABORTED]
+    assert pruned, "the median pruner pruned nothing"
+    for action in pruned:
+        assert action.abort is not None
+        assert action.abort.cause is AbortCause.CANCELLED
+        assert (action.abort.reason or "").startswith("pruned by MedianPruner at step ")
+        assert "median" in (action.abort.reason or "")
+    with pytest.raises(ValueError, match="n_trials"):
+        asyncio.run(optimize(study, objective, space, n_trials=0))
+
+
+def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    env = {**os.environ, "HPO_DIR": str(tmp_path), "NO_COLOR": "1", "PYTHONPATH": str(REPO)}
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowsdk",
+            "run",
+            "tests.workflows.hpo_study:search",
+            "--name",
+            "study",
+            "--store",
+            url,
+            "--quiet",
+        ],
+        cwd=REPO,
+        env={**env, "HPO_BLOCK": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "blocked").exists():  # a file gate between processes
+            assert runner.poll() is None, "the runner ended before it blocked"
+            assert time.monotonic() < deadline, "the study never reached its gate"
+            time.sleep(0.05)
+        runner.send_signal(signal.SIGKILL)
+    finally:
+        runner.kill()
+        runner.wait(timeout=30)
+    finished = len((tmp_path / "done").read_text().split())
+    retried = subprocess.run(
+        [sys.executable, "-m", "flowsdk", "retry", "study", "--store", url, "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert "NondeterminismError" not in retried.stderr
+    with flowsdk.Client(url) as client:
+        run = client.get_run("study")
+        first = client.get_run("study", attempt=1)
+    assert run.record.attempt == 2
+    assert run.phase is RunPhase.SUCCEEDED
+    counts = run.result()
+    assert counts["trials"] == 12
+    # Every trial the first attempt recorded SUCCEEDED is replayed, and only those (a
+    # trial that returned just before the kill may not have been written yet).
+    replayed = [a for a in run.actions if a.replayed and a.task == "hpo_study.trial"]
+    recorded = [
+        a for a in first.actions if a.task == "hpo_study.trial" and a.phase is ActionPhase.SUCCEEDED
+    ]
+    assert {a.key for a in replayed} == {a.key for a in recorded}
+    assert 1 <= len(replayed) <= finished
+    # The same parameters as the first attempt, trial by trial.
+    before = {a.key: a for a in first.actions if a.task == "hpo_study.trial"}
+    inputs = first.payloads()
+    again = run.payloads()
+    for action in run.actions:
+        old = before.get(action.key)
+        if old is not None:
+            assert again[action.name][0] == inputs[old.name][0]
+
+
+def test_an_observer_cancelling_the_parent_itself_stops_the_child_at_its_report() -> None:
+    env = flowsdk.TaskEnvironment("direct")
+    after: list[int] = []
+
+    @env.task
+    async def train() -> None:
+        for step in range(3):
+            await flowsdk.report(float(step), step=step)
+            after.append(step)
+
+    @env.task
+    async def main() -> str:
+        me = asyncio.current_task()
+        assert me is not None
+
+        def on_report(report: flowsdk.Report) -> None:
+            if report.step == 1:
+                me.cancel("enough")  # the parent awaits the call directly
+
+        try:
+            await flowsdk.follow(train(), on_report)
+        except asyncio.CancelledError:
+            return "stopped"
+        return "finished"
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.result() == "stopped"
+    assert after == [0]
+    assert run.actions[1].phase is ActionPhase.ABORTED

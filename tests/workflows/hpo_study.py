@@ -1,0 +1,56 @@
+"""An Optuna study of 12 trials, 3 at a time, that can stop for good in its middle.
+
+`python -m flowsdk run tests.workflows.hpo_study:search --name RUN` with
+`$HPO_DIR` set: every trial that returns appends a line to `$HPO_DIR/done`;
+with `$HPO_BLOCK` set too, a trial that starts once 5 trials are done writes
+`$HPO_DIR/blocked` and waits forever (the test then kills the runner with
+SIGKILL and retries the run without `$HPO_BLOCK`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+import flowsdk
+from flowsdk.integrations.optuna import optimize
+
+env = flowsdk.TaskEnvironment("hpo_study")
+
+
+@env.task
+async def trial(x: float, depth: int) -> float:
+    folder = Path(os.environ["HPO_DIR"])
+    done = folder / "done"
+    if os.environ.get("HPO_BLOCK") and done.exists() and len(done.read_text().split()) >= 5:
+        (folder / "blocked").write_text("yes")
+        await asyncio.Event().wait()  # until the runner is killed
+    loss = 0.0
+    for step in range(4):
+        loss = (x - 0.3) ** 2 + depth / 10 + 1 / (step + 1)
+        await flowsdk.report(loss, step=step)
+    with done.open("a") as f:
+        f.write(f"{x}\n")
+    return loss
+
+
+def space(t: optuna.Trial) -> dict[str, Any]:
+    return {"x": t.suggest_float("x", 0.0, 1.0), "depth": t.suggest_int("depth", 1, 4)}
+
+
+@env.task
+async def search() -> dict[str, int]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=2),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    await optimize(study, trial, space, n_trials=12, concurrency=3)
+    counts: dict[str, int] = {"trials": len(study.trials)}
+    for t in study.trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
