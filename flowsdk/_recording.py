@@ -117,4 +117,5 @@ def action_row(action: ActionState) -> ActionRow:
         action.replayed,
         action.inputs,
         action.output,
+        action.task.options.runner.name,
     )

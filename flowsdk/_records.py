@@ -105,6 +105,8 @@ class ActionRecord(msgspec.Struct, frozen=True, kw_only=True):
     cleanup_incomplete: bool = False
     key: str = ""
     replayed: bool = False
+    executor: str = "local"
+    """Where its body ran: `"local"` (the run's process) or `"ray"` (SPEC §9)."""
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,6 +181,7 @@ class ActionRow(msgspec.Struct, array_like=True, gc=False):
     replayed: bool
     inputs: bytes | None
     output: bytes | None
+    executor: str = "local"
 
 
 class EventRow(msgspec.Struct, array_like=True, gc=False):
@@ -316,6 +319,7 @@ def action_from_row(run: str, row: ActionRow) -> ActionRecord:
         cleanup_incomplete=bool(row.cleanup_incomplete),
         key=row.key,
         replayed=bool(row.replayed),
+        executor=row.executor,
     )
 
 

@@ -85,6 +85,8 @@ ACTION_FIELDS = (
     # SPEC section 6 (recording and retry) adds these two.
     "key",
     "replayed",
+    # SPEC section 9 (execution on Ray): where the body ran.
+    "executor",
 )
 
 # Values for the keyword arguments the error classes take (attributes SPEC names).

@@ -60,6 +60,7 @@ ACTION_KEYS = {
     "cleanup_incomplete",
     "key",
     "replayed",
+    "executor",
 }
 ERROR_KEYS = {"type", "message", "traceback"}
 ABORT_KEYS = {"reason", "cause", "requested_by", "requested_at"}
@@ -378,6 +379,7 @@ def test_show_json_has_run_and_every_action_field(tmp_path: Path) -> None:
     assert (actions["a2"]["attempt"], actions["a2"]["group"]) == (2, "train")
     assert (actions["a3"]["phase"], actions["a3"]["error"]["type"]) == ("FAILED", "KeyError")
     assert (actions["a0"]["key"], actions["a0"]["replayed"]) == ("a0", False)
+    assert {a["executor"] for a in shown["actions"]} == {"local"}
 
 
 def test_show_events_prints_the_event_log(tmp_path: Path) -> None:

@@ -107,6 +107,7 @@ def test_value_and_error_round_trip() -> None:
 
     run = flowsdk.run(main)
     assert run.result() == 49
+    assert [a.executor for a in run.actions] == ["local", "ray", "ray"]
     [cause] = causes
     assert type(cause) is BodyError
     assert str(cause) == "bad input 42"
@@ -258,6 +259,12 @@ def test_a_remote_body_reports_and_is_pruned_at_its_report(tmp_path: Path) -> No
     with flowsdk.Client(f"sqlite:///{tmp_path / 's.db'}") as client:
         progress = client.progress(run.name, run.attempt)
     assert [(p.action, p.step) for p in progress] == [(child.name, s) for s in range(4)]
+    shown = subprocess.run(
+        [sys.executable, "-m", "flowsdk", "show", run.name, child.name, "--store",
+         f"sqlite:///{tmp_path / 's.db'}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert "task      onray.trial   on ray" in shown.stdout
 
 
 def test_an_optuna_study_with_trials_on_ray_prunes_in_the_parent() -> None:

@@ -133,7 +133,7 @@ def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path)
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
-    assert pragma(path, "user_version") == SCHEMA_VERSION == 4
+    assert pragma(path, "user_version") == SCHEMA_VERSION == 5
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
@@ -141,8 +141,10 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> N
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="old", store=sqlite_url(path))
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        # What schema 1 was: the same tables without runs.workdir and the tokens.
+        # What schema 1 was: the same tables without runs.workdir, actions.executor,
+        # the tokens and the progress and logs.
         conn.execute("ALTER TABLE runs DROP COLUMN workdir")
+        conn.execute("ALTER TABLE actions DROP COLUMN executor")
         conn.execute("DROP TABLE tokens")
         conn.execute("DROP TABLE progress")
         conn.execute("DROP TABLE logs")
@@ -155,8 +157,10 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> N
     migrated.close()
     with flowsdk.Client(sqlite_url(path)) as client:
         old, new = client.get_run("old").record, client.get_run("new").record
+        executors = [a.executor for a in client.get_run("old").actions]
     assert (old.phase, old.workdir) == (RunPhase.SUCCEEDED, "")
     assert (new.phase, new.workdir) == (RunPhase.SUCCEEDED, os.getcwd())
+    assert executors == ["local"]  # an action recorded before executors were
 
 
 def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(

@@ -170,7 +170,8 @@ def action_lines(
     phase = action.phase.value
     lines = [
         f"action {visible(action.name)} of run {visible(run.name)}  {out.phase(phase, phase)}",
-        f"  task      {visible(action.task)}",
+        f"  task      {visible(action.task)}"
+        + (f"   on {visible(action.executor)}" if action.executor != "local" else ""),
         f"  key       {visible(action.key or '-')}",
         f"  parent    {visible(action.parent or '-')}"
         + (f"   group {visible(action.group)}" if action.group else "")

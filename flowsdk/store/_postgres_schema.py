@@ -146,6 +146,8 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # Progress reports and captured log records of actions (SPEC §2).
     3: table_statements("flowsdk.", "DOUBLE PRECISION"),
+    # Where each action's body ran (SPEC §4, §9): "local" or "ray".
+    4: ["ALTER TABLE flowsdk.actions ADD COLUMN executor TEXT NOT NULL DEFAULT 'local'"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -142,6 +142,8 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # Progress reports and captured log records of actions (SPEC §2).
     4: table_statements("", "REAL"),
+    # Where each action's body ran (SPEC §4, §9): "local" or "ray".
+    5: ["ALTER TABLE actions ADD COLUMN executor TEXT NOT NULL DEFAULT 'local'"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -157,6 +157,7 @@
     const tags = el("span", "tags");
     if (a.attempt > 1) add(tags, el("span", "tag", "attempt " + a.attempt));
     if (a.replayed) add(tags, el("span", "tag", "replayed"));
+    if (a.executor && a.executor !== "local") add(tags, el("span", "tag", `on ${a.executor}`));
     if (a.cleanup_incomplete) add(tags, el("span", "tag bad", "cleanup incomplete"));
     add(head, 
       el("span", "name mono", a.name),
