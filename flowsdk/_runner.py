@@ -26,7 +26,7 @@ from flowsdk._names import check_name, new_run_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import action_row
-from flowsdk._records import Actor, action_from_row, event_from_row
+from flowsdk._records import Actor, action_records, event_from_row
 from flowsdk._result import NO_VALUE, Run
 from flowsdk._runtime import Runtime
 from flowsdk.store import RunRecorder, Store, StoredRun, open_store
@@ -186,7 +186,7 @@ def _final_records(runtime: Runtime) -> StoredRun:
     name = runtime.name
     return StoredRun(
         runtime.run_record(),
-        lambda: [action_from_row(name, action_row(a)) for a in runtime.actions],
+        lambda: action_records(name, (action_row(a) for a in runtime.actions)),
         lambda: [event_from_row(e) for e in runtime.log.events],
         lambda: {a.name: (a.inputs, a.output) for a in runtime.actions},
     )

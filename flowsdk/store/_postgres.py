@@ -38,7 +38,9 @@ from flowsdk._records import (
     Outcome,
     RunRecord,
     action_from_row,
+    action_records,
     event_from_row,
+    whole_keys,
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
@@ -207,10 +209,9 @@ class PostgresStore(PostgresTokens):
                     (name, record.attempt),
                 )
             ]
-            actions = [action_from_row(name, r) for r in rows]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             events = _events(conn, name, record.attempt, -1)
-            return StoredRun(record, actions, events, payloads)
+            return StoredRun(record, lambda: action_records(name, rows), events, payloads)
 
         return self._read(work, lambda: self._none_yet(name))
 
@@ -263,7 +264,19 @@ class PostgresStore(PostgresTokens):
                     (name, attempt, actions),
                 )
             ]
-            return [action_from_row(name, r) for r in rows]
+            # A row keeps its key's last segment: read the ancestors' segments too.
+            keys = whole_keys(
+                conn.execute(
+                    "WITH RECURSIVE up(name, parent, key) AS ("
+                    "SELECT name, parent, key FROM flowsdk.actions WHERE run = %s "
+                    "AND run_attempt = %s AND name = ANY(%s) "
+                    "UNION SELECT a.name, a.parent, a.key FROM flowsdk.actions a JOIN up "
+                    "ON a.run = %s AND a.run_attempt = %s AND a.name = up.parent) "
+                    "SELECT name, parent, key FROM up",
+                    (name, attempt, actions, name, attempt),
+                )
+            )
+            return [action_from_row(name, r, keys[r.name]) for r in rows]
 
         return self._read(work, list)
 

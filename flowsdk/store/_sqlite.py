@@ -34,7 +34,9 @@ from flowsdk._records import (
     EventRow,
     RunRecord,
     action_from_row,
+    action_records,
     event_from_row,
+    whole_keys,
 )
 from flowsdk.errors import (
     ActionNotFoundError,
@@ -334,10 +336,9 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
                     (name, record.attempt),
                 )
             ]
-            actions = [action_from_row(name, r) for r in rows]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             events = self._events(conn, name, record.attempt, -1)
-        return StoredRun(record, actions, events, payloads)
+        return StoredRun(record, lambda: action_records(name, rows), events, payloads)
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""
@@ -381,8 +382,25 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
                         (name, attempt, *chunk),
                     )
                 ]
+            # A row keeps its key's last segment: read the ancestors' segments too.
+            keys: dict[str, str] = {}
+            for i in range(0, len(actions), 500):
+                chunk = actions[i : i + 500]
+                keys.update(
+                    whole_keys(
+                        conn.execute(
+                            "WITH RECURSIVE up(name, parent, key) AS ("
+                            "SELECT name, parent, key FROM actions WHERE run = ? "
+                            f"AND run_attempt = ? AND name IN ({', '.join('?' * len(chunk))}) "
+                            "UNION SELECT a.name, a.parent, a.key FROM actions a JOIN up "
+                            "ON a.run = ? AND a.run_attempt = ? AND a.name = up.parent) "
+                            "SELECT name, parent, key FROM up",
+                            (name, attempt, *chunk, name, attempt),
+                        )
+                    )
+                )
         rows.sort(key=lambda r: r.seq)
-        return [action_from_row(name, r) for r in rows]
+        return [action_from_row(name, r, keys[r.name]) for r in rows]
 
     def _events(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int

@@ -139,6 +139,27 @@ MIGRATIONS: dict[int, list[str]] = {
             revoked_at REAL
         )"""
     ],
+    # Keys keep only their last segment (the whole key is rebuilt from the parent
+    # chain on reading), so a deep tree's store does not grow with the square of
+    # its depth. Computed from the old keys before any is changed.
+    4: [
+        """CREATE TEMP TABLE key_segments (
+            run TEXT NOT NULL, run_attempt INTEGER NOT NULL, name TEXT NOT NULL,
+            segment TEXT NOT NULL, PRIMARY KEY (run, run_attempt, name)
+        )""",
+        """INSERT INTO key_segments
+            SELECT c.run, c.run_attempt, c.name, substr(c.key, length(p.key) + 1)
+            FROM actions c JOIN actions p
+              ON p.run = c.run AND p.run_attempt = c.run_attempt AND p.name = c.parent
+            WHERE substr(c.key, 1, length(p.key)) = p.key""",
+        """UPDATE actions SET key = (
+                SELECT segment FROM key_segments s WHERE s.run = actions.run
+                AND s.run_attempt = actions.run_attempt AND s.name = actions.name)
+            WHERE parent IS NOT NULL AND EXISTS (
+                SELECT 1 FROM key_segments s WHERE s.run = actions.run
+                AND s.run_attempt = actions.run_attempt AND s.name = actions.name)""",
+        "DROP TABLE key_segments",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
