@@ -38,6 +38,7 @@ __all__ = [
     "Outcome",
     "Role",
     "RefusedRequest",
+    "PruneReport",
     "RunRecord",
     "StopInfo",
     "StopMode",
@@ -116,6 +117,22 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     task: str = ""
     workdir: str = ""
     """The working directory the run was started in (where a detached retry runs)."""
+
+
+class PruneReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What `flowsdk prune` (`Client.prune`) did (SPEC §6)."""
+
+    deleted: list[RunRecord]
+    """The deleted runs (each one's latest attempt), newest first; every attempt went."""
+    attempts: int
+    """How many attempts were deleted in all."""
+    live: list[RunRecord]
+    """Runs that matched but are live (never deleted), newest first."""
+    freed_bytes: int | None = None
+    """The bytes given back to the file system (a SQLite file); None where the store's
+    server manages its own space (PostgreSQL) or there is no file (memory)."""
+    note: str | None = None
+    """Anything else the user should know (a file that could not be compacted yet)."""
 
 
 class EventKind(enum.StrEnum):

@@ -19,6 +19,7 @@ import difflib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
@@ -36,6 +37,7 @@ from flowsdk._records import (
     Event,
     EventRow,
     Outcome,
+    PruneReport,
     RunRecord,
     action_from_row,
     action_records,
@@ -61,6 +63,7 @@ from flowsdk.store._postgres_schema import (
     store_error,
 )
 from flowsdk.store._postgres_tokens import PostgresTokens
+from flowsdk.store._prune import delete_runs_postgres, prune_plan
 from flowsdk.store._rows import run_record
 from flowsdk.store._writer import RunWriter
 
@@ -169,6 +172,22 @@ class PostgresStore(PostgresTokens):
         self._read(self._reconcile, lambda: None)
 
     # -- reading -------------------------------------------------------------------------
+
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs (never a live one); PostgreSQL manages the space it frees."""
+        doomed, live = prune_plan(self.list_runs(phase=phase), before=before, keep=keep)
+        if not doomed:
+            return PruneReport(deleted=[], attempts=0, live=live)
+        names = [r.name for r in doomed]
+        gone, attempts = self._read(
+            lambda conn: delete_runs_postgres(conn, names), lambda: (set(), 0)
+        )
+        live += [r for r in doomed if r.name not in gone]
+        return PruneReport(
+            deleted=[r for r in doomed if r.name in gone], attempts=attempts, live=live
+        )
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None

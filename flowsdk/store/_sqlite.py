@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -32,6 +33,7 @@ from flowsdk._records import (
     ActionRow,
     Event,
     EventRow,
+    PruneReport,
     RunRecord,
     action_from_row,
     action_records,
@@ -45,6 +47,7 @@ from flowsdk.errors import (
     StoreError,
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
@@ -296,6 +299,34 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return True
+
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs (never a live one) and give the space back to the file system."""
+        self.reconcile()  # a run whose runner is gone is CRASHED, so it can go
+        if self._read() is None:
+            return PruneReport(deleted=[], attempts=0, live=[])
+        doomed, live = prune_plan(self.list_runs(phase=phase), before=before, keep=keep)
+        if not doomed:
+            return PruneReport(deleted=[], attempts=0, live=live, freed_bytes=0)
+        size = file_size(self.path)
+        conn = self._connect_for_writing()
+        try:
+            with translate(self.path):
+                gone, attempts = delete_runs_sqlite(conn, [r.name for r in doomed])
+                freed, note = give_back_space(conn, self.path, size)
+        finally:
+            conn.close()
+        # A run retried meanwhile is live again: it stays, and is named as such.
+        live += [r for r in doomed if r.name not in gone]
+        return PruneReport(
+            deleted=[r for r in doomed if r.name in gone],
+            attempts=attempts,
+            live=live,
+            freed_bytes=freed,
+            note=note,
+        )
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None

@@ -271,6 +271,8 @@ def create_store(path: str) -> None:
             translate(path),
             contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn,
         ):
+            # Before the first table: a prune gives freed pages back (`incremental_vacuum`).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             migrate(conn)
         try:
             os.link(fresh, path)
