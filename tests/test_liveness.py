@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,33 @@ def test_a_paused_runner_on_this_host_stays_running_and_can_still_be_aborted(
     assert abort is not None
     assert (abort.cause, abort.reason) == (AbortCause.EXTERNAL, "while paused")
     assert_clean(run)
+
+
+def test_a_stopped_runner_says_it_was_not_scheduled_not_that_a_body_blocked_the_loop(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP then SIGCONT: the runner logs that the process was not scheduled.
+
+    No CPU was used and its own thread was late too: never the blocked-loop
+    warning, which blames a body.
+    """
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("control.py", url, "starved", "one_child") as runner, flowsdk.Client(url) as client:
+        runner.started(2)
+        runner.proc.send_signal(signal.SIGSTOP)
+        try:
+            # Being stopped for a while is the behaviour under test: nothing to wait for.
+            time.sleep(2.5)
+            assert client.get_run("starved").phase is RunPhase.RUNNING
+        finally:
+            runner.proc.send_signal(signal.SIGCONT)
+        line = runner.expect_text("the process was not scheduled for")
+        assert "(stopped, or the machine is overloaded)" in line
+        assert client.abort("starved", "a1", reason="done").outcome is Outcome.APPLIED
+        runner.expect("CAUGHT", "ActionAbortedError")
+        assert runner.finish() == 0
+        assert client.get_run("starved").phase is RunPhase.SUCCEEDED
+    assert "event loop was blocked" not in runner.output, runner.output
 
 
 def test_a_runner_on_another_host_is_crashed_once_its_heartbeat_is_stale(
