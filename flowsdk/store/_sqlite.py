@@ -42,6 +42,7 @@ from flowsdk._records import (
 )
 from flowsdk.errors import (
     ActionNotFoundError,
+    PermissionDeniedError,
     RunNotFoundError,
     StoreCorruptedError,
     StoreError,
@@ -49,6 +50,7 @@ from flowsdk.errors import (
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._sqlite_dialect import SQLiteDialect
+from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
@@ -106,6 +108,11 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
         self.url = url
         self.path = path
         self._reader: sqlite3.Connection | None = None
+        self.read_only = False
+        """Whether this process reads the store without being able to write it."""
+        # Runs whose runner is gone, as a read-only reader judges them: (name, attempt)
+        # -> last heartbeat. Shown CRASHED, never recorded by this process.
+        self._judged: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
         self._checked_mode = False
 
@@ -151,9 +158,16 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
             )
         self._warn_if_others_can_write()
         with translate(self.path):
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            if not create and cannot_write(self.path):
+                self.read_only = True
+                conn = open_read_only(self.path, self.busy_timeout)
+            else:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             try:
                 ready = self._check_and_migrate(conn, create=create)
             except BaseException:
@@ -200,7 +214,15 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
         if version < SCHEMA_VERSION:
             if not create and version == 0:
                 return False
+            if self.read_only and not create:
+                raise PermissionDeniedError(
+                    f"the store {self.path} has schema {version}, older than this flowsdk's "
+                    f"({SCHEMA_VERSION}), and this user cannot write it to upgrade it; run any "
+                    "flowsdk command on it once as a user who may write it"
+                )
             migrate(conn)
+        if self.read_only and not create:
+            return True
         with contextlib.suppress(sqlite3.OperationalError):
             # WAL needs a write lock the first time; a reader may find it set already.
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -279,6 +301,9 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
             for name, attempt, owner, heartbeat in rows
             if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat, now=now)
         ]
+        if self.read_only:
+            self._judged = {(n, a): hb if hb is not None else now for n, a, hb in dead}
+            return
         for name, attempt, heartbeat in dead:
             if not self._mark_gone(conn, name, attempt, heartbeat):
                 return  # locked: someone is writing; try on the next read
@@ -349,7 +374,12 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
             sql += " LIMIT ?"
             params.append(limit)
         with translate(self.path):
-            return [run_record(row) for row in conn.execute(sql, params)]
+            found = [run_record(row) for row in conn.execute(sql, params)]
+        if self._judged:
+            found = [as_judged(r, self._judged) for r in found]
+            if phase is not None:
+                found = [r for r in found if r.phase is phase]
+        return found
 
     def load_run(self, name: str, attempt: int | None = None) -> StoredRun:
         """Return one attempt of a run (default: the latest)."""
@@ -393,7 +423,7 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens):
             ).fetchone()
         if row is None:
             raise self._not_found(conn, name, attempt)
-        return run_record(row)
+        return as_judged(run_record(row), self._judged)
 
     def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
         """Return the records of the named actions of one attempt, in start order."""
