@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowsdk._control import apply_request
 from flowsdk._execute import OWN_CODE, note_unobserved, spawn
+from flowsdk._fork import run_ended, run_started
 from flowsdk._history import History
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
@@ -106,6 +107,7 @@ class Runner:
             on_lost=runtime.lost,
         )
         runtime.attach(self.recorder)
+        run_started(loop)  # a child forked by a body exits before it runs anything more
         runtime.track_tasks(OWN_CODE)
         self.runtime = runtime
         spawn(runtime, root)
@@ -151,7 +153,10 @@ class Runner:
         assert root is not None
         value = root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE
         result: Run[Any] = Run(stored, value=value, exc=root.exc)
-        await self.recorder.close()
+        try:
+            await self.recorder.close()
+        finally:
+            run_ended(runtime.loop)
         if cancelled:
             raise CancelledError
         return result

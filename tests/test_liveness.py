@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import flowsdk
-from flowsdk import AbortCause, Outcome, RunPhase
+from flowsdk import AbortCause, ActionPhase, Outcome, RunPhase
 from tests.runners.harness import Runner, sqlite_url, sync
 from tests.support import assert_clean
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_paused_runner_on_this_host_stays_running_and_can_still_be_aborted(
@@ -122,3 +127,34 @@ def test_a_runner_that_finds_its_run_crashed_stops_its_bodies_and_records_nothin
     assert note.kind is flowsdk.EventKind.WARNING
     assert note.message is not None
     assert "found run 'back' recorded CRASHED" in note.message
+
+
+def test_a_child_forked_by_a_body_exits_when_it_returns_into_the_workflow(
+    tmp_path: Path,
+) -> None:
+    """os.fork() in a body: the child that returns exits at once; the rest runs once."""
+    marks = tmp_path / "marks"
+    url = sqlite_url(tmp_path / "s.db")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.workflows.forks", "forked", str(marks)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "FLOWSDK_STORE": url},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["RESULT SUCCEEDED exit=0"], done.stdout
+    assert "forked by a task body, returned into the workflow" in done.stderr
+    lines = marks.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["after", "child"], lines
+    pids = {line.split()[0]: int(line.split()[1]) for line in lines}
+    assert pids["child"] != pids["after"]
+    with flowsdk.Client(url) as client:
+        run = client.get_run("forked")
+    assert [(a.task, a.phase) for a in run.actions] == [
+        ("forks.root", ActionPhase.SUCCEEDED),
+        ("forks.forker", ActionPhase.SUCCEEDED),
+        ("forks.after", ActionPhase.SUCCEEDED),
+    ]
