@@ -17,12 +17,20 @@ import pytest
 import flowsdk
 from flowsdk import RunPhase
 from flowsdk.store import Store, open_store
+from flowsdk.store._postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
+from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from flowsdk.testing import new_store
 from tests.test_cli import cli
 from tests.test_store_postgres import admin
 from tests.workflows import deep
 
 DEPTH = 10_000
+# The migrations that keep only each key's last segment (found by what they do, so
+# renumbering them on a merge does not break these tests).
+KEY_MIGRATION_SQLITE = next(n for n, m in SQLITE_MIGRATIONS.items() if "key_segments" in m[0])
+KEY_MIGRATION_POSTGRES = next(
+    n for n, m in POSTGRES_MIGRATIONS.items() if "SET key = substr" in m[0]
+)
 
 
 def sqlite_url(path: Path) -> str:
@@ -146,8 +154,8 @@ def test_every_store_gives_whole_keys_back_from_a_full_read_and_a_keyed_one(
     assert len(keyed) == 2
 
 
-def test_a_sqlite_store_of_schema_3_keeps_its_whole_keys(tmp_path: Path) -> None:
-    """Schema 3 stored whole keys; migration 4 keeps the last segments; keys read the same."""
+def test_a_sqlite_store_from_before_the_key_migration_keeps_its_keys(tmp_path: Path) -> None:
+    """Before the key migration whole keys were stored; after it, the last segments."""
     path = tmp_path / "old.db"
     flowsdk.run(deep.chain, 5, name="old", store=sqlite_url(path))
     with flowsdk.Client(sqlite_url(path)) as client:
@@ -156,7 +164,7 @@ def test_a_sqlite_store_of_schema_3_keeps_its_whole_keys(tmp_path: Path) -> None
         # What schema 3 kept: the whole key in each row.
         for name, key in before:
             conn.execute("UPDATE actions SET key = ? WHERE name = ?", (key, name))
-        conn.execute("PRAGMA user_version = 3")
+        conn.execute(f"PRAGMA user_version = {KEY_MIGRATION_SQLITE - 1}")
         conn.commit()
     with flowsdk.Client(sqlite_url(path)) as client:
         after = [(a.name, a.key) for a in client.get_run("old").actions]
@@ -164,19 +172,21 @@ def test_a_sqlite_store_of_schema_3_keeps_its_whole_keys(tmp_path: Path) -> None
     with contextlib.closing(sqlite3.connect(path)) as conn:
         rows = dict(conn.execute("SELECT name, key FROM actions").fetchall())
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-    assert version >= 4
+    assert version >= KEY_MIGRATION_SQLITE
     assert rows == {"a0": "a0", **{f"a{i}": "/1" for i in range(1, 6)}}
 
 
-def test_a_postgres_store_of_schema_2_keeps_its_whole_keys(pg_url: str) -> None:
-    """PostgreSQL schema 2 stored whole keys; migration 3 keeps only the last segments."""
+def test_a_postgres_store_from_before_the_key_migration_keeps_its_keys(pg_url: str) -> None:
+    """Before the key migration whole keys were stored; after it, the last segments."""
     flowsdk.run(deep.chain, 5, name="old", store=pg_url)
     with flowsdk.Client(pg_url) as client:
         before = [(a.name, a.key) for a in client.get_run("old").actions]
     with admin(pg_url) as conn:
         for name, key in before:
             conn.execute("UPDATE flowsdk.actions SET key = %s WHERE name = %s", (key, name))
-        conn.execute("UPDATE flowsdk.schema_version SET version = 2")
+        conn.execute(
+            "UPDATE flowsdk.schema_version SET version = %s", (KEY_MIGRATION_POSTGRES - 1,)
+        )
     with flowsdk.Client(pg_url) as client:
         after = [(a.name, a.key) for a in client.get_run("old").actions]
     assert after == before
@@ -184,5 +194,5 @@ def test_a_postgres_store_of_schema_2_keeps_its_whole_keys(pg_url: str) -> None:
         rows = {str(n): str(k) for n, k in conn.execute("SELECT name, key FROM flowsdk.actions")}
         version = conn.execute("SELECT version FROM flowsdk.schema_version").fetchone()
     assert version is not None
-    assert int(str(version[0])) >= 3
+    assert int(str(version[0])) >= KEY_MIGRATION_POSTGRES
     assert rows == {"a0": "a0", **{f"a{i}": "/1" for i in range(1, 6)}}
