@@ -50,6 +50,8 @@ bench-scale: $(STAMP)
 # Long campaigns, not part of `make test`: SIGKILL runners at random moments.
 soak: $(STAMP)
 	$(BIN)/python soak/crash_campaign.py 120
+	FLOWSDK_PROPERTY_EXAMPLES=10000 $(BIN)/python -m pytest -q -p no:randomly -o timeout=0 -o faulthandler_timeout=0 \
+		tests/test_properties.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
 from flowsdk._phases import RunPhase
-from flowsdk._records import Actor, ControlRequest, ControlResult, LogEntry, Progress, RunRecord
+from flowsdk._records import (
+    Actor,
+    ControlRequest,
+    ControlResult,
+    LogEntry,
+    Progress,
+    PruneReport,
+    RunRecord,
+)
 from flowsdk._result import Run
 from flowsdk._service import ControlService
 from flowsdk.store import Store, open_store
@@ -82,6 +91,31 @@ class Client:
     ) -> list[LogEntry]:
         """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
         return self.service.logs(run, attempt, action, cursor)
+
+    def prune(
+        self,
+        *,
+        older_than: timedelta | None = None,
+        keep: int | None = None,
+        phase: RunPhase | str | None = None,
+    ) -> PruneReport:
+        """Delete ended runs, every attempt of each, and give the space back (SPEC §6).
+
+        In scope: the runs whose latest attempt is in `phase` (default: all);
+        of those, all but the `keep` newest, that ended more than `older_than`
+        ago. A live (running or stopping) run is never deleted, even if it
+        matched: the report lists it in `live`. A SQLite file shrinks
+        (`freed_bytes`); PostgreSQL reuses the space itself.
+
+        Raises:
+            ValueError: no criterion given, or a negative one.
+            PermissionDeniedError: the store (or the actor's role) forbids deleting.
+        """
+        return self.service.prune(
+            older_than=older_than,
+            keep=keep,
+            phase=RunPhase(phase) if phase is not None else None,
+        )
 
     def retry(self, run: str) -> Run[Any]:
         """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.

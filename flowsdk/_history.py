@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from flowsdk._payload import inputs_digest, same_inputs
 from flowsdk._phases import ActionPhase
 from flowsdk.errors import NondeterminismError
 
-__all__ = ["History"]
+__all__ = ["History", "Keyed"]
+
+
+class Keyed(Protocol):
+    """What `History.key_of` reads of a live action: its name, key segment and parent."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def parent(self) -> Keyed | None: ...
 
 
 class History:
     """What a previous attempt of a run recorded, keyed by call key (for a retry)."""
 
-    __slots__ = ("_calls", "run")
+    __slots__ = ("_calls", "_keys", "run")
 
     def __init__(
         self, run: str, calls: dict[str, tuple[str, bytes | None, str, bytes | None]]
     ) -> None:
         self.run = run
         self._calls = calls
+        self._keys: dict[str, str] = {}  # live action name -> its whole key
+
+    def key_of(self, action: Keyed) -> str:
+        """Return a live action's whole key (its ancestors' segments and its own)."""
+        keys = self._keys
+        chain = []
+        at: Keyed | None = action
+        while at is not None and at.name not in keys:
+            chain.append(at)
+            at = at.parent
+        key = keys[at.name] if at is not None else ""
+        for link in reversed(chain):
+            key += link.key
+            keys[link.name] = key
+        return key
 
     def match(self, key: str, task: str, inputs: bytes) -> bytes | None:
         """Return the recorded output to replay for this call, or None to execute it.

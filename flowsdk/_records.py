@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import socket
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import msgspec
@@ -41,17 +42,20 @@ __all__ = [
     "ProgressRow",
     "Role",
     "RefusedRequest",
+    "PruneReport",
     "RunRecord",
     "StopInfo",
     "StopMode",
     "StopRequest",
     "TokenRecord",
     "action_from_row",
+    "action_records",
     "describe_target",
     "event_from_row",
     "log_from_row",
     "progress_from_row",
     "to_datetime",
+    "whole_keys",
 ]
 
 
@@ -123,6 +127,22 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The working directory the run was started in (where a detached retry runs)."""
 
 
+class PruneReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What `flowsdk prune` (`Client.prune`) did (SPEC §6)."""
+
+    deleted: list[RunRecord]
+    """The deleted runs (each one's latest attempt), newest first; every attempt went."""
+    attempts: int
+    """How many attempts were deleted in all."""
+    live: list[RunRecord]
+    """Runs that matched but are live (never deleted), newest first."""
+    freed_bytes: int | None = None
+    """The bytes given back to the file system (a SQLite file); None where the store's
+    server manages its own space (PostgreSQL) or there is no file (memory)."""
+    note: str | None = None
+    """Anything else the user should know (a file that could not be compacted yet)."""
+
+
 class EventKind(enum.StrEnum):
     """What an event records."""
 
@@ -178,6 +198,9 @@ class ActionRow(msgspec.Struct, array_like=True, gc=False):
     abort_at: float | None
     cleanup_incomplete: bool
     key: str
+    """The call key's last segment: `a0` for the root, else what follows the parent's key
+    (`/3`, or `@2/3` under a later attempt). A store keeps only this, so its size does not
+    grow with the depth of the tree; `action_records` rebuilds the whole key (SPEC §6)."""
     replayed: bool
     inputs: bytes | None
     output: bytes | None
@@ -288,8 +311,45 @@ EVENT_FIELDS: tuple[str, ...] = EventRow.__struct_fields__
 """The fields of `EventRow`, in order."""
 
 
-def action_from_row(run: str, row: ActionRow) -> ActionRecord:
-    """Build the public `ActionRecord` of an `ActionRow`."""
+def action_records(
+    run: str, rows: Iterable[ActionRow], known: dict[str, str] | None = None
+) -> list[ActionRecord]:
+    """Build the public `ActionRecord`s of rows in start order, with their whole keys.
+
+    A row keeps only its key's last segment; the whole key is the parent's key
+    followed by it. Parents start before their children, so one pass in start
+    order rebuilds every key. `known` holds the whole keys of ancestors that
+    are not among `rows` (a keyed lookup reads them separately).
+    """
+    keys: dict[str, str] = dict(known) if known else {}
+    records = []
+    for row in rows:
+        parent = row.parent
+        key = row.key if parent is None else keys.get(parent, "") + row.key
+        keys[row.name] = key
+        records.append(action_from_row(run, row, key))
+    return records
+
+
+def whole_keys(rows: Iterable[tuple[str, str | None, str]]) -> dict[str, str]:
+    """Map action names to their whole keys from `(name, parent, segment)` rows in any order."""
+    by_name = {name: (parent, segment) for name, parent, segment in rows}
+    keys: dict[str, str] = {}
+    for name in by_name:
+        chain = []
+        at: str | None = name
+        while at is not None and at not in keys and at in by_name:
+            chain.append(at)
+            at = by_name[at][0]
+        key = keys.get(at, "") if at is not None else ""
+        for link in reversed(chain):
+            key += by_name[link][1]
+            keys[link] = key
+    return keys
+
+
+def action_from_row(run: str, row: ActionRow, key: str | None = None) -> ActionRecord:
+    """Build the public `ActionRecord` of an `ActionRow` (`key`: its whole key, if rebuilt)."""
     cause = row.abort_cause
     return ActionRecord(
         run=run,
@@ -317,7 +377,7 @@ def action_from_row(run: str, row: ActionRow) -> ActionRecord:
         if cause
         else None,
         cleanup_incomplete=bool(row.cleanup_incomplete),
-        key=row.key,
+        key=row.key if key is None else key,
         replayed=bool(row.replayed),
         executor=row.executor,
     )

@@ -94,7 +94,6 @@ class Run(Generic[R]):
             RunStoppedError: the run was stopped.
         """
         phase = self.phase
-        root = self.actions[0]
         if phase is RunPhase.SUCCEEDED:
             if self._value is NO_VALUE:
                 raise InvalidStateError(
@@ -109,6 +108,8 @@ class Run(Generic[R]):
                 + (f": {stop.reason}" if stop and stop.reason else "")
             )
         exc = self._exc
+        # Read only on failure: building every record of a deep run is not free.
+        root = self.actions[0]
         if phase is RunPhase.ABORTED:
             if isinstance(exc, ActionError):
                 raise exc

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from flowsdk import _logs as logs
 from flowsdk._control import apply_request
 from flowsdk._execute import OWN_CODE, note_unobserved, spawn
+from flowsdk._fork import run_ended, run_started
 from flowsdk._history import History
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import action_row
-from flowsdk._records import Actor, action_from_row, event_from_row
+from flowsdk._records import Actor, action_records, event_from_row
 from flowsdk._result import NO_VALUE, Run
 from flowsdk._runtime import Runtime
 from flowsdk.store import RunRecorder, Store, StoredRun, open_store
@@ -107,6 +108,7 @@ class Runner:
             on_lost=runtime.lost,
         )
         runtime.attach(self.recorder)
+        run_started(loop)  # a child forked by a body exits before it runs anything more
         runtime.track_tasks(OWN_CODE)
         self.runtime = runtime
         logs.install()  # records emitted in bodies are kept with their actions
@@ -159,7 +161,10 @@ class Runner:
         assert root is not None
         value = root.value if root.phase is ActionPhase.SUCCEEDED else NO_VALUE
         result: Run[Any] = Run(stored, value=value, exc=root.exc)
-        await self.recorder.close()
+        try:
+            await self.recorder.close()
+        finally:
+            run_ended(runtime.loop)
         if cancelled:
             raise CancelledError
         return result
@@ -215,7 +220,7 @@ def _final_records(runtime: Runtime, store: Store) -> StoredRun:
     actions = runtime.actions.values()
     return StoredRun(
         runtime.run_record(),
-        lambda: [action_from_row(name, action_row(a)) for a in actions],
+        lambda: action_records(name, (action_row(a) for a in actions)),
         lambda: [event_from_row(e) for e in runtime.log.events],
         lambda: {a.name: (a.inputs, a.output) for a in actions},
     )

@@ -243,14 +243,14 @@ class Runtime:
             )
         inputs = encode_inputs(task, args, kwargs)  # SerializationError: no action
         parent.calls += 1
-        if parent.attempt == 1:
-            key = f"{parent.key}/{parent.calls}"
-        else:
-            # Children of a later attempt of the same action get keys of their own.
-            key = f"{parent.key}@{parent.attempt}/{parent.calls}"
+        # Only the key's last segment is kept (SPEC §6's whole key is the parent's
+        # key followed by it), so a deep tree's keys do not grow with its depth.
+        # Children of a later attempt of the same action get keys of their own.
+        key = f"/{parent.calls}" if parent.attempt == 1 else f"@{parent.attempt}/{parent.calls}"
         recorded = None
-        if self.history is not None:
-            recorded = self.history.match(key, task.name, inputs)
+        history = self.history
+        if history is not None:
+            recorded = history.match(history.key_of(parent) + key, task.name, inputs)
         return task._handle(self, parent, task, args, kwargs, key, inputs, recorded)
 
     def _new(

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -40,6 +41,7 @@ from flowsdk._records import (
     MarkFailedRequest,
     Outcome,
     Progress,
+    PruneReport,
     RefusedRequest,
     Role,
     RunRecord,
@@ -154,6 +156,27 @@ class ControlService:
         if attempt is None:
             attempt = self.store.load_record(name).attempt
         return self.store.load_logs(name, attempt, action, cursor, limit)
+
+    def prune(
+        self,
+        *,
+        older_than: timedelta | None = None,
+        keep: int | None = None,
+        phase: RunPhase | None = None,
+    ) -> PruneReport:
+        """Delete ended runs (never a live one): see `Client.prune`. Needs `control`."""
+        self.authorize(Permission.CONTROL)
+        if older_than is None and keep is None and phase is None:
+            raise ValueError(
+                "say which runs to delete: older_than (--older-than DAYS), keep "
+                "(--keep N) or phase (--phase P)"
+            )
+        if keep is not None and keep < 0:
+            raise ValueError(f"keep must be 0 or more, not {keep}")
+        if older_than is not None and older_than < timedelta(0):
+            raise ValueError(f"older_than must not be negative, not {older_than}")
+        before = datetime.now(UTC) - older_than if older_than is not None else None
+        return self.store.prune(before=before, keep=keep, phase=phase)
 
     # -- control -----------------------------------------------------------------------
 

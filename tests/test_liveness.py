@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import flowsdk
-from flowsdk import AbortCause, Outcome, RunPhase
+from flowsdk import AbortCause, ActionPhase, Outcome, RunPhase
 from tests.runners.harness import Runner, sqlite_url, sync
 from tests.support import assert_clean
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_a_paused_runner_on_this_host_stays_running_and_can_still_be_aborted(
@@ -40,6 +46,45 @@ def test_a_paused_runner_on_this_host_stays_running_and_can_still_be_aborted(
     assert abort is not None
     assert (abort.cause, abort.reason) == (AbortCause.EXTERNAL, "while paused")
     assert_clean(run)
+
+
+def test_a_stopped_runner_says_it_was_not_scheduled_not_that_a_body_blocked_the_loop(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP then SIGCONT: the runner logs that the process was not scheduled.
+
+    No CPU was used and its own thread was late too: never the blocked-loop
+    warning, which blames a body.
+    """
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("control.py", url, "starved", "one_child") as runner, flowsdk.Client(url) as client:
+        runner.started(2)
+        sync(client, "starved")  # both actions recorded: the store thread is idle, waiting
+        line = ""
+        # The store thread tells when a pause lands while it waits (nearly always); one
+        # that lands in the middle of a write cannot be told from a slow write, so a
+        # later pause tells instead.
+        for _ in range(3):
+            runner.proc.send_signal(signal.SIGSTOP)
+            try:
+                # Being stopped for a while is the behaviour under test: nothing to wait for.
+                time.sleep(1.5)
+                assert client.get_run("starved").phase is RunPhase.RUNNING
+            finally:
+                runner.proc.send_signal(signal.SIGCONT)
+            sync(client, "starved")  # running again: what it logged on waking is written
+            try:
+                line = runner.expect_text("the process was not scheduled for")
+                break
+            except AssertionError:
+                continue
+        assert line, runner.output
+        assert "(stopped, or the machine is overloaded)" in line
+        assert client.abort("starved", "a1", reason="done").outcome is Outcome.APPLIED
+        runner.expect("CAUGHT", "ActionAbortedError")
+        assert runner.finish() == 0
+        assert client.get_run("starved").phase is RunPhase.SUCCEEDED
+    assert "event loop was blocked" not in runner.output, runner.output
 
 
 def test_a_runner_on_another_host_is_crashed_once_its_heartbeat_is_stale(
@@ -94,3 +139,34 @@ def test_a_runner_that_finds_its_run_crashed_stops_its_bodies_and_records_nothin
     assert note.kind is flowsdk.EventKind.WARNING
     assert note.message is not None
     assert "found run 'back' recorded CRASHED" in note.message
+
+
+def test_a_child_forked_by_a_body_exits_when_it_returns_into_the_workflow(
+    tmp_path: Path,
+) -> None:
+    """os.fork() in a body: the child that returns exits at once; the rest runs once."""
+    marks = tmp_path / "marks"
+    url = sqlite_url(tmp_path / "s.db")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.workflows.forks", "forked", str(marks)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "FLOWSDK_STORE": url},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["RESULT SUCCEEDED exit=0"], done.stdout
+    assert "forked by a task body, returned into the workflow" in done.stderr
+    lines = marks.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["after", "child"], lines
+    pids = {line.split()[0]: int(line.split()[1]) for line in lines}
+    assert pids["child"] != pids["after"]
+    with flowsdk.Client(url) as client:
+        run = client.get_run("forked")
+    assert [(a.task, a.phase) for a in run.actions] == [
+        ("forks.root", ActionPhase.SUCCEEDED),
+        ("forks.forker", ActionPhase.SUCCEEDED),
+        ("forks.after", ActionPhase.SUCCEEDED),
+    ]

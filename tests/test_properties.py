@@ -24,6 +24,7 @@ checks every guarantee on the records, the event log and what each parent saw.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from flowsdk import ActionPhase, EventKind, Task
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
 from tests.support import assert_clean
 
+# How many random trees: 60 in the suite, more in a soak.
+EXAMPLES = int(os.environ.get("FLOWSDK_PROPERTY_EXAMPLES", "60"))
 MAX_DEPTH = 6
 MAX_WIDTH = 8
 MAX_NODES = 30
@@ -299,6 +302,10 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
                 if node.kind == "absorb" and by_code:
                     # Workflow code's cancel reached it through an ancestor: absorbed.
                     allowed.add(("SUCCEEDED", None))
+                if by_code and node.kind in ("value", "raise", "gather"):
+                    # As in plain asyncio, `t.cancel()` travels down one await level per
+                    # loop step: an action that ends by itself may end before it arrives.
+                    allowed.add(_natural(node))
         assert got in allowed, f"{path} ({record.name}, {node.kind}): {got} not in {allowed}"
 
     # Outcome mapping: what each parent saw matches the child's recorded phase.
@@ -340,7 +347,8 @@ def _example(tree: Node, data: st.DataObject) -> None:
 
 
 @settings(
-    max_examples=60,
+    # `make soak` raises it (FLOWSDK_PROPERTY_EXAMPLES=10000).
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,
     database=None,

@@ -18,7 +18,7 @@ import sys
 from typing import NoReturn
 
 import flowsdk
-from flowsdk.cli import _control, _logs, _runs, _show, _start, _tokens, _ui
+from flowsdk.cli import _control, _logs, _prune, _runs, _show, _start, _tokens, _ui
 from flowsdk.cli._output import (
     EXIT_USAGE,
     Output,
@@ -31,7 +31,7 @@ from flowsdk.errors import FlowError
 __all__ = ["build_parser", "entry_point", "main"]
 
 # Each module adds its verbs to the parser; `args.handler(args, out)` runs one.
-_VERBS = (_runs, _show, _logs, _control, _start, _tokens, _ui)
+_VERBS = (_runs, _show, _logs, _control, _prune, _start, _tokens, _ui)
 _INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C
 _BROKEN_PIPE = 1  # as the Python documentation advises for SIGPIPE
 

@@ -22,7 +22,7 @@ from flowsdk.cli._output import (
     table,
 )
 
-__all__ = ["DEFAULT_LIMIT", "positive_int", "register"]
+__all__ = ["DEFAULT_LIMIT", "positive_int", "register", "run_phase"]
 
 DEFAULT_LIMIT = 50
 # A reason is cut to this many characters in the table (`show` has it in full).
@@ -46,7 +46,7 @@ def _limit(text: str) -> int:
     return positive_int(text)
 
 
-def _run_phase(text: str) -> RunPhase:
+def run_phase(text: str) -> RunPhase:
     try:
         return RunPhase(text.upper())
     except ValueError:
@@ -65,7 +65,7 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         description="List the runs in the store (latest attempt of each), newest first.",
     )
     parser.add_argument(
-        "--phase", type=_run_phase, metavar="P", help="only runs in phase P (e.g. FAILED)"
+        "--phase", type=run_phase, metavar="P", help="only runs in phase P (e.g. FAILED)"
     )
     parser.add_argument(
         "--limit",

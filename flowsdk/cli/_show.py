@@ -19,6 +19,7 @@ from flowsdk.cli._detail import (
     value_previews,
     with_progress,
 )
+from flowsdk.cli._fold import folded_tree
 from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import (
     EXIT_OK,
@@ -92,6 +93,7 @@ def show_lines(
     """Render a run for people: its header, its action tree, and optionally its events.
 
     Without `spaced` the lines hold no blank line (a `watch` frame ends with one).
+    Long chains and big fan-outs are folded (`_fold.py`), so the tree stays bounded.
     With `values`, the tree has a preview of each action's inputs and output.
     """
     now = datetime.now(UTC)
@@ -100,7 +102,9 @@ def show_lines(
     lines = [
         *run_header(out, run.record, now=now),
         *gap,
-        *action_tree(out, run.actions, now=now, previews=previews),
+        *action_tree(
+            out, run.actions, now=now, previews=previews, entries=folded_tree(run.actions)
+        ),
     ]
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]

@@ -36,6 +36,7 @@ from flowsdk._records import (
     Outcome,
     Progress,
     ProgressRow,
+    PruneReport,
     RunRecord,
     TokenRecord,
 )
@@ -316,6 +317,17 @@ class Store(RunReader, ControlChannel, TokenStore, Protocol):
 
         Raises:
             RunExistsError: a run (attempt) of that name exists already.
+        """
+
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs, every attempt of each (SPEC §6 `flowsdk prune`).
+
+        In scope: the runs whose latest attempt is in `phase` (default: all);
+        of those, all but the `keep` newest, that ended before `before`. A
+        live run is never deleted, even if it matched: it is in `live`. A
+        SQLite file gives the freed space back to the file system.
         """
 
     def note_request(self, name: str, action: str | None, message: str, requested_by: str) -> None:

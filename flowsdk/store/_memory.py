@@ -26,6 +26,7 @@ from flowsdk._records import (
     Outcome,
     Progress,
     ProgressRow,
+    PruneReport,
     RunRecord,
     TokenRecord,
     log_from_row,
@@ -39,6 +40,7 @@ from flowsdk.store._base import (
     RunState,
     StoredRun,
 )
+from flowsdk.store._prune import prune_plan
 
 __all__ = ["MemoryStore"]
 
@@ -110,6 +112,23 @@ class MemoryStore:
         latest = [r for r in latest if phase is None or r.phase is phase]
         latest.sort(key=lambda r: r.started_at, reverse=True)
         return latest[:limit] if limit is not None else latest
+
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs (never a live one) from this object."""
+        doomed, live = prune_plan(self.list_runs(phase=phase), before=before, keep=keep)
+        deleted = []
+        attempts = 0
+        for record in doomed:
+            slots = self._runs.get(record.name, [])
+            if record.name in self._live or any(s is None for s in slots):
+                live.append(record)  # retried since it was listed: live again
+                continue
+            attempts += len(slots)
+            del self._runs[record.name]
+            deleted.append(record)
+        return PruneReport(deleted=deleted, attempts=attempts, live=live)
 
     def load_run(self, name: str, attempt: int | None = None) -> StoredRun:
         """Return one recorded attempt of a run (default: the latest)."""

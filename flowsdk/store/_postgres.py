@@ -19,6 +19,7 @@ import difflib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
@@ -36,9 +37,12 @@ from flowsdk._records import (
     Event,
     EventRow,
     Outcome,
+    PruneReport,
     RunRecord,
     action_from_row,
+    action_records,
     event_from_row,
+    whole_keys,
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
@@ -60,6 +64,7 @@ from flowsdk.store._postgres_schema import (
 )
 from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._postgres_trace import PostgresTrace
+from flowsdk.store._prune import delete_runs_postgres, prune_plan
 from flowsdk.store._rows import run_record
 from flowsdk.store._writer import RunWriter
 
@@ -169,6 +174,22 @@ class PostgresStore(PostgresTokens, PostgresTrace):
 
     # -- reading -------------------------------------------------------------------------
 
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs (never a live one); PostgreSQL manages the space it frees."""
+        doomed, live = prune_plan(self.list_runs(phase=phase), before=before, keep=keep)
+        if not doomed:
+            return PruneReport(deleted=[], attempts=0, live=live)
+        names = [r.name for r in doomed]
+        gone, attempts = self._read(
+            lambda conn: delete_runs_postgres(conn, names), lambda: (set(), 0)
+        )
+        live += [r for r in doomed if r.name not in gone]
+        return PruneReport(
+            deleted=[r for r in doomed if r.name in gone], attempts=attempts, live=live
+        )
+
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
     ) -> list[RunRecord]:
@@ -208,10 +229,9 @@ class PostgresStore(PostgresTokens, PostgresTrace):
                     (name, record.attempt),
                 )
             ]
-            actions = [action_from_row(name, r) for r in rows]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             events = _events(conn, name, record.attempt, -1)
-            return StoredRun(record, actions, events, payloads)
+            return StoredRun(record, lambda: action_records(name, rows), events, payloads)
 
         return self._read(work, lambda: self._none_yet(name))
 
@@ -264,7 +284,19 @@ class PostgresStore(PostgresTokens, PostgresTrace):
                     (name, attempt, actions),
                 )
             ]
-            return [action_from_row(name, r) for r in rows]
+            # A row keeps its key's last segment: read the ancestors' segments too.
+            keys = whole_keys(
+                conn.execute(
+                    "WITH RECURSIVE up(name, parent, key) AS ("
+                    "SELECT name, parent, key FROM flowsdk.actions WHERE run = %s "
+                    "AND run_attempt = %s AND name = ANY(%s) "
+                    "UNION SELECT a.name, a.parent, a.key FROM flowsdk.actions a JOIN up "
+                    "ON a.run = %s AND a.run_attempt = %s AND a.name = up.parent) "
+                    "SELECT name, parent, key FROM up",
+                    (name, attempt, actions, name, attempt),
+                )
+            )
+            return [action_from_row(name, r, keys[r.name]) for r in rows]
 
         return self._read(work, list)
 

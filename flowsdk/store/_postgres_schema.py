@@ -148,6 +148,15 @@ MIGRATIONS: dict[int, list[str]] = {
     3: table_statements("flowsdk.", "DOUBLE PRECISION"),
     # Where each action's body ran (SPEC §4, §9): "local" or "ray".
     4: ["ALTER TABLE flowsdk.actions ADD COLUMN executor TEXT NOT NULL DEFAULT 'local'"],
+    # Keys keep only their last segment (the whole key is rebuilt from the parent
+    # chain on reading), so a deep tree's store does not grow with the square of
+    # its depth. The join reads the keys as they were before the statement.
+    5: [
+        """UPDATE flowsdk.actions c SET key = substr(c.key, length(p.key) + 1)
+            FROM flowsdk.actions p
+            WHERE p.run = c.run AND p.run_attempt = c.run_attempt AND p.name = c.parent
+              AND left(c.key, length(p.key)) = p.key"""
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

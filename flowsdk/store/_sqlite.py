@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -32,18 +33,24 @@ from flowsdk._records import (
     ActionRow,
     Event,
     EventRow,
+    PruneReport,
     RunRecord,
     action_from_row,
+    action_records,
     event_from_row,
+    whole_keys,
 )
 from flowsdk.errors import (
     ActionNotFoundError,
+    PermissionDeniedError,
     RunNotFoundError,
     StoreCorruptedError,
     StoreError,
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._sqlite_dialect import SQLiteDialect
+from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
@@ -102,6 +109,11 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
         self.url = url
         self.path = path
         self._reader: sqlite3.Connection | None = None
+        self.read_only = False
+        """Whether this process reads the store without being able to write it."""
+        # Runs whose runner is gone, as a read-only reader judges them: (name, attempt)
+        # -> last heartbeat. Shown CRASHED, never recorded by this process.
+        self._judged: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
         self._checked_mode = False
 
@@ -147,9 +159,16 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
             )
         self._warn_if_others_can_write()
         with translate(self.path):
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            if not create and cannot_write(self.path):
+                self.read_only = True
+                conn = open_read_only(self.path, self.busy_timeout)
+            else:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             try:
                 ready = self._check_and_migrate(conn, create=create)
             except BaseException:
@@ -196,7 +215,15 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
         if version < SCHEMA_VERSION:
             if not create and version == 0:
                 return False
+            if self.read_only and not create:
+                raise PermissionDeniedError(
+                    f"the store {self.path} has schema {version}, older than this flowsdk's "
+                    f"({SCHEMA_VERSION}), and this user cannot write it to upgrade it; run any "
+                    "flowsdk command on it once as a user who may write it"
+                )
             migrate(conn)
+        if self.read_only and not create:
+            return True
         with contextlib.suppress(sqlite3.OperationalError):
             # WAL needs a write lock the first time; a reader may find it set already.
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -275,6 +302,9 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
             for name, attempt, owner, heartbeat in rows
             if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat, now=now)
         ]
+        if self.read_only:
+            self._judged = {(n, a): hb if hb is not None else now for n, a, hb in dead}
+            return
         for name, attempt, heartbeat in dead:
             if not self._mark_gone(conn, name, attempt, heartbeat):
                 return  # locked: someone is writing; try on the next read
@@ -295,6 +325,34 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return True
+
+    def prune(
+        self, *, before: datetime | None, keep: int | None, phase: RunPhase | None
+    ) -> PruneReport:
+        """Delete ended runs (never a live one) and give the space back to the file system."""
+        self.reconcile()  # a run whose runner is gone is CRASHED, so it can go
+        if self._read() is None:
+            return PruneReport(deleted=[], attempts=0, live=[])
+        doomed, live = prune_plan(self.list_runs(phase=phase), before=before, keep=keep)
+        if not doomed:
+            return PruneReport(deleted=[], attempts=0, live=live, freed_bytes=0)
+        size = file_size(self.path)
+        conn = self._connect_for_writing()
+        try:
+            with translate(self.path):
+                gone, attempts = delete_runs_sqlite(conn, [r.name for r in doomed])
+                freed, note = give_back_space(conn, self.path, size)
+        finally:
+            conn.close()
+        # A run retried meanwhile is live again: it stays, and is named as such.
+        live += [r for r in doomed if r.name not in gone]
+        return PruneReport(
+            deleted=[r for r in doomed if r.name in gone],
+            attempts=attempts,
+            live=live,
+            freed_bytes=freed,
+            note=note,
+        )
 
     def list_runs(
         self, *, phase: RunPhase | None = None, limit: int | None = None
@@ -317,7 +375,12 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
             sql += " LIMIT ?"
             params.append(limit)
         with translate(self.path):
-            return [run_record(row) for row in conn.execute(sql, params)]
+            found = [run_record(row) for row in conn.execute(sql, params)]
+        if self._judged:
+            found = [as_judged(r, self._judged) for r in found]
+            if phase is not None:
+                found = [r for r in found if r.phase is phase]
+        return found
 
     def load_run(self, name: str, attempt: int | None = None) -> StoredRun:
         """Return one attempt of a run (default: the latest)."""
@@ -335,10 +398,9 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                     (name, record.attempt),
                 )
             ]
-            actions = [action_from_row(name, r) for r in rows]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             events = self._events(conn, name, record.attempt, -1)
-        return StoredRun(record, actions, events, payloads)
+        return StoredRun(record, lambda: action_records(name, rows), events, payloads)
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""
@@ -362,7 +424,7 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
             ).fetchone()
         if row is None:
             raise self._not_found(conn, name, attempt)
-        return run_record(row)
+        return as_judged(run_record(row), self._judged)
 
     def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
         """Return the records of the named actions of one attempt, in start order."""
@@ -382,8 +444,25 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                         (name, attempt, *chunk),
                     )
                 ]
+            # A row keeps its key's last segment: read the ancestors' segments too.
+            keys: dict[str, str] = {}
+            for i in range(0, len(actions), 500):
+                chunk = actions[i : i + 500]
+                keys.update(
+                    whole_keys(
+                        conn.execute(
+                            "WITH RECURSIVE up(name, parent, key) AS ("
+                            "SELECT name, parent, key FROM actions WHERE run = ? "
+                            f"AND run_attempt = ? AND name IN ({', '.join('?' * len(chunk))}) "
+                            "UNION SELECT a.name, a.parent, a.key FROM actions a JOIN up "
+                            "ON a.run = ? AND a.run_attempt = ? AND a.name = up.parent) "
+                            "SELECT name, parent, key FROM up",
+                            (name, attempt, *chunk, name, attempt),
+                        )
+                    )
+                )
         rows.sort(key=lambda r: r.seq)
-        return [action_from_row(name, r) for r in rows]
+        return [action_from_row(name, r, keys[r.name]) for r in rows]
 
     def _events(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int

@@ -144,6 +144,27 @@ MIGRATIONS: dict[int, list[str]] = {
     4: table_statements("", "REAL"),
     # Where each action's body ran (SPEC §4, §9): "local" or "ray".
     5: ["ALTER TABLE actions ADD COLUMN executor TEXT NOT NULL DEFAULT 'local'"],
+    # Keys keep only their last segment (the whole key is rebuilt from the parent
+    # chain on reading), so a deep tree's store does not grow with the square of
+    # its depth. Computed from the old keys before any is changed.
+    6: [
+        """CREATE TEMP TABLE key_segments (
+            run TEXT NOT NULL, run_attempt INTEGER NOT NULL, name TEXT NOT NULL,
+            segment TEXT NOT NULL, PRIMARY KEY (run, run_attempt, name)
+        )""",
+        """INSERT INTO key_segments
+            SELECT c.run, c.run_attempt, c.name, substr(c.key, length(p.key) + 1)
+            FROM actions c JOIN actions p
+              ON p.run = c.run AND p.run_attempt = c.run_attempt AND p.name = c.parent
+            WHERE substr(c.key, 1, length(p.key)) = p.key""",
+        """UPDATE actions SET key = (
+                SELECT segment FROM key_segments s WHERE s.run = actions.run
+                AND s.run_attempt = actions.run_attempt AND s.name = actions.name)
+            WHERE parent IS NOT NULL AND EXISTS (
+                SELECT 1 FROM key_segments s WHERE s.run = actions.run
+                AND s.run_attempt = actions.run_attempt AND s.name = actions.name)""",
+        "DROP TABLE key_segments",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -255,6 +276,8 @@ def create_store(path: str) -> None:
             translate(path),
             contextlib.closing(sqlite3.connect(fresh, isolation_level=None)) as conn,
         ):
+            # Before the first table: a prune gives freed pages back (`incremental_vacuum`).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             migrate(conn)
         try:
             os.link(fresh, path)

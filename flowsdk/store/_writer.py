@@ -174,6 +174,10 @@ class RunWriter(Generic[C]):
         self._closing = False
         self._error: BaseException | None = None
         self._probe_sent: float | None = None
+        # This thread's own lateness (it waits POLL_INTERVAL at a time): when it
+        # was as late as the loop, the whole process was not scheduled.
+        self._waiting_since: float | None = None
+        self._late = 0.0
         self._relief: list[asyncio.Future[None]] = []
         self.started: asyncio.Future[None] = loop.create_future()
         self._finished: asyncio.Future[None] = loop.create_future()
@@ -289,7 +293,11 @@ class RunWriter(Generic[C]):
             self._take_requests(conn)
         next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
         while True:
+            began = self._waiting_since = time.monotonic()
+            cpu = time.process_time()
             self._wake.wait(POLL_INTERVAL)
+            self._waiting_since = None
+            self._check_scheduled(began, cpu)
             self._wake.clear()
             closing = self._closing
             self._flush(conn)
@@ -334,6 +342,24 @@ class RunWriter(Generic[C]):
             if closing:
                 return
 
+    def _check_scheduled(self, began: float, cpu: float) -> None:
+        """Say so when this thread woke far later than it asked and the process used no CPU.
+
+        Neither a body nor the GIL delays this thread's wake-up (it waits in
+        `Event.wait`, without the GIL): the process itself was stopped
+        (SIGSTOP, Ctrl-Z) or not given a CPU. Liveness on this host does not
+        depend on it (it is judged by the process, SPEC §5).
+        """
+        late = time.monotonic() - began - POLL_INTERVAL
+        self._late = max(self._late, late)
+        if late >= LOOP_BLOCKED_WARNING and time.process_time() - cpu < late / 4:
+            logger.warning(
+                "run %s: the process was not scheduled for %.1f s (stopped, or the machine "
+                "is overloaded); control requests and cancellation waited meanwhile",
+                self._record.name,
+                late,
+            )
+
     def _probe_loop(self) -> None:
         # Cancellation is cooperative: a body that blocks the loop (time.sleep in
         # an async def) delays every abort. Measure how long a callback waits for
@@ -341,18 +367,29 @@ class RunWriter(Generic[C]):
         if self._probe_sent is not None:
             return  # the previous probe has not run yet: the loop is still blocked
         sent = self._probe_sent = time.monotonic()
+        cpu = time.process_time()
+        self._late = 0.0
 
         def probe() -> None:
             self._probe_sent = None
-            lag = time.monotonic() - sent
-            if lag >= LOOP_BLOCKED_WARNING:
-                logger.warning(
-                    "run %s: the event loop was blocked for %.1f s; control requests and "
-                    "cancellation wait until the loop regains control (is a task body calling "
-                    "blocking code such as time.sleep?)",
-                    self._record.name,
-                    lag,
-                )
+            now = time.monotonic()
+            lag = now - sent
+            if lag < LOOP_BLOCKED_WARNING:
+                return
+            waiting = self._waiting_since
+            late = max(self._late, now - waiting - POLL_INTERVAL if waiting is not None else 0)
+            if time.process_time() - cpu < lag / 4 and late > lag / 2:
+                # This thread was as late as the loop and no CPU was used: the
+                # process was not scheduled (`_check_scheduled` says so), no body
+                # blocked the loop.
+                return
+            logger.warning(
+                "run %s: the event loop was blocked for %.1f s; control requests and "
+                "cancellation wait until the loop regains control (is a task body calling "
+                "blocking code such as time.sleep?)",
+                self._record.name,
+                lag,
+            )
 
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(probe)

@@ -109,6 +109,10 @@ class Runner:
         """Read lines until one's first word is one of `first`; return that line's words."""
         return self._until(lambda parts: parts[:1] != [] and parts[0] in first, " or ".join(first))
 
+    def expect_text(self, text: str) -> str:
+        """Read lines until one contains `text` (a log line); return it."""
+        return " ".join(self._until(lambda parts: text in " ".join(parts), text))
+
     def _until(self, match: Callable[[list[str]], bool], what: str) -> list[str]:
         while True:
             try:

@@ -1,0 +1,133 @@
+"""Folding a big action tree for `flowsdk show`: long chains and big fan-outs.
+
+`show` prints a bounded tree whatever the run's shape. A chain deeper than
+`FOLD_DEPTH` shows its first `HEAD_LEVELS` and its last `TAIL_LEVELS` levels,
+with one line in between saying how many actions were folded (and the first
+and last of them, to look at with `flowsdk show RUN ACTION`). A parent with
+more than `FOLD_CHILDREN` children shows the first `HEAD_CHILDREN` and the
+last `TAIL_CHILDREN`, with one line saying how many children (and actions
+below them) were folded. Past `MAX_ROWS` rows, one line says how many more
+actions there are.
+"""
+
+from __future__ import annotations
+
+from flowsdk._records import ActionRecord
+from flowsdk._text import visible
+from flowsdk.cli._output import tree_children
+
+__all__ = ["FOLD_CHILDREN", "FOLD_DEPTH", "MAX_ROWS", "folded_tree"]
+
+FOLD_DEPTH = 40
+HEAD_LEVELS = 20
+TAIL_LEVELS = 10
+FOLD_CHILDREN = 60
+HEAD_CHILDREN = 40
+TAIL_CHILDREN = 10
+MAX_ROWS = 1000
+
+Entry = tuple[int, ActionRecord | str]
+
+
+class FoldLine(str):
+    """A line standing for folded children: it knows how many actions it hides."""
+
+    hides: int
+
+
+def folded_tree(actions: list[ActionRecord]) -> list[Entry]:
+    """The depth-first tree of `actions` (`(depth, action)`), with folded parts as text lines."""
+    children = tree_children(actions)
+    below = _subtree_sizes(actions)
+    deepest = _max_depth(children)
+    # Levels [HEAD_LEVELS, cut) are folded; the levels from `cut` on are drawn
+    # right under the fold line.
+    cut = deepest - TAIL_LEVELS + 1 if deepest >= FOLD_DEPTH else None
+    entries: list[Entry] = []
+    rows = 0
+    folded = 0  # actions accounted for by fold lines
+    hidden: list[ActionRecord] = []  # consecutive actions of the folded levels
+    stack: list[tuple[int, ActionRecord | str]] = [
+        (0, item) for item in reversed(_visible_children(None, children, below, 0))
+    ]
+    while stack:
+        depth, item = stack.pop()
+        if isinstance(item, ActionRecord):
+            stack.extend(
+                (depth + 1, c) for c in reversed(_visible_children(item, children, below, depth))
+            )
+        else:
+            folded += item.hides if isinstance(item, FoldLine) else 0
+        if cut is not None and HEAD_LEVELS <= depth < cut:
+            if isinstance(item, ActionRecord):
+                hidden.append(item)
+            continue
+        if hidden:
+            entries.append((HEAD_LEVELS, _levels_line(hidden, cut or 0)))
+            folded += len(hidden)
+            hidden = []
+        if rows >= MAX_ROWS:
+            entries.append((0, _rest_line(len(actions) - rows - folded)))
+            return entries
+        shown = depth if cut is None or depth < HEAD_LEVELS else depth - cut + HEAD_LEVELS + 1
+        entries.append((shown, item))
+        if isinstance(item, ActionRecord):
+            rows += 1
+    if hidden:
+        entries.append((HEAD_LEVELS, _levels_line(hidden, cut or 0)))
+    return entries
+
+
+def _visible_children(
+    parent: ActionRecord | None,
+    children: dict[str | None, list[ActionRecord]],
+    below: dict[str, int],
+    depth: int,
+) -> list[ActionRecord | str]:
+    """A parent's children to draw: all of them, or the first and last with a fold line."""
+    kids = children.get(None if parent is None else parent.name, [])
+    if len(kids) <= FOLD_CHILDREN:
+        return list(kids)
+    folded = kids[HEAD_CHILDREN:-TAIL_CHILDREN]
+    inside = sum(below[k.name] for k in folded)
+    more = f" and {inside - len(folded):,} actions below them" if inside > len(folded) else ""
+    text = (
+        f"… {len(folded):,} more children folded ({visible(folded[0].name)} … "
+        f"{visible(folded[-1].name)}){more}; `flowsdk show RUN ACTION` shows one in full"
+    )
+    line = FoldLine(text)
+    line.hides = inside
+    return [*kids[:HEAD_CHILDREN], line, *kids[-TAIL_CHILDREN:]]
+
+
+def _levels_line(hidden: list[ActionRecord], cut: int) -> str:
+    return (
+        f"… {len(hidden):,} actions of levels {HEAD_LEVELS} to {cut - 1} folded "
+        f"({visible(hidden[0].name)} … {visible(hidden[-1].name)}); "
+        "`flowsdk show RUN ACTION` shows one in full"
+    )
+
+
+def _rest_line(count: int) -> str:
+    return f"… and {count:,} more actions not drawn; `flowsdk show RUN --json` lists them all"
+
+
+def _subtree_sizes(actions: list[ActionRecord]) -> dict[str, int]:
+    """How many actions each action's subtree holds (itself included)."""
+    sizes = {a.name: 1 for a in actions}
+    # Children start after their parents: in reverse, a subtree is whole before its parent.
+    for action in reversed(actions):
+        parent = action.parent
+        if parent is not None and parent in sizes:
+            sizes[parent] += sizes[action.name]
+    return sizes
+
+
+def _max_depth(children: dict[str | None, list[ActionRecord]]) -> int:
+    deepest = 0
+    stack = [(0, a) for a in children.get(None, [])]
+    while stack:
+        depth, action = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((depth + 1, c) for c in children.get(action.name, []))
+    return deepest

@@ -1,0 +1,198 @@
+"""Deep and wide action trees (SPEC §6): small stores, whole keys, a bounded `show`.
+
+A call key is its parent's key and an ordinal (`a0/1/1/...`); a store keeps only
+each key's last segment, and every reader gives the whole key back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flowsdk
+from flowsdk import RunPhase
+from flowsdk.store import Store, open_store
+from flowsdk.store._postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
+from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
+from flowsdk.testing import new_store
+from tests.test_cli import cli
+from tests.test_store_postgres import admin
+from tests.workflows import deep
+
+DEPTH = 10_000
+# The migrations that keep only each key's last segment (found by what they do, so
+# renumbering them on a merge does not break these tests).
+KEY_MIGRATION_SQLITE = next(n for n, m in SQLITE_MIGRATIONS.items() if "key_segments" in m[0])
+KEY_MIGRATION_POSTGRES = next(
+    n for n, m in POSTGRES_MIGRATIONS.items() if "SET key = substr" in m[0]
+)
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def store_size(path: Path) -> int:
+    """The store's bytes on disk: the file and its write-ahead log."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def test_a_10000_deep_chain_runs_stores_small_and_shows_a_bounded_tree(tmp_path: Path) -> None:
+    """A chain of task calls 10,000 deep: runs, stores under 10 MB, `show` folds it.
+
+    The deepest action's whole key is `a0/1/1/...` (10,000 segments).
+    """
+    path = tmp_path / "deep.db"
+    run = flowsdk.run(deep.chain, DEPTH, name="deep", store=sqlite_url(path))
+    assert run.phase is RunPhase.SUCCEEDED
+    assert run.result() == DEPTH
+    assert store_size(path) < 10_000_000, store_size(path)
+
+    shown = cli(sqlite_url(path), "show", "deep")
+    assert shown.code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) < 60, len(lines)
+    assert len(shown.stdout) < 10_000, len(shown.stdout)
+    assert "a0 " in shown.stdout  # the first level
+    assert f"a{DEPTH} " in shown.stdout  # the last one
+    folded = [line for line in lines if "folded" in line]
+    assert len(folded) == 1, folded
+    assert f"{DEPTH - 30 + 1:,} actions of levels 20 to {DEPTH - 10} folded" in folded[0]
+    assert "flowsdk show RUN ACTION" in folded[0]
+
+    deepest = cli(sqlite_url(path), "show", "deep", f"a{DEPTH}")
+    assert deepest.code == 0, deepest.stderr
+    assert f"key       a0{'/1' * DEPTH}\n" in deepest.stdout
+    with flowsdk.Client(sqlite_url(path)) as client:
+        keys = {a.name: a.key for a in client.get_run("deep").actions}
+    assert keys["a0"] == "a0"
+    assert keys["a3"] == "a0/1/1/1"
+    assert keys[f"a{DEPTH}"] == "a0" + "/1" * DEPTH
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        stored = conn.execute("SELECT max(length(key)), sum(length(key)) FROM actions").fetchone()
+    assert stored[0] <= 2, stored
+    assert stored[1] <= 2 * (DEPTH + 1), stored
+
+
+def test_a_wide_fan_out_is_folded_in_show_and_complete_in_json(tmp_path: Path) -> None:
+    """500 children of one parent: `show` folds the middle ones; `--json` lists them all."""
+    path = tmp_path / "wide.db"
+    flowsdk.run(deep.fan, 500, name="wide", store=sqlite_url(path))
+    shown = cli(sqlite_url(path), "show", "wide")
+    assert shown.code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) < 70, len(lines)
+    folded = [line for line in lines if "folded" in line]
+    assert len(folded) == 1, folded
+    assert "450 more children folded (a41 … a490)" in folded[0], folded
+    assert " a500 " in shown.stdout
+    full = cli(sqlite_url(path), "show", "wide", "--json")
+    actions = json.loads(full.stdout)["actions"]
+    assert len(actions) == 501
+    assert {a["key"] for a in actions} == {"a0"} | {f"a0/{i}" for i in range(1, 501)}
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return new_store(request.param, tmp_path)
+
+
+def test_every_store_gives_whole_keys_back_from_a_full_read_and_a_keyed_one(
+    store: str | Store,
+) -> None:
+    """`get_run` and `load_actions` (what a follower reads) both rebuild whole keys.
+
+    Also under a later attempt of a retried action (`@2`).
+    """
+    env = flowsdk.TaskEnvironment("keys")
+    tries: list[int] = []
+
+    @env.task(retries=1, backoff=0)
+    async def flaky() -> int:
+        tries.append(1)
+        await deep.leaf(len(tries))
+        if len(tries) == 1:
+            raise ValueError("first try fails")
+        return await deep.chain(3)
+
+    @env.task
+    async def root() -> int:
+        return await deep.chain(2) + await flaky()
+
+    flowsdk.run(root, name="keys", store=store)
+    reader: Any = open_store(store) if isinstance(store, str) else store
+    try:
+        whole = {a.name: a.key for a in reader.load_run("keys").actions}
+        keyed = {a.name: a.key for a in reader.load_actions("keys", 1, list(whole)[-2:])}
+    finally:
+        if isinstance(store, str):
+            reader.close()
+    assert sorted(whole.values()) == sorted(
+        [
+            "a0",
+            "a0/1",
+            "a0/1/1",
+            "a0/1/1/1",
+            "a0/2",
+            "a0/2/1",
+            "a0/2@2/1",
+            "a0/2@2/2",
+            "a0/2@2/2/1",
+            "a0/2@2/2/1/1",
+            "a0/2@2/2/1/1/1",
+        ]
+    )
+    assert keyed == {name: whole[name] for name in keyed}
+    assert len(keyed) == 2
+
+
+def test_a_sqlite_store_from_before_the_key_migration_keeps_its_keys(tmp_path: Path) -> None:
+    """Before the key migration whole keys were stored; after it, the last segments."""
+    path = tmp_path / "old.db"
+    flowsdk.run(deep.chain, 5, name="old", store=sqlite_url(path))
+    with flowsdk.Client(sqlite_url(path)) as client:
+        before = [(a.name, a.key) for a in client.get_run("old").actions]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        # What schema 3 kept: the whole key in each row.
+        for name, key in before:
+            conn.execute("UPDATE actions SET key = ? WHERE name = ?", (key, name))
+        conn.execute(f"PRAGMA user_version = {KEY_MIGRATION_SQLITE - 1}")
+        conn.commit()
+    with flowsdk.Client(sqlite_url(path)) as client:
+        after = [(a.name, a.key) for a in client.get_run("old").actions]
+    assert after == before
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = dict(conn.execute("SELECT name, key FROM actions").fetchall())
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    assert version >= KEY_MIGRATION_SQLITE
+    assert rows == {"a0": "a0", **{f"a{i}": "/1" for i in range(1, 6)}}
+
+
+def test_a_postgres_store_from_before_the_key_migration_keeps_its_keys(pg_url: str) -> None:
+    """Before the key migration whole keys were stored; after it, the last segments."""
+    flowsdk.run(deep.chain, 5, name="old", store=pg_url)
+    with flowsdk.Client(pg_url) as client:
+        before = [(a.name, a.key) for a in client.get_run("old").actions]
+    with admin(pg_url) as conn:
+        for name, key in before:
+            conn.execute("UPDATE flowsdk.actions SET key = %s WHERE name = %s", (key, name))
+        conn.execute(
+            "UPDATE flowsdk.schema_version SET version = %s", (KEY_MIGRATION_POSTGRES - 1,)
+        )
+    with flowsdk.Client(pg_url) as client:
+        after = [(a.name, a.key) for a in client.get_run("old").actions]
+    assert after == before
+    with admin(pg_url) as conn:
+        rows = {str(n): str(k) for n, k in conn.execute("SELECT name, key FROM flowsdk.actions")}
+        version = conn.execute("SELECT version FROM flowsdk.schema_version").fetchone()
+    assert version is not None
+    assert int(str(version[0])) >= KEY_MIGRATION_POSTGRES
+    assert rows == {"a0": "a0", **{f"a{i}": "/1" for i in range(1, 6)}}

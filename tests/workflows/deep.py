@@ -1,0 +1,29 @@
+"""Deep and wide trees: a chain of task calls `depth` deep, and a root with many children."""
+
+from __future__ import annotations
+
+import asyncio
+
+import flowsdk
+
+env = flowsdk.TaskEnvironment("deep")
+
+
+@env.task
+async def chain(depth: int) -> int:
+    """Call itself until `depth` is 0: one action per level, each awaiting the next."""
+    if depth == 0:
+        return 0
+    return await chain(depth - 1) + 1
+
+
+@env.task
+async def leaf(i: int) -> int:
+    return i
+
+
+@env.task
+async def fan(width: int) -> int:
+    """Start `width` children at once and add their values."""
+    values = await asyncio.gather(*(leaf(i) for i in range(width)))
+    return sum(values)
