@@ -29,6 +29,7 @@ from flowsdk._action import ActionState, Request, current
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import group_label
 from flowsdk._outcome import absorbs, outcome
+from flowsdk._payload import IMMUTABLE as _IMMUTABLE
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import action_row
@@ -52,7 +53,8 @@ SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPh
 QUEUED = ActionPhase.QUEUED
 ACTION_EVENT = EventKind.ACTION.value
 _Task = asyncio.Task
-_current_task = asyncio.current_task
+# asyncio.current_task, without its Python frame on 3.11 (the table it reads).
+_current_task = getattr(asyncio.tasks, "_current_tasks", {}).get or asyncio.current_task
 _time = time.time
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 _MISSING: Any = object()
@@ -86,7 +88,7 @@ async def action_handle(
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
     action = start_child(runtime, parent, task, args, kwargs, key, inputs)
-    host = _current_task()
+    host = _current_task(runtime.loop)
     if host is not parent.atask:
         action.host = host  # a task of its own (create_task, gather...): see Runtime.root_exited
     done = action.done
@@ -225,8 +227,11 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         while True:
             # Each attempt gets a fresh snapshot: an attempt that mutated its
             # arguments does not change what the next one receives.
-            assert action.inputs is not None
-            args, kwargs = decode_inputs(task, action.args, action.kwargs, action.inputs)
+            args = action.args
+            kwargs = action.kwargs
+            if kwargs or not _IMMUTABLE.issuperset(map(type, args)):
+                assert action.inputs is not None
+                args, kwargs = decode_inputs(task, args, kwargs, action.inputs)
             timer = None
             if options.timed:
                 timer = start_timer(runtime, action)
@@ -412,7 +417,7 @@ def note_failure_host(runtime: Runtime, action: ActionState) -> None:
     names the failure at the end of the run instead of asyncio's "Task
     exception was never retrieved" at garbage collection.
     """
-    host = asyncio.current_task()
+    host = _current_task(runtime.loop)
     parent = action.parent
     if host is None or parent is None or host is parent.atask:
         return

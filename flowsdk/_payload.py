@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "IMMUTABLE",
     "decode_inputs",
     "decode_output",
     "encode_inputs",
     "encode_output",
+    "encode_value",
     "inputs_digest",
     "task_version",
 ]
@@ -52,6 +54,10 @@ _IMMUTABLE = frozenset(
 )
 # Immutable too, recognised by name so that `import flowsdk` does not import their modules.
 _IMMUTABLE_BY_NAME = frozenset({("uuid", "UUID"), ("decimal", "Decimal")})
+IMMUTABLE = _IMMUTABLE
+"""Types whose values need no snapshot (the per-call path checks these, in C)."""
+encode_value = _encode
+"""MessagePack of one value, no checks (`encode_output` says why one cannot be encoded)."""
 
 
 class _Shape:

@@ -9,7 +9,7 @@ from asyncio import _get_running_loop
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
-from flowsdk._action import current_state
+from flowsdk._action import current
 from flowsdk._execute import action_handle, in_thread
 from flowsdk._names import check_name
 from flowsdk._options import TaskOptions
@@ -21,6 +21,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNSET: Any = object()
+_current_get = current.get  # the calling action, on the per-call path
 CacheMode = Literal["auto", "disable", "override"]
 _OVERRIDABLE = frozenset(
     {
@@ -212,7 +213,7 @@ class Task(Generic[P, R]):
         return f"<flowsdk task {self.name}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        parent = current_state()
+        parent = _current_get()
         if parent is None or parent.runtime.loop is not _get_running_loop():
             # Outside a run -- or in a thread that inherited a run's context
             # (asyncio.to_thread) but not its loop: the plain function, no action.
