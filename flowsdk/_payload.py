@@ -30,7 +30,6 @@ __all__ = [
     "decode_output",
     "encode_inputs",
     "encode_output",
-    "encode_value",
     "inputs_digest",
     "task_version",
 ]
@@ -56,8 +55,6 @@ _IMMUTABLE = frozenset(
 _IMMUTABLE_BY_NAME = frozenset({("uuid", "UUID"), ("decimal", "Decimal")})
 IMMUTABLE = _IMMUTABLE
 """Types whose values need no snapshot (the per-call path checks these, in C)."""
-encode_value = _encode
-"""MessagePack of one value, no checks (`encode_output` says why one cannot be encoded)."""
 
 
 class _Shape:

@@ -39,7 +39,6 @@ from flowsdk._payload import (
     inputs_digest,
     task_version,
 )
-from flowsdk._payload import encode_value as _encode
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
 from flowsdk._phases import check_run_transition as _check_run
 from flowsdk._recording import RunLog, action_row
@@ -350,18 +349,11 @@ class Runtime:
         """Record the body's return value (an unrecordable one fails the action)."""
         if action.phase in _TERMINAL:
             return
-        task = action.task
         try:
-            output = _encode(value)
-        except Exception:
-            output = None  # encode_output below says why, as a SerializationError
-        if output is None or len(output) > task.options.max_payload:
-            try:
-                output = encode_output(task, value)
-            except SerializationError as exc:
-                self.finish_failed(action, exc)
-                return
-        action.output = output
+            action.output = encode_output(action.task, value)
+        except SerializationError as exc:
+            self.finish_failed(action, exc)
+            return
         action.value = value
         recorder = self.log.recorder
         if action.task.options.cache and recorder is not None and action.inputs is not None:
