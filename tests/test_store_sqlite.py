@@ -382,7 +382,8 @@ def test_a_write_failure_mid_run_is_reported_and_never_recorded_as_success(
     tmp_path: Path,
 ) -> None:
     """Writes fail (file size limit): teardown completes, flowsdk.run raises StoreError."""
-    url = sqlite_url(tmp_path / "s.db")
+    # A short busy timeout: failing writes are retried for one, the last ones for ten.
+    url = sqlite_url(tmp_path / "s.db") + "?busy_timeout=0.5"
     with Runner("store_io.py", url, "p8", "disk_full") as runner:
         runner.expect("LIMITED")
         code = runner.finish()
