@@ -527,7 +527,7 @@ def wait_until_gone(pid: int) -> bool:
 def test_early_cancel_race_never_lets_a_body_run_on(tmp_path: Path) -> None:
     @env.task
     async def brief(folder: str, i: int) -> None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the body's work: its first await, where a cancel lands
         mark(f"{folder}/ran-{i}", "ran past its first await")
 
     @driver().task
