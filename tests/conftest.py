@@ -75,7 +75,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         server = PostgresServer()
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        # Only when run outside `make test`, which installs the binaries first.
+        pytest.skip(f"{exc}; `make test` installs PostgreSQL (scripts/ensure-postgres.sh)")
     try:
         yield server
     finally:

@@ -311,7 +311,7 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
         while not (tmp_path / "blocked").exists():  # a file gate between processes
             assert runner.poll() is None, "the runner ended before it blocked"
             assert time.monotonic() < deadline, "the study never reached its gate"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling the file gate above, bounded by the deadline
         runner.send_signal(signal.SIGKILL)
     finally:
         runner.kill()
