@@ -101,7 +101,7 @@ def action_row(action: ActionState) -> ActionRow:
         parent.name if parent is not None else None,
         action.task.name,
         action.group,
-        action.phase.value,
+        action.phase._value_,  # not `.value`: a Python-level property on 3.11
         action.attempt,
         action.started_at,
         action.ended_at,

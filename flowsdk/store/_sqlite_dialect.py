@@ -10,19 +10,92 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from operator import itemgetter
+from typing import Any
 
 import msgspec
 from msgspec.structs import astuple
 
 from flowsdk._liveness import this_process
-from flowsdk._records import ActionRow, EventRow, RunRecord
+from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
-from flowsdk.store._sqlite_schema import INSERT_ACTION, INSERT_EVENT, rollback, translate, ts
+from flowsdk.store._rows import ACTION_COLUMN_NAMES
+from flowsdk.store._sqlite_schema import INSERT_EVENT, rollback, translate, ts
 from flowsdk.store._sqlite_trace import SQLITE_TRACE
 from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SQLiteDialect"]
+
+# The sqlite3 module binds only exact int, float and str without asking its
+# adapter registry; None, bool and bytes each cost a registry lookup and two
+# failed attribute lookups (`__adapt__`, `__conform__`), about half of what
+# writing a row costs. Registered as what they already bind as (None stays
+# NULL, a bool its integer, bytes itself), they take one dictionary lookup and
+# a C call instead. `setdefault`: an adapter the application registered wins.
+for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
+    sqlite3.adapters.setdefault((_type, sqlite3.PrepareProtocol), _same)
+
+# Most rows leave many columns NULL (an action's error and abort fields, an
+# event's cause and reason): they are written by statements that name only the
+# columns they set, so that no NULL is bound at all. Columns left out take their
+# default, which is what the row holds: NULL, or 0 for a flag that is False.
+_ROUTINE = (None,) * (len(EVENT_FIELDS) - 5)  # an event with no cause, reason, by or message
+INSERT_ROUTINE_EVENT = (
+    f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
+_Shape = tuple[tuple[type, ...], tuple[object, ...]]
+_plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+
+
+def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
+    """The statement, and the values it takes, for action rows of one shape."""
+    types, flags = shape
+    false_flags = {i for i, value in zip(_FLAGS, flags, strict=True) if value is False}
+    keep = [i for i, t in enumerate(types) if t is not type(None) and i not in false_flags]
+    columns = ", ".join(ACTION_COLUMN_NAMES[i] for i in keep)
+    statement = (
+        f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns}) "
+        f"VALUES ({', '.join('?' * (2 + len(keep)))})"
+    )
+    pick = itemgetter(*keep)  # at least name, seq, task, phase, attempt, key: always a tuple
+    _plans[shape] = (statement, pick)
+    return statement, pick
+
+
+def _write_actions(
+    conn: sqlite3.Connection, name: str, attempt: int, rows: Iterable[ActionRow]
+) -> None:
+    by_statement: dict[str, list[tuple[Any, ...]]] = {}
+    head = (name, attempt)
+    i, j = _FLAGS
+    for row in rows:
+        values = astuple(row)
+        shape = (tuple(map(type, values)), (values[i], values[j]))
+        statement, pick = _plans.get(shape) or _plan(shape)
+        by_statement.setdefault(statement, []).append(head + pick(values))
+    for statement, params in by_statement.items():
+        conn.executemany(statement, params)
+
+
+def _write_events(
+    conn: sqlite3.Connection, name: str, attempt: int, rows: Iterable[EventRow]
+) -> None:
+    head = (name, attempt)
+    routine: list[tuple[Any, ...]] = []
+    other: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = astuple(row)
+        if values[5:] == _ROUTINE:
+            routine.append(head + values[:5])
+        else:
+            other.append(head + values)
+    if routine:
+        conn.executemany(INSERT_ROUTINE_EVENT, routine)
+    if other:
+        conn.executemany(INSERT_EVENT, other)
 
 
 class SQLiteDialect:
@@ -77,8 +150,8 @@ class SQLiteDialect:
                     record.workdir,
                 ),
             )
-            conn.executemany(INSERT_ACTION, [(name, attempt, *astuple(r)) for r in actions])
-            conn.executemany(INSERT_EVENT, [(name, attempt, *astuple(e)) for e in events])
+            _write_actions(conn, name, attempt, actions)
+            _write_events(conn, name, attempt, events)
 
         try:
             self._transaction(conn, body)
@@ -107,11 +180,9 @@ class SQLiteDialect:
         def body() -> None:
             self._check_not_lost(conn, name, attempt)
             if batch.actions:
-                conn.executemany(
-                    INSERT_ACTION, [(name, attempt, *astuple(r)) for r in batch.actions.values()]
-                )
+                _write_actions(conn, name, attempt, batch.actions.values())
             if batch.events:
-                conn.executemany(INSERT_EVENT, [(name, attempt, *astuple(e)) for e in batch.events])
+                _write_events(conn, name, attempt, batch.events)
             SQLITE_TRACE.write(conn.executemany, name, attempt, batch.progress, batch.logs)
             run = batch.run
             if run is not None:
