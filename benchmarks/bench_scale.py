@@ -7,8 +7,13 @@ run whose memory grows with the actions it has finished shows it wave by
 wave. The same shape in bare asyncio is timed first, in the same process, for
 the ratio. Not part of `make test` (minutes, not seconds): `make bench-scale`.
 
+Then, with every action recorded, the root starts `--controls` children that
+wait, and another process (a real `Client`, as the CLI and the console use)
+aborts them one by one: each abort is timed from the call to its answer.
+
 Targets: the run completes; RSS after the first wave stays within +-10% of
-its value then; CPU time <= 3x bare asyncio's.
+its value then; CPU time <= 3x bare asyncio's; a control request on the run
+of all those recorded actions is answered in <= 30 ms.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +32,22 @@ from pathlib import Path
 import flowsdk
 
 env = flowsdk.TaskEnvironment("scale")
+RUN_NAME = "bench-scale"
+
+# The other process: aborts each named action of the run, timing call -> answer.
+CONTROLLER = """
+import json, sys, time
+import flowsdk
+client = flowsdk.Client(sys.argv[1])
+took = []
+for action in sys.argv[3:]:
+    start = time.perf_counter()
+    result = client.abort(sys.argv[2], action, reason="bench-scale control request")
+    took.append((time.perf_counter() - start) * 1e3)
+    assert result.outcome.value == "applied", result
+client.store.close()
+print(json.dumps(took))
+"""
 
 
 def rss_mb() -> float:
@@ -40,8 +62,22 @@ async def child(i: int) -> int:
     return i
 
 
+HELD: list[str] = []  # the names of the waiting children, as they start
+ALL_HELD: list[asyncio.Event] = []
+
+
 @env.task
-async def waves(total: int, wave: int) -> list[float]:
+async def held(count: int) -> None:
+    HELD.append(flowsdk.current_action().name)
+    if len(HELD) == count:
+        ALL_HELD[0].set()
+    await asyncio.Event().wait()  # until aborted by the other process
+
+
+@env.task
+async def waves(
+    total: int, wave: int, store: str, controls: int
+) -> tuple[list[float], list[float]]:
     seen: list[float] = []
     for w in range(total // wave):
         await asyncio.gather(*(child(i) for i in range(wave)))
@@ -49,7 +85,20 @@ async def waves(total: int, wave: int) -> list[float]:
         seen.append(rss_mb())
         done = (w + 1) * wave
         print(f"  wave {w + 1:>4}: {done:>10,} actions, RSS {seen[-1]:7.1f} MB", flush=True)
-    return seen
+    if controls == 0:
+        return seen, []
+    ALL_HELD.append(asyncio.Event())
+    waiting = [asyncio.create_task(held(controls)) for _ in range(controls)]
+    await ALL_HELD[0].wait()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONTROLLER, store, RUN_NAME, *HELD, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the controlling process failed (exit {proc.returncode})")
+    took: list[float] = json.loads(out)
+    return seen, took
 
 
 async def bare_child(i: int) -> int:
@@ -68,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--actions", type=int, default=1_000_000)
     parser.add_argument("--wave", type=int, default=10_000)
     parser.add_argument("--store", default=None, help="a store URL (default: a new SQLite file)")
+    parser.add_argument(
+        "--controls", type=int, default=20, help="aborts sent from another process at the end"
+    )
     args = parser.parse_args(argv)
     gc.collect()
     start = time.process_time()
@@ -79,9 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flowsdk on {store.split('://')[0]}:")
         gc.collect()
         start = time.process_time()
-        run = flowsdk.run(waves, args.actions, args.wave, store=store)
+        run = flowsdk.run(
+            waves, args.actions, args.wave, store, args.controls, name=RUN_NAME, store=store
+        )
         flow = time.process_time() - start
-        seen = run.result()
+        seen, took = run.result()
     print(f"flowsdk: {run.phase.value} in {flow:.1f} s CPU ({flow / bare:.2f}x bare; target <= 3x)")
     if len(seen) > 1:
         first, rest = seen[0], seen[1:]
@@ -90,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"RSS after the first wave {first:.1f} MB, at most {max(rest):.1f} MB later "
             f"({growth:+.0%}; target +-10%): {verdict}; median {statistics.median(seen):.1f} MB"
+        )
+    if took:
+        worst = max(took)
+        print(
+            f"control: {len(took)} aborts from another process on a run of {args.actions:,} "
+            f"recorded actions: median {statistics.median(took):.1f} ms, max {worst:.1f} ms "
+            f"(target <= 30 ms): {'ok' if worst <= 30 else 'MISS'}"
         )
     return 0
 
