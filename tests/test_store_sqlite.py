@@ -133,14 +133,25 @@ def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path)
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
-    assert pragma(path, "user_version") == SCHEMA_VERSION == 6
+    assert pragma(path, "user_version") == SCHEMA_VERSION == 7
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
     """A store written before the working directory was recorded: migrated in place, runs kept."""
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="old", store=sqlite_url(path))
+    with flowsdk.Client(sqlite_url(path)) as client:
+        events = client.get_run("old").events
     with contextlib.closing(sqlite3.connect(path)) as conn:
+        # Before schema 7 both tables had a rowid.
+        for table, key in (("actions", "name"), ("events", "seq")):
+            conn.execute(f"CREATE TABLE old_{table} AS SELECT * FROM {table}")
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"CREATE TABLE {table} AS SELECT * FROM old_{table} WHERE 0")
+            conn.execute(f"CREATE UNIQUE INDEX {table}_key ON {table} (run, run_attempt, {key})")
+            conn.execute(f"INSERT INTO {table} SELECT * FROM old_{table}")
+            conn.execute(f"DROP TABLE old_{table}")
+        conn.commit()
         # What schema 1 was: the same tables without runs.workdir, actions.executor,
         # the tokens and the progress and logs.
         conn.execute("ALTER TABLE runs DROP COLUMN workdir")
@@ -161,6 +172,12 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> N
     assert (old.phase, old.workdir) == (RunPhase.SUCCEEDED, "")
     assert (new.phase, new.workdir) == (RunPhase.SUCCEEDED, os.getcwd())
     assert executors == ["local"]  # an action recorded before executors were
+    with flowsdk.Client(sqlite_url(path)) as client:
+        assert client.get_run("old").events == events
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert "WITHOUT ROWID" in tables["actions"]
+    assert "WITHOUT ROWID" in tables["events"]
 
 
 def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
@@ -170,7 +187,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA user_version = 7")
+        conn.execute("PRAGMA user_version = 8")
     before = listing(tmp_path)
     ran.clear()
     with pytest.raises(StoreError) as reading, flowsdk.Client(sqlite_url(path)) as client:
@@ -181,7 +198,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     assert ran == []
     for exc in (reading.value, running.value):
         assert not isinstance(exc, StoreCorruptedError)
-        assert re.search(r"\b7\b", str(exc))
+        assert re.search(r"\b8\b", str(exc))
         assert re.search(rf"\b{SCHEMA_VERSION}\b", str(exc))
 
 
