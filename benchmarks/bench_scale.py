@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"control: {len(took)} aborts from another process on a run of {args.actions:,} "
             f"recorded actions: median {statistics.median(took):.1f} ms, max {worst:.1f} ms "
             f"(target <= 30 ms): {'ok' if worst <= 30 else 'MISS'}"
+            + f"; each: {', '.join(f'{t:.1f}' for t in took)}"
         )
     return 0
 
