@@ -62,6 +62,38 @@ APPLICATION_ID = 0x466C6F77  # "Flow": marks the file as a flowsdk store
 DEFAULT_BUSY_TIMEOUT = 5.0
 ANSWER_POLL = 0.005  # how often a requester looks for the runner's reply
 
+# The column definitions of actions and events as schema 1 created them (the
+# first migration and the seventh, which rebuilds both tables, share them).
+# Frozen: a later column is added by a later migration, never here.
+_ACTION_COLUMNS_V1 = """
+            run TEXT NOT NULL,
+            run_attempt INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            parent TEXT,
+            task TEXT NOT NULL,
+            grp TEXT,
+            phase TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            error_type TEXT, error_message TEXT, error_traceback TEXT,
+            abort_reason TEXT, abort_cause TEXT, abort_by TEXT, abort_at REAL,
+            cleanup_incomplete INTEGER NOT NULL DEFAULT 0,
+            key TEXT NOT NULL DEFAULT '',
+            replayed INTEGER NOT NULL DEFAULT 0,
+            inputs BLOB,
+            output BLOB,
+"""
+_EVENT_COLUMNS_V1 = """
+            run TEXT NOT NULL,
+            run_attempt INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            action TEXT, phase TEXT, cause TEXT, reason TEXT, requested_by TEXT, message TEXT,
+"""
+
 # The columns of actions and events at schema 7, in their order then (later
 # migrations may add columns: these lists stay as they were).
 _ACTIONS_V7 = (
@@ -87,36 +119,8 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (name, attempt)
         )""",
         "CREATE INDEX runs_started ON runs (started_at)",
-        """CREATE TABLE actions (
-            run TEXT NOT NULL,
-            run_attempt INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            parent TEXT,
-            task TEXT NOT NULL,
-            grp TEXT,
-            phase TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            started_at REAL,
-            ended_at REAL,
-            error_type TEXT, error_message TEXT, error_traceback TEXT,
-            abort_reason TEXT, abort_cause TEXT, abort_by TEXT, abort_at REAL,
-            cleanup_incomplete INTEGER NOT NULL DEFAULT 0,
-            key TEXT NOT NULL DEFAULT '',
-            replayed INTEGER NOT NULL DEFAULT 0,
-            inputs BLOB,
-            output BLOB,
-            PRIMARY KEY (run, run_attempt, name)
-        )""",
-        """CREATE TABLE events (
-            run TEXT NOT NULL,
-            run_attempt INTEGER NOT NULL,
-            seq INTEGER NOT NULL,
-            at REAL NOT NULL,
-            kind TEXT NOT NULL,
-            action TEXT, phase TEXT, cause TEXT, reason TEXT, requested_by TEXT, message TEXT,
-            PRIMARY KEY (run, run_attempt, seq)
-        )""",
+        f"CREATE TABLE actions ({_ACTION_COLUMNS_V1} PRIMARY KEY (run, run_attempt, name))",
+        f"CREATE TABLE events ({_EVENT_COLUMNS_V1} PRIMARY KEY (run, run_attempt, seq))",
         """CREATE TABLE requests (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             run TEXT NOT NULL,
@@ -178,40 +182,14 @@ MIGRATIONS: dict[int, list[str]] = {
     # one B-tree per table instead of a table and its key's index, so each row
     # written costs one insert, not two, and takes less room.
     7: [
-        """CREATE TABLE actions_keyed (
-            run TEXT NOT NULL,
-            run_attempt INTEGER NOT NULL,
-            name TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            parent TEXT,
-            task TEXT NOT NULL,
-            grp TEXT,
-            phase TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            started_at REAL,
-            ended_at REAL,
-            error_type TEXT, error_message TEXT, error_traceback TEXT,
-            abort_reason TEXT, abort_cause TEXT, abort_by TEXT, abort_at REAL,
-            cleanup_incomplete INTEGER NOT NULL DEFAULT 0,
-            key TEXT NOT NULL DEFAULT '',
-            replayed INTEGER NOT NULL DEFAULT 0,
-            inputs BLOB,
-            output BLOB,
-            executor TEXT NOT NULL DEFAULT 'local',
-            PRIMARY KEY (run, run_attempt, name)
-        ) WITHOUT ROWID""",
+        f"CREATE TABLE actions_keyed ({_ACTION_COLUMNS_V1} "
+        "executor TEXT NOT NULL DEFAULT 'local', "
+        "PRIMARY KEY (run, run_attempt, name)) WITHOUT ROWID",
         f"INSERT INTO actions_keyed SELECT {_ACTIONS_V7} FROM actions",
         "DROP TABLE actions",
         "ALTER TABLE actions_keyed RENAME TO actions",
-        """CREATE TABLE events_keyed (
-            run TEXT NOT NULL,
-            run_attempt INTEGER NOT NULL,
-            seq INTEGER NOT NULL,
-            at REAL NOT NULL,
-            kind TEXT NOT NULL,
-            action TEXT, phase TEXT, cause TEXT, reason TEXT, requested_by TEXT, message TEXT,
-            PRIMARY KEY (run, run_attempt, seq)
-        ) WITHOUT ROWID""",
+        f"CREATE TABLE events_keyed ({_EVENT_COLUMNS_V1} "
+        "PRIMARY KEY (run, run_attempt, seq)) WITHOUT ROWID",
         f"INSERT INTO events_keyed SELECT {_EVENTS_V7} FROM events",
         "DROP TABLE events",
         "ALTER TABLE events_keyed RENAME TO events",
