@@ -20,7 +20,6 @@ import msgspec
 from flowsdk._liveness import Owner
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
-    ACTION_FIELDS,
     EVENT_FIELDS,
     ControlReply,
     EventKind,
@@ -38,7 +37,6 @@ __all__ = [
     "ACTION_COLUMNS",
     "APPLICATION_ID",
     "EVENT_COLUMNS",
-    "INSERT_ACTION",
     "INSERT_EVENT",
     "MIGRATIONS",
     "RUN_COLUMNS",
@@ -207,11 +205,6 @@ INSERT_EVENT = (
     f"INSERT INTO events (run, run_attempt, {EVENT_COLUMNS}) "
     f"VALUES ({', '.join('?' * (2 + len(EVENT_FIELDS)))})"
 )
-INSERT_ACTION = (
-    f"INSERT OR REPLACE INTO actions (run, run_attempt, {ACTION_COLUMNS}) "
-    f"VALUES ({', '.join('?' * (2 + len(ACTION_FIELDS)))})"
-)
-
 
 def ts(at: datetime | None) -> float | None:
     """Turn an aware datetime into epoch seconds (how times are stored)."""
