@@ -136,7 +136,9 @@ def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path)
     assert pragma(path, "user_version") == SCHEMA_VERSION == 7
 
 
-def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
+def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A store written before the working directory was recorded: migrated in place, runs kept."""
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="old", store=sqlite_url(path))
@@ -161,7 +163,13 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(tmp_path: Path) -> N
         conn.execute("DROP TABLE logs")
         conn.execute("PRAGMA user_version = 1")
     assert pragma(path, "user_version") == 1
-    flowsdk.run(noop, name="new", store=sqlite_url(path))
+    with caplog.at_level("WARNING", logger="flowsdk"):
+        flowsdk.run(noop, name="new", store=sqlite_url(path))
+    upgrades = [r.getMessage() for r in caplog.records if "upgrading the store" in r.getMessage()]
+    assert upgrades == [
+        f"upgrading the store {path} from schema 1 to {SCHEMA_VERSION} in one "
+        "transaction; other processes using it wait until it is done"
+    ]
     assert pragma(path, "user_version") == SCHEMA_VERSION
     migrated = SQLiteStore(sqlite_url(path))
     assert not migrated.token_mode()  # the tokens table is there, empty

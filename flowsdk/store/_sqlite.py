@@ -221,7 +221,7 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                     f"({SCHEMA_VERSION}), and this user cannot write it to upgrade it; run any "
                     "flowsdk command on it once as a user who may write it"
                 )
-            migrate(conn)
+            migrate(conn, self.path)
         if self.read_only and not create:
             return True
         with contextlib.suppress(sqlite3.OperationalError):

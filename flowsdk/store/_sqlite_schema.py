@@ -206,6 +206,7 @@ INSERT_EVENT = (
     f"VALUES ({', '.join('?' * (2 + len(EVENT_FIELDS)))})"
 )
 
+
 def ts(at: datetime | None) -> float | None:
     """Turn an aware datetime into epoch seconds (how times are stored)."""
     return None if at is None else at.timestamp()
@@ -259,12 +260,25 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the store's schema to `SCHEMA_VERSION` in one transaction (under the write lock)."""
+def migrate(conn: sqlite3.Connection, location: str = "") -> None:
+    """Bring the store's schema to `SCHEMA_VERSION` in one transaction (under the write lock).
+
+    Upgrading a store that has a history is said in a log record: a migration that
+    rewrites a table (schema 7) takes a while on a large store, and other
+    processes wait for its lock meanwhile.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         # Re-read under the write lock: another process may have migrated meanwhile.
         current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < current < SCHEMA_VERSION:
+            logger.warning(
+                "upgrading the store %s from schema %d to %d in one transaction; "
+                "other processes using it wait until it is done",
+                location,
+                current,
+                SCHEMA_VERSION,
+            )
         for step in range(current + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[step]:
                 conn.execute(statement)
