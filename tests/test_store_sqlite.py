@@ -579,13 +579,15 @@ async def wide(n: int) -> int:
 def test_a_wide_fan_out_keeps_every_event_in_order_across_the_writers_chunks(
     tmp_path: Path,
 ) -> None:
-    """Routine events are written many rows to a statement: none is lost, reordered or changed."""
+    """Rows are written many to a statement: no event or action is lost, reordered or changed."""
     n = 700  # several chunks of routine events, in one batch or in several
     sqlite = flowsdk.run(wide, n, name="wide", store=sqlite_url(tmp_path / "s.db"))
     memory = flowsdk.run(wide, n, name="wide", store="memory://")
     with flowsdk.Client(sqlite_url(tmp_path / "s.db")) as client:
         stored = client.get_run("wide").events
+        actions = client.get_run("wide").actions
     assert sqlite.result() == sum(range(n))
+    assert actions == sqlite.actions  # action rows too go many to a statement
     assert [e.seq for e in stored] == list(range(len(stored)))
     assert stored == sqlite.events
     shape = [(e.kind, e.action, e.phase, e.cause, e.reason) for e in stored]

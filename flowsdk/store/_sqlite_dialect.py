@@ -42,56 +42,62 @@ for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
 # columns they set, so that no NULL is bound at all. Columns left out take their
 # default, which is what the row holds: NULL, or 0 for a flag that is False.
 _ROUTINE = (None,) * (len(EVENT_FIELDS) - 5)  # an event with no cause, reason, by or message
-# Routine events go many to a statement (`VALUES (...), (...), ...`): one step of
-# SQLite's program, and one release of the GIL, per chunk instead of per row.
-# 128 rows of 7 values stay under SQLite's oldest limit on parameters (999).
-ROUTINE_CHUNK = 128
-_ROUTINE_INSERT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) VALUES "
-_routine_statements: dict[int, str] = {}
-
-
-def _insert_routine(rows: int) -> str:
-    """The statement inserting `rows` routine events."""
-    statement = _routine_statements.get(rows)
-    if statement is None:
-        statement = _ROUTINE_INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
-        _routine_statements[rows] = statement
-    return statement
-
-
+_INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) VALUES "
+_INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)}) VALUES "
 _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
 _plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
 
+# Rows go many to a statement (`VALUES (...), (...), ...`): one step of SQLite's
+# program, and one release of the GIL (each is a hand-over to the event loop's
+# thread), per statement instead of per row. A statement stays under SQLite's
+# oldest limit on parameters, and holds a power of two of rows, so that a few
+# statements of each kind are prepared once and then found in the cache.
+MAX_PARAMETERS = 999
+_statements: dict[tuple[str, int], str] = {}
+
+
+def _insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
+    """Run `insert` (`INSERT ... VALUES `) for every row, as many rows to a statement as fit."""
+    width = len(rows[0])
+    most = 1 << (MAX_PARAMETERS // width).bit_length() - 1
+    start, left = 0, len(rows)
+    while left:
+        n = most if left >= most else 1 << left.bit_length() - 1
+        statement = _statements.get((insert, n))
+        if statement is None:
+            one = f"({', '.join('?' * width)})"
+            statement = _statements[insert, n] = insert + ", ".join([one] * n)
+        conn.execute(statement, list(chain.from_iterable(rows[start : start + n])))
+        start += n
+        left -= n
+
 
 def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
-    """The statement, and the values it takes, for action rows of one shape."""
+    """The insert, and the values it takes, for action rows of one shape."""
     types, flags = shape
     false_flags = {i for i, value in zip(_FLAGS, flags, strict=True) if value is False}
     keep = [i for i, t in enumerate(types) if t is not type(None) and i not in false_flags]
     columns = ", ".join(ACTION_COLUMN_NAMES[i] for i in keep)
-    statement = (
-        f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns}) "
-        f"VALUES ({', '.join('?' * (2 + len(keep)))})"
-    )
+    insert = f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns}) VALUES "
     pick = itemgetter(*keep)  # at least name, seq, task, phase, attempt, key: always a tuple
-    _plans[shape] = (statement, pick)
-    return statement, pick
+    _plans[shape] = (insert, pick)
+    return insert, pick
 
 
 def _write_actions(
     conn: sqlite3.Connection, name: str, attempt: int, rows: Iterable[ActionRow]
 ) -> None:
-    by_statement: dict[str, list[tuple[Any, ...]]] = {}
+    by_shape: dict[str, list[tuple[Any, ...]]] = {}
     head = (name, attempt)
     i, j = _FLAGS
     for row in rows:
         values = astuple(row)
         shape = (tuple(map(type, values)), (values[i], values[j]))
-        statement, pick = _plans.get(shape) or _plan(shape)
-        by_statement.setdefault(statement, []).append(head + pick(values))
-    for statement, params in by_statement.items():
-        conn.executemany(statement, params)
+        insert, pick = _plans.get(shape) or _plan(shape)
+        by_shape.setdefault(insert, []).append(head + pick(values))
+    for insert, params in by_shape.items():
+        _insert_rows(conn, insert, params)
 
 
 def _write_events(
@@ -106,11 +112,10 @@ def _write_events(
             routine.append(head + values[:5])
         else:
             other.append(head + values)
-    for start in range(0, len(routine), ROUTINE_CHUNK):
-        chunk = routine[start : start + ROUTINE_CHUNK]
-        conn.execute(_insert_routine(len(chunk)), list(chain.from_iterable(chunk)))
+    if routine:
+        _insert_rows(conn, _INSERT_ROUTINE, routine)
     if other:
-        conn.executemany(INSERT_EVENT, other)
+        _insert_rows(conn, _INSERT_EVENT, other)
 
 
 class SQLiteDialect:
