@@ -12,14 +12,13 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flowsdk._phases import AbortCause, ActionPhase
-from flowsdk._records import AbortInfo, EventKind
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
+    from flowsdk._records import AbortInfo, EventKind
 
 __all__ = ["ActionState", "Ended", "Request", "RunContext", "current", "current_state"]
 
@@ -94,6 +93,10 @@ class Request:
 
     def info(self) -> AbortInfo:
         """Return the record of this request (what `abort` of a record holds)."""
+        from datetime import UTC, datetime  # here: `import flowsdk` stays light
+
+        from flowsdk._records import AbortInfo
+
         return AbortInfo(
             reason=self.reason,
             cause=self.cause,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flowsdk._action import current_state
-from flowsdk._records import ActionInfo
 from flowsdk.errors import NotInRunError
+
+if TYPE_CHECKING:
+    from flowsdk._records import ActionInfo
 
 __all__ = ["current_action"]
 
@@ -25,6 +29,8 @@ def current_action() -> ActionInfo:
             "flowsdk.current_action() was called outside a run; "
             "call it from a task body running under flowsdk.run()"
         )
+    from flowsdk._records import ActionInfo  # here: `import flowsdk` stays light
+
     req = state.req
     return ActionInfo(
         run=state.run,

@@ -10,7 +10,10 @@ from typing import Any, Protocol
 
 from flowsdk.executors import get_executor
 
-__all__ = ["TaskOptions", "TaskSpec"]
+__all__ = ["DEFAULT_MAX_PAYLOAD", "TaskOptions", "TaskSpec"]
+
+DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
+"""Bytes of a task's recorded inputs or output, at most, unless `max_payload=` says otherwise."""
 
 
 class TaskSpec(Protocol):

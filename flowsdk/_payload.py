@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
 
 __all__ = [
-    "DEFAULT_MAX_PAYLOAD",
     "IMMUTABLE",
     "decode_inputs",
     "decode_output",
@@ -33,8 +32,6 @@ __all__ = [
     "inputs_digest",
     "task_version",
 ]
-
-DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
 _encode = _encoder.encode

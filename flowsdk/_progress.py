@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowsdk._action import ActionState, current
 from flowsdk._phases import ActionPhase
-from flowsdk._records import ProgressRow
 from flowsdk.errors import NotInRunError
 from flowsdk.executors._remote import set_report_sink
 
 if TYPE_CHECKING:
+    from flowsdk._records import ProgressRow
     from flowsdk._runtime import Runtime
     from flowsdk.store import RunRecorder
 
@@ -224,6 +224,8 @@ def _record(state: ActionState, value: float, step: int | None, name: str) -> Tr
         trace: Trace = state.trace
     except AttributeError:
         trace = state.trace = Trace(state)
+    from flowsdk._records import ProgressRow  # here: `import flowsdk` stays light
+
     row = ProgressRow(state.name, trace.reports, time.time(), name, step, value)
     trace.reports += 1
     trace.latest = row

@@ -10,10 +10,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 
 from flowsdk._action import current
-from flowsdk._execute import action_handle, in_thread
+from flowsdk._execute_thread import in_thread
 from flowsdk._names import check_name
-from flowsdk._options import TaskOptions
-from flowsdk._payload import DEFAULT_MAX_PAYLOAD
+from flowsdk._options import DEFAULT_MAX_PAYLOAD, TaskOptions
 
 __all__ = ["Task", "TaskEnvironment"]
 
@@ -202,12 +201,21 @@ class Task(Generic[P, R]):
         self.options = options
         self.name = check_name("task", f"{env.name}.{check_name('task', fn.__name__)}")
         self.signature = inspect.signature(fn)
-        # A copy of the runtime's handle function under the user's name, so that
-        # Python's "coroutine ... was never awaited" warning names the user's
-        # function, not an SDK wrapper.
+
+    @functools.cached_property
+    def _handle(self) -> Callable[..., Coroutine[Any, Any, R]]:
+        """The runtime's handle function, copied under the user's function name.
+
+        So that Python's "coroutine ... was never awaited" warning names the
+        user's function, not an SDK wrapper. Made on the first call in a run:
+        declaring a task does not load the runtime.
+        """
+        from flowsdk._execute import action_handle  # here: `import flowsdk` stays light
+
+        fn = self.fn
         handle = types.FunctionType(action_handle.__code__, action_handle.__globals__, fn.__name__)
         handle.__qualname__ = fn.__qualname__
-        self._handle: Callable[..., Coroutine[Any, Any, R]] = handle
+        return handle
 
     def __repr__(self) -> str:
         return f"<flowsdk task {self.name}>"

@@ -159,7 +159,22 @@ def hooks():
 before = hooks()
 import flowsdk
 after = hooks()
+heavy = ("msgspec", "flowsdk._records", "flowsdk._runtime", "flowsdk._execute", "flowsdk.store")
+loaded = [m for m in heavy if m in sys.modules]
+env = flowsdk.TaskEnvironment("probe")
+
+@env.task
+async def declared(x: int) -> int:
+    return x
+
+@env.task
+def declared_plain(x: int) -> int:
+    return x
+
+declaring = [m for m in heavy if m in sys.modules]
 print(json.dumps({
+    "loaded": loaded,
+    "declaring": declaring,
     "opened": seen,
     "threads": threading.active_count(),
     "hooks_changed": [i for i, (b, a) in enumerate(zip(before, after)) if a is not b],
@@ -195,6 +210,28 @@ def test_import_opens_no_file_and_creates_no_store(tmp_path: Path) -> None:
 def test_import_starts_no_thread(tmp_path: Path) -> None:
     """STYLE public surface: importing flowsdk starts no thread."""
     assert _import_in_fresh_process(tmp_path)["threads"] == 1
+
+
+def test_import_and_declaring_tasks_load_no_runtime_store_or_records(tmp_path: Path) -> None:
+    """`import flowsdk` and `@env.task` load neither the runtime nor a store nor msgspec.
+
+    They load with the first run: msgspec alone costs about as much as asyncio to import.
+    """
+    report = _import_in_fresh_process(tmp_path)
+    assert report["loaded"] == []
+    assert report["declaring"] == []
+
+
+def test_lazy_names_are_the_real_objects() -> None:
+    """The records and the runner, imported on first use, are the modules' own objects."""
+    import flowsdk._records as records
+    import flowsdk._run as runner
+
+    assert flowsdk.ActionRecord is records.ActionRecord
+    assert flowsdk.EventKind is records.EventKind
+    assert flowsdk.run is runner.run
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = flowsdk.Nope
 
 
 def test_import_installs_no_hook(tmp_path: Path) -> None:
