@@ -19,6 +19,7 @@ import msgspec
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
+    "RUNNER_LOG",
     "STALE_AFTER",
     "Owner",
     "host_identity",
@@ -31,6 +32,10 @@ __all__ = [
 HEARTBEAT_INTERVAL = 1.0
 # A runner on another host whose heartbeat is older than this is gone (SPEC §5).
 STALE_AFTER = 10.0
+# Set by a detached launch (the console, `Client`): the file the runner's output goes to.
+# A runner whose run ended recorded removes it; one that failed itself leaves it.
+RUNNER_LOG = "FLOWSDK_RUNNER_LOG"
+RUNNER_LOG_PREFIX = "flowsdk-runner-"
 
 
 class Owner(msgspec.Struct, frozen=True):

@@ -29,7 +29,14 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
-from flowsdk._liveness import Owner, host_identity, is_alive, process_start
+from flowsdk._liveness import (
+    RUNNER_LOG,
+    RUNNER_LOG_PREFIX,
+    Owner,
+    host_identity,
+    is_alive,
+    process_start,
+)
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
@@ -359,13 +366,13 @@ class ControlService:
         cwd = workdir if workdir and os.path.isdir(workdir) else None
         import tempfile  # here: it imports shutil and the compressors, which flowsdk does not need
 
-        fd, log = tempfile.mkstemp(prefix="flowsdk-runner-", suffix=".log")
+        fd, log = tempfile.mkstemp(prefix=RUNNER_LOG_PREFIX, suffix=".log")
         os.close(fd)
         # `--` before the positional values: a value such as -3 is not an option.
         argv = [sys.executable, "-m", "flowsdk", *options, "--", *positional]
         # The store through the environment, not the command line, where `ps` would
         # show a password a PostgreSQL URL may hold to every user of the machine.
-        env = {**os.environ, "FLOWSDK_STORE": portable_url(self.store.url)}
+        env = {**os.environ, "FLOWSDK_STORE": portable_url(self.store.url), RUNNER_LOG: log}
         pid = spawn_detached(argv, cwd, log, env)
         owner = Owner(host=host_identity(), pid=pid, started=process_start(pid))
         deadline = time.monotonic() + LAUNCH_TIMEOUT

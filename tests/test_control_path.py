@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -333,10 +334,30 @@ def _wait_for_end(client: flowsdk.Client, run: str, attempt: int) -> flowsdk.Run
         time.sleep(0.05)
 
 
+def _runner_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Make this test's launches write their runners' output files in a folder of its own."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+    return logs
+
+
+def _wait_until_empty(folder: Path) -> None:
+    deadline = time.monotonic() + 60
+    while any(folder.iterdir()):  # the runner removes its file as it exits
+        assert time.monotonic() < deadline, f"left behind: {sorted(folder.iterdir())}"
+        time.sleep(0.05)
+
+
 def test_retry_and_start_in_a_detached_runner_in_the_runs_working_directory(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A launched retry or run goes on in a process of its own, where the run first started."""
+    """A launched retry or run goes on in a process of its own, where the run first started.
+
+    Each runner's output file is removed once its run ended recorded: repeated launches
+    from the console leave nothing behind in the temporary folder.
+    """
+    logs = _runner_logs(monkeypatch, tmp_path)
     workdir = tmp_path / "project"
     workdir.mkdir()
     (workdir / "flaky_mod.py").write_text(FLAKY)
@@ -375,10 +396,17 @@ def test_retry_and_start_in_a_detached_runner_in_the_runs_working_directory(
             client.service.launch_run("os:system", ["echo hi"])
     assert (retried.phase, retried.result()) == (RunPhase.SUCCEEDED, 42)
     assert (started, fresh.phase, fresh.result()) == ("r2", RunPhase.SUCCEEDED, 10)
+    _wait_until_empty(logs)
 
 
-def test_a_launch_whose_runner_fails_at_once_says_why(tmp_path: Path) -> None:
-    """A detached runner that dies before recording its run: the launch raises with its output."""
+def test_a_launch_whose_runner_fails_at_once_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detached runner that dies before recording its run: the launch raises with its output.
+
+    Its output file is kept, and the error names it.
+    """
+    logs = _runner_logs(monkeypatch, tmp_path)
     workdir = tmp_path / "project"
     workdir.mkdir()
     (workdir / "flaky_mod.py").write_text(FLAKY)
@@ -404,6 +432,9 @@ def test_a_launch_whose_runner_fails_at_once_says_why(tmp_path: Path) -> None:
     with flowsdk.Client(url) as client, pytest.raises(InvalidStateError) as info:
         client.service.launch_retry("r1")
     assert "the module is broken now" in str(info.value)
+    (kept,) = logs.iterdir()
+    assert f"log {kept})" in str(info.value)
+    assert "the module is broken now" in kept.read_text()
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])

@@ -12,14 +12,18 @@ one `flowsdk: error: ...` line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from typing import NoReturn
 
 import flowsdk
+from flowsdk._liveness import RUNNER_LOG, RUNNER_LOG_PREFIX
 from flowsdk.cli import _control, _logs, _prune, _runs, _show, _start, _tokens, _ui
 from flowsdk.cli._output import (
+    EXIT_OK,
+    EXIT_RUN_FAILED,
     EXIT_USAGE,
     Output,
     UsageError,
@@ -112,4 +116,20 @@ def entry_point() -> NoReturn:
     handler.setFormatter(_LogFormatter())
     handler.setLevel(logging.WARNING)
     logging.getLogger("flowsdk").addHandler(handler)
-    sys.exit(main())
+    log = os.environ.pop(RUNNER_LOG, None)
+    code = main()
+    if log is not None and code in (EXIT_OK, EXIT_RUN_FAILED):
+        _drop_runner_log(log)
+    sys.exit(code)
+
+
+def _drop_runner_log(path: str) -> None:
+    """Remove a detached runner's output file once its run ended recorded.
+
+    Its outcome, errors and logs are in the store; a runner that failed itself
+    (store error, bad arguments, a crash) keeps the file, which the launch
+    names if the run was never recorded.
+    """
+    if os.path.basename(path).startswith(RUNNER_LOG_PREFIX) and path.endswith(".log"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
