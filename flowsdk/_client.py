@@ -78,18 +78,26 @@ class Client:
         """
         return self.service.get_run(name, attempt=attempt)
 
-    def progress(self, run: str, attempt: int, action: str | None = None) -> list[Progress]:
-        """Return the progress reports of one attempt of a run (or one action), oldest first."""
+    def progress(
+        self, run: str, attempt: int | None = None, action: str | None = None
+    ) -> list[Progress]:
+        """Return the progress reports of one attempt (default: the latest), oldest first.
+
+        Of one action, if `action` names it.
+        """
         return self.service.progress(run, attempt, action)
 
-    def latest_progress(self, run: str, attempt: int) -> dict[str, Progress]:
-        """Return each action's latest progress report in one attempt of a run."""
+    def latest_progress(self, run: str, attempt: int | None = None) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt (default: the latest)."""
         return self.service.latest_progress(run, attempt)
 
     def logs(
-        self, run: str, attempt: int, action: str | None = None, cursor: int = -1
+        self, run: str, attempt: int | None = None, action: str | None = None, cursor: int = -1
     ) -> list[LogEntry]:
-        """Return the kept log records of one attempt (or one action) with `seq > cursor`."""
+        """Return the kept log records of one attempt (default: the latest) with `seq > cursor`.
+
+        Of one action, if `action` names it.
+        """
         return self.service.logs(run, attempt, action, cursor)
 
     def prune(

@@ -142,9 +142,11 @@ class ControlService:
             attempt = self.store.load_record(name).attempt
         return self.store.load_progress(name, attempt, action)
 
-    def latest_progress(self, name: str, attempt: int) -> dict[str, Progress]:
-        """Return each action's latest progress report in one attempt."""
+    def latest_progress(self, name: str, attempt: int | None = None) -> dict[str, Progress]:
+        """Return each action's latest progress report in one attempt (default: the latest)."""
         self.authorize(Permission.READ)
+        if attempt is None:
+            attempt = self.store.load_record(name).attempt
         return self.store.latest_progress(name, attempt)
 
     def logs(

@@ -331,6 +331,12 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
     with flowsdk.Client(url) as client:
         run = client.get_run("study")
         first = client.get_run("study", attempt=1)
+        # Without an attempt, progress and logs are the latest attempt's.
+        reports = client.progress("study")
+        assert reports == client.progress("study", 2) != client.progress("study", 1)
+        assert client.latest_progress("study") == client.latest_progress("study", 2)
+        assert client.logs("study") == client.logs("study", 2)
+    assert reports
     assert run.record.attempt == 2
     assert run.phase is RunPhase.SUCCEEDED
     counts = run.result()
