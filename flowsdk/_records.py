@@ -9,8 +9,9 @@ from __future__ import annotations
 import enum
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -348,6 +349,25 @@ def whole_keys(rows: Iterable[tuple[str, str | None, str]]) -> dict[str, str]:
     return keys
 
 
+def _lookup(kind: type[enum.Enum]) -> Callable[[str], Any]:
+    """`kind(value)` for a stored value: a dictionary probe, not the enum's Python-level call.
+
+    An unknown value still raises the enum's own `ValueError`.
+    """
+    members = kind._value2member_map_
+
+    def member(value: str) -> Any:
+        found = members.get(value)
+        return found if found is not None else kind(value)
+
+    return member
+
+
+_action_phase = _lookup(ActionPhase)
+_abort_cause = _lookup(AbortCause)
+_event_kind = _lookup(EventKind)
+
+
 def action_from_row(run: str, row: ActionRow, key: str | None = None) -> ActionRecord:
     """Build the public `ActionRecord` of an `ActionRow` (`key`: its whole key, if rebuilt)."""
     cause = row.abort_cause
@@ -357,7 +377,7 @@ def action_from_row(run: str, row: ActionRow, key: str | None = None) -> ActionR
         parent=row.parent,
         task=row.task,
         group=row.group,
-        phase=ActionPhase(row.phase),
+        phase=_action_phase(row.phase),
         attempt=row.attempt,
         started_at=to_datetime(row.started_at),
         ended_at=to_datetime(row.ended_at),
@@ -370,7 +390,7 @@ def action_from_row(run: str, row: ActionRow, key: str | None = None) -> ActionR
         else None,
         abort=AbortInfo(
             reason=row.abort_reason,
-            cause=AbortCause(cause),
+            cause=_abort_cause(cause),
             requested_by=row.abort_by,
             requested_at=to_datetime(row.abort_at),
         )
@@ -393,10 +413,10 @@ def event_from_row(row: EventRow) -> Event:
     return Event(
         seq=row.seq,
         at=datetime.fromtimestamp(row.at, UTC),
-        kind=EventKind(row.kind),
+        kind=_event_kind(row.kind),
         action=row.action,
         phase=row.phase,
-        cause=AbortCause(row.cause) if row.cause else None,
+        cause=_abort_cause(row.cause) if row.cause else None,
         reason=row.reason,
         requested_by=row.requested_by,
         message=row.message,

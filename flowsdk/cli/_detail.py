@@ -11,6 +11,7 @@ named by its position (`#0`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -293,10 +294,16 @@ def _logs_block(logs: list[LogEntry]) -> list[str]:
     return [head, *("  " + line for line in log_lines(logs))]
 
 
-def value_previews(run: Run[Any]) -> dict[str, str]:
-    """Return a short `(args) -> output` preview of each action's recorded values."""
+def value_previews(run: Run[Any], names: Iterable[str] | None = None) -> dict[str, str]:
+    """Return a short `(args) -> output` preview of each action's recorded values.
+
+    Of the named actions only, if `names` is given (those a folded tree draws).
+    """
     previews: dict[str, str] = {}
-    for name, (inputs, output) in run.payloads().items():
+    payloads = run.payloads()
+    chosen = payloads.keys() if names is None else [n for n in names if n in payloads]
+    for name in chosen:
+        inputs, output = payloads[name]
         try:
             named = decode_inputs(inputs, names=False)  # the call as written: `(0.1, y=2)`
             args = (

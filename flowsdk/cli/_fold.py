@@ -39,7 +39,7 @@ def folded_tree(actions: list[ActionRecord]) -> list[Entry]:
     """The depth-first tree of `actions` (`(depth, action)`), with folded parts as text lines."""
     children = tree_children(actions)
     below = _subtree_sizes(actions)
-    deepest = _max_depth(children)
+    deepest = _max_depth(actions)
     # Levels [HEAD_LEVELS, cut) are folded; the levels from `cut` on are drawn
     # right under the fold line.
     cut = deepest - TAIL_LEVELS + 1 if deepest >= FOLD_DEPTH else None
@@ -123,11 +123,14 @@ def _subtree_sizes(actions: list[ActionRecord]) -> dict[str, int]:
     return sizes
 
 
-def _max_depth(children: dict[str | None, list[ActionRecord]]) -> int:
+def _max_depth(actions: list[ActionRecord]) -> int:
+    """The depth of the deepest action (a root is at 0)."""
+    depths: dict[str, int] = {}
     deepest = 0
-    stack = [(0, a) for a in children.get(None, [])]
-    while stack:
-        depth, action = stack.pop()
+    # In start order: a parent's depth is known before its children's.
+    for action in actions:
+        parent = action.parent
+        depth = depths[parent] + 1 if parent in depths else 0
+        depths[action.name] = depth
         deepest = max(deepest, depth)
-        stack.extend((depth + 1, c) for c in children.get(action.name, []))
     return deepest

@@ -98,13 +98,13 @@ def show_lines(
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
-    previews = with_progress(value_previews(run) if values else None, progress or {})
+    entries = folded_tree(run.actions)
+    drawn = [a.name for _, a in entries if not isinstance(a, str)]
+    previews = with_progress(value_previews(run, drawn) if values else None, progress or {})
     lines = [
         *run_header(out, run.record, now=now),
         *gap,
-        *action_tree(
-            out, run.actions, now=now, previews=previews, entries=folded_tree(run.actions)
-        ),
+        *action_tree(out, run.actions, now=now, previews=previews, entries=entries),
     ]
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]

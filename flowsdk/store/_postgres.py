@@ -41,7 +41,6 @@ from flowsdk._records import (
     RunRecord,
     action_from_row,
     action_records,
-    event_from_row,
     whole_keys,
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
@@ -65,7 +64,7 @@ from flowsdk.store._postgres_schema import (
 from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._postgres_trace import PostgresTrace
 from flowsdk.store._prune import delete_runs_postgres, prune_plan
-from flowsdk.store._rows import run_record
+from flowsdk.store._rows import events_from_rows, run_record
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -230,8 +229,14 @@ class PostgresStore(PostgresTokens, PostgresTrace):
                 )
             ]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
-            events = _events(conn, name, record.attempt, -1)
-            return StoredRun(record, lambda: action_records(name, rows), events, payloads)
+            # Read now (one consistent picture), turned into `Event`s only if asked for.
+            events = _event_rows(conn, name, record.attempt, -1)
+            return StoredRun(
+                record,
+                lambda: action_records(name, rows),
+                lambda: events_from_rows(events),
+                payloads,
+            )
 
         return self._read(work, lambda: self._none_yet(name))
 
@@ -409,7 +414,7 @@ class PostgresStore(PostgresTokens, PostgresTrace):
             chosen = self._latest(conn, name)[0] if attempt is None else attempt
             if attempt is not None:
                 self._run_row(conn, name, attempt)
-            return _events(conn, name, chosen, cursor)
+            return events_from_rows(_event_rows(conn, name, chosen, cursor))
 
         return self._read(work, lambda: self._none_yet(name))
 
@@ -539,12 +544,9 @@ class PostgresStore(PostgresTokens, PostgresTrace):
         )
 
 
-def _events(conn: Conn, name: str, attempt: int, cursor: int) -> list[Event]:
-    return [
-        event_from_row(EventRow(*r))
-        for r in conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM flowsdk.events "
-            "WHERE run = %s AND run_attempt = %s AND seq > %s ORDER BY seq",
-            (name, attempt, cursor),
-        )
-    ]
+def _event_rows(conn: Conn, name: str, attempt: int, cursor: int) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM flowsdk.events "
+        "WHERE run = %s AND run_attempt = %s AND seq > %s ORDER BY seq",
+        (name, attempt, cursor),
+    ).fetchall()

@@ -6,6 +6,7 @@ writes its own statements around these lists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,11 +14,14 @@ from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ACTION_FIELDS,
     EVENT_FIELDS,
+    Event,
+    EventRow,
     Role,
     RunRecord,
     StopInfo,
     StopMode,
     TokenRecord,
+    event_from_row,
     to_datetime,
 )
 
@@ -27,6 +31,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "RUN_COLUMNS",
     "TOKEN_COLUMNS",
+    "events_from_rows",
     "run_record",
     "token_record",
 ]
@@ -77,3 +82,8 @@ def token_record(row: tuple[Any, ...]) -> TokenRecord:
         last_used_at=to_datetime(used),
         revoked_at=to_datetime(revoked),
     )
+
+
+def events_from_rows(rows: Iterable[tuple[Any, ...]]) -> list[Event]:
+    """The public `Event`s of rows read in `EVENT_COLUMNS` order."""
+    return [event_from_row(EventRow(*r)) for r in rows]

@@ -37,7 +37,6 @@ from flowsdk._records import (
     RunRecord,
     action_from_row,
     action_records,
-    event_from_row,
     whole_keys,
 )
 from flowsdk.errors import (
@@ -49,6 +48,7 @@ from flowsdk.errors import (
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
+from flowsdk.store._rows import events_from_rows
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
@@ -399,8 +399,11 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                 )
             ]
             payloads = {r.name: (r.inputs, r.output) for r in rows}
-            events = self._events(conn, name, record.attempt, -1)
-        return StoredRun(record, lambda: action_records(name, rows), events, payloads)
+            # Read now (one consistent picture), turned into `Event`s only if asked for.
+            events = self._event_rows(conn, name, record.attempt, -1)
+        return StoredRun(
+            record, lambda: action_records(name, rows), lambda: events_from_rows(events), payloads
+        )
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""
@@ -464,17 +467,14 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
         rows.sort(key=lambda r: r.seq)
         return [action_from_row(name, r, keys[r.name]) for r in rows]
 
-    def _events(
+    def _event_rows(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int
-    ) -> list[Event]:
-        return [
-            event_from_row(EventRow(*r))
-            for r in conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events "
-                "WHERE run = ? AND run_attempt = ? AND seq > ? ORDER BY seq",
-                (name, attempt, cursor),
-            )
-        ]
+    ) -> list[tuple[Any, ...]]:
+        return conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events "
+            "WHERE run = ? AND run_attempt = ? AND seq > ? ORDER BY seq",
+            (name, attempt, cursor),
+        ).fetchall()
 
     def _latest(self, conn: sqlite3.Connection, name: str) -> tuple[int, str, bytes | None, float]:
         row = conn.execute(
@@ -571,7 +571,7 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                 is None
             ):
                 raise self._not_found(conn, name, attempt)
-            return self._events(conn, name, attempt, cursor)
+            return events_from_rows(self._event_rows(conn, name, attempt, cursor))
 
     def _not_found(
         self, conn: sqlite3.Connection, name: str, attempt: int | None
