@@ -385,8 +385,9 @@ class RunWriter(Generic[C]):
                 return
             logger.warning(
                 "run %s: the event loop was blocked for %.1f s; control requests and "
-                "cancellation wait until the loop regains control (is a task body calling "
-                "blocking code such as time.sleep?)",
+                "cancellation wait until the loop regains control (a task body calling "
+                "blocking code such as time.sleep does this, and so do tens of thousands of "
+                "actions made ready at once)",
                 self._record.name,
                 lag,
             )
