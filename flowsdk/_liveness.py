@@ -20,6 +20,7 @@ import msgspec
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "RUNNER_LOG",
+    "RUNNER_LOG_PREFIX",
     "STALE_AFTER",
     "Owner",
     "host_identity",
