@@ -175,6 +175,7 @@ def test_external_abort_example_takes_the_abort_from_another_process() -> None:
     assert re.search(r"a3\s+ABORTED\s+external\s+diverging loss", out)
 
 
+@pytest.mark.xdist_group("ray")  # with the Ray tests: never two clusters at once
 def test_ray_example_runs_its_trials_on_ray() -> None:
     """hpo_ray.py starts its own local cluster (loopback only) and stops it at exit."""
     pytest.importorskip("ray")

@@ -34,7 +34,8 @@ from tests.ray_support import wait_for_file, wait_for_file_sync
 from tests.support import assert_clean, by_task
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+# One worker runs every Ray test (`make test` distributes with `--dist loadgroup`): one cluster.
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.xdist_group("ray")]
 
 env = flowsdk.TaskEnvironment("onray", executor="ray", grace_period=5.0)
 _drivers = itertools.count(1)
