@@ -528,7 +528,9 @@ def wait_until_gone(pid: int) -> bool:
 def test_early_cancel_race_never_lets_a_body_run_on(tmp_path: Path) -> None:
     @env.task
     async def brief(folder: str, i: int) -> None:
-        await asyncio.sleep(0.05)  # the body's work: its first await, where a cancel lands
+        # The body's work: its first await, where a cancel lands. Long, so that only a cancel
+        # that never arrives lets it run on; at 50 ms a loaded machine delivered some too late.
+        await asyncio.sleep(30)
         mark(f"{folder}/ran-{i}", "ran past its first await")
 
     @driver().task
