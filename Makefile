@@ -28,10 +28,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy flowsdk tests examples benchmarks soak
 
+# The suite on PYTEST_WORKERS pytest-xdist workers: 2, not `-n auto`, because that is the core
+# count of the machines it runs on (a developer's and CI's, 2 cores), and each test starts
+# subprocesses of its own (runners, the CLI, Ray, Chromium, PostgreSQL) that more workers than
+# cores would only crowd. `--dist loadgroup` keeps each `xdist_group` on one worker
+# (tests/conftest.py says which), so the Ray cluster, the browser and each shared console start
+# once. `make test PYTEST_WORKERS=4` on a bigger machine.
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP)
 	bash scripts/ensure-postgres.sh
 	sh scripts/ensure-chromium.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: lint typecheck pytest
 

@@ -3,8 +3,9 @@
 `$FLOWSDK_TEST_POSTGRES` (a server URL such as `postgresql://postgres@127.0.0.1:5432/postgres`,
 whose role may create databases) is used when set. Otherwise the first test
 that needs PostgreSQL starts one cluster (`initdb` + `pg_ctl start` in a
-temporary folder, as the unprivileged `postgres` user when running as root)
-and the session stops it and removes its folder at the end. When the server
+temporary folder, on a free port, as the unprivileged `postgres` user when
+running as root) and the session stops it and removes its folder at the end;
+each pytest-xdist worker is a session, with a server of its own. When the server
 binaries are missing, PostgreSQL tests skip and say why
 (`scripts/ensure-postgres.sh`, run by `make test`, installs them when it can).
 """

@@ -2,7 +2,9 @@
 
 The cluster is started by flowsdk's own code (loopback only, no dashboard, no
 usage report), once, on first use by a test that asks for `ray_cluster`, and
-shut down at the end of the session with every process it started.
+shut down at the end of the session with every process it started. Under
+pytest-xdist the tests that use it are in `xdist_group("ray")`, so one worker
+starts it.
 """
 
 from __future__ import annotations

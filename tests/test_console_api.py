@@ -21,7 +21,8 @@ import flowsdk
 from tests.console_support import WAIT, Console, create_token, start_held, wait_for
 from tests.runners.harness import sqlite_url
 
-pytestmark = pytest.mark.timeout(120)
+# One worker runs the module (`--dist loadgroup`): one console, and the runs its tests share.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("console_api")]
 
 
 class Site:

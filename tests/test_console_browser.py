@@ -37,8 +37,10 @@ ARGS = [
 ]
 MS = 30_000  # how long a page may take to show what a test waits for
 
+# One worker runs the module (`--dist loadgroup`): one console and one browser for it.
 pytestmark = [
     pytest.mark.timeout(120),
+    pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(
         not os.access(CHROMIUM, os.X_OK),
         reason="the browser tests need Debian's Chromium at /usr/bin/chromium "

@@ -19,7 +19,8 @@ import pytest
 from tests.console_support import Console, start_held
 from tests.runners.harness import sqlite_url
 
-pytestmark = pytest.mark.timeout(300)
+# One worker runs the module (`--dist loadgroup`): one console for it.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("console_openapi")]
 
 EXAMPLES = 30  # generated requests per operation and phase: bounded, so the suite stays fast
 # Checks left out, and why:

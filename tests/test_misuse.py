@@ -161,8 +161,9 @@ class _NotAFunction:
     pass
 
 
+# Ids by name, not repr: a repr holds an address, which differs between pytest-xdist workers.
 @pytest.mark.parametrize(
-    "fn", [_generator, _async_generator, _NotAFunction, print], ids=lambda f: repr(f)[:30]
+    "fn", [_generator, _async_generator, _NotAFunction, print], ids=lambda f: f.__qualname__
 )
 def test_decorating_anything_but_a_function_raises_type_error(
     fn: Callable[..., Any],

@@ -34,7 +34,8 @@ from tests.ray_support import wait_for_file, wait_for_file_sync
 from tests.support import assert_clean, by_task
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+# One worker runs every Ray test (`make test` distributes with `--dist loadgroup`): one cluster.
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.xdist_group("ray")]
 
 env = flowsdk.TaskEnvironment("onray", executor="ray", grace_period=5.0)
 _drivers = itertools.count(1)
@@ -527,7 +528,9 @@ def wait_until_gone(pid: int) -> bool:
 def test_early_cancel_race_never_lets_a_body_run_on(tmp_path: Path) -> None:
     @env.task
     async def brief(folder: str, i: int) -> None:
-        await asyncio.sleep(0.05)  # the body's work: its first await, where a cancel lands
+        # The body's work: its first await, where a cancel lands. Long, so that only a cancel
+        # that never arrives lets it run on; at 50 ms a loaded machine delivered some too late.
+        await asyncio.sleep(30)
         mark(f"{folder}/ran-{i}", "ran past its first await")
 
     @driver().task

@@ -380,7 +380,12 @@ def test_two_runners_starting_the_same_run_name_exactly_one_wins(
 
 
 def test_readers_never_wait_for_a_runner_that_is_writing(tmp_path: Path) -> None:
-    """WAL: a second process reads a run while its runner writes, with busy_timeout=0."""
+    """WAL: a second process reads a run while its runner writes, with busy_timeout=0.
+
+    The runner keeps a few batches ahead of the reads (tests/runners/store_io.py `writer`),
+    never more: each read loads the whole run, so a runner free to write on would make
+    every read slower than the last on a busy machine.
+    """
     path = tmp_path / "s.db"
     url = sqlite_url(path)
     with (
@@ -392,6 +397,7 @@ def test_readers_never_wait_for_a_runner_that_is_writing(tmp_path: Path) -> None
         snapshots = []
         for _ in range(20):
             snapshots.append(reader.get_run("busy"))
+            runner.send("go")  # one more batch
             runner.expect("BATCH")
         sync(control, "busy")
         snapshots.append(reader.get_run("busy"))

@@ -23,6 +23,10 @@ env = flowsdk.TaskEnvironment("io")
 EXIT_STORE_ERROR = 5
 # Longer than the runner's heartbeat interval (1 s) plus its busy timeout (store locked).
 LOCKED_FOR = 1.5
+# How many batches `writer` may make past the ones the test has allowed with a line: enough
+# that it is still writing while the test reads, and a bound on the run however slowly the
+# test reads (each read loads the whole run, so a writer left free would outrun it).
+AHEAD = 10
 
 
 @env.task
@@ -49,15 +53,21 @@ async def sleeper() -> None:
 
 @env.task
 async def writer() -> int:
-    """Record batches of children until the test closes stdin (readers never block)."""
+    """Record batches of 20 children while the test reads, until it closes stdin.
+
+    The first `AHEAD` batches are free; each line from the test allows one more.
+    """
     started()
-    stop = asyncio.ensure_future(gate())
     batches = 0
-    while not stop.done():
+    allowed = AHEAD
+    while True:
+        if batches == allowed:
+            if not await gate():  # stdin closed: the test has read enough
+                break
+            allowed += 1
         await asyncio.gather(*(ok() for _ in range(20)))
         batches += 1
         say("BATCH", batches)
-    await stop
     return batches
 
 
