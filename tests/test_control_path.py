@@ -346,7 +346,7 @@ def _wait_until_empty(folder: Path) -> None:
     deadline = time.monotonic() + 60
     while any(folder.iterdir()):  # the runner removes its file as it exits
         assert time.monotonic() < deadline, f"left behind: {sorted(folder.iterdir())}"
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling the folder above, bounded by the deadline
 
 
 def test_retry_and_start_in_a_detached_runner_in_the_runs_working_directory(
