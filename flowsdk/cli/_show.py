@@ -99,7 +99,7 @@ def show_lines(
     now = datetime.now(UTC)
     gap = [""] if spaced else []
     entries = folded_tree(run.actions)
-    drawn = [a.name for _, a in entries if not isinstance(a, str)]
+    drawn = (a.name for _, a in entries if not isinstance(a, str))
     previews = with_progress(value_previews(run, drawn) if values else None, progress or {})
     lines = [
         *run_header(out, run.record, now=now),
