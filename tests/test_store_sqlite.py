@@ -23,6 +23,7 @@ import pytest
 
 import flowsdk
 from flowsdk import ActionPhase, EventKind, RunPhase
+from flowsdk._records import AbortRequest
 from flowsdk.errors import (
     RunNotFoundError,
     StoreCorruptedError,
@@ -606,3 +607,71 @@ def test_a_wide_fan_out_keeps_every_event_in_order_across_the_writers_chunks(
     shape = [(e.kind, e.action, e.phase, e.cause, e.reason) for e in stored]
     assert shape == [(e.kind, e.action, e.phase, e.cause, e.reason) for e in memory.events]
     assert sum(e.phase == "SUCCEEDED" and e.kind is EventKind.ACTION for e in stored) == n + 1
+
+
+def wal_frames(path: Path) -> tuple[int, int]:
+    """Frames in the store's write-ahead log, and how many of them are copied into the file.
+
+    Read from the shared-memory index (`-shm`) without a connection, which could
+    itself checkpoint: the header's `mxFrame` and the checkpoint info's `nBackfill`.
+    """
+    header = Path(f"{path}-shm").read_bytes()[:100]
+    frames = int.from_bytes(header[16:20], sys.byteorder)
+    return frames, int.from_bytes(header[96:100], sys.byteorder)
+
+
+@env.task
+async def written_then_idle(path: str, n: int) -> bool:
+    """Record `n` actions, then wait (idle) until the log is copied back into the file."""
+    await asyncio.gather(*(wide_leaf(i) for i in range(n)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        frames, copied = wal_frames(Path(path))
+        if frames and copied == frames:
+            return True
+        await asyncio.sleep(0.01)  # polls the index, until the deadline
+    return False
+
+
+def test_an_idle_runner_copies_its_log_back_so_no_control_request_has_to(
+    tmp_path: Path,
+) -> None:
+    """A run that wrote and went quiet checkpoints its WAL itself (a small, quick checkpoint).
+
+    Otherwise the log grows to SQLite's 1,000-page threshold and whichever commit
+    crosses it (often a control request's) copies it all back, tens of ms.
+    """
+    path = tmp_path / "s.db"
+    run = flowsdk.run(written_then_idle, str(path), 20, store=sqlite_url(path))
+    assert run.result() is True
+
+
+def test_a_control_request_never_copies_the_log_back_itself(tmp_path: Path) -> None:
+    """The requester's commit leaves a large WAL as it is: the live runner checkpoints it."""
+    path = tmp_path / "s.db"
+    flowsdk.run(noop, name="ended", store=sqlite_url(path))
+    filler = sqlite3.connect(path, isolation_level=None)
+    try:
+        filler.execute("PRAGMA wal_autocheckpoint = 0")
+        filler.execute("BEGIN")
+        for i in range(1_200):  # past SQLite's 1,000-page autocheckpoint
+            filler.execute(
+                "INSERT INTO cache VALUES (?, ?, ?, ?, ?)", ("filler", "v", str(i), bytes(4000), 0)
+            )
+        filler.execute("COMMIT")
+        frames, copied = wal_frames(path)
+        assert frames > 1_000
+        assert copied == 0
+        store = SQLiteStore(sqlite_url(path))
+        try:
+            reply = store.request(AbortRequest(run="ended", requested_by="tester"), timeout=10)
+        finally:
+            store.close()
+        assert reply.unwrap().outcome is flowsdk.Outcome.ALREADY_ENDED
+        after, copied_after = wal_frames(path)
+        # Still the same log, grown by the request's rows, none of it copied back
+        # (a checkpoint would have restarted the log from its first frame).
+        assert after > frames
+        assert copied_after == 0
+    finally:
+        filler.close()

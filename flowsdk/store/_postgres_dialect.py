@@ -351,6 +351,9 @@ class PostgresDialect:
 
         self._do(link, work)
 
+    def idle(self, link: Link) -> None:
+        """Nothing to tidy: the server checkpoints its own log."""
+
     def requests_may_be_waiting(self, link: Link) -> bool:
         """Whether a notification named this run, or the safety poll is due (no round trip)."""
         conn = link.conn

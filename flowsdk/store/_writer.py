@@ -137,6 +137,9 @@ class Dialect(Protocol[C]):
     def cache_lookup(self, conn: C, task: str, version: str, digest: str) -> bytes | None:
         """Return a cached output, if any."""
 
+    def idle(self, conn: C) -> None:
+        """A round found nothing to write: the store's housekeeping, while nobody waits."""
+
 
 class RunWriter(Generic[C]):
     """The thread that writes one live run through a `Dialect` and carries its requests."""
@@ -300,7 +303,9 @@ class RunWriter(Generic[C]):
             self._check_scheduled(began, cpu)
             self._wake.clear()
             closing = self._closing
-            self._flush(conn)
+            if not self._flush(conn) and not closing:
+                with contextlib.suppress(StoreLockedError):
+                    dialect.idle(conn)
             # Under another writer's lock the requests stay pending: next round.
             with contextlib.suppress(StoreLockedError):
                 if dialect.requests_may_be_waiting(conn):
@@ -395,10 +400,11 @@ class RunWriter(Generic[C]):
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(probe)
 
-    def _flush(self, conn: C) -> None:
+    def _flush(self, conn: C) -> bool:
+        """Write the next batch of changes; return whether there was one."""
         ops = self._ops
         if not ops:
-            return
+            return False
         # Bounded transactions: a busy run never holds the write lock for long,
         # so a control request from another process gets in between two of
         # them, and is read between them too (the loop comes back at once).
@@ -433,7 +439,7 @@ class RunWriter(Generic[C]):
             ops.extendleft(reversed(taken))
             if self._closing:
                 self._wait_for_final_writes()
-            return
+            return True
         except RunLost:
             raise
         except StoreError as exc:
@@ -441,7 +447,7 @@ class RunWriter(Generic[C]):
             # for up to the busy timeout (ten of them for the last writes).
             ops.extendleft(reversed(taken))
             self._back_off(exc)
-            return
+            return True
         self._failing_since = None
         # Answered after the batch's own writes, so a lookup sees what the same
         # run cached a moment before.
@@ -456,6 +462,7 @@ class RunWriter(Generic[C]):
             waiting, self._relief = self._relief, []
             for fut in waiting:
                 self._settle(fut, None, None)
+        return True
 
     def _back_off(self, exc: StoreError) -> None:
         """Wait before writing again after a failed write; raise `exc` once past the limit."""
