@@ -42,13 +42,14 @@ for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
 # columns they set, so that no NULL is bound at all. Columns left out take their
 # default, which is what the row holds: NULL, or 0 for a flag that is False.
 _ROUTINE = (None,) * (len(EVENT_FIELDS) - 5)  # an event with no cause, reason, by or message
-_INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) VALUES "
-_INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)}) VALUES "
+_INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])})"
+_INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)})"
 _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
 _plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
 
-# Rows go many to a statement (`VALUES (...), (...), ...`): one step of SQLite's
+# Rows go many to a statement (`SELECT ?1, ?2, * FROM (VALUES (...), (...), ...)`,
+# the run's name and attempt bound once, not in every row): one step of SQLite's
 # program, and one release of the GIL (each is a hand-over to the event loop's
 # thread), per statement instead of per row. A statement stays under SQLite's
 # oldest limit on parameters, and holds a power of two of rows, so that a few
@@ -62,18 +63,22 @@ CHECKPOINT_EVERY = 0.25
 _statements: dict[tuple[str, int], str] = {}
 
 
-def _insert_rows(conn: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
-    """Run `insert` (`INSERT ... VALUES `) for every row, as many rows to a statement as fit."""
+def _insert_rows(
+    conn: sqlite3.Connection, insert: str, head: tuple[Any, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """Run `insert` (`INSERT ... (run, run_attempt, ...)`) for every row, `head` bound once."""
     width = len(rows[0])
-    most = 1 << (MAX_PARAMETERS // width).bit_length() - 1
+    most = 1 << ((MAX_PARAMETERS - 2) // width).bit_length() - 1
     start, left = 0, len(rows)
     while left:
         n = most if left >= most else 1 << left.bit_length() - 1
         statement = _statements.get((insert, n))
         if statement is None:
             one = f"({', '.join('?' * width)})"
-            statement = _statements[insert, n] = insert + ", ".join([one] * n)
-        conn.execute(statement, list(chain.from_iterable(rows[start : start + n])))
+            statement = _statements[insert, n] = (
+                insert + " SELECT ?1, ?2, * FROM (VALUES " + ", ".join([one] * n) + ")"
+            )
+        conn.execute(statement, [*head, *chain.from_iterable(rows[start : start + n])])
         start += n
         left -= n
 
@@ -84,7 +89,7 @@ def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ..
     false_flags = {i for i, value in zip(_FLAGS, flags, strict=True) if value is False}
     keep = [i for i, t in enumerate(types) if t is not type(None) and i not in false_flags]
     columns = ", ".join(ACTION_COLUMN_NAMES[i] for i in keep)
-    insert = f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns}) VALUES "
+    insert = f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns})"
     pick = itemgetter(*keep)  # at least name, seq, task, phase, attempt, key: always a tuple
     _plans[shape] = (insert, pick)
     return insert, pick
@@ -100,9 +105,9 @@ def _write_actions(
         values = astuple(row)
         shape = (tuple(map(type, values)), (values[i], values[j]))
         insert, pick = _plans.get(shape) or _plan(shape)
-        by_shape.setdefault(insert, []).append(head + pick(values))
+        by_shape.setdefault(insert, []).append(pick(values))
     for insert, params in by_shape.items():
-        _insert_rows(conn, insert, params)
+        _insert_rows(conn, insert, head, params)
 
 
 def _write_events(
@@ -114,13 +119,13 @@ def _write_events(
     for row in rows:
         values = astuple(row)
         if values[5:] == _ROUTINE:
-            routine.append(head + values[:5])
+            routine.append(values[:5])
         else:
-            other.append(head + values)
+            other.append(values)
     if routine:
-        _insert_rows(conn, _INSERT_ROUTINE, routine)
+        _insert_rows(conn, _INSERT_ROUTINE, head, routine)
     if other:
-        _insert_rows(conn, _INSERT_EVENT, other)
+        _insert_rows(conn, _INSERT_EVENT, head, other)
 
 
 class SQLiteDialect:
