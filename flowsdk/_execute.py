@@ -118,12 +118,18 @@ async def action_handle(
     if context is not None and len(context) > 1:  # more than the SDK's own `current`
         adopt_context(action)
     # The action has ended and its awaiter is back: its future, context and
-    # host are not needed any more (a long run keeps only its records).
+    # host are not needed any more, nor, once handed over, what it returned or
+    # raised (a long run keeps only its records, not every value and traceback).
     action.done = action.context = action.host = None
     if action.phase is SUCCEEDED:
-        return action.value
+        value = action.value
+        action.value = None
+        return value
     note_failure_host(runtime, action)
-    return outcome(action)
+    try:
+        return outcome(action)
+    finally:
+        action.exc = None
 
 
 def adopt_context(action: ActionState) -> None:

@@ -4,12 +4,17 @@ Past `KEEP_IN_MEMORY` started actions, a finished action is forgotten by the
 runtime (the store has its record) and events are no longer kept in memory;
 the ended run's records are read back from the store. Control requests naming
 a forgotten action or group still get their answer. The threshold is lowered
-here so that the tests stay small.
+here so that the tests stay small. On every store, what a finished action
+returned or raised is let go once its caller has it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ import pytest
 import flowsdk
 from flowsdk import _runtime
 from flowsdk._action import current
-from flowsdk.errors import ActionNotFoundError
+from flowsdk.errors import ActionNotFoundError, RuntimeUserError
 from flowsdk.testing import Gate
 
 KEEP = 20
@@ -111,3 +116,50 @@ async def test_requests_naming_forgotten_actions_are_answered(tmp_path: Path) ->
     assert run.result() == "done"
     assert run.phase is flowsdk.RunPhase.SUCCEEDED
     assert len(run.actions) == 3 * KEEP + 2
+
+
+@dataclasses.dataclass
+class Payload:
+    """A recordable value that a weak reference can watch."""
+
+    data: list[int]
+
+
+freed_env = flowsdk.TaskEnvironment("freed")
+WATCHED: list[weakref.ref[Payload]] = []
+
+
+@freed_env.task
+async def make() -> Payload:
+    return Payload([1, 2, 3])
+
+
+@freed_env.task
+async def fail() -> None:
+    model = Payload([4])  # a local that the error's traceback keeps alive
+    WATCHED.append(weakref.ref(model))
+    raise ValueError("no good")
+
+
+@freed_env.task
+async def caller() -> list[bool]:
+    value = await make()
+    WATCHED.append(weakref.ref(value))
+    del value
+    with contextlib.suppress(RuntimeUserError):
+        await fail()
+    gc.collect()  # only what something still refers to survives
+    return [ref() is None for ref in WATCHED]  # while the run still goes on
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_what_a_finished_action_returned_or_raised_is_let_go_once_its_caller_has_it(
+    kind: str, tmp_path: Path
+) -> None:
+    """A long run does not hold every value its actions returned, nor their tracebacks."""
+    WATCHED.clear()
+    store = "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 's.db'}"
+    run = flowsdk.run(caller, store=store)
+    assert run.result() == [True, True]
+    assert run.action("a1").phase is flowsdk.ActionPhase.SUCCEEDED
+    assert run.action("a2").error is not None  # the record keeps the error's description
