@@ -163,6 +163,7 @@ class ActionState:
         "delivered",
         "done",
         "ended_at",
+        "ended_seq",
         "error",
         "exc",
         "group",
@@ -174,9 +175,12 @@ class ActionState:
         "output",
         "parent",
         "phase",
+        "queued_seq",
         "replayed",
         "req",
         "run",
+        "running_at",
+        "running_seq",
         "runtime",
         "seq",
         "started_at",
@@ -233,6 +237,13 @@ class ActionState:
         self.host: asyncio.Task[Any] | None = None
         self.inputs: bytes | None = None
         self.output: bytes | None = None
+        # The event log's numbers of the action's routine transitions (QUEUED,
+        # its first RUNNING, an ending with no request or message), when it had
+        # them: the log keeps these here, not as entries (`RunLog.routine`).
+        self.queued_seq: int | None = None
+        self.running_seq: int | None = None
+        self.running_at: float | None = None
+        self.ended_seq: int | None = None
 
     def __repr__(self) -> str:
         return f"<action {self.run}/{self.name} {self.task.name} {self.phase.value}>"

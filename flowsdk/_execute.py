@@ -47,7 +47,6 @@ __all__ = ["OWN_CODE", "action_handle", "note_unobserved", "run_action", "spawn"
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
-ACTION_EVENT = EventKind.ACTION.value
 _Task = asyncio.Task
 # asyncio.current_task, without its Python frame on 3.11 (the table it reads).
 _current_task = getattr(asyncio.tasks, "_current_tasks", {}).get or asyncio.current_task
@@ -174,7 +173,7 @@ def start_child(
     runtime.actions[seq] = action
     runtime.live[name] = action
     log = runtime.log
-    log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
+    action.queued_seq = log.routine(action.started_at, name, "QUEUED")
     if log.streaming is not None:
         log.streaming.action(action_row(action))
     loop = runtime.loop
@@ -220,7 +219,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         # QUEUED -> RUNNING: legal by construction, recorded without the table check.
         action.phase = RUNNING
         log = runtime.log
-        log.append(_time(), ACTION_EVENT, action.name, "RUNNING", None, None, None, None)
+        action.running_at = at = _time()
+        action.running_seq = log.routine(at, action.name, "RUNNING")
         if log.streaming is not None:
             log.streaming.action(action_row(action))
     else:

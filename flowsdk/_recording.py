@@ -1,14 +1,19 @@
 """What a run records: its event log, and the stream of its changes to the store.
 
-The runtime calls `RunLog` on every transition; it keeps the event log (typed
-`EventRow`s, the seq being the index) and hands rows to the run's recorder: every
-action change and event when the recorder streams (SQLite), only the run's
-record otherwise (memory, which takes the final picture at the end).
+The runtime calls `RunLog` on every transition; it keeps the event log and hands
+rows to the run's recorder: every action change and event when the recorder
+streams (SQLite), only the run's record otherwise (memory, which takes the final
+picture at the end). A routine transition of an action (QUEUED, its first
+RUNNING, an ending with no request and no message), three in every action, is
+not kept as an entry: the action keeps its number and time, and `rows` rebuilds
+the entry when the log is read.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from flowsdk._action import ActionState
@@ -21,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["RunLog", "action_row"]
 
 RUNNING, SUCCEEDED = ActionPhase.RUNNING, ActionPhase.SUCCEEDED
+ACTION_EVENT = EventKind.ACTION.value
+_by_seq = attrgetter("seq")
 
 
 class RunLog:
@@ -29,7 +36,7 @@ class RunLog:
     __slots__ = ("count", "events", "keep", "recorder", "streaming")
 
     def __init__(self) -> None:
-        self.events: list[EventRow] = []
+        self.events: list[EventRow] = []  # the entries kept, but the routine ones
         self.count = 0  # every entry's number, kept or not
         # Whether entries are kept here too: always, unless the run spills (its
         # store streams every change and the run has grown past `KEEP_IN_MEMORY`).
@@ -74,6 +81,32 @@ class RunLog:
         if self.streaming is not None:
             self.streaming.event(row)
 
+    def routine(self, at: float, action: str, phase: str) -> int:
+        """Number an action's routine transition and stream it; return its number.
+
+        The caller keeps the number (and the time) on the action: `rows`
+        rebuilds the entry from them.
+        """
+        seq = self.count
+        self.count = seq + 1
+        if self.streaming is not None:
+            self.streaming.event(_routine_row(seq, at, action, phase))
+        return seq
+
+    def rows(self, actions: Iterable[ActionState]) -> list[EventRow]:
+        """Return the event log in order: the kept entries and the routine ones of `actions`."""
+        rows = list(self.events)
+        for action in actions:
+            for seq, at, phase in (
+                (action.queued_seq, action.started_at, "QUEUED"),
+                (action.running_seq, action.running_at, "RUNNING"),
+                (action.ended_seq, action.ended_at, action.phase._value_),
+            ):
+                if seq is not None and at is not None:
+                    rows.append(_routine_row(seq, at, action.name, phase))
+        rows.sort(key=_by_seq)
+        return rows
+
     def changed(self, action: ActionState) -> None:
         """Send the action's current state to the store (if it streams)."""
         if self.streaming is not None:
@@ -83,6 +116,10 @@ class RunLog:
         """Send the run's current record to the store."""
         if self.recorder is not None:
             self.recorder.run(record)
+
+
+def _routine_row(seq: int, at: float, action: str, phase: str) -> EventRow:
+    return EventRow(seq, at, ACTION_EVENT, action, phase, None, None, None, None)
 
 
 def action_row(action: ActionState) -> ActionRow:

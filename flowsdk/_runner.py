@@ -104,7 +104,7 @@ class Runner:
             loop,
             self.handler,
             actions=[action_row(root)],
-            events=list(runtime.log.events),
+            events=runtime.log.rows([root]),
             on_lost=runtime.lost,
         )
         runtime.attach(self.recorder)
@@ -221,7 +221,7 @@ def _final_records(runtime: Runtime, store: Store) -> StoredRun:
     return StoredRun(
         runtime.run_record(),
         lambda: action_records(name, (action_row(a) for a in actions)),
-        lambda: [event_from_row(e) for e in runtime.log.events],
+        lambda: [event_from_row(e) for e in runtime.log.rows(actions)],
         lambda: {a.name: (a.inputs, a.output) for a in actions},
     )
 

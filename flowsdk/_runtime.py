@@ -270,7 +270,7 @@ class Runtime:
         name = action.name
         self.actions[seq] = action
         self.live[name] = action
-        self.log.append(action.started_at, ACTION_EVENT, name, "QUEUED", None, None, None, None)
+        action.queued_seq = self.log.routine(action.started_at, name, "QUEUED")
         self.log.changed(action)
         return action
 
@@ -328,8 +328,10 @@ class Runtime:
                 now, ACTION_EVENT, action.name, phase._value_, req.cause._value_,
                 req.reason, req.by, message,
             )  # fmt: skip
-        else:
+        elif message is not None:
             log.append(now, ACTION_EVENT, action.name, phase._value_, None, None, None, message)
+        else:
+            action.ended_seq = log.routine(now, action.name, phase._value_)
         if log.streaming is not None:
             log.streaming.action(action_row(action))
         del self.live[action.name]

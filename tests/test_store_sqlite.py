@@ -32,6 +32,7 @@ from flowsdk.errors import (
 )
 from flowsdk.store import SQLiteStore
 from flowsdk.store._sqlite_schema import SCHEMA_VERSION
+from flowsdk.testing import Gate
 from tests.runners.harness import ROOT, Runner, sqlite_url, sync
 from tests.support import assert_clean
 
@@ -675,3 +676,53 @@ def test_a_control_request_never_copies_the_log_back_itself(tmp_path: Path) -> N
         assert copied_after == 0
     finally:
         filler.close()
+
+
+mixed_env = flowsdk.TaskEnvironment("mixed", retries=1, backoff=0.0)
+ATTEMPTS: list[int] = []
+
+
+@mixed_env.task
+async def flaky(i: int) -> int:
+    ATTEMPTS.append(i)
+    if ATTEMPTS.count(i) == 1:
+        raise ValueError(f"first attempt of {i}")  # retried: a RUNNING entry with a message
+    return i
+
+
+SLEEPING = Gate("sleeping")
+
+
+@mixed_env.task
+async def sleeps() -> None:
+    await SLEEPING.enter()  # held until cancelled
+
+
+@mixed_env.task
+async def mixed() -> int:
+    total = sum(await asyncio.gather(*(flaky(i) for i in range(3))))
+    sleeper = asyncio.create_task(sleeps())
+    await SLEEPING.wait_running(SLEEPING.entered + 1)  # RUNNING before it is cancelled
+    sleeper.cancel("enough")  # an ending with a request: ABORTED, cause cancelled
+    with contextlib.suppress(asyncio.CancelledError):
+        await sleeper
+    return total
+
+
+def test_routine_and_other_entries_interleave_alike_in_memory_and_in_sqlite(
+    tmp_path: Path,
+) -> None:
+    """The memory store rebuilds routine entries in their place among retries and aborts."""
+    shapes = []
+    for store in ("memory://", sqlite_url(tmp_path / "s.db")):
+        ATTEMPTS.clear()
+        run = flowsdk.run(mixed, name="mixed", store=store)
+        assert run.result() == 3
+        events = run.events
+        assert [e.seq for e in events] == list(range(len(events)))
+        shapes.append([(e.kind, e.action, e.phase, e.cause, e.reason, e.message) for e in events])
+    assert shapes[0] == shapes[1]
+    assert any(m and "retrying" in m for *_, m in shapes[0])
+    assert ("action", "a4", "ABORTED", "cancelled", "enough", None) in [
+        (k.value, *rest) for k, *rest in shapes[0]
+    ]
