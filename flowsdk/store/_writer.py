@@ -304,7 +304,9 @@ class RunWriter(Generic[C]):
             self._wake.clear()
             closing = self._closing
             if not self._flush(conn) and not closing:
-                with contextlib.suppress(StoreLockedError):
+                # Housekeeping that fails loses nothing (the changes are written
+                # already); a store in trouble fails the next write, which says so.
+                with contextlib.suppress(StoreError):
                     dialect.idle(conn)
             # Under another writer's lock the requests stay pending: next round.
             with contextlib.suppress(StoreLockedError):
