@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_console.py
 	$(BIN)/python benchmarks/bench_ray.py
 	$(BIN)/python benchmarks/bench_report.py
+	$(BIN)/python benchmarks/bench_instructions.py
 
 # One run of 1,000,000 actions in waves of 10,000 (minutes): time and memory per wave.
 bench-scale: $(STAMP)

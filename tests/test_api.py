@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import types
@@ -350,6 +351,32 @@ def test_error_and_abort_info_fields_are_the_spec_names() -> None:
         "requested_by",
         "requested_at",
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # four interpreters under callgrind, about 45 s on an idle machine
+def test_instructions_benchmark_counts_a_sequential_action() -> None:
+    """`benchmarks/bench_instructions.py --quick` measures under callgrind, or says why not."""
+    env = {k: v for k, v in os.environ.items() if k != "FLOWSDK_STORE"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_instructions.py"), "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [row] = [line for line in done.stdout.splitlines() if line.startswith("(a)")]
+    if shutil.which("valgrind") is None:
+        assert "valgrind is not installed" in row
+        return
+    cells = row.split()
+    bare, flow = (int(cells[i].replace(",", "")) for i in (-8, -6))
+    # Counted, not timed: a bare Task and an action each cost tens of thousands of
+    # instructions, and an action costs more than a bare Task.
+    assert 10_000 < bare < flow, row
 
 
 @pytest.mark.slow
