@@ -57,7 +57,7 @@ from flowsdk._records import (
 )
 from flowsdk._result import Run, run_from_stored
 from flowsdk._retry import check_retryable, retry_run
-from flowsdk._text import check_reason
+from flowsdk._text import check_reason, preview
 from flowsdk.errors import (
     ActionNotFoundError,
     FlowError,
@@ -335,8 +335,18 @@ class ControlService:
         Raises:
             InvalidStateError: the task was never recorded as a root task here,
                 or the runner failed before recording its run.
+            ValueError: a keyword is not a parameter name (an ASCII identifier), or
+                the run name is unusable; nothing was started.
         """
         self.authorize(Permission.EXECUTE)
+        for key in kwargs or {}:
+            # The runner's command line reads `key=value` only for such a key: any
+            # other would arrive as another argument, or as the wrong one (`x=y`).
+            if not (key.isascii() and key.isidentifier()):
+                raise ValueError(
+                    f"keyword argument {preview(key)} is not a parameter name (letters, digits "
+                    "and _, not starting with a digit); nothing was started"
+                )
         workdir = self.store.root_task_workdir(task)
         if workdir is None:
             raise InvalidStateError(

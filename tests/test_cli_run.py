@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import flowsdk
 from flowsdk._phases import RunPhase
 from flowsdk._records import RunRecord
+from flowsdk._text import preview
 from flowsdk.cli._arguments import parse_arguments
 from flowsdk.cli._output import UsageError
 from flowsdk.cli._signatures import Params, task_params
@@ -373,6 +375,24 @@ def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> Non
             assert time.monotonic() < deadline, "the launched run never ended"
             time.sleep(0.05)  # polling a detached process's run, bounded by the deadline
     assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
+
+
+@pytest.mark.parametrize("key", ["not a name", "x=y", '"quoted"', "1st", "caf\u00e9", ""])
+def test_a_detached_launch_refuses_a_keyword_that_is_no_parameter_name_before_starting(
+    typed_project: Path, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyword the runner's command line could not take is refused here: no process starts."""
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
+    assert proc.returncode == 0, proc.stderr
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where a runner's log would go
+    with flowsdk.Client("sqlite:///" + str(typed_project / "runs.db")) as client:
+        with pytest.raises(ValueError, match="keyword argument") as refused:
+            client.service.launch_run("typed:typed", ["a"], {key: 1}, name="L2")
+        assert [r.name for r in client.runs()] == ["first"]
+    assert preview(key) in str(refused.value)
+    assert list(logs.iterdir()) == []  # no runner was launched, so it left no log
 
 
 def test_show_action_has_its_inputs_and_output_and_the_tree_previews_them(project: Path) -> None:

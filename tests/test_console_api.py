@@ -197,6 +197,18 @@ def test_each_error_has_its_status_and_name(
     assert reply.json["message"]
 
 
+def test_a_start_with_a_keyword_that_is_no_parameter_name_is_refused_before_a_launch(
+    site: Site, ended: str
+) -> None:
+    """422 at once: no runner process starts only to fail on its own command line."""
+    task = site.call("GET", f"/api/runs/{ended}", who="viewer").json["run"]["task"]
+    body = {"task": task, "name": "never", "kwargs": {"x=y": 1}}
+    reply = site.call("POST", "/api/runs", who="executor", body=body)
+    assert (reply.status, reply.json["error"]) == (422, "ValidationError"), reply
+    assert "is not a parameter name" in reply.json["message"]
+    assert site.call("GET", "/api/runs/never", who="viewer").status == 404
+
+
 def test_a_reason_of_exactly_10000_characters_is_accepted(site: Site, ended: str) -> None:
     reply = site.call("POST", f"/api/runs/{ended}/abort", body={"reason": "x" * 10_000})
     assert reply.status == 200

@@ -275,7 +275,7 @@ async def start(request: Request, service: ControlService) -> Response:
             )
         try:
             return service.launch_run(body.task, body.args, body.kwargs, name=body.name)
-        except (ValueError, TypeError) as exc:  # an unusable run name
+        except (ValueError, TypeError) as exc:  # an unusable run name or keyword
             raise ApiError(422, "ValidationError", str(exc)) from None
         except InvalidStateError as exc:  # the runner refused the arguments
             raise ApiError(422, "ValidationError", str(exc)) from None
