@@ -99,21 +99,24 @@
     return b;
   }
 
+  // The buttons are made again only when which buttons there are changes: a page that
+  // follows a busy run renders often, and a button replaced between the press and the
+  // release of a click would lose that click. Their texts are read when clicked.
+  let buttonsShown = null;
   function runButtons() {
     const box = document.getElementById("run-buttons");
     const buttons = [];
     if (run && LIVE_PHASES.has(run.phase) && can.control()) {
-      const n = liveCount();
       buttons.push(button("Abort run", "danger", () => ask("Abort run",
-        `Abort run ${runName}: its ${n} action(s) in progress get CancelledError and end ABORTED.`,
+        `Abort run ${runName}: its ${liveCount()} action(s) in progress get CancelledError and end ABORTED.`,
         post("/abort", { action: null, group: null }))));
       if (run.phase === "RUNNING") {
         buttons.push(button("Stop and wait", "warn", () => ask("Stop and wait",
-          `Stop and wait: no new action starts; the ${n} action(s) in progress are allowed to finish, then the run ends STOPPED.`,
+          `Stop and wait: no new action starts; the ${liveCount()} action(s) in progress are allowed to finish, then the run ends STOPPED.`,
           post("/stop", { abandon: false }))));
       }
       buttons.push(button("Stop and abandon", "danger", () => ask("Stop and abandon",
-        `Stop and abandon: ${n} action(s) in progress will be ABANDONED and their cleanup not waited for.`,
+        `Stop and abandon: ${liveCount()} action(s) in progress will be ABANDONED and their cleanup not waited for.`,
         post("/stop", { abandon: true }))));
     }
     if (run && !LIVE_PHASES.has(run.phase) && run.phase !== "SUCCEEDED" && can.execute()) {
@@ -121,6 +124,9 @@
         `Retry run ${runName}: attempt ${run.attempt + 1} starts in a new process; actions that succeeded are replayed from their recorded results.`,
         post("/retry"), false)));
     }
+    const shown = buttons.map((b) => b.textContent).join("|");
+    if (shown === buttonsShown) return;
+    buttonsShown = shown;
     box.replaceChildren(...buttons);
   }
 
