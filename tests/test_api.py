@@ -353,22 +353,28 @@ def test_error_and_abort_info_fields_are_the_spec_names() -> None:
     )
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)  # four interpreters under callgrind, about 45 s on an idle machine
-def test_instructions_benchmark_counts_a_sequential_action() -> None:
-    """`benchmarks/bench_instructions.py --quick` measures under callgrind, or says why not."""
+def _quick_benchmark(script: str, *, timeout: float) -> list[str]:
+    """Run `benchmarks/<script> --quick` (no store from the environment); return its lines."""
     env = {k: v for k, v in os.environ.items() if k != "FLOWSDK_STORE"}
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_instructions.py"), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    [row] = [line for line in done.stdout.splitlines() if line.startswith("(a)")]
+    return done.stdout.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # four interpreters under callgrind, about 45 s on an idle machine
+def test_instructions_benchmark_counts_a_sequential_action() -> None:
+    """`benchmarks/bench_instructions.py --quick` measures under callgrind, or says why not."""
+    lines = _quick_benchmark("bench_instructions.py", timeout=240)
+    [row] = [line for line in lines if line.startswith("(a)")]
     if shutil.which("valgrind") is None:
         assert "valgrind is not installed" in row
         return
@@ -382,21 +388,10 @@ def test_instructions_benchmark_counts_a_sequential_action() -> None:
 @pytest.mark.slow
 def test_core_benchmark_prints_its_table() -> None:
     """SPEC 10: `benchmarks/bench_core.py --quick` runs and prints every measure."""
-    env = {k: v for k, v in os.environ.items() if k != "FLOWSDK_STORE"}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_core.py"), "--quick"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = _quick_benchmark("bench_core.py", timeout=55)
     header = next(line for line in lines if line.startswith("measure"))
     assert header.split() == ["measure", "bare", "asyncio", "flowsdk", "ratio", "target", "verdict"]
     for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"):
         rows = [line for line in lines if line.startswith(label)]
-        assert rows, f"no {label} row in:\n{done.stdout}"
+        assert rows, "no " + label + " row in:\n" + "\n".join(lines)
         assert not any("error:" in row for row in rows), "\n".join(rows)
