@@ -175,7 +175,7 @@ def start_child(
     log = runtime.log
     action.queued_seq = log.routine(action.started_at, name, "QUEUED")
     if log.streaming is not None:
-        log.streaming.action(action_row(action))
+        log.streaming.changed(action, action_row)
     loop = runtime.loop
     action.done = loop.create_future()
     action.context = context = copy_context()
@@ -222,7 +222,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         action.running_at = at = _time()
         action.running_seq = log.routine(at, action.name, "RUNNING")
         if log.streaming is not None:
-            log.streaming.action(action_row(action))
+            log.streaming.changed(action, action_row)
     else:
         runtime.set_running(action)
     try:

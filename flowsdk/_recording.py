@@ -1,8 +1,9 @@
 """What a run records: its event log, and the stream of its changes to the store.
 
 The runtime calls `RunLog` on every transition; it keeps the event log and hands
-rows to the run's recorder: every action change and event when the recorder
-streams (SQLite), only the run's record otherwise (memory, which takes the final
+the run's recorder every event and every changed action (whose row the recorder
+builds with `action_row`, when it sends it) when the recorder streams (SQLite,
+PostgreSQL), only the run's record otherwise (memory, which takes the final
 picture at the end). A routine transition of an action (QUEUED, its first
 RUNNING, an ending with no request and no message), three in every action, is
 not kept as an entry: the action keeps its number and time, and `rows` rebuilds
@@ -90,7 +91,7 @@ class RunLog:
         seq = self.count
         self.count = seq + 1
         if self.streaming is not None:
-            self.streaming.event(_routine_row(seq, at, action, phase))
+            self.streaming.routine(seq, at, action, phase)
         return seq
 
     def rows(self, actions: Iterable[ActionState]) -> list[EventRow]:
@@ -108,9 +109,9 @@ class RunLog:
         return rows
 
     def changed(self, action: ActionState) -> None:
-        """Send the action's current state to the store (if it streams)."""
+        """Tell the store that the action changed (if it streams)."""
         if self.streaming is not None:
-            self.streaming.action(action_row(action))
+            self.streaming.changed(action, action_row)
 
     def run(self, record: RunRecord) -> None:
         """Send the run's current record to the store."""
@@ -122,26 +123,35 @@ def _routine_row(seq: int, at: float, action: str, phase: str) -> EventRow:
     return EventRow(seq, at, ACTION_EVENT, action, phase, None, None, None, None)
 
 
+# An action's changing fields, read in one C call: no other thread's Python code
+# runs in between, so a row built on another thread (the store's writer, while
+# the loop is blocked) is a state the action was in. A terminal phase is set
+# after everything else an ending records, so a terminal row is complete.
+_STATE = attrgetter(
+    "phase", "attempt", "ended_at", "error", "req", "cleanup_incomplete", "replayed", "output"
+)
+
+
 def action_row(action: ActionState) -> ActionRow:
-    """Return the action's state as a row."""
-    error = action.error
-    req = action.req
+    """Return the action's state as a row (from any thread: see `_STATE`)."""
+    phase, attempt, ended_at, error, req, cleanup_incomplete, replayed, output = _STATE(action)
     # A request is recorded once it stopped the action: `abort` is null otherwise.
-    if req is not None and action.phase is not RUNNING and action.phase is not SUCCEEDED:
+    if req is not None and phase is not RUNNING and phase is not SUCCEEDED:
         reason, cause, by, at = req.reason, req.cause.value, req.by, req.at
     else:
         reason, cause, by, at = None, None, None, None
     parent = action.parent
+    task = action.task
     return ActionRow(
         action.name,
         action.seq,
         parent.name if parent is not None else None,
-        action.task.name,
+        task.name,
         action.group,
-        action.phase._value_,  # not `.value`: a Python-level property on 3.11
-        action.attempt,
+        phase._value_,  # not `.value`: a Python-level property on 3.11
+        attempt,
         action.started_at,
-        action.ended_at,
+        ended_at,
         error[0] if error else None,
         error[1] if error else None,
         error[2] if error else None,
@@ -149,10 +159,10 @@ def action_row(action: ActionState) -> ActionRow:
         cause,
         by,
         at,
-        action.cleanup_incomplete,
+        cleanup_incomplete,
         action.key,
-        action.replayed,
+        replayed,
         action.inputs,
-        action.output,
-        action.task.options.runner.name,
+        output,
+        task.options.runner.name,
     )

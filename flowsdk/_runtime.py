@@ -333,7 +333,7 @@ class Runtime:
         else:
             action.ended_seq = log.routine(now, action.name, phase._value_)
         if log.streaming is not None:
-            log.streaming.action(action_row(action))
+            log.streaming.changed(action, action_row)
         del self.live[action.name]
         # The action's inputs are not needed any more; drop them early so a long
         # run does not hold every argument it ever passed.

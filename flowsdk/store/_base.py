@@ -125,8 +125,19 @@ class RunRecorder(Protocol):
     streams: bool
     """Whether it wants every action and event as it happens (else only the end)."""
 
-    def action(self, row: ActionRow) -> None:
-        """Record an action's current state."""
+    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
+        """Record that an action changed: its current state is `row(action)`.
+
+        A streaming recorder may build the row later, on the event loop, so
+        that an action that changes several times in a moment is sent once;
+        it sends it before any later event, run change or control reply.
+        """
+
+    def routine(self, seq: int, at: float, action: str, phase: str) -> None:
+        """Append a routine `ACTION` event (no cause, reason, by or message).
+
+        Sent with (after) the rows of the actions that changed before it.
+        """
 
     def event(self, row: EventRow) -> None:
         """Append one event."""

@@ -7,6 +7,7 @@ import collections
 import difflib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -307,8 +308,11 @@ class _MemoryRecorder:
         self.channel = channel
         self._reports: list[ProgressRow] | None = None
 
-    def action(self, row: ActionRow) -> None:
+    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
         """Not used: `streams` is false (the runner's own lists are the record)."""
+
+    def routine(self, seq: int, at: float, action: str, phase: str) -> None:
+        """Not used: `streams` is false."""
 
     def event(self, row: EventRow) -> None:
         """Not used: `streams` is false."""

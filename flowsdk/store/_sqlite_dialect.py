@@ -111,19 +111,24 @@ def _write_actions(
 
 
 def _write_events(
-    conn: sqlite3.Connection, name: str, attempt: int, rows: Iterable[EventRow]
+    conn: sqlite3.Connection,
+    name: str,
+    attempt: int,
+    rows: Iterable[EventRow],
+    routine: list[tuple[Any, ...]],
 ) -> None:
     head = (name, attempt)
-    routine: list[tuple[Any, ...]] = []
+    plain: list[tuple[Any, ...]] = []  # events of other kinds with nothing after their phase
     other: list[tuple[Any, ...]] = []
     for row in rows:
         values = astuple(row)
         if values[5:] == _ROUTINE:
-            routine.append(values[:5])
+            plain.append(values[:5])
         else:
             other.append(values)
-    if routine:
-        _insert_rows(conn, _INSERT_ROUTINE, head, routine)
+    for short in (routine, plain):
+        if short:
+            _insert_rows(conn, _INSERT_ROUTINE, head, short)
     if other:
         _insert_rows(conn, _INSERT_EVENT, head, other)
 
@@ -198,7 +203,7 @@ class SQLiteDialect:
                 ),
             )
             _write_actions(conn, name, attempt, actions)
-            _write_events(conn, name, attempt, events)
+            _write_events(conn, name, attempt, events, [])
 
         try:
             self._transaction(conn, body)
@@ -228,8 +233,8 @@ class SQLiteDialect:
             self._check_not_lost(conn, name, attempt)
             if batch.actions:
                 _write_actions(conn, name, attempt, batch.actions.values())
-            if batch.events:
-                _write_events(conn, name, attempt, batch.events)
+            if batch.events or batch.routine:
+                _write_events(conn, name, attempt, batch.events, batch.routine)
             SQLITE_TRACE.write(conn.executemany, name, attempt, batch.progress, batch.logs)
             run = batch.run
             if run is not None:

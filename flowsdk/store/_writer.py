@@ -6,13 +6,15 @@ store writes only its own. The thread owns one connection. It writes the
 run's changes in batched transactions (at most `MAX_BATCH` changes each),
 keeps the runner's heartbeat, hands control requests to the run's loop and
 writes their replies, and holds new actions back when it falls far behind
-(`HIGH_WATER`). The event loop only ever appends to a deque.
+(`HIGH_WATER`). The event loop only ever appends to a deque, or to what it holds.
+
+Action changes and events are held on the loop and handed over once a round
+(`HeldChanges`, in `_held`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -37,6 +39,10 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
 from flowsdk.store._base import RequestHandler, StoredRun
+from flowsdk.store._held import ACTION as _ACTION
+from flowsdk.store._held import EVENT as _EVENT
+from flowsdk.store._held import LOOP_BLOCKED_WARNING, HeldChanges
+from flowsdk.store._held import ROUTINE as _ROUTINE
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunLost", "RunWriter"]
 
@@ -49,7 +55,6 @@ MAX_BATCH = 4000  # changes written per transaction, at most
 # (memory, and the delay before a control request is answered).
 HIGH_WATER = 20_000
 LOW_WATER = 5_000
-LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
 
 C = TypeVar("C")
 
@@ -57,7 +62,7 @@ _request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _reply_encoder = msgspec.msgpack.Encoder()
 
 # What the loop appends to the writer's deque: (kind, payload).
-_ACTION, _EVENT, _RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(8)
+_RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(3, 9)
 
 
 class RunLost(StoreError):
@@ -73,10 +78,12 @@ class RunLost(StoreError):
 class Batch:
     """The changes one transaction writes, grouped by table, in order."""
 
-    __slots__ = ("actions", "cached", "events", "logs", "progress", "replies", "run")
+    __slots__ = ("actions", "cached", "events", "logs", "progress", "replies", "routine", "run")
 
     def __init__(self) -> None:
         self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
+        # Routine events, as the values of an `EventRow`'s first five fields.
+        self.routine: list[tuple[int, float, str, str, str]] = []
         self.events: list[EventRow] = []
         self.progress: list[ProgressRow] = []
         self.logs: list[LogRow] = []
@@ -141,7 +148,7 @@ class Dialect(Protocol[C]):
         """A round found nothing to write: the store's housekeeping, while nobody waits."""
 
 
-class RunWriter(Generic[C]):
+class RunWriter(HeldChanges, Generic[C]):
     """The thread that writes one live run through a `Dialect` and carries its requests."""
 
     streams = True
@@ -170,9 +177,8 @@ class RunWriter(Generic[C]):
         self._final_deadline: float | None = None
         self._lock_warned_at = 0.0
         self._record = record
-        self._loop = loop
         self._handler = handler
-        self._ops: collections.deque[tuple[int, Any]] = collections.deque()
+        super().__init__(loop)
         self._wake = threading.Event()
         self._closing = False
         self._error: BaseException | None = None
@@ -190,14 +196,6 @@ class RunWriter(Generic[C]):
         self._thread.start()
 
     # Called on the event loop: only appends to a deque (thread-safe, never blocks).
-    def action(self, row: ActionRow) -> None:
-        """Record an action's state row."""
-        self._ops.append((_ACTION, row))
-
-    def event(self, row: EventRow) -> None:
-        """Append an event row."""
-        self._ops.append((_EVENT, row))
-
     def progress(self, row: ProgressRow) -> None:
         """Record one progress report (written with the next batch)."""
         self._ops.append((_PROGRESS, row))
@@ -208,6 +206,7 @@ class RunWriter(Generic[C]):
 
     def run(self, record: RunRecord) -> None:
         """Record the run's state; written promptly."""
+        self._send_held()
         self._ops.append((_RUN, record))
         self._wake.set()
 
@@ -216,10 +215,11 @@ class RunWriter(Generic[C]):
 
     def congested(self) -> bool:
         """Whether the writer is far behind the run (see `HIGH_WATER`)."""
-        return len(self._ops) > HIGH_WATER
+        return len(self._ops) + len(self._held_events) > HIGH_WATER
 
     async def relieved(self) -> None:
         """Wait until the writer is back under `LOW_WATER` unwritten changes."""
+        self._send_held()
         fut: asyncio.Future[None] = self._loop.create_future()
         self._relief.append(fut)
         self._wake.set()
@@ -243,6 +243,7 @@ class RunWriter(Generic[C]):
 
     async def close(self) -> None:
         """Flush everything, stop the thread; raise `StoreError` if a write failed."""
+        self._send_held()
         self._closing = True
         self._wake.set()
         await asyncio.shield(self._finished)
@@ -302,6 +303,7 @@ class RunWriter(Generic[C]):
             self._waiting_since = None
             self._check_scheduled(began, cpu)
             self._wake.clear()
+            self._ask_for_held()
             closing = self._closing
             if not self._flush(conn) and not closing:
                 # Housekeeping that fails loses nothing (the changes are written
@@ -420,6 +422,8 @@ class RunWriter(Generic[C]):
         for kind, payload in taken:
             if kind == _ACTION:
                 batch.actions[payload.name] = payload
+            elif kind == _ROUTINE:
+                batch.routine.append(payload)
             elif kind == _EVENT:
                 batch.events.append(payload)
             elif kind == _PROGRESS:
@@ -540,6 +544,7 @@ class RunWriter(Generic[C]):
         except Exception as exc:  # a bug must not kill the run; answer the request instead
             logger.exception("run %s: applying %r failed", self._record.name, request)
             reply = _refused(f"the runner could not apply the request: {exc}")
+        self._send_held()  # what the request changed is written no later than the reply
         self._reply(request_id, reply)
 
     def _reply(self, request_id: int, reply: ControlReply) -> None:

@@ -1,0 +1,109 @@
+"""What a run's loop holds back from its store's writer thread, and hands over once a round.
+
+An action that changed is not turned into a row at once: the loop notes it
+and holds the run's events, and builds one row of each changed action's
+latest state when the writer asks for them (once a round) or before it sends
+the run's record or a reply. An action that is queued, runs and ends within
+a round, as most sequential calls do, costs one row instead of three. The
+held events go out right after the rows, in order, so a reader that follows
+the events by cursor never sees an event before the row of the action it
+names. A change is written within two rounds.
+
+A loop that has not answered for `LOOP_BLOCKED_WARNING` is blocked (a body
+that computes without awaiting, or a very long step): the writer then builds
+the held rows itself, once, and takes the events held before them, so that
+the store still shows what the run did before the block (the body that
+blocks shows RUNNING). The loop sends those rows again when it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flowsdk._records import ActionRow, EventKind, EventRow
+
+__all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE", "HeldChanges"]
+
+# The kinds of the writer's first operations (the others are the writer's own).
+ACTION, ROUTINE, EVENT = range(3)
+LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
+_ACTION_EVENT = EventKind.ACTION.value
+
+
+class HeldChanges:
+    """The loop's side of a run's writer: its operations, and what it holds back."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ops: collections.deque[tuple[int, Any]] = collections.deque()
+        self._held: dict[Any, Callable[[Any], ActionRow]] = {}
+        # As operations: (ROUTINE or EVENT, entry). Taken, by the loop or by the
+        # writer, under `_held_lock`; appended to without it (on the loop).
+        self._held_events: collections.deque[tuple[int, Any]] = collections.deque()
+        self._held_lock = threading.Lock()
+        # When the writer asked the loop for them, and whether it then built their
+        # rows itself (both reset on the loop, when it sends them).
+        self._held_asked: float | None = None
+        self._held_copied = False
+
+    # -- on the loop ----------------------------------------------------------------
+
+    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
+        """Note that an action changed; its row is built when the held changes are sent.
+
+        `row(action)` must read the action in one step (no other thread's
+        Python code in between): the writer calls it while the loop is blocked.
+        """
+        self._held[action] = row
+
+    def routine(self, seq: int, at: float, action: str, phase: str) -> None:
+        """Append a routine event; sent after the held rows."""
+        self._held_events.append((ROUTINE, (seq, at, _ACTION_EVENT, action, phase)))
+
+    def event(self, row: EventRow) -> None:
+        """Append an event row; sent after the held rows."""
+        self._held_events.append((EVENT, row))
+
+    def _send_held(self) -> None:
+        """Build the rows of the actions that changed; queue them, then the events held."""
+        with self._held_lock:
+            self._held_asked = None
+            self._held_copied = False
+            ops = self._ops
+            held = self._held
+            if held:
+                self._held = {}
+                for action, row in held.items():
+                    ops.append((ACTION, row(action)))
+            events = self._held_events
+            if events:
+                ops.extend(events)  # on the loop: nothing appends meanwhile
+                events.clear()
+
+    # -- on the writer's thread ---------------------------------------------------------
+
+    def _ask_for_held(self) -> None:
+        """Have the loop send what it holds (written next round); if it is blocked, send it."""
+        if not (self._held or self._held_events):
+            return
+        asked = self._held_asked
+        if asked is None:
+            self._held_asked = time.monotonic()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is held
+                self._loop.call_soon_threadsafe(self._send_held)
+        elif not self._held_copied and time.monotonic() - asked >= LOOP_BLOCKED_WARNING:
+            with self._held_lock:
+                self._held_copied = True
+                events = self._held_events
+                count = len(events)  # the events held before the rows are read
+                ops = self._ops
+                for action, row in list(self._held.items()):  # one C call: a copy as of now
+                    ops.append((ACTION, row(action)))
+                for _ in range(count):
+                    ops.append(events.popleft())

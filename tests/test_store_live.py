@@ -1,0 +1,176 @@
+"""What a streaming store shows while a run goes on.
+
+The run's loop holds an action's changes and builds one row of its latest
+state at the writer's next round (see `flowsdk.store._writer`). These tests
+pin what that must never cost a reader: a row older than an event that names
+it, events out of order, or a loop that blocks hiding what the run did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import flowsdk
+from flowsdk import ActionPhase, EventKind
+from flowsdk.errors import RunNotFoundError
+from flowsdk.store import open_store
+from tests.runners.harness import sqlite_url
+from tests.support import assert_clean
+
+env = flowsdk.TaskEnvironment("store_live_tests")
+
+# How far along an action is, by phase: a row may be ahead of an event, never behind.
+RANK = {"QUEUED": 0, "RUNNING": 1, "STOPPING": 2}
+
+
+@env.task
+async def leaf(i: int) -> int:
+    await asyncio.sleep(0)
+    return i
+
+
+@env.task
+async def sleeper() -> None:
+    await asyncio.sleep(3600)
+
+
+@env.task
+async def busy(n: int) -> int:
+    """Sequential calls, a fan-out, then cancellations with a reason (not routine events)."""
+    total = 0
+    for i in range(n):
+        total += await leaf(i)
+    total += sum(await asyncio.gather(*(leaf(i) for i in range(n))))
+    for _ in range(5):
+        sleepers = [asyncio.create_task(sleeper()) for _ in range(20)]
+        await asyncio.sleep(0.02)  # created, started: then cancelled in one step
+        for t in sleepers:
+            t.cancel("enough")
+        await asyncio.gather(*sleepers, return_exceptions=True)
+    return total
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new store: a SQLite file, or a PostgreSQL database."""
+    if request.param == "postgresql":
+        pg: str = request.getfixturevalue("pg_url")
+        return pg
+    return sqlite_url(tmp_path / "s.db")
+
+
+def test_a_reader_never_sees_an_event_before_its_actions_row_nor_events_out_of_order(
+    url: str,
+) -> None:
+    """Follow a live run as the console does: events by cursor, then the actions they name."""
+    n = 400
+    problems: list[str] = []
+    seen: list[int] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        store = open_store(url)
+        try:
+            cursor = -1
+            deadline = time.monotonic() + 50
+            while time.monotonic() < deadline:
+                finished = done.is_set()  # read before the last poll: nothing is missed
+                with contextlib.suppress(RunNotFoundError):
+                    events = store.events_since("live", cursor, attempt=1)
+                    seqs = [e.seq for e in events]
+                    if seqs != list(range(cursor + 1, cursor + 1 + len(seqs))):
+                        problems.append(f"after {cursor}: {seqs[:5]}...")
+                    if events:
+                        cursor = seqs[-1]
+                        seen.extend(seqs)
+                        named = {
+                            e.action: e.phase
+                            for e in events
+                            if e.kind is EventKind.ACTION and e.action and e.phase
+                        }
+                        for record in store.load_actions("live", 1, list(named)):
+                            want = named[record.name]
+                            if RANK.get(record.phase.value, 3) < RANK.get(want, 3):
+                                problems.append(f"{record.name}: row {record.phase} event {want}")
+                if finished:
+                    return
+                time.sleep(0.005)  # polls the store, as the console does, until the deadline
+            problems.append("the run did not end in time")
+        finally:
+            store.close()
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    try:
+        run = flowsdk.run(busy, n, name="live", store=url)
+    finally:
+        done.set()
+        reader.join(60)
+    assert run.result() == 2 * sum(range(n))
+    assert problems == []
+    assert seen == list(range(len(run.events)))
+    assert_clean(run)
+
+
+def store_phase(path: Path, sql: str, *params: object) -> str | None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        row = conn.execute(sql, params).fetchone()
+    return None if row is None else str(row[0])
+
+
+@env.task
+async def blocker(path: str) -> list[str]:
+    """Start a child, then block the loop until the store shows the child and this body."""
+    child = asyncio.create_task(sleeper())
+    await asyncio.sleep(0)  # the child's handle step: it is created QUEUED
+    me = flowsdk.current_action()
+    wanted = {
+        "this body RUNNING": (
+            "SELECT phase FROM actions WHERE run = ? AND name = ?",
+            me.run,
+            me.name,
+            "RUNNING",
+        ),
+        "its child QUEUED": (
+            "SELECT phase FROM actions WHERE run = ? AND parent = ?",
+            me.run,
+            me.name,
+            "QUEUED",
+        ),
+        "its RUNNING event": (
+            "SELECT phase FROM events WHERE run = ? AND action = ? AND phase = 'RUNNING'",
+            me.run,
+            me.name,
+            "RUNNING",
+        ),
+    }
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while wanted and time.monotonic() < deadline:
+        for what, (sql, run, name, phase) in list(wanted.items()):
+            if store_phase(Path(path), sql, run, name) == phase:
+                seen.append(what)
+                del wanted[what]
+        time.sleep(0.01)  # noqa: ASYNC251 - blocks the loop on purpose, until the deadline
+    child.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await child
+    return seen
+
+
+def test_a_body_that_blocks_the_loop_is_shown_running_with_what_it_started(
+    tmp_path: Path,
+) -> None:
+    """While the loop is blocked, the writer records what the run did before the block."""
+    path = tmp_path / "s.db"
+    run = flowsdk.run(blocker, str(path), name="blocked", store=sqlite_url(path))
+    assert sorted(run.result()) == ["its RUNNING event", "its child QUEUED", "this body RUNNING"]
+    assert [a.phase for a in run.actions] == [ActionPhase.SUCCEEDED, ActionPhase.ABORTED]
+    assert_clean(run)
