@@ -28,7 +28,7 @@ from flowsdk._outcome import absorbs, outcome
 from flowsdk._payload import IMMUTABLE as _IMMUTABLE
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
-from flowsdk._recording import action_row
+from flowsdk._recording import ACTION_ROWS
 from flowsdk._records import EventKind
 from flowsdk.errors import (
     ActionAbortedError,
@@ -175,7 +175,7 @@ def start_child(
     log = runtime.log
     action.queued_seq = log.routine(action.started_at, name, "QUEUED")
     if log.streaming is not None:
-        log.streaming.changed(action, action_row)
+        log.streaming.changed(action, ACTION_ROWS)
     loop = runtime.loop
     action.done = loop.create_future()
     action.context = context = copy_context()
@@ -222,7 +222,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         action.running_at = at = _time()
         action.running_seq = log.routine(at, action.name, "RUNNING")
         if log.streaming is not None:
-            log.streaming.changed(action, action_row)
+            log.streaming.changed(action, ACTION_ROWS)
     else:
         runtime.set_running(action)
     try:

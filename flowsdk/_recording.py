@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from flowsdk._action import ActionState
 from flowsdk._phases import ActionPhase
@@ -24,7 +24,7 @@ from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
 if TYPE_CHECKING:
     from flowsdk.store import RunRecorder
 
-__all__ = ["RunLog", "action_row"]
+__all__ = ["ACTION_ROWS", "RunLog", "action_row"]
 
 RUNNING, SUCCEEDED = ActionPhase.RUNNING, ActionPhase.SUCCEEDED
 ACTION_EVENT = EventKind.ACTION.value
@@ -111,7 +111,7 @@ class RunLog:
     def changed(self, action: ActionState) -> None:
         """Tell the store that the action changed (if it streams)."""
         if self.streaming is not None:
-            self.streaming.changed(action, action_row)
+            self.streaming.changed(action, ACTION_ROWS)
 
     def run(self, record: RunRecord) -> None:
         """Send the run's current record to the store."""
@@ -123,18 +123,11 @@ def _routine_row(seq: int, at: float, action: str, phase: str) -> EventRow:
     return EventRow(seq, at, ACTION_EVENT, action, phase, None, None, None, None)
 
 
-# An action's changing fields, read in one C call: no other thread's Python code
-# runs in between, so a row built on another thread (the store's writer, while
-# the loop is blocked) is a state the action was in. A terminal phase is set
-# after everything else an ending records, so a terminal row is complete.
-_STATE = attrgetter(
-    "phase", "attempt", "ended_at", "error", "req", "cleanup_incomplete", "replayed", "output"
-)
-
-
 def action_row(action: ActionState) -> ActionRow:
-    """Return the action's state as a row (from any thread: see `_STATE`)."""
-    phase, attempt, ended_at, error, req, cleanup_incomplete, replayed, output = _STATE(action)
+    """Return the action's state as a row (on the loop; see `ACTION_ROWS` for other threads)."""
+    error = action.error
+    req = action.req
+    phase = action.phase
     # A request is recorded once it stopped the action: `abort` is null otherwise.
     if req is not None and phase is not RUNNING and phase is not SUCCEEDED:
         reason, cause, by, at = req.reason, req.cause.value, req.by, req.at
@@ -149,9 +142,9 @@ def action_row(action: ActionState) -> ActionRow:
         task.name,
         action.group,
         phase._value_,  # not `.value`: a Python-level property on 3.11
-        attempt,
+        action.attempt,
         action.started_at,
-        ended_at,
+        action.ended_at,
         error[0] if error else None,
         error[1] if error else None,
         error[2] if error else None,
@@ -159,10 +152,48 @@ def action_row(action: ActionState) -> ActionRow:
         cause,
         by,
         at,
-        cleanup_incomplete,
+        action.cleanup_incomplete,
         action.key,
-        replayed,
+        action.replayed,
         action.inputs,
-        output,
+        action.output,
         task.options.runner.name,
     )
+
+
+# What `action_row` reads of an action.
+_ROW_FIELDS = (
+    "name", "seq", "parent", "task", "group", "phase", "attempt", "started_at", "ended_at",
+    "error", "req", "cleanup_incomplete", "key", "replayed", "inputs", "output",
+)  # fmt: skip
+_read_row_fields = attrgetter(*_ROW_FIELDS)
+
+
+class _Copy:
+    """The fields `action_row` reads, as one action had them at one instant."""
+
+    __slots__ = _ROW_FIELDS
+
+
+class _ActionRows:
+    """How a streaming recorder builds an action's row (`store.RowBuilder`)."""
+
+    __slots__ = ()
+
+    build = staticmethod(action_row)
+
+    @staticmethod
+    def build_at_once(action: ActionState) -> ActionRow:
+        """The row, from any thread: the action's fields are read in one C call.
+
+        No other thread's Python code runs during that call, so the row is a
+        state the action was in; every ending sets the terminal phase after
+        what it records, so a terminal row is complete.
+        """
+        copy = _Copy()
+        for field, value in zip(_ROW_FIELDS, _read_row_fields(action), strict=True):
+            setattr(copy, field, value)
+        return action_row(cast(ActionState, copy))
+
+
+ACTION_ROWS = _ActionRows()

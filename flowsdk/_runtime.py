@@ -41,7 +41,7 @@ from flowsdk._payload import (
 )
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase, check_action_transition
 from flowsdk._phases import check_run_transition as _check_run
-from flowsdk._recording import RunLog, action_row
+from flowsdk._recording import ACTION_ROWS, RunLog
 from flowsdk._records import (
     EventKind,
     RunRecord,
@@ -333,7 +333,7 @@ class Runtime:
         else:
             action.ended_seq = log.routine(now, action.name, phase._value_)
         if log.streaming is not None:
-            log.streaming.changed(action, action_row)
+            log.streaming.changed(action, ACTION_ROWS)
         del self.live[action.name]
         # The action's inputs are not needed any more; drop them early so a long
         # run does not hold every argument it ever passed.

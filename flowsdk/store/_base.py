@@ -46,6 +46,7 @@ __all__ = [
     "ControlChannel",
     "InProcessChannel",
     "RequestHandler",
+    "RowBuilder",
     "RunReader",
     "RunRecorder",
     "RunState",
@@ -119,14 +120,24 @@ class RunState:
 RequestHandler = Callable[[ControlRequest], ControlResult]
 
 
+class RowBuilder(Protocol):
+    """How a recorder turns a changed action into its row."""
+
+    def build(self, action: Any) -> ActionRow:
+        """The action's row, on the run's event loop."""
+
+    def build_at_once(self, action: Any) -> ActionRow:
+        """The action's row from any thread, read as the action was at one instant."""
+
+
 class RunRecorder(Protocol):
     """Receives every change of one live run, in order; never blocks the event loop."""
 
     streams: bool
     """Whether it wants every action and event as it happens (else only the end)."""
 
-    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
-        """Record that an action changed: its current state is `row(action)`.
+    def changed(self, action: Any, rows: RowBuilder) -> None:
+        """Record that an action changed: its current state is `rows.build(action)`.
 
         A streaming recorder may build the row later, on the event loop, so
         that an action that changes several times in a moment is sent once;

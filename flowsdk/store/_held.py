@@ -13,7 +13,8 @@ A loop that has not answered for `LOOP_BLOCKED_WARNING` is blocked (a body
 that computes without awaiting, or a very long step): the writer then builds
 the held rows itself, once, and takes the events held before them, so that
 the store still shows what the run did before the block (the body that
-blocks shows RUNNING). The loop sends those rows again when it runs.
+blocks shows RUNNING); it reads each action in one step
+(`RowBuilder.build_at_once`). The loop sends those rows again when it runs.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from flowsdk._records import ActionRow, EventKind, EventRow
+from flowsdk._records import EventRow
+from flowsdk.store._base import RowBuilder
 
 __all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE", "HeldChanges"]
 
 # The kinds of the writer's first operations (the others are the writer's own).
 ACTION, ROUTINE, EVENT = range(3)
 LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
-_ACTION_EVENT = EventKind.ACTION.value
 
 
 class HeldChanges:
@@ -42,7 +42,7 @@ class HeldChanges:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._ops: collections.deque[tuple[int, Any]] = collections.deque()
-        self._held: dict[Any, Callable[[Any], ActionRow]] = {}
+        self._held: dict[Any, RowBuilder] = {}
         # As operations: (ROUTINE or EVENT, entry). Taken, by the loop or by the
         # writer, under `_held_lock`; appended to without it (on the loop).
         self._held_events: collections.deque[tuple[int, Any]] = collections.deque()
@@ -54,17 +54,13 @@ class HeldChanges:
 
     # -- on the loop ----------------------------------------------------------------
 
-    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
-        """Note that an action changed; its row is built when the held changes are sent.
-
-        `row(action)` must read the action in one step (no other thread's
-        Python code in between): the writer calls it while the loop is blocked.
-        """
-        self._held[action] = row
+    def changed(self, action: Any, rows: RowBuilder) -> None:
+        """Note that an action changed; its row is built when the held changes are sent."""
+        self._held[action] = rows
 
     def routine(self, seq: int, at: float, action: str, phase: str) -> None:
         """Append a routine event; sent after the held rows."""
-        self._held_events.append((ROUTINE, (seq, at, _ACTION_EVENT, action, phase)))
+        self._held_events.append((ROUTINE, (seq, at, action, phase)))
 
     def event(self, row: EventRow) -> None:
         """Append an event row; sent after the held rows."""
@@ -79,8 +75,8 @@ class HeldChanges:
             held = self._held
             if held:
                 self._held = {}
-                for action, row in held.items():
-                    ops.append((ACTION, row(action)))
+                for action, rows in held.items():
+                    ops.append((ACTION, rows.build(action)))
             events = self._held_events
             if events:
                 ops.extend(events)  # on the loop: nothing appends meanwhile
@@ -103,7 +99,7 @@ class HeldChanges:
                 events = self._held_events
                 count = len(events)  # the events held before the rows are read
                 ops = self._ops
-                for action, row in list(self._held.items()):  # one C call: a copy as of now
-                    ops.append((ACTION, row(action)))
+                for action, rows in list(self._held.items()):  # one C call: a copy as of now
+                    ops.append((ACTION, rows.build_at_once(action)))
                 for _ in range(count):
                     ops.append(events.popleft())

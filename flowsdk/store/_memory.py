@@ -37,6 +37,7 @@ from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunExistsErro
 from flowsdk.store._base import (
     InProcessChannel,
     RequestHandler,
+    RowBuilder,
     RunRecorder,
     RunState,
     StoredRun,
@@ -308,7 +309,7 @@ class _MemoryRecorder:
         self.channel = channel
         self._reports: list[ProgressRow] | None = None
 
-    def changed(self, action: Any, row: Callable[[Any], ActionRow]) -> None:
+    def changed(self, action: Any, rows: RowBuilder) -> None:
         """Not used: `streams` is false (the runner's own lists are the record)."""
 
     def routine(self, seq: int, at: float, action: str, phase: str) -> None:

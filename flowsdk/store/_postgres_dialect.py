@@ -25,7 +25,7 @@ from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
 from flowsdk._liveness import Owner, host_identity, process_start
-from flowsdk._records import EVENT_FIELDS, ActionRow, EventRow, RunRecord
+from flowsdk._records import EVENT_FIELDS, ActionRow, EventKind, EventRow, RunRecord
 from flowsdk.errors import RunExistsError, StoreError
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
@@ -51,6 +51,7 @@ logger = logging.getLogger("flowsdk")
 
 SAFETY_POLL = 1.0  # seconds between request checks when no notification came
 _NO_DETAIL = (None,) * (len(EVENT_FIELDS) - 5)  # a routine event's cause, reason, by, message
+_ACTION = EventKind.ACTION.value
 T = TypeVar("T")
 
 
@@ -223,7 +224,10 @@ class PostgresDialect:
         actions = [(name, attempt, *astuple(r)) for r in batch.actions.values()]
         events = [(name, attempt, *astuple(e)) for e in batch.events]
         if batch.routine:
-            events += [(name, attempt, *entry, *_NO_DETAIL) for entry in batch.routine]
+            events += [
+                (name, attempt, seq, at, _ACTION, action, phase, *_NO_DETAIL)
+                for seq, at, action, phase in batch.routine
+            ]
         run = batch.run
         stop = run.stop if run is not None else None
         run_row = (

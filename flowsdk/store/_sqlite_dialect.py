@@ -19,7 +19,7 @@ import msgspec
 from msgspec.structs import astuple
 
 from flowsdk._liveness import this_process
-from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
+from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventKind, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
 from flowsdk.store._rows import ACTION_COLUMN_NAMES
 from flowsdk.store._sqlite_schema import INSERT_EVENT, rollback, translate, ts
@@ -43,6 +43,8 @@ for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
 # default, which is what the row holds: NULL, or 0 for a flag that is False.
 _ROUTINE = (None,) * (len(EVENT_FIELDS) - 5)  # an event with no cause, reason, by or message
 _INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])})"
+# An action's routine events (seq, at, action, phase): their kind is written by the statement.
+_ACTION_ROUTINE = f"column1, column2, '{EventKind.ACTION.value}', column3, column4"
 _INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)})"
 _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
@@ -60,23 +62,30 @@ MAX_PARAMETERS = 999
 # copy costs about 0.05 ms a page, with SQLite's own threshold at 1,000 pages
 # (and whichever commit crosses it, a control request's included, pays for it).
 CHECKPOINT_EVERY = 0.25
-_statements: dict[tuple[str, int], str] = {}
+_statements: dict[tuple[str, str, int], str] = {}
 
 
 def _insert_rows(
-    conn: sqlite3.Connection, insert: str, head: tuple[Any, ...], rows: list[tuple[Any, ...]]
+    conn: sqlite3.Connection,
+    insert: str,
+    head: tuple[Any, ...],
+    rows: list[tuple[Any, ...]],
+    select: str = "*",
 ) -> None:
-    """Run `insert` (`INSERT ... (run, run_attempt, ...)`) for every row, `head` bound once."""
+    """Run `insert` (`INSERT ... (run, run_attempt, ...)`) for every row, `head` bound once.
+
+    `select` picks the inserted values from a row's (`column1`, `column2`, ...).
+    """
     width = len(rows[0])
     most = 1 << ((MAX_PARAMETERS - 2) // width).bit_length() - 1
     start, left = 0, len(rows)
     while left:
         n = most if left >= most else 1 << left.bit_length() - 1
-        statement = _statements.get((insert, n))
+        statement = _statements.get((insert, select, n))
         if statement is None:
             one = f"({', '.join('?' * width)})"
-            statement = _statements[insert, n] = (
-                insert + " SELECT ?1, ?2, * FROM (VALUES " + ", ".join([one] * n) + ")"
+            statement = _statements[insert, select, n] = (
+                f"{insert} SELECT ?1, ?2, {select} FROM (VALUES " + ", ".join([one] * n) + ")"
             )
         conn.execute(statement, [*head, *chain.from_iterable(rows[start : start + n])])
         start += n
@@ -126,9 +135,10 @@ def _write_events(
             plain.append(values[:5])
         else:
             other.append(values)
-    for short in (routine, plain):
-        if short:
-            _insert_rows(conn, _INSERT_ROUTINE, head, short)
+    if routine:
+        _insert_rows(conn, _INSERT_ROUTINE, head, routine, _ACTION_ROUTINE)
+    if plain:
+        _insert_rows(conn, _INSERT_ROUTINE, head, plain)
     if other:
         _insert_rows(conn, _INSERT_EVENT, head, other)
 

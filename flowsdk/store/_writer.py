@@ -82,8 +82,9 @@ class Batch:
 
     def __init__(self) -> None:
         self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
-        # Routine events, as the values of an `EventRow`'s first five fields.
-        self.routine: list[tuple[int, float, str, str, str]] = []
+        # An action's routine events (kind ACTION, no cause, reason, by or message),
+        # as (seq, at, action, phase).
+        self.routine: list[tuple[int, float, str, str]] = []
         self.events: list[EventRow] = []
         self.progress: list[ProgressRow] = []
         self.logs: list[LogRow] = []
