@@ -610,6 +610,16 @@ def test_a_wide_fan_out_keeps_every_event_in_order_across_the_writers_chunks(
     assert sum(e.phase == "SUCCEEDED" and e.kind is EventKind.ACTION for e in stored) == n + 1
 
 
+def test_statements_bind_rows_with_plain_placeholders(tmp_path: Path) -> None:
+    """Python 3.12 warns, and 3.14 refuses, a numbered `?1` bound from a sequence."""
+    from flowsdk.store._sqlite_dialect import _statements
+
+    flowsdk.run(wide, 300, name="plain", store=sqlite_url(tmp_path / "s.db"))
+    assert _statements
+    numbered = [sql[:80] for sql in _statements.values() if re.search(r"\?\d", sql)]
+    assert numbered == []
+
+
 def wal_frames(path: Path) -> tuple[int, int]:
     """Frames in the store's write-ahead log, and how many of them are copied into the file.
 

@@ -50,7 +50,7 @@ _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomple
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
 _plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
 
-# Rows go many to a statement (`SELECT ?1, ?2, * FROM (VALUES (...), (...), ...)`,
+# Rows go many to a statement (`SELECT ?, ?, * FROM (VALUES (...), (...), ...)`,
 # the run's name and attempt bound once, not in every row): one step of SQLite's
 # program, and one release of the GIL (each is a hand-over to the event loop's
 # thread), per statement instead of per row. A statement stays under SQLite's
@@ -85,7 +85,7 @@ def _insert_rows(
         if statement is None:
             one = f"({', '.join('?' * width)})"
             statement = _statements[insert, select, n] = (
-                f"{insert} SELECT ?1, ?2, {select} FROM (VALUES " + ", ".join([one] * n) + ")"
+                f"{insert} SELECT ?, ?, {select} FROM (VALUES " + ", ".join([one] * n) + ")"
             )
         conn.execute(statement, [*head, *chain.from_iterable(rows[start : start + n])])
         start += n
