@@ -33,7 +33,9 @@ __all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE", "HeldChanges"]
 
 # The kinds of the writer's first operations (the others are the writer's own).
 ACTION, ROUTINE, EVENT = range(3)
-LOOP_BLOCKED_WARNING = 1.0  # seconds a callback may wait for the loop before we warn
+# Seconds a callback may wait for the loop before the loop counts as blocked: the
+# writer warns, and sends what the loop holds.
+LOOP_BLOCKED_WARNING = 1.0
 
 
 class HeldChanges:
@@ -44,7 +46,9 @@ class HeldChanges:
         self._ops: collections.deque[tuple[int, Any]] = collections.deque()
         self._held: dict[Any, RowBuilder] = {}
         # As operations: (ROUTINE or EVENT, entry). Taken, by the loop or by the
-        # writer, under `_held_lock`; appended to without it (on the loop).
+        # writer, under `_held_lock`; appended to without it (on the loop). The
+        # loop waits for the lock only while the writer copies a blocked loop's
+        # rows, once the loop has come back.
         self._held_events: collections.deque[tuple[int, Any]] = collections.deque()
         self._held_lock = threading.Lock()
         # When the writer asked the loop for them, and whether it then built their
