@@ -31,6 +31,7 @@ from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
     COPY_ACTIONS,
     COPY_EVENTS,
+    COPY_ROUTINE,
     INSERT_ACTION,
     INSERT_EVENT,
     REPLIES,
@@ -223,11 +224,7 @@ class PostgresDialect:
         """Write one batch in one transaction (again, whole, after a lost session)."""
         actions = [(name, attempt, *astuple(r)) for r in batch.actions.values()]
         events = [(name, attempt, *astuple(e)) for e in batch.events]
-        if batch.routine:
-            events += [
-                (name, attempt, seq, at, _ACTION, action, phase, *_NO_DETAIL)
-                for seq, at, action, phase in batch.routine
-            ]
+        routine = [(name, attempt, n, at, _ACTION, a, phase) for n, at, a, phase in batch.routine]
         run = batch.run
         stop = run.stop if run is not None else None
         run_row = (
@@ -254,13 +251,13 @@ class PostgresDialect:
             # have been committed already: idempotent INSERTs then.
             copy = tries == 1
             try:
-                self._write(conn, batch, actions, events, run_row, copy)
+                self._write(conn, batch, actions, events, routine, run_row, copy)
             except psycopg.DataError as exc:
                 if "NUL" not in str(exc):
                     raise
                 # PostgreSQL text cannot hold NUL: written as the visible escape `\x00`,
                 # as a terminal shows it, rather than losing the whole batch.
-                rows = _no_nul(actions), _no_nul(events), _no_nul([run_row])[0]
+                rows = _no_nul(actions), _no_nul(events), _no_nul(routine), _no_nul([run_row])[0]
                 self._write(conn, batch, *rows, copy)
 
         self._do(link, work)
@@ -271,6 +268,7 @@ class PostgresDialect:
         batch: Batch,
         actions: list[tuple[Any, ...]],
         events: list[tuple[Any, ...]],
+        routine: list[tuple[Any, ...]],
         run_row: tuple[Any, ...] | None,
         copy: bool,
     ) -> None:
@@ -294,11 +292,16 @@ class PostgresDialect:
                     with cur.copy(COPY_EVENTS) as pipe:
                         for event in events:
                             pipe.write_row(event)
+                if routine:
+                    with cur.copy(COPY_ROUTINE) as pipe:
+                        for event in routine:
+                            pipe.write_row(event)
             else:
                 if actions:
                     cur.executemany(INSERT_ACTION, actions)
-                if events:
-                    cur.executemany(INSERT_EVENT, events)
+                if events or routine:
+                    full = [(*event, *_NO_DETAIL) for event in routine]
+                    cur.executemany(INSERT_EVENT, events + full)
             POSTGRES_TRACE.write(
                 cur.executemany, self._run, self._attempt, batch.progress, batch.logs
             )

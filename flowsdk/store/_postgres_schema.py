@@ -35,6 +35,7 @@ __all__ = [
     "ACTION_COLUMNS",
     "COPY_ACTIONS",
     "COPY_EVENTS",
+    "COPY_ROUTINE",
     "DEFAULT_BUSY_TIMEOUT",
     "EVENT_COLUMNS",
     "INSERT_ACTION",
@@ -183,6 +184,8 @@ UPSERT_ACTIONS = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ACTION_COLS if c != "name")
 )
 COPY_EVENTS = f"COPY flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) FROM STDIN"
+# Routine events: no cause, reason, by or message (left to their NULL default).
+COPY_ROUTINE = f"COPY flowsdk.events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) FROM STDIN"
 INSERT_EVENT = (
     f"INSERT INTO flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) "
     f"VALUES ({', '.join(['%s'] * (2 + len(EVENT_FIELDS)))}) ON CONFLICT DO NOTHING"
