@@ -36,8 +36,12 @@ async def leaf(i: int) -> int:
     return i
 
 
+started: list[int] = []
+
+
 @env.task
 async def sleeper() -> None:
+    started.append(1)
     await asyncio.sleep(3600)
 
 
@@ -49,8 +53,13 @@ async def busy(n: int) -> int:
         total += await leaf(i)
     total += sum(await asyncio.gather(*(leaf(i) for i in range(n))))
     for _ in range(5):
+        started.clear()
         sleepers = [asyncio.create_task(sleeper()) for _ in range(20)]
-        await asyncio.sleep(0.02)  # created, started: then cancelled in one step
+        while len(started) < len(sleepers):
+            await asyncio.sleep(0)  # one loop turn at a time, until every body has started
+        # Not a synchronisation (every assertion holds whatever the timing): the bursts
+        # are spread over several writer rounds, so that the reader reads between them.
+        await asyncio.sleep(0.02)
         for t in sleepers:
             t.cancel("enough")
         await asyncio.gather(*sleepers, return_exceptions=True)
