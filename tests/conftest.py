@@ -24,6 +24,7 @@ import gc
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 def pg_url(postgres_server: PostgresServer) -> str:
     """The URL of a new, empty PostgreSQL database (one per test)."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new store: a SQLite file, then a PostgreSQL database (a module may define its own)."""
+    if request.param == "postgresql":
+        pg: str = request.getfixturevalue("pg_url")
+        return pg
+    from tests.runners.harness import sqlite_url  # imports flowsdk: only when used
+
+    return sqlite_url(tmp_path / "s.db")

@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 import flowsdk
 from flowsdk import AbortCause, ActionPhase, EventKind, RunPhase
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
-from tests.runners.harness import Runner, sqlite_url, sync
+from tests.runners.harness import Runner, sync
 from tests.support import assert_clean, causes, phases
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new store shared by the runner and the test: a SQLite file, or a PostgreSQL database."""
-    if request.param == "postgresql":
-        pg: str = request.getfixturevalue("pg_url")
-        return pg
-    return sqlite_url(tmp_path / "s.db")
 
 
 def requests_for(run: flowsdk.Run[object], action: str | None) -> list[flowsdk.Event]:

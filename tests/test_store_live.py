@@ -15,12 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import flowsdk
 from flowsdk import ActionPhase, EventKind
 from flowsdk.errors import RunNotFoundError
 from flowsdk.store import open_store
+from flowsdk.testing import Gate
 from tests.runners.harness import sqlite_url
 from tests.support import assert_clean
 
@@ -36,13 +35,12 @@ async def leaf(i: int) -> int:
     return i
 
 
-started: list[int] = []
+HELD = Gate("held")  # never released: its bodies end cancelled
 
 
 @env.task
 async def sleeper() -> None:
-    started.append(1)
-    await asyncio.sleep(3600)
+    await HELD.enter()
 
 
 @env.task
@@ -52,27 +50,17 @@ async def busy(n: int) -> int:
     for i in range(n):
         total += await leaf(i)
     total += sum(await asyncio.gather(*(leaf(i) for i in range(n))))
-    for _ in range(5):
-        started.clear()
+    for _ in range(10):
+        entered = HELD.entered
         sleepers = [asyncio.create_task(sleeper()) for _ in range(20)]
-        while len(started) < len(sleepers):
-            await asyncio.sleep(0)  # one loop turn at a time, until every body has started
-        # Not a synchronisation (every assertion holds whatever the timing): the bursts
-        # are spread over several writer rounds, so that the reader reads between them.
-        await asyncio.sleep(0.02)
+        await HELD.wait_running(entered + len(sleepers))
+        # Not a synchronisation (every assertion holds whatever the timing): it spreads
+        # the bursts over writer rounds, so that the reader reads between them.
+        await asyncio.sleep(0.02)  # spreads the bursts over writer rounds
         for t in sleepers:
             t.cancel("enough")
         await asyncio.gather(*sleepers, return_exceptions=True)
     return total
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A new store: a SQLite file, or a PostgreSQL database."""
-    if request.param == "postgresql":
-        pg: str = request.getfixturevalue("pg_url")
-        return pg
-    return sqlite_url(tmp_path / "s.db")
 
 
 def test_a_reader_never_sees_an_event_before_its_actions_row_nor_events_out_of_order(
