@@ -25,7 +25,7 @@ from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
 from flowsdk._liveness import Owner, host_identity, process_start
-from flowsdk._records import EVENT_FIELDS, ActionRow, EventKind, EventRow, RunRecord
+from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
 from flowsdk.errors import RunExistsError, StoreError
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
@@ -44,6 +44,7 @@ from flowsdk.store._postgres_schema import (
     store_error,
 )
 from flowsdk.store._postgres_trace import POSTGRES_TRACE
+from flowsdk.store._rows import NO_DETAIL
 from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
@@ -51,7 +52,6 @@ __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
 logger = logging.getLogger("flowsdk")
 
 SAFETY_POLL = 1.0  # seconds between request checks when no notification came
-_NO_DETAIL = (None,) * (len(EVENT_FIELDS) - 5)  # a routine event's cause, reason, by, message
 _ACTION = EventKind.ACTION.value
 T = TypeVar("T")
 
@@ -300,7 +300,7 @@ class PostgresDialect:
                 if actions:
                     cur.executemany(INSERT_ACTION, actions)
                 if events or routine:
-                    full = [(*event, *_NO_DETAIL) for event in routine]
+                    full = [(*event, *NO_DETAIL) for event in routine]
                     cur.executemany(INSERT_EVENT, events + full)
             POSTGRES_TRACE.write(
                 cur.executemany, self._run, self._attempt, batch.progress, batch.logs

@@ -26,6 +26,7 @@ from flowsdk.store._rows import (
     ACTION_COLUMN_NAMES,
     ACTION_COLUMNS,
     EVENT_COLUMNS,
+    ROUTINE_COLUMNS,
     RUN_COLUMNS,
 )
 from flowsdk.store._trace_sql import table_statements
@@ -185,7 +186,7 @@ UPSERT_ACTIONS = (
 )
 COPY_EVENTS = f"COPY flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) FROM STDIN"
 # Routine events: no cause, reason, by or message (left to their NULL default).
-COPY_ROUTINE = f"COPY flowsdk.events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])}) FROM STDIN"
+COPY_ROUTINE = f"COPY flowsdk.events (run, run_attempt, {ROUTINE_COLUMNS}) FROM STDIN"
 INSERT_EVENT = (
     f"INSERT INTO flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) "
     f"VALUES ({', '.join(['%s'] * (2 + len(EVENT_FIELDS)))}) ON CONFLICT DO NOTHING"

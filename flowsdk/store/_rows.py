@@ -29,6 +29,8 @@ __all__ = [
     "ACTION_COLUMNS",
     "ACTION_COLUMN_NAMES",
     "EVENT_COLUMNS",
+    "NO_DETAIL",
+    "ROUTINE_COLUMNS",
     "RUN_COLUMNS",
     "TOKEN_COLUMNS",
     "events_from_rows",
@@ -42,6 +44,10 @@ ACTION_COLUMN_NAMES = [_RENAMED.get(f, f) for f in ACTION_FIELDS]
 """The actions table's columns after (run, run_attempt), in `ActionRow` order."""
 ACTION_COLUMNS = ", ".join(ACTION_COLUMN_NAMES)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
+ROUTINE_COLUMNS = ", ".join(EVENT_FIELDS[:5])
+"""The columns a routine event sets (seq, at, kind, action, phase)."""
+NO_DETAIL = (None,) * (len(EVENT_FIELDS) - 5)
+"""A routine event's other columns: no cause, reason, by or message."""
 RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
     "owner, heartbeat, workdir"

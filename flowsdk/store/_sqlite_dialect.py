@@ -21,7 +21,7 @@ from msgspec.structs import astuple
 from flowsdk._liveness import this_process
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventKind, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
-from flowsdk.store._rows import ACTION_COLUMN_NAMES
+from flowsdk.store._rows import ACTION_COLUMN_NAMES, NO_DETAIL, ROUTINE_COLUMNS
 from flowsdk.store._sqlite_schema import INSERT_EVENT, rollback, translate, ts
 from flowsdk.store._sqlite_trace import SQLITE_TRACE
 from flowsdk.store._writer import Batch, RunLost
@@ -41,8 +41,7 @@ for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
 # event's cause and reason): they are written by statements that name only the
 # columns they set, so that no NULL is bound at all. Columns left out take their
 # default, which is what the row holds: NULL, or 0 for a flag that is False.
-_ROUTINE = (None,) * (len(EVENT_FIELDS) - 5)  # an event with no cause, reason, by or message
-_INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS[:5])})"
+_INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {ROUTINE_COLUMNS})"
 # An action's routine events (seq, at, action, phase): their kind is written by the statement.
 _ACTION_ROUTINE = f"column1, column2, '{EventKind.ACTION.value}', column3, column4"
 _INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)})"
@@ -131,7 +130,7 @@ def _write_events(
     other: list[tuple[Any, ...]] = []
     for row in rows:
         values = astuple(row)
-        if values[5:] == _ROUTINE:
+        if values[5:] == NO_DETAIL:
             plain.append(values[:5])
         else:
             other.append(values)
