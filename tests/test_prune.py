@@ -193,3 +193,29 @@ def test_a_viewer_may_not_prune(tmp_path: Path) -> None:
         client.prune(keep=0)
     with flowsdk.Client(store) as client:
         assert [r.name for r in client.runs()] == ["kept"]
+
+
+def test_compacting_waits_while_another_connection_holds_the_log_then_says_it_could_not(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint SQLite answers busy (a reader's snapshot, another checkpoint): waited for."""
+    from flowsdk.store._prune import file_size, give_back_space
+
+    path = tmp_path / "store.db"
+    flowsdk.run(deep.chain, 300, name="big", store=store_for(tmp_path))
+    reader = sqlite3.connect(path, isolation_level=None)
+    pruner = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM runs").fetchone()  # a snapshot: holds the log
+        pruner.execute("DELETE FROM events")
+        _, note = give_back_space(pruner, str(path), file_size(str(path)), wait=0.2)
+        assert note is not None
+        assert "could not be compacted now" in note
+        reader.execute("COMMIT")
+        freed, note = give_back_space(pruner, str(path), file_size(str(path)), wait=5)
+        assert note is None
+        assert freed > 0
+    finally:
+        reader.close()
+        pruner.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
 
 _UNFINISHED = ("QUEUED", "RUNNING", "STOPPING")
 _CHUNK = 400  # names per statement (SQLite limits bound parameters)
+CHECKPOINT_WAIT = 5.0  # seconds a prune waits for another connection's checkpoint
 
 
 def prune_plan(
@@ -99,13 +101,17 @@ def file_size(path: str) -> int:
     return total
 
 
-def give_back_space(conn: sqlite3.Connection, path: str, before: int) -> tuple[int, str | None]:
+def give_back_space(
+    conn: sqlite3.Connection, path: str, before: int, wait: float = CHECKPOINT_WAIT
+) -> tuple[int, str | None]:
     """Return the freed pages of a SQLite store to the file system.
 
     `before` is the file's size (with its write-ahead log) before the prune.
     Returns the bytes given back and, if the file could not be compacted now
     (another process holds it), a note saying so: the space is then reused by
-    new runs, and a later prune gives it back.
+    new runs, and a later prune gives it back. A checkpoint that another
+    connection is running (a live runner's, when it is idle) is waited for, up
+    to `wait` seconds: SQLite answers busy at once then, without waiting itself.
     """
     note = None
     try:
@@ -118,7 +124,16 @@ def give_back_space(conn: sqlite3.Connection, path: str, before: int) -> tuple[i
             # gone (one `execute` would free a single page).
             conn.executescript("PRAGMA incremental_vacuum;")
         # In WAL mode the file shrinks when the log is written back into it.
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        deadline = time.monotonic() + wait
+        while conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:  # 1: busy
+            if time.monotonic() >= deadline:
+                note = (
+                    "the file could not be compacted now (another process is copying its "
+                    "write-ahead log); new runs reuse the freed space, and a later prune "
+                    "gives it back"
+                )
+                break
+            time.sleep(0.01)  # polls until the other checkpoint is over, up to the deadline
     except sqlite3.OperationalError as exc:
         note = (
             f"the file could not be compacted now ({exc}: another process is using it); "
