@@ -160,7 +160,6 @@ class ActionState:
         "cleanup_incomplete",
         "context",
         "deadline_at",
-        "delivered",
         "done",
         "ended_at",
         "ended_seq",
@@ -178,7 +177,6 @@ class ActionState:
         "queued_seq",
         "replayed",
         "req",
-        "run",
         "running_at",
         "running_seq",
         "runtime",
@@ -205,7 +203,6 @@ class ActionState:
         group: str | None,
     ) -> None:
         self.runtime = runtime
-        self.run = runtime.name
         self.seq = seq
         self.name = f"a{seq}"
         self.parent = parent
@@ -222,8 +219,6 @@ class ActionState:
         self.exc: BaseException | None = None
         self.error: tuple[str, str, str] | None = None
         self.req: Request | None = None
-        # The request whose cancellation reached the body (what current_action().abort shows).
-        self.delivered: Request | None = None
         self.atask: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] | None = None
         self.timer: tuple[int, Callable[[ActionState], None]] | None = None
@@ -244,6 +239,11 @@ class ActionState:
         self.running_seq: int | None = None
         self.running_at: float | None = None
         self.ended_seq: int | None = None
+
+    @property
+    def run(self) -> str:
+        """The name of the action's run."""
+        return self.runtime.name
 
     def __repr__(self) -> str:
         return f"<action {self.run}/{self.name} {self.task.name} {self.phase.value}>"

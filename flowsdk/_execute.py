@@ -48,11 +48,18 @@ __all__ = ["OWN_CODE", "action_handle", "note_unobserved", "run_action", "spawn"
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
 _Task = asyncio.Task
+_Future = asyncio.Future
+_new = object.__new__
+_init = ActionState.__init__
 # asyncio.current_task, without its Python frame on 3.11 (the table it reads).
 _current_task = getattr(asyncio.tasks, "_current_tasks", {}).get or asyncio.current_task
 _time = time.time
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 _MISSING: Any = object()
+# Bound once: on 3.11 a method looked up on a C object at the call site is a
+# generic attribute lookup and a new bound method every time.
+_enter = current.set
+_all_immutable = _IMMUTABLE.issuperset
 
 
 async def action_handle(
@@ -167,17 +174,24 @@ def start_child(
         raise CancelledError
     seq = runtime.started
     runtime.started = seq + 1
-    action = ActionState(runtime, seq, parent, task, args, kwargs, key, group_label.get())
+    # Allocated, then initialised by a plain call: calling the class adds, on 3.11,
+    # `type.__call__` and `slot_tp_init`, 350 instructions per action.
+    action = _new(ActionState)
+    _init(action, runtime, seq, parent, task, args, kwargs, key, group_label.get())
     action.inputs = inputs
     name = action.name
     runtime.actions[seq] = action
     runtime.live[name] = action
     log = runtime.log
-    action.queued_seq = log.routine(action.started_at, name, "QUEUED")
-    if log.streaming is not None:
-        log.streaming.changed(action, ACTION_ROWS)
+    action.queued_seq = number = log.number()
+    streaming = log.streaming
+    if streaming is not None:
+        streaming.routine(number, action.started_at, name, "QUEUED")
+        streaming.changed(action, ACTION_ROWS)
     loop = runtime.loop
-    action.done = loop.create_future()
+    # A plain asyncio future, awaited only by the handle: `loop.create_future`
+    # would add a Python frame to every call.
+    action.done = _Future(loop=loop)
     action.context = context = copy_context()
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
@@ -210,7 +224,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     `Exception`: every outcome is recorded on the action, so no task exception
     can go unretrieved.
     """
-    current.set(action)
+    _enter(action)
     task = action.task
     fn = task.body
     options = task.options
@@ -220,9 +234,11 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         action.phase = RUNNING
         log = runtime.log
         action.running_at = at = _time()
-        action.running_seq = log.routine(at, action.name, "RUNNING")
-        if log.streaming is not None:
-            log.streaming.changed(action, ACTION_ROWS)
+        action.running_seq = number = log.number()
+        streaming = log.streaming
+        if streaming is not None:
+            streaming.routine(number, at, action.name, "RUNNING")
+            streaming.changed(action, ACTION_ROWS)
     else:
         runtime.set_running(action)
     try:
@@ -231,7 +247,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             # arguments does not change what the next one receives.
             args = action.args
             kwargs = action.kwargs
-            if kwargs or not _IMMUTABLE.issuperset(map(type, args)):
+            if kwargs or (args and not _all_immutable(map(type, args))):
                 assert action.inputs is not None
                 args, kwargs = decode_inputs(task, args, kwargs, action.inputs)
             timer = None

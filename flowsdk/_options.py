@@ -31,8 +31,13 @@ class TaskSpec(Protocol):
     signature: inspect.Signature
     __dict__: dict[str, Any]
 
-    @property
-    def _handle(self) -> Callable[..., Coroutine[Any, Any, Any]]: ...
+    _handle: Callable[..., Coroutine[Any, Any, Any]] | None
+    """The coroutine function a call returns in a run, once made (`_make_handle`)."""
+
+    _shape: Any
+    """What the payload encoder learnt of the signature, once it has (None before)."""
+
+    def _make_handle(self) -> Callable[..., Coroutine[Any, Any, Any]]: ...
 
 
 class TaskOptions:

@@ -90,10 +90,9 @@ class _Shape:
 
 
 def _shape(task: TaskSpec) -> _Shape:
-    shape: _Shape | None = task.__dict__.get("_shape")
+    shape: _Shape | None = task._shape
     if shape is None:
-        shape = _Shape(task)
-        task.__dict__["_shape"] = shape
+        task._shape = shape = _Shape(task)
     return shape
 
 
@@ -113,7 +112,7 @@ def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any])
             # The positional values' parameter names travel with them, so a reader
             # (`flowsdk show`, the console) names every input without importing the
             # workflow. Comparisons and digests ignore them (`canonical`).
-            shape = task.__dict__.get("_shape") or _shape(task)
+            shape = task._shape or _shape(task)
             names = shape._names.get(len(args)) or shape.names(len(args))
             data = _encode((args, kwargs, names))
         else:

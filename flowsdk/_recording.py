@@ -12,12 +12,13 @@ the entry when the log is read.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import TYPE_CHECKING, cast
 
-from flowsdk._action import ActionState
+from flowsdk._action import ActionState, Request
 from flowsdk._phases import ActionPhase
 from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
 
@@ -34,11 +35,14 @@ _by_seq = attrgetter("seq")
 class RunLog:
     """A run's event log and its recorder."""
 
-    __slots__ = ("count", "events", "keep", "recorder", "streaming")
+    __slots__ = ("events", "keep", "number", "recorder", "streaming")
 
     def __init__(self) -> None:
         self.events: list[EventRow] = []  # the entries kept, but the routine ones
-        self.count = 0  # every entry's number, kept or not
+        # The next entry's number, kept or not. A routine transition only takes a
+        # number: the action keeps it and its time (`rows` rebuilds the entry), and
+        # the runtime streams it itself (`RunRecorder.routine`).
+        self.number: Callable[[], int] = itertools.count().__next__
         # Whether entries are kept here too: always, unless the run spills (its
         # store streams every change and the run has grown past `KEEP_IN_MEMORY`).
         self.keep = True
@@ -75,24 +79,33 @@ class RunLog:
         message: str | None,
     ) -> None:
         """Append one entry (the per-action path: plain values, no keywords)."""
-        row = EventRow(self.count, at, kind, action, phase, cause, reason, by, message)
-        self.count += 1
+        row = EventRow(self.number(), at, kind, action, phase, cause, reason, by, message)
         if self.keep:
             self.events.append(row)
         if self.streaming is not None:
             self.streaming.event(row)
 
+    def transition(
+        self, at: float, action: str, phase: str, req: Request | None, message: str | None
+    ) -> None:
+        """Append an action's transition with its request (cause, reason, by) and message."""
+        if req is not None:
+            self.append(
+                at, ACTION_EVENT, action, phase, req.cause._value_, req.reason, req.by, message
+            )
+        else:
+            self.append(at, ACTION_EVENT, action, phase, None, None, None, message)
+
     def routine(self, at: float, action: str, phase: str) -> int:
-        """Number an action's routine transition and stream it; return its number.
+        """Number an action's routine transition, stream it, and return its number.
 
         The caller keeps the number (and the time) on the action: `rows`
-        rebuilds the entry from them.
+        rebuilds the entry from them. (The per-action path does the same inline.)
         """
-        seq = self.count
-        self.count = seq + 1
+        number = self.number()
         if self.streaming is not None:
-            self.streaming.routine(seq, at, action, phase)
-        return seq
+            self.streaming.routine(number, at, action, phase)
+        return number
 
     def rows(self, actions: Iterable[ActionState]) -> list[EventRow]:
         """Return the event log in order: the kept entries and the routine ones of `actions`."""

@@ -23,6 +23,7 @@ import time
 from asyncio import CancelledError
 from collections.abc import Coroutine, Iterable
 from datetime import UTC, datetime
+from operator import attrgetter
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +76,12 @@ SUCCEEDED, FAILED, ABORTED = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPh
 ABANDONED, CRASHED = ActionPhase.ABANDONED, ActionPhase.CRASHED
 CANCELLED, ANCESTOR = AbortCause.CANCELLED, AbortCause.ANCESTOR
 ROOT_EXIT, STOP, SIGINT = AbortCause.ROOT_EXIT, AbortCause.STOP, AbortCause.SIGINT
-ACTION_EVENT = EventKind.ACTION.value
 _TERMINAL = (SUCCEEDED, FAILED, ABORTED, ABANDONED, CRASHED)  # `in` compares identity first
+# `in` compares each item by identity, then as strings: for a running action,
+# one check here, five in `_TERMINAL` (the per-action path uses this).
+_LIVE = (RUNNING, QUEUED, STOPPING)
+_time = time.time
+_START_ORDER = attrgetter("seq")
 
 
 class Runtime:
@@ -107,12 +112,10 @@ class Runtime:
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None
-        # Start order -> action. A run whose store streams every change spills
-        # once it has started `KEEP_IN_MEMORY` actions: from then on a finished
-        # action is forgotten (`forget`; the store has its record, only its
-        # phase stays in `ended`) and events are not kept, so memory stays flat
-        # however many actions the run goes through. The ended run's records
-        # are then read back from the store.
+        # Start order -> action. A run whose store streams every change spills once
+        # it has started `KEEP_IN_MEMORY` actions: a finished action is then forgotten
+        # (`forget`: the store has its record, `forgotten` its phase) and events are
+        # not kept, so memory stays flat; the ended run's records are read back.
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
         self.forgets = False
@@ -180,17 +183,9 @@ class Runtime:
         """Move an action to `phase` (checked against the transition table) and record it."""
         check_action_transition(action.phase, phase)
         action.phase = phase
-        req = action.req
         # `_value_`, not `.value`: the latter is a Python-level property on 3.11.
-        if req is not None and phase is not RUNNING:
-            self.log.append(
-                time.time(), ACTION_EVENT, action.name, phase._value_, req.cause._value_,
-                req.reason, req.by, message,
-            )  # fmt: skip
-        else:
-            self.log.append(
-                time.time(), ACTION_EVENT, action.name, phase._value_, None, None, None, message
-            )
+        req = action.req if phase is not RUNNING else None
+        self.log.transition(time.time(), action.name, phase._value_, req, message)
         self.log.changed(action)
 
     def action_named(self, name: str) -> ActionState | Ended | None:
@@ -251,7 +246,8 @@ class Runtime:
         history = self.history
         if history is not None:
             recorded = history.match(history.key_of(parent) + key, task.name, inputs)
-        return task._handle(self, parent, task, args, kwargs, key, inputs, recorded)
+        handle = task._handle or task._make_handle()
+        return handle(self, parent, task, args, kwargs, key, inputs, recorded)
 
     def _new(
         self,
@@ -314,31 +310,29 @@ class Runtime:
     # -- finishing actions ---------------------------------------------------------
 
     def _finish(self, action: ActionState, phase: ActionPhase) -> None:
-        if action.phase in _TERMINAL:
+        if action.phase not in _LIVE:
             return  # a zombie's body ending after it was given up on: already recorded
         action.timer = None
-        action.ended_at = now = time.time()
+        action.ended_at = now = _time()
         # Any phase that is not terminal may end: recorded without the table check.
         action.phase = phase
         message = "cleanup incomplete" if action.cleanup_incomplete else None
         req = action.req
         log = self.log
-        if req is not None:
-            log.append(
-                now, ACTION_EVENT, action.name, phase._value_, req.cause._value_,
-                req.reason, req.by, message,
-            )  # fmt: skip
-        elif message is not None:
-            log.append(now, ACTION_EVENT, action.name, phase._value_, None, None, None, message)
+        if req is not None or message is not None:
+            log.transition(now, action.name, phase._value_, req, message)
         else:
-            action.ended_seq = log.routine(now, action.name, phase._value_)
+            action.ended_seq = number = log.number()
+            if log.streaming is not None:
+                log.streaming.routine(number, now, action.name, phase._value_)
         if log.streaming is not None:
             log.streaming.changed(action, ACTION_ROWS)
         del self.live[action.name]
         # The action's inputs are not needed any more; drop them early so a long
         # run does not hold every argument it ever passed.
         action.args = ()
-        action.kwargs = {}
+        if action.kwargs:
+            action.kwargs = {}
         done = action.done
         if done is not None and not done.done():
             done.set_result(None)
@@ -349,7 +343,7 @@ class Runtime:
 
     def finish_succeeded(self, action: ActionState, value: Any) -> None:
         """Record the body's return value (an unrecordable one fails the action)."""
-        if action.phase in _TERMINAL:
+        if action.phase not in _LIVE:
             return
         try:
             action.output = encode_output(action.task, value)
@@ -487,7 +481,7 @@ class Runtime:
         # Deepest-first is not needed for correctness (no SDK task awaits
         # another task), but reverse start order lets leaves start their
         # cleanup before the parents that wait on them.
-        for action in sorted(actions, key=_start_order, reverse=True):
+        for action in sorted(actions, key=_START_ORDER, reverse=True):
             if action.phase not in _TERMINAL:
                 self.delivery.deliver(action)
 
@@ -566,7 +560,7 @@ class Runtime:
         """
         self.closed = True
         stop = Request(cause, reason, by) if cause is not None else None
-        for action in sorted(self.live.values(), key=_start_order, reverse=True):
+        for action in sorted(self.live.values(), key=_START_ORDER, reverse=True):
             req = action.req
             if stop is not None:
                 action.req = stop

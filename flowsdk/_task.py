@@ -181,6 +181,14 @@ class Task(Generic[P, R]):
     that starts a child action of the calling action when it first runs.
     """
 
+    # What the runtime reads on every call lives in slots: on 3.11 an attribute in
+    # the instance's dictionary is not reliably specialised by the interpreter.
+    # The dictionary stays, for what functools.update_wrapper copies.
+    __slots__ = (
+        "__dict__", "__weakref__", "_handle", "_shape",
+        "body", "env", "fn", "name", "options", "signature",
+    )  # fmt: skip
+
     # Copied from the function by functools.update_wrapper; declared for type checkers.
     __name__: str
     __qualname__: str
@@ -201,20 +209,23 @@ class Task(Generic[P, R]):
         self.options = options
         self.name = check_name("task", f"{env.name}.{check_name('task', fn.__name__)}")
         self.signature = inspect.signature(fn)
+        self._handle: Callable[..., Coroutine[Any, Any, R]] | None = None  # `_make_handle`
+        self._shape: Any = None  # what `_payload` learnt of the signature, once it has
 
-    @functools.cached_property
-    def _handle(self) -> Callable[..., Coroutine[Any, Any, R]]:
-        """The runtime's handle function, copied under the user's function name.
+    def _make_handle(self) -> Callable[..., Coroutine[Any, Any, R]]:
+        """Make the runtime's handle function, copied under the user's function name.
 
         So that Python's "coroutine ... was never awaited" warning names the
-        user's function, not an SDK wrapper. Made on the first call in a run:
-        declaring a task does not load the runtime.
+        user's function, not an SDK wrapper. Made on the first call in a run
+        (`Runtime.call`) and kept in `_handle`: declaring a task does not load
+        the runtime.
         """
         from flowsdk._execute import action_handle  # here: `import flowsdk` stays light
 
         fn = self.fn
         handle = types.FunctionType(action_handle.__code__, action_handle.__globals__, fn.__name__)
         handle.__qualname__ = fn.__qualname__
+        self._handle = handle
         return handle
 
     def __repr__(self) -> str:

@@ -79,6 +79,7 @@ class RemoteTask:
         self.body = body
         self.signature = inspect.signature(self.fn)
         self.options = _Limits(max_payload)
+        self._shape: Any = None  # what the payload encoder learns of the signature
 
 
 class _Limits:
