@@ -45,7 +45,11 @@ async def run_async(
     task, args, kwargs = unpartial(task, args)
     runner = Runner(task, args, kwargs, name, store, owns_loop=False)
     runtime = await runner.begin()
-    result = await runner.finish()
+    try:
+        result = await runner.finish()
+    finally:
+        # Not after `start`: its handle answers control requests from the runtime.
+        runtime.release()
     if runtime.base_exc is not None:
         # A KeyboardInterrupt/SystemExit raised in a body, re-raised once the
         # run's end is recorded, as asyncio would have raised it.

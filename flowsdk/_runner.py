@@ -253,6 +253,8 @@ def run_sync(runner: Runner) -> Run[Any]:
     try:
         result = loop.run_until_complete(_begin_and_finish(runner))
         _final_drain(loop, runner)
+        if runner.runtime is not None:
+            runner.runtime.release()
     finally:
         try:
             for number, handler in previous.items():

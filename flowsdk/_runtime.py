@@ -586,6 +586,15 @@ class Runtime:
         self._set_run_phase(final_phase(root, self.stop is not None))
         self._run_changed()
 
+    def release(self) -> None:
+        """Let go of the ended run's actions and recorder (its `Run` keeps its records).
 
-def _start_order(action: ActionState) -> int:
-    return action.seq
+        The runtime is in reference cycles, so what it holds waits for the garbage
+        collector. Released (by `run` and `run_async`; a `start` handle still asks
+        it), the actions are freed with the `Run`, by reference counting.
+        """
+        if self.root is not None:
+            self.root.context = None  # no awaiter adopted it; it refers to the root
+        self.root = None
+        self.actions = {}
+        self.log.recorder = self.log.streaming = None

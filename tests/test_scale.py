@@ -6,11 +6,13 @@ import asyncio
 import gc
 import traceback
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import flowsdk
 from flowsdk import EventKind, RunPhase
+from flowsdk._action import ActionState
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
 from tests.support import assert_clean, by_task, causes, phases
 
@@ -328,3 +330,47 @@ def test_dropped_task_reference_is_not_collected_mid_flight() -> None:
     assert run.result() == "ok"
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED"}
     assert_clean(run)
+
+
+def _action_states() -> int:
+    """How many live actions exist in the process (they are tracked by the collector)."""
+    return sum(1 for o in gc.get_objects() if isinstance(o, ActionState))
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "run_async"])
+def test_an_ended_run_is_freed_with_its_run_without_the_garbage_collector(
+    kind: str, tmp_path: Path
+) -> None:
+    """Dropping an ended `Run` frees its actions at once, by reference counting.
+
+    The runtime is in reference cycles (its root, delivery and channel refer to
+    it): were it still holding the actions, they would wait for a collection
+    that walks every one of them. With the collector off, none may be left.
+    """
+    env = flowsdk.TaskEnvironment("s8")
+
+    @env.task
+    async def child(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    @env.task
+    async def root(n: int) -> int:
+        return sum([await child(i) for i in range(n)])
+
+    store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
+    gc.collect()
+    before = _action_states()
+    gc.disable()
+    try:
+        if kind == "run_async":
+            run = asyncio.run(flowsdk.run_async(root, 50, store=store))
+        else:
+            run = flowsdk.run(root, 50, store=store)
+        assert run.result() == sum(range(50))
+        assert _action_states() - before == 51  # the ended run's records are built from them
+        assert [a.phase.value for a in run.actions].count("SUCCEEDED") == 51
+        del run
+        assert _action_states() - before == 0
+    finally:
+        gc.enable()
