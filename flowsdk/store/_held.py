@@ -29,10 +29,13 @@ from typing import Any
 from flowsdk._records import EventRow
 from flowsdk.store._base import RowBuilder
 
-__all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE", "HeldChanges"]
+__all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE_SIZE", "HeldChanges"]
 
-# The kinds of the writer's first operations (the others are the writer's own).
-ACTION, ROUTINE, EVENT = range(3)
+# The kinds of the writer's first operations, (kind, payload) pairs (the other
+# kinds are the writer's own). A routine event is queued as its own four values,
+# (seq, at, action, phase), without a kind: the commonest operation, one object.
+ACTION, EVENT = range(2)
+ROUTINE_SIZE = 4
 # Seconds a callback may wait for the loop before the loop counts as blocked: the
 # writer warns, and sends what the loop holds.
 LOOP_BLOCKED_WARNING = 1.0
@@ -43,13 +46,14 @@ class HeldChanges:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._ops: collections.deque[tuple[int, Any]] = collections.deque()
+        self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
         self._held: dict[Any, RowBuilder] = {}
-        # As operations: (ROUTINE or EVENT, entry). Taken, by the loop or by the
+        # As operations: (EVENT, row), or a routine event's (seq, at, action,
+        # phase) (`ROUTINE_SIZE`). Taken, by the loop or by the
         # writer, under `_held_lock`; appended to without it (on the loop). The
         # loop waits for the lock only while the writer copies a blocked loop's
         # rows, once the loop has come back.
-        self._held_events: collections.deque[tuple[int, Any]] = collections.deque()
+        self._held_events: collections.deque[tuple[Any, ...]] = collections.deque()
         self._held_lock = threading.Lock()
         # When the writer asked the loop for them, and whether it then built their
         # rows itself (both reset on the loop, when it sends them).
@@ -64,7 +68,7 @@ class HeldChanges:
 
     def routine(self, seq: int, at: float, action: str, phase: str) -> None:
         """Append a routine event; sent after the held rows."""
-        self._held_events.append((ROUTINE, (seq, at, action, phase)))
+        self._held_events.append((seq, at, action, phase))
 
     def event(self, row: EventRow) -> None:
         """Append an event row; sent after the held rows."""

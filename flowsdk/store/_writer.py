@@ -42,7 +42,7 @@ from flowsdk.store._base import RequestHandler, StoredRun
 from flowsdk.store._held import ACTION as _ACTION
 from flowsdk.store._held import EVENT as _EVENT
 from flowsdk.store._held import LOOP_BLOCKED_WARNING, HeldChanges
-from flowsdk.store._held import ROUTINE as _ROUTINE
+from flowsdk.store._held import ROUTINE_SIZE as _ROUTINE_SIZE
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunLost", "RunWriter"]
 
@@ -61,8 +61,8 @@ C = TypeVar("C")
 _request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _reply_encoder = msgspec.msgpack.Encoder()
 
-# What the loop appends to the writer's deque: (kind, payload).
-_RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(3, 9)
+# What the loop appends to the writer's deque: (kind, payload), or a routine event (`_held`).
+_RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(2, 8)
 
 
 class RunLost(StoreError):
@@ -346,9 +346,9 @@ class RunWriter(HeldChanges, Generic[C]):
             self._wake.clear()
             closing = self._closing
             while self._ops:
-                kind, payload = self._ops.popleft()
-                if kind == _LOOKUP:
-                    self._settle(payload[3], None, None)
+                op = self._ops.popleft()
+                if op[0] == _LOOKUP:
+                    self._settle(op[1][3], None, None)
             if closing:
                 return
 
@@ -413,18 +413,20 @@ class RunWriter(HeldChanges, Generic[C]):
         # Bounded transactions: a busy run never holds the write lock for long,
         # so a control request from another process gets in between two of
         # them, and is read between them too (the loop comes back at once).
-        taken: list[tuple[int, Any]] = []
+        taken: list[tuple[Any, ...]] = []
         while ops and len(taken) < MAX_BATCH:
             taken.append(ops.popleft())
         if ops:
             self._wake.set()
         batch = Batch()
         lookups: list[Any] = []
-        for kind, payload in taken:
+        for op in taken:
+            if len(op) == _ROUTINE_SIZE:  # (seq, at, action, phase): see `HeldChanges`
+                batch.routine.append(op)
+                continue
+            kind, payload = op
             if kind == _ACTION:
                 batch.actions[payload.name] = payload
-            elif kind == _ROUTINE:
-                batch.routine.append(payload)
             elif kind == _EVENT:
                 batch.events.append(payload)
             elif kind == _PROGRESS:
