@@ -30,7 +30,6 @@ from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import ACTION_ROWS
 from flowsdk._records import EventKind
-from flowsdk._runtime import KEEP_IN_MEMORY
 from flowsdk.errors import (
     ActionAbortedError,
     NondeterminismError,
@@ -320,7 +319,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         # The task is ending: the action no longer refers to it, so a finished
         # action is freed by reference counting (task, coroutine and all).
         action.atask = None
-        if runtime.forgets and runtime.started >= KEEP_IN_MEMORY and action.phase in _TERMINAL:
+        if runtime.started >= runtime.forget_from and action.phase in _TERMINAL:
             runtime.forget(action)  # the run spills: the store has its record
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from asyncio import CancelledError
 from collections.abc import Coroutine, Iterable
@@ -118,7 +119,7 @@ class Runtime:
         # not kept, so memory stays flat; the ended run's records are read back.
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
-        self.forgets = False
+        self.forget_from: float = math.inf  # started actions past which finished ones go
         self.forgotten = Forgotten()
         self.live: dict[str, ActionState] = {}
         self.root: ActionState | None = None
@@ -133,7 +134,8 @@ class Runtime:
     def attach(self, recorder: RunRecorder) -> None:
         """Send every change of this run to `recorder` (actions and events if it streams)."""
         self.log.attach(recorder)
-        self.forgets = recorder.streams
+        if recorder.streams:
+            self.forget_from = KEEP_IN_MEMORY
 
     def track_tasks(self, own: frozenset[CodeType]) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
@@ -196,11 +198,9 @@ class Runtime:
         return self.actions.get(seq) or self.forgotten.get(name, seq)
 
     def forget(self, action: ActionState) -> None:
-        """Drop a finished action whose record the store has, once the run spills."""
+        """Drop a finished action whose record the store has (past `forget_from`: it spills)."""
         forgotten = self.forgotten
         if not forgotten.spilled:
-            if self.started < KEEP_IN_MEMORY:
-                return
             forgotten.spilled = True
             self.log.keep = False
         if action is not self.root and self.actions.pop(action.seq, None) is not None:
