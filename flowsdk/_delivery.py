@@ -103,6 +103,14 @@ class Delivery:
         bucket.append(action)
         action.timer = key
 
+    def drop_timers(self) -> None:
+        """Forget the pending grace and abandon timers: the run has ended, they have nothing to do.
+
+        Each holds the actions it was set for, ended since; the loop's handles
+        of those timers find nothing when they fire.
+        """
+        self._timers.clear()
+
     def _fire(self, key: TimerKey) -> None:
         _, callback = key
         for action in self._timers.pop(key, ()):

@@ -93,13 +93,18 @@ async def action_handle(
     host = _current_task(runtime.loop)
     if host is not parent.atask:
         action.host = host  # a task of its own (create_task, gather...): see Runtime.root_exited
+    # What leaves this frame keeps it (and its locals) in a traceback, and the
+    # caller's task keeps what leaves it: no local may lead back to that task,
+    # nor to an exception caught here, or the action waits for the collector.
+    del host
     done = action.done
     assert done is not None
     try:
         await done
     except CancelledError as exc:
+        reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+        del exc
         if action.phase not in _TERMINAL:
-            reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
             runtime.cancel_from_caller(action, reason)
             if action.phase not in _TERMINAL:
                 action.done = runtime.loop.create_future()
@@ -107,8 +112,10 @@ async def action_handle(
                     await action.done
                 finally:
                     adopt_context(action)
+                    action.done = action.context = action.host = None
         else:
             adopt_context(action)
+        action.done = action.context = action.host = None
         phase = action.phase
         if phase is SUCCEEDED:
             # As in asyncio: the child absorbed the cancel and returned (or it had
@@ -147,7 +154,7 @@ def adopt_context(action: ActionState) -> None:
     caller's. Cheap: a context holds a handful of variables.
     """
     context = action.context
-    if context is None:
+    if context is None or len(context) < 2:  # only the SDK's own `current`: nothing to copy
         return
     for var, value in context.items():
         if var is not current and var.get(_MISSING) is not value:

@@ -597,4 +597,5 @@ class Runtime:
             self.root.context = None  # no awaiter adopted it; it refers to the root
         self.root = None
         self.actions = {}
+        self.delivery.drop_timers()
         self.log.recorder = self.log.streaming = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import traceback
 from collections import Counter
@@ -370,6 +371,57 @@ def test_an_ended_run_is_freed_with_its_run_without_the_garbage_collector(
         assert run.result() == sum(range(50))
         assert _action_states() - before == 51  # the ended run's records are built from them
         assert [a.phase.value for a in run.actions].count("SUCCEEDED") == 51
+        del run
+        assert _action_states() - before == 0
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_cancelled_children_are_freed_with_their_run_without_the_garbage_collector(
+    kind: str, tmp_path: Path
+) -> None:
+    """Children cancelled by workflow code leave no reference cycle behind.
+
+    What leaves a cancelled awaiter keeps its frame in a traceback, and the
+    awaiting task keeps what left it; a grace timer keeps the actions it was
+    set for. None of that may lead back to the action once the run is over:
+    with the collector off, dropping the `Run` frees every action. Cancelled
+    in tasks of their own, by `gather`'s caller, and awaited directly under
+    an `asyncio.timeout`.
+    """
+    env = flowsdk.TaskEnvironment("s9")
+    started: list[int] = []
+    all_started = asyncio.Event()
+
+    @env.task
+    async def sleeper(n: int) -> None:
+        started.append(n)
+        if len(started) == n:
+            all_started.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def root(n: int) -> int:
+        tasks = [asyncio.create_task(sleeper(n)) for _ in range(n)]
+        await all_started.wait()
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0):
+                await sleeper(0)  # this body's own task is cancelled: the action awaited directly
+        return sum(isinstance(r, asyncio.CancelledError) for r in results)
+
+    store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
+    gc.collect()
+    before = _action_states()
+    gc.disable()
+    try:
+        run = flowsdk.run(root, 20, store=store)
+        assert run.result() == 20
+        assert Counter(phases(run).values()) == {"SUCCEEDED": 1, "ABORTED": 21}
+        assert _action_states() - before == 22
         del run
         assert _action_states() - before == 0
     finally:
