@@ -55,6 +55,10 @@ class RunContext(Protocol):
         """Cancel an attempt whose `timeout` passed (an executor that times attempts itself)."""
         ...
 
+    def cancel_from_caller(self, action: ActionState, reason: str | None) -> None:
+        """Cancel `action`: the task awaiting it was cancelled (`Delivery.from_caller`)."""
+        ...
+
 
 current: contextvars.ContextVar[ActionState | None] = contextvars.ContextVar(
     "flowsdk.action", default=None
@@ -132,6 +136,7 @@ _PLAIN = {cause.value: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in 
 
 QUEUED = ActionPhase.QUEUED  # a constant: Enum member access is slow on Python 3.11
 _time = time.time
+_future_cancel = asyncio.Future.cancel
 
 
 class Ended:
@@ -166,7 +171,6 @@ class ActionState:
         "error",
         "exc",
         "group",
-        "host",
         "inputs",
         "key",
         "kwargs",
@@ -229,7 +233,6 @@ class ActionState:
         self.context: contextvars.Context | None = None
         self.deadline_at: float | None = None  # loop time the `deadline` option passes at
         self.replayed = False
-        self.host: asyncio.Task[Any] | None = None
         self.inputs: bytes | None = None
         self.output: bytes | None = None
         # The event log's numbers of the action's routine transitions (QUEUED,
@@ -239,6 +242,42 @@ class ActionState:
         self.running_seq: int | None = None
         self.running_at: float | None = None
         self.ended_seq: int | None = None
+
+    def __call__(self, msg: object = None) -> bool:
+        """Be `cancel` of the future that the action's caller, a task of its own, waits on.
+
+        asyncio cancels a task by cancelling the future it waits on. The first
+        time, this future cancels the action instead, at once, and stays
+        pending (`False`): the caller's cancellation stays pending too, and the
+        caller wakes once the action has ended, with `CancelledError` (or the
+        value of a body that absorbed it, or the error its cleanup raised), as
+        from an `await` of the body in asyncio. (Woken first, the caller would
+        only pass the cancel on: one loop step more.) A later cancel stops the
+        caller's wait, unless the body has not woken from the first one yet:
+        asyncio makes those two one cancellation.
+
+        The action itself, not a bound method, is that `cancel`: an action
+        whose caller is never cancelled pays nothing for it.
+        """
+        done = self.done
+        if done is None or done.done():
+            return False
+        if not hasattr(done, "asked"):
+            done.asked = True  # type: ignore[attr-defined]  # beside `cancel`: nothing allocated
+            self.runtime.cancel_from_caller(self, msg if isinstance(msg, str) else None)
+            return False
+        if self.cancel_pending():
+            return False
+        return _future_cancel(done, msg)
+
+    def cancel_pending(self) -> bool:
+        """Whether the body's task was cancelled and has not woken from it yet."""
+        task = self.atask
+        if task is None:
+            return False
+        # asyncio's own: the future the task waits on, and a cancel requested while it ran.
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        return bool((waiter is not None and waiter.cancelled()) or task._must_cancel)  # type: ignore[attr-defined]
 
     @property
     def run(self) -> str:

@@ -10,6 +10,10 @@ is recorded `cleanup_incomplete=true`); one that ignores that too is, after
 
 Timers due in the same `TIMER_RESOLUTION` share one loop handle, so
 cancelling 1,000 children costs one timer, not 1,000.
+
+A cancel of the task awaiting an action (`t.cancel()`, a parent's timeout) is
+turned into the action's request here too (`from_caller`); for a caller that
+is a task of its own, at once, by the future it waits on (`ActionState.__call__`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
-from flowsdk._action import ActionState
+from flowsdk._action import ActionState, Request
 from flowsdk._describe import format_stack
 from flowsdk._phases import AbortCause, ActionPhase
 
@@ -31,6 +35,7 @@ ABANDON_AFTER = 1.0
 TIMER_RESOLUTION = 0.01  # grace and abandon deadlines are rounded up to this (seconds)
 
 QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
+CANCELLED, ANCESTOR = AbortCause.CANCELLED, AbortCause.ANCESTOR
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 
 TimerKey = tuple[int, Callable[[ActionState], None]]
@@ -58,8 +63,33 @@ class Delivery:
         self._owner = owner
         self._loop = loop
         self._timers: dict[TimerKey, list[ActionState]] = {}
+        self._cancelling = False  # in `cancel_task`: a caller's cancel it causes waits a step
         self.zombies: list[ActionState] = []
         """Bodies that ignored two cancellations: recorded as ended, still running."""
+
+    def from_caller(self, action: ActionState, reason: str | None = None) -> None:
+        """The task awaiting `action` was cancelled (with `reason`, if any): cancel the action.
+
+        Only this action: as in asyncio, the cancel reaches its descendants
+        through the awaits it is in (they record cause `ancestor`), and a child
+        behind `asyncio.shield` keeps running. A caller's cancel caused by
+        cancelling another action's task (a chain of tasks, each awaiting the
+        next) is delivered on the loop's next step, so that a long chain is
+        cancelled in a flat loop, never by recursion.
+        """
+        if action.req is not None:
+            return
+        parent = action.parent
+        ancestor = parent is not None and parent.req is not None
+        action.req = Request(ANCESTOR if ancestor else CANCELLED, reason, None, native=True)
+        if self._cancelling:
+            self._loop.call_soon(self._deliver_first, action)
+        else:
+            self.deliver(action)
+
+    def _deliver_first(self, action: ActionState) -> None:
+        if action.cancels == 0 and action.phase not in _TERMINAL:
+            self.deliver(action)
 
     def deliver(self, action: ActionState) -> None:
         """Deliver the first cancel of the action's request to its body."""
@@ -85,7 +115,11 @@ class Delivery:
             action.cancels += 1
             req = action.req
             message = req.message() if req is not None else "flowsdk: cancelled"
-            action.task.options.runner.cancel(task, message)
+            cancelling, self._cancelling = self._cancelling, True
+            try:
+                action.task.options.runner.cancel(task, message)
+            finally:
+                self._cancelling = cancelling
 
     def later(
         self, action: ActionState, delay: float, callback: Callable[[ActionState], None]

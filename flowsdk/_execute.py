@@ -79,8 +79,11 @@ async def action_handle(
     parent's `asyncio.timeout`, teardown), it cancels the action (a message
     given to `t.cancel(msg)` becomes the abort's reason), waits for the
     action's cleanup, then re-raises `CancelledError`; a second cancel stops
-    the wait. With a `recorded` output (a retried run's history, or the
-    cache) the body does not run: the action is recorded as replayed.
+    the wait. In a task of its own, the cancel goes to the action at once, by
+    the future this coroutine waits on (`ActionState.__call__`); awaited in
+    its parent's body, on this coroutine's next step. With a `recorded`
+    output (a retried run's history, or the cache) the body does not run:
+    the action is recorded as replayed.
     """
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
@@ -90,21 +93,22 @@ async def action_handle(
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
     action = start_child(runtime, parent, task, args, kwargs, key, inputs)
-    host = _current_task(runtime.loop)
-    if host is not parent.atask:
-        action.host = host  # a task of its own (create_task, gather...): see Runtime.root_exited
-    # What leaves this frame keeps it (and its locals) in a traceback, and the
-    # caller's task keeps what leaves it: no local may lead back to that task,
-    # nor to an exception caught here, or the action waits for the collector.
-    del host
     done = action.done
     assert done is not None
+    hosted = _current_task(runtime.loop) is not parent.atask
+    if hosted:
+        # A task of its own (create_task, gather...): its cancel cancels the
+        # action at once (`ActionState.__call__`).
+        done.cancel = action  # type: ignore[method-assign]
     try:
         await done
     except CancelledError as exc:
+        # What leaves this frame keeps it (and its locals) in a traceback, and the
+        # caller's task keeps what leaves it: no local may lead back to that task,
+        # nor to an exception caught here, or the action waits for the collector.
         reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
         del exc
-        if action.phase not in _TERMINAL:
+        if action.phase not in _TERMINAL and not hosted:
             runtime.cancel_from_caller(action, reason)
             if action.phase not in _TERMINAL:
                 action.done = runtime.loop.create_future()
@@ -112,10 +116,10 @@ async def action_handle(
                     await action.done
                 finally:
                     adopt_context(action)
-                    action.done = action.context = action.host = None
+                    action.done = action.context = None
         else:
             adopt_context(action)
-        action.done = action.context = action.host = None
+        action.done = action.context = None
         phase = action.phase
         if phase is SUCCEEDED:
             # As in asyncio: the child absorbed the cancel and returned (or it had
@@ -130,10 +134,10 @@ async def action_handle(
     context = action.context
     if context is not None and len(context) > 1:  # more than the SDK's own `current`
         adopt_context(action)
-    # The action has ended and its awaiter is back: its future, context and
-    # host are not needed any more, nor, once handed over, what it returned or
+    # The action has ended and its awaiter is back: its future and context
+    # are not needed any more, nor, once handed over, what it returned or
     # raised (a long run keeps only its records, not every value and traceback).
-    action.done = action.context = action.host = None
+    action.done = action.context = None
     if action.phase is SUCCEEDED:
         value = action.value
         action.value = None

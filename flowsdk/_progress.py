@@ -244,15 +244,12 @@ async def _observe(state: ActionState, trace: Trace) -> None:
         answer = observer(seen)
         if answer is not None and inspect.isawaitable(answer):
             await answer
-    # The task awaiting this action: a task of its own (`create_task`, `gather`), or
-    # the parent's body awaiting the call directly.
-    waiter = state.host
-    if waiter is None and state.parent is not None:
-        waiter = state.parent.atask
+    # An observer's `t.cancel()` of a task of its own awaiting this action cancels the
+    # action at once (`ActionState.__call__`). The parent's body awaiting the call
+    # directly turns a cancel of its task into this action's cancel on its next step:
+    # give it that step, so the cancel lands here and not at the body's next await.
+    waiter = state.parent.atask if state.parent is not None else None
     if state.req is None and waiter is not None and waiter.cancelling() and not waiter.done():
-        # An observer cancelled the task awaiting this action (`t.cancel()`): that
-        # task turns it into this action's cancel on its next step. Give it that
-        # step, so the cancel lands here and not at the body's next await.
         await asyncio.sleep(0)
     if state.req is not None:
         await asyncio.sleep(0)  # a cancel delivered meanwhile is raised here

@@ -4,8 +4,8 @@ The runtime owns the run's state and is the only code that changes it. It is
 cut along three seams, each with a state of its own:
 
 - **who asked** (`ActionState.req`, a `Request`): set by `request_cancel`,
-  `cancel_from_caller`, `root_exited`, `on_timeout`, `abandon_all`; a request
-  named by an operator replaces a collateral one;
+  `cancel_from_caller` (`Delivery.from_caller`), `root_exited`, `on_timeout`,
+  `abandon_all`; a request named by an operator replaces a collateral one;
 - **how cancellation is delivered** (`Delivery`: first cancel through the
   executor, grace period, escalation, zombies);
 - **what results** (`_outcome`: the terminal phase after a request, what a
@@ -110,6 +110,8 @@ class Runtime:
         self.log = RunLog()
         self.tracker: TaskTracker | None = None
         self.delivery = Delivery(self, loop)
+        # The task awaiting an action was cancelled: cancel the action (no extra call).
+        self.cancel_from_caller = self.delivery.from_caller
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None
@@ -466,17 +468,6 @@ class Runtime:
 
     # -- lifetime and requests -----------------------------------------------------
 
-    def cancel_from_caller(self, action: ActionState, reason: str | None = None) -> None:
-        """The task awaiting `action` was cancelled (with `reason`, if any): cancel the action."""
-        if action.req is None:
-            parent = action.parent
-            ancestor = parent is not None and parent.req is not None
-            # Only this action: as in asyncio, the cancel reaches its descendants
-            # through the awaits it is in (they record cause `ancestor`), and a
-            # child behind `asyncio.shield` keeps running.
-            action.req = Request(ANCESTOR if ancestor else CANCELLED, reason, None, native=True)
-            self.delivery.deliver(action)
-
     def _deliver_all(self, actions: Iterable[ActionState]) -> None:
         # Deepest-first is not needed for correctness (no SDK task awaits
         # another task), but reverse start order lets leaves start their
@@ -492,21 +483,17 @@ class Runtime:
             self.tracker.cancel_all()
         marked = []
         exited = Request(ROOT_EXIT, None, None)
-        cancelled_by_code = Request(CANCELLED, None, None)
         for action in list(self.live.values()):
             req = action.req
-            if req is not None and req.cause is CANCELLED and action.cancels == 1:
-                # Cancelled by workflow code and still cleaning up: the lifetime
-                # rule wins, the root's exit interrupts that cleanup.
-                self.delivery.escalate(action)
             if req is None:
-                # A task that workflow code cancelled just before the root
-                # returned (`t.cancel(); return`) has not delivered its cancel
-                # yet: that action was cancelled by the code, not by the exit.
-                host = action.host
-                cancelled = host is not None and host.cancelling() > 0 and not host.done()
-                action.req = cancelled_by_code if cancelled else exited
+                action.req = exited
                 marked.append(action)
+            elif req.cause is CANCELLED and action.cancels == 1 and not action.cancel_pending():
+                # Cancelled by workflow code and cleaning up: the lifetime rule
+                # wins, the root's exit interrupts that cleanup. (Cancelled just
+                # before the root returned, `t.cancel(); return`, it has not
+                # woken yet: its cleanup is not interrupted.)
+                self.delivery.escalate(action)
         self._deliver_all(marked)
 
     def abort_run(

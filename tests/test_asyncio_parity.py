@@ -458,3 +458,74 @@ async def test_body_cancelling_its_own_task_ends_cancelled() -> None:
     assert child.phase is ActionPhase.ABORTED
     assert child.abort is not None
     assert child.abort.cause.value == "cancelled"
+
+
+# -- D6: when a cancel of the awaiting task reaches the body ---------------------------
+
+
+async def test_cancel_of_a_task_of_its_own_reaches_the_body_in_the_step_asyncio_gives() -> None:
+    """`t.cancel()` lands in the child's body on the loop's next step, as in asyncio.
+
+    The cancel goes to the action at once, not through a first wake-up of `t`:
+    after one `sleep(0)` of the canceller the body has run its `except`.
+    """
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+        seen_by_body: list[str] = []
+
+        @task
+        async def child() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                seen_by_body.append("cancelled")
+                raise
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(child())
+            await started.wait()
+            t.cancel()
+            await asyncio.sleep(0)
+            after_one_step = list(seen_by_body)
+            return [after_one_step, await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["cancelled"], ["raised", "CancelledError"], True]
+    assert_clean(run)
+
+
+async def test_two_cancels_in_one_step_are_one_and_the_awaiter_waits_for_the_cleanup() -> None:
+    """`t.cancel(); t.cancel()`: one `CancelledError` in the body; `t` gets its cleanup's error."""
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+        cancels: list[int] = []
+
+        @task
+        async def child() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(1)
+                for _ in range(3):  # a cleanup that takes a few steps
+                    await asyncio.sleep(0)
+                raise ValueError("cleanup") from None
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(child())
+            await started.wait()
+            t.cancel()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), len(cancels)]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["raised", "ValueError"], 1]
+    [child] = by_task(run, "child")
+    assert child.phase is ActionPhase.FAILED

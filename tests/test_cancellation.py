@@ -261,6 +261,43 @@ def test_root_exit_interrupts_finally_of_child_cancelled_by_parent() -> None:
     assert_clean(run)
 
 
+def test_root_returning_right_after_cancelling_a_child_lets_its_cleanup_run() -> None:
+    """`t.cancel(); return`: the child gets one cancel, its cleanup runs whole.
+
+    The root's exit comes before the body has woken from the cancel: it is
+    not a cleanup to interrupt (no second cancel, no `cleanup_incomplete`).
+    """
+    env = flowsdk.TaskEnvironment("c3b")
+    running = Gate()
+    cleanup: list[str] = []
+
+    @env.task
+    async def child() -> None:
+        try:
+            await running.enter()
+        except asyncio.CancelledError as exc:
+            cleanup.append(str(exc))
+            await asyncio.sleep(0)  # a cleanup that awaits
+            cleanup.append("done")
+            raise
+
+    @env.task
+    async def root() -> int:
+        t = asyncio.create_task(child())
+        await running.wait_running()
+        t.cancel("enough")
+        return 42
+
+    run = flowsdk.run(root)
+    assert run.result() == 42
+    assert cleanup == ["flowsdk: cancelled by workflow code (cancelled): enough", "done"]
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
+    assert causes(run)["a1"] == "cancelled"
+    assert run.action("a1").cleanup_incomplete is False
+    assert _warnings(run, "a1") == []
+    assert_clean(run)
+
+
 def test_cleanup_raising_after_parent_cancel_fails_child() -> None:
     """A cleanup doing `except CancelledError: raise ValueError` fails the child; parent sees it."""
     env = flowsdk.TaskEnvironment("c4")
@@ -367,6 +404,48 @@ def test_parent_cancelling_one_child_sees_cancelled_error_and_continues() -> Non
     assert cleanups == [1]
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED", "a2": "ABORTED"}
     assert causes(run) == {"a0": None, "a1": None, "a2": "cancelled"}
+    assert_clean(run)
+
+
+def test_second_cancel_of_the_awaiter_stops_its_wait_for_the_cleanup() -> None:
+    """Once the body is in its cleanup, a second `t.cancel()` ends `t`; the cleanup runs on.
+
+    The first cancel reaches the body at once; `t` waits for the action to end.
+    The second stops that wait (asyncio would interrupt the cleanup instead:
+    flowsdk leaves a cleanup its grace period). The action is recorded when
+    its cleanup ends.
+    """
+    env = flowsdk.TaskEnvironment("c5b")
+    running, in_cleanup, finish_cleanup = Gate(), asyncio.Event(), asyncio.Event()
+    seen: list[Any] = []
+
+    @env.task
+    async def child() -> None:
+        try:
+            await running.enter()
+        finally:
+            in_cleanup.set()
+            await finish_cleanup.wait()
+
+    @env.task
+    async def root() -> str:
+        t = asyncio.create_task(child())
+        await running.wait_running()
+        t.cancel()
+        await in_cleanup.wait()
+        t.cancel()
+        try:
+            await t
+        except asyncio.CancelledError:
+            seen.append(("cancelled", in_cleanup.is_set(), finish_cleanup.is_set()))
+        finish_cleanup.set()
+        return "done"
+
+    run = flowsdk.run(root)
+    assert run.result() == "done"
+    assert seen == [("cancelled", True, False)]
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
+    assert causes(run) == {"a0": None, "a1": "cancelled"}
     assert_clean(run)
 
 

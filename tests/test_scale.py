@@ -106,6 +106,40 @@ async def test_depth_2000_chain_of_tasks_is_created_aborted_and_torn_down() -> N
     assert_clean(run)
 
 
+async def test_depth_2000_chain_of_tasks_cancelled_by_workflow_code_unwinds_flat() -> None:
+    """`t.cancel()` of a task awaiting a chain of 2,000 tasks: no recursion, every level ABORTED.
+
+    Each level's cancel reaches its action at once through the future its task
+    waits on; one caused while delivering another waits for the loop's next
+    step, so the chain is not cancelled by recursion (plain asyncio recurses
+    through `Task.cancel` and raises RecursionError here).
+    """
+    env = flowsdk.TaskEnvironment("s2cancel")
+    leaf_started = asyncio.Event()
+    level = _chain_of_tasks(env, leaf_started)
+
+    @env.task
+    async def root() -> str:
+        t = asyncio.create_task(level(2000))
+        await leaf_started.wait()
+        t.cancel("enough")
+        try:
+            await t
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "not cancelled"
+
+    run = await flowsdk.run_async(root)
+    assert run.result() == "cancelled"
+    assert len(run.actions) == 2002
+    assert Counter(phases(run).values()) == {"SUCCEEDED": 1, "ABORTED": 2001}
+    assert Counter(causes(run).values()) == {None: 1, "cancelled": 1, "ancestor": 2000}
+    [top] = [a for a in run.actions if a.name == "a1"]
+    assert top.abort is not None
+    assert top.abort.reason == "enough"
+    assert_clean(run)
+
+
 async def test_depth_2000_chain_of_direct_awaits_is_created_aborted_and_torn_down() -> None:
     """2,001 actions, each a plain `await next()`, beyond the recursion limit of one stack."""
     env = flowsdk.TaskEnvironment("s2awaits")

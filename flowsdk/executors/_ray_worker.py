@@ -111,6 +111,9 @@ class RemoteRun:
     def on_timeout(self, action: ActionState) -> None:
         """Timeouts are decided by the driver only."""
 
+    def cancel_from_caller(self, action: ActionState, reason: str | None) -> None:
+        """Cancellation is decided by the driver only (a remote body starts no actions)."""
+
 
 class _RefusedTask:
     """A task object as a remote body sees it: calling it is refused (no nesting in v1)."""
