@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
 
-__all__ = ["OWN_CODE", "action_handle", "note_unobserved", "run_action", "spawn"]
+__all__ = ["HANDLE_CODE", "OWN_CODE", "action_handle", "note_unobserved", "run_action", "spawn"]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
@@ -92,10 +92,12 @@ async def action_handle(
         recorded = await runtime.cache_get(task, inputs)
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
-    action = start_child(runtime, parent, task, args, kwargs, key, inputs)
+    host = _current_task(runtime.loop)
+    hosted = host is not parent.atask
+    action = start_child(runtime, parent, task, args, kwargs, key, inputs, host if hosted else None)
+    del host
     done = action.done
     assert done is not None
-    hosted = _current_task(runtime.loop) is not parent.atask
     if hosted:
         # A task of its own (create_task, gather...): its cancel cancels the
         # action at once (`ActionState.__call__`).
@@ -173,11 +175,17 @@ def start_child(
     kwargs: dict[str, Any],
     key: str,
     inputs: bytes,
+    host: asyncio.Task[Any] | None,
 ) -> ActionState:
     """Create a child action of `parent`, record it QUEUED and create its task.
 
     The per-call path, in one function: what `Runtime._new` and `spawn` do,
     without their calls (the root and replayed actions go through those).
+    Called from `host`, a task of its own made for the call (`create_task`,
+    `gather`...), the action's body runs in the context made for that task
+    (`TaskTracker.contexts`): asyncio gives that task a copy of the caller's
+    context, and the body's writes land in it, as they would in asyncio, with
+    no second copy to make and adopt.
     """
     if runtime.closed:
         # The root exited between the call and this first step: the action
@@ -203,11 +211,15 @@ def start_child(
     # A plain asyncio future, awaited only by the handle: `loop.create_future`
     # would add a Python frame to every call.
     action.done = _Future(loop=loop)
-    action.context = context = copy_context()
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
+        context = tracker.contexts.pop(host, None) if host is not None else None
+        if context is None:
+            # The copy asyncio would make, kept so that the awaiter can adopt the body's writes.
+            action.context = context = copy_context()
         action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
     else:
+        action.context = context = copy_context()
         action.atask = loop.create_task(run_action(runtime, action), context=context)
     return action
 
@@ -436,6 +448,8 @@ async def backoff(runtime: Runtime, action: ActionState) -> bool:
 _RUN_ACTION_CODE = run_action.__code__
 OWN_CODE = frozenset({run_action.__code__, action_handle.__code__})
 """The code of the SDK's own coroutines: tasks running them are actions, not plain tasks."""
+HANDLE_CODE = action_handle.__code__
+"""The code of a call's handle (`TaskTracker` makes the context of a task running one)."""
 
 
 def note_failure_host(runtime: Runtime, action: ActionState) -> None:

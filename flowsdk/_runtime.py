@@ -139,9 +139,9 @@ class Runtime:
         if recorder.streams:
             self.forget_from = KEEP_IN_MEMORY
 
-    def track_tasks(self, own: frozenset[CodeType]) -> None:
+    def track_tasks(self, own: frozenset[CodeType], handle: CodeType) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
-        self.tracker = TaskTracker(self, self.loop, own)
+        self.tracker = TaskTracker(self, self.loop, own, handle)
 
     def event(
         self,

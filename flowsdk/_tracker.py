@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Coroutine
+from contextvars import copy_context
 from types import CodeType
 from typing import Any
 
@@ -19,16 +21,26 @@ class TaskTracker:
     working. Python 3.11 tasks do not expose their context; this is how a task
     is known to belong to the run. Tasks whose coroutine runs one of `own`
     (the SDK's action and handle coroutines) are not tracked: they are actions.
+    For a task that runs a call's handle (`handle`) it makes the task's context
+    itself, the copy asyncio would make, and keeps it for the action (`contexts`).
     """
 
     def __init__(
-        self, runtime: RunContext, loop: asyncio.AbstractEventLoop, own: frozenset[CodeType]
+        self,
+        runtime: RunContext,
+        loop: asyncio.AbstractEventLoop,
+        own: frozenset[CodeType],
+        handle: CodeType,
     ) -> None:
         self.runtime = runtime
         self.loop = loop
         self.own = own
         self.previous: Callable[..., Any] | None = loop.get_task_factory()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.handle = handle
+        # The context made for each task of its own that runs a call's handle,
+        # until the handle starts the action in it (`start_child`).
+        self.contexts: dict[asyncio.Task[Any], contextvars.Context] = {}
         loop.set_task_factory(self)  # type: ignore[arg-type]
 
     def __call__(
@@ -36,11 +48,19 @@ class TaskTracker:
     ) -> asyncio.Task[Any]:
         previous = self.previous
         task: Any
+        code = getattr(coro, "cr_code", None)
         if previous is not None:
             task = previous(loop, coro, **kwargs)
+        elif code is self.handle and "context" not in kwargs:
+            # A call's handle in a task of its own: the action runs in the context
+            # made for that task (`contexts`, taken by `start_child`).
+            context = copy_context()
+            handle_task = asyncio.Task(coro, loop=loop, context=context)
+            self.contexts[handle_task] = context
+            return handle_task
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
-        if getattr(coro, "cr_code", None) in self.own:
+        if code in self.own:
             return task  # type: ignore[no-any-return]  # an action's handle: not tracked
         state = current.get()
         if state is not None and state.runtime is self.runtime and not self.runtime.closed:
@@ -60,6 +80,7 @@ class TaskTracker:
 
     def close(self) -> None:
         """Give the loop back its previous task factory (unless someone replaced ours)."""
+        self.contexts.clear()  # of handles that never started an action (replayed, cancelled)
         factory: object = self.loop.get_task_factory()
         if factory is self:
             self.loop.set_task_factory(self.previous)

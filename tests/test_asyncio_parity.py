@@ -434,6 +434,28 @@ async def test_child_context_writes_land_in_the_context_given_to_create_task() -
     assert plain == flow == [1, 0, 2]
 
 
+async def test_child_in_a_task_of_its_own_sees_the_context_copied_when_the_task_was_made() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        @task
+        async def child(value: int) -> int:
+            seen = cvar.get()
+            cvar.set(value)
+            await asyncio.sleep(0)
+            return seen * 100 + cvar.get()
+
+        async def main() -> list[Any]:
+            cvar.set(5)
+            t = asyncio.create_task(child(7))
+            g = asyncio.gather(child(8), child(9))
+            cvar.set(6)  # after the copies were made, before the bodies run
+            return [await t, await g, cvar.get()]
+
+        return main
+
+    plain, flow, _ = await both(program)
+    assert plain == flow == [507, [508, 509], 6]
+
+
 # -- D5: a body that cancels its own task and returns at once -----------------------
 
 
