@@ -23,6 +23,7 @@ import asyncio
 import gc
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 # Why a test of an `xdist_group` was left out of it (see below); such a test fails at setup.
 _UNGROUPED = pytest.StashKey[str]()
+THREAD_EXIT_WAIT = 5.0  # seconds a test's finished threads get to exit before they count as leaked
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which adds the groups
@@ -106,6 +108,13 @@ def leak_bundle() -> Iterator[None]:
     problems = [record.getMessage() for record in collector.records]
     assert not problems, f"asyncio reported: {problems}"
     leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    # A thread whose work is done may still be returning (asyncio's `waitpid` thread
+    # wakes the loop, which can run the test on before that thread has exited): give
+    # each a bounded moment to end. One that runs on is a leak.
+    deadline = time.monotonic() + THREAD_EXIT_WAIT
+    for thread in leaked:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"threads left running: {leaked}"
 
 
