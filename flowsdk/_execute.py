@@ -215,8 +215,8 @@ def start_child(
     if tracker is not None and tracker.previous is None:
         context = tracker.contexts.pop(host, None) if host is not None else None
         if context is None:
-            # The copy asyncio would make, kept so that the awaiter can adopt the body's writes.
-            action.context = context = copy_context()
+            context = copy_context()  # the copy asyncio would make: the awaiter adopts its writes
+        action.context = context
         action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
     else:
         action.context = context = copy_context()
