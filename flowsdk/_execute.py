@@ -110,18 +110,17 @@ async def action_handle(
         # nor to an exception caught here, or the action waits for the collector.
         reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
         del exc
-        if action.phase not in _TERMINAL and not hosted:
-            runtime.cancel_from_caller(action, reason)
-            if action.phase not in _TERMINAL:
-                action.done = runtime.loop.create_future()
-                try:
+        try:
+            if action.phase not in _TERMINAL and not hosted:
+                # Awaited in its parent's body: pass the cancel on, wait for the end
+                # (a second cancel stops the wait).
+                runtime.cancel_from_caller(action, reason)
+                if action.phase not in _TERMINAL:
+                    action.done = runtime.loop.create_future()
                     await action.done
-                finally:
-                    adopt_context(action)
-                    action.done = action.context = None
-        else:
+        finally:
             adopt_context(action)
-        action.done = action.context = None
+            action.done = action.context = None
         phase = action.phase
         if phase is SUCCEEDED:
             # As in asyncio: the child absorbed the cancel and returned (or it had
