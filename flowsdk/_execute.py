@@ -302,6 +302,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 tb = exc.__traceback__
                 if tb is not None and tb.tb_frame.f_code is _RUN_ACTION_CODE:
                     exc.__traceback__ = tb.tb_next
+                del tb  # its first entry is this frame: kept here, a cycle through the action
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
                     runtime.finish_base_exception(action, exc)
                     return

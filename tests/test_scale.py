@@ -460,3 +460,59 @@ def test_cancelled_children_are_freed_with_their_run_without_the_garbage_collect
         assert _action_states() - before == 0
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_gathered_children_are_freed_with_their_run_without_the_garbage_collector(
+    kind: str, tmp_path: Path
+) -> None:
+    """The calls `gather` wraps (the action's own future stands for their task) leave no cycle.
+
+    Their futures end with the value, with the error the parent sees, or
+    cancelled by gather's cancel: with the collector off, dropping the `Run`
+    frees every action.
+    """
+    env = flowsdk.TaskEnvironment("s10")
+    started: list[int] = []
+    all_started = asyncio.Event()
+
+    @env.task
+    async def child(i: int) -> int:
+        await asyncio.sleep(0)
+        if i % 2:
+            raise ValueError(f"odd {i}")
+        return i
+
+    @env.task
+    async def sleeper(n: int) -> None:
+        started.append(n)
+        if len(started) == n:
+            all_started.set()
+        await asyncio.sleep(3600)
+
+    @env.task
+    async def root(n: int) -> list[int]:
+        results = await asyncio.gather(*(child(i) for i in range(n)), return_exceptions=True)
+        errors = sum(isinstance(r, RuntimeUserError) for r in results)
+        del results
+        g = asyncio.gather(*(sleeper(n) for _ in range(n)))
+        await all_started.wait()
+        g.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await g
+        del g
+        return [errors, len(started)]
+
+    store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
+    gc.collect()
+    before = _action_states()
+    gc.disable()
+    try:
+        run = flowsdk.run(root, 10, store=store)
+        assert run.result() == [5, 10]
+        assert Counter(phases(run).values()) == {"SUCCEEDED": 6, "FAILED": 5, "ABORTED": 10}
+        assert _action_states() - before == 21
+        del run
+        assert _action_states() - before == 0
+    finally:
+        gc.enable()
