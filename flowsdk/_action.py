@@ -165,6 +165,7 @@ class ActionState:
         "cleanup_incomplete",
         "context",
         "deadline_at",
+        "direct",
         "done",
         "ended_at",
         "ended_seq",
@@ -224,7 +225,9 @@ class ActionState:
         self.error: tuple[str, str, str] | None = None
         self.req: Request | None = None
         self.atask: asyncio.Task[None] | None = None
-        self.done: asyncio.Future[None] | None = None
+        self.done: asyncio.Future[Any] | None = None
+        # Whether `done` is what `gather` holds for the call (no handle, `settle`).
+        self.direct = False
         self.timer: tuple[int, Callable[[ActionState], None]] | None = None
         self.cancels = 0
         self.calls = 0
@@ -244,17 +247,22 @@ class ActionState:
         self.ended_seq: int | None = None
 
     def __call__(self, msg: object = None) -> bool:
-        """Be `cancel` of the future that the action's caller, a task of its own, waits on.
+        """Be `cancel` of the action's future, when a task of its own or `gather` waits on it.
 
-        asyncio cancels a task by cancelling the future it waits on. The first
-        time, this future cancels the action instead, at once, and stays
-        pending (`False`): the caller's cancellation stays pending too, and the
-        caller wakes once the action has ended, with `CancelledError` (or the
-        value of a body that absorbed it, or the error its cleanup raised), as
-        from an `await` of the body in asyncio. (Woken first, the caller would
-        only pass the cancel on: one loop step more.) A later cancel stops the
-        caller's wait, unless the body has not woken from the first one yet:
-        asyncio makes those two one cancellation.
+        asyncio cancels a task by cancelling the future it waits on, and
+        `gather` cancels the futures it holds. The first time, this future
+        cancels the action instead, at once, and stays pending: the caller's
+        cancellation stays pending too, and the caller wakes once the action
+        has ended, with `CancelledError` (or the value of a body that absorbed
+        it, or the error its cleanup raised), as from an `await` of the body in
+        asyncio. (Woken first, a handle would only pass the cancel on: one loop
+        step more.) A later cancel stops the wait, unless the body has not
+        woken from the first one yet: asyncio makes those two one cancellation.
+
+        It answers as the task in its place would: a future `gather` holds
+        directly (`direct`) stands for the call's task, so `True` while the
+        action runs; a handle's task, cancelled through this future, must
+        keep its own cancellation pending, so `False` then.
 
         The action itself, not a bound method, is that `cancel`: an action
         whose caller is never cancelled pays nothing for it.
@@ -263,11 +271,11 @@ class ActionState:
         if done is None or done.done():
             return False
         if not hasattr(done, "asked"):
-            done.asked = True  # type: ignore[attr-defined]  # beside `cancel`: nothing allocated
+            done.asked = msg  # type: ignore[attr-defined]  # beside `cancel`: nothing allocated
             self.runtime.cancel_from_caller(self, msg if isinstance(msg, str) else None)
-            return False
+            return self.direct
         if self.cancel_pending():
-            return False
+            return self.direct
         return _future_cancel(done, msg)
 
     def cancel_pending(self) -> bool:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import CancelledError
-from contextvars import copy_context
+from contextvars import Context, copy_context
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, Request, current
@@ -43,7 +44,15 @@ if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
 
-__all__ = ["HANDLE_CODE", "OWN_CODE", "action_handle", "note_unobserved", "run_action", "spawn"]
+__all__ = [
+    "HANDLE_CODE",
+    "OWN_CODE",
+    "action_handle",
+    "note_unobserved",
+    "run_action",
+    "spawn",
+    "start_gathered",
+]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
@@ -85,6 +94,9 @@ async def action_handle(
     output (a retried run's history, or the cache) the body does not run:
     the action is recorded as replayed.
     """
+    if _gathering:
+        # The first step, run by the task factory for `gather`: no task of its own.
+        return start_direct(runtime, parent, task, args, kwargs, key, inputs, recorded)
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
@@ -92,10 +104,13 @@ async def action_handle(
         recorded = await runtime.cache_get(task, inputs)
     if recorded is not None:
         return runtime.replay(parent, task, key, inputs, recorded)
-    host = _current_task(runtime.loop)
+    host: Any = _current_task(runtime.loop)
     hosted = host is not parent.atask
-    action = start_child(runtime, parent, task, args, kwargs, key, inputs, host if hosted else None)
+    tracker = runtime.tracker
+    # In a task of its own, the context made for that task (`TaskTracker.contexts`).
+    context = tracker.contexts.pop(host, None) if hosted and tracker is not None else None
     del host
+    action = start_child(runtime, parent, task, args, kwargs, key, inputs, context)
     done = action.done
     assert done is not None
     if hosted:
@@ -174,17 +189,17 @@ def start_child(
     kwargs: dict[str, Any],
     key: str,
     inputs: bytes,
-    host: asyncio.Task[Any] | None,
+    context: Context | None,
 ) -> ActionState:
     """Create a child action of `parent`, record it QUEUED and create its task.
 
     The per-call path, in one function: what `Runtime._new` and `spawn` do,
     without their calls (the root and replayed actions go through those).
-    Called from `host`, a task of its own made for the call (`create_task`,
-    `gather`...), the action's body runs in the context made for that task
-    (`TaskTracker.contexts`): asyncio gives that task a copy of the caller's
-    context, and the body's writes land in it, as they would in asyncio, with
-    no second copy to make and adopt.
+    The body runs in `context` if given: the context of the task of its own
+    made for the call (`create_task`, `gather`...) that asyncio gives a copy
+    of the caller's context; the body's writes land in it, as they would in
+    asyncio, with no second copy to make and adopt. Otherwise in a copy of the
+    current context, which the awaiter adopts.
     """
     if runtime.closed:
         # The root exited between the call and this first step: the action
@@ -212,7 +227,6 @@ def start_child(
     action.done = _Future(loop=loop)
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
-        context = tracker.contexts.pop(host, None) if host is not None else None
         if context is None:
             context = copy_context()  # the copy asyncio would make: the awaiter adopts its writes
         action.context = context
@@ -221,6 +235,71 @@ def start_child(
         action.context = context = copy_context()
         action.atask = loop.create_task(run_action(runtime, action), context=context)
     return action
+
+
+# Set while the run's task factory runs the first step of a call's handle for `gather`.
+_gathering = False
+
+
+def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
+    """Start the action of a call that `asyncio.gather` wraps; return the future to give it.
+
+    `gather` makes a task for each coroutine it is given and only ever holds
+    it as a future: it waits for it by a callback and cancels it. For a
+    call's handle, that task would only start the action and wait for it.
+    So the run's task factory (`TaskTracker`) runs the handle's first step
+    itself, at once, and the handle starts the action (`start_direct`) and
+    returns the action's own future, which takes the task's place: the
+    action's end settles it with what the handle would have returned or
+    raised (`_outcome.settle`), and a cancel of it cancels the action
+    (`ActionState.__call__`). One task, a coroutine and two loop steps fewer
+    per child. When the handle has more to do than start the action, it
+    returns a new coroutine of itself instead, for a task of its own.
+    """
+    global _gathering
+    if coro.cr_running or coro.cr_suspended:
+        return coro  # not a fresh coroutine: a task runs the rest, as for any other
+    _gathering = True
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        _gathering = False
+    raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
+
+
+def start_direct(
+    runtime: Runtime,
+    parent: ActionState,
+    task: TaskSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: str,
+    inputs: bytes,
+    recorded: bytes | None,
+) -> Any:
+    """Start the action of a call for `gather` (`start_gathered`); return its future.
+
+    A replayed or cached output, a store to wait for or a run that has closed
+    is the handle's to deal with, in a task of its own: then a new coroutine
+    of the handle, with the same arguments.
+    """
+    options = task.options
+    rec = runtime.log.streaming
+    if (
+        recorded is not None
+        or runtime.closed
+        or (options.cache and not options.cache_override)
+        or (rec is not None and rec.congested())
+    ):
+        handle = task._handle or task._make_handle()
+        return handle(runtime, parent, task, args, kwargs, key, inputs, recorded)
+    action = start_child(runtime, parent, task, args, kwargs, key, inputs, None)
+    action.direct = True
+    done = action.done
+    done.cancel = action  # type: ignore[method-assign,union-attr]
+    return done
 
 
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:

@@ -17,7 +17,7 @@ The rules of SPEC §1, in one place:
 
 from __future__ import annotations
 
-from asyncio import CancelledError
+from asyncio import CancelledError, Future
 from typing import Any
 
 from flowsdk._action import ActionState, Request
@@ -30,11 +30,21 @@ from flowsdk.errors import (
     TaskTimeoutError,
 )
 
-__all__ = ["absorbs", "aborted_error", "after_cancel", "final_phase", "interrupts", "outcome"]
+__all__ = [
+    "absorbs",
+    "aborted_error",
+    "after_cancel",
+    "final_phase",
+    "interrupts",
+    "outcome",
+    "outcome_error",
+    "settle",
+]
 
 SUCCEEDED, FAILED = ActionPhase.SUCCEEDED, ActionPhase.FAILED
 ABORTED, ABANDONED = ActionPhase.ABORTED, ActionPhase.ABANDONED
 EXTERNAL = AbortCause.EXTERNAL
+_future_cancel = Future.cancel  # asyncio's own, past the instance's `cancel` hook
 
 
 def absorbs(req: Request) -> bool:
@@ -94,20 +104,34 @@ def timeout_error(action: ActionState) -> TaskTimeoutError:
 
 def outcome(action: ActionState) -> Any:
     """Return the value, or raise what an awaiting parent gets (SPEC §1)."""
-    phase = action.phase
-    if phase is SUCCEEDED:
+    if action.phase is SUCCEEDED:
         return action.value
+    error = outcome_error(action)
+    if error is None:
+        raise CancelledError
+    try:
+        raise error
+    finally:
+        del error  # this frame, in the traceback, must not keep the exception: a cycle
+
+
+def outcome_error(action: ActionState) -> BaseException | None:
+    """What an awaiting parent gets raised for an action that did not succeed.
+
+    `None` stands for `CancelledError` (whose message is the awaiter's own).
+    """
+    phase = action.phase
     if phase is FAILED:
         exc = action.exc
         if isinstance(exc, RuntimeUserError) and not isinstance(exc, ActionMarkedFailedError):
-            raise exc  # never wrapped twice
+            return exc  # never wrapped twice
         if exc is None or interrupts(exc):
-            raise CancelledError  # KeyboardInterrupt/SystemExit: the run is being aborted
+            return None  # KeyboardInterrupt/SystemExit: the run is being aborted
         if not isinstance(exc, Exception):
-            raise exc  # another BaseException: unwrapped, as in asyncio
+            return exc  # another BaseException: unwrapped, as in asyncio
         error = action.error
         assert error is not None
-        raise RuntimeUserError(
+        wrapped = RuntimeUserError(
             f"action {action.name} ({action.task.name}) of run {action.run!r} failed: "
             f"{error[0]}: {error[1]}",
             run=action.run,
@@ -115,10 +139,37 @@ def outcome(action: ActionState) -> Any:
             error_type=error[0],
             error_message=error[1],
             error_traceback=error[2],
-        ) from exc
+        )
+        wrapped.__cause__ = exc  # as `raise ... from exc`
+        return wrapped
     if phase is ABORTED and action.cause is EXTERNAL:
-        raise aborted_error(action)
-    raise CancelledError
+        return aborted_error(action)
+    return None
+
+
+def settle(action: ActionState, done: Future[Any]) -> None:
+    """Give the future of a call that `gather` awaits what its awaiter would get.
+
+    Such a call has no handle (`start_gathered`): the action's future is what
+    `gather` holds, so it ends as the handle's task would have: with the
+    value, the error, or cancelled with the message of the cancel that the
+    caller asked for (`ActionState.__call__` keeps it), as in asyncio. Built,
+    not raised, the error keeps no frame of the runtime's.
+    """
+    action.done = action.context = None
+    if done.done():
+        return  # a second cancel stopped gather's wait
+    if action.phase is SUCCEEDED:
+        value = action.value
+        action.value = None  # handed over: the run keeps only its record
+        done.set_result(value)
+        return
+    error = outcome_error(action)
+    action.exc = None
+    if error is None:
+        _future_cancel(done, getattr(done, "asked", None))
+    else:
+        done.set_exception(error)
 
 
 def aborted_error(action: ActionState) -> ActionAbortedError:

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from asyncio import CancelledError
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from operator import attrgetter
 from types import CodeType
@@ -33,7 +33,7 @@ from flowsdk._delivery import Delivery
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import current_group
 from flowsdk._history import History
-from flowsdk._outcome import after_cancel, final_phase
+from flowsdk._outcome import after_cancel, final_phase, settle
 from flowsdk._payload import (
     decode_output,
     encode_inputs,
@@ -139,9 +139,14 @@ class Runtime:
         if recorder.streams:
             self.forget_from = KEEP_IN_MEMORY
 
-    def track_tasks(self, own: frozenset[CodeType], handle: CodeType) -> None:
+    def track_tasks(
+        self,
+        own: frozenset[CodeType],
+        handle: CodeType,
+        gathered: Callable[[Any], Any],
+    ) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
-        self.tracker = TaskTracker(self, self.loop, own, handle)
+        self.tracker = TaskTracker(self, self.loop, own, handle, gathered)
 
     def event(
         self,
@@ -336,8 +341,11 @@ class Runtime:
         if action.kwargs:
             action.kwargs = {}
         done = action.done
-        if done is not None and not done.done():
-            done.set_result(None)
+        if done is not None:
+            if action.direct:
+                settle(action, done)  # what `gather` holds: the call's outcome
+            elif not done.done():
+                done.set_result(None)
         if action is self.root:
             self.root_exited()
         if self.closed and not self.live and not self.drained.done():

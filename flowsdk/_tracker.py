@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from collections.abc import Callable, Coroutine
 from contextvars import copy_context
 from types import CodeType
 from typing import Any
 
 from flowsdk._action import RunContext, current
+
+_getframe = sys._getframe
+_GATHER = asyncio.gather.__code__
+_Future = asyncio.Future
 
 __all__ = ["TaskTracker"]
 
@@ -23,6 +28,8 @@ class TaskTracker:
     (the SDK's action and handle coroutines) are not tracked: they are actions.
     For a task that runs a call's handle (`handle`) it makes the task's context
     itself, the copy asyncio would make, and keeps it for the action (`contexts`).
+    A handle that `asyncio.gather` wraps gets no task: `gathered` starts its
+    action and gives `gather` the action's own future (`start_gathered`).
     """
 
     def __init__(
@@ -31,6 +38,7 @@ class TaskTracker:
         loop: asyncio.AbstractEventLoop,
         own: frozenset[CodeType],
         handle: CodeType,
+        gathered: Callable[[Any], Any],
     ) -> None:
         self.runtime = runtime
         self.loop = loop
@@ -38,6 +46,7 @@ class TaskTracker:
         self.previous: Callable[..., Any] | None = loop.get_task_factory()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.handle = handle
+        self.gathered = gathered
         # The context made for each task of its own that runs a call's handle,
         # until the handle starts the action in it (`start_child`).
         self.contexts: dict[asyncio.Task[Any], contextvars.Context] = {}
@@ -52,6 +61,13 @@ class TaskTracker:
         if previous is not None:
             task = previous(loop, coro, **kwargs)
         elif code is self.handle and "context" not in kwargs:
+            if _getframe(3).f_code is _GATHER:  # gather -> _ensure_future -> loop.create_task
+                # `gather` wraps the call: it gets the action's own future instead,
+                # or, if the handle has more to do, a coroutine for a task of its own.
+                started = self.gathered(coro)
+                if type(started) is _Future:
+                    return started  # type: ignore[return-value]  # gather holds it as a future
+                coro = started
             # A call's handle in a task of its own: the action runs in the context
             # made for that task (`contexts`, taken by `start_child`).
             context = copy_context()

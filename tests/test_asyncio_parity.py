@@ -551,3 +551,99 @@ async def test_two_cancels_in_one_step_are_one_and_the_awaiter_waits_for_the_cle
     assert plain == flow == [["raised", "ValueError"], 1]
     [child] = by_task(run, "child")
     assert child.phase is ActionPhase.FAILED
+
+
+# -- gather: the calls it wraps start and end as its tasks would -------------------------
+
+
+async def test_gather_starts_bodies_next_step_and_its_cancel_reaches_them_as_asyncio() -> None:
+    """`gather(child(1), child(2))`: each body runs on the loop's next step; `g.cancel(msg)`.
+
+    The cancel returns True, a child that absorbs it still leaves `g`
+    cancelled (with the message), as gather's own tasks would.
+    """
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started: list[int] = []
+
+        @task
+        async def child(i: int) -> int:
+            started.append(i)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if i == 1:
+                    return 10  # absorbs the cancel
+                raise  # the last to end: gather's CancelledError is this one
+            return i
+
+        async def main() -> list[Any]:
+            g = asyncio.gather(child(1), child(2), return_exceptions=True)
+            await asyncio.sleep(0)
+            after_one_step = sorted(started)
+            cancel_returned = g.cancel("why")
+            try:
+                out: list[Any] = ["value", await g]
+            except asyncio.CancelledError as exc:
+                out = ["raised", list(exc.args)]
+            return [after_one_step, cancel_returned, out]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [[1, 2], True, ["raised", ["why"]]]
+    phases = sorted(a.phase.value for a in by_task(run, "child"))
+    assert phases == ["ABORTED", "SUCCEEDED"]
+
+
+async def test_gather_cancelled_before_its_first_step_never_runs_the_bodies() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started: list[int] = []
+
+        @task
+        async def child(i: int) -> int:
+            started.append(i)
+            return i
+
+        async def main() -> list[Any]:
+            g = asyncio.gather(child(1), child(2))
+            cancelled = g.cancel()
+            return [cancelled, await observe(g, wrapped=wrapped), started]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [True, ["raised", "CancelledError"], []]
+    children = by_task(run, "child")  # recorded as cancelled before they started
+    assert {(a.phase, a.abort.cause.value if a.abort else None) for a in children} == {
+        (ActionPhase.ABORTED, "cancelled")
+    }
+
+
+async def test_gather_child_cleanup_error_reaches_its_cancelled_awaiter() -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started = asyncio.Event()
+
+        @task
+        async def leaf(fails: bool) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                if fails:
+                    raise ZeroDivisionError("cleanup")
+
+        async def parent() -> None:
+            await asyncio.gather(leaf(True), leaf(False))
+
+        async def main() -> list[Any]:
+            t = asyncio.create_task(parent())
+            await started.wait()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), t.cancelled()]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == [["raised", "ZeroDivisionError"], False]
+    assert_clean(run)
