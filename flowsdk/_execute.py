@@ -241,7 +241,7 @@ def start_child(
 _gathering = False
 
 
-def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
+def start_gathered(runtime: Runtime, coro: CoroutineType[Any, Any, Any]) -> Any:
     """Start the action of a call that `asyncio.gather` wraps; return the future to give it.
 
     `gather` makes a task for each coroutine it is given and only ever holds
@@ -254,11 +254,16 @@ def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
     raised (`_outcome.settle`), and a cancel of it cancels the action
     (`ActionState.__call__`). One task, a coroutine and two loop steps fewer
     per child. When the handle has more to do than start the action, it
-    returns a new coroutine of itself instead, for a task of its own.
+    returns a new coroutine of itself instead, for a task of its own; and
+    while `runtime`'s store is congested (the steady state of a run that
+    outpaces its store), `coro` itself goes to a task, where the handle waits.
     """
     global _gathering
     if coro.cr_running or coro.cr_suspended:
         return coro  # not a fresh coroutine: a task runs the rest, as for any other
+    rec = runtime.log.streaming
+    if rec is not None and rec.congested():
+        return coro
     _gathering = True
     try:
         coro.send(None)

@@ -38,7 +38,7 @@ class TaskTracker:
         loop: asyncio.AbstractEventLoop,
         own: frozenset[CodeType],
         handle: CodeType,
-        gathered: Callable[[Any], Any],
+        gathered: Callable[[RunContext, Any], Any],
     ) -> None:
         self.runtime = runtime
         self.loop = loop
@@ -64,7 +64,7 @@ class TaskTracker:
             if _getframe(3).f_code is _GATHER:  # gather -> _ensure_future -> loop.create_task
                 # `gather` wraps the call: it gets the action's own future instead,
                 # or, if the handle has more to do, a coroutine for a task of its own.
-                started = self.gathered(coro)
+                started = self.gathered(self.runtime, coro)
                 if type(started) is _Future:
                     return started  # type: ignore[return-value]  # gather holds it as a future
                 coro = started

@@ -736,3 +736,50 @@ def test_routine_and_other_entries_interleave_alike_in_memory_and_in_sqlite(
     assert ("action", "a4", "ABORTED", "cancelled", "enough", None) in [
         (k.value, *rest) for k, *rest in shapes[0]
     ]
+
+
+def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure: past `HIGH_WATER` unwritten changes, a new action waits for the writer.
+
+    Another connection holds the store's write lock, so nothing the run
+    changes can be written. Of a `gather` of 200 calls, only those started
+    before the changes passed the (lowered) threshold run; the others start
+    once the lock is released, and the run completes with every action.
+    """
+    from flowsdk.store import _writer
+
+    monkeypatch.setattr(_writer, "HIGH_WATER", 30)
+    monkeypatch.setattr(_writer, "LOW_WATER", 10)
+    path = tmp_path / "flowsdk.db"
+    env = flowsdk.TaskEnvironment("bp")
+    started: list[int] = []
+
+    @env.task
+    async def child(i: int) -> int:
+        started.append(i)
+        await asyncio.sleep(0)
+        return i
+
+    @env.task
+    async def root() -> list[int]:
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the run's writer can write nothing now
+        try:
+            g = asyncio.gather(*(child(i) for i in range(200)))
+            for _ in range(20):  # many loop steps: every body that may start, starts
+                await asyncio.sleep(0)
+            held_back = [len(started)]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        return [*held_back, sum(await g)]
+
+    run = flowsdk.run(root, store=f"sqlite:///{path}")
+    [while_locked, total] = run.result()
+    assert 0 < while_locked <= 31, while_locked
+    assert total == sum(range(200))
+    assert len(started) == 200
+    assert {a.phase for a in run.actions} == {ActionPhase.SUCCEEDED}
+    assert len(run.actions) == 201
