@@ -19,7 +19,6 @@ import asyncio
 import time
 from asyncio import CancelledError
 from contextvars import Context, copy_context
-from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, Request, current
@@ -51,7 +50,7 @@ __all__ = [
     "note_unobserved",
     "run_action",
     "spawn",
-    "start_gathered",
+    "start_child",
 ]
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
@@ -94,9 +93,9 @@ async def action_handle(
     output (a retried run's history, or the cache) the body does not run:
     the action is recorded as replayed.
     """
-    if _gathering:
+    if gathering:
         # The first step, run by the task factory for `gather`: no task of its own.
-        return start_direct(runtime, parent, task, args, kwargs, key, inputs, recorded)
+        return (runtime, parent, task, args, kwargs, key, inputs, recorded)
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
@@ -237,74 +236,9 @@ def start_child(
     return action
 
 
-# Set while the run's task factory runs the first step of a call's handle for `gather`.
-_gathering = False
-
-
-def start_gathered(runtime: Runtime, coro: CoroutineType[Any, Any, Any]) -> Any:
-    """Start the action of a call that `asyncio.gather` wraps; return the future to give it.
-
-    `gather` makes a task for each coroutine it is given and only ever holds
-    it as a future: it waits for it by a callback and cancels it. For a
-    call's handle, that task would only start the action and wait for it.
-    So the run's task factory (`TaskTracker`) runs the handle's first step
-    itself, at once, and the handle starts the action (`start_direct`) and
-    returns the action's own future, which takes the task's place: the
-    action's end settles it with what the handle would have returned or
-    raised (`_outcome.settle`), and a cancel of it cancels the action
-    (`ActionState.__call__`). One task, a coroutine and two loop steps fewer
-    per child. When the handle has more to do than start the action, it
-    returns a new coroutine of itself instead, for a task of its own; and
-    while `runtime`'s store is congested (the steady state of a run that
-    outpaces its store), `coro` itself goes to a task, where the handle waits.
-    """
-    global _gathering
-    if coro.cr_running or coro.cr_suspended:
-        return coro  # not a fresh coroutine: a task runs the rest, as for any other
-    rec = runtime.log.streaming
-    if rec is not None and rec.congested():
-        return coro
-    _gathering = True
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        _gathering = False
-    raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
-
-
-def start_direct(
-    runtime: Runtime,
-    parent: ActionState,
-    task: TaskSpec,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    key: str,
-    inputs: bytes,
-    recorded: bytes | None,
-) -> Any:
-    """Start the action of a call for `gather` (`start_gathered`); return its future.
-
-    A replayed or cached output, a store to wait for or a run that has closed
-    is the handle's to deal with, in a task of its own: then a new coroutine
-    of the handle, with the same arguments.
-    """
-    options = task.options
-    rec = runtime.log.streaming
-    if (
-        recorded is not None
-        or runtime.closed
-        or (options.cache and not options.cache_override)
-        or (rec is not None and rec.congested())
-    ):
-        handle = task._handle or task._make_handle()
-        return handle(runtime, parent, task, args, kwargs, key, inputs, recorded)
-    action = start_child(runtime, parent, task, args, kwargs, key, inputs, None)
-    action.direct = True
-    done = action.done
-    done.cancel = action  # type: ignore[method-assign,union-attr]
-    return done
+# Set while the run's task factory runs the first step of a call's handle for
+# `gather` (`_gather.start_gathered`): the handle then returns its arguments.
+gathering = False
 
 
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from flowsdk import _logs as logs
 from flowsdk._control import apply_request
-from flowsdk._execute import HANDLE_CODE, OWN_CODE, note_unobserved, spawn, start_gathered
+from flowsdk._execute import HANDLE_CODE, OWN_CODE, note_unobserved, spawn
 from flowsdk._fork import run_ended, run_started
+from flowsdk._gather import start_gathered
 from flowsdk._history import History
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name

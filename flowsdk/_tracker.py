@@ -38,7 +38,7 @@ class TaskTracker:
         loop: asyncio.AbstractEventLoop,
         own: frozenset[CodeType],
         handle: CodeType,
-        gathered: Callable[[RunContext, Any], Any],
+        gathered: Callable[[Any], Any],
     ) -> None:
         self.runtime = runtime
         self.loop = loop
@@ -47,6 +47,10 @@ class TaskTracker:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.handle = handle
         self.gathered = gathered
+        # Calls `gather` made while the store was far behind, waiting to start, and
+        # the task that starts them (`_execute.release_held`).
+        self.held: list[tuple[Any, ...]] = []
+        self.releaser: asyncio.Task[None] | None = None
         # The context made for each task of its own that runs a call's handle,
         # until the handle starts the action in it (`start_child`).
         self.contexts: dict[asyncio.Task[Any], contextvars.Context] = {}
@@ -64,7 +68,7 @@ class TaskTracker:
             if _getframe(3).f_code is _GATHER:  # gather -> _ensure_future -> loop.create_task
                 # `gather` wraps the call: it gets the action's own future instead,
                 # or, if the handle has more to do, a coroutine for a task of its own.
-                started = self.gathered(self.runtime, coro)
+                started = self.gathered(coro)
                 if type(started) is _Future:
                     return started  # type: ignore[return-value]  # gather holds it as a future
                 coro = started
@@ -97,6 +101,12 @@ class TaskTracker:
     def close(self) -> None:
         """Give the loop back its previous task factory (unless someone replaced ours)."""
         self.contexts.clear()  # of handles that never started an action (replayed, cancelled)
+        held, self.held = self.held, []
+        for call in held:
+            call[0].cancel()  # a call held back at the run's end never starts
+        if self.releaser is not None:
+            self.releaser.cancel()
+            self.releaser = None
         factory: object = self.loop.get_task_factory()
         if factory is self:
             self.loop.set_task_factory(self.previous)

@@ -53,6 +53,7 @@ RUNTIME_INTERNALS: tuple[str, ...] = (
     "flowsdk._delivery*",
     "flowsdk._outcome*",
     "flowsdk._execute*",
+    "flowsdk._gather",
 )
 
 # The requester side: it reaches a run only through the store, so it must work

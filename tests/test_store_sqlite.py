@@ -783,3 +783,56 @@ def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
     assert len(started) == 200
     assert {a.phase for a in run.actions} == {ActionPhase.SUCCEEDED}
     assert len(run.actions) == 201
+
+
+@pytest.mark.parametrize("ending", ["gather cancelled", "root returns"])
+def test_calls_held_back_by_a_far_behind_store_never_start_once_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A held-back call whose `gather` is cancelled, or whose root exits, never starts.
+
+    As a task cancelled before its first step: no action, no body. The calls
+    that had started are cancelled as usual; nothing is left running.
+    """
+    from flowsdk.store import _writer
+
+    monkeypatch.setattr(_writer, "HIGH_WATER", 30)
+    monkeypatch.setattr(_writer, "LOW_WATER", 10)
+    path = tmp_path / "flowsdk.db"
+    env = flowsdk.TaskEnvironment("bp2")
+    started: list[int] = []
+
+    @env.task
+    async def child(i: int) -> int:
+        started.append(i)
+        await asyncio.sleep(3600)
+        return i
+
+    @env.task
+    async def root() -> int:
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            # (return_exceptions: an unawaited gather of cancelled children logs nothing)
+            g = asyncio.gather(*(child(i) for i in range(200)), return_exceptions=True)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            if ending == "gather cancelled":
+                g.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await g
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        return len(started)
+
+    run = flowsdk.run(root, store=f"sqlite:///{path}")
+    held_back_started = run.result()
+    assert 0 < held_back_started <= 31
+    assert len(started) == held_back_started  # the others never ran
+    children = [a for a in run.actions if a.task.endswith(".child")]
+    assert len(children) == held_back_started
+    cause = "cancelled" if ending == "gather cancelled" else "root_exit"
+    assert {(a.phase, a.abort.cause.value if a.abort else None) for a in children} == {
+        (ActionPhase.ABORTED, cause)
+    }
