@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from asyncio import CancelledError
+from collections.abc import Callable
 from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +94,10 @@ async def action_handle(
     output (a retried run's history, or the cache) the body does not run:
     the action is recorded as replayed.
     """
-    if gathering:
+    direct = gathering[0]
+    if direct is not None:
         # The first step, run by the task factory for `gather`: no task of its own.
-        return (runtime, parent, task, args, kwargs, key, inputs, recorded)
+        return direct(runtime, parent, task, args, kwargs, key, inputs, recorded)
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
@@ -236,9 +238,10 @@ def start_child(
     return action
 
 
-# Set while the run's task factory runs the first step of a call's handle for
-# `gather` (`_gather.start_gathered`): the handle then returns its arguments.
-gathering = False
+# While the run's task factory runs the first step of a call's handle for `gather`
+# (`_gather.start_gathered`), what the handle calls instead of its own course. A
+# list, so that the other module sets it at the cost of a list item.
+gathering: list[Callable[..., Any] | None] = [None]
 
 
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:

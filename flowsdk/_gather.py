@@ -5,8 +5,8 @@ as a future: it waits for it by a callback, cancels it and reads its result;
 workflow code never sees it. For a call's handle that task would only start
 the action and wait for it. So the run's task factory (`TaskTracker`), when
 `gather` calls it, runs the handle's first step itself (`start_gathered`):
-the handle returns its arguments at once, the action starts
-(`start_direct`), and `gather` gets the action's own future, which the
+the handle calls `start_direct` at once instead of its own course, the
+action starts, and `gather` gets the action's own future, which the
 action's end settles with what the handle would have returned or raised
 (`_outcome.settle`) and whose `cancel` cancels the action
 (`ActionState.__call__`). One task, a coroutine and two loop steps fewer per
@@ -22,9 +22,8 @@ from contextvars import copy_context
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
-from flowsdk import _execute
 from flowsdk._action import ActionState
-from flowsdk._execute import start_child
+from flowsdk._execute import gathering, start_child
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -45,14 +44,14 @@ def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
     """
     if coro.cr_running or coro.cr_suspended:
         return coro  # not a fresh coroutine: a task runs the rest, as for any other
-    _execute.gathering = True  # the handle's first step returns its arguments
+    gathering[0] = start_direct  # what the handle's first step calls and returns
     try:
         coro.send(None)
     except StopIteration as stop:
-        arguments = stop.value
+        return stop.value
     finally:
-        _execute.gathering = False
-    return start_direct(*arguments)
+        gathering[0] = None
+    raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
 
 
 def start_direct(
