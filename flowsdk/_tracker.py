@@ -65,7 +65,11 @@ class TaskTracker:
         if previous is not None:
             task = previous(loop, coro, **kwargs)
         elif code is self.handle and "context" not in kwargs:
-            if _getframe(3).f_code is _GATHER:  # gather -> _ensure_future -> loop.create_task
+            try:  # gather -> _ensure_future -> loop.create_task -> this
+                by_gather = _getframe(3).f_code is _GATHER
+            except ValueError:  # a stack that shallow (a callback called from C): not gather
+                by_gather = False
+            if by_gather:
                 # `gather` wraps the call: it gets the action's own future instead,
                 # or, if the handle has more to do, a coroutine for a task of its own.
                 started = self.gathered(coro)
