@@ -48,7 +48,7 @@ class TaskTracker:
         self.handle = handle
         self.gathered = gathered
         # Calls `gather` made while the store was far behind, waiting to start, and
-        # the task that starts them (`_execute.release_held`).
+        # the task that starts them (`_gather.release_held`).
         self.held: list[tuple[Any, ...]] = []
         self.releaser: asyncio.Task[None] | None = None
         # The context made for each task of its own that runs a call's handle,
