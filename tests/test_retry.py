@@ -10,6 +10,7 @@ executions in files under `workdir`, so a test can tell a replayed action
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -150,6 +151,26 @@ def test_retry_of_a_failed_run_replays_what_succeeded(url: str, workdir: Path) -
     for name in replayed:  # QUEUED -> SUCCEEDED: never RUNNING, no body
         assert [e.phase for e in run.events if e.action == name] == ["QUEUED", "SUCCEEDED"]
         assert all(e.kind is EventKind.ACTION for e in run.events if e.action == name)
+    assert_clean(run)
+
+
+def test_retry_replays_the_calls_a_gather_made(url: str, workdir: Path) -> None:
+    """Calls given to `gather` are replayed too: their bodies do not run again."""
+    first = flowsdk.run(pipeline.gathered, str(workdir), name="gathered", store=url)
+    assert first.phase is RunPhase.FAILED
+    (workdir / "fixed").touch()
+    with flowsdk.Client(url) as client:
+        run = client.retry("gathered")
+    assert (run.phase, run.attempt) == (RunPhase.SUCCEEDED, 2)
+    assert run.result() == ["a-done", "b-done", "c-done"]
+    assert by_key(run) == {
+        "a0": ("SUCCEEDED", False),
+        "a0/1": ("SUCCEEDED", True),
+        "a0/2": ("SUCCEEDED", True),
+        "a0/3": ("SUCCEEDED", False),
+        "a0/4": ("SUCCEEDED", False),
+    }
+    assert counts(workdir, "a", "b", "check", "c") == {"a": 1, "b": 1, "check": 2, "c": 1}
     assert_clean(run)
 
 
@@ -402,16 +423,19 @@ def test_cache_reuses_an_output_within_one_run(kind: str, tmp_path: Path) -> Non
 
     @env.task
     async def root() -> list[int]:
-        return [await square(4), await square(4)]
+        first = [await square(4), await square(4)]
+        return first + list(await asyncio.gather(square(4), square(5)))  # gathered calls too
 
     store = MemoryStore() if kind == "memory" else sqlite_url(tmp_path / "s.db")
     run = flowsdk.run(root, store=store)
-    assert run.result() == [16, 16]
-    assert bodies == [4]
+    assert run.result() == [16, 16, 16, 25]
+    assert bodies == [4, 5]
     assert [(a.key, a.replayed) for a in run.actions] == [
         ("a0", False),
         ("a0/1", False),
         ("a0/2", True),
+        ("a0/3", True),
+        ("a0/4", False),
     ]
     assert_clean(run)
 

@@ -8,6 +8,8 @@
   is set, then step c. With the flag `fail-early` it fails before any call.
 - `diverging`: like `failing`, but with the flag `other-input` (or
   `other-task`) its second call differs from the first attempt's.
+- `gathered`: gathers steps a and b and `check` (fails until `fixed`), then
+  gathers step c.
 - `staged`: calls `stage` (retries=1), whose first attempt calls step b then
   fails, and whose second attempt fails at once, until the flag `fixed` is
   set; with `other-input` the step it calls is B.
@@ -103,3 +105,10 @@ async def stage(workdir: str) -> str:
 @env.task
 async def staged(workdir: str) -> str:
     return await stage(workdir)
+
+
+@env.task
+async def gathered(workdir: str) -> list[str]:
+    a, b, _ = await asyncio.gather(step("a", workdir), step("b", workdir), check(workdir))
+    [c] = await asyncio.gather(step("c", workdir))
+    return [a, b, c]
