@@ -738,8 +738,29 @@ def test_routine_and_other_entries_interleave_alike_in_memory_and_in_sqlite(
     ]
 
 
+@pytest.fixture
+def far_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backpressure from 30 unwritten changes (back under 10), so a test can reach it."""
+    from flowsdk.store import _writer
+
+    monkeypatch.setattr(_writer, "HIGH_WATER", 30)
+    monkeypatch.setattr(_writer, "LOW_WATER", 10)
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Hold the store's write lock from another connection: the run's writer writes nothing."""
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
 def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, far_behind: None
 ) -> None:
     """Backpressure: past `HIGH_WATER` unwritten changes, a new action waits for the writer.
 
@@ -748,10 +769,6 @@ def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
     before the changes passed the (lowered) threshold run; the others start
     once the lock is released, and the run completes with every action.
     """
-    from flowsdk.store import _writer
-
-    monkeypatch.setattr(_writer, "HIGH_WATER", 30)
-    monkeypatch.setattr(_writer, "LOW_WATER", 10)
     path = tmp_path / "flowsdk.db"
     env = flowsdk.TaskEnvironment("bp")
     started: list[int] = []
@@ -764,16 +781,11 @@ def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
 
     @env.task
     async def root() -> list[int]:
-        lock = sqlite3.connect(path, isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")  # the run's writer can write nothing now
-        try:
+        with write_locked(path):
             g = asyncio.gather(*(child(i) for i in range(200)))
             for _ in range(20):  # many loop steps: every body that may start, starts
                 await asyncio.sleep(0)
             held_back = [len(started)]
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
         return [*held_back, sum(await g)]
 
     run = flowsdk.run(root, store=f"sqlite:///{path}")
@@ -787,17 +799,13 @@ def test_a_store_far_behind_holds_back_new_actions_of_a_gather(
 
 @pytest.mark.parametrize("ending", ["gather cancelled", "root returns"])
 def test_calls_held_back_by_a_far_behind_store_never_start_once_given_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+    tmp_path: Path, far_behind: None, ending: str
 ) -> None:
     """A held-back call whose `gather` is cancelled, or whose root exits, never starts.
 
     As a task cancelled before its first step: no action, no body. The calls
     that had started are cancelled as usual; nothing is left running.
     """
-    from flowsdk.store import _writer
-
-    monkeypatch.setattr(_writer, "HIGH_WATER", 30)
-    monkeypatch.setattr(_writer, "LOW_WATER", 10)
     path = tmp_path / "flowsdk.db"
     env = flowsdk.TaskEnvironment("bp2")
     started: list[int] = []
@@ -810,9 +818,7 @@ def test_calls_held_back_by_a_far_behind_store_never_start_once_given_up(
 
     @env.task
     async def root() -> int:
-        lock = sqlite3.connect(path, isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")
-        try:
+        with write_locked(path):
             # (return_exceptions: an unawaited gather of cancelled children logs nothing)
             g = asyncio.gather(*(child(i) for i in range(200)), return_exceptions=True)
             for _ in range(20):
@@ -821,9 +827,6 @@ def test_calls_held_back_by_a_far_behind_store_never_start_once_given_up(
                 g.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await g
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
         return len(started)
 
     run = flowsdk.run(root, store=f"sqlite:///{path}")
