@@ -191,6 +191,7 @@ def start_child(
     key: str,
     inputs: bytes,
     context: Context | None,
+    done: asyncio.Future[Any] | None = None,
 ) -> ActionState:
     """Create a child action of `parent`, record it QUEUED and create its task.
 
@@ -200,7 +201,8 @@ def start_child(
     made for the call (`create_task`, `gather`...) that asyncio gives a copy
     of the caller's context; the body's writes land in it, as they would in
     asyncio, with no second copy to make and adopt. Otherwise in a copy of the
-    current context, which the awaiter adopts.
+    current context, which the awaiter adopts. The action's end resolves `done`
+    (a new future if none is given).
     """
     if runtime.closed:
         # The root exited between the call and this first step: the action
@@ -225,7 +227,7 @@ def start_child(
     loop = runtime.loop
     # A plain asyncio future, awaited only by the handle: `loop.create_future`
     # would add a Python frame to every call.
-    action.done = _Future(loop=loop)
+    action.done = _Future(loop=loop) if done is None else done
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
         if context is None:

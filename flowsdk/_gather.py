@@ -90,10 +90,10 @@ def start_direct(
         if len(held) == 1:
             tracker.releaser = _Task(release_held(runtime, rec), loop=runtime.loop)
         return fut
-    action = start_child(runtime, parent, task, args, kwargs, key, inputs, None)
-    action.direct = True
-    done = action.done
-    done.cancel = action  # type: ignore[method-assign,union-attr]
+    done: asyncio.Future[Any] = _Future(loop=runtime.loop)
+    action = start_child(runtime, parent, task, args, kwargs, key, inputs, None, done)
+    action.direct = True  # its end settles `done` (`_outcome.settle`)
+    done.cancel = action  # type: ignore[method-assign]  # `ActionState.__call__`
     return done
 
 
@@ -118,9 +118,8 @@ async def release_held(runtime: Runtime, rec: RunRecorder) -> None:
                 fut.cancel()
                 continue
             action = context.run(
-                start_child, runtime, parent, task, args, kwargs, key, inputs, context
+                start_child, runtime, parent, task, args, kwargs, key, inputs, context, fut
             )
-            action.done = fut
             action.direct = True
             fut.cancel = action
     tracker.releaser = None
