@@ -7,6 +7,7 @@ import contextlib
 import gc
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -372,6 +373,18 @@ def _action_states() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, ActionState))
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[Callable[[], int]]:
+    """Turn the garbage collector off; yield a count of the actions made since."""
+    gc.collect()
+    before = _action_states()
+    gc.disable()
+    try:
+        yield lambda: _action_states() - before
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "run_async"])
 def test_an_ended_run_is_freed_with_its_run_without_the_garbage_collector(
     kind: str, tmp_path: Path
@@ -394,21 +407,16 @@ def test_an_ended_run_is_freed_with_its_run_without_the_garbage_collector(
         return sum([await child(i) for i in range(n)])
 
     store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
-    gc.collect()
-    before = _action_states()
-    gc.disable()
-    try:
+    with collector_off() as new_actions:
         if kind == "run_async":
             run = asyncio.run(flowsdk.run_async(root, 50, store=store))
         else:
             run = flowsdk.run(root, 50, store=store)
         assert run.result() == sum(range(50))
-        assert _action_states() - before == 51  # the ended run's records are built from them
+        assert new_actions() == 51  # the ended run's records are built from them
         assert [a.phase.value for a in run.actions].count("SUCCEEDED") == 51
         del run
-        assert _action_states() - before == 0
-    finally:
-        gc.enable()
+        assert new_actions() == 0
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -448,18 +456,13 @@ def test_cancelled_children_are_freed_with_their_run_without_the_garbage_collect
         return sum(isinstance(r, asyncio.CancelledError) for r in results)
 
     store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
-    gc.collect()
-    before = _action_states()
-    gc.disable()
-    try:
+    with collector_off() as new_actions:
         run = flowsdk.run(root, 20, store=store)
         assert run.result() == 20
         assert Counter(phases(run).values()) == {"SUCCEEDED": 1, "ABORTED": 21}
-        assert _action_states() - before == 22
+        assert new_actions() == 22
         del run
-        assert _action_states() - before == 0
-    finally:
-        gc.enable()
+        assert new_actions() == 0
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -504,15 +507,10 @@ def test_gathered_children_are_freed_with_their_run_without_the_garbage_collecto
         return [errors, len(started)]
 
     store = f"sqlite:///{tmp_path / 'flowsdk.db'}" if kind == "sqlite" else "memory://"
-    gc.collect()
-    before = _action_states()
-    gc.disable()
-    try:
+    with collector_off() as new_actions:
         run = flowsdk.run(root, 10, store=store)
         assert run.result() == [5, 10]
         assert Counter(phases(run).values()) == {"SUCCEEDED": 6, "FAILED": 5, "ABORTED": 10}
-        assert _action_states() - before == 21
+        assert new_actions() == 21
         del run
-        assert _action_states() - before == 0
-    finally:
-        gc.enable()
+        assert new_actions() == 0
