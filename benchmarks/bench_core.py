@@ -11,7 +11,8 @@ and reports the median of the repetitions and the ratio flowsdk / bare:
 - (c) memory per in-flight action: 10,000 children suspended on an event; the
   `tracemalloc` difference while all of them wait, divided by 10,000, in KB; on
   the memory store and on a SQLite file (whose writer also holds the rows it has
-  not written yet).
+  not written yet). A note gives the design's floor: the same sleepers in bare
+  asyncio with only the two Tasks a call in a task of its own has.
 - (d) cancel 1,000 running children: from the first `t.cancel()` until a
   `gather(..., return_exceptions=True)` over them has returned.
 - (e) abort at the root of a chain of depth 2,000 where each level awaits
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import gc
 import os
 import platform
@@ -330,7 +332,46 @@ def memory(sizes: Sizes, store: str = STORE, max_ratio: float = 1.5) -> Row:
     row = Row(
         f"(c) memory per in-flight action, {n:,} sleepers, {kind} store", "KB", max_ratio=max_ratio
     )
-    return _measure(row, bare, flow, sizes.reps, 1.0)
+    _measure(row, bare, flow, sizes.reps, 1.0)
+    if kind == "memory" and row.bare:
+        floor = statistics.median(_sample(lambda: _two_task_floor(n)) for _ in range(sizes.reps))
+        row.notes.append(
+            f"(c) the design's floor: {floor:.2f} KB ({floor / row.bare:.2f}x bare), the same "
+            "sleepers in bare asyncio with only the structure a call in a task of its own has: "
+            "its Task awaiting a future, the body in a second Task that sets a context "
+            "variable and resolves that future (one Task would let a body that swallows an "
+            "abort keep its caller waiting, SPEC section 2)"
+        )
+    return row
+
+
+_acting: contextvars.ContextVar[object] = contextvars.ContextVar("acting")
+
+
+async def _two_task_floor(n: int) -> float:
+    """KB per in-flight call of a bare-asyncio copy of flowsdk's two Tasks, nothing else."""
+    gate = _Gate(n)
+    loop = asyncio.get_running_loop()
+
+    async def sleeper() -> bool:
+        gate.arrive()
+        return await gate.release.wait()
+
+    async def body(done: asyncio.Future[bool]) -> None:
+        _acting.set(done)
+        try:
+            done.set_result(await sleeper())
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    async def call() -> bool:
+        done: asyncio.Future[bool] = loop.create_future()
+        # Kept, as an action keeps its body's task (a list: 8 bytes a task).
+        bodies.append(asyncio.create_task(body(done), context=contextvars.copy_context()))
+        return await done
+
+    bodies: list[asyncio.Task[None]] = []
+    return await _traced_kb_per_item(gate, lambda: asyncio.create_task(call()))
 
 
 # -- (d) cancel running children ------------------------------------------------------------
