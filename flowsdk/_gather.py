@@ -18,6 +18,7 @@ for their actions.
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextvars import copy_context
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,13 @@ __all__ = ["release_held", "start_direct", "start_gathered"]
 
 _Task = asyncio.Task
 _Future = asyncio.Future
+# Python 3.13.0 to 3.13.2 call `set_name(name)` on what the task factory returns,
+# `name` None included (CPython gh-130033; 3.13.3 passes it to the factory instead).
+_NAMED_AFTER = (3, 13) <= sys.version_info < (3, 13, 3)
+
+
+def _unnamed(name: object) -> None:
+    """The future `gather` holds has no name to set (a task's would be shown nowhere)."""
 
 
 def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
@@ -48,7 +56,10 @@ def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
     try:
         coro.send(None)
     except StopIteration as stop:
-        return stop.value
+        started = stop.value
+        if _NAMED_AFTER and type(started) is _Future:
+            started.set_name = _unnamed  # type: ignore[attr-defined]  # beside `cancel`
+        return started
     finally:
         gathering[0] = None
     raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover

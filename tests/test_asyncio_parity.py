@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 import flowsdk
-from flowsdk import ActionPhase, EventKind
+from flowsdk import ActionPhase, EventKind, _gather
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
 from tests.support import assert_clean
 
@@ -646,4 +646,37 @@ async def test_gather_child_cleanup_error_reaches_its_cancelled_awaiter() -> Non
 
     plain, flow, run = await both(program)
     assert plain == flow == [["raised", "ZeroDivisionError"], False]
+    assert_clean(run)
+
+
+class _NamingLoop(asyncio.SelectorEventLoop):
+    """`create_task` as in Python 3.13.0-3.13.2: `set_name(name)` on what the factory returns."""
+
+    def create_task(self, coro: Any, *, name: Any = None, context: Any = None) -> Any:
+        factory: Any = self.get_task_factory()
+        if factory is None:  # before the run installs its own
+            return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = factory(self, coro) if context is None else factory(self, coro, context=context)
+        task.set_name(name)  # name None included (CPython gh-130033)
+        return task
+
+
+def test_gather_of_calls_works_where_asyncio_names_what_the_task_factory_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_gather, "_NAMED_AFTER", True)  # what 3.13.0-3.13.2 turn on
+    env = flowsdk.TaskEnvironment("named")
+
+    @env.task
+    async def child(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    @env.task
+    async def main() -> list[int]:
+        return list(await asyncio.gather(child(1), child(2)))
+
+    with asyncio.Runner(loop_factory=_NamingLoop) as runner:
+        run = runner.run(flowsdk.run_async(main))
+    assert run.result() == [1, 2]
     assert_clean(run)
