@@ -75,6 +75,8 @@ class Runner:
         self.name = check_name("run", name) if name is not None else new_run_name(task.fn.__name__)
         self.owns_loop = owns_loop
         self.store = open_store(store)
+        # Opened here from a URL: what the run's reads open is closed here too.
+        self.owns_store = store is None or isinstance(store, str)
         self.runtime: Runtime | None = None
         self.recorder: RunRecorder
         self.interrupts = 0
@@ -156,7 +158,7 @@ class Runner:
                     "plain asyncio tasks started by the run were cancelled at its end but are "
                     "still running: " + ", ".join(_task_label(t) for t in left),
                 )
-        stored = _final_records(runtime, self.store)
+        stored = _final_records(runtime, self.store, self.owns_store)
         self.recorder.finished(stored)
         root = runtime.root
         assert root is not None
@@ -195,12 +197,14 @@ class Runner:
             runtime.interrupt(SystemExit(128 + signum), cause=AbortCause.SIGNAL, reason=name)
 
 
-def _final_records(runtime: Runtime, store: Store) -> StoredRun:
+def _final_records(runtime: Runtime, store: Store, owned: bool) -> StoredRun:
     """The records of a run that has ended (lists built when first read).
 
     A run that spilled (more than `KEEP_IN_MEMORY` actions, with a store that
     streams every change) has forgotten its finished actions and events: its
-    records are read back from the store, once, when first asked for.
+    records are read back from the store, once, when first asked for. A store
+    the run opened itself (`owned`) is closed again once they are read, so that
+    no connection is left for the garbage collector to close.
     """
     name = runtime.name
     if runtime.forgotten.spilled:
@@ -209,7 +213,11 @@ def _final_records(runtime: Runtime, store: Store) -> StoredRun:
 
         def load() -> StoredRun:
             if not loaded:
-                loaded.append(store.load_run(name, attempt))
+                try:
+                    loaded.append(store.load_run(name, attempt))
+                finally:
+                    if owned:
+                        store.close()
             return loaded[0]
 
         return StoredRun(
