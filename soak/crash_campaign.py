@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -96,7 +97,7 @@ def main() -> int:
                     for a in run.actions
                     if not a.phase.terminal
                 ]
-            with sqlite3.connect(path) as conn:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
                 integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
             if integrity != "ok":
                 problems.append(f"integrity_check: {integrity}")

@@ -6,6 +6,7 @@ viewer, an executor, an operator and a revoked token.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -230,9 +231,10 @@ def test_abort_action_reaches_the_body_with_the_tokens_name_and_reason(site: Sit
         assert "bad data" in " ".join(words)
         runner.finish()  # the gate's reader thread ends with stdin; then the run can end
     with flowsdk.Client(site.store) as client:
-        a3 = next(a for a in client.get_run("abort-me").actions if a.name == "a3")
+        stored = client.get_run("abort-me")
+    a3 = next(a for a in stored.actions if a.name == "a3")
     assert a3.phase.value == "ABORTED"
-    events = client.get_run("abort-me").events
+    events = stored.events
     (note,) = [e for e in events if e.requested_by == "token:viewer"]
     assert note.kind.value == "request"
     assert note.action == "a3"
@@ -326,7 +328,7 @@ def test_the_store_keeps_only_hashes_and_the_cli_lists_without_secrets(site: Sit
     assert tokens["viewer"]["revoked_at"] is None
     assert tokens["viewer"]["last_used_at"] is not None
     path = site.store.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # `with conn` alone does not close
         dump = "\n".join(conn.iterdump())
     for secret in site.tokens.values():
         assert secret not in dump
