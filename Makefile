@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck pytest bench bench-scale soak clean
+.PHONY: demo test test-pythons lint typecheck pytest bench bench-scale soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The suite again on each newer Python installed (3.12, 3.13 by default; PYTHONS="3.13"
+# for one), in its own .venv-X.Y. Not part of `make test`, which CI runs on 3.11.
+test-pythons:
+	bash scripts/ensure-postgres.sh
+	sh scripts/ensure-chromium.sh
+	sh scripts/test-pythons.sh
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_store.py
@@ -63,4 +70,4 @@ soak: $(STAMP)
 		tests/test_properties.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache build *.egg-info
