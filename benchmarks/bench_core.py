@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import contextvars
 import gc
 import os
 import platform
@@ -45,11 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _sleepers import Gate, traced_kb_per_item, two_task_floor
 
 import flowsdk
 
@@ -268,52 +268,21 @@ def fan_out_newer_python(measured: Row, n: int) -> Row:
 # -- (c) memory per in-flight action ------------------------------------------------------
 
 
-class _Gate:
-    """Counts the bodies that started; releases them all at once."""
-
-    def __init__(self, expected: int) -> None:
-        self.expected = expected
-        self.count = 0
-        self.all_in = asyncio.Event()
-        self.release = asyncio.Event()
-
-    def arrive(self) -> None:
-        self.count += 1
-        if self.count == self.expected:
-            self.all_in.set()
-
-
-async def _traced_kb_per_item(gate: _Gate, spawn: Callable[[], asyncio.Task[Any]]) -> float:
-    """Spawn `gate.expected` tasks; return the KB each holds while all are suspended."""
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tasks = [spawn() for _ in range(gate.expected)]
-        await gate.all_in.wait()
-        used = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
-    gate.release.set()
-    await asyncio.gather(*tasks)
-    return used / gate.expected / 1024
-
-
 def memory(sizes: Sizes, store: str = STORE, max_ratio: float = 1.5) -> Row:
     n = sizes.sleepers
 
     async def bare() -> float:
-        gate = _Gate(n)
+        gate = Gate(n)
 
         async def sleeper() -> None:
             gate.arrive()
             await gate.release.wait()
 
-        return await _traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
+        return await traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
 
     async def flow() -> float:
         env = flowsdk.TaskEnvironment("bench")
-        gate = _Gate(n)
+        gate = Gate(n)
 
         @env.task
         async def sleeper() -> None:
@@ -322,7 +291,7 @@ def memory(sizes: Sizes, store: str = STORE, max_ratio: float = 1.5) -> Row:
 
         @env.task
         async def root() -> float:
-            return await _traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
+            return await traced_kb_per_item(gate, lambda: asyncio.create_task(sleeper()))
 
         run = await flowsdk.run_async(root, store=store)
         _check(run, flowsdk.RunPhase.SUCCEEDED, n + 1)
@@ -334,7 +303,7 @@ def memory(sizes: Sizes, store: str = STORE, max_ratio: float = 1.5) -> Row:
     )
     _measure(row, bare, flow, sizes.reps, 1.0)
     if kind == "memory" and row.bare:
-        floor = statistics.median(_sample(lambda: _two_task_floor(n)) for _ in range(sizes.reps))
+        floor = statistics.median(_sample(lambda: two_task_floor(n)) for _ in range(sizes.reps))
         row.notes.append(
             f"(c) the design's floor: {floor:.2f} KB ({floor / row.bare:.2f}x bare), the same "
             "sleepers in bare asyncio with only the structure a call in a task of its own has: "
@@ -345,39 +314,10 @@ def memory(sizes: Sizes, store: str = STORE, max_ratio: float = 1.5) -> Row:
     return row
 
 
-_acting: contextvars.ContextVar[object] = contextvars.ContextVar("acting")
-
-
-async def _two_task_floor(n: int) -> float:
-    """KB per in-flight call of a bare-asyncio copy of flowsdk's two Tasks, nothing else."""
-    gate = _Gate(n)
-    loop = asyncio.get_running_loop()
-
-    async def sleeper() -> bool:
-        gate.arrive()
-        return await gate.release.wait()
-
-    async def body(done: asyncio.Future[bool]) -> None:
-        _acting.set(done)
-        try:
-            done.set_result(await sleeper())
-        except BaseException as exc:
-            done.set_exception(exc)
-
-    async def call() -> bool:
-        done: asyncio.Future[bool] = loop.create_future()
-        # Kept, as an action keeps its body's task (a list: 8 bytes a task).
-        bodies.append(asyncio.create_task(body(done), context=contextvars.copy_context()))
-        return await done
-
-    bodies: list[asyncio.Task[None]] = []
-    return await _traced_kb_per_item(gate, lambda: asyncio.create_task(call()))
-
-
 # -- (d) cancel running children ------------------------------------------------------------
 
 
-async def _time_cancel(gate: _Gate, spawn: Callable[[], asyncio.Task[Any]]) -> float:
+async def _time_cancel(gate: Gate, spawn: Callable[[], asyncio.Task[Any]]) -> float:
     tasks = [spawn() for _ in range(gate.expected)]
     await gate.all_in.wait()
     start = _clock()
@@ -391,7 +331,7 @@ def cancel(sizes: Sizes) -> Row:
     n = sizes.cancel
 
     async def bare() -> float:
-        gate = _Gate(n)
+        gate = Gate(n)
 
         async def sleeper() -> None:
             gate.arrive()
@@ -401,7 +341,7 @@ def cancel(sizes: Sizes) -> Row:
 
     async def flow() -> float:
         env = flowsdk.TaskEnvironment("bench")
-        gate = _Gate(n)
+        gate = Gate(n)
 
         @env.task
         async def sleeper() -> None:
