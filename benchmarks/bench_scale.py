@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if len(bare_seen) > 1:
         first, most, grew = growth(bare_seen)
-        print(f"  RSS after its first wave {first:.1f} MB, then at most {most:.1f} MB: {grew:+.0%}")
+        print(f"  RSS after its first wave {first:.1f} MB, then at most {most:.1f} MB: {grew:+.1%}")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
         store = args.store or "sqlite:///" + str(Path(folder) / "flowsdk.db")
         print(f"flowsdk on {store.split('://')[0]}:")
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = "ok" if abs(grew) <= 0.10 else "MISS"
         print(
             f"RSS after the first wave {first:.1f} MB, at most {most:.1f} MB later "
-            f"({grew:+.0%}; target +-10%): {verdict}; median {statistics.median(seen):.1f} MB"
+            f"({grew:+.1%}; target +-10%): {verdict}; median {statistics.median(seen):.1f} MB"
         )
     if took:
         worst = max(took)
