@@ -31,17 +31,10 @@ if TYPE_CHECKING:
     from flowsdk._runtime import Runtime
     from flowsdk.store import RunRecorder
 
-__all__ = ["release_held", "start_direct", "start_gathered"]
+__all__ = ["GATHERED", "release_held", "start_direct", "start_gathered", "start_gathered_named"]
 
 _Task = asyncio.Task
 _Future = asyncio.Future
-# Python 3.13.0 to 3.13.2 call `set_name(name)` on what the task factory returns,
-# `name` None included (CPython gh-130033; 3.13.3 passes it to the factory instead).
-_NAMED_AFTER = (3, 13) <= sys.version_info < (3, 13, 3)
-
-
-def _unnamed(name: object) -> None:
-    """The future `gather` holds has no name to set (a task's would be shown nowhere)."""
 
 
 def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
@@ -56,13 +49,30 @@ def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
     try:
         coro.send(None)
     except StopIteration as stop:
-        started = stop.value
-        if _NAMED_AFTER and type(started) is _Future:
-            started.set_name = _unnamed  # type: ignore[attr-defined]  # beside `cancel`
-        return started
+        return stop.value
     finally:
         gathering[0] = None
     raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
+
+
+def _unnamed(name: object) -> None:
+    """The future `gather` holds has no name to set (a task's would be shown nowhere)."""
+
+
+def start_gathered_named(coro: CoroutineType[Any, Any, Any]) -> Any:
+    """`start_gathered` where `create_task` then calls `set_name` on what it got.
+
+    Python 3.13.0 to 3.13.2 do, `name` None included (CPython gh-130033; 3.13.3
+    passes the name to the factory instead): the future gets a `set_name` too.
+    """
+    started = start_gathered(coro)
+    if type(started) is _Future:
+        started.set_name = _unnamed  # type: ignore[attr-defined]  # beside `cancel`
+    return started
+
+
+GATHERED = start_gathered_named if (3, 13) <= sys.version_info < (3, 13, 3) else start_gathered
+"""What the run's task factory calls for `gather` on this Python (`TaskTracker`)."""
 
 
 def start_direct(
