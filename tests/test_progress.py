@@ -283,6 +283,35 @@ def test_an_optuna_study_prunes_in_the_parent_and_its_states_match_the_records()
         asyncio.run(optimize(study, objective, space, n_trials=0))
 
 
+def test_a_retried_study_replays_pruned_and_completed_trials_with_their_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pruned trial is finished: a retry tells the study the same outcome, reports included."""
+    from tests.workflows import hpo_study
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    monkeypatch.setenv("HPO_DIR", str(tmp_path))
+    monkeypatch.setenv("HPO_FAIL", "1")
+    first = flowsdk.run(hpo_study.pruned_search, name="pruned", store=url)
+    assert first.phase is RunPhase.FAILED
+    before = json.loads((tmp_path / "study.json").read_text())
+    assert "PRUNED" in before["states"], before["states"]
+    assert "COMPLETE" in before["states"], before["states"]
+    started = (tmp_path / "started").read_text()
+    assert len(started.split()) == 10
+    monkeypatch.delenv("HPO_FAIL")
+    with flowsdk.Client(url) as client:
+        again = client.retry("pruned")
+    assert again.phase is RunPhase.SUCCEEDED
+    # No trial ran again: the completed and the pruned ones were replayed.
+    assert (tmp_path / "started").read_text() == started
+    # The study of the retry saw the same trials: states, parameters, values and reports.
+    assert again.result() == before
+    trials = [a for a in again.actions if a.task == "optuna.trial"]
+    assert len(trials) == 10
+    assert all(a.replayed for a in trials)
+
+
 def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters(
     tmp_path: Path,
 ) -> None:
@@ -341,16 +370,26 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
     assert run.phase is RunPhase.SUCCEEDED
     counts = run.result()
     assert counts["trials"] == 12
-    # Every trial the first attempt recorded SUCCEEDED is replayed, and only those (a
-    # trial that returned just before the kill may not have been written yet).
-    replayed = [a for a in run.actions if a.replayed and a.task == "hpo_study.trial"]
-    recorded = [
+    # Every trial the first attempt recorded finished (its `optuna.trial` SUCCEEDED,
+    # whether completed or pruned) is replayed, and only those; its objective does
+    # not run. An objective that returned while its trial's end was not written yet
+    # (just before the kill) is replayed under its trial, which runs again.
+    wrappers = "optuna.trial"
+    replayed = {a.key for a in run.actions if a.replayed and a.task == wrappers}
+    recorded = {
+        a.key for a in first.actions if a.task == wrappers and a.phase is ActionPhase.SUCCEEDED
+    }
+    assert replayed == recorded
+    succeeded = [
         a for a in first.actions if a.task == "hpo_study.trial" and a.phase is ActionPhase.SUCCEEDED
     ]
-    assert {a.key for a in replayed} == {a.key for a in recorded}
-    assert 1 <= len(replayed) <= finished
+    assert 1 <= len(succeeded) <= finished
+    again_by_key = {a.key: a for a in run.actions}
+    for objective in succeeded:
+        parent = objective.key.rsplit("/", 1)[0]
+        assert parent in replayed or again_by_key[objective.key].replayed, objective.key
     # The same parameters as the first attempt, trial by trial.
-    before = {a.key: a for a in first.actions if a.task == "hpo_study.trial"}
+    before = {a.key: a for a in first.actions if a.task in (wrappers, "hpo_study.trial")}
     inputs = first.payloads()
     again = run.payloads()
     for action in run.actions:

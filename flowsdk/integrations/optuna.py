@@ -27,9 +27,12 @@ there; a pruned trial's action is cancelled at that very report (recorded
 `ABORTED`, cause `cancelled`, with a reason such as "pruned by MedianPruner at
 step 4 (value 0.52; median 0.31)"). `study.tell` gets COMPLETE, PRUNED or
 FAIL. Each trial's parameters are recorded by a small action of their own
-(`optuna.suggest`), so a retried run hands the same parameters to the same
-trials: the trials that succeeded are replayed (their values told to the
-study again), the others run again with their recorded parameters.
+(`optuna.suggest`), and each trial runs under an action that records its
+outcome (`optuna.trial`: the value or the prune, and the reports the study
+was told), so a retried run hands the same parameters to the same trials and
+replays every finished one, completed or pruned: the study is told the same
+reports and the same outcome again, and the objective does not run. Failed
+and unfinished trials run again with their recorded parameters.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ Space = Callable[[optuna.Trial], dict[str, Any]]
 _env = TaskEnvironment("optuna")
 _asking: contextvars.ContextVar[Callable[[int], dict[str, Any]] | None] = contextvars.ContextVar(
     "flowsdk.optuna.asking", default=None
+)
+# The study's side of a trial: the objective, and the judge of its reports (the
+# trial's number, the step, the value -> the reason to prune, or None).
+_Judge = Callable[[int, int, float], "str | None"]
+_judging: contextvars.ContextVar[tuple[Task[..., Any], _Judge] | None] = contextvars.ContextVar(
+    "flowsdk.optuna.judging", default=None
 )
 
 
@@ -94,12 +103,21 @@ async def optimize(
     if len(study.directions) != 1:
         raise ValueError("optimize runs studies of one objective; this study has several")
     asked: dict[int, optuna.Trial] = {}
+    trials: dict[int, optuna.Trial] = {}
+    told: dict[int, set[int]] = {}  # the steps each trial's reports were told at, as they came
 
     def ask(number: int) -> dict[str, Any]:
         trial = asked[number] = study.ask()
         return space(trial)
 
+    def judge(number: int, step: int, value: float) -> str | None:
+        trial = trials[number]
+        trial.report(value, step)
+        told[number].add(step)
+        return _reason(study, step, value) if trial.should_prune() else None
+
     token = _asking.set(ask)
+    judging = _judging.set((objective, judge))
     running: set[asyncio.Task[None]] = set()
     try:
         for number in range(n_trials):
@@ -107,53 +125,84 @@ async def optimize(
                 _, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
             params = await suggest(number)
-            trial = asked.pop(number, None)
-            if trial is None:
+            asked_trial = asked.pop(number, None)
+            if asked_trial is None:
                 # Replayed from an earlier attempt: the same parameters again.
                 study.enqueue_trial(params, skip_if_exists=False)
-                trial = study.ask()
-                space(trial)
+                asked_trial = study.ask()
+                space(asked_trial)
+            trials[number] = asked_trial
+            told[number] = set()
             # Called here, in order, so that a retry finds each call at the same place.
-            running.add(asyncio.create_task(_trial(study, trial, objective(**params))))
+            outcome = trial(number, params)
+            running.add(asyncio.create_task(_tell(study, asked_trial, outcome, told[number])))
         if running:
             await asyncio.gather(*running)
     finally:
         _asking.reset(token)
+        _judging.reset(judging)
         for task in running:
             task.cancel()
     return study
 
 
-async def _trial(study: optuna.Study, trial: optuna.Trial, call: Coroutine[Any, Any, Any]) -> None:
+@_env.task
+async def trial(number: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Run trial `number` of the parent's study: its objective, judged at each report.
+
+    Returns the trial's outcome, recorded so that a retry replays it: `state`
+    (`COMPLETE` or `PRUNED`), `value`, `reason` (of a prune) and `reports`,
+    the `[step, value]` pairs the study was told. An objective that raises
+    makes the trial fail (and run again in a retry).
+    """
+    judging = _judging.get()
+    if judging is None:
+        raise RuntimeError("optuna.trial runs only as a step of flowsdk.integrations.optuna")
+    objective, judge = judging
+    reports: list[list[float]] = []
     pruned: list[str] = []
-    steps = [0]
 
     def on_report(report: Report) -> None:
-        step = report.step if report.step is not None else steps[0]
-        steps[0] = step + 1
+        step = report.step if report.step is not None else len(reports)
         if pruned:
             return
-        trial.report(report.value, step)
-        if trial.should_prune():
-            pruned.append(_reason(study, step, report.value))
-            report.cancel(pruned[0])
+        reports.append([step, report.value])
+        reason = judge(number, step, report.value)
+        if reason is not None:
+            pruned.append(reason)
+            report.cancel(reason)
 
     try:
-        value = await follow(call, on_report)
+        value = await follow(objective(**params), on_report)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if not pruned or (task is not None and task.cancelling()):
             raise  # the search itself is being cancelled: the trial stays unfinished
-        study.tell(trial, state=TrialState.PRUNED)
-        return
+        value = None
+    if pruned:  # cancelled at its report, or it absorbed the cancel and returned
+        return {"state": "PRUNED", "value": None, "reason": pruned[0], "reports": reports}
+    return {"state": "COMPLETE", "value": value, "reason": None, "reports": reports}
+
+
+async def _tell(
+    study: optuna.Study, trial: optuna.Trial, outcome: Coroutine[Any, Any, Any], told: set[int]
+) -> None:
+    """Tell the study how the trial ended, and the reports it was not told yet (a replay's)."""
+    try:
+        ended = await outcome
+    except asyncio.CancelledError:
+        raise
     except Exception:
         study.tell(trial, state=TrialState.FAIL)
         return
-    if pruned:  # the body absorbed the cancel and returned: pruned all the same
+    for step, value in ended["reports"]:
+        if int(step) not in told:  # a replayed trial's reports, told again
+            trial.report(value, int(step))
+    if ended["state"] == "PRUNED":
         study.tell(trial, state=TrialState.PRUNED)
         return
     try:
-        study.tell(trial, float(value))
+        study.tell(trial, float(ended["value"]))
     except (TypeError, ValueError):
         study.tell(trial, state=TrialState.FAIL)
 

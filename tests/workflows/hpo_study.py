@@ -5,11 +5,16 @@
 with `$HPO_BLOCK` set too, a trial that starts once 5 trials are done writes
 `$HPO_DIR/blocked` and waits forever (the test then kills the runner with
 SIGKILL and retries the run without `$HPO_BLOCK`).
+
+`pruned_search` runs 10 trials one at a time, with a pruner that prunes some;
+every trial that starts appends a line to `$HPO_DIR/started`; with
+`$HPO_FAIL` set, the search fails once the study is over (to be retried).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,8 @@ env = flowsdk.TaskEnvironment("hpo_study")
 @env.task
 async def trial(x: float, depth: int) -> float:
     folder = Path(os.environ["HPO_DIR"])
+    with (folder / "started").open("a") as f:
+        f.write(f"{x}\n")
     done = folder / "done"
     if os.environ.get("HPO_BLOCK") and done.exists() and len(done.read_text().split()) >= 5:
         (folder / "blocked").write_text("yes")
@@ -54,3 +61,23 @@ async def search() -> dict[str, int]:
     for t in study.trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
+
+
+@env.task
+async def pruned_search() -> dict[str, Any]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        sampler=optuna.samplers.RandomSampler(seed=7),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    await optimize(study, trial, space, n_trials=10, concurrency=1)
+    summary: dict[str, Any] = {
+        "states": [t.state.name for t in study.trials],
+        "params": [t.params for t in study.trials],
+        "values": [t.value for t in study.trials],
+        "steps": [[[k, v] for k, v in sorted(t.intermediate_values.items())] for t in study.trials],
+    }
+    if os.environ.get("HPO_FAIL"):
+        (Path(os.environ["HPO_DIR"]) / "study.json").write_text(json.dumps(summary))
+        raise RuntimeError("the search fails after its study, to be retried")
+    return summary
