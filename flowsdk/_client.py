@@ -42,12 +42,31 @@ class Client:
 
     def __init__(self, store: str | Store | None = None, *, actor: Actor | None = None) -> None:
         self.store = open_store(store)
-        self.service = ControlService(self.store, actor if actor is not None else Actor.local())
+        self._service: ControlService | None = ControlService(
+            self.store, actor if actor is not None else Actor.local()
+        )
 
     def __repr__(self) -> str:
-        return f"Client({self.store.url!r})"
+        closed = ", closed" if self._service is None else ""
+        return f"Client({self.store.url!r}{closed})"
+
+    @property
+    def service(self) -> ControlService:
+        """The control service every operation goes through.
+
+        Raises:
+            RuntimeError: the client was closed.
+        """
+        service = self._service
+        if service is None:
+            raise RuntimeError(
+                f"this flowsdk.Client of {self.store.url} was closed; create a new "
+                "flowsdk.Client to read or control runs again"
+            )
+        return service
 
     def __enter__(self) -> Client:
+        self.service  # noqa: B018  # refuses a closed client
         return self
 
     def __exit__(
@@ -59,7 +78,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Release the store's connections."""
+        """Release the store's connections; the client cannot be used afterwards.
+
+        Closing twice is fine.
+        """
+        self._service = None
         self.store.close()
 
     # -- reading ---------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import flowsdk
@@ -37,3 +40,12 @@ def causes(run: flowsdk.Run[Any]) -> dict[str, str | None]:
 def by_task(run: flowsdk.Run[Any], suffix: str) -> list[flowsdk.ActionRecord]:
     """The records whose task name ends with `suffix`, in start order."""
     return [a for a in run.actions if a.task.endswith(suffix)]
+
+
+def open_files(prefix: Path) -> list[str]:
+    """The files this process holds open whose path starts with `prefix` (Linux)."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor that listed them is gone
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [path for path in paths if path.startswith(str(prefix))]

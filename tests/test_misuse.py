@@ -6,6 +6,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import flowsdk
 from flowsdk import ActionInfo
 from flowsdk.errors import FlowError, NotInRunError
-from tests.support import assert_clean, phases
+from tests.support import assert_clean, open_files, phases
 
 BAD_NAMES = [
     "",
@@ -267,3 +268,27 @@ def test_current_action_inside_a_run_describes_the_calling_action() -> None:
         ActionInfo(run="info-run", name="a1", task="info.child", attempt=1, group="stage"),
     ]
     assert_clean(run)
+
+
+def test_a_closed_client_refuses_use_and_reopens_nothing(tmp_path: Path) -> None:
+    """After `close()`, a Client says it is closed instead of opening a connection nobody closes."""
+    env = flowsdk.TaskEnvironment("m_closed")
+
+    @env.task
+    async def main() -> int:
+        return 1
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    flowsdk.run(main, name="r", store=url)
+    client = flowsdk.Client(url)
+    assert [r.name for r in client.runs()] == ["r"]
+    client.close()
+    assert open_files(tmp_path / "s.db") == []
+    for use in (client.runs, lambda: client.get_run("r"), lambda: client.abort("r")):
+        with pytest.raises(RuntimeError, match=r"was closed; create a new flowsdk\.Client"):
+            use()
+    with pytest.raises(RuntimeError, match="was closed"), client:
+        pass
+    assert open_files(tmp_path / "s.db") == []
+    client.close()  # closing twice is fine
+    assert "closed" in repr(client)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import os
 import weakref
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from flowsdk import _runtime
 from flowsdk._action import current
 from flowsdk.errors import ActionNotFoundError, RuntimeUserError
 from flowsdk.testing import Gate
+from tests.support import open_files
 
 KEEP = 20
 
@@ -78,22 +78,13 @@ def test_a_long_sqlite_run_forgets_finished_actions_and_reads_its_records_back(
     assert [a.name for a in stored.actions] == [a.name for a in run.actions]
 
 
-def _open_files(prefix: Path) -> list[str]:
-    """The files this process holds open whose path starts with `prefix` (Linux)."""
-    paths = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the descriptor that listed them is gone
-            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return [path for path in paths if path.startswith(str(prefix))]
-
-
 def test_reading_a_spilled_run_back_leaves_no_connection_open(tmp_path: Path) -> None:
     """A run given a URL opened its store: reading its records back closes what it opened."""
     run = flowsdk.run(waves, 3, 30, store=f"sqlite:///{tmp_path / 's.db'}")
     assert len(run.actions) == 91  # read back from the file
     assert len(run.events) == 3 * 91 + 2
     # The run is still alive, and nothing of its store is open (not left to the collector).
-    assert _open_files(tmp_path / "s.db") == []
+    assert open_files(tmp_path / "s.db") == []
 
 
 def test_the_memory_store_never_spills() -> None:
