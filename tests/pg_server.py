@@ -5,7 +5,10 @@ whose role may create databases) is used when set. Otherwise the first test
 that needs PostgreSQL starts one cluster (`initdb` + `pg_ctl start` in a
 temporary folder, on a free port, as the unprivileged `postgres` user when
 running as root) and the session stops it and removes its folder at the end;
-each pytest-xdist worker is a session, with a server of its own. When the server
+each pytest-xdist worker is a session, with a server of its own. A watchdog
+process stops a server this session started, and removes its folder, once the
+session's process is gone, however it ended (SIGTERM and SIGKILL included, which
+skip the session's own teardown). When the server
 binaries are missing, PostgreSQL tests skip and say why
 (`scripts/ensure-postgres.sh`, run by `make test`, installs them when it can).
 """
@@ -19,12 +22,23 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 __all__ = ["PostgresServer", "find_binaries"]
+
+# Waits for the end of its standard input, which the test process holds open
+# until it has stopped the server itself, or until it dies: the kernel closes it
+# then. Then stops the server (argv), if still running, and removes its folder.
+WATCHDOG = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[2:], capture_output=True, timeout=120, check=False, cwd="/")
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
 
 
 def find_binaries() -> str | None:
@@ -76,14 +90,27 @@ class PostgresServer:
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
         log = os.path.join(self._folder, "server.log")
+        stop = self._argv("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        # Its own session: a signal to the test run's process group leaves it alone.
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, self._folder, *stop],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._run("pg_ctl", "-D", data, "-l", log, "-o", self._options, "-w", "-t", "60", "start")
         self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, tool: str, *args: str) -> None:
+    def _argv(self, tool: str, *args: str) -> list[str]:
         assert self._bin is not None
         argv = [os.path.join(self._bin, tool), *args]
         if self._user is not None:
             argv = ["runuser", "-u", self._user, "--", *argv]
+        return argv
+
+    def _run(self, tool: str, *args: str) -> None:
+        argv = self._argv(tool, *args)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/")
         if done.returncode:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stdout}{done.stderr}")
@@ -129,3 +156,7 @@ class PostgresServer:
             self._run("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
         shutil.rmtree(self._folder, ignore_errors=True)
         self._folder = None
+        watchdog = self._watchdog
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()  # nothing left for it to stop: it ends
+        watchdog.wait(timeout=120)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -331,3 +333,49 @@ def test_text_with_nul_characters_is_recorded_visibly(pg_url: str) -> None:
     error = stored.actions[0].error
     assert error is not None
     assert "before\\x00after" in error.message
+
+
+SERVER_HOLDER = """
+import sys
+from tests.pg_server import PostgresServer
+server = PostgresServer()
+print(server._folder, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_killed_test_process_leaves_no_postgresql_server_running(
+    postgres_server: PostgresServer,
+) -> None:
+    """SIGKILL skips every teardown: the server's watchdog still stops it and removes its folder."""
+    if not postgres_server.owned:
+        pytest.skip("FLOWSDK_TEST_POSTGRES names a server: these tests start none of their own")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", SERVER_HOLDER],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        folder = Path(holder.stdout.readline().strip())
+        pid = int((folder / "data" / "postmaster.pid").read_text().split()[0])
+        assert process_state(pid) != "Z"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        if holder.stdin is not None:
+            holder.stdin.close()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    wait_until(lambda: not folder.exists(), "removing the killed session's server folder")
+    wait_until(lambda: _gone(pid), "stopping the killed session's server")
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie has: only its exit status is left)."""
+    try:
+        return process_state(pid) == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
