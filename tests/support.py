@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import flowsdk
 from flowsdk import ActionPhase, EventKind
+from flowsdk.store._rows import with_routine
+from flowsdk.store._sqlite_schema import EVENTS_AFTER, INSERT_EVENT
 
 TERMINAL = {p.value for p in ActionPhase if p.terminal}
 
@@ -49,3 +52,18 @@ def open_files(prefix: Path) -> list[str]:
         with contextlib.suppress(OSError):  # the descriptor that listed them is gone
             paths.append(os.readlink(f"/proc/self/fd/{fd}"))
     return [path for path in paths if path.startswith(str(prefix))]
+
+
+def as_schema_7(conn: sqlite3.Connection) -> None:
+    """Rewrite a SQLite store's packed routine events as rows, as schema 7 kept them.
+
+    For tests that turn a current store into an older one: the `routine_events`
+    table goes (schema 8 created it).
+    """
+    rows = []
+    for run, attempt in conn.execute("SELECT DISTINCT run, run_attempt FROM routine_events"):
+        found = conn.execute(EVENTS_AFTER, {"run": run, "attempt": attempt, "cursor": -1})
+        rows += [(run, attempt, *row) for row in with_routine(found, -1)]
+    conn.execute("DELETE FROM events")
+    conn.executemany(INSERT_EVENT, rows)
+    conn.execute("DROP TABLE routine_events")

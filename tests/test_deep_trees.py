@@ -20,6 +20,7 @@ from flowsdk.store import Store, open_store
 from flowsdk.store._postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from flowsdk.testing import new_store
+from tests.support import as_schema_7
 from tests.test_cli import cli
 from tests.test_store_postgres import admin
 from tests.workflows import deep
@@ -161,7 +162,7 @@ def test_a_sqlite_store_from_before_the_key_migration_keeps_its_keys(tmp_path: P
     with flowsdk.Client(sqlite_url(path)) as client:
         before = [(a.name, a.key) for a in client.get_run("old").actions]
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        # What schema 3 kept: the whole key in each row.
+        as_schema_7(conn)  # then, what schema 3 kept: the whole key in each row
         for name, key in before:
             conn.execute("UPDATE actions SET key = ? WHERE name = ?", (key, name))
         conn.execute(f"PRAGMA user_version = {KEY_MIGRATION_SQLITE - 1}")

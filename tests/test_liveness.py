@@ -107,6 +107,8 @@ def test_a_runner_on_another_host_is_crashed_once_its_heartbeat_is_stale(
             runner.proc.kill()
     assert run.phase is RunPhase.CRASHED
     assert [a.phase for a in run.actions] == [flowsdk.ActionPhase.CRASHED] * 2
+    # The reader's events come after every event the runner wrote, packed ones too.
+    assert [e.seq for e in run.events] == list(range(len(run.events)))
 
 
 def test_a_runner_that_finds_its_run_crashed_stops_its_bodies_and_records_nothing_more(
@@ -136,6 +138,7 @@ def test_a_runner_that_finds_its_run_crashed_stops_its_bodies_and_records_nothin
     assert [a.phase for a in after.actions] == [flowsdk.ActionPhase.CRASHED] * 2
     assert after.events[: len(crashed.events)] == crashed.events
     [note] = after.events[len(crashed.events) :]
+    assert [e.seq for e in after.events] == list(range(len(after.events)))
     assert note.kind is flowsdk.EventKind.WARNING
     assert note.message is not None
     assert "found run 'back' recorded CRASHED" in note.message

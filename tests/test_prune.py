@@ -208,7 +208,7 @@ def test_compacting_waits_while_another_connection_holds_the_log_then_says_it_co
     try:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM runs").fetchone()  # a snapshot: holds the log
-        pruner.execute("DELETE FROM events")
+        pruner.execute("DELETE FROM actions")
         _, note = give_back_space(pruner, str(path), file_size(str(path)), wait=0.2)
         assert note is not None
         assert "could not be compacted now" in note

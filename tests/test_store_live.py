@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flowsdk
@@ -122,37 +123,45 @@ def store_phase(path: Path, sql: str, *params: object) -> str | None:
     return None if row is None else str(row[0])
 
 
+def event_phase(path: Path, run: str, action: str, phase: str) -> str | None:
+    """`phase` if the store's event log has the action's event of that phase yet."""
+    store = open_store(sqlite_url(path))
+    try:
+        events = store.events_since(run, -1)
+    except RunNotFoundError:
+        return None  # the run's first write has not happened yet
+    finally:
+        store.close()
+    return phase if any(e.action == action and e.phase == phase for e in events) else None
+
+
 @env.task
 async def blocker(path: str) -> list[str]:
     """Start a child, then block the loop until the store shows the child and this body."""
     child = asyncio.create_task(sleeper())
     await asyncio.sleep(0)  # the child's handle step: it is created QUEUED
     me = flowsdk.current_action()
-    wanted = {
+    at = Path(path)
+    wanted: dict[str, tuple[Callable[[], str | None], str]] = {
         "this body RUNNING": (
-            "SELECT phase FROM actions WHERE run = ? AND name = ?",
-            me.run,
-            me.name,
+            lambda: store_phase(
+                at, "SELECT phase FROM actions WHERE run = ? AND name = ?", me.run, me.name
+            ),
             "RUNNING",
         ),
         "its child QUEUED": (
-            "SELECT phase FROM actions WHERE run = ? AND parent = ?",
-            me.run,
-            me.name,
+            lambda: store_phase(
+                at, "SELECT phase FROM actions WHERE run = ? AND parent = ?", me.run, me.name
+            ),
             "QUEUED",
         ),
-        "its RUNNING event": (
-            "SELECT phase FROM events WHERE run = ? AND action = ? AND phase = 'RUNNING'",
-            me.run,
-            me.name,
-            "RUNNING",
-        ),
+        "its RUNNING event": (lambda: event_phase(at, me.run, me.name, "RUNNING"), "RUNNING"),
     }
     seen: list[str] = []
     deadline = time.monotonic() + 30
     while wanted and time.monotonic() < deadline:
-        for what, (sql, run, name, phase) in list(wanted.items()):
-            if store_phase(Path(path), sql, run, name) == phase:
+        for what, (read, phase) in list(wanted.items()):
+            if read() == phase:
                 seen.append(what)
                 del wanted[what]
         time.sleep(0.01)  # noqa: ASYNC251 - blocks the loop on purpose, until the deadline

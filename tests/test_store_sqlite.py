@@ -34,7 +34,7 @@ from flowsdk.store import SQLiteStore
 from flowsdk.store._sqlite_schema import SCHEMA_VERSION
 from flowsdk.testing import Gate
 from tests.runners.harness import ROOT, Runner, sqlite_url, sync
-from tests.support import assert_clean
+from tests.support import as_schema_7, assert_clean
 
 EXIT_RUN_EXISTS = 3  # tests/runners/_common.py
 EXIT_STORE_ERROR = 5  # tests/runners/store_io.py
@@ -135,7 +135,7 @@ def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path)
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
-    assert pragma(path, "user_version") == SCHEMA_VERSION == 7
+    assert pragma(path, "user_version") == SCHEMA_VERSION == 8
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(
@@ -147,6 +147,11 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(
     with flowsdk.Client(sqlite_url(path)) as client:
         events = client.get_run("old").events
     with contextlib.closing(sqlite3.connect(path)) as conn:
+        # Before schema 8 routine events were rows of their own, not packed.
+        packed = conn.execute("SELECT count(*) FROM routine_events").fetchone()[0]
+        as_schema_7(conn)
+        assert packed
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == len(events)
         # Before schema 7 both tables had a rowid.
         for table, key in (("actions", "name"), ("events", "seq")):
             conn.execute(f"CREATE TABLE old_{table} AS SELECT * FROM {table}")
@@ -183,7 +188,16 @@ def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(
     assert (new.phase, new.workdir) == (RunPhase.SUCCEEDED, os.getcwd())
     assert executors == ["local"]  # an action recorded before executors were
     with flowsdk.Client(sqlite_url(path)) as client:
+        # The old run's routine events, rows of their own, are read as they were; the
+        # new run's are packed.
         assert client.get_run("old").events == events
+        assert [e.phase for e in client.get_run("new").events if e.action == "a0"] == [
+            ActionPhase.QUEUED,
+            ActionPhase.RUNNING,
+            ActionPhase.SUCCEEDED,
+        ]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM routine_events WHERE run = 'new'").fetchone()[0]
     with contextlib.closing(sqlite3.connect(path)) as conn:
         tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
     assert "WITHOUT ROWID" in tables["actions"]
@@ -197,7 +211,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA user_version = 8")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = listing(tmp_path)
     ran.clear()
     with pytest.raises(StoreError) as reading, flowsdk.Client(sqlite_url(path)) as client:
@@ -208,7 +222,7 @@ def test_a_store_from_a_newer_flowsdk_raises_store_error_and_is_untouched(
     assert ran == []
     for exc in (reading.value, running.value):
         assert not isinstance(exc, StoreCorruptedError)
-        assert re.search(r"\b8\b", str(exc))
+        assert re.search(rf"\b{SCHEMA_VERSION + 1}\b", str(exc))
         assert re.search(rf"\b{SCHEMA_VERSION}\b", str(exc))
 
 
@@ -608,6 +622,28 @@ def test_a_wide_fan_out_keeps_every_event_in_order_across_the_writers_chunks(
     shape = [(e.kind, e.action, e.phase, e.cause, e.reason) for e in stored]
     assert shape == [(e.kind, e.action, e.phase, e.cause, e.reason) for e in memory.events]
     assert sum(e.phase == "SUCCEEDED" and e.kind is EventKind.ACTION for e in stored) == n + 1
+
+
+def test_routine_events_are_packed_and_read_back_after_any_cursor(tmp_path: Path) -> None:
+    """A write's routine events are one packed row: a follower's cursor may fall inside one."""
+    path = tmp_path / "s.db"
+    n = 700
+    flowsdk.run(wide, n, name="packed", store=sqlite_url(path))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT count(*) FROM events WHERE run = 'packed'").fetchone()[0]
+        packs = conn.execute("SELECT count(*) FROM routine_events WHERE run = 'packed'")
+        packed = packs.fetchone()[0]
+    store = SQLiteStore(sqlite_url(path))
+    try:
+        everything = store.events_since("packed", -1)
+        assert [e.seq for e in everything] == list(range(len(everything)))
+        assert len(everything) >= 3 * (n + 1)  # QUEUED, RUNNING and an ending per action
+        assert rows < 10  # the run's own events; every action's routine ones are packed
+        assert 1 <= packed < n
+        for cursor in [*range(-1, len(everything), 37), len(everything) - 2, len(everything) - 1]:
+            assert store.events_since("packed", cursor) == everything[cursor + 1 :], cursor
+    finally:
+        store.close()
 
 
 def test_statements_bind_rows_with_plain_placeholders(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def delete_runs_sqlite(conn: sqlite3.Connection, names: list[str]) -> tuple[set[
             for table, column in (
                 ("actions", "run"),
                 ("events", "run"),
+                ("routine_events", "run"),
                 ("requests", "run"),
                 ("runs", "name"),
             ):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
+
+import msgspec
 
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ACTION_FIELDS,
     EVENT_FIELDS,
     Event,
+    EventKind,
     EventRow,
     Role,
     RunRecord,
@@ -34,6 +38,8 @@ __all__ = [
     "RUN_COLUMNS",
     "TOKEN_COLUMNS",
     "events_from_rows",
+    "pack_routine",
+    "with_routine",
     "run_record",
     "token_record",
 ]
@@ -48,6 +54,48 @@ ROUTINE_COLUMNS = ", ".join(EVENT_FIELDS[:5])
 """The columns a routine event sets (seq, at, kind, action, phase)."""
 NO_DETAIL = (None,) * (len(EVENT_FIELDS) - 5)
 """A routine event's other columns: no cause, reason, by or message."""
+
+# An action's routine events (QUEUED, RUNNING, an ending with no request or
+# message: three per action) are most of a run's event log. A store may keep the
+# routine events of one write as one packed value, keyed by the last `seq` in
+# it, instead of a row each: a `(seq, at, action, phase)` array per event, in
+# MessagePack.
+_ROUTINE_KIND = EventKind.ACTION.value
+_encode_routine = msgspec.msgpack.Encoder().encode
+_decode_routine = msgspec.msgpack.Decoder(list[tuple[int, float, str, str]]).decode
+_seq = itemgetter(0)
+
+
+def pack_routine(routine: list[tuple[Any, ...]]) -> tuple[int, bytes]:
+    """The routine events `(seq, at, action, phase)` of one write: their last `seq`, packed."""
+    return max(map(_seq, routine)), _encode_routine(routine)
+
+
+def with_routine(rows: Iterable[tuple[Any, ...]], cursor: int) -> list[tuple[Any, ...]]:
+    """Event rows in `seq` order, with the routine events packed among them unpacked.
+
+    `rows` are read in `EVENT_COLUMNS` order plus one last column: None for an
+    event's own row, or a packed value (`pack_routine`), whose events after
+    `cursor` are taken.
+    """
+    events: list[tuple[Any, ...]] = []
+    packed = False
+    for row in rows:
+        pack = row[-1]
+        if pack is None:
+            events.append(row[:-1])
+            continue
+        packed = True
+        events.extend(
+            (seq, at, _ROUTINE_KIND, action, phase, *NO_DETAIL)
+            for seq, at, action, phase in _decode_routine(pack)
+            if seq > cursor
+        )
+    if packed:
+        events.sort(key=_seq)
+    return events
+
+
 RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
     "owner, heartbeat, workdir"

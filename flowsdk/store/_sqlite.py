@@ -48,7 +48,7 @@ from flowsdk.errors import (
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
-from flowsdk.store._rows import events_from_rows
+from flowsdk.store._rows import events_from_rows, with_routine
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
@@ -56,7 +56,7 @@ from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
     APPLICATION_ID,
     DEFAULT_BUSY_TIMEOUT,
-    EVENT_COLUMNS,
+    EVENTS_AFTER,
     RUN_COLUMNS,
     SCHEMA_VERSION,
     create_store,
@@ -470,11 +470,8 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
     def _event_rows(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int
     ) -> list[tuple[Any, ...]]:
-        return conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM events "
-            "WHERE run = ? AND run_attempt = ? AND seq > ? ORDER BY seq",
-            (name, attempt, cursor),
-        ).fetchall()
+        found = conn.execute(EVENTS_AFTER, {"run": name, "attempt": attempt, "cursor": cursor})
+        return with_routine(found, cursor)
 
     def _latest(self, conn: sqlite3.Connection, name: str) -> tuple[int, str, bytes | None, float]:
         row = conn.execute(

@@ -19,10 +19,17 @@ import msgspec
 from msgspec.structs import astuple
 
 from flowsdk._liveness import this_process
-from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventKind, EventRow, RunRecord
+from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
-from flowsdk.store._rows import ACTION_COLUMN_NAMES, NO_DETAIL, ROUTINE_COLUMNS
-from flowsdk.store._sqlite_schema import INSERT_EVENT, rollback, translate, ts
+from flowsdk.store._rows import ACTION_COLUMN_NAMES, NO_DETAIL, ROUTINE_COLUMNS, pack_routine
+from flowsdk.store._sqlite_schema import (
+    INSERT_EVENT,
+    INSERT_ROUTINE_PACK,
+    LAST_SEQ,
+    rollback,
+    translate,
+    ts,
+)
 from flowsdk.store._sqlite_trace import SQLITE_TRACE
 from flowsdk.store._writer import Batch, RunLost
 
@@ -42,8 +49,6 @@ for _type, _same in ((type(None), {}.get), (bool, int), (bytes, bytes)):
 # columns they set, so that no NULL is bound at all. Columns left out take their
 # default, which is what the row holds: NULL, or 0 for a flag that is False.
 _INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {ROUTINE_COLUMNS})"
-# An action's routine events (seq, at, action, phase): their kind is written by the statement.
-_ACTION_ROUTINE = f"column1, column2, '{EventKind.ACTION.value}', column3, column4"
 _INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)})"
 _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
@@ -135,7 +140,7 @@ def _write_events(
         else:
             other.append(values)
     if routine:
-        _insert_rows(conn, _INSERT_ROUTINE, head, routine, _ACTION_ROUTINE)
+        conn.execute(INSERT_ROUTINE_PACK, (name, attempt, *pack_routine(routine)))
     if plain:
         _insert_rows(conn, _INSERT_ROUTINE, head, plain)
     if other:
@@ -292,10 +297,7 @@ class SQLiteDialect:
         """Append one `warning` event after the run's last one."""
 
         def body() -> None:
-            seq = conn.execute(
-                "SELECT coalesce(max(seq), -1) + 1 FROM events WHERE run = ? AND run_attempt = ?",
-                (name, attempt),
-            ).fetchone()[0]
+            seq = conn.execute(LAST_SEQ, {"run": name, "attempt": attempt}).fetchone()[0] + 1
             row = EventRow(seq, time.time(), "warning", None, None, None, None, None, message)
             conn.execute(INSERT_EVENT, (name, attempt, *astuple(row)))
 

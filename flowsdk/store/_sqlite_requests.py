@@ -26,6 +26,7 @@ from flowsdk._records import (
 from flowsdk.store._sqlite_schema import (
     ANSWER_POLL,
     INSERT_EVENT,
+    LAST_SEQ,
     owner_decoder,
     reply_decoder,
     request_encoder,
@@ -140,11 +141,8 @@ class SQLiteRequests:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     attempt = self._latest(conn, name)[0]
-                    seq = conn.execute(
-                        "SELECT coalesce(max(seq), -1) + 1 FROM events "
-                        "WHERE run = ? AND run_attempt = ?",
-                        (name, attempt),
-                    ).fetchone()[0]
+                    last = conn.execute(LAST_SEQ, {"run": name, "attempt": attempt}).fetchone()
+                    seq = last[0] + 1
                     row = EventRow(
                         seq, time.time(), "request", action, None, None, None, requested_by, message
                     )
