@@ -22,7 +22,7 @@ from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from flowsdk.testing import new_store
 from tests.support import as_schema_7
 from tests.test_cli import cli
-from tests.test_store_postgres import admin
+from tests.test_store_postgres import admin, as_schema_5
 from tests.workflows import deep
 
 DEPTH = 10_000
@@ -183,6 +183,7 @@ def test_a_postgres_store_from_before_the_key_migration_keeps_its_keys(pg_url: s
     with flowsdk.Client(pg_url) as client:
         before = [(a.name, a.key) for a in client.get_run("old").actions]
     with admin(pg_url) as conn:
+        as_schema_5(conn)  # then, what schema 4 kept: the whole key in each row
         for name, key in before:
             conn.execute("UPDATE flowsdk.actions SET key = %s WHERE name = %s", (key, name))
         conn.execute(

@@ -434,9 +434,8 @@ def test_reader_follows_a_run_with_events_since_and_answers_run_state(store: str
     everything = st.events_since("followed", -1)
     assert [e.seq for e in everything] == list(range(len(everything)))
     assert everything == read(st, "followed").events
-    cursor = everything[3].seq
-    assert st.events_since("followed", cursor) == everything[4:]
-    assert st.events_since("followed", everything[-1].seq) == []
+    for cursor in range(len(everything)):  # a cursor may fall inside a packed write
+        assert st.events_since("followed", cursor) == everything[cursor + 1 :], cursor
     assert st.events_since("followed", -1, attempt=1) == everything
     state = st.run_state("followed", "a2")
     assert (state.attempt, state.phase, state.target_phase) == (

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,7 +24,8 @@ import flowsdk
 from flowsdk import ActionPhase, RunPhase
 from flowsdk.errors import StoreError
 from flowsdk.store import open_store
-from flowsdk.store._postgres_schema import SCHEMA_VERSION, PgTarget
+from flowsdk.store._postgres_schema import EVENTS_AFTER, INSERT_EVENT, SCHEMA_VERSION, PgTarget
+from flowsdk.store._rows import with_routine
 from tests.pg_server import PostgresServer
 from tests.runners.harness import Runner
 
@@ -33,6 +35,23 @@ DEADLINE = 30.0
 def admin(url: str) -> psycopg.Connection[tuple[object, ...]]:
     """A plain session on the test database (for what a test checks or arranges directly)."""
     return psycopg.connect(PgTarget(url).conninfo, autocommit=True)
+
+
+def as_schema_5(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Rewrite the store's packed routine events as rows, as schema 5 kept them.
+
+    For tests that turn a current store into an older one: the `routine_events`
+    table goes (schema 6 created it).
+    """
+    rows: list[tuple[Any, ...]] = []
+    attempts = conn.execute("SELECT DISTINCT run, run_attempt FROM flowsdk.routine_events")
+    for run, attempt in attempts.fetchall():
+        found = conn.execute(EVENTS_AFTER, {"run": run, "attempt": attempt, "cursor": -1})
+        rows += [(run, attempt, *row) for row in with_routine(found.fetchall(), -1)]
+    conn.execute("DELETE FROM flowsdk.events")
+    with conn.cursor() as cur:
+        cur.executemany(INSERT_EVENT, rows)
+    conn.execute("DROP TABLE flowsdk.routine_events")
 
 
 def runner_backend(url: str, run: str) -> int | None:
@@ -103,6 +122,8 @@ def test_killed_runner_on_another_host_is_crashed_once_its_session_is_gone_a_liv
             assert b.finish() == 0
     assert crashed.phase is RunPhase.CRASHED
     assert {a.phase for a in crashed.actions} <= {ActionPhase.SUCCEEDED, ActionPhase.CRASHED}
+    # The reader's events come after every event the runner wrote, packed ones too.
+    assert [e.seq for e in crashed.events] == list(range(len(crashed.events)))
     assert live.phase is RunPhase.RUNNING
     assert answer.outcome == "applied"
     assert phase_from(pg_url, "on-b") is RunPhase.SUCCEEDED

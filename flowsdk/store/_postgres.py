@@ -48,8 +48,9 @@ from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
     ACTION_COLUMNS,
-    EVENT_COLUMNS,
+    EVENTS_AFTER,
     INSERT_EVENT,
+    LAST_SEQ,
     LIVE_RUNS,
     REPLIES,
     REQUESTS,
@@ -64,7 +65,7 @@ from flowsdk.store._postgres_schema import (
 from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._postgres_trace import PostgresTrace
 from flowsdk.store._prune import delete_runs_postgres, prune_plan
-from flowsdk.store._rows import events_from_rows, run_record
+from flowsdk.store._rows import events_from_rows, run_record, with_routine
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -253,14 +254,11 @@ class PostgresStore(PostgresTokens, PostgresTrace):
                     "SELECT 1 FROM flowsdk.runs WHERE name = %s AND attempt = %s FOR UPDATE",
                     (name, attempt),
                 )
-                row = conn.execute(
-                    "SELECT coalesce(max(seq), -1) + 1 FROM flowsdk.events "
-                    "WHERE run = %s AND run_attempt = %s",
-                    (name, attempt),
-                ).fetchone()
+                row = conn.execute(LAST_SEQ, {"run": name, "attempt": attempt}).fetchone()
                 assert row is not None
+                seq = row[0] + 1
                 event = EventRow(
-                    row[0], time.time(), "request", action, None, None, None, requested_by, message
+                    seq, time.time(), "request", action, None, None, None, requested_by, message
                 )
                 conn.execute(INSERT_EVENT, (name, attempt, *astuple(event)))
         except psycopg.Error as exc:
@@ -545,8 +543,5 @@ class PostgresStore(PostgresTokens, PostgresTrace):
 
 
 def _event_rows(conn: Conn, name: str, attempt: int, cursor: int) -> list[tuple[Any, ...]]:
-    return conn.execute(
-        f"SELECT {EVENT_COLUMNS} FROM flowsdk.events "
-        "WHERE run = %s AND run_attempt = %s AND seq > %s ORDER BY seq",
-        (name, attempt, cursor),
-    ).fetchall()
+    found = conn.execute(EVENTS_AFTER, {"run": name, "attempt": attempt, "cursor": cursor})
+    return with_routine(found, cursor)

@@ -25,15 +25,16 @@ from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
 from flowsdk._liveness import Owner, host_identity, process_start
-from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
+from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError, StoreError
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
     COPY_ACTIONS,
     COPY_EVENTS,
-    COPY_ROUTINE,
     INSERT_ACTION,
     INSERT_EVENT,
+    INSERT_ROUTINE_PACK,
+    LAST_SEQ,
     REPLIES,
     REQUESTS,
     UPSERT_ACTIONS,
@@ -44,7 +45,7 @@ from flowsdk.store._postgres_schema import (
     store_error,
 )
 from flowsdk.store._postgres_trace import POSTGRES_TRACE
-from flowsdk.store._rows import NO_DETAIL
+from flowsdk.store._rows import pack_routine
 from flowsdk.store._writer import Batch, RunLost
 
 __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
@@ -52,7 +53,6 @@ __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
 logger = logging.getLogger("flowsdk")
 
 SAFETY_POLL = 1.0  # seconds between request checks when no notification came
-_ACTION = EventKind.ACTION.value
 T = TypeVar("T")
 
 
@@ -224,7 +224,8 @@ class PostgresDialect:
         """Write one batch in one transaction (again, whole, after a lost session)."""
         actions = [(name, attempt, *astuple(r)) for r in batch.actions.values()]
         events = [(name, attempt, *astuple(e)) for e in batch.events]
-        routine = [(name, attempt, n, at, _ACTION, a, phase) for n, at, a, phase in batch.routine]
+        # Action names and phases hold no NUL: the pack needs no escaping.
+        pack = (name, attempt, *pack_routine(batch.routine)) if batch.routine else None
         run = batch.run
         stop = run.stop if run is not None else None
         run_row = (
@@ -251,14 +252,14 @@ class PostgresDialect:
             # have been committed already: idempotent INSERTs then.
             copy = tries == 1
             try:
-                self._write(conn, batch, actions, events, routine, run_row, copy)
+                self._write(conn, batch, actions, events, pack, run_row, copy)
             except psycopg.DataError as exc:
                 if "NUL" not in str(exc):
                     raise
                 # PostgreSQL text cannot hold NUL: written as the visible escape `\x00`,
                 # as a terminal shows it, rather than losing the whole batch.
-                rows = _no_nul(actions), _no_nul(events), _no_nul(routine), _no_nul([run_row])[0]
-                self._write(conn, batch, *rows, copy)
+                rows = _no_nul(actions), _no_nul(events)
+                self._write(conn, batch, *rows, pack, _no_nul([run_row])[0], copy)
 
         self._do(link, work)
 
@@ -268,7 +269,7 @@ class PostgresDialect:
         batch: Batch,
         actions: list[tuple[Any, ...]],
         events: list[tuple[Any, ...]],
-        routine: list[tuple[Any, ...]],
+        pack: tuple[Any, ...] | None,
         run_row: tuple[Any, ...] | None,
         copy: bool,
     ) -> None:
@@ -292,16 +293,13 @@ class PostgresDialect:
                     with cur.copy(COPY_EVENTS) as pipe:
                         for event in events:
                             pipe.write_row(event)
-                if routine:
-                    with cur.copy(COPY_ROUTINE) as pipe:
-                        for event in routine:
-                            pipe.write_row(event)
             else:
                 if actions:
                     cur.executemany(INSERT_ACTION, actions)
-                if events or routine:
-                    full = [(*event, *NO_DETAIL) for event in routine]
-                    cur.executemany(INSERT_EVENT, events + full)
+                if events:
+                    cur.executemany(INSERT_EVENT, events)
+            if pack is not None:
+                cur.execute(INSERT_ROUTINE_PACK, pack)
             POSTGRES_TRACE.write(
                 cur.executemany, self._run, self._attempt, batch.progress, batch.logs
             )
@@ -348,14 +346,10 @@ class PostgresDialect:
 
         def work(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
-                row = conn.execute(
-                    "SELECT coalesce(max(seq), -1) + 1 FROM flowsdk.events "
-                    "WHERE run = %s AND run_attempt = %s",
-                    (name, attempt),
-                ).fetchone()
+                row = conn.execute(LAST_SEQ, {"run": name, "attempt": attempt}).fetchone()
                 assert row is not None
                 event = EventRow(
-                    row[0], time.time(), "warning", None, None, None, None, None, message
+                    row[0] + 1, time.time(), "warning", None, None, None, None, None, message
                 )
                 conn.execute(INSERT_EVENT, (name, attempt, *astuple(event)))
 

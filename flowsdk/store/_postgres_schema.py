@@ -26,7 +26,6 @@ from flowsdk.store._rows import (
     ACTION_COLUMN_NAMES,
     ACTION_COLUMNS,
     EVENT_COLUMNS,
-    ROUTINE_COLUMNS,
     RUN_COLUMNS,
 )
 from flowsdk.store._trace_sql import table_statements
@@ -36,11 +35,13 @@ __all__ = [
     "ACTION_COLUMNS",
     "COPY_ACTIONS",
     "COPY_EVENTS",
-    "COPY_ROUTINE",
     "DEFAULT_BUSY_TIMEOUT",
+    "EVENTS_AFTER",
     "EVENT_COLUMNS",
     "INSERT_ACTION",
     "INSERT_EVENT",
+    "INSERT_ROUTINE_PACK",
+    "LAST_SEQ",
     "LEASE",
     "LIVE_RUNS",
     "REPLIES",
@@ -159,6 +160,18 @@ MIGRATIONS: dict[int, list[str]] = {
             WHERE p.run = c.run AND p.run_attempt = c.run_attempt AND p.name = c.parent
               AND left(c.key, length(p.key)) = p.key"""
     ],
+    # The routine events of one write, packed into one row keyed by the last `seq`
+    # in it (`_rows.pack_routine`), as the SQLite store keeps them; a store's older
+    # routine rows stay in `events`, and readers take both.
+    6: [
+        """CREATE TABLE flowsdk.routine_events (
+            run TEXT NOT NULL,
+            run_attempt INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            packed BYTEA NOT NULL,
+            PRIMARY KEY (run, run_attempt, last_seq)
+        )"""
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -185,11 +198,32 @@ UPSERT_ACTIONS = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ACTION_COLS if c != "name")
 )
 COPY_EVENTS = f"COPY flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) FROM STDIN"
-# Routine events: no cause, reason, by or message (left to their NULL default).
-COPY_ROUTINE = f"COPY flowsdk.events (run, run_attempt, {ROUTINE_COLUMNS}) FROM STDIN"
 INSERT_EVENT = (
     f"INSERT INTO flowsdk.events (run, run_attempt, {EVENT_COLUMNS}) "
     f"VALUES ({', '.join(['%s'] * (2 + len(EVENT_FIELDS)))}) ON CONFLICT DO NOTHING"
+)
+# Idempotent too: a pack is keyed by its last `seq`.
+INSERT_ROUTINE_PACK = (
+    "INSERT INTO flowsdk.routine_events (run, run_attempt, last_seq, packed) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+# The last `seq` of an attempt's event log (-1 when empty), in rows and in packs;
+# named parameters: run, attempt.
+LAST_SEQ = (
+    "SELECT greatest("
+    "coalesce((SELECT max(seq) FROM flowsdk.events "
+    "WHERE run = %(run)s AND run_attempt = %(attempt)s), -1), "
+    "coalesce((SELECT max(last_seq) FROM flowsdk.routine_events "
+    "WHERE run = %(run)s AND run_attempt = %(attempt)s), -1))"
+)
+# An attempt's events after a cursor, rows and packs in one statement (one
+# snapshot, as for SQLite); named parameters: run, attempt, cursor.
+EVENTS_AFTER = (
+    f"SELECT {EVENT_COLUMNS}, NULL::bytea FROM flowsdk.events "
+    "WHERE run = %(run)s AND run_attempt = %(attempt)s AND seq > %(cursor)s "
+    f"UNION ALL SELECT last_seq, {', '.join(['NULL'] * (len(EVENT_FIELDS) - 1))}, packed "
+    "FROM flowsdk.routine_events "
+    "WHERE run = %(run)s AND run_attempt = %(attempt)s AND last_seq > %(cursor)s"
 )
 
 # The unfinished runs with what tells whether their runner lives: its lease's
@@ -400,10 +434,7 @@ def mark_crashed(conn: psycopg.Connection[Any], name: str, attempt: int) -> bool
         if row is None or RunPhase(row[0]).terminal:
             return False
         end = float(row[1])
-        seq_row = conn.execute(
-            "SELECT coalesce(max(seq), -1) FROM flowsdk.events WHERE run = %s AND run_attempt = %s",
-            (name, attempt),
-        ).fetchone()
+        seq_row = conn.execute(LAST_SEQ, {"run": name, "attempt": attempt}).fetchone()
         seq = int(seq_row[0]) if seq_row else -1
         crashed = sorted(
             (r[1], r[0])

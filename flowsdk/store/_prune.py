@@ -167,6 +167,7 @@ def delete_runs_postgres(conn: Any, names: list[str]) -> tuple[set[str], int]:
         for table, column in (
             ("actions", "run"),
             ("events", "run"),
+            ("routine_events", "run"),
             ("requests", "run"),
             ("runs", "name"),
         ):
