@@ -180,3 +180,34 @@ def test_a_body_that_blocks_the_loop_is_shown_running_with_what_it_started(
     assert sorted(run.result()) == ["its RUNNING event", "its child QUEUED", "this body RUNNING"]
     assert [a.phase for a in run.actions] == [ActionPhase.SUCCEEDED, ActionPhase.ABORTED]
     assert_clean(run)
+
+
+def test_a_writer_with_a_queue_asks_for_the_held_changes_at_most_once_a_second() -> None:
+    """Behind, the writer lets the loop's held changes merge: fewer rows per action."""
+    from flowsdk.store._held import EVENT, HELD_WHILE_BEHIND, HeldChanges
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = HeldChanges(loop)
+        held.routine(0, 0.0, "a0", "QUEUED")
+        held._ops.append((EVENT, None))  # a queue the writer has not written yet
+        held._ask_for_held()
+        assert held._held_asked is not None  # never asked before: asks
+        loop.run_until_complete(asyncio.sleep(0))  # the loop answers: sends what it held
+        assert held._held_asked is None
+        assert len(held._ops) == 2
+        held.routine(1, 0.0, "a0", "RUNNING")
+        held._ask_for_held()
+        assert held._held_asked is None  # behind, and asked a moment ago: not yet
+        held._held_last -= HELD_WHILE_BEHIND  # as if a second had passed
+        held._ask_for_held()
+        assert held._held_asked is not None
+        loop.run_until_complete(asyncio.sleep(0))
+        held.routine(2, 0.0, "a0", "SUCCEEDED")
+        held._ops.clear()  # caught up: asks at once
+        held._ask_for_held()
+        assert held._held_asked is not None
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [op[3] for op in held._ops] == ["SUCCEEDED"]
+    finally:
+        loop.close()

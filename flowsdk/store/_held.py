@@ -7,7 +7,10 @@ the run's record or a reply. An action that is queued, runs and ends within
 a round, as most sequential calls do, costs one row instead of three. The
 held events go out right after the rows, in order, so a reader that follows
 the events by cursor never sees an event before the row of the action it
-names. A change is written within two rounds.
+names. A change is written within two rounds, when the writer keeps up; a writer
+with a queue to write asks for the held changes once it has caught up, or once
+every `HELD_WHILE_BEHIND` (rows it had asked for would wait behind its queue
+anyway, and the changes an action makes meanwhile merge into one row).
 
 A loop that has not answered for `LOOP_BLOCKED_WARNING` is blocked (a body
 that computes without awaiting, or a very long step): the writer then builds
@@ -39,6 +42,10 @@ ROUTINE_SIZE = 4
 # Seconds a callback may wait for the loop before the loop counts as blocked: the
 # writer warns, and sends what the loop holds.
 LOOP_BLOCKED_WARNING = 1.0
+# Seconds between two asks for the held changes while the writer has a queue to
+# write: the changes of a busy run then merge in the loop instead of being
+# written once per round.
+HELD_WHILE_BEHIND = 1.0
 
 
 class HeldChanges:
@@ -58,6 +65,7 @@ class HeldChanges:
         # When the writer asked the loop for them, and whether it then built their
         # rows itself (both reset on the loop, when it sends them).
         self._held_asked: float | None = None
+        self._held_last = 0.0  # when the writer last asked (monotonic)
         self._held_copied = False
 
     # -- on the loop ----------------------------------------------------------------
@@ -98,7 +106,12 @@ class HeldChanges:
             return
         asked = self._held_asked
         if asked is None:
-            self._held_asked = time.monotonic()
+            now = time.monotonic()
+            if self._ops and now - self._held_last < HELD_WHILE_BEHIND:
+                # Behind: rows sent now would wait behind the queue anyway, while
+                # what the loop holds keeps merging (fewer rows per action).
+                return
+            self._held_asked = self._held_last = now
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is held
                 self._loop.call_soon_threadsafe(self._send_held)
         elif not self._held_copied and time.monotonic() - asked >= LOOP_BLOCKED_WARNING:
