@@ -186,27 +186,31 @@ def test_a_writer_with_a_queue_asks_for_the_held_changes_at_most_once_a_second()
     """Behind, the writer lets the loop's held changes merge: fewer rows per action."""
     from flowsdk.store._held import EVENT, HELD_WHILE_BEHIND, HeldChanges
 
+    def asked(held: HeldChanges) -> bool:
+        """Whether the writer has asked the loop and is waiting for its answer."""
+        return held._held_asked is not None
+
     loop = asyncio.new_event_loop()
     try:
         held = HeldChanges(loop)
         held.routine(0, 0.0, "a0", "QUEUED")
         held._ops.append((EVENT, None))  # a queue the writer has not written yet
         held._ask_for_held()
-        assert held._held_asked is not None  # never asked before: asks
+        assert asked(held)  # never asked before: asks
         loop.run_until_complete(asyncio.sleep(0))  # the loop answers: sends what it held
-        assert held._held_asked is None
+        assert not asked(held)
         assert len(held._ops) == 2
         held.routine(1, 0.0, "a0", "RUNNING")
         held._ask_for_held()
-        assert held._held_asked is None  # behind, and asked a moment ago: not yet
+        assert not asked(held)  # behind, and asked a moment ago: not yet
         held._held_last -= HELD_WHILE_BEHIND  # as if a second had passed
         held._ask_for_held()
-        assert held._held_asked is not None
+        assert asked(held)
         loop.run_until_complete(asyncio.sleep(0))
         held.routine(2, 0.0, "a0", "SUCCEEDED")
         held._ops.clear()  # caught up: asks at once
         held._ask_for_held()
-        assert held._held_asked is not None
+        assert asked(held)
         loop.run_until_complete(asyncio.sleep(0))
         assert [op[3] for op in held._ops] == ["SUCCEEDED"]
     finally:
