@@ -161,9 +161,11 @@ async def trial(number: int, params: dict[str, Any]) -> dict[str, Any]:
     objective, judge = judging
     reports: list[list[float]] = []
     pruned: list[str] = []
+    steps = [0]  # the step of a report that gives none: one after the last
 
     def on_report(report: Report) -> None:
-        step = report.step if report.step is not None else len(reports)
+        step = report.step if report.step is not None else steps[0]
+        steps[0] = step + 1
         if pruned:
             return
         reports.append([step, report.value])

@@ -39,9 +39,9 @@ __all__ = [
     "TOKEN_COLUMNS",
     "events_from_rows",
     "pack_routine",
-    "with_routine",
     "run_record",
     "token_record",
+    "with_routine",
 ]
 
 # `group` is a keyword in SQL, so its column is `grp`.
@@ -79,20 +79,17 @@ def with_routine(rows: Iterable[tuple[Any, ...]], cursor: int) -> list[tuple[Any
     `cursor` are taken.
     """
     events: list[tuple[Any, ...]] = []
-    packed = False
     for row in rows:
         pack = row[-1]
         if pack is None:
             events.append(row[:-1])
             continue
-        packed = True
         events.extend(
             (seq, at, _ROUTINE_KIND, action, phase, *NO_DETAIL)
             for seq, at, action, phase in _decode_routine(pack)
             if seq > cursor
         )
-    if packed:
-        events.sort(key=_seq)
+    events.sort(key=_seq)  # a union comes in no particular order
     return events
 
 
