@@ -331,7 +331,7 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
             "--quiet",
         ],
         cwd=REPO,
-        env={**env, "HPO_BLOCK": "1"},
+        env={**env, "HPO_BLOCK": "1", "HPO_STORE": url},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -182,36 +182,45 @@ def test_a_body_that_blocks_the_loop_is_shown_running_with_what_it_started(
     assert_clean(run)
 
 
-def test_a_writer_with_a_queue_asks_for_the_held_changes_at_most_once_a_second() -> None:
-    """Behind, the writer lets the loop's held changes merge: fewer rows per action."""
+def test_the_writer_asks_again_once_it_has_taken_the_last_answer_or_after_a_second() -> None:
+    """Behind its queue, the writer lets the loop's held changes merge: fewer rows per action."""
     from flowsdk.store._held import EVENT, HELD_WHILE_BEHIND, HeldChanges
 
     def asked(held: HeldChanges) -> bool:
         """Whether the writer has asked the loop and is waiting for its answer."""
         return held._held_asked is not None
 
+    def take(held: HeldChanges, n: int) -> None:
+        """What the writer's round does with its queue: take (at most) `n` operations."""
+        for _ in range(min(n, len(held._ops))):
+            held._ops.popleft()
+        held._answer_left -= n
+
     loop = asyncio.new_event_loop()
     try:
         held = HeldChanges(loop)
+        held._ops.append((EVENT, None))  # e.g. a progress report, queued at once
         held.routine(0, 0.0, "a0", "QUEUED")
-        held._ops.append((EVENT, None))  # a queue the writer has not written yet
         held._ask_for_held()
-        assert asked(held)  # never asked before: asks
+        assert asked(held)
         loop.run_until_complete(asyncio.sleep(0))  # the loop answers: sends what it held
         assert not asked(held)
-        assert len(held._ops) == 2
         held.routine(1, 0.0, "a0", "RUNNING")
         held._ask_for_held()
-        assert not asked(held)  # behind, and asked a moment ago: not yet
-        held._held_last -= HELD_WHILE_BEHIND  # as if a second had passed
+        assert not asked(held)  # its last answer is not written yet
+        held._ops.append((EVENT, None))  # queued meanwhile, after the answer
+        take(held, 2)  # the round takes the answer (and what was before it)
         held._ask_for_held()
-        assert asked(held)
+        assert asked(held)  # keeping up: asks every round, whatever else is queued
         loop.run_until_complete(asyncio.sleep(0))
         held.routine(2, 0.0, "a0", "SUCCEEDED")
-        held._ops.clear()  # caught up: asks at once
+        take(held, 1)  # behind: the round took part of the queue, not the answer
         held._ask_for_held()
-        assert asked(held)
+        assert not asked(held)
+        held._held_last -= HELD_WHILE_BEHIND  # as if a second had passed
+        held._ask_for_held()
+        assert asked(held)  # a second at most between two asks
         loop.run_until_complete(asyncio.sleep(0))
-        assert [op[3] for op in held._ops] == ["SUCCEEDED"]
+        assert [op[0] for op in held._ops] == [1, 2]  # each event once, in order
     finally:
         loop.close()

@@ -7,10 +7,11 @@ the run's record or a reply. An action that is queued, runs and ends within
 a round, as most sequential calls do, costs one row instead of three. The
 held events go out right after the rows, in order, so a reader that follows
 the events by cursor never sees an event before the row of the action it
-names. A change is written within two rounds, when the writer keeps up; a writer
-with a queue to write asks for the held changes once it has caught up, or once
-every `HELD_WHILE_BEHIND` (rows it had asked for would wait behind its queue
-anyway, and the changes an action makes meanwhile merge into one row).
+names. A change is written within two rounds when the writer keeps up. The
+writer asks again once it has taken the loop's last answer from its queue, or
+after `HELD_WHILE_BEHIND`: a writer behind its queue (a wide fan-out) lets the
+changes merge in the loop meanwhile, one row per action instead of one per
+round, as rows it had asked for would wait behind its queue anyway.
 
 A loop that has not answered for `LOOP_BLOCKED_WARNING` is blocked (a body
 that computes without awaiting, or a very long step): the writer then builds
@@ -66,6 +67,10 @@ class HeldChanges:
         # rows itself (both reset on the loop, when it sends them).
         self._held_asked: float | None = None
         self._held_last = 0.0  # when the writer last asked (monotonic)
+        # How many operations of the queue, up to the end of the loop's last answer,
+        # the writer has not taken yet (set by the loop, lowered by the writer: a
+        # race only makes the writer ask a little early or late).
+        self._answer_left = 0
         self._held_copied = False
 
     # -- on the loop ----------------------------------------------------------------
@@ -97,6 +102,7 @@ class HeldChanges:
             if events:
                 ops.extend(events)  # on the loop: nothing appends meanwhile
                 events.clear()
+            self._answer_left = len(ops)
 
     # -- on the writer's thread ---------------------------------------------------------
 
@@ -107,7 +113,7 @@ class HeldChanges:
         asked = self._held_asked
         if asked is None:
             now = time.monotonic()
-            if self._ops and now - self._held_last < HELD_WHILE_BEHIND:
+            if self._answer_left > 0 and now - self._held_last < HELD_WHILE_BEHIND:
                 # Behind: rows sent now would wait behind the queue anyway, while
                 # what the loop holds keeps merging (fewer rows per action).
                 return

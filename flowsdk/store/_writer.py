@@ -304,13 +304,14 @@ class RunWriter(HeldChanges, Generic[C]):
             self._waiting_since = None
             self._check_scheduled(began, cpu)
             self._wake.clear()
-            self._ask_for_held()
             closing = self._closing
             if not self._flush(conn) and not closing:
                 # Housekeeping that fails loses nothing (the changes are written
                 # already); a store in trouble fails the next write, which says so.
                 with contextlib.suppress(StoreError):
                     dialect.idle(conn)
+            # After the flush: the loop's answer is written next round.
+            self._ask_for_held()
             # Under another writer's lock the requests stay pending: next round.
             with contextlib.suppress(StoreLockedError):
                 if dialect.requests_may_be_waiting(conn):
@@ -416,6 +417,7 @@ class RunWriter(HeldChanges, Generic[C]):
         taken: list[tuple[Any, ...]] = []
         while ops and len(taken) < MAX_BATCH:
             taken.append(ops.popleft())
+        self._answer_left -= len(taken)
         if ops:
             self._wake.set()
         batch = Batch()

@@ -2,9 +2,10 @@
 
 `python -m flowsdk run tests.workflows.hpo_study:search --name RUN` with
 `$HPO_DIR` set: every trial that returns appends a line to `$HPO_DIR/done`;
-with `$HPO_BLOCK` set too, a trial that starts once 5 trials are done writes
-`$HPO_DIR/blocked` and waits forever (the test then kills the runner with
-SIGKILL and retries the run without `$HPO_BLOCK`).
+with `$HPO_BLOCK` set too, a trial that starts once 5 trials are done waits
+until the store (`$HPO_STORE`) shows a finished trial, writes `$HPO_DIR/blocked`
+and waits forever (the test then kills the runner with SIGKILL and retries the
+run without `$HPO_BLOCK`).
 
 `pruned_search` runs 10 trials one at a time, with a pruner that prunes some;
 every trial that starts appends a line to `$HPO_DIR/started`; with
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,18 @@ from flowsdk.integrations.optuna import optimize
 env = flowsdk.TaskEnvironment("hpo_study")
 
 
+async def _one_trial_recorded(store: str, run: str) -> None:
+    """Wait until the store shows a finished trial of `run` (polled, with a deadline)."""
+    deadline = time.monotonic() + 30
+    with flowsdk.Client(store) as client:
+        while time.monotonic() < deadline:
+            trials = [a for a in client.get_run(run).actions if a.task == "optuna.trial"]
+            if any(a.phase is flowsdk.ActionPhase.SUCCEEDED for a in trials):
+                return
+            await asyncio.sleep(0.01)  # polls the store, until the deadline
+    raise TimeoutError("no finished trial was recorded within 30 s")
+
+
 @env.task
 async def trial(x: float, depth: int) -> float:
     folder = Path(os.environ["HPO_DIR"])
@@ -34,6 +48,7 @@ async def trial(x: float, depth: int) -> float:
         f.write(f"{x}\n")
     done = folder / "done"
     if os.environ.get("HPO_BLOCK") and done.exists() and len(done.read_text().split()) >= 5:
+        await _one_trial_recorded(os.environ["HPO_STORE"], flowsdk.current_action().run)
         (folder / "blocked").write_text("yes")
         await asyncio.Event().wait()  # until the runner is killed
     loss = 0.0
