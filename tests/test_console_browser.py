@@ -235,6 +235,42 @@ def test_abort_run_then_retry_follows_the_new_attempt(site: Site) -> None:
         site.run(abort)
 
 
+def test_an_action_that_reported_once_is_plotted_as_a_dot(site: Site) -> None:
+    """A line needs two points: a single report is a dot, with the same hover text."""
+    env = flowsdk.TaskEnvironment("b_dots")
+
+    @env.task
+    async def once(i: int) -> int:
+        await flowsdk.report(i * 0.5, step=i)
+        return i
+
+    @env.task
+    async def twice() -> None:
+        await flowsdk.report(1.0, step=0)
+        await flowsdk.report(0.5, step=1)
+
+    @env.task
+    async def main() -> None:
+        await asyncio.gather(once(1), once(2), twice())
+
+    flowsdk.run(main, name="b-dots", store=site.store)
+
+    def body() -> None:
+        page = site.page("/runs/b-dots", role="viewer")
+        dots = page.locator("svg.curves circle.point")
+        playwright_api.expect(dots).to_have_count(2, timeout=MS)
+        assert sorted(d.get_attribute("data-action") or "" for d in dots.all()) == ["a1", "a2"]
+        assert "last 0.5 at step 1" in (dots.first.locator("title").text_content() or "")
+        assert page.locator("svg.curves polyline.curve").count() == 1
+        box = dots.first.bounding_box()
+        assert box is not None
+        assert box["width"] > 0
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)
+
+
 def test_the_run_page_plots_each_trials_curve_and_says_why_one_was_pruned(site: Site) -> None:
     env = flowsdk.TaskEnvironment("b_curves")
 

@@ -394,11 +394,16 @@
     for (const s of series.values()) {
       const a = actions.get(s.action);
       const phase = a ? a.phase : "RUNNING";
-      const pts = s.points.filter(([, y]) => Number.isFinite(y)).map(([x, y]) => px(x) + "," + py(y)).join(" ");
+      const finite = s.points.filter(([, y]) => Number.isFinite(y));
       const last = s.points[s.points.length - 1];
       let why = s.action + (a ? " " + a.task : "") + " · " + s.name + " · " + phase + " · last " + fmtValue(last[1]) + " at step " + last[0];
       if (a && a.abort) why += " · " + a.abort.cause + (a.abort.reason ? ": " + a.abort.reason : "");
-      const curve = svg("polyline", { points: pts, class: "curve" + (phase === "ABORTED" ? " pruned" : ""), stroke: `hsl(${(i * 137) % 360} 60% 42%)` }, svg("title", null, why));
+      const color = `hsl(${(i * 137) % 360} 60% 42%)`;
+      const pruned = phase === "ABORTED" ? " pruned" : "";
+      // A line needs two points: a single report is drawn as a dot.
+      const curve = finite.length === 1
+        ? svg("circle", { cx: px(finite[0][0]), cy: py(finite[0][1]), r: 3.5, class: "point" + pruned, fill: color }, svg("title", null, why))
+        : svg("polyline", { points: finite.map(([x, y]) => px(x) + "," + py(y)).join(" "), class: "curve" + pruned, stroke: color }, svg("title", null, why));
       curve.dataset.action = s.action;
       curve.dataset.phase = phase;
       chart.append(curve);
