@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/hpo_early_stop.py
 	$(BIN)/python examples/hpo_optuna.py
 	@echo "next: $(BIN)/flowsdk runs, then $(BIN)/flowsdk show NAME (the tree, with each action's values)" \
-		"and $(BIN)/flowsdk show NAME a1 (one trial in full: its curve and logs), $(BIN)/flowsdk logs NAME;" \
+		"and $(BIN)/flowsdk show NAME ACTION (one action in full, e.g. a trial: its curve and logs), $(BIN)/flowsdk logs NAME;" \
 		"the web console (curves of the search): $(BIN)/flowsdk ui"
 
 lint: $(STAMP)
