@@ -102,12 +102,11 @@ async def optimize(
             raise ValueError(f"{label} must be a whole number >= 1, not {number!r}")
     if len(study.directions) != 1:
         raise ValueError("optimize runs studies of one objective; this study has several")
-    asked: dict[int, optuna.Trial] = {}
-    trials: dict[int, optuna.Trial] = {}
+    trials: dict[int, optuna.Trial] = {}  # asked by `suggest`, or for a replayed one here
     told: dict[int, set[int]] = {}  # the steps each trial's reports were told at, as they came
 
     def ask(number: int) -> dict[str, Any]:
-        trial = asked[number] = study.ask()
+        trial = trials[number] = study.ask()
         return space(trial)
 
     def judge(number: int, step: int, value: float) -> str | None:
@@ -125,17 +124,15 @@ async def optimize(
                 _, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
             params = await suggest(number)
-            asked_trial = asked.pop(number, None)
-            if asked_trial is None:
+            if number not in trials:
                 # Replayed from an earlier attempt: the same parameters again.
                 study.enqueue_trial(params, skip_if_exists=False)
-                asked_trial = study.ask()
-                space(asked_trial)
-            trials[number] = asked_trial
+                trials[number] = study.ask()
+                space(trials[number])
             told[number] = set()
             # Called here, in order, so that a retry finds each call at the same place.
             outcome = trial(number, params)
-            running.add(asyncio.create_task(_tell(study, asked_trial, outcome, told[number])))
+            running.add(asyncio.create_task(_tell(study, trials[number], outcome, told[number])))
         if running:
             await asyncio.gather(*running)
     finally:
@@ -187,26 +184,24 @@ async def trial(number: int, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _tell(
-    study: optuna.Study, trial: optuna.Trial, outcome: Coroutine[Any, Any, Any], told: set[int]
+    study: optuna.Study, asked: optuna.Trial, outcome: Coroutine[Any, Any, Any], told: set[int]
 ) -> None:
     """Tell the study how the trial ended, and the reports it was not told yet (a replay's)."""
     try:
         ended = await outcome
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        study.tell(trial, state=TrialState.FAIL)
+    except Exception:  # the objective raised (a cancel, a BaseException, goes on)
+        study.tell(asked, state=TrialState.FAIL)
         return
     for step, value in ended["reports"]:
         if int(step) not in told:  # a replayed trial's reports, told again
-            trial.report(value, int(step))
+            asked.report(value, int(step))
     if ended["state"] == "PRUNED":
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(asked, state=TrialState.PRUNED)
         return
     try:
-        study.tell(trial, float(ended["value"]))
+        study.tell(asked, float(ended["value"]))
     except (TypeError, ValueError):
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(asked, state=TrialState.FAIL)
 
 
 def _reason(study: optuna.Study, step: int, value: float) -> str:
