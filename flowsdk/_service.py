@@ -66,7 +66,7 @@ from flowsdk.errors import (
     RunNotFoundError,
     StoreError,
 )
-from flowsdk.store import ControlChannel, Store
+from flowsdk.store import ControlChannel, Store, StoredAction
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -132,6 +132,16 @@ class ControlService:
         """Return one attempt of a run (default: the latest) with its actions and events."""
         self.authorize(Permission.READ)
         return run_from_stored(self.store.load_run(name, attempt))
+
+    def get_record(self, name: str, *, attempt: int | None = None) -> RunRecord:
+        """Return one attempt's run record (default: the latest) alone, by a keyed lookup."""
+        self.authorize(Permission.READ)
+        return self.store.load_record(name, attempt)
+
+    def get_action(self, name: str, action: str, *, attempt: int | None = None) -> StoredAction:
+        """Return one action of one attempt (default: the latest) in full, by keyed lookups."""
+        self.authorize(Permission.READ)
+        return self.store.load_action(name, attempt, action)
 
     def progress(
         self, name: str, attempt: int | None = None, action: str | None = None

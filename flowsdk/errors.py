@@ -181,14 +181,21 @@ class ActionNotFoundError(FlowError, LookupError):
     """The run has no action (or group) of that name."""
 
     @classmethod
-    def for_action(cls, run: str, action: str, names: Sequence[str]) -> ActionNotFoundError:
-        """Build the error for a missing action, listing the run's actions (`names`, in order)."""
-        if not names:
+    def for_action(
+        cls, run: str, action: str, names: Sequence[str], count: int | None = None
+    ) -> ActionNotFoundError:
+        """Build the error for a missing action, listing the run's actions (`names`, in order).
+
+        With `count` (how many actions the run has), `names` may hold only the
+        first and the last of more than eight: all that the message shows.
+        """
+        count = len(names) if count is None else count
+        if not count:
             known = "none"
-        elif len(names) <= 8:
+        elif count <= 8:
             known = ", ".join(names)
         else:
-            known = f"{names[0]}..{names[-1]} ({len(names)} actions)"
+            known = f"{names[0]}..{names[-1]} ({count} actions)"
         return cls(f"run {run!r} has no action {action!r}; its actions are {known}")
 
     @classmethod

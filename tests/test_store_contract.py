@@ -324,6 +324,53 @@ def test_unknown_run_raises_run_not_found_error_suggesting_close_names(
     assert "nightly-etl" in str(typo.value)
 
 
+def test_one_action_is_read_in_full_as_the_whole_run_holds_it(store: str | Store) -> None:
+    """Client.get_action: the record, values and events the run holds for it; get_record."""
+    env = flowsdk.TaskEnvironment("detail")
+
+    @env.task
+    async def leaf(x: int) -> int:
+        if x == 2:
+            raise ValueError("two")
+        return x * 10
+
+    @env.task
+    async def mid(n: int) -> int:
+        got = await asyncio.gather(*(leaf(i) for i in range(n)), return_exceptions=True)
+        return sum(g for g in got if isinstance(g, int))
+
+    @env.task
+    async def root() -> int:
+        with flowsdk.group("stage"):
+            first = await mid(4)
+        return first + await mid(3)
+
+    flowsdk.run(root, name="detail", store=store)
+    run = read(store, "detail")
+    assert len(run.actions) == 10
+    with flowsdk.Client(store) as client:
+        assert client.get_record("detail") == run.record
+        assert client.get_record("detail", attempt=1) == run.record
+        for action in run.actions:
+            detail = client.get_action("detail", action.name, attempt=1)
+            assert detail.record == run.record
+            assert detail.action == action  # whole key, group, error and all
+            assert (detail.inputs, detail.output) == run.payloads()[action.name]
+            assert detail.events == [e for e in run.events if e.action == action.name]
+            assert [e.phase for e in detail.events][-1] == action.phase
+        with pytest.raises(ActionNotFoundError) as missing:
+            client.get_action("detail", "a10")
+        with pytest.raises(RunNotFoundError):
+            client.get_action("detail", "a1", attempt=2)
+        with pytest.raises(RunNotFoundError):
+            client.get_record("detail", attempt=2)
+        with pytest.raises(RunNotFoundError):
+            client.get_action("detial", "a1")
+    names = [a.name for a in run.actions]
+    assert str(missing.value) == str(ActionNotFoundError.for_action("detail", "a10", names))
+    assert "a0..a9 (10 actions)" in str(missing.value)
+
+
 @pytest.mark.parametrize("caller", ["loop", "thread"])
 async def test_client_controls_a_live_memory_store_run_in_the_same_process(caller: str) -> None:
     """A Client on the same memory:// store object aborts a live run, from its loop or a thread."""

@@ -13,12 +13,14 @@ import random
 import re
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import flowsdk
@@ -644,6 +646,41 @@ def test_routine_events_are_packed_and_read_back_after_any_cursor(tmp_path: Path
             assert store.events_since("packed", cursor) == everything[cursor + 1 :], cursor
     finally:
         store.close()
+
+
+def test_one_action_is_read_by_keyed_lookups_never_the_whole_run(tmp_path: Path) -> None:
+    """`load_action` reads the action's rows by key, and only the packs its name is in."""
+    path = tmp_path / "s.db"
+    flowsdk.run(wide, 700, name="keyed", store=sqlite_url(path))
+    # A pack whose time happens to hold the bytes that name a1 in MessagePack
+    # (0xa2 "a1"): found by the database's search, and dropped when unpacked.
+    (at,) = struct.unpack(">d", b"\x3f\xa2a1\x00\x00\x00\x01")
+    assert b"\xa2a1" in msgspec.msgpack.encode([(10**9, at, "a9", "QUEUED")])
+    with contextlib.closing(sqlite3.connect(path)) as writer, writer:
+        writer.execute(
+            "INSERT INTO routine_events VALUES ('keyed', 1, ?, ?)",
+            (10**9, msgspec.msgpack.encode([(10**9, at, "a9", "QUEUED")])),
+        )
+    store = SQLiteStore(sqlite_url(path))
+    try:
+        everything = store.events_since("keyed", -1)
+        statements: list[str] = []
+        conn = store._read()
+        assert conn is not None
+        conn.set_trace_callback(statements.append)
+        for name in ["a0", "a1", "a9", "a350", "a700"]:
+            detail = store.load_action("keyed", None, name)
+            assert detail.action.name == name
+            assert detail.events == [e for e in everything if e.action == name]
+        conn.set_trace_callback(None)
+    finally:
+        store.close()
+    reads = [s for s in statements if "FROM actions" in s]
+    assert reads
+    assert all("name IN (" in s for s in reads), reads
+    packs = [s for s in statements if "FROM routine_events" in s]
+    assert packs
+    assert all("instr(packed, " in s for s in packs), packs
 
 
 def test_statements_bind_rows_with_plain_placeholders(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from flowsdk._records import ActionRecord, Event, LogEntry, Progress
+from flowsdk._records import LogEntry, Progress
 from flowsdk._result import Run
 from flowsdk._text import preview, visible, visible_lines
 from flowsdk.cli._output import (
@@ -28,13 +28,12 @@ from flowsdk.cli._output import (
     format_time,
 )
 from flowsdk.cli._signatures import Params, task_params
-from flowsdk.errors import ActionNotFoundError
+from flowsdk.store import StoredAction
 
 __all__ = [
     "action_json",
     "action_lines",
     "decode_inputs",
-    "find_action",
     "log_lines",
     "progress_text",
     "with_progress",
@@ -48,18 +47,6 @@ _PREVIEW = 24
 _UNREADABLE = "<unreadable>"
 # An error message longer than this is cut in the human view.
 _MESSAGE_LIMIT = 20_000
-
-
-def find_action(run: Run[Any], name: str) -> ActionRecord:
-    """Return the record of action `name` of `run`.
-
-    Raises:
-        ActionNotFoundError: the run has no such action; the message lists its actions.
-    """
-    for record in run.actions:
-        if record.name == name:
-            return record
-    raise ActionNotFoundError.for_action(run.name, name, [a.name for a in run.actions])
 
 
 def decode_inputs(
@@ -90,8 +77,8 @@ def decode_inputs(
     return named
 
 
-def _params(run: Run[Any], action: ActionRecord) -> Params | None:
-    return task_params(run.record).get(action.task.rpartition(".")[2])
+def _params(detail: StoredAction) -> Params | None:
+    return task_params(detail.record).get(detail.action.task.rpartition(".")[2])
 
 
 def _decode(data: bytes | None) -> Any:
@@ -99,20 +86,18 @@ def _decode(data: bytes | None) -> Any:
 
 
 def action_json(
-    run: Run[Any],
-    action: ActionRecord,
+    detail: StoredAction,
     progress: list[Progress] | None = None,
     logs: list[LogEntry] | None = None,
 ) -> dict[str, Any]:
     """Return the `show RUN ACTION --json` object of SPEC §6."""
-    inputs, output = run.payloads().get(action.name, (None, None))
     try:
-        named, value = decode_inputs(inputs, _params(run, action)), _decode(output)
+        named, value = decode_inputs(detail.inputs, _params(detail)), _decode(detail.output)
     except (msgspec.DecodeError, ValueError, TypeError):
         named, value = None, None  # a damaged record: shown as not recorded, never a traceback
     return {
-        "run": msgspec.to_builtins(run.record),
-        "action": msgspec.to_builtins(action),
+        "run": msgspec.to_builtins(detail.record),
+        "action": msgspec.to_builtins(detail.action),
         "inputs": named,
         "output": value,
         "progress": [
@@ -128,12 +113,8 @@ def action_json(
             }
             for e in logs or []
         ],
-        "events": msgspec.to_builtins(_events_of(run.events, action.name)),
+        "events": msgspec.to_builtins(detail.events),
     }
-
-
-def _events_of(events: list[Event], name: str) -> list[Event]:
-    return [e for e in events if e.action == name]
 
 
 def _value_lines(value: Any, indent: str) -> list[str]:
@@ -161,16 +142,17 @@ def _labelled(label: str, value: Any, indent: str) -> list[str]:
 
 def action_lines(
     out: Output,
-    run: Run[Any],
-    action: ActionRecord,
+    detail: StoredAction,
     progress: list[Progress] | None = None,
     logs: list[LogEntry] | None = None,
 ) -> list[str]:
     """Render one action in full for people (every stored text made visible)."""
     now = datetime.now(UTC)
+    action = detail.action
     phase = action.phase.value
+    run = visible(detail.record.name)
     lines = [
-        f"action {visible(action.name)} of run {visible(run.name)}  {out.phase(phase, phase)}",
+        f"action {visible(action.name)} of run {run}  {out.phase(phase, phase)}",
         f"  task      {visible(action.task)}"
         + (f"   on {visible(action.executor)}" if action.executor != "local" else ""),
         f"  key       {visible(action.key or '-')}",
@@ -183,10 +165,10 @@ def action_lines(
     ]
     if action.replayed:
         lines.append("  replayed  its output was reused from a recorded result, not computed")
-    inputs, output = run.payloads().get(action.name, (None, None))
+    inputs, output = detail.inputs, detail.output
     lines.append("")
     try:
-        named = decode_inputs(inputs, _params(run, action))
+        named = decode_inputs(inputs, _params(detail))
     except (msgspec.DecodeError, ValueError, TypeError):
         named = None
         lines.append(f"inputs: {_UNREADABLE}")
@@ -226,7 +208,7 @@ def action_lines(
     lines += ["", *_progress_lines(progress or []), "", *_logs_block(logs or []), ""]
     lines += [
         "events:",
-        *event_lines(out, _events_of(run.events, action.name)),
+        *event_lines(out, detail.events),
     ]
     return lines
 

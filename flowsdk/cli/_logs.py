@@ -8,7 +8,7 @@ from typing import Any
 
 from flowsdk._client import Client
 from flowsdk._records import LogEntry
-from flowsdk.cli._detail import find_action, log_lines
+from flowsdk.cli._detail import log_lines
 from flowsdk.cli._output import EXIT_OK, Output, open_client
 from flowsdk.cli._runs import positive_int
 
@@ -48,17 +48,19 @@ def _emit(out: Output, entries: list[LogEntry], *, every_action: bool) -> None:
 def logs(args: argparse.Namespace, out: Output) -> int:
     """Print the run's (or the action's) records; with --follow, until the run ends."""
     with open_client(args) as client:
-        run = client.get_run(args.run, attempt=args.attempt)
         if args.action is not None:
-            find_action(run, args.action)  # ActionNotFoundError names the run's actions
-        attempt = run.record.attempt
-        entries = client.logs(run.name, attempt, args.action)
+            # ActionNotFoundError names the run's first and last actions.
+            record = client.get_action(args.run, args.action, attempt=args.attempt).record
+        else:
+            record = client.get_record(args.run, attempt=args.attempt)
+        attempt = record.attempt
+        entries = client.logs(record.name, attempt, args.action)
         if not entries and not args.follow and not out.json:
             out.line("(no log records captured)")
         _emit(out, entries, every_action=args.action is None)
         if args.follow:
             cursor = entries[-1].seq if entries else -1
-            _follow(client, out, args, attempt, cursor, ended=run.record.phase.terminal)
+            _follow(client, out, args, attempt, cursor, ended=record.phase.terminal)
     return EXIT_OK
 
 

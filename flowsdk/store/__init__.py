@@ -24,6 +24,7 @@ from flowsdk.store._base import (
     RunRecorder,
     RunState,
     Store,
+    StoredAction,
     StoredRun,
     TokenStore,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "RunState",
     "SQLiteStore",
     "Store",
+    "StoredAction",
     "StoredRun",
     "TokenStore",
     "open_store",

@@ -51,6 +51,7 @@ __all__ = [
     "RunRecorder",
     "RunState",
     "Store",
+    "StoredAction",
     "StoredRun",
     "TokenStore",
 ]
@@ -99,6 +100,26 @@ class StoredRun:
         if callable(self._payloads):
             self._payloads = self._payloads()
         return self._payloads
+
+
+class StoredAction:
+    """One action of a run in full, as read from a store by keyed lookups."""
+
+    __slots__ = ("action", "events", "inputs", "output", "record")
+
+    def __init__(
+        self,
+        record: RunRecord,
+        action: ActionRecord,
+        inputs: bytes | None,
+        output: bytes | None,
+        events: list[Event],
+    ) -> None:
+        self.record = record  # the run's attempt
+        self.action = action
+        self.inputs = inputs  # MessagePack, as `StoredRun.payloads` holds them
+        self.output = output
+        self.events = events  # the events naming the action, oldest first
 
 
 class RunState:
@@ -216,6 +237,17 @@ class RunReader(Protocol):
         """Return the records of the named actions of one attempt (unknown names are skipped).
 
         Keyed lookups: a follower re-reads only the actions its new events name.
+        """
+
+    def load_action(self, name: str, attempt: int | None, action: str) -> StoredAction:
+        """Return one action of one attempt (default: the latest) in full, by keyed lookups.
+
+        Its record, recorded inputs and output, and the events naming it: what
+        `load_run` gives for that action, without reading the others.
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+            ActionNotFoundError: the attempt has no such action.
         """
 
     def run_state(self, name: str, action: str | None = None) -> RunState:

@@ -40,6 +40,7 @@ from flowsdk.store._base import (
     RowBuilder,
     RunRecorder,
     RunState,
+    StoredAction,
     StoredRun,
 )
 from flowsdk.store._prune import prune_plan
@@ -167,6 +168,16 @@ class MemoryStore:
         """Return the records of the named actions of one ended attempt."""
         wanted = set(actions)
         return [a for a in self.load_run(name, attempt).actions if a.name in wanted]
+
+    def load_action(self, name: str, attempt: int | None, action: str) -> StoredAction:
+        """Return one action of one ended attempt (default: the latest) in full."""
+        stored = self.load_run(name, attempt)
+        record = next((a for a in stored.actions if a.name == action), None)
+        if record is None:
+            raise ActionNotFoundError.for_action(name, action, [a.name for a in stored.actions])
+        inputs, output = stored.payloads.get(action, (None, None))
+        events = [e for e in stored.events if e.action == action]
+        return StoredAction(stored.record, record, inputs, output, events)
 
     def run_state(self, name: str, action: str | None = None) -> RunState:
         """Return the latest attempt's phase, and `action`'s once the run has ended."""

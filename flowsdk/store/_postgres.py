@@ -29,7 +29,6 @@ from psycopg import errors as pg_errors
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
-    ActionRecord,
     ActionRow,
     ControlReply,
     ControlRequest,
@@ -39,12 +38,11 @@ from flowsdk._records import (
     Outcome,
     PruneReport,
     RunRecord,
-    action_from_row,
     action_records,
-    whole_keys,
 )
-from flowsdk.errors import ActionNotFoundError, RunNotFoundError
+from flowsdk.errors import RunNotFoundError
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._postgres_actions import PostgresActions, missing_action
 from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
     ACTION_COLUMNS,
@@ -77,7 +75,7 @@ _reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 Conn = psycopg.Connection[Any]
 
 
-class PostgresStore(PostgresTokens, PostgresTrace):
+class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
     """A store in a PostgreSQL database (`postgresql://user@host:5432/db`).
 
     Opening it does no I/O; the schema is created when the first run is
@@ -273,36 +271,6 @@ class PostgresStore(PostgresTokens, PostgresTrace):
             lambda: self._none_yet(name),
         )
 
-    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
-        """Return the records of the named actions of one attempt, in start order."""
-        if not actions:
-            return []
-
-        def work(conn: Conn) -> list[ActionRecord]:
-            rows = [
-                ActionRow(*r)
-                for r in conn.execute(
-                    f"SELECT {ACTION_COLUMNS} FROM flowsdk.actions WHERE run = %s "
-                    "AND run_attempt = %s AND name = ANY(%s) ORDER BY seq",
-                    (name, attempt, actions),
-                )
-            ]
-            # A row keeps its key's last segment: read the ancestors' segments too.
-            keys = whole_keys(
-                conn.execute(
-                    "WITH RECURSIVE up(name, parent, key) AS ("
-                    "SELECT name, parent, key FROM flowsdk.actions WHERE run = %s "
-                    "AND run_attempt = %s AND name = ANY(%s) "
-                    "UNION SELECT a.name, a.parent, a.key FROM flowsdk.actions a JOIN up "
-                    "ON a.run = %s AND a.run_attempt = %s AND a.name = up.parent) "
-                    "SELECT name, parent, key FROM up",
-                    (name, attempt, actions, name, attempt),
-                )
-            )
-            return [action_from_row(name, r, keys[r.name]) for r in rows]
-
-        return self._read(work, list)
-
     def _none_yet(self, name: str) -> NoReturn:
         raise RunNotFoundError(
             f"no run named {name!r}: the store {self._target.display} has no runs yet"
@@ -349,49 +317,11 @@ class PostgresStore(PostgresTokens, PostgresTrace):
                     (name, attempt, action),
                 ).fetchone()
                 if row is None:
-                    names = [
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT name FROM flowsdk.actions WHERE run = %s AND run_attempt = %s "
-                            "ORDER BY seq",
-                            (name, attempt),
-                        )
-                    ]
-                    raise ActionNotFoundError.for_action(name, action, names)
+                    raise missing_action(conn, name, attempt, action)
                 target = ActionPhase(row[0])
             return RunState(name, attempt, RunPhase(phase), target)
 
         return self._read(work, lambda: self._none_yet(name))
-
-    def group_phases(self, name: str, attempt: int, group: str) -> list[ActionPhase]:
-        """Return the phases of the actions of `group` in one attempt."""
-
-        def work(conn: Conn) -> list[ActionPhase]:
-            return [
-                ActionPhase(r[0])
-                for r in conn.execute(
-                    "SELECT phase FROM flowsdk.actions WHERE run = %s AND run_attempt = %s "
-                    "AND grp = %s",
-                    (name, attempt, group),
-                )
-            ]
-
-        return self._read(work, list)
-
-    def groups(self, name: str, attempt: int) -> list[str]:
-        """Return the group names of one attempt, sorted."""
-
-        def work(conn: Conn) -> list[str]:
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT grp FROM flowsdk.actions WHERE run = %s AND run_attempt = %s "
-                    "AND grp IS NOT NULL ORDER BY grp",
-                    (name, attempt),
-                )
-            ]
-
-        return self._read(work, list)
 
     def root_task_workdir(self, task: str) -> str | None:
         """Return the working directory of the latest run whose root task is `task`."""

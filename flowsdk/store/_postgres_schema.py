@@ -36,6 +36,7 @@ __all__ = [
     "COPY_ACTIONS",
     "COPY_EVENTS",
     "DEFAULT_BUSY_TIMEOUT",
+    "ACTION_EVENTS",
     "EVENTS_AFTER",
     "EVENT_COLUMNS",
     "INSERT_ACTION",
@@ -224,6 +225,16 @@ EVENTS_AFTER = (
     f"UNION ALL SELECT last_seq, {', '.join(['NULL'] * (len(EVENT_FIELDS) - 1))}, packed "
     "FROM flowsdk.routine_events "
     "WHERE run = %(run)s AND run_attempt = %(attempt)s AND last_seq > %(cursor)s"
+)
+
+# The events of one action (named params run, attempt, action, needle: `routine_needle`):
+# its own rows, and the packs its name occurs in (`of_action` keeps its events of them).
+ACTION_EVENTS = (
+    f"SELECT {EVENT_COLUMNS}, NULL::bytea FROM flowsdk.events "
+    "WHERE run = %(run)s AND run_attempt = %(attempt)s AND action = %(action)s "
+    f"UNION ALL SELECT last_seq, {', '.join(['NULL'] * (len(EVENT_FIELDS) - 1))}, packed "
+    "FROM flowsdk.routine_events WHERE run = %(run)s AND run_attempt = %(attempt)s "
+    "AND position(%(needle)s::bytea in packed) > 0"
 )
 
 # The unfinished runs with what tells whether their runner lives: its lease's

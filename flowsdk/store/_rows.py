@@ -93,6 +93,20 @@ def with_routine(rows: Iterable[tuple[Any, ...]], cursor: int) -> list[tuple[Any
     return events
 
 
+def routine_needle(action: str) -> bytes:
+    """What a pack holding a routine event of `action` contains: its name, in MessagePack.
+
+    A store finds the packs that may name one action by this byte string, in the
+    database (a false match, inside another value, is dropped by `of_action`).
+    """
+    return _encode_routine(action)
+
+
+def of_action(rows: Iterable[tuple[Any, ...]], action: str) -> list[tuple[Any, ...]]:
+    """The event rows of `action` among rows read as `with_routine` reads them, in order."""
+    return [row for row in with_routine(rows, -1) if row[3] == action]
+
+
 RUN_COLUMNS = (
     "name, attempt, phase, started_at, ended_at, task, stop_mode, stop_reason, stop_by, stop_at, "
     "owner, heartbeat, workdir"

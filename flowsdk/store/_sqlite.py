@@ -29,18 +29,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from flowsdk._liveness import is_alive
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
-    ActionRecord,
     ActionRow,
     Event,
     EventRow,
     PruneReport,
     RunRecord,
-    action_from_row,
     action_records,
-    whole_keys,
 )
 from flowsdk.errors import (
-    ActionNotFoundError,
     PermissionDeniedError,
     RunNotFoundError,
     StoreCorruptedError,
@@ -49,6 +45,7 @@ from flowsdk.errors import (
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._rows import events_from_rows, with_routine
+from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
@@ -80,7 +77,7 @@ logger = logging.getLogger("flowsdk")
 MARK_WAIT = 0.1
 
 
-class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
+class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
 
     The URL may carry `?busy_timeout=SECONDS` (default 5). The file and its
@@ -429,44 +426,6 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
             raise self._not_found(conn, name, attempt)
         return as_judged(run_record(row), self._judged)
 
-    def load_actions(self, name: str, attempt: int, actions: list[str]) -> list[ActionRecord]:
-        """Return the records of the named actions of one attempt, in start order."""
-        conn = self._read()
-        if conn is None or not actions:
-            return []
-        rows: list[ActionRow] = []
-        with translate(self.path):
-            # In chunks: SQLite limits the number of bound parameters of one statement.
-            for i in range(0, len(actions), 500):
-                chunk = actions[i : i + 500]
-                rows += [
-                    ActionRow(*r)
-                    for r in conn.execute(
-                        f"SELECT {ACTION_COLUMNS} FROM actions WHERE run = ? AND run_attempt = ? "
-                        f"AND name IN ({', '.join('?' * len(chunk))})",
-                        (name, attempt, *chunk),
-                    )
-                ]
-            # A row keeps its key's last segment: read the ancestors' segments too.
-            keys: dict[str, str] = {}
-            for i in range(0, len(actions), 500):
-                chunk = actions[i : i + 500]
-                keys.update(
-                    whole_keys(
-                        conn.execute(
-                            "WITH RECURSIVE up(name, parent, key) AS ("
-                            "SELECT name, parent, key FROM actions WHERE run = ? "
-                            f"AND run_attempt = ? AND name IN ({', '.join('?' * len(chunk))}) "
-                            "UNION SELECT a.name, a.parent, a.key FROM actions a JOIN up "
-                            "ON a.run = ? AND a.run_attempt = ? AND a.name = up.parent) "
-                            "SELECT name, parent, key FROM up",
-                            (name, attempt, *chunk, name, attempt),
-                        )
-                    )
-                )
-        rows.sort(key=lambda r: r.seq)
-        return [action_from_row(name, r, keys[r.name]) for r in rows]
-
     def _event_rows(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int
     ) -> list[tuple[Any, ...]]:
@@ -501,46 +460,9 @@ class SQLiteStore(SQLiteRequests, SQLiteTokens, SQLiteTrace):
                     (name, attempt, action),
                 ).fetchone()
                 if row is None:
-                    names = [
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT name FROM actions WHERE run = ? AND run_attempt = ? "
-                            "ORDER BY seq",
-                            (name, attempt),
-                        )
-                    ]
-                    raise ActionNotFoundError.for_action(name, action, names)
+                    raise missing_action(conn, name, attempt, action)
                 target = ActionPhase(row[0])
         return RunState(name, attempt, RunPhase(phase), target)
-
-    def group_phases(self, name: str, attempt: int, group: str) -> list[ActionPhase]:
-        """Return the phases of the actions of `group` in one attempt."""
-        conn = self._read()
-        if conn is None:
-            return []
-        with translate(self.path):
-            return [
-                ActionPhase(r[0])
-                for r in conn.execute(
-                    "SELECT phase FROM actions WHERE run = ? AND run_attempt = ? AND grp = ?",
-                    (name, attempt, group),
-                )
-            ]
-
-    def groups(self, name: str, attempt: int) -> list[str]:
-        """Return the group names of one attempt, sorted."""
-        conn = self._read()
-        if conn is None:
-            return []
-        with translate(self.path):
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT grp FROM actions WHERE run = ? AND run_attempt = ? "
-                    "AND grp IS NOT NULL ORDER BY grp",
-                    (name, attempt),
-                )
-            ]
 
     def root_task_workdir(self, task: str) -> str | None:
         """Return the working directory of the latest run whose root task is `task`."""

@@ -36,6 +36,7 @@ from flowsdk.store._trace_sql import table_statements
 __all__ = [
     "ACTION_COLUMNS",
     "APPLICATION_ID",
+    "ACTION_EVENTS",
     "EVENTS_AFTER",
     "EVENT_COLUMNS",
     "INSERT_EVENT",
@@ -237,6 +238,16 @@ EVENTS_AFTER = (
     "WHERE run = :run AND run_attempt = :attempt AND seq > :cursor "
     f"UNION ALL SELECT last_seq, {', '.join(['NULL'] * (len(EVENT_FIELDS) - 1))}, packed "
     "FROM routine_events WHERE run = :run AND run_attempt = :attempt AND last_seq > :cursor"
+)
+
+# The events of one action (named params run, attempt, action, needle: `routine_needle`):
+# its own rows, and the packs its name occurs in (`of_action` keeps its events of them).
+ACTION_EVENTS = (
+    f"SELECT {EVENT_COLUMNS}, NULL FROM events "
+    "WHERE run = :run AND run_attempt = :attempt AND action = :action "
+    f"UNION ALL SELECT last_seq, {', '.join(['NULL'] * (len(EVENT_FIELDS) - 1))}, packed "
+    "FROM routine_events WHERE run = :run AND run_attempt = :attempt "
+    "AND instr(packed, :needle) > 0"
 )
 
 
