@@ -90,12 +90,47 @@ def test_a_wide_fan_out_is_folded_in_show_and_complete_in_json(tmp_path: Path) -
     assert len(lines) < 70, len(lines)
     folded = [line for line in lines if "folded" in line]
     assert len(folded) == 1, folded
-    assert "450 more children folded (a41 … a490)" in folded[0], folded
+    assert "450 more children folded (a41 … a490: 450 SUCCEEDED)" in folded[0], folded
     assert " a500 " in shown.stdout
     full = cli(sqlite_url(path), "show", "wide", "--json")
     actions = json.loads(full.stdout)["actions"]
     assert len(actions) == 501
     assert {a["key"] for a in actions} == {"a0"} | {f"a0/{i}" for i in range(1, 501)}
+
+
+def test_a_fold_never_hides_a_failed_child_while_there_is_room_and_counts_phases(
+    tmp_path: Path,
+) -> None:
+    """Children that did not succeed are drawn in a folded fan-out (20 of them at most)."""
+    url = sqlite_url(tmp_path / "picky.db")
+    flowsdk.run(deep.fan_failing, 500, name="few", store=url)
+    flowsdk.run(deep.fan_failing, 3000, name="many", store=url)
+    few = cli(url, "show", "few")
+    assert few.code == 0, few.stderr
+    failed = [line.split()[0] for line in few.stdout.splitlines() if " FAILED " in line]
+    assert failed == ["a38", "a138", "a238", "a338", "a438"]  # child i is a{i+1}
+    folded = [line.strip() for line in few.stdout.splitlines() if "folded" in line]
+    assert [line.split(";")[0] for line in folded] == [
+        "… 97 more children folded (a41 … a137: 97 SUCCEEDED)",
+        "… 99 more children folded (a139 … a237: 99 SUCCEEDED)",
+        "… 99 more children folded (a239 … a337: 99 SUCCEEDED)",
+        "… 99 more children folded (a339 … a437: 99 SUCCEEDED)",
+        "… 52 more children folded (a439 … a490: 52 SUCCEEDED)",
+    ]
+    assert "error ValueError: child 437 fails" in few.stdout
+
+    many = cli(url, "show", "many")
+    assert many.code == 0, many.stderr
+    lines = many.stdout.splitlines()
+    drawn = [line.split()[0] for line in lines if " FAILED " in line]
+    # The one among the first 40, the first 20 of the folded range: the rest are counted.
+    assert drawn == [f"a{38 + 100 * k}" for k in range(21)]
+    last_fold = [line.strip() for line in lines if "folded" in line][-1]
+    assert last_fold.startswith(
+        "… 952 more children folded (a2039 … a2990: 943 SUCCEEDED, 9 FAILED)"
+    )
+    assert lines.index(next(line for line in lines if "a2039 … a2990" in line)) == len(lines) - 11
+    assert len(lines) < 150, len(lines)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

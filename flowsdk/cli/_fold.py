@@ -4,14 +4,18 @@
 `FOLD_DEPTH` shows its first `HEAD_LEVELS` and its last `TAIL_LEVELS` levels,
 with one line in between saying how many actions were folded (and the first
 and last of them, to look at with `flowsdk show RUN ACTION`). A parent with
-more than `FOLD_CHILDREN` children shows the first `HEAD_CHILDREN` and the
-last `TAIL_CHILDREN`, with one line saying how many children (and actions
-below them) were folded. Past `MAX_ROWS` rows, one line says how many more
+more than `FOLD_CHILDREN` children shows the first `HEAD_CHILDREN`, the last
+`TAIL_CHILDREN` and, in between, the first `NOTABLE_CHILDREN` that did not
+succeed; each run of folded children is one line saying how many (and how many
+actions below them) and their phases. Past `MAX_ROWS` rows, one line says how many more
 actions there are.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
+from flowsdk._phases import ActionPhase
 from flowsdk._records import ActionRecord
 from flowsdk._text import visible
 from flowsdk.cli._output import tree_children
@@ -24,6 +28,7 @@ TAIL_LEVELS = 10
 FOLD_CHILDREN = 60
 HEAD_CHILDREN = 40
 TAIL_CHILDREN = 10
+NOTABLE_CHILDREN = 20
 MAX_ROWS = 1000
 
 Entry = tuple[int, ActionRecord | str]
@@ -84,20 +89,47 @@ def _visible_children(
     below: dict[str, int],
     depth: int,
 ) -> list[ActionRecord | str]:
-    """A parent's children to draw: all of them, or the first and last with a fold line."""
+    """A parent's children to draw: all of them, or a bounded choice with fold lines.
+
+    Of more than `FOLD_CHILDREN`: the first `HEAD_CHILDREN`, the last
+    `TAIL_CHILDREN`, and in between the first `NOTABLE_CHILDREN` that did not
+    succeed (a failure is never folded away while there is room for it), each
+    run of the others folded into one line that counts their phases.
+    """
     kids = children.get(None if parent is None else parent.name, [])
     if len(kids) <= FOLD_CHILDREN:
         return list(kids)
-    folded = kids[HEAD_CHILDREN:-TAIL_CHILDREN]
+    shown: list[ActionRecord | str] = list(kids[:HEAD_CHILDREN])
+    hidden: list[ActionRecord] = []
+    notable = 0
+    for kid in kids[HEAD_CHILDREN:-TAIL_CHILDREN]:
+        if kid.phase is not ActionPhase.SUCCEEDED and notable < NOTABLE_CHILDREN:
+            notable += 1
+            if hidden:
+                shown.append(_children_line(hidden, below))
+                hidden = []
+            shown.append(kid)
+        else:
+            hidden.append(kid)
+    if hidden:
+        shown.append(_children_line(hidden, below))
+    return [*shown, *kids[-TAIL_CHILDREN:]]
+
+
+def _children_line(folded: list[ActionRecord], below: dict[str, int]) -> FoldLine:
+    """One line for consecutive folded children: how many, which, their phases."""
     inside = sum(below[k.name] for k in folded)
+    phases = Counter(k.phase.value for k in folded)
+    counted = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
     more = f" and {inside - len(folded):,} actions below them" if inside > len(folded) else ""
-    text = (
-        f"… {len(folded):,} more children folded ({visible(folded[0].name)} … "
-        f"{visible(folded[-1].name)}){more}; `flowsdk show RUN ACTION` shows one in full"
+    noun = "child" if len(folded) == 1 else "children"
+    line = FoldLine(
+        f"… {len(folded):,} more {noun} folded ({visible(folded[0].name)} … "
+        f"{visible(folded[-1].name)}: {counted}){more}; `flowsdk show RUN ACTION` shows one "
+        "in full"
     )
-    line = FoldLine(text)
     line.hides = inside
-    return [*kids[:HEAD_CHILDREN], line, *kids[-TAIL_CHILDREN:]]
+    return line
 
 
 def _levels_line(hidden: list[ActionRecord], cut: int) -> str:

@@ -27,3 +27,17 @@ async def fan(width: int) -> int:
     """Start `width` children at once and add their values."""
     values = await asyncio.gather(*(leaf(i) for i in range(width)))
     return sum(values)
+
+
+@env.task
+async def picky(i: int) -> int:
+    if i % 100 == 37:
+        raise ValueError(f"child {i} fails")
+    return i
+
+
+@env.task
+async def fan_failing(width: int) -> int:
+    """Start `width` children at once; those numbered 37 modulo 100 fail."""
+    values = await asyncio.gather(*(picky(i) for i in range(width)), return_exceptions=True)
+    return sum(v for v in values if isinstance(v, int))
