@@ -42,6 +42,8 @@ class Client:
 
     def __init__(self, store: str | Store | None = None, *, actor: Actor | None = None) -> None:
         self.store = open_store(store)
+        # A store object passed in is the caller's: closing the client leaves it open.
+        self._owns_store = self.store is not store
         self._service: ControlService | None = ControlService(
             self.store, actor if actor is not None else Actor.local()
         )
@@ -80,10 +82,12 @@ class Client:
     def close(self) -> None:
         """Release the store's connections; the client cannot be used afterwards.
 
+        A store given as an object is left open (it is the caller's to close).
         Closing twice is fine.
         """
         self._service = None
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
     # -- reading ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 import flowsdk
 from flowsdk import ActionInfo
 from flowsdk.errors import FlowError, NotInRunError
+from flowsdk.store import SQLiteStore
 from tests.support import assert_clean, open_files, phases
 
 BAD_NAMES = [
@@ -292,3 +293,26 @@ def test_a_closed_client_refuses_use_and_reopens_nothing(tmp_path: Path) -> None
     assert open_files(tmp_path / "s.db") == []
     client.close()  # closing twice is fine
     assert "closed" in repr(client)
+
+
+def test_closing_a_client_leaves_open_the_store_object_it_was_given(tmp_path: Path) -> None:
+    """A store object passed to a Client is the caller's: the client does not close it."""
+    env = flowsdk.TaskEnvironment("m_lent")
+
+    @env.task
+    async def main() -> int:
+        return 1
+
+    path = tmp_path / "s.db"
+    store = SQLiteStore(f"sqlite:///{path}")
+    flowsdk.run(main, name="r", store=store)
+    try:
+        with flowsdk.Client(store) as client:
+            assert [r.name for r in client.runs()] == ["r"]
+        held = open_files(path)
+        assert held  # the store's own reading connection, still open
+        assert [r.name for r in store.list_runs()] == ["r"]
+        assert open_files(path) == held  # used again as it was, not reopened
+    finally:
+        store.close()
+    assert open_files(path) == []
