@@ -24,6 +24,7 @@ __all__ = [
     "AbortInfo",
     "AbortRequest",
     "ActionInfo",
+    "ActionOutline",
     "ActionRecord",
     "ActionRow",
     "Actor",
@@ -170,6 +171,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     requested_by: str | None = None
     message: str | None = None
+
+
+class ActionOutline(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """One action as an outline of a run's tree holds it: enough to choose what to draw.
+
+    Not tracked by the garbage collector, so an outline of a million actions
+    costs no collections to build.
+    """
+
+    name: str
+    parent: str | None
+    phase: str  # an `ActionPhase` value
 
 
 class ActionRow(msgspec.Struct, array_like=True, gc=False):

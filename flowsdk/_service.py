@@ -41,6 +41,8 @@ from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
     AbortRequest,
+    ActionOutline,
+    ActionRecord,
     Actor,
     ControlRequest,
     ControlResult,
@@ -137,6 +139,28 @@ class ControlService:
         """Return one attempt's run record (default: the latest) alone, by a keyed lookup."""
         self.authorize(Permission.READ)
         return self.store.load_record(name, attempt)
+
+    def get_outline(
+        self, name: str, *, attempt: int | None = None
+    ) -> tuple[RunRecord, list[ActionOutline]]:
+        """Return one attempt's record and every action in outline (name, parent, phase).
+
+        In start order: what choosing the part of a big tree to draw needs
+        (then `get_actions` for those), without reading every whole record.
+        """
+        self.authorize(Permission.READ)
+        record = self.store.load_record(name, attempt)
+        return record, self.store.load_tree(name, record.attempt)
+
+    def get_actions(
+        self, name: str, attempt: int, actions: list[str]
+    ) -> tuple[list[ActionRecord], dict[str, tuple[bytes | None, bytes | None]]]:
+        """Return the named actions' records (start order) and recorded values, by keys."""
+        self.authorize(Permission.READ)
+        return (
+            self.store.load_actions(name, attempt, actions),
+            self.store.load_payloads(name, attempt, actions),
+        )
 
     def get_action(self, name: str, action: str, *, attempt: int | None = None) -> StoredAction:
         """Return one action of one attempt (default: the latest) in full, by keyed lookups."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 
 import flowsdk
 from flowsdk import RunPhase
-from flowsdk.store import Store, open_store
+from flowsdk.cli import main as cli_main
+from flowsdk.store import SQLiteStore, Store, open_store
 from flowsdk.store._postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from flowsdk.testing import new_store
@@ -131,6 +133,34 @@ def test_a_fold_never_hides_a_failed_child_while_there_is_room_and_counts_phases
     )
     assert lines.index(next(line for line in lines if "a2039 … a2990" in line)) == len(lines) - 11
     assert len(lines) < 150, len(lines)
+
+
+def test_show_draws_a_big_tree_and_one_action_without_reading_the_whole_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`show RUN` reads the outline and the drawn actions; `show RUN ACTION` that one."""
+    url = sqlite_url(tmp_path / "few.db")
+    flowsdk.run(deep.fan_failing, 500, name="few", store=url)
+    assert cli_main(["show", "few", "--store", url]) == 0
+    whole = capsys.readouterr().out
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the whole run was read")
+
+    monkeypatch.setattr(SQLiteStore, "load_run", refused)
+    assert cli_main(["show", "few", "--store", url]) == 0
+    outlined = capsys.readouterr().out
+    assert cli_main(["show", "few", "a438", "--store", url]) == 0
+    one = capsys.readouterr().out
+    assert cli_main(["logs", "few", "a438", "--store", url]) == 0
+
+    def durations(text: str) -> str:
+        return re.sub(r"\d+(\.\d+)?(ms|s)\b", "T", text)
+
+    assert durations(outlined) == durations(whole)  # what `show` printed from the whole run
+    assert "… 97 more children folded (a41 … a137: 97 SUCCEEDED)" in outlined
+    assert "error: ValueError" in one
+    assert "child 437 fails" in one
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

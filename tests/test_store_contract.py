@@ -358,6 +358,15 @@ def test_one_action_is_read_in_full_as_the_whole_run_holds_it(store: str | Store
             assert (detail.inputs, detail.output) == run.payloads()[action.name]
             assert detail.events == [e for e in run.events if e.action == action.name]
             assert [e.phase for e in detail.events][-1] == action.phase
+        record, outline = client.service.get_outline("detail")
+        assert record == run.record
+        assert [(a.name, a.parent, a.phase) for a in outline] == [
+            (a.name, a.parent, a.phase.value) for a in run.actions
+        ]
+        some = ["a7", "a1", "a4", "a99"]
+        records, payloads = client.service.get_actions("detail", 1, some)
+        assert records == [run.action(n) for n in ["a1", "a4", "a7"]]  # start order, known ones
+        assert payloads == {n: run.payloads()[n] for n in ["a1", "a4", "a7"]}
         with pytest.raises(ActionNotFoundError) as missing:
             client.get_action("detail", "a10")
         with pytest.raises(RunNotFoundError):

@@ -18,7 +18,6 @@ from typing import Any
 import msgspec
 
 from flowsdk._records import LogEntry, Progress
-from flowsdk._result import Run
 from flowsdk._text import preview, visible, visible_lines
 from flowsdk.cli._output import (
     CLEANUP_NOTE,
@@ -276,13 +275,14 @@ def _logs_block(logs: list[LogEntry]) -> list[str]:
     return [head, *("  " + line for line in log_lines(logs))]
 
 
-def value_previews(run: Run[Any], names: Iterable[str] | None = None) -> dict[str, str]:
+def value_previews(
+    payloads: dict[str, tuple[bytes | None, bytes | None]], names: Iterable[str] | None = None
+) -> dict[str, str]:
     """Return a short `(args) -> output` preview of each action's recorded values.
 
     Of the named actions only, if `names` is given (those a folded tree draws).
     """
     previews: dict[str, str] = {}
-    payloads = run.payloads()
     chosen = payloads.keys() if names is None else [n for n in names if n in payloads]
     for name in chosen:
         inputs, output = payloads[name]

@@ -14,11 +14,12 @@ actions there are.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from typing import TypeVar, cast
 
 from flowsdk._phases import ActionPhase
-from flowsdk._records import ActionRecord
 from flowsdk._text import visible
-from flowsdk.cli._output import tree_children
+from flowsdk.cli._output import TreeNode
 
 __all__ = ["FOLD_CHILDREN", "FOLD_DEPTH", "MAX_ROWS", "folded_tree"]
 
@@ -31,7 +32,8 @@ TAIL_CHILDREN = 10
 NOTABLE_CHILDREN = 20
 MAX_ROWS = 1000
 
-Entry = tuple[int, ActionRecord | str]
+N = TypeVar("N", bound=TreeNode)
+Entry = tuple[int, N | str]
 
 
 class FoldLine(str):
@@ -40,31 +42,32 @@ class FoldLine(str):
     hides: int
 
 
-def folded_tree(actions: list[ActionRecord]) -> list[Entry]:
-    """The depth-first tree of `actions` (`(depth, action)`), with folded parts as text lines."""
-    children = tree_children(actions)
-    below = _subtree_sizes(actions)
-    deepest = _max_depth(actions)
+def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
+    """The depth-first tree of `actions` (`(depth, action)`), with folded parts as text lines.
+
+    `actions` are in start order: records, or an outline of them (`TreeNode`).
+    """
+    children, below, deepest = _shape(actions)
     # Levels [HEAD_LEVELS, cut) are folded; the levels from `cut` on are drawn
     # right under the fold line.
     cut = deepest - TAIL_LEVELS + 1 if deepest >= FOLD_DEPTH else None
-    entries: list[Entry] = []
+    entries: list[Entry[N]] = []
     rows = 0
     folded = 0  # actions accounted for by fold lines
-    hidden: list[ActionRecord] = []  # consecutive actions of the folded levels
-    stack: list[tuple[int, ActionRecord | str]] = [
+    hidden: list[N] = []  # consecutive actions of the folded levels
+    stack: list[tuple[int, N | str]] = [
         (0, item) for item in reversed(_visible_children(None, children, below, 0))
     ]
     while stack:
         depth, item = stack.pop()
-        if isinstance(item, ActionRecord):
+        if not isinstance(item, str):
             stack.extend(
                 (depth + 1, c) for c in reversed(_visible_children(item, children, below, depth))
             )
         else:
             folded += item.hides if isinstance(item, FoldLine) else 0
         if cut is not None and HEAD_LEVELS <= depth < cut:
-            if isinstance(item, ActionRecord):
+            if not isinstance(item, str):
                 hidden.append(item)
             continue
         if hidden:
@@ -76,7 +79,7 @@ def folded_tree(actions: list[ActionRecord]) -> list[Entry]:
             return entries
         shown = depth if cut is None or depth < HEAD_LEVELS else depth - cut + HEAD_LEVELS + 1
         entries.append((shown, item))
-        if isinstance(item, ActionRecord):
+        if not isinstance(item, str):
             rows += 1
     if hidden:
         entries.append((HEAD_LEVELS, _levels_line(hidden, cut or 0)))
@@ -84,11 +87,11 @@ def folded_tree(actions: list[ActionRecord]) -> list[Entry]:
 
 
 def _visible_children(
-    parent: ActionRecord | None,
-    children: dict[str | None, list[ActionRecord]],
+    parent: N | None,
+    children: dict[str | None, list[N]],
     below: dict[str, int],
     depth: int,
-) -> list[ActionRecord | str]:
+) -> list[N | str]:
     """A parent's children to draw: all of them, or a bounded choice with fold lines.
 
     Of more than `FOLD_CHILDREN`: the first `HEAD_CHILDREN`, the last
@@ -99,11 +102,11 @@ def _visible_children(
     kids = children.get(None if parent is None else parent.name, [])
     if len(kids) <= FOLD_CHILDREN:
         return list(kids)
-    shown: list[ActionRecord | str] = list(kids[:HEAD_CHILDREN])
-    hidden: list[ActionRecord] = []
+    shown: list[N | str] = list(kids[:HEAD_CHILDREN])
+    hidden: list[N] = []
     notable = 0
     for kid in kids[HEAD_CHILDREN:-TAIL_CHILDREN]:
-        if kid.phase is not ActionPhase.SUCCEEDED and notable < NOTABLE_CHILDREN:
+        if kid.phase != ActionPhase.SUCCEEDED and notable < NOTABLE_CHILDREN:
             notable += 1
             if hidden:
                 shown.append(_children_line(hidden, below))
@@ -116,10 +119,10 @@ def _visible_children(
     return [*shown, *kids[-TAIL_CHILDREN:]]
 
 
-def _children_line(folded: list[ActionRecord], below: dict[str, int]) -> FoldLine:
+def _children_line(folded: Sequence[TreeNode], below: dict[str, int]) -> FoldLine:
     """One line for consecutive folded children: how many, which, their phases."""
     inside = sum(below[k.name] for k in folded)
-    phases = Counter(k.phase.value for k in folded)
+    phases = Counter(str(k.phase) for k in folded)
     counted = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
     more = f" and {inside - len(folded):,} actions below them" if inside > len(folded) else ""
     noun = "child" if len(folded) == 1 else "children"
@@ -132,7 +135,7 @@ def _children_line(folded: list[ActionRecord], below: dict[str, int]) -> FoldLin
     return line
 
 
-def _levels_line(hidden: list[ActionRecord], cut: int) -> str:
+def _levels_line(hidden: Sequence[TreeNode], cut: int) -> str:
     return (
         f"… {len(hidden):,} actions of levels {HEAD_LEVELS} to {cut - 1} folded "
         f"({visible(hidden[0].name)} … {visible(hidden[-1].name)}); "
@@ -144,25 +147,35 @@ def _rest_line(count: int) -> str:
     return f"… and {count:,} more actions not drawn; `flowsdk show RUN --json` lists them all"
 
 
-def _subtree_sizes(actions: list[ActionRecord]) -> dict[str, int]:
-    """How many actions each action's subtree holds (itself included)."""
-    sizes = {a.name: 1 for a in actions}
-    # Children start after their parents: in reverse, a subtree is whole before its parent.
-    for action in reversed(actions):
-        parent = action.parent
-        if parent is not None and parent in sizes:
-            sizes[parent] += sizes[action.name]
-    return sizes
+def _shape(actions: Sequence[N]) -> tuple[dict[str | None, list[N]], dict[str, int], int]:
+    """Each action's children (by parent name; `None`: the roots), subtree sizes, deepest level.
 
-
-def _max_depth(actions: list[ActionRecord]) -> int:
-    """The depth of the deepest action (a root is at 0)."""
-    depths: dict[str, int] = {}
-    deepest = 0
-    # In start order: a parent's depth is known before its children's.
-    for action in actions:
+    In one pass in start order (a parent starts before its children) and one back:
+    a run's outline may hold a million actions.
+    """
+    position: dict[str | None, int] = {}
+    parents: list[int] = []
+    depths: list[int] = []
+    children: dict[str | None, list[N]] = {}
+    for i, action in enumerate(actions):
         parent = action.parent
-        depth = depths[parent] + 1 if parent in depths else 0
-        depths[action.name] = depth
-        deepest = max(deepest, depth)
-    return deepest
+        at = position.get(parent, -1)
+        position[action.name] = i
+        parents.append(at)
+        if at < 0:
+            depths.append(0)
+            parent = None
+        else:
+            depths.append(depths[at] + 1)
+        kids = children.get(parent)
+        if kids is None:
+            children[parent] = [action]
+        else:
+            kids.append(action)
+    sizes = [1] * len(parents)
+    for i in range(len(parents) - 1, 0, -1):  # a subtree is whole before its parent's
+        at = parents[i]
+        if at >= 0:
+            sizes[at] += sizes[i]
+    names = cast("dict[str, int]", position)  # only names are put in it
+    return children, dict(zip(names, sizes, strict=True)), max(depths, default=0)

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import msgspec
 
@@ -53,6 +53,7 @@ __all__ = [
     "show_json",
     "store_location",
     "table",
+    "TreeNode",
     "tree_children",
     "tree_order",
 ]
@@ -305,10 +306,26 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
     return lines
 
 
-def tree_children(actions: list[ActionRecord]) -> dict[str | None, list[ActionRecord]]:
+class TreeNode(Protocol):
+    """What drawing a tree needs of an action: an `ActionRecord`, or less (`show`'s outline)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parent(self) -> str | None: ...
+
+    @property
+    def phase(self) -> str: ...
+
+
+N = TypeVar("N", bound=TreeNode)
+
+
+def tree_children(actions: Sequence[N]) -> dict[str | None, list[N]]:
     """Each action's children in start order, by parent name (`None`: the roots)."""
     known = {a.name for a in actions}
-    children: dict[str | None, list[ActionRecord]] = {}
+    children: dict[str | None, list[N]] = {}
     for action in actions:
         parent = action.parent if action.parent in known else None
         children.setdefault(parent, []).append(action)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from flowsdk._client import Client
 from flowsdk._phases import RunPhase
-from flowsdk._records import Progress
+from flowsdk._records import ActionRecord, Progress, RunRecord
 from flowsdk._result import Run
 from flowsdk._text import visible
 from flowsdk.cli._detail import (
@@ -24,6 +26,7 @@ from flowsdk.cli._output import (
     EXIT_OK,
     EXIT_RUN_FAILED,
     Output,
+    TreeNode,
     action_tree,
     event_lines,
     open_client,
@@ -32,7 +35,7 @@ from flowsdk.cli._output import (
 )
 from flowsdk.cli._runs import positive_int
 
-__all__ = ["POLL_INTERVAL", "register", "show_lines", "wait_for_end"]
+__all__ = ["POLL_INTERVAL", "register", "show_lines", "tree_lines", "wait_for_end"]
 
 # How often `watch` and `--wait` read the store again.
 POLL_INTERVAL = 0.1
@@ -95,19 +98,57 @@ def show_lines(
     Long chains and big fan-outs are folded (`_fold.py`), so the tree stays bounded.
     With `values`, the tree has a preview of each action's inputs and output.
     """
-    now = datetime.now(UTC)
-    gap = [""] if spaced else []
-    entries = folded_tree(run.actions)
-    drawn = (a.name for _, a in entries if not isinstance(a, str))
-    previews = with_progress(value_previews(run, drawn) if values else None, progress or {})
-    lines = [
-        *run_header(out, run.record, now=now),
-        *gap,
-        *action_tree(out, run.actions, now=now, previews=previews, entries=entries),
-    ]
+    by_name = {a.name: a for a in run.actions}
+    lines = tree_lines(
+        out,
+        run.record,
+        run.actions,
+        lambda names: ([by_name[n] for n in names], run.payloads() if values else {}),
+        spaced=spaced,
+        values=values,
+        progress=progress,
+    )
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]
     return lines
+
+
+Drawn = tuple[list[ActionRecord], dict[str, tuple[bytes | None, bytes | None]]]
+
+
+def tree_lines(
+    out: Output,
+    record: RunRecord,
+    outline: Sequence[TreeNode],
+    drawn: Callable[[list[str]], Drawn],
+    *,
+    spaced: bool = True,
+    values: bool = False,
+    progress: dict[str, Progress] | None = None,
+) -> list[str]:
+    """The header and the folded tree of a run drawn from its outline (start order).
+
+    `drawn(names)` gives the records and recorded values of the actions the
+    folded tree draws: a run's own lists, or keyed reads of a big run's.
+    """
+    now = datetime.now(UTC)
+    gap = [""] if spaced else []
+    entries = folded_tree(outline)
+    names = [a.name for _, a in entries if not isinstance(a, str)]
+    records, payloads = drawn(names)
+    found = {r.name: r for r in records}
+    # An action read in the outline but gone since (its run pruned meanwhile) is left out.
+    shown = [
+        (d, a if isinstance(a, str) else found[a.name])
+        for d, a in entries
+        if isinstance(a, str) or a.name in found
+    ]
+    previews = with_progress(value_previews(payloads, names) if values else None, progress or {})
+    return [
+        *run_header(out, record, now=now),
+        *gap,
+        *action_tree(out, records, now=now, previews=previews, entries=shown),
+    ]
 
 
 def show(args: argparse.Namespace, out: Output) -> int:
@@ -124,12 +165,22 @@ def show(args: argparse.Namespace, out: Output) -> int:
             else:
                 out.lines(action_lines(out, detail, progress, logs))
             return EXIT_OK
-        run = client.get_run(args.run, attempt=args.attempt)
-        if out.json:
-            out.print_json(show_json(run.record, run.actions, run.events if args.events else None))
-        else:
-            latest = client.latest_progress(run.name, run.record.attempt)
-            out.lines(show_lines(out, run, events=args.events, values=True, progress=latest))
+        if out.json or args.events:
+            run = client.get_run(args.run, attempt=args.attempt)
+            if out.json:
+                events = run.events if args.events else None
+                out.print_json(show_json(run.record, run.actions, events))
+            else:
+                latest = client.latest_progress(run.name, run.record.attempt)
+                out.lines(show_lines(out, run, events=True, values=True, progress=latest))
+            return EXIT_OK
+        # The tree alone: every action's name, parent and phase, then the records and
+        # values of the few the folded tree draws (a whole-run read costs ten times more).
+        service = client.service
+        record, outline = service.get_outline(args.run, attempt=args.attempt)
+        latest = client.latest_progress(record.name, record.attempt)
+        drawn = partial(service.get_actions, record.name, record.attempt)
+        out.lines(tree_lines(out, record, outline, drawn, values=True, progress=latest))
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    ActionOutline,
     ActionRecord,
     ActionRow,
     ControlReply,
@@ -238,6 +239,18 @@ class RunReader(Protocol):
 
         Keyed lookups: a follower re-reads only the actions its new events name.
         """
+
+    def load_tree(self, name: str, attempt: int) -> list[ActionOutline]:
+        """Return every action of one attempt in outline (name, parent, phase), in start order.
+
+        What choosing the part of a big tree to draw needs, without the rest of
+        each record (a few percent of a whole-run read).
+        """
+
+    def load_payloads(
+        self, name: str, attempt: int, actions: list[str]
+    ) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Return the recorded inputs and output of the named actions (keyed lookups)."""
 
     def load_action(self, name: str, attempt: int | None, action: str) -> StoredAction:
         """Return one action of one attempt (default: the latest) in full, by keyed lookups.

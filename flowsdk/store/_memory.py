@@ -14,6 +14,7 @@ import msgspec
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
     MAX_LOGS,
+    ActionOutline,
     ActionRecord,
     ActionRow,
     ControlReply,
@@ -168,6 +169,18 @@ class MemoryStore:
         """Return the records of the named actions of one ended attempt."""
         wanted = set(actions)
         return [a for a in self.load_run(name, attempt).actions if a.name in wanted]
+
+    def load_tree(self, name: str, attempt: int) -> list[ActionOutline]:
+        """Return every action of one ended attempt in outline, in start order."""
+        actions = self.load_run(name, attempt).actions
+        return [ActionOutline(a.name, a.parent, a.phase.value) for a in actions]
+
+    def load_payloads(
+        self, name: str, attempt: int, actions: list[str]
+    ) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Return the recorded inputs and output of the named actions of one ended attempt."""
+        payloads = self.load_run(name, attempt).payloads
+        return {a: payloads[a] for a in actions if a in payloads}
 
     def load_action(self, name: str, attempt: int | None, action: str) -> StoredAction:
         """Return one action of one ended attempt (default: the latest) in full."""

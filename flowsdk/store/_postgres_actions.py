@@ -12,11 +12,17 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import psycopg
 
 from flowsdk._phases import ActionPhase
-from flowsdk._records import ActionRecord, ActionRow, action_from_row, whole_keys
+from flowsdk._records import (
+    ActionOutline,
+    ActionRecord,
+    ActionRow,
+    action_from_row,
+    whole_keys,
+)
 from flowsdk.errors import ActionNotFoundError
 from flowsdk.store._base import StoredAction
 from flowsdk.store._postgres_schema import ACTION_COLUMNS, ACTION_EVENTS
-from flowsdk.store._rows import events_from_rows, of_action, routine_needle, run_record
+from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle, run_record
 
 __all__ = ["PostgresActions", "missing_action"]
 
@@ -98,6 +104,37 @@ class PostgresActions:
             return [action_from_row(name, r, keys[r.name]) for r in rows]
 
         return self._read(work, list)
+
+    def load_tree(self: _Store, name: str, attempt: int) -> list[ActionOutline]:
+        """Return every action of one attempt in outline, in start order."""
+
+        def work(conn: Conn) -> list[ActionOutline]:
+            return outline(
+                conn.execute(
+                    "SELECT name, parent, phase FROM flowsdk.actions WHERE run = %s "
+                    "AND run_attempt = %s ORDER BY seq",
+                    (name, attempt),
+                )
+            )
+
+        return self._read(work, list)
+
+    def load_payloads(
+        self: _Store, name: str, attempt: int, actions: list[str]
+    ) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Return the recorded inputs and output of the named actions (keyed lookups)."""
+
+        def work(conn: Conn) -> dict[str, tuple[bytes | None, bytes | None]]:
+            return {
+                action: (inputs, output)
+                for action, inputs, output in conn.execute(
+                    "SELECT name, inputs, output FROM flowsdk.actions WHERE run = %s "
+                    "AND run_attempt = %s AND name = ANY(%s)",
+                    (name, attempt, actions),
+                )
+            }
+
+        return self._read(work, dict)
 
     def load_action(self: _Store, name: str, attempt: int | None, action: str) -> StoredAction:
         """Return one action of one attempt (default: the latest) in full, by keyed lookups."""

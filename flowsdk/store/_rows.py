@@ -6,8 +6,9 @@ writes its own statements around these lists.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from itertools import islice
 from operator import itemgetter
 from typing import Any
 
@@ -17,6 +18,7 @@ from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ACTION_FIELDS,
     EVENT_FIELDS,
+    ActionOutline,
     Event,
     EventKind,
     EventRow,
@@ -105,6 +107,21 @@ def routine_needle(action: str) -> bytes:
 def of_action(rows: Iterable[tuple[Any, ...]], action: str) -> list[tuple[Any, ...]]:
     """The event rows of `action` among rows read as `with_routine` reads them, in order."""
     return [row for row in with_routine(rows, -1) if row[3] == action]
+
+
+def outline(cursor: Iterator[tuple[Any, ...]]) -> list[ActionOutline]:
+    """Turn a cursor's `(name, parent, phase)` rows into `ActionOutline`s.
+
+    A batch at a time, each in one C call: a million rows never stand as tuples
+    all at once beside the outline.
+    """
+    found: list[ActionOutline] = []
+    while batch := list(islice(cursor, _OUTLINE_BATCH)):
+        found += msgspec.convert(batch, list[ActionOutline])
+    return found
+
+
+_OUTLINE_BATCH = 20_000
 
 
 RUN_COLUMNS = (

@@ -10,10 +10,17 @@ import sqlite3
 from typing import Protocol
 
 from flowsdk._phases import ActionPhase
-from flowsdk._records import ActionRecord, ActionRow, RunRecord, action_from_row, whole_keys
+from flowsdk._records import (
+    ActionOutline,
+    ActionRecord,
+    ActionRow,
+    RunRecord,
+    action_from_row,
+    whole_keys,
+)
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import StoredAction
-from flowsdk.store._rows import events_from_rows, of_action, routine_needle
+from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle
 from flowsdk.store._sqlite_schema import ACTION_COLUMNS, ACTION_EVENTS, translate
 
 __all__ = ["SQLiteActions"]
@@ -101,6 +108,39 @@ class SQLiteActions:
         with translate(self.path):
             rows, keys = _rows(conn, name, attempt, actions)
         return [action_from_row(name, r, keys[r.name]) for r in rows]
+
+    def load_tree(self: _Store, name: str, attempt: int) -> list[ActionOutline]:
+        """Return every action of one attempt in outline, in start order."""
+        conn = self._read()
+        if conn is None:
+            return []
+        with translate(self.path):
+            return outline(
+                conn.execute(
+                    "SELECT name, parent, phase FROM actions WHERE run = ? AND run_attempt = ? "
+                    "ORDER BY seq",
+                    (name, attempt),
+                )
+            )
+
+    def load_payloads(
+        self: _Store, name: str, attempt: int, actions: list[str]
+    ) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Return the recorded inputs and output of the named actions (keyed lookups)."""
+        conn = self._read()
+        found: dict[str, tuple[bytes | None, bytes | None]] = {}
+        if conn is None:
+            return found
+        with translate(self.path):
+            for i in range(0, len(actions), _CHUNK):
+                chunk = actions[i : i + _CHUNK]
+                for action, inputs, output in conn.execute(
+                    "SELECT name, inputs, output FROM actions WHERE run = ? AND run_attempt = ? "
+                    f"AND name IN ({', '.join('?' * len(chunk))})",
+                    (name, attempt, *chunk),
+                ):
+                    found[action] = (inputs, output)
+        return found
 
     def load_action(self: _Store, name: str, attempt: int | None, action: str) -> StoredAction:
         """Return one action of one attempt (default: the latest) in full, by keyed lookups."""
