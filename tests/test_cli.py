@@ -17,6 +17,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,7 @@ from typing import IO, Any
 import pytest
 
 import flowsdk
+from flowsdk.cli import main as cli_main
 from flowsdk.cli._output import exit_code
 from flowsdk.errors import (
     ActionNotFoundError,
@@ -38,6 +40,7 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
+from flowsdk.store import SQLiteStore
 from tests.workflows import flaky
 
 REPO = Path(__file__).resolve().parent.parent
@@ -473,6 +476,51 @@ def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> 
     assert summary == ["run live SUCCEEDED after " + summary[0].split(" after ")[1]]
     assert summary[0].endswith(": 2 actions (2 SUCCEEDED)")
     assert all(a != b for a, b in itertools.pairwise(frames))  # only on a change
+
+
+def test_watch_reads_the_whole_run_once_then_only_what_changed(
+    tmp_path: Path,
+    start_runner: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Watch (in this process): one whole read, then events since its cursor at each poll."""
+    store = store_for(tmp_path)
+    runner = start_runner(store, "live")
+    runner.expect("STARTED a1")
+    whole_reads: list[str] = []
+    polls = threading.Semaphore(0)
+    load_run, events_since = SQLiteStore.load_run, SQLiteStore.events_since
+
+    def counted_load_run(self: SQLiteStore, name: str, attempt: int | None = None) -> Any:
+        whole_reads.append(name)
+        return load_run(self, name, attempt)
+
+    def counted_events_since(self: SQLiteStore, name: str, cursor: int, **kw: Any) -> Any:
+        polls.release()
+        return events_since(self, name, cursor, **kw)
+
+    monkeypatch.setattr(SQLiteStore, "load_run", counted_load_run)
+    monkeypatch.setattr(SQLiteStore, "events_since", counted_events_since)
+    codes: list[int] = []
+    watching = threading.Thread(target=lambda: codes.append(cli_main(["watch", "live"])))
+    monkeypatch.setenv("FLOWSDK_STORE", store)
+    watching.start()
+    try:
+        for _ in range(3):  # three polls of the live run
+            assert polls.acquire(timeout=TIMEOUT)
+    finally:
+        runner.release()
+        watching.join(TIMEOUT)
+    assert not watching.is_alive()
+    runner.expect("RESULT SUCCEEDED")
+    runner.finish()
+    assert codes == [0]
+    assert whole_reads == ["live"]
+    frames = [f.splitlines() for f in capsys.readouterr().out.split("\n\n") if f.strip()]
+    assert frames[0][0].split() == ["run", "live", "RUNNING"]
+    assert frames[-2][0].split() == ["run", "live", "SUCCEEDED"]
+    assert frames[-1][0].endswith(": 2 actions (2 SUCCEEDED)")
 
 
 # -- abort -------------------------------------------------------------------------------

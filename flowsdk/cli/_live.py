@@ -131,9 +131,10 @@ def fit_tree(
     With `progress`, each action's latest report is shown in the value column.
     """
     previews = with_progress(None, progress or {})
-    lines = action_tree(out, actions, now=now, previews=previews)
-    if len(lines) <= height:
-        return lines
+    if len(actions) < height:  # else it cannot fit: a row per action, and the heading
+        lines = action_tree(out, actions, now=now, previews=previews)
+        if len(lines) <= height:
+            return lines
     trees = _Subtrees(actions)
     for collapse, fold in ((True, False), (True, True)):
         entries = _entries(trees, collapse=collapse, fold=fold)

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 from flowsdk._client import Client
+from flowsdk._follow import Changes, NewAttempt, RunFollower
 from flowsdk._phases import RunPhase
 from flowsdk._records import ActionRecord, Progress, RunRecord
 from flowsdk._result import Run
@@ -34,6 +35,7 @@ from flowsdk.cli._output import (
     show_json,
 )
 from flowsdk.cli._runs import positive_int
+from flowsdk.store import StoredRun
 
 __all__ = ["POLL_INTERVAL", "register", "show_lines", "tree_lines", "wait_for_end"]
 
@@ -184,23 +186,19 @@ def show(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _signature(run: Run[Any]) -> tuple[Any, ...]:
-    # Everything a frame shows except the clock: a new frame is printed when this changes.
-    return (run.record, tuple(run.actions))
-
-
 def watch(args: argparse.Namespace, out: Output) -> int:
     """Redraw the run until it ends, then print a summary line.
 
     Exits 0 once the run has ended; with `--exit-status`, 6 unless it SUCCEEDED.
     """
     with open_client(args) as client:
-        run = client.get_run(args.run)  # an unknown run fails before anything is drawn
+        follower = RunFollower(client.service, args.run)
+        run = follower.start()  # an unknown run fails before anything is drawn
         live = LiveView(out, capture=False) if out.tty and not out.json else None
         if live is not None:
             live.start()
         try:
-            run = _follow(client, args.run, out, live, run)
+            run = _follow(client, follower, run, out, live)
         except KeyboardInterrupt:
             if live is not None:
                 live.stop()
@@ -219,29 +217,76 @@ def watch(args: argparse.Namespace, out: Output) -> int:
 
 
 def _follow(
-    client: Client, name: str, out: Output, live: LiveView | None, run: Run[Any]
+    client: Client, follower: RunFollower, run: Run[Any], out: Output, live: LiveView | None
 ) -> Run[Any]:
-    last: tuple[Any, ...] | None = None
+    """Draw `run` and each change `follower` reads, until the run has ended; return its end.
+
+    Each poll reads what changed (`RunFollower`), not the whole run again.
+    """
+    record = run.record
+    actions = {a.name: a for a in run.actions}
+    changed = True
+    last_progress: tuple[Any, ...] | None = None
     drawn = 0.0
     while True:
-        progress = client.latest_progress(name, run.record.attempt)
-        signature = (*_signature(run), tuple(progress.values()))
-        changed = signature != last
-        ended = run.record.phase.terminal
+        ended = record.phase.terminal
+        progress = client.latest_progress(record.name, record.attempt)
+        reported = tuple(progress.values())
+        changed = changed or reported != last_progress
+        if changed or live is not None:
+            run = Run(StoredRun(record, list(actions.values()), []))
         if out.json:
             if changed:
-                out.print_json(show_json(run.record, run.actions, None), compact=True)
+                out.print_json(show_json(record, run.actions, None), compact=True)
         elif live is not None:
             if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
                 live.update(run, progress)
                 drawn = time.monotonic()
         elif changed:
             out.lines([*show_lines(out, run, events=False, spaced=False, progress=progress), ""])
-        last = signature
+        last_progress = reported
         if ended:
             return run
         time.sleep(POLL_INTERVAL)
-        run = client.get_run(name)
+        try:
+            found = follower.poll()
+            if found.ended:
+                # One more read after the end: the runner's last rows are committed with
+                # (or before) the terminal run phase, so this one sees them all.
+                last = follower.poll()
+                found = Changes(
+                    [*found.events, *last.events],
+                    [*found.actions, *last.actions],
+                    last.record or found.record,
+                    True,
+                )
+        except NewAttempt:  # a retry began: follow it from its first picture
+            follower = RunFollower(follower.service, follower.run)
+            run = follower.start()
+            record, actions, changed = run.record, {a.name: a for a in run.actions}, True
+            continue
+        _merge(actions, found.actions)
+        if found.record is not None:
+            record = found.record
+        changed = bool(found)
+
+
+def _start_order(name: str) -> tuple[int, str]:
+    return len(name), name  # an action's name is `a` and its start order
+
+
+def _merge(actions: dict[str, ActionRecord], found: list[ActionRecord]) -> None:
+    """Put re-read actions in `actions` (kept in start order)."""
+    last = next(reversed(actions), None)
+    late = False
+    for action in found:
+        if action.name not in actions and last is not None:
+            late = late or _start_order(action.name) < _start_order(last)
+        actions[action.name] = action
+    if late:  # an action's row came after a later one's (rare): put it in its place
+        ordered = sorted(actions.items(), key=lambda item: _start_order(item[0]))
+        actions.clear()
+        actions.update(ordered)
 
 
 def wait_for_end(client: Client, name: str) -> Run[Any]:
