@@ -12,7 +12,9 @@ not seconds): `make bench-scale`.
 
 Then, with every action recorded, the root starts `--controls` children that
 wait, and another process (a real `Client`, as the CLI and the console use)
-aborts them one by one: each abort is timed from the call to its answer.
+aborts them one by one: each abort is timed from the call to its answer. Once
+the run has ended, the keyed reads of `flowsdk show RUN ACTION` and of
+`flowsdk show RUN`'s outline are timed on it (informational).
 
 Targets: the run completes; RSS after the first wave stays within +-10% of
 its value then; CPU time <= 3x bare asyncio's; a control request on the run
@@ -159,6 +161,24 @@ def growth(seen: list[float]) -> tuple[float, float, float]:
     return first, most, (most - first) / first
 
 
+def reads(store: str, actions: int) -> str:
+    """Time keyed reads of the ended run: one action in full, and the tree's outline."""
+    with flowsdk.Client(store) as client:
+        took = []
+        for seq in range(1, actions + 1, max(actions // 20, 1)):
+            start = time.perf_counter()
+            client.get_action(RUN_NAME, f"a{seq}")
+            took.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        _, outline = client.service.get_outline(RUN_NAME)
+        whole = time.perf_counter() - start
+    return (
+        f"reads: one action in full (Client.get_action), {len(took)} of them: median "
+        f"{statistics.median(took):.1f} ms, max {max(took):.1f} ms; the outline of all "
+        f"{len(outline):,} actions (what `flowsdk show RUN` folds): {whole:.2f} s (info)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bare shape, then the flowsdk run; print the waves and the verdicts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -192,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         flow = time.process_time() - start
         seen, took, writer = run.result()
+        read_line = reads(store, args.actions)
     print(f"flowsdk: {run.phase.value} in {flow:.1f} s CPU ({flow / bare:.2f}x bare; target <= 3x)")
     parts = f"  of which the garbage collector {flow_gc.seconds:.1f} s"
     if writer is not None:
@@ -204,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"RSS after the first wave {first:.1f} MB, at most {most:.1f} MB later "
             f"({grew:+.1%}; target +-10%): {verdict}; median {statistics.median(seen):.1f} MB"
         )
+    print(read_line)
     if took:
         worst = max(took)
         print(

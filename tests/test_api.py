@@ -353,11 +353,13 @@ def test_error_and_abort_info_fields_are_the_spec_names() -> None:
     )
 
 
-def _quick_benchmark(script: str, *, timeout: float) -> list[str]:
+def _quick_benchmark(
+    script: str, *, timeout: float, args: tuple[str, ...] = ("--quick",)
+) -> list[str]:
     """Run `benchmarks/<script> --quick` (no store from the environment); return its lines."""
     env = {k: v for k, v in os.environ.items() if k != "FLOWSDK_STORE"}
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -383,6 +385,19 @@ def test_instructions_benchmark_counts_a_sequential_action() -> None:
     # Counted, not timed: a bare Task and an action each cost tens of thousands of
     # instructions, and an action costs more than a bare Task.
     assert 10_000 < bare < flow, row
+
+
+@pytest.mark.slow
+def test_scale_benchmark_prints_waves_controls_and_reads() -> None:
+    """`benchmarks/bench_scale.py` on a small run prints each wave, the aborts and the reads."""
+    args = ("--actions", "4000", "--wave", "1000", "--controls", "2")
+    lines = _quick_benchmark("bench_scale.py", timeout=55, args=args)
+    assert sum(line.lstrip().startswith("wave ") for line in lines) == 4, lines
+    assert any(line.startswith("flowsdk: SUCCEEDED in ") for line in lines), lines
+    assert any(line.startswith("control: 2 aborts from another process") for line in lines), lines
+    reads = next(line for line in lines if line.startswith("reads: "))
+    assert "20 of them" in reads
+    assert "the outline of all 4,003 actions" in reads  # the root, the waves, 2 held
 
 
 @pytest.mark.slow
