@@ -38,9 +38,6 @@ class Changes:
         self.record = record  # the run's record, when it changed
         self.ended = ended  # the run has ended, and this poll read all it recorded before
 
-    def __bool__(self) -> bool:
-        return bool(self.events or self.actions or self.record)
-
 
 class RunFollower:
     """Reads what changed in one attempt of a run since the last poll (blocking reads)."""

@@ -265,28 +265,31 @@ def _follow(
             run = follower.start()
             record, actions, changed = run.record, {a.name: a for a in run.actions}, True
             continue
-        _merge(actions, found.actions)
+        # A frame is drawn again when what it shows changed, not for every event.
+        changed = _merge(actions, found.actions) or found.record is not None
         if found.record is not None:
             record = found.record
-        changed = bool(found)
 
 
 def _start_order(name: str) -> tuple[int, str]:
     return len(name), name  # an action's name is `a` and its start order
 
 
-def _merge(actions: dict[str, ActionRecord], found: list[ActionRecord]) -> None:
-    """Put re-read actions in `actions` (kept in start order)."""
+def _merge(actions: dict[str, ActionRecord], found: list[ActionRecord]) -> bool:
+    """Put re-read actions in `actions` (kept in start order); return whether one changed."""
     last = next(reversed(actions), None)
-    late = False
+    late = changed = False
     for action in found:
-        if action.name not in actions and last is not None:
+        before = actions.get(action.name)
+        if before is None and last is not None:
             late = late or _start_order(action.name) < _start_order(last)
+        changed = changed or before != action
         actions[action.name] = action
     if late:  # an action's row came after a later one's (rare): put it in its place
         ordered = sorted(actions.items(), key=lambda item: _start_order(item[0]))
         actions.clear()
         actions.update(ordered)
+    return changed
 
 
 def wait_for_end(client: Client, name: str) -> Run[Any]:
