@@ -36,7 +36,8 @@ class Changes:
         self.events = events
         self.actions = actions  # re-read, in start order
         self.record = record  # the run's record, when it changed
-        self.ended = ended  # the run has ended, and this poll read all it recorded before
+        # The run had ended when this poll began: one more poll reads its last rows.
+        self.ended = ended
 
 
 class RunFollower:
