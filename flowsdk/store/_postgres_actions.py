@@ -1,7 +1,9 @@
-"""The PostgreSQL store's keyed reads of actions: a mixin of `PostgresStore`.
+"""The PostgreSQL store's reads of actions: a mixin of `PostgresStore`.
 
-Each reads what it names by the tables' keys, so its cost does not grow with
-the run: a run of a million actions answers as fast as a run of ten.
+The named actions, their values, their groups and one action in full are read by
+the tables' keys, so a run of a million actions answers about as fast as a run of
+ten (one action's routine events are searched for in the run's packs, in the
+database). A run's outline (`load_tree`) is every action's name, parent and phase.
 """
 
 from __future__ import annotations
