@@ -43,6 +43,10 @@ __all__ = ["POLL_INTERVAL", "register", "show_lines", "tree_lines", "wait_for_en
 POLL_INTERVAL = 0.1
 # On a terminal, `watch` redraws at least this often so running durations advance.
 REDRAW_INTERVAL = 1.0
+# `watch` waits this many times as long as its last frame took to draw before it
+# reads again: a frame of a tree of 300,000 actions takes about a second, and
+# watching such a run must not take a core from it.
+FRAME_SHARE = 3
 
 
 def register(verbs: Any, common: argparse.ArgumentParser) -> None:
@@ -229,6 +233,7 @@ def _follow(
     last_progress: tuple[Any, ...] | None = None
     drawn = 0.0
     while True:
+        began = time.monotonic()
         ended = record.phase.terminal
         progress = client.latest_progress(record.name, record.attempt)
         reported = tuple(progress.values())
@@ -247,7 +252,7 @@ def _follow(
         last_progress = reported
         if ended:
             return run
-        time.sleep(POLL_INTERVAL)
+        time.sleep(max(POLL_INTERVAL, FRAME_SHARE * (time.monotonic() - began)))
         try:
             found = follower.poll()
             if found.ended:
