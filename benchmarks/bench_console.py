@@ -115,8 +115,8 @@ def main(quick: bool) -> None:
 
             def on_event(kind: str, data: str, now: float) -> None:
                 nonlocal actions_seen
-                if kind == "action" and not state_in.is_set():
-                    actions_seen += 1
+                if kind in ("action", "actions") and not state_in.is_set():
+                    actions_seen += len(json.loads(data)) if kind == "actions" else 1
                     if actions_seen > size:  # the root and every filler: the first state is in
                         state_in.set()
                 if kind != "event":

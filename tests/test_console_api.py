@@ -302,13 +302,15 @@ def test_the_stream_sends_the_state_then_changes_then_end(site: Site) -> None:
                     kind = line[7:]
                 elif line.startswith("data: "):
                     messages.append((kind, line[6:]))
-                    if kind == "action" and '"name":"a3"' in line and not seen_state.is_set():
+                    in_state = kind in ("actions", "action") and '"name":"a3"' in line
+                    if in_state and not seen_state.is_set():
                         seen_state.set()
                         runner.send("go")  # the state is in: now make a change
         runner.expect("RESULT", "SUCCEEDED")
         runner.finish()
     kinds = [k for k, _ in messages]
     assert kinds[0] == "run"
+    assert kinds[1] == "actions"  # the first picture: the actions as one array
     assert kinds[-1] == "end"
     assert '"phase":"SUCCEEDED"' in messages[-1][1]
     assert any(k == "action" and '"name":"a3"' in d and "SUCCEEDED" in d for k, d in messages)

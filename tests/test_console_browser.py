@@ -22,6 +22,7 @@ import pytest
 import flowsdk
 from tests.console_support import Console, create_token, start_held
 from tests.runners.harness import sqlite_url
+from tests.workflows import deep
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -265,6 +266,33 @@ def test_an_action_that_reported_once_is_plotted_as_a_dot(site: Site) -> None:
         box = dots.first.bounding_box()
         assert box is not None
         assert box["width"] > 0
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)
+
+
+def test_a_folded_fan_out_draws_its_failed_children_and_counts_the_rest(site: Site) -> None:
+    """500 children, 5 failed: the first 10, then the failed ones, then one counted line."""
+    flowsdk.run(deep.fan_failing, 500, name="b-fold", store=site.store)
+
+    def body() -> None:
+        page = site.page("/runs/b-fold", role="viewer")
+        fold = page.locator("#tree .fold")
+        playwright_api.expect(fold).to_contain_text("… 485 more actions: 485 SUCCEEDED", timeout=MS)
+        drawn = [r.get_attribute("data-action") for r in page.locator("#tree .action").all()]
+        assert drawn == [
+            "a0",
+            *(f"a{i}" for i in range(1, 11)),
+            "a38",
+            "a138",
+            "a238",
+            "a338",
+            "a438",
+        ]
+        assert _row(page, "a438").get_attribute("data-phase") == "FAILED"
+        fold.get_by_role("button", name="Show all").click()
+        playwright_api.expect(page.locator("#tree .action")).to_have_count(501, timeout=MS)
         assert page.errors == []
         page.context.close()
 

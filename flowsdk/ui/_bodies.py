@@ -195,7 +195,8 @@ def _query(struct: type[msgspec.Struct], components: dict[str, Any]) -> list[dic
 _SSE_EVENT = {
     "type": "object",
     "properties": {
-        "event": {"enum": ["run", "action", "event", "end"]},
+        # `actions`: a JSON array of actions (the first picture, in batches).
+        "event": {"enum": ["run", "actions", "action", "event", "end"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
     "required": ["event", "data"],
@@ -282,7 +283,8 @@ def openapi() -> dict[str, Any]:
                 "parameters": [_RUN],
                 "responses": {
                     "200": {
-                        "description": "event: run / action / event / end",
+                        "description": "event: run, then actions (arrays) and the last 300 "
+                        "events; then event / action / run as they change; then end",
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
                     **{k: v for k, v in _answers("200", {}, "404").items() if k != "200"},

@@ -1,7 +1,8 @@
 """`GET /api/runs/RUN/stream`: a run's live changes as server-sent events.
 
-First the current state (one `event: run`, then one `event: action` per
-action), then every change, as `RunFollower` (`_follow.py`) reads it: each
+First the current state (one `event: run`, then the actions as `event: actions`
+arrays, then the run's last 300 events, one `event: event` each), then every change
+(`event: event`, `event: action`, `event: run`), as `RunFollower` (`_follow.py`) reads it: each
 poll reads only the events recorded since the last one and re-reads only the
 actions those events name, so following a run of 20,000 actions costs what
 its changes cost, not its size. Once the run has ended: `event: end` with the
@@ -26,6 +27,11 @@ __all__ = ["POLL_INTERVAL", "stream"]
 
 POLL_INTERVAL = 0.05  # how often the store is asked for new events (a keyed, indexed read)
 KEEPALIVE = 15.0  # a comment line this often, so proxies keep an idle stream open
+# The first picture sends the actions as arrays of at most this many (a page parses
+# one message instead of thousands), and the run's last `LAST_EVENTS` events: what
+# the page's event log shows (the latest 300).
+ACTIONS_AT_ONCE = 2_000
+LAST_EVENTS = 300
 _encoder = msgspec.json.Encoder()
 
 
@@ -34,8 +40,15 @@ def _sse(kind: str, value: Any) -> bytes:
 
 
 def _first(follower: RunFollower) -> list[bytes]:
+    """The first picture: the run, its actions in batches, and its latest events."""
     run = follower.start()
-    return [_sse("run", run.record), *(_sse("action", a) for a in run.actions)]
+    actions = run.actions
+    batches = range(0, len(actions), ACTIONS_AT_ONCE)
+    return [
+        _sse("run", run.record),
+        *(_sse("actions", actions[i : i + ACTIONS_AT_ONCE]) for i in batches),
+        *(_sse("event", e) for e in run.events[-LAST_EVENTS:]),
+    ]
 
 
 def _poll(follower: RunFollower) -> tuple[list[bytes], bool]:

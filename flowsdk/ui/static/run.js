@@ -3,13 +3,14 @@
 (() => {
   const { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, LIVE_PHASES } = window.flowsdk;
   const FOLD_AFTER = 12; // a parent with more children than this shows the first ones and a summary
+  const NOTABLE = 20; // ... and, of the others, at most this many that did not succeed
   const MAX_ROWS = 1500; // rows drawn at most, whatever the run's size
   const MAX_EVENTS = 300;
 
   const runName = decodeURIComponent(location.pathname.replace(/^\/runs\//, ""));
   let run = null;
   let actions = new Map();
-  let events = new Map(); // seq -> event (the stream's and the first read's, merged)
+  let events = new Map(); // seq -> event: the latest the stream sent (its first picture has the last 300)
   let role = null;
   let live = false;
   const expanded = new Set();
@@ -251,15 +252,27 @@
         }
         const key = String(parent) + "\u0000" + String(group);
         const folded = members.length > FOLD_AFTER && !expanded.has(key);
-        const shown = folded ? members.slice(0, FOLD_AFTER - 2) : members;
+        let shown = members;
+        let rest = [];
+        if (folded) {
+          // The first ones, then the first NOTABLE of the others that did not succeed
+          // (a failure is not folded away while there is room): the rest are counted.
+          const first = members.slice(0, FOLD_AFTER - 2);
+          const notable = new Set();
+          for (const n of members.slice(first.length)) {
+            if (notable.size >= NOTABLE) break;
+            if (actions.get(n).phase !== "SUCCEEDED") notable.add(n);
+          }
+          shown = first.concat([...notable]);
+          rest = members.slice(first.length).filter((n) => !notable.has(n));
+        }
         for (const n of shown) {
           if (rows.length >= MAX_ROWS) return;
           rows.push(actionRow(actions.get(n), d));
           order.push(n);
           walk(n, d + 1);
         }
-        if (folded) {
-          const rest = members.slice(shown.length);
+        if (folded && rest.length) {
           const fold = el("div", "fold");
           fold.style.paddingLeft = (d * 18 + 4) + "px";
           add(fold, 
@@ -492,11 +505,12 @@
   // -- following the run -------------------------------------------------------------------
 
   // The stream sends changes from now on; the log so far is read once.
-  async function loadEvents() {
-    const { status, data } = await api("GET", "/api/runs/" + encodeURIComponent(runName) + "?events=true");
-    if (status !== 200 || (run && data.run.attempt !== run.attempt)) return;
-    for (const e of data.events) events.set(e.seq, e);
-    schedule();
+  function addEvent(e) {
+    events.set(e.seq, e);
+    if (events.size > 2 * MAX_EVENTS) { // keep the latest: the log shows MAX_EVENTS
+      const keep = [...events.keys()].sort((x, y) => x - y).slice(-MAX_EVENTS);
+      events = new Map(keep.map((seq) => [seq, events.get(seq)]));
+    }
   }
 
   let following = false;
@@ -507,15 +521,16 @@
       for (;;) {
         live = true;
         let ended = false;
-        loadEvents();
         await readStream("/api/runs/" + encodeURIComponent(runName) + "/stream", (kind, data) => {
           if (kind === "run") {
             if (run && data.attempt !== run.attempt) { actions = new Map(); events = new Map(); }
             run = data;
+          } else if (kind === "actions") { // the first picture, in batches
+            for (const a of data) actions.set(a.name, a);
           } else if (kind === "action") {
             actions.set(data.name, data);
           } else if (kind === "event") {
-            events.set(data.seq, data);
+            addEvent(data);
           } else if (kind === "end") {
             run = data;
             ended = true;
