@@ -299,6 +299,27 @@ def test_a_folded_fan_out_draws_its_failed_children_and_counts_the_rest(site: Si
     site.run(body)
 
 
+def test_a_folded_fan_out_draws_a_child_that_caught_a_failure_below_it(site: Site) -> None:
+    """A succeeded child whose own child failed is drawn among the folded ones."""
+    flowsdk.run(deep.fan_guarded, 200, name="b-guarded", store=site.store)
+
+    def body() -> None:
+        page = site.page("/runs/b-guarded", role="viewer")
+        fold = page.locator("#tree .fold")
+        playwright_api.expect(fold).to_contain_text("… 188 more actions: 188 SUCCEEDED", timeout=MS)
+        drawn = [r.get_attribute("data-action") for r in page.locator("#tree .action").all()]
+        guarded = [n for n in drawn if n is not None and 1 <= int(n[1:]) <= 200]
+        # The first ten, then guarded(37) and guarded(137): SUCCEEDED, each with its
+        # FAILED child drawn below it.
+        assert guarded == [*(f"a{i}" for i in range(1, 11)), "a38", "a138"]
+        failed = page.locator('#tree .action[data-phase="FAILED"]')
+        playwright_api.expect(failed).to_have_count(2, timeout=MS)  # under a38 and a138
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)
+
+
 def test_the_run_page_plots_each_trials_curve_and_says_why_one_was_pruned(site: Site) -> None:
     env = flowsdk.TaskEnvironment("b_curves")
 

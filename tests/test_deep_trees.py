@@ -135,6 +135,26 @@ def test_a_fold_never_hides_a_failed_child_while_there_is_room_and_counts_phases
     assert len(lines) < 150, len(lines)
 
 
+def test_a_fold_draws_a_child_whose_subtree_holds_a_failure_and_counts_those_below(
+    tmp_path: Path,
+) -> None:
+    """A succeeded child that caught its own child's failure is drawn, failure and all."""
+    url = sqlite_url(tmp_path / "guarded.db")
+    flowsdk.run(deep.fan_guarded, 500, name="guarded", store=url)
+    shown = cli(url, "show", "guarded")
+    assert shown.code == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    failed = [line for line in lines if " FAILED " in line]
+    assert len(failed) == 5  # each under the child that caught it
+    drawn = {line.split()[0] for line in lines if "deep.guarded" in line}
+    assert {"a38", "a138", "a238", "a338", "a438"} <= drawn
+    assert len(drawn) == 40 + 4 + 10  # the first, those with a failure below, the last
+    folded = [line.strip().split(";")[0] for line in lines if "folded" in line]
+    assert folded[0] == (
+        "… 97 more children folded (a41 … a137: 97 SUCCEEDED) and 97 actions below them"
+    )
+
+
 def test_show_draws_a_big_tree_and_one_action_without_reading_the_whole_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

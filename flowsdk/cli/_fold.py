@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 from flowsdk._phases import ActionPhase
 from flowsdk._text import visible
@@ -47,7 +47,8 @@ def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
 
     `actions` are in start order: records, or an outline of them (`TreeNode`).
     """
-    children, below, deepest = _shape(actions)
+    shape = _Shape(actions)
+    deepest = shape.deepest
     # Levels [HEAD_LEVELS, cut) are folded; the levels from `cut` on are drawn
     # right under the fold line.
     cut = deepest - TAIL_LEVELS + 1 if deepest >= FOLD_DEPTH else None
@@ -56,14 +57,12 @@ def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
     folded = 0  # actions accounted for by fold lines
     hidden: list[N] = []  # consecutive actions of the folded levels
     stack: list[tuple[int, N | str]] = [
-        (0, item) for item in reversed(_visible_children(None, children, below, 0))
+        (0, item) for item in reversed(_visible_children(None, shape))
     ]
     while stack:
         depth, item = stack.pop()
         if not isinstance(item, str):
-            stack.extend(
-                (depth + 1, c) for c in reversed(_visible_children(item, children, below, depth))
-            )
+            stack.extend((depth + 1, c) for c in reversed(_visible_children(item, shape)))
         else:
             folded += item.hides if isinstance(item, FoldLine) else 0
         if cut is not None and HEAD_LEVELS <= depth < cut:
@@ -86,53 +85,60 @@ def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
     return entries
 
 
-def _visible_children(
-    parent: N | None,
-    children: dict[str | None, list[N]],
-    below: dict[str, int],
-    depth: int,
-) -> list[N | str]:
+def _visible_children(parent: N | None, shape: _Shape[N]) -> list[N | str]:
     """A parent's children to draw: all of them, or a bounded choice with fold lines.
 
     Of more than `FOLD_CHILDREN`: the first `HEAD_CHILDREN`, the last
-    `TAIL_CHILDREN`, and in between the first `NOTABLE_CHILDREN` that did not
-    succeed (a failure is never folded away while there is room for it), each
-    run of the others folded into one line that counts their phases.
+    `TAIL_CHILDREN`, and in between the first `NOTABLE_CHILDREN` whose subtree
+    holds an action that did not succeed (a failure, even one a child caught, is
+    never folded away while there is room for it), each run of the others folded
+    into one line that counts their phases.
     """
-    kids = children.get(None if parent is None else parent.name, [])
+    kids = shape.children.get(None if parent is None else parent.name, [])
     if len(kids) <= FOLD_CHILDREN:
         return list(kids)
     shown: list[N | str] = list(kids[:HEAD_CHILDREN])
     hidden: list[N] = []
     notable = 0
     for kid in kids[HEAD_CHILDREN:-TAIL_CHILDREN]:
-        if kid.phase != ActionPhase.SUCCEEDED and notable < NOTABLE_CHILDREN:
+        if notable < NOTABLE_CHILDREN and shape.troubled(kid.name):
             notable += 1
-            if hidden:
-                shown.append(_children_line(hidden, below))
-                hidden = []
+            shown += _folded(hidden, shape)
+            hidden = []
             shown.append(kid)
         else:
             hidden.append(kid)
-    if hidden:
-        shown.append(_children_line(hidden, below))
-    return [*shown, *kids[-TAIL_CHILDREN:]]
+    return [*shown, *_folded(hidden, shape), *kids[-TAIL_CHILDREN:]]
 
 
-def _children_line(folded: Sequence[TreeNode], below: dict[str, int]) -> FoldLine:
+def _folded(hidden: list[N], shape: _Shape[N]) -> list[N | str]:
+    """A run of children to fold: one line for them, or the child itself if alone."""
+    if len(hidden) <= 1:
+        return list(hidden)
+    return [_children_line(hidden, shape)]
+
+
+def _children_line(folded: Sequence[N], shape: _Shape[N]) -> FoldLine:
     """One line for consecutive folded children: how many, which, their phases."""
-    inside = sum(below[k.name] for k in folded)
+    inside = sum(shape.size(k.name) for k in folded)
     phases = Counter(str(k.phase) for k in folded)
     counted = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
-    more = f" and {inside - len(folded):,} actions below them" if inside > len(folded) else ""
-    noun = "child" if len(folded) == 1 else "children"
+    more = ""
+    if inside > len(folded):
+        below = sum(shape.troubled(k.name) for k in folded) - len(folded) + phases["SUCCEEDED"]
+        more = f" and {inside - len(folded):,} {_plural(inside - len(folded), 'action')}"
+        more += " below them" + (f" ({below:,} of them not SUCCEEDED)" if below else "")
     line = FoldLine(
-        f"… {len(folded):,} more {noun} folded ({visible(folded[0].name)} … "
+        f"… {len(folded):,} more children folded ({visible(folded[0].name)} … "
         f"{visible(folded[-1].name)}: {counted}){more}; `flowsdk show RUN ACTION` shows one "
         "in full"
     )
     line.hides = inside
     return line
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else noun + "s"
 
 
 def _levels_line(hidden: Sequence[TreeNode], cut: int) -> str:
@@ -147,35 +153,51 @@ def _rest_line(count: int) -> str:
     return f"… and {count:,} more actions not drawn; `flowsdk show RUN --json` lists them all"
 
 
-def _shape(actions: Sequence[N]) -> tuple[dict[str | None, list[N]], dict[str, int], int]:
-    """Each action's children (by parent name; `None`: the roots), subtree sizes, deepest level.
+class _Shape(Generic[N]):
+    """A tree's children by parent name, and per action its subtree's size and troubles."""
 
-    In one pass in start order (a parent starts before its children) and one back:
-    a run's outline may hold a million actions.
-    """
-    position: dict[str | None, int] = {}
-    parents: list[int] = []
-    depths: list[int] = []
-    children: dict[str | None, list[N]] = {}
-    for i, action in enumerate(actions):
-        parent = action.parent
-        at = position.get(parent, -1)
-        position[action.name] = i
-        parents.append(at)
-        if at < 0:
-            depths.append(0)
-            parent = None
-        else:
-            depths.append(depths[at] + 1)
-        kids = children.get(parent)
-        if kids is None:
-            children[parent] = [action]
-        else:
-            kids.append(action)
-    sizes = [1] * len(parents)
-    for i in range(len(parents) - 1, 0, -1):  # a subtree is whole before its parent's
-        at = parents[i]
-        if at >= 0:
-            sizes[at] += sizes[i]
-    names = cast("dict[str, int]", position)  # only names are put in it
-    return children, dict(zip(names, sizes, strict=True)), max(depths, default=0)
+    __slots__ = ("children", "deepest", "position", "sizes", "unsettled")
+
+    def __init__(self, actions: Sequence[N]) -> None:
+        # One pass in start order (a parent starts before its children) and one back:
+        # a run's outline may hold a million actions.
+        position: dict[str | None, int] = {}
+        parents: list[int] = []
+        depths: list[int] = []
+        unsettled: list[int] = []  # 1 for an action that did not succeed (yet)
+        children: dict[str | None, list[N]] = {}
+        for i, action in enumerate(actions):
+            parent = action.parent
+            at = position.get(parent, -1)
+            position[action.name] = i
+            parents.append(at)
+            unsettled.append(action.phase != ActionPhase.SUCCEEDED)
+            if at < 0:
+                depths.append(0)
+                parent = None
+            else:
+                depths.append(depths[at] + 1)
+            kids = children.get(parent)
+            if kids is None:
+                children[parent] = [action]
+            else:
+                kids.append(action)
+        sizes = [1] * len(parents)
+        for i in range(len(parents) - 1, 0, -1):  # a subtree is whole before its parent's
+            at = parents[i]
+            if at >= 0:
+                sizes[at] += sizes[i]
+                unsettled[at] += unsettled[i]
+        self.children = children
+        self.position = cast("dict[str, int]", position)  # only names are put in it
+        self.sizes = sizes
+        self.unsettled = unsettled  # per subtree: how many of its actions did not succeed
+        self.deepest = max(depths, default=0)
+
+    def size(self, name: str) -> int:
+        """How many actions the subtree of `name` holds, itself included."""
+        return self.sizes[self.position[name]]
+
+    def troubled(self, name: str) -> int:
+        """How many actions of the subtree of `name` did not succeed, itself included."""
+        return self.unsettled[self.position[name]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import flowsdk
+from flowsdk.errors import RuntimeUserError
 
 env = flowsdk.TaskEnvironment("deep")
 
@@ -41,3 +42,17 @@ async def fan_failing(width: int) -> int:
     """Start `width` children at once; those numbered 37 modulo 100 fail."""
     values = await asyncio.gather(*(picky(i) for i in range(width)), return_exceptions=True)
     return sum(v for v in values if isinstance(v, int))
+
+
+@env.task
+async def guarded(i: int) -> int:
+    try:
+        return await picky(i)
+    except RuntimeUserError:  # the failure stays below: this action succeeds
+        return -1
+
+
+@env.task
+async def fan_guarded(width: int) -> int:
+    """Start `width` children at once; those numbered 37 modulo 100 catch a failed child."""
+    return sum(await asyncio.gather(*(guarded(i) for i in range(width))))

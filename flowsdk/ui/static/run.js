@@ -230,9 +230,20 @@
     return row;
   }
 
+  // The actions whose subtree holds one that did not succeed (itself included).
+  function troubledSubtrees() {
+    const marked = new Set();
+    for (const a of actions.values()) {
+      if (a.phase === "SUCCEEDED") continue;
+      for (let n = a.name; n !== null && !marked.has(n); n = actions.get(n)?.parent ?? null) marked.add(n);
+    }
+    return marked;
+  }
+
   function renderTree() {
     kidsCache = null;
     const kids = childrenOf();
+    const troubled = troubledSubtrees();
     const rows = [];
     const order = [];
     const walk = (parent, depth) => {
@@ -255,13 +266,14 @@
         let shown = members;
         let rest = [];
         if (folded) {
-          // The first ones, then the first NOTABLE of the others that did not succeed
-          // (a failure is not folded away while there is room): the rest are counted.
+          // The first ones, then the first NOTABLE of the others whose subtree holds an
+          // action that did not succeed (a failure, even one a child caught, is not folded
+          // away while there is room): the rest are counted.
           const first = members.slice(0, FOLD_AFTER - 2);
           const notable = new Set();
           for (const n of members.slice(first.length)) {
             if (notable.size >= NOTABLE) break;
-            if (actions.get(n).phase !== "SUCCEEDED") notable.add(n);
+            if (troubled.has(n)) notable.add(n);
           }
           shown = first.concat([...notable]);
           rest = members.slice(first.length).filter((n) => !notable.has(n));
