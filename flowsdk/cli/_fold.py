@@ -5,10 +5,10 @@
 with one line in between saying how many actions were folded (and the first
 and last of them, to look at with `flowsdk show RUN ACTION`). A parent with
 more than `FOLD_CHILDREN` children shows the first `HEAD_CHILDREN`, the last
-`TAIL_CHILDREN` and, in between, the first `NOTABLE_CHILDREN` that did not
-succeed; each run of folded children is one line saying how many (and how many
-actions below them) and their phases. Past `MAX_ROWS` rows, one line says how many more
-actions there are.
+`TAIL_CHILDREN` and, in between, the first `NOTABLE_CHILDREN` whose subtree
+holds an action that did not succeed; each run of folded children is one line
+saying how many, their phases, and how many actions are below them. Past
+`MAX_ROWS` rows, one line says how many more actions there are.
 """
 
 from __future__ import annotations
