@@ -6,13 +6,12 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from flowsdk._client import Client
 from flowsdk._follow import Changes, NewAttempt, RunFollower
 from flowsdk._phases import RunPhase
-from flowsdk._records import ActionRecord, Progress, RunRecord
+from flowsdk._records import ActionOutline, ActionRecord, Progress, RunRecord
 from flowsdk._result import Run
 from flowsdk._text import visible
 from flowsdk.cli._detail import (
@@ -104,12 +103,11 @@ def show_lines(
     Long chains and big fan-outs are folded (`_fold.py`), so the tree stays bounded.
     With `values`, the tree has a preview of each action's inputs and output.
     """
-    by_name = {a.name: a for a in run.actions}
     lines = tree_lines(
         out,
         run.record,
         run.actions,
-        lambda names: ([by_name[n] for n in names], run.payloads() if values else {}),
+        lambda drawn: (drawn, run.payloads() if values else {}),  # the outline is the records
         spaced=spaced,
         values=values,
         progress=progress,
@@ -120,13 +118,14 @@ def show_lines(
 
 
 Drawn = tuple[list[ActionRecord], dict[str, tuple[bytes | None, bytes | None]]]
+N = TypeVar("N", bound=TreeNode)
 
 
 def tree_lines(
     out: Output,
     record: RunRecord,
-    outline: Sequence[TreeNode],
-    drawn: Callable[[list[str]], Drawn],
+    outline: Sequence[N],
+    drawn: Callable[[list[N]], Drawn],
     *,
     spaced: bool = True,
     values: bool = False,
@@ -134,14 +133,15 @@ def tree_lines(
 ) -> list[str]:
     """The header and the folded tree of a run drawn from its outline (start order).
 
-    `drawn(names)` gives the records and recorded values of the actions the
-    folded tree draws: a run's own lists, or keyed reads of a big run's.
+    `drawn(nodes)` gives the records and recorded values of the outline's actions
+    the folded tree draws: a run's own, or keyed reads of a big run's.
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
     entries = folded_tree(outline)
-    names = [a.name for _, a in entries if not isinstance(a, str)]
-    records, payloads = drawn(names)
+    nodes = [a for _, a in entries if not isinstance(a, str)]
+    names = [a.name for a in nodes]
+    records, payloads = drawn(nodes)
     found = {r.name: r for r in records}
     # An action read in the outline but gone since (its run pruned meanwhile) is left out.
     shown = [
@@ -185,7 +185,10 @@ def show(args: argparse.Namespace, out: Output) -> int:
         service = client.service
         record, outline = service.get_outline(args.run, attempt=args.attempt)
         latest = client.latest_progress(record.name, record.attempt)
-        drawn = partial(service.get_actions, record.name, record.attempt)
+
+        def drawn(nodes: list[ActionOutline]) -> Drawn:
+            return service.get_actions(record.name, record.attempt, [a.name for a in nodes])
+
         out.lines(tree_lines(out, record, outline, drawn, values=True, progress=latest))
     return EXIT_OK
 
