@@ -221,6 +221,6 @@ def test_the_writer_asks_again_once_it_has_taken_the_last_answer_or_after_a_seco
         held._ask_for_held()
         assert asked(held)  # a second at most between two asks
         loop.run_until_complete(asyncio.sleep(0))
-        assert [op[0] for op in held._ops] == [1, 2]  # each event once, in order
+        assert [op.seq for op in held._ops] == [1, 2]  # each event once, in order
     finally:
         loop.close()

@@ -32,14 +32,17 @@ from typing import Any
 
 from flowsdk._records import EventRow
 from flowsdk.store._base import RowBuilder
+from flowsdk.store._rows import RoutineEvent
 
-__all__ = ["ACTION", "EVENT", "LOOP_BLOCKED_WARNING", "ROUTINE_SIZE", "HeldChanges"]
+__all__ = ["EVENT", "LOOP_BLOCKED_WARNING", "HeldChanges"]
 
-# The kinds of the writer's first operations, (kind, payload) pairs (the other
-# kinds are the writer's own). A routine event is queued as its own four values,
-# (seq, at, action, phase), without a kind: the commonest operation, one object.
-ACTION, EVENT = range(2)
-ROUTINE_SIZE = 4
+# The writer's operations are (kind, payload) pairs (the other kinds are the
+# writer's own), except the commonest two, queued as they are, without a kind:
+# an action's row (`ActionRow`) and a routine event (`RoutineEvent`). Neither
+# is tracked by the garbage collector, and a pair would be: thousands of
+# tracked pairs waiting in a wide fan-out's queue made the collector run more
+# often, and further.
+EVENT = 1
 # Seconds a callback may wait for the loop before the loop counts as blocked: the
 # writer warns, and sends what the loop holds.
 LOOP_BLOCKED_WARNING = 1.0
@@ -54,14 +57,13 @@ class HeldChanges:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._ops: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._ops: collections.deque[Any] = collections.deque()
         self._held: dict[Any, RowBuilder] = {}
-        # As operations: (EVENT, row), or a routine event's (seq, at, action,
-        # phase) (`ROUTINE_SIZE`). Taken, by the loop or by the
-        # writer, under `_held_lock`; appended to without it (on the loop). The
-        # loop waits for the lock only while the writer copies a blocked loop's
-        # rows, once the loop has come back.
-        self._held_events: collections.deque[tuple[Any, ...]] = collections.deque()
+        # As operations: (EVENT, row), or a `RoutineEvent`. Taken, by the loop or
+        # by the writer, under `_held_lock`; appended to without it (on the loop).
+        # The loop waits for the lock only while the writer copies a blocked
+        # loop's rows, once the loop has come back.
+        self._held_events: collections.deque[Any] = collections.deque()
         self._held_lock = threading.Lock()
         # When the writer asked the loop for them, and whether it then built their
         # rows itself (both reset on the loop, when it sends them).
@@ -81,7 +83,7 @@ class HeldChanges:
 
     def routine(self, seq: int, at: float, action: str, phase: str) -> None:
         """Append a routine event; sent after the held rows."""
-        self._held_events.append((seq, at, action, phase))
+        self._held_events.append(RoutineEvent(seq, at, action, phase))
 
     def event(self, row: EventRow) -> None:
         """Append an event row; sent after the held rows."""
@@ -97,7 +99,7 @@ class HeldChanges:
             if held:
                 self._held = {}
                 for action, rows in held.items():
-                    ops.append((ACTION, rows.build(action)))
+                    ops.append(rows.build(action))
             events = self._held_events
             if events:
                 ops.extend(events)  # on the loop: nothing appends meanwhile
@@ -127,6 +129,6 @@ class HeldChanges:
                 count = len(events)  # the events held before the rows are read
                 ops = self._ops
                 for action, rows in list(self._held.items()):  # one C call: a copy as of now
-                    ops.append((ACTION, rows.build_at_once(action)))
+                    ops.append(rows.build_at_once(action))
                 for _ in range(count):
                     ops.append(events.popleft())

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -21,7 +20,13 @@ from msgspec.structs import astuple
 from flowsdk._liveness import this_process
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
 from flowsdk.errors import RunExistsError
-from flowsdk.store._rows import ACTION_COLUMN_NAMES, NO_DETAIL, ROUTINE_COLUMNS, pack_routine
+from flowsdk.store._rows import (
+    ACTION_COLUMN_NAMES,
+    NO_DETAIL,
+    ROUTINE_COLUMNS,
+    RoutineEvent,
+    pack_routine,
+)
 from flowsdk.store._sqlite_schema import (
     INSERT_EVENT,
     INSERT_ROUTINE_PACK,
@@ -52,7 +57,7 @@ _INSERT_ROUTINE = f"INSERT INTO events (run, run_attempt, {ROUTINE_COLUMNS})"
 _INSERT_EVENT = f"INSERT INTO events (run, run_attempt, {', '.join(EVENT_FIELDS)})"
 _FLAGS = tuple(i for i, f in enumerate(ACTION_FIELDS) if f in ("cleanup_incomplete", "replayed"))
 _Shape = tuple[tuple[type, ...], tuple[object, ...]]
-_plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+_plans: dict[_Shape, tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]], int]] = {}
 
 # Rows go many to a statement (`SELECT ?, ?, * FROM (VALUES (...), (...), ...)`,
 # the run's name and attempt bound once, not in every row): one step of SQLite's
@@ -73,16 +78,19 @@ def _insert_rows(
     conn: sqlite3.Connection,
     insert: str,
     head: tuple[Any, ...],
-    rows: list[tuple[Any, ...]],
+    values: list[Any],
+    width: int,
     select: str = "*",
 ) -> None:
-    """Run `insert` (`INSERT ... (run, run_attempt, ...)`) for every row, `head` bound once.
+    """Run `insert` (`INSERT ... (run, run_attempt, ...)`) for rows of `width` values each.
 
+    `head` is bound once per statement. `values` holds the rows' values one
+    after the other: no tuple per row, as a batch of rows held as tuples would
+    be thousands of objects for the garbage collector to count and walk.
     `select` picks the inserted values from a row's (`column1`, `column2`, ...).
     """
-    width = len(rows[0])
     most = 1 << ((MAX_PARAMETERS - 2) // width).bit_length() - 1
-    start, left = 0, len(rows)
+    start, left = 0, len(values) // width
     while left:
         n = most if left >= most else 1 << left.bit_length() - 1
         statement = _statements.get((insert, select, n))
@@ -91,12 +99,13 @@ def _insert_rows(
             statement = _statements[insert, select, n] = (
                 f"{insert} SELECT ?, ?, {select} FROM (VALUES " + ", ".join([one] * n) + ")"
             )
-        conn.execute(statement, [*head, *chain.from_iterable(rows[start : start + n])])
-        start += n
+        end = start + n * width
+        conn.execute(statement, [*head, *values[start:end]])
+        start = end
         left -= n
 
 
-def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]]]:
+def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]], int]:
     """The insert, and the values it takes, for action rows of one shape."""
     types, flags = shape
     false_flags = {i for i, value in zip(_FLAGS, flags, strict=True) if value is False}
@@ -104,23 +113,26 @@ def _plan(shape: _Shape) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ..
     columns = ", ".join(ACTION_COLUMN_NAMES[i] for i in keep)
     insert = f"INSERT OR REPLACE INTO actions (run, run_attempt, {columns})"
     pick = itemgetter(*keep)  # at least name, seq, task, phase, attempt, key: always a tuple
-    _plans[shape] = (insert, pick)
-    return insert, pick
+    _plans[shape] = plan = (insert, pick, len(keep))
+    return plan
 
 
 def _write_actions(
     conn: sqlite3.Connection, name: str, attempt: int, rows: Iterable[ActionRow]
 ) -> None:
-    by_shape: dict[str, list[tuple[Any, ...]]] = {}
+    by_shape: dict[str, tuple[list[Any], int]] = {}
     head = (name, attempt)
     i, j = _FLAGS
     for row in rows:
         values = astuple(row)
         shape = (tuple(map(type, values)), (values[i], values[j]))
-        insert, pick = _plans.get(shape) or _plan(shape)
-        by_shape.setdefault(insert, []).append(pick(values))
-    for insert, params in by_shape.items():
-        _insert_rows(conn, insert, head, params)
+        insert, pick, width = _plans.get(shape) or _plan(shape)
+        known = by_shape.get(insert)
+        if known is None:
+            known = by_shape[insert] = ([], width)
+        known[0].extend(pick(values))
+    for insert, (params, width) in by_shape.items():
+        _insert_rows(conn, insert, head, params, width)
 
 
 def _write_events(
@@ -128,23 +140,23 @@ def _write_events(
     name: str,
     attempt: int,
     rows: Iterable[EventRow],
-    routine: list[tuple[Any, ...]],
+    routine: list[RoutineEvent],
 ) -> None:
     head = (name, attempt)
-    plain: list[tuple[Any, ...]] = []  # events of other kinds with nothing after their phase
-    other: list[tuple[Any, ...]] = []
+    plain: list[Any] = []  # events of other kinds with nothing after their phase
+    other: list[Any] = []
     for row in rows:
         values = astuple(row)
         if values[5:] == NO_DETAIL:
-            plain.append(values[:5])
+            plain.extend(values[:5])
         else:
-            other.append(values)
+            other.extend(values)
     if routine:
         conn.execute(INSERT_ROUTINE_PACK, (name, attempt, *pack_routine(routine)))
     if plain:
-        _insert_rows(conn, _INSERT_ROUTINE, head, plain)
+        _insert_rows(conn, _INSERT_ROUTINE, head, plain, 5)
     if other:
-        _insert_rows(conn, _INSERT_EVENT, head, other)
+        _insert_rows(conn, _INSERT_EVENT, head, other, len(EVENT_FIELDS))
 
 
 class SQLiteDialect:

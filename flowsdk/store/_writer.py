@@ -39,10 +39,9 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
 from flowsdk.store._base import RequestHandler, StoredRun
-from flowsdk.store._held import ACTION as _ACTION
 from flowsdk.store._held import EVENT as _EVENT
 from flowsdk.store._held import LOOP_BLOCKED_WARNING, HeldChanges
-from flowsdk.store._held import ROUTINE_SIZE as _ROUTINE_SIZE
+from flowsdk.store._rows import RoutineEvent
 
 __all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunLost", "RunWriter"]
 
@@ -61,7 +60,7 @@ C = TypeVar("C")
 _request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _reply_encoder = msgspec.msgpack.Encoder()
 
-# What the loop appends to the writer's deque: (kind, payload), or a routine event (`_held`).
+# What the loop appends to the writer's deque: (kind, payload), or a row or routine event (`_held`).
 _RUN, _REPLY, _LOOKUP, _CACHE, _PROGRESS, _LOG = range(2, 8)
 
 
@@ -82,9 +81,8 @@ class Batch:
 
     def __init__(self) -> None:
         self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
-        # An action's routine events (kind ACTION, no cause, reason, by or message),
-        # as (seq, at, action, phase).
-        self.routine: list[tuple[int, float, str, str]] = []
+        # An action's routine events (kind ACTION, no cause, reason, by or message).
+        self.routine: list[RoutineEvent] = []
         self.events: list[EventRow] = []
         self.progress: list[ProgressRow] = []
         self.logs: list[LogRow] = []
@@ -348,7 +346,7 @@ class RunWriter(HeldChanges, Generic[C]):
             closing = self._closing
             while self._ops:
                 op = self._ops.popleft()
-                if op[0] == _LOOKUP:
+                if type(op) is tuple and op[0] == _LOOKUP:
                     self._settle(op[1][3], None, None)
             if closing:
                 return
@@ -414,7 +412,7 @@ class RunWriter(HeldChanges, Generic[C]):
         # Bounded transactions: a busy run never holds the write lock for long,
         # so a control request from another process gets in between two of
         # them, and is read between them too (the loop comes back at once).
-        taken: list[tuple[Any, ...]] = []
+        taken: list[Any] = []
         while ops and len(taken) < MAX_BATCH:
             taken.append(ops.popleft())
         self._answer_left -= len(taken)
@@ -423,13 +421,15 @@ class RunWriter(HeldChanges, Generic[C]):
         batch = Batch()
         lookups: list[Any] = []
         for op in taken:
-            if len(op) == _ROUTINE_SIZE:  # (seq, at, action, phase): see `HeldChanges`
+            queued = type(op)  # the two commonest operations come without a kind (`_held`)
+            if queued is RoutineEvent:
                 batch.routine.append(op)
                 continue
+            if queued is ActionRow:
+                batch.actions[op.name] = op
+                continue
             kind, payload = op
-            if kind == _ACTION:
-                batch.actions[payload.name] = payload
-            elif kind == _EVENT:
+            if kind == _EVENT:
                 batch.events.append(payload)
             elif kind == _PROGRESS:
                 batch.progress.append(payload)
