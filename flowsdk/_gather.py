@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState
 from flowsdk._execute import gathering, start_child
+from flowsdk._tracker import HELD_WIDTH
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -107,8 +108,8 @@ def start_direct(
         # stands in for it meanwhile (`release_held`).
         fut: asyncio.Future[Any] = _Future(loop=runtime.loop)
         held = tracker.held
-        held.append((fut, copy_context(), parent, task, args, kwargs, key, inputs))
-        if len(held) == 1:
+        held += (fut, copy_context(), parent, task, args, kwargs, key, inputs)  # `HELD_WIDTH`
+        if len(held) == HELD_WIDTH:
             tracker.releaser = _Task(release_held(runtime, rec), loop=runtime.loop)
         return fut
     done: asyncio.Future[Any] = _Future(loop=runtime.loop)
@@ -132,7 +133,8 @@ async def release_held(runtime: Runtime, rec: RunRecorder) -> None:
     while tracker.held:
         await rec.relieved()
         calls, tracker.held = tracker.held, []
-        for fut, context, parent, task, args, kwargs, key, inputs in calls:
+        each = [iter(calls)] * HELD_WIDTH  # one call's items at a time
+        for fut, context, parent, task, args, kwargs, key, inputs in zip(*each, strict=True):
             if fut.done():
                 continue  # cancelled while held
             if runtime.closed:

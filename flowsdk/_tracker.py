@@ -16,7 +16,10 @@ _getframe = sys._getframe
 _GATHER = asyncio.gather.__code__
 _Future = asyncio.Future
 
-__all__ = ["TaskTracker"]
+__all__ = ["HELD_WIDTH", "TaskTracker"]
+
+HELD_WIDTH = 8
+"""Items per held call: its future, context, parent, task, args, kwargs, key, inputs."""
 
 
 class TaskTracker:
@@ -48,8 +51,11 @@ class TaskTracker:
         self.handle = handle
         self.gathered = gathered
         # Calls `gather` made while the store was far behind, waiting to start, and
-        # the task that starts them (`_gather.release_held`).
-        self.held: list[tuple[Any, ...]] = []
+        # the task that starts them (`_gather.release_held`). Each call is
+        # `HELD_WIDTH` items one after the other, its future first: no tuple per
+        # call for the garbage collector to count (from a big run's second wave
+        # on, every call waits here).
+        self.held: list[Any] = []
         self.releaser: asyncio.Task[None] | None = None
         # The context made for each task of its own that runs a call's handle,
         # until the handle starts the action in it (`start_child`).
@@ -106,8 +112,8 @@ class TaskTracker:
         """Give the loop back its previous task factory (unless someone replaced ours)."""
         self.contexts.clear()  # of handles that never started an action (replayed, cancelled)
         held, self.held = self.held, []
-        for call in held:
-            call[0].cancel()  # a call held back at the run's end never starts
+        for fut in held[::HELD_WIDTH]:
+            fut.cancel()  # a call held back at the run's end never starts
         if self.releaser is not None:
             self.releaser.cancel()
             self.releaser = None
