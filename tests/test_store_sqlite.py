@@ -912,3 +912,33 @@ def test_calls_held_back_by_a_far_behind_store_never_start_once_given_up(
     assert {(a.phase, a.abort.cause.value if a.abort else None) for a in children} == {
         (ActionPhase.ABORTED, cause)
     }
+
+
+def test_the_store_binds_none_bools_and_bytes_as_sqlite3_does_and_leaves_an_app_adapter() -> None:
+    """The store's fast adapters change no stored value in the process, and never override.
+
+    In a fresh interpreter: an adapter the application registered for `bool`
+    before the store was imported stays; None, bytes (and, without such an
+    adapter, a bool) are stored as the sqlite3 module stores them by default.
+    """
+    script = """
+import sqlite3
+plain = sqlite3.connect(":memory:")
+query = "SELECT ?, typeof(?), ?, typeof(?), ?, typeof(?)"
+values = (None, None, True, True, b"\\x00ab", b"\\x00ab")
+before = plain.execute(query, values).fetchone()
+import flowsdk.store._sqlite_dialect
+after = plain.execute(query, values).fetchone()
+assert after == before == (None, "null", 1, "integer", b"\\x00ab", "blob"), (before, after)
+del sqlite3.adapters[(bool, sqlite3.PrepareProtocol)]
+sqlite3.register_adapter(bool, lambda b: "yes" if b else "no")
+import importlib
+importlib.reload(flowsdk.store._sqlite_dialect)
+assert plain.execute("SELECT ?", (True,)).fetchone() == ("yes",)
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
