@@ -59,6 +59,10 @@ class RunContext(Protocol):
         """Cancel `action`: the task awaiting it was cancelled (`Delivery.from_caller`)."""
         ...
 
+    def cancel_again_from_caller(self, action: ActionState) -> bool:
+        """Cancelled again, say whether the caller waits on (`Delivery.from_caller_again`)."""
+        ...
+
 
 current: contextvars.ContextVar[ActionState | None] = contextvars.ContextVar(
     "flowsdk.action", default=None
@@ -256,8 +260,10 @@ class ActionState:
         has ended, with `CancelledError` (or the value of a body that absorbed
         it, or the error its cleanup raised), as from an `await` of the body in
         asyncio. (Woken first, a handle would only pass the cancel on: one loop
-        step more.) A later cancel stops the wait, unless the body has not
-        woken from the first one yet: asyncio makes those two one cancellation.
+        step more.) A later cancel interrupts the cleanup the first one began
+        and the caller waits on, as in asyncio; under another cause (an
+        operator's abort) it stops the wait (`Delivery.from_caller_again`). One
+        the body has not woken from the first yet is the same cancellation.
 
         It answers as the task in its place would: a future `gather` holds
         directly (`direct`) stands for the call's task, so `True` while the
@@ -274,7 +280,7 @@ class ActionState:
             done.asked = msg  # type: ignore[attr-defined]  # beside `cancel`: nothing allocated
             self.runtime.cancel_from_caller(self, msg if isinstance(msg, str) else None)
             return self.direct
-        if self.cancel_pending():
+        if self.cancel_pending() or self.runtime.cancel_again_from_caller(self):
             return self.direct
         return _future_cancel(done, msg)
 

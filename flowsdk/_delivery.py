@@ -87,6 +87,28 @@ class Delivery:
         else:
             self.deliver(action)
 
+    def from_caller_again(self, action: ActionState) -> bool:
+        """The task awaiting `action` was cancelled again; return whether it goes on waiting.
+
+        As in asyncio, where a later cancel of the awaiting task is thrown into
+        the coroutine it awaits: when the caller's own first cancel began the
+        action's cleanup (cause `cancelled`), this one interrupts that cleanup
+        (the first time by `escalate`: `cleanup_incomplete`, and the abandon
+        timer bounds the wait), and the caller waits for the action's end. A
+        cancel the body has not woken from yet is the same one. Under any other
+        request the action's own grace period rules, and the caller stops
+        waiting.
+        """
+        req = action.req
+        if req is None or req.cause is not CANCELLED or action.phase in _TERMINAL:
+            return False
+        if not action.cancel_pending():
+            if action.cancels == 1:
+                self.escalate(action)
+            else:
+                self.cancel_task(action)
+        return True
+
     def _deliver_first(self, action: ActionState) -> None:
         if action.cancels == 0 and action.phase not in _TERMINAL:
             self.deliver(action)

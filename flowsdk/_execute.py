@@ -87,10 +87,11 @@ async def action_handle(
     under the user's function name. Cancelled while waiting (`t.cancel()`, a
     parent's `asyncio.timeout`, teardown), it cancels the action (a message
     given to `t.cancel(msg)` becomes the abort's reason), waits for the
-    action's cleanup, then re-raises `CancelledError`; a second cancel stops
-    the wait. In a task of its own, the cancel goes to the action at once, by
-    the future this coroutine waits on (`ActionState.__call__`); awaited in
-    its parent's body, on this coroutine's next step. With a `recorded`
+    action's cleanup, then re-raises `CancelledError`; a second cancel
+    interrupts that cleanup, as it would in asyncio. In a task of its own,
+    the cancel goes to the action at once, by the future this coroutine
+    waits on (`ActionState.__call__`); awaited in its parent's body, on this
+    coroutine's next step. With a `recorded`
     output (a retried run's history, or the cache) the body does not run:
     the action is recorded as replayed.
     """
@@ -128,12 +129,17 @@ async def action_handle(
         del exc
         try:
             if action.phase not in _TERMINAL and not hosted:
-                # Awaited in its parent's body: pass the cancel on, wait for the end
-                # (a second cancel stops the wait).
+                # Awaited in its parent's body: pass the cancel on, wait for the end. A
+                # later cancel interrupts the cleanup this one began, as in asyncio, or,
+                # under another cause, stops the wait (`Delivery.from_caller_again`).
                 runtime.cancel_from_caller(action, reason)
-                if action.phase not in _TERMINAL:
+                while action.phase not in _TERMINAL:
                     action.done = runtime.loop.create_future()
-                    await action.done
+                    try:
+                        await action.done
+                    except CancelledError:
+                        if not runtime.cancel_again_from_caller(action):
+                            raise
         finally:
             adopt_context(action)
             action.done = action.context = None

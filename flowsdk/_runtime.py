@@ -112,6 +112,7 @@ class Runtime:
         self.delivery = Delivery(self, loop)
         # The task awaiting an action was cancelled: cancel the action (no extra call).
         self.cancel_from_caller = self.delivery.from_caller
+        self.cancel_again_from_caller = self.delivery.from_caller_again
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None

@@ -553,6 +553,72 @@ async def test_two_cancels_in_one_step_are_one_and_the_awaiter_waits_for_the_cle
     assert child.phase is ActionPhase.FAILED
 
 
+@pytest.mark.parametrize("shape", ["task of its own", "awaited in its caller", "gathered"])
+async def test_a_second_cancel_interrupts_the_cleanup_the_first_began_and_the_caller_waits(
+    shape: str,
+) -> None:
+    """Cancelled again while its cleanup runs, the child's cleanup is interrupted, as in asyncio.
+
+    The caller's first cancel starts the child's `finally`; the second is
+    delivered into that `finally`, and the caller goes on waiting until the
+    child has ended: a cleanup that catches it and returns gives its value.
+    """
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started, in_cleanup = asyncio.Event(), asyncio.Event()
+        log: list[str] = []
+
+        @task
+        async def child(absorbs: bool) -> int:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                in_cleanup.set()
+                try:
+                    await asyncio.sleep(3600)  # a cleanup that would take an hour
+                except asyncio.CancelledError:
+                    log.append("cleanup interrupted")
+                    if absorbs:
+                        return 7
+                    raise
+            return 0
+
+        async def caller(absorbs: bool) -> int:
+            if shape == "gathered":
+                [value] = await asyncio.gather(child(absorbs))
+                return int(value)
+            return int(await child(absorbs))
+
+        async def once(absorbs: bool) -> list[Any]:
+            started.clear()
+            in_cleanup.clear()
+            log.clear()
+            call = child(absorbs) if shape == "task of its own" else caller(absorbs)
+            t = asyncio.create_task(call)
+            await started.wait()
+            t.cancel()
+            await in_cleanup.wait()
+            t.cancel()
+            return [await observe(t, wrapped=wrapped), list(log)]
+
+        async def main() -> list[Any]:
+            return [await once(False), await once(True)]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow
+    assert plain[0] == [["raised", "CancelledError"], ["cleanup interrupted"]]
+    assert plain[1][1] == ["cleanup interrupted"]
+    children = sorted(by_task(run, "child"), key=lambda a: a.name)
+    assert [a.phase for a in children] == [ActionPhase.ABORTED, ActionPhase.SUCCEEDED]
+    assert children[0].abort is not None
+    assert children[0].abort.cause.value == "cancelled"
+    assert all(a.cleanup_incomplete for a in children)
+    assert_clean(run)
+
+
 # -- gather: the calls it wraps start and end as its tasks would -------------------------
 
 

@@ -655,3 +655,92 @@ async def test_abort_of_lock_waiter_in_release_tick_passes_lock_on() -> None:
     assert phases(run) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED", "a2": "ABORTED", "a3": "SUCCEEDED"}
     assert causes(run)["a2"] == "external"
     assert_clean(run)
+
+
+def test_a_caller_cancelled_again_waits_no_longer_than_the_abandon_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cleanup that swallows the second cancel too is waited for `ABANDON_AFTER`, no longer.
+
+    The caller's second cancel interrupts the cleanup its first began (as in
+    asyncio) and arms the same bounded wait as a grace period's second cancel:
+    the body is then recorded, incomplete, and the caller gets `CancelledError`.
+    """
+    from flowsdk import _delivery
+
+    monkeypatch.setattr(_delivery, "ABANDON_AFTER", 0.05)
+    env = flowsdk.TaskEnvironment("c10")
+    running, in_cleanup = Gate(), asyncio.Event()
+    swallowed: list[int] = []
+    keep_going = [True]
+
+    @env.task(grace_period=3600)  # only the caller's second cancel may end the wait
+    async def stubborn() -> None:
+        try:
+            await running.enter()
+        finally:
+            in_cleanup.set()
+            while keep_going[0]:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    swallowed.append(1)
+
+    @env.task
+    async def root() -> list[Any]:
+        t = asyncio.create_task(stubborn())
+        await running.wait_running()
+        t.cancel()
+        await in_cleanup.wait()
+        t.cancel()
+        [outcome] = await asyncio.gather(t, return_exceptions=True)
+        keep_going[0] = False  # the abandoned body may end now (the root's exit cancels it)
+        return [type(outcome).__name__, list(swallowed)]
+
+    run = flowsdk.run(root)
+    assert run.result() == ["CancelledError", [1]]  # one cancel passed on, then abandoned
+    record = run.action("a1")
+    assert record.phase.value == "ABORTED"
+    assert causes(run)["a1"] == "cancelled"
+    assert record.cleanup_incomplete is True
+    assert any("no longer waited for" in w for w in _warnings(run, "a1"))
+
+
+async def test_under_an_operators_abort_the_callers_second_cancel_stops_its_wait() -> None:
+    """An abort's cleanup keeps its grace period: the caller cancelled twice waits no more.
+
+    The cleanup is not interrupted by the caller (it was not the caller's
+    cancel that began it) and finishes whole, recorded complete.
+    """
+    env = flowsdk.TaskEnvironment("c11")
+    running, cleanup = Gate("running"), Gate("cleanup")
+    finished: list[bool] = []
+
+    @env.task
+    async def child() -> None:
+        try:
+            await running.enter()
+        finally:
+            await cleanup.enter()
+            finished.append(True)
+
+    @env.task
+    async def root() -> list[Any]:
+        t = asyncio.create_task(child())
+        await cleanup.wait_running()  # aborted by the operator: its cleanup runs
+        t.cancel()
+        t.cancel()
+        [outcome] = await asyncio.gather(t, return_exceptions=True)
+        ended_before = list(finished)
+        cleanup.release()
+        return [type(outcome).__name__, ended_before]
+
+    run, _ = await start_and_control(
+        root, when=running, control=lambda h: h.abort("a1", reason="operator")
+    )
+    assert run.result() == ["CancelledError", []]
+    assert finished == [True]
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
+    assert causes(run)["a1"] == "external"
+    assert run.action("a1").cleanup_incomplete is False
+    assert_clean(run)

@@ -114,6 +114,10 @@ class RemoteRun:
     def cancel_from_caller(self, action: ActionState, reason: str | None) -> None:
         """Cancellation is decided by the driver only (a remote body starts no actions)."""
 
+    def cancel_again_from_caller(self, action: ActionState) -> bool:
+        """Cancellation is decided by the driver only: no caller here waits on."""
+        return False
+
 
 class _RefusedTask:
     """A task object as a remote body sees it: calling it is refused (no nesting in v1)."""
