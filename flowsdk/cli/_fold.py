@@ -13,9 +13,12 @@ saying how many, their phases, and how many actions are below them. Past
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Sequence
-from typing import Generic, TypeVar, cast
+from itertools import compress, islice, repeat
+from operator import attrgetter
+from typing import Generic, TypeVar
 
 from flowsdk._phases import ActionPhase
 from flowsdk._text import visible
@@ -34,6 +37,10 @@ MAX_ROWS = 1000
 
 N = TypeVar("N", bound=TreeNode)
 Entry = tuple[int, N | str]
+_name = attrgetter("name")
+_parent = attrgetter("parent")
+_phase = attrgetter("phase")
+_SUCCEEDED = str(ActionPhase.SUCCEEDED)
 
 
 class FoldLine(str):
@@ -94,43 +101,49 @@ def _visible_children(parent: N | None, shape: _Shape[N]) -> list[N | str]:
     never folded away while there is room for it), each run of the others folded
     into one line that counts their phases.
     """
-    kids = shape.children.get(None if parent is None else parent.name, [])
+    kids = shape.children_of(parent)
+    actions = shape.actions
     if len(kids) <= FOLD_CHILDREN:
-        return list(kids)
-    shown: list[N | str] = list(kids[:HEAD_CHILDREN])
-    hidden: list[N] = []
-    notable = 0
-    for kid in kids[HEAD_CHILDREN:-TAIL_CHILDREN]:
-        if notable < NOTABLE_CHILDREN and shape.troubled(kid.name):
-            notable += 1
-            shown += _folded(hidden, shape)
-            hidden = []
-            shown.append(kid)
-        else:
-            hidden.append(kid)
-    return [*shown, *_folded(hidden, shape), *kids[-TAIL_CHILDREN:]]
+        return [actions[i] for i in kids]
+    middle = kids[HEAD_CHILDREN:-TAIL_CHILDREN]
+    # Where the notable ones are, found by C loops: a fan-out may have a million children.
+    troubled = map(shape.unsettled.__getitem__, middle)
+    notable = islice(compress(range(len(middle)), troubled), NOTABLE_CHILDREN)
+    shown: list[N | str] = [actions[i] for i in kids[:HEAD_CHILDREN]]
+    start = 0
+    for at in notable:
+        shown += _folded(middle[start:at], shape)
+        shown.append(actions[middle[at]])
+        start = at + 1
+    shown += _folded(middle[start:], shape)
+    shown += [actions[i] for i in kids[-TAIL_CHILDREN:]]
+    return shown
 
 
-def _folded(hidden: list[N], shape: _Shape[N]) -> list[N | str]:
+def _folded(hidden: list[int], shape: _Shape[N]) -> list[N | str]:
     """A run of children to fold: one line for them, or the child itself if alone."""
     if len(hidden) <= 1:
-        return list(hidden)
+        return [shape.actions[i] for i in hidden]
     return [_children_line(hidden, shape)]
 
 
-def _children_line(folded: Sequence[N], shape: _Shape[N]) -> FoldLine:
+def _children_line(folded: list[int], shape: _Shape[N]) -> FoldLine:
     """One line for consecutive folded children: how many, which, their phases."""
-    inside = sum(shape.size(k.name) for k in folded)
-    phases = Counter(str(k.phase) for k in folded)
+    actions = shape.actions
+    inside = sum(map(shape.sizes.__getitem__, folded))
+    counts = Counter(map(_phase, map(actions.__getitem__, folded)))
+    phases = Counter({str(phase): n for phase, n in counts.items()})
     counted = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
     more = ""
     if inside > len(folded):
-        below = sum(shape.troubled(k.name) for k in folded) - len(folded) + phases["SUCCEEDED"]
+        troubled = sum(map(shape.unsettled.__getitem__, folded))
+        below = troubled - len(folded) + phases["SUCCEEDED"]
         more = f" and {inside - len(folded):,} {_plural(inside - len(folded), 'action')}"
         more += " below them" + (f" ({below:,} of them not SUCCEEDED)" if below else "")
+    first, last = actions[folded[0]].name, actions[folded[-1]].name
     line = FoldLine(
-        f"… {len(folded):,} more children folded ({visible(folded[0].name)} … "
-        f"{visible(folded[-1].name)}: {counted}){more}; `flowsdk show RUN ACTION` shows one "
+        f"… {len(folded):,} more children folded ({visible(first)} … "
+        f"{visible(last)}: {counted}){more}; `flowsdk show RUN ACTION` shows one "
         "in full"
     )
     line.hides = inside
@@ -154,50 +167,55 @@ def _rest_line(count: int) -> str:
 
 
 class _Shape(Generic[N]):
-    """A tree's children by parent name, and per action its subtree's size and troubles."""
+    """A tree's children, and per action its subtree's size and troubles, by start position.
 
-    __slots__ = ("children", "deepest", "position", "sizes", "unsettled")
+    A run's outline may hold a million actions, most of them leaves of a few
+    fan-outs: what can be is done by C loops over the whole list (`map`,
+    `Counter`, a sort), and Python steps only over the actions that have
+    children.
+    """
+
+    __slots__ = ("_by_parent", "_order", "actions", "deepest", "position", "sizes", "unsettled")
 
     def __init__(self, actions: Sequence[N]) -> None:
-        # One pass in start order (a parent starts before its children) and one back:
-        # a run's outline may hold a million actions.
-        position: dict[str | None, int] = {}
-        parents: list[int] = []
-        depths: list[int] = []
-        unsettled: list[int] = []  # 1 for an action that did not succeed (yet)
-        children: dict[str | None, list[N]] = {}
-        for i, action in enumerate(actions):
-            parent = action.parent
-            at = position.get(parent, -1)
-            position[action.name] = i
-            parents.append(at)
-            unsettled.append(action.phase != ActionPhase.SUCCEEDED)
-            if at < 0:
-                depths.append(0)
-                parent = None
-            else:
-                depths.append(depths[at] + 1)
-            kids = children.get(parent)
-            if kids is None:
-                children[parent] = [action]
-            else:
-                kids.append(action)
-        sizes = [1] * len(parents)
-        for i in range(len(parents) - 1, 0, -1):  # a subtree is whole before its parent's
+        n = len(actions)
+        self.actions = actions
+        self.position = position = dict(zip(map(_name, actions), range(n), strict=True))
+        # The position of each action's parent (-1: none, or not in the run): a parent
+        # starts before its children, so a subtree is whole before its parent's, below.
+        parents = list(map(position.get, map(_parent, actions), repeat(-1, n)))
+        for i in list(compress(range(n), map(int.__le__, range(n), parents))):
+            parents[i] = -1  # a parent that started after its child: drawn as a root
+        # 1 for an action that did not succeed (yet); its subtree's count, below.
+        own = list(map(_SUCCEEDED.__ne__, map(_phase, actions)))
+        count = Counter(parents)
+        inner = sorted(i for i in count if i >= 0)  # the actions with children, in start order
+        depths: dict[int, int] = {}
+        for i in inner:
+            depths[i] = depths.get(parents[i], -1) + 1
+        sizes = [1] * n
+        unsettled = own.copy()
+        for at, kids in count.items():
+            if at >= 0:
+                sizes[at] += kids
+        for at, bad in Counter(compress(parents, own)).items():
+            if at >= 0:
+                unsettled[at] += bad
+        for i in reversed(inner):  # a subtree is whole before its parent's
             at = parents[i]
             if at >= 0:
-                sizes[at] += sizes[i]
-                unsettled[at] += unsettled[i]
-        self.children = children
-        self.position = cast("dict[str, int]", position)  # only names are put in it
+                sizes[at] += sizes[i] - 1
+                unsettled[at] += unsettled[i] - own[i]
         self.sizes = sizes
         self.unsettled = unsettled  # per subtree: how many of its actions did not succeed
-        self.deepest = max(depths, default=0)
+        self.deepest = max(depths.values(), default=-1) + 1 if n else 0
+        # Each parent's children are one slice of the positions sorted by parent (stable).
+        self._order = order = sorted(range(n), key=parents.__getitem__)
+        self._by_parent = list(map(parents.__getitem__, order))
 
-    def size(self, name: str) -> int:
-        """How many actions the subtree of `name` holds, itself included."""
-        return self.sizes[self.position[name]]
-
-    def troubled(self, name: str) -> int:
-        """How many actions of the subtree of `name` did not succeed, itself included."""
-        return self.unsettled[self.position[name]]
+    def children_of(self, parent: N | None) -> list[int]:
+        """The start positions of `parent`'s children (of the roots, for None), in start order."""
+        at = -1 if parent is None else self.position[parent.name]
+        lo = bisect_left(self._by_parent, at)
+        hi = bisect_right(self._by_parent, at, lo)
+        return self._order[lo:hi]
