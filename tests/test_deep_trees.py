@@ -283,3 +283,71 @@ def test_a_postgres_store_from_before_the_key_migration_keeps_its_keys(pg_url: s
     assert version is not None
     assert int(str(version[0])) >= KEY_MIGRATION_POSTGRES
     assert rows == {"a0": "a0", **{f"a{i}": "/1" for i in range(1, 6)}}
+
+
+FOLD_LINE = re.compile(
+    r"… ([\d,]+) more children folded \((\S+) … (\S+): ([^)]*)\)"
+    r"(?: and ([\d,]+) actions? below them(?: \(([\d,]+) of them not SUCCEEDED\))?)?;"
+)
+
+
+def _number(text: str | None) -> int:
+    return int((text or "0").replace(",", ""))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_fold_line_counts_exactly_the_children_it_stands_for(seed: int) -> None:
+    """On random trees, each fold line's numbers are those of the children it folds.
+
+    Checked against a plain recount from the outline (children by parent, each
+    subtree walked), not the fold's own bookkeeping: how many children, their
+    phases, the actions below them and how many of those did not succeed. A
+    child whose subtree holds a failure is folded only once 20 such are drawn.
+    """
+    import random
+
+    from flowsdk._records import ActionOutline
+    from flowsdk.cli._fold import folded_tree
+
+    rng = random.Random(seed)
+    nodes = [ActionOutline("a0", None, "RUNNING")]
+    for i in range(1, 3_000):
+        parent = 0 if rng.random() < 0.6 else rng.randrange(i)
+        phase = rng.choice(["FAILED", "ABORTED"]) if rng.random() < 0.02 else "SUCCEEDED"
+        nodes.append(ActionOutline(f"a{i}", f"a{parent}", phase))
+    children: dict[str | None, list[ActionOutline]] = {}
+    for node in nodes:
+        children.setdefault(node.parent, []).append(node)
+
+    def below(name: str) -> list[ActionOutline]:
+        found, stack = [], list(children.get(name, []))
+        while stack:
+            node = stack.pop()
+            found.append(node)
+            stack += children.get(node.name, [])
+        return found
+
+    def troubled(node: ActionOutline) -> bool:
+        return any(n.phase != "SUCCEEDED" for n in [node, *below(node.name)])
+
+    entries = folded_tree(nodes)
+    drawn = {item.name for _, item in entries if not isinstance(item, str)}
+    lines = [item for _, item in entries if isinstance(item, str) and "children folded" in item]
+    assert lines, "a fan-out of this size is folded"
+    for line in lines:
+        match = FOLD_LINE.search(line)
+        assert match is not None, line
+        count, first, last, phases, under, bad = match.groups()
+        names = [n.name for n in nodes]
+        kids = children[nodes[names.index(first)].parent]
+        span = kids[[k.name for k in kids].index(first) : [k.name for k in kids].index(last) + 1]
+        folded = [k for k in span if k.name not in drawn]
+        assert _number(count) == len(folded)
+        tally = {p: sum(k.phase == p for k in folded) for p in {k.phase for k in folded}}
+        parts = (part.split(" ") for part in phases.split(", "))
+        assert {p: _number(n) for n, p in parts} == tally
+        inside = [d for k in folded for d in below(k.name)]
+        assert _number(under) == len(inside)
+        assert _number(bad) == sum(d.phase != "SUCCEEDED" for d in inside)
+        if any(troubled(k) for k in folded):
+            assert sum(k.name in drawn for k in kids[40:-10]) >= 20, line
