@@ -91,9 +91,8 @@ async def action_handle(
     interrupts that cleanup, as it would in asyncio. In a task of its own,
     the cancel goes to the action at once, by the future this coroutine
     waits on (`ActionState.__call__`); awaited in its parent's body, on this
-    coroutine's next step. With a `recorded`
-    output (a retried run's history, or the cache) the body does not run:
-    the action is recorded as replayed.
+    coroutine's next step. With a `recorded` output (a retried run's history,
+    or the cache) the body does not run: the action is recorded as replayed.
     """
     direct = gathering[0]
     if direct is not None:
