@@ -371,7 +371,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         # action is freed by reference counting (task, coroutine and all).
         action.atask = None
         if runtime.started >= runtime.forget_from and action.phase in _TERMINAL:
-            runtime.forget(action)  # the run spills: the store has its record
+            runtime.forget(action)  # the store has its record, or the log
 
 
 def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:

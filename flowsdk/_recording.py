@@ -18,27 +18,48 @@ from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import TYPE_CHECKING, cast
 
+import msgspec
+
 from flowsdk._action import ActionState, Request
 from flowsdk._phases import ActionPhase
 from flowsdk._records import ActionRow, EventKind, EventRow, RunRecord
+from flowsdk._tree import Forgotten
 
 if TYPE_CHECKING:
     from flowsdk.store import RunRecorder
 
-__all__ = ["ACTION_ROWS", "RunLog", "action_row"]
+__all__ = ["ACTION_ROWS", "Finished", "RunLog", "action_row"]
 
 RUNNING, SUCCEEDED = ActionPhase.RUNNING, ActionPhase.SUCCEEDED
 ACTION_EVENT = EventKind.ACTION.value
 _by_seq = attrgetter("seq")
 
 
+class Finished(msgspec.Struct, array_like=True, gc=False):
+    """A finished action of a run whose store keeps no rows (`memory://`), made compact.
+
+    Its row and the numbers of its routine entries: only strings, numbers and
+    bytes, so the garbage collector neither tracks nor walks it. A long run
+    keeps these instead of its finished actions (`RunLog.compact`), and its
+    collections no longer grow with the actions it went through.
+    """
+
+    row: ActionRow
+    queued_seq: int | None
+    running_seq: int | None
+    running_at: float | None
+    ended_seq: int | None
+
+
 class RunLog:
     """A run's event log and its recorder."""
 
-    __slots__ = ("events", "keep", "number", "recorder", "streaming")
+    __slots__ = ("events", "keep", "kept", "number", "recorder", "streaming")
 
     def __init__(self) -> None:
         self.events: list[EventRow] = []  # the entries kept, but the routine ones
+        # Finished actions the run let go, compact (a store that keeps no rows).
+        self.kept: list[Finished] = []
         # The next entry's number, kept or not. A routine transition only takes a
         # number: the action keeps it and its time (`rows` rebuilds the entry), and
         # the runtime streams it itself (`RunRecorder.routine`).
@@ -108,18 +129,81 @@ class RunLog:
         return number
 
     def rows(self, actions: Iterable[ActionState]) -> list[EventRow]:
-        """Return the event log in order: the kept entries and the routine ones of `actions`."""
+        """Return the event log in order: the kept entries and the routine ones of `actions`.
+
+        The routine ones of the compact finished actions (`kept`) too.
+        """
         rows = list(self.events)
         for action in actions:
-            for seq, at, phase in (
+            _add_routine(
+                rows,
+                action.name,
                 (action.queued_seq, action.started_at, "QUEUED"),
                 (action.running_seq, action.running_at, "RUNNING"),
                 (action.ended_seq, action.ended_at, action.phase._value_),
-            ):
-                if seq is not None and at is not None:
-                    rows.append(_routine_row(seq, at, action.name, phase))
+            )
+        for kept in self.kept:
+            row = kept.row
+            _add_routine(
+                rows,
+                row.name,
+                (kept.queued_seq, row.started_at, "QUEUED"),
+                (kept.running_seq, kept.running_at, "RUNNING"),
+                (kept.ended_seq, row.ended_at, row.phase),
+            )
         rows.sort(key=_by_seq)
         return rows
+
+    def let_go(
+        self,
+        action: ActionState,
+        actions: dict[int, ActionState],
+        forgotten: Forgotten,
+        keep: float,
+    ) -> None:
+        """Drop a finished action from `actions`: the store has its row, or this log.
+
+        A store that streams every change has its row: the run spills, and the
+        log keeps no entries any more (they are read back from the store).
+        Otherwise (`memory://`) the log keeps it compact (`Finished`), once the
+        run holds more than `keep` actions: a run that ends soon after (a
+        fan-out of 10,000) would pay for it and gain nothing. `forgotten` keeps
+        its phase and group for control requests.
+        """
+        streams = self.streaming is not None
+        if streams and not forgotten.spilled:
+            forgotten.spilled = True
+            self.keep = False
+        if (streams or len(actions) > keep) and actions.pop(action.seq, None) is not None:
+            forgotten.add(action)
+            if not streams:
+                self.compact(action)
+
+    def compact(self, action: ActionState) -> None:
+        """Keep a finished action the run lets go as a `Finished` (its store keeps no rows)."""
+        self.kept.append(
+            Finished(
+                action_row(action),
+                action.queued_seq,
+                action.running_seq,
+                action.running_at,
+                action.ended_seq,
+            )
+        )
+
+    def action_rows(self, actions: Iterable[ActionState]) -> Iterable[ActionRow]:
+        """The rows of `actions` and of the compact finished ones, in start order."""
+        if not self.kept:
+            return map(action_row, actions)
+        return sorted([*(k.row for k in self.kept), *map(action_row, actions)], key=_by_seq)
+
+    def payloads(
+        self, actions: Iterable[ActionState]
+    ) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """The recorded inputs and output of `actions` and of the compact finished ones."""
+        found = {k.row.name: (k.row.inputs, k.row.output) for k in self.kept}
+        found.update((a.name, (a.inputs, a.output)) for a in actions)
+        return found
 
     def changed(self, action: ActionState) -> None:
         """Tell the store that the action changed (if it streams)."""
@@ -134,6 +218,15 @@ class RunLog:
 
 def _routine_row(seq: int, at: float, action: str, phase: str) -> EventRow:
     return EventRow(seq, at, ACTION_EVENT, action, phase, None, None, None, None)
+
+
+def _add_routine(
+    rows: list[EventRow], action: str, *entries: tuple[int | None, float | None, str]
+) -> None:
+    """Append an action's routine entries that happened, `(number, time, phase)` each."""
+    for seq, at, phase in entries:
+        if seq is not None and at is not None:
+            rows.append(_routine_row(seq, at, action, phase))
 
 
 def action_row(action: ActionState) -> ActionRow:

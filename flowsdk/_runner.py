@@ -227,11 +227,12 @@ def _final_records(runtime: Runtime, store: Store, owned: bool) -> StoredRun:
             lambda: load().payloads,
         )
     actions = runtime.actions.values()
+    log = runtime.log
     return StoredRun(
         runtime.run_record(),
-        lambda: action_records(name, (action_row(a) for a in actions)),
-        lambda: [event_from_row(e) for e in runtime.log.rows(actions)],
-        lambda: {a.name: (a.inputs, a.output) for a in actions},
+        lambda: action_records(name, log.action_rows(actions)),
+        lambda: [event_from_row(e) for e in log.rows(actions)],
+        lambda: log.payloads(actions),
     )
 
 

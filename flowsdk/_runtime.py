@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 __all__ = ["KEEP_IN_MEMORY", "Runtime"]
 
 KEEP_IN_MEMORY = 10_000
-"""Actions a run keeps in memory before it spills (only with a store that streams)."""
+"""Actions a run keeps as they are before it lets finished ones go (`Runtime.forget`)."""
 
 logger = logging.getLogger("flowsdk")
 
@@ -116,10 +116,11 @@ class Runtime:
         self.phase = RunPhase.RUNNING
         self.started_at = time.time()
         self.ended_at: float | None = None
-        # Start order -> action. A run whose store streams every change spills once
-        # it has started `KEEP_IN_MEMORY` actions: a finished action is then forgotten
-        # (`forget`: the store has its record, `forgotten` its phase) and events are
-        # not kept, so memory stays flat; the ended run's records are read back.
+        # Start order -> action. Once a run has started `KEEP_IN_MEMORY` actions, a
+        # finished one is let go (`forget`; `forgotten` keeps its phase). A run whose
+        # store streams every change spills: the store has its record, events are not
+        # kept, and the ended run's records are read back. Otherwise (`memory://`) the
+        # log keeps it compact, untracked by the garbage collector (`RunLog.compact`).
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
         self.forget_from: float = math.inf  # started actions past which finished ones go
@@ -137,8 +138,7 @@ class Runtime:
     def attach(self, recorder: RunRecorder) -> None:
         """Send every change of this run to `recorder` (actions and events if it streams)."""
         self.log.attach(recorder)
-        if recorder.streams:
-            self.forget_from = KEEP_IN_MEMORY
+        self.forget_from = KEEP_IN_MEMORY
 
     def track_tasks(
         self,
@@ -206,13 +206,9 @@ class Runtime:
         return self.actions.get(seq) or self.forgotten.get(name, seq)
 
     def forget(self, action: ActionState) -> None:
-        """Drop a finished action whose record the store has (past `forget_from`: it spills)."""
-        forgotten = self.forgotten
-        if not forgotten.spilled:
-            forgotten.spilled = True
-            self.log.keep = False
-        if action is not self.root and self.actions.pop(action.seq, None) is not None:
-            forgotten.add(action)
+        """Let a finished action go (started past `forget_from`): `RunLog.let_go`."""
+        if action is not self.root:
+            self.log.let_go(action, self.actions, self.forgotten, self.forget_from)
 
     def warn(self, action: ActionState | None, message: str) -> None:
         """Log a warning and record it in the event log."""
