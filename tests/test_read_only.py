@@ -44,10 +44,29 @@ def _system_python_matches() -> bool:
     return done.stdout.strip() == str(sys.version_info[:2])
 
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not _system_python_matches(),
-    reason="needs root (to run a reader as another user) and a system Python of this version",
-)
+def _private_folder() -> Path | None:
+    """The first folder above (or of) this checkout that other users may not enter, if any.
+
+    The reader runs as `nobody` with this checkout on its path: a checkout in a
+    private folder (a home such as /root) cannot be imported by it.
+    """
+    for folder in [*reversed(REPO.parents), REPO]:
+        if not os.stat(folder).st_mode & 0o001:
+            return folder
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not _system_python_matches(),
+        reason="needs root (to run a reader as another user) and a system Python of this version",
+    ),
+    pytest.mark.skipif(
+        _private_folder() is not None,
+        reason=f"the user nobody cannot enter {_private_folder()}, so it cannot import this "
+        "checkout: clone it under a folder others may enter (e.g. /tmp, /srv) to run these",
+    ),
+]
 
 
 @pytest.fixture
