@@ -97,7 +97,8 @@ class Delivery:
         timer bounds the wait), and the caller waits for the action's end. A
         cancel the body has not woken from yet is the same one. Under any other
         request the action's own grace period rules, and the caller stops
-        waiting.
+        waiting. The root's exit interrupts such a cleanup the same way
+        (`Runtime.root_exited`).
         """
         req = action.req
         if req is None or req.cause is not CANCELLED or action.phase in _TERMINAL:

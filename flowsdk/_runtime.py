@@ -493,12 +493,12 @@ class Runtime:
             if req is None:
                 action.req = exited
                 marked.append(action)
-            elif req.cause is CANCELLED and action.cancels == 1 and not action.cancel_pending():
-                # Cancelled by workflow code and cleaning up: the lifetime rule
-                # wins, the root's exit interrupts that cleanup. (Cancelled just
-                # before the root returned, `t.cancel(); return`, it has not
-                # woken yet: its cleanup is not interrupted.)
-                self.delivery.escalate(action)
+            elif req.cause is CANCELLED and action.cancels == 1:
+                # Cancelled by workflow code and cleaning up: the lifetime rule wins,
+                # the root's exit interrupts that cleanup as a second cancel of its
+                # caller does. (Cancelled just before the root returned, `t.cancel();
+                # return`, it has not woken yet: its cleanup is not interrupted.)
+                self.delivery.from_caller_again(action)
         self._deliver_all(marked)
 
     def abort_run(
