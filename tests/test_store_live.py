@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import flowsdk
 from flowsdk import ActionPhase, EventKind
@@ -222,5 +223,95 @@ def test_the_writer_asks_again_once_it_has_taken_the_last_answer_or_after_a_seco
         assert asked(held)  # a second at most between two asks
         loop.run_until_complete(asyncio.sleep(0))
         assert [op.seq for op in held._ops] == [1, 2]  # each event once, in order
+    finally:
+        loop.close()
+
+
+class _Action:
+    """What `HeldChanges` needs of an action: something to hold, with a phase to show."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+
+class _Rows:
+    """A row builder for `HeldChanges` alone: an action's row is its latest phase."""
+
+    def build(self, action: _Action) -> Any:
+        return action.phase
+
+    build_at_once = build
+
+
+def test_the_loop_answers_an_ask_that_lands_in_a_burst_once_the_burst_has_passed() -> None:
+    """A wide fan-out's step moves thousands of actions: one row each, not one before and after."""
+    from flowsdk.store._held import BURST, HeldChanges
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = HeldChanges(loop)
+        rows = _Rows()
+        actions = [_Action("QUEUED") for _ in range(4 * BURST)]
+
+        def start(action: _Action) -> None:
+            action.phase = "RUNNING"
+            held.changed(action, rows)
+            loop.call_soon(end, action)
+
+        def end(action: _Action) -> None:
+            action.phase = "SUCCEEDED"
+            held.changed(action, rows)
+
+        for action in actions:
+            held.changed(action, rows)
+            loop.call_soon(start, action)
+        held.routine(0, 0.0, "a0", "QUEUED")
+        # The writer's ask arrives behind the burst's first step: answered at once,
+        # it would find every action RUNNING, and each would get a second row.
+        held._ask_for_held()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert list(held._ops)[: len(actions)] == ["SUCCEEDED"] * len(actions)
+        assert len(held._ops) == len(actions) + 1  # and the event, after the rows
+
+        # Few callbacks ready: answered on the loop's next step, whatever the phases.
+        held._ops.clear()  # the writer takes the answer
+        held._answer_left = 0
+        actions[0].phase = "FAILED"
+        held.changed(actions[0], rows)
+        held._ask_for_held()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert list(held._ops) == ["FAILED"]
+    finally:
+        loop.close()
+
+
+def test_a_loop_that_stays_busy_still_answers_the_writer() -> None:
+    """More than BURST callbacks ready at every step: the answer waits at most HELD_IN_BURST."""
+    from flowsdk.store._held import BURST, HeldChanges
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = HeldChanges(loop)
+        rows = _Rows()
+        action = _Action("RUNNING")
+        held.changed(action, rows)
+        steps = [0]
+
+        def busy() -> None:
+            steps[0] += 1
+            if not held._ops:
+                loop.call_soon(busy)  # busy until the answer comes
+
+        for _ in range(2 * BURST):
+            loop.call_soon(busy)
+        held._ask_for_held()
+
+        async def until_answered() -> None:
+            while not held._ops:
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(asyncio.wait_for(until_answered(), timeout=30))
+        assert list(held._ops) == ["RUNNING"]
+        assert steps[0] > 2 * BURST  # it did wait behind the busy steps
     finally:
         loop.close()

@@ -1,17 +1,21 @@
 """What a run's loop holds back from its store's writer thread, and hands over once a round.
 
-An action that changed is not turned into a row at once: the loop notes it
-and holds the run's events, and builds one row of each changed action's
-latest state when the writer asks for them (once a round) or before it sends
-the run's record or a reply. An action that is queued, runs and ends within
-a round, as most sequential calls do, costs one row instead of three. The
-held events go out right after the rows, in order, so a reader that follows
-the events by cursor never sees an event before the row of the action it
-names. A change is written within two rounds when the writer keeps up. The
-writer asks again once it has taken the loop's last answer from its queue, or
-after `HELD_WHILE_BEHIND`: a writer behind its queue (a wide fan-out) lets the
-changes merge in the loop meanwhile, one row per action instead of one per
-round, as rows it had asked for would wait behind its queue anyway.
+An action that changed is not turned into a row at once: the loop notes it and
+holds the run's events, and builds one row of each changed action's latest state
+when the writer asks for them (once a round) or before it sends the run's record
+or a reply. An action that is queued, runs and ends within a round, as most
+sequential calls do, costs one row instead of three. The held events go out
+right after the rows, in order, so a reader that follows the events by cursor
+never sees an event before the row of the action it names. A change is written
+within two rounds when the writer keeps up (a burst, below, can add
+`HELD_IN_BURST`). The writer asks again once it has taken the loop's last answer
+from its queue, or after `HELD_WHILE_BEHIND`: a writer behind its queue (a wide
+fan-out) lets the changes merge in the loop meanwhile, one row per action
+instead of one per round, as rows it had asked for would wait behind its queue
+anyway. And the loop answers an ask that finds it in a burst (more than `BURST`
+callbacks ready: a wide fan-out starting or ending its children) once the burst
+has passed, or `HELD_IN_BURST` later: a fan-out's children then get one row
+each, not one while they start and another once they end.
 
 A loop that has not answered for `LOOP_BLOCKED_WARNING` is blocked (a body
 that computes without awaiting, or a very long step): the writer then builds
@@ -50,6 +54,12 @@ LOOP_BLOCKED_WARNING = 1.0
 # write: the changes of a busy run then merge in the loop instead of being
 # written once per round.
 HELD_WHILE_BEHIND = 1.0
+# A loop with more callbacks than this ready to run is in a burst (a wide fan-out's
+# step): the answer waits behind them, so that the actions the burst moves on get
+# one row, not one before it and one after. It waits for at most `HELD_IN_BURST`
+# seconds, counted from the first time it found the loop in a burst.
+BURST = 256
+HELD_IN_BURST = 0.25
 
 
 class HeldChanges:
@@ -57,6 +67,9 @@ class HeldChanges:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        # The loop's queue of ready callbacks (asyncio's own loops), None if unknown.
+        self._ready: collections.deque[Any] | None = getattr(loop, "_ready", None)
+        self._burst_since: float | None = None  # when the answer first waited for a burst
         self._ops: collections.deque[Any] = collections.deque()
         self._held: dict[Any, RowBuilder] = {}
         # As operations: (EVENT, row), or a `RoutineEvent`. Taken, by the loop or
@@ -89,10 +102,23 @@ class HeldChanges:
         """Append an event row; sent after the held rows."""
         self._held_events.append((EVENT, row))
 
+    def _answer(self) -> None:
+        """The writer's ask, on the loop: send what is held, after the burst under way."""
+        ready = self._ready
+        if ready is not None and len(ready) > BURST:
+            now = time.monotonic()
+            since = self._burst_since
+            if since is None:
+                self._burst_since = since = now
+            if now - since < HELD_IN_BURST:
+                self._loop.call_soon(self._answer)
+                return
+        self._send_held()
+
     def _send_held(self) -> None:
         """Build the rows of the actions that changed; queue them, then the events held."""
         with self._held_lock:
-            self._held_asked = None
+            self._held_asked = self._burst_since = None
             self._held_copied = False
             ops = self._ops
             held = self._held
@@ -121,7 +147,7 @@ class HeldChanges:
                 return
             self._held_asked = self._held_last = now
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is held
-                self._loop.call_soon_threadsafe(self._send_held)
+                self._loop.call_soon_threadsafe(self._answer)
         elif not self._held_copied and time.monotonic() - asked >= LOOP_BLOCKED_WARNING:
             with self._held_lock:
                 self._held_copied = True
