@@ -29,10 +29,8 @@ def current_action() -> ActionInfo:
             "flowsdk.current_action() was called outside a run; "
             "call it from a task body running under flowsdk.run()"
         )
-    from flowsdk._records import ActionInfo  # here: `import flowsdk` stays light
-
     req = state.req
-    return ActionInfo(
+    return (_info_type[0] or _load_info_type())(
         run=state.run,
         name=state.name,
         task=state.task.name,
@@ -40,3 +38,15 @@ def current_action() -> ActionInfo:
         group=state.group,
         abort=req.info() if req is not None and state.cancels else None,
     )
+
+
+# `ActionInfo`, imported on the first call (so that `import flowsdk` stays light) and
+# kept: an import statement in the function would cost about 1 us a call.
+_info_type: list[type[ActionInfo] | None] = [None]
+
+
+def _load_info_type() -> type[ActionInfo]:
+    from flowsdk._records import ActionInfo
+
+    _info_type[0] = ActionInfo
+    return ActionInfo
