@@ -22,6 +22,9 @@ and reports the median of the repetitions and the ratio flowsdk / bare:
   so its column cancels the leaf and lets the cancel unwind to the top.
 - (f) `import flowsdk` against `import asyncio` alone: wall time of each in a
   fresh subprocess minus `python -c "pass"`, interleaved.
+- (g) a whole short run: `flowsdk.run` of a task that returns at once (a fresh
+  loop, its signal handling, the run recorded and its `Run` built) against
+  `asyncio.run` of a coroutine that does, per run, in ms (informational).
 
 Samples (a), (b) and (d) are CPU time of this process (`time.process_time`),
 so that other processes on a shared machine do not add their noise.
@@ -418,6 +421,42 @@ def abort_chain(sizes: Sizes) -> Row:
     return _measure(row, bare, flow, sizes.reps, 1e3)
 
 
+# -- (g) a short run, whole ------------------------------------------------------------------
+
+
+@env.task
+async def returns_at_once() -> int:
+    return 1
+
+
+async def _bare_returns_at_once() -> int:
+    return 1
+
+
+def short_run(sizes: Sizes) -> Row:
+    """`flowsdk.run` of a task that returns at once against `asyncio.run` of a coroutine.
+
+    Each is called as a script would, from the main thread: a fresh event loop,
+    `flowsdk.run`'s signal handling, the run recorded on the memory store and
+    its `Run` built. CPU time per run, interleaved, after a full collection.
+    """
+    row = Row("(g) a run that returns at once, flowsdk.run vs asyncio.run", "ms")
+    bare: list[float] = []
+    flow: list[float] = []
+    for _ in range(max(sizes.reps, 3) * 6):
+        gc.collect()
+        start = _clock()
+        asyncio.run(_bare_returns_at_once())
+        bare.append(_clock() - start)
+        gc.collect()
+        start = _clock()
+        flowsdk.run(returns_at_once, store=STORE)
+        flow.append(_clock() - start)
+    row.bare = statistics.median(bare) * 1e3
+    row.flow = statistics.median(flow) * 1e3
+    return row
+
+
 # -- (f) import time ------------------------------------------------------------------------
 
 
@@ -560,6 +599,7 @@ def _rows(sizes: Sizes, folder: str) -> list[Row]:
         cancel(sizes),
         abort_chain(sizes),
         import_time(sizes),
+        short_run(sizes),
     ]
 
 

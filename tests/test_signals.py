@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -100,3 +101,30 @@ def test_sigterm_to_flowsdk_run_on_the_command_line_exits_143(tmp_path: Path) ->
     abort = run.action("a0").abort
     assert abort is not None
     assert (abort.cause, abort.reason) == (AbortCause.SIGNAL, "SIGTERM")
+
+
+def test_flowsdk_run_hands_signals_to_its_loop_and_gives_back_the_handlers_it_found() -> None:
+    """A signal raised inside the run reaches it; afterwards each handler is the one before."""
+    env = flowsdk.TaskEnvironment("signal_handlers")
+    seen: list[object] = []
+
+    def own(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    @env.task
+    async def raises_sigterm() -> None:
+        seen.append(signal.getsignal(signal.SIGTERM) is own)
+        signal.raise_signal(signal.SIGTERM)  # handled like `kill -TERM` from outside
+        await asyncio.Event().wait()  # until the run aborts this body
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with pytest.raises(SystemExit) as raised:
+            flowsdk.run(raises_sigterm, store="memory://")
+        assert raised.value.code == 128 + signal.SIGTERM
+        assert seen == [False]  # flowsdk's handler was in place; `own` was not called
+        assert signal.getsignal(signal.SIGTERM) is own
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
