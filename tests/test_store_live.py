@@ -315,3 +315,55 @@ def test_a_loop_that_stays_busy_still_answers_the_writer() -> None:
         assert steps[0] > 2 * BURST  # it did wait behind the busy steps
     finally:
         loop.close()
+
+
+def test_the_writer_copies_a_blocked_loops_rows_while_the_loop_still_adds_to_them() -> None:
+    """The copy is one snapshot: the loop may add changes in the middle of it.
+
+    On Python 3.11 allocating an object can run a garbage collection, and the
+    Python code a collection runs (callbacks, finalizers) lets another thread
+    take the GIL. The writer copies a blocked loop's held rows while the loop
+    may still note changes (a step of tens of thousands of actions can take
+    over a second): here a collection callback, run in the middle of the copy,
+    notes a change as the loop would. Copying by iterating the dict failed with
+    "dictionary changed size during iteration", and that failure stopped the run.
+    """
+    import gc
+
+    from flowsdk.store._held import LOOP_BLOCKED_WARNING, HeldChanges
+
+    loop = asyncio.new_event_loop()
+    threshold = gc.get_threshold()
+    try:
+        held = HeldChanges(loop)
+        rows = _Rows()
+        # More than CPython keeps ready-made pairs for: the copy allocates new ones.
+        for _ in range(5_000):
+            held.changed(_Action("RUNNING"), rows)
+        late = _Action("QUEUED")
+
+        starts = [0]
+
+        def loop_notes_a_change(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                starts[0] += 1
+                if starts[0] == 5:  # in the middle of the copy, if the copy collects
+                    held.changed(late, rows)
+
+        held._ask_for_held()  # asked; the loop never answers
+        assert held._held_asked is not None
+        held._held_asked -= LOOP_BLOCKED_WARNING  # as if a second had passed
+        gc.callbacks.append(loop_notes_a_change)
+        gc.set_threshold(1)  # a collection at each allocation the copy makes
+        try:
+            held._ask_for_held()
+        finally:
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(loop_notes_a_change)
+        if starts[0] >= 5:
+            assert late in held._held  # the loop's change, noted during the copy
+        copied = list(held._ops)
+        assert copied[:5_000] == ["RUNNING"] * 5_000
+        assert copied[5_000:] in ([], ["QUEUED"])  # before or after the snapshot, never half
+    finally:
+        loop.close()

@@ -154,7 +154,11 @@ class HeldChanges:
                 events = self._held_events
                 count = len(events)  # the events held before the rows are read
                 ops = self._ops
-                for action, rows in list(self._held.items()):  # one C call: a copy as of now
+                # `dict.copy()`, one snapshot: the loop may note changes meanwhile (a
+                # long step of many actions), and iterating the dict itself allocates,
+                # which on 3.11 can run a collection whose Python code lets the loop's
+                # thread take the GIL in the middle ("dictionary changed size").
+                for action, rows in self._held.copy().items():
                     ops.append(rows.build_at_once(action))
                 for _ in range(count):
                     ops.append(events.popleft())
