@@ -227,7 +227,7 @@ def _record(state: ActionState, value: float, step: int | None, name: str) -> Tr
     row = (_row_type[0] or _load_row_type())(state.name, trace.reports, _time(), name, step, value)
     trace.reports += 1
     trace.latest = row
-    recorder = state.runtime.log.recorder  # type: ignore[attr-defined]
+    recorder = recorder_of(state)
     if recorder is not None:
         recorder.progress(row)
     return trace
