@@ -15,15 +15,19 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import random
+import tracemalloc
+import types
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 import flowsdk
 from flowsdk import _runtime
-from flowsdk._action import current
+from flowsdk._action import ActionState, current
+from flowsdk._tree import Forgotten
 from flowsdk.errors import ActionNotFoundError, RuntimeUserError
 from flowsdk.testing import Gate
 from tests.support import open_files
@@ -202,3 +206,53 @@ def test_what_a_finished_action_returned_or_raised_is_let_go_once_its_caller_has
     assert run.result() == [True, True]
     assert run.action("a1").phase is flowsdk.ActionPhase.SUCCEEDED
     assert run.action("a2").error is not None  # the record keeps the error's description
+
+
+def _ended(seq: int, phase: flowsdk.ActionPhase, group: str | None = None) -> ActionState:
+    """What `Forgotten.add` reads of a finished action."""
+    return cast(ActionState, types.SimpleNamespace(seq=seq, phase=phase, group=group))
+
+
+def test_forgotten_actions_that_all_ended_alike_keep_next_to_no_memory() -> None:
+    """The forgotten actions of a fan-out that succeeded cost a few bytes, not one each."""
+    count = 200_000
+    order = list(range(1, count))  # a0, the root, is live: never forgotten
+    random.Random(7).shuffle(order)  # actions end in any order
+    action = types.SimpleNamespace(seq=0, phase=flowsdk.ActionPhase.SUCCEEDED, group=None)
+    tracemalloc.start()
+    try:
+        forgotten = Forgotten()
+        for seq in order:
+            action.seq = seq
+            forgotten.add(cast(ActionState, action))
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    # The chunks that never complete (a0's, the last) keep a byte per action; the rest, one code.
+    assert kept < 16 * 1024, kept  # a byte per action would be 200,000
+    assert forgotten.get("a0", 0) is None
+    for seq in (1, 4095, 4096, 100_000, count - 1):
+        ended = forgotten.get(f"a{seq}", seq)
+        assert ended is not None
+        assert (ended.name, ended.phase) == (f"a{seq}", flowsdk.ActionPhase.SUCCEEDED)
+    assert forgotten.get(f"a{count}", count) is None
+
+
+def test_forgotten_actions_keep_each_its_own_phase_and_group() -> None:
+    phases = [flowsdk.ActionPhase.SUCCEEDED, flowsdk.ActionPhase.FAILED]
+    forgotten = Forgotten()
+    for seq in range(3 * 4096):
+        if seq != 5000:  # still live
+            forgotten.add(_ended(seq, phases[seq % 7 == 0], "late" if seq == 9000 else None))
+    forgotten.add(_ended(20_000, flowsdk.ActionPhase.ABORTED))
+    for seq in (0, 6, 7, 4096, 4095 + 4096, 8192, 8197):
+        ended = forgotten.get(f"a{seq}", seq)
+        assert ended is not None, seq
+        assert ended.phase is phases[seq % 7 == 0], seq
+    assert forgotten.get("a5000", 5000) is None
+    aborted = forgotten.get("a20000", 20_000)
+    assert aborted is not None
+    assert aborted.phase is flowsdk.ActionPhase.ABORTED
+    for seq in (3 * 4096, 19_999, 20_001, 10**9):
+        assert forgotten.get(f"a{seq}", seq) is None
+    assert forgotten.groups == {"late"}
