@@ -693,6 +693,25 @@ def test_statements_bind_rows_with_plain_placeholders(tmp_path: Path) -> None:
     assert numbered == []
 
 
+def test_a_runs_writer_keeps_a_small_page_cache_and_readers_the_default(tmp_path: Path) -> None:
+    """The writer appends: SQLite's default cache of 2 MB would fill with pages never read again."""
+    from flowsdk.store._sqlite_dialect import WRITER_CACHE_KIB, SQLiteDialect
+
+    store = SQLiteStore(sqlite_url(tmp_path / "s.db"))
+    dialect = SQLiteDialect(store.path, store._connect_for_writing)
+    writer = dialect.connect()
+    try:
+        reader = store._read()
+        assert reader is not None
+        assert writer.execute("PRAGMA cache_size").fetchone()[0] == -WRITER_CACHE_KIB
+        with contextlib.closing(sqlite3.connect(":memory:")) as plain:
+            default = plain.execute("PRAGMA cache_size").fetchone()[0]
+        assert reader.execute("PRAGMA cache_size").fetchone()[0] == default != -WRITER_CACHE_KIB
+    finally:
+        dialect.close(writer)
+        store.close()
+
+
 def wal_frames(path: Path) -> tuple[int, int]:
     """Frames in the store's write-ahead log, and how many of them are copied into the file.
 
