@@ -18,7 +18,6 @@ for their actions.
 from __future__ import annotations
 
 import asyncio
-import sys
 from contextvars import copy_context
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any
@@ -32,10 +31,9 @@ if TYPE_CHECKING:
     from flowsdk._runtime import Runtime
     from flowsdk.store import RunRecorder
 
-__all__ = ["GATHERED", "release_held", "start_direct", "start_gathered", "start_gathered_named"]
+__all__ = ["Gathered", "release_held", "start_direct", "start_gathered"]
 
 _Task = asyncio.Task
-_Future = asyncio.Future
 
 
 def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
@@ -56,24 +54,35 @@ def start_gathered(coro: CoroutineType[Any, Any, Any]) -> Any:
     raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
 
 
-def _unnamed(name: object) -> None:
-    """The future `gather` holds has no name to set (a task's would be shown nowhere)."""
+class Gathered(asyncio.Future[Any]):
+    """The future `gather` holds for a call it wraps: the action's end settles it.
 
-
-def start_gathered_named(coro: CoroutineType[Any, Any, Any]) -> Any:
-    """`start_gathered` where `create_task` then calls `set_name` on what it got.
-
-    Python 3.13.0 to 3.13.2 do, `name` None included (CPython gh-130033; 3.13.3
-    passes the name to the factory instead): the future gets a `set_name` too.
+    Its `cancel` cancels the action (`ActionState.__call__`); held while the
+    store is far behind (`release_held`), before its action exists, it is
+    cancelled as a future. What `gather` and asyncio set on it are slots:
+    `gather` marks each future it made (`_log_destroy_pending`), which on a
+    plain future makes an instance dictionary, one more object per child for
+    the garbage collector. Nothing awaits it (`gather` waits by a callback),
+    so asyncio's generic path for a subclass costs nothing here.
     """
-    started = start_gathered(coro)
-    if type(started) is _Future:
-        started.set_name = _unnamed  # type: ignore[attr-defined]  # beside `cancel`
-    return started
 
+    __slots__ = ("_log_destroy_pending", "action", "asked")
+    action: ActionState | None  # set at once: asyncio's own `__init__`, no Python frame
 
-GATHERED = start_gathered_named if (3, 13) <= sys.version_info < (3, 13, 3) else start_gathered
-"""What the run's task factory calls for `gather` on this Python (`TaskTracker`)."""
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the action (once it exists), as `gather` cancels what it holds."""
+        action = self.action
+        if action is None:
+            return super().cancel(msg)
+        return action(msg)
+
+    def set_name(self, name: object) -> None:
+        """A task's name has nowhere to show here (Python 3.13.0 to 3.13.2 set one).
+
+        Their `create_task` calls `set_name` on what the task factory returned,
+        `None` included (CPython gh-130033; 3.13.3 passes the name to the
+        factory instead).
+        """
 
 
 def start_direct(
@@ -106,16 +115,17 @@ def start_direct(
     if rec is not None and rec.congested():
         # Backpressure: the action starts once the writer has caught up; a future
         # stands in for it meanwhile (`release_held`).
-        fut: asyncio.Future[Any] = _Future(loop=runtime.loop)
+        fut = Gathered(loop=runtime.loop)
+        fut.action = None  # until it is released
         held = tracker.held
         held += (fut, copy_context(), parent, task, args, kwargs, key, inputs)  # `HELD_WIDTH`
         if len(held) == HELD_WIDTH:
             tracker.releaser = _Task(release_held(runtime, rec), loop=runtime.loop)
         return fut
-    done: asyncio.Future[Any] = _Future(loop=runtime.loop)
+    done = Gathered(loop=runtime.loop)
     action = start_child(runtime, parent, task, args, kwargs, key, inputs, None, done)
     action.direct = True  # its end settles `done` (`_outcome.settle`)
-    done.cancel = action  # type: ignore[method-assign]  # `ActionState.__call__`
+    done.action = action  # its `cancel` is the action's (`ActionState.__call__`)
     return done
 
 
@@ -144,5 +154,5 @@ async def release_held(runtime: Runtime, rec: RunRecorder) -> None:
                 start_child, runtime, parent, task, args, kwargs, key, inputs, context, fut
             )
             action.direct = True
-            fut.cancel = action
+            fut.action = action
     tracker.releaser = None

@@ -22,7 +22,7 @@ from flowsdk import _logs as logs
 from flowsdk._control import apply_request
 from flowsdk._execute import HANDLE_CODE, OWN_CODE, note_unobserved, spawn
 from flowsdk._fork import run_ended, run_started
-from flowsdk._gather import GATHERED
+from flowsdk._gather import start_gathered
 from flowsdk._history import History
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
@@ -112,7 +112,7 @@ class Runner:
         )
         runtime.attach(self.recorder)
         run_started(loop)  # a child forked by a body exits before it runs anything more
-        runtime.track_tasks(OWN_CODE, HANDLE_CODE, GATHERED)
+        runtime.track_tasks(OWN_CODE, HANDLE_CODE, start_gathered)
         self.runtime = runtime
         logs.install()  # records emitted in bodies are kept with their actions
         spawn(runtime, root)

@@ -79,7 +79,7 @@ class TaskTracker:
                 # `gather` wraps the call: it gets the action's own future instead,
                 # or, if the handle has more to do, a coroutine for a task of its own.
                 started = self.gathered(coro)
-                if type(started) is _Future:
+                if isinstance(started, _Future):
                     return started  # type: ignore[return-value]  # gather holds it as a future
                 coro = started
             # A call's handle in a task of its own: the action runs in the context

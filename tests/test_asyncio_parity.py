@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 import flowsdk
-from flowsdk import ActionPhase, EventKind, _gather, _runner
+from flowsdk import ActionPhase, EventKind
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
 from tests.support import assert_clean
 
@@ -727,11 +727,7 @@ class _NamingLoop(asyncio.SelectorEventLoop):
         return task
 
 
-def test_gather_of_calls_works_where_asyncio_names_what_the_task_factory_returns(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # What the run's task factory calls for `gather` on 3.13.0-3.13.2.
-    monkeypatch.setattr(_runner, "GATHERED", _gather.start_gathered_named)
+def test_gather_of_calls_works_where_asyncio_names_what_the_task_factory_returns() -> None:
     env = flowsdk.TaskEnvironment("named")
 
     @env.task

@@ -514,3 +514,29 @@ def test_gathered_children_are_freed_with_their_run_without_the_garbage_collecto
         assert new_actions() == 21
         del run
         assert new_actions() == 0
+
+
+def test_the_futures_gather_holds_for_calls_carry_no_instance_dictionary() -> None:
+    """Each child of a fan-out adds no dictionary for the garbage collector to count and walk.
+
+    `gather` marks every future it made from a coroutine (`_log_destroy_pending`);
+    on a plain asyncio future that attribute makes a dictionary per child.
+    """
+    env = flowsdk.TaskEnvironment("s11")
+    held: list[list[object]] = []
+
+    @env.task
+    async def child(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    @env.task
+    async def root(n: int) -> list[int]:
+        g = asyncio.gather(*(child(i) for i in range(n)))
+        held.append([type(r) for f in g._children for r in gc.get_referents(f)])  # type: ignore[attr-defined]
+        return list(await g)
+
+    run = flowsdk.run(root, 5, store="memory://")
+    assert run.result() == [0, 1, 2, 3, 4]
+    assert held[0]  # the futures were looked into (their loop, at least)
+    assert dict not in held[0]
