@@ -193,6 +193,37 @@ def test_input_over_max_payload_is_refused_by_the_call(tmp_path: Path) -> None:
     assert_clean(run)
 
 
+def test_a_call_without_arguments_records_empty_inputs_under_its_limit(tmp_path: Path) -> None:
+    """No arguments: the inputs read back as none (and still count against `max_payload`)."""
+    env = flowsdk.TaskEnvironment("noargs")
+    tight = flowsdk.TaskEnvironment("tight", max_payload=2)
+
+    @env.task
+    async def child() -> int:
+        return 1
+
+    @tight.task
+    async def squeezed() -> int:
+        return 2
+
+    @env.task
+    async def root() -> str:
+        await child()
+        try:
+            await squeezed()
+        except SerializationError as exc:
+            return str(exc)
+        return "not refused"
+
+    run = flowsdk.run(root, name="noargs", store=sqlite_url(tmp_path / "s.db"))
+    assert "3 bytes, over the limit of 2 bytes" in run.result()
+    inputs, output = stored_payloads(tmp_path / "s.db", "noargs")["a1"]
+    assert inputs is not None
+    assert msgspec.msgpack.decode(inputs) == [[], {}]
+    assert output == msgspec.msgpack.encode(1)
+    assert list(stored_payloads(tmp_path / "s.db", "noargs")) == ["a0", "a1"]
+
+
 def test_output_over_max_payload_fails_the_action_and_stores_no_output(tmp_path: Path) -> None:
     """The child is FAILED with a SerializationError stating size and limit; output NULL."""
     env = flowsdk.TaskEnvironment("i2out")
