@@ -67,7 +67,9 @@ class Gathered(asyncio.Future[Any]):
     """
 
     __slots__ = ("_log_destroy_pending", "action", "asked")
-    action: ActionState | None  # set at once: asyncio's own `__init__`, no Python frame
+    # Set by whoever makes one, right after: an `__init__` of its own would add a
+    # Python frame to every call.
+    action: ActionState | None
 
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the action (once it exists), as `gather` cancels what it holds."""
