@@ -27,7 +27,9 @@ and reports the median of the repetitions and the ratio flowsdk / bare:
   `asyncio.run` of a coroutine that does, per run, in ms (informational).
 
 Samples (a), (b) and (d) are CPU time of this process (`time.process_time`),
-so that other processes on a shared machine do not add their noise.
+so that other processes on a shared machine do not add their noise. What noise
+is left shows in the `spread` column: the lowest and highest ratio of the
+interleaved pairs (a bare sample, then flowsdk's); the verdict reads the medians.
 
 The targets are SPEC section 10's. The machines are shared and noisy: read the
 ratios, not the absolute times. The script always exits 0; it reports, it does
@@ -88,6 +90,15 @@ class Row:
     max_value: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    # The ratio of each interleaved pair (a bare sample, then flowsdk's), for the spread.
+    pairs: list[float] = field(default_factory=list)
+
+    @property
+    def spread(self) -> str:
+        """The lowest and highest ratio of the interleaved pairs, or `-` with fewer than two."""
+        if len(self.pairs) < 2:
+            return "-"
+        return f"{min(self.pairs):.2f}-{max(self.pairs):.2f}x"
 
     @property
     def ratio(self) -> float | None:
@@ -154,6 +165,7 @@ def _measure(
         return row
     if bare_samples:
         row.bare = statistics.median(bare_samples) * scale
+        row.pairs = [f / b for b, f in zip(bare_samples, flow_samples, strict=True) if b > 0]
     row.flow = statistics.median(flow_samples) * scale
     return row
 
@@ -531,21 +543,29 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def render(rows: Sequence[Row]) -> str:
-    """Format the rows as an aligned table, followed by their notes."""
-    header = ("measure", "bare asyncio", "flowsdk", "ratio", "target", "verdict")
+    """Format the rows as an aligned table, followed by their notes.
+
+    A `spread` column (the lowest and highest ratio of the interleaved pairs)
+    is shown when a row has pairs: how far the machine's noise moved the ratio
+    the verdict reads as a median.
+    """
+    spread = any(r.pairs for r in rows)
+    header = ("measure", "bare asyncio", "flowsdk", "ratio", *(("spread",) * spread), "target")
     lines = [
         (
             r.measure,
             _fmt(r.bare, r.unit),
             _fmt(r.flow, r.unit),
             "n/a" if r.ratio is None else f"{r.ratio:.2f}x",
+            *((r.spread,) * spread),
             r.target,
             r.verdict,
         )
         for r in rows
     ]
+    header = (*header, "verdict")
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    right = {1, 2, 3}
+    right = {1, 2, 3, 4} if spread else {1, 2, 3}
 
     def fmt(cells: Sequence[str]) -> str:
         padded = [
@@ -557,6 +577,11 @@ def render(rows: Sequence[Row]) -> str:
     out = [fmt(header), "  ".join("-" * w for w in widths)]
     out.extend(fmt(line) for line in lines)
     notes = [note for r in rows for note in r.notes]
+    if spread:
+        notes.append(
+            "spread: the lowest and highest ratio of the interleaved pairs (a sample of the "
+            "bare column, then flowsdk's); the ratio and the verdict are the medians'"
+        )
     if notes:
         out.append("")
         out.extend(f"note {note}" for note in notes)

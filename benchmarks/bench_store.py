@@ -126,6 +126,11 @@ def _sample(make: Sample, samples: list[float]) -> None:
     samples.append(asyncio.run(make()))
 
 
+def _pairs(bare: list[float], flow: list[float]) -> list[float]:
+    """The ratio of each interleaved pair of samples (for the table's spread)."""
+    return [f / b for b, f in zip(bare, flow, strict=False) if b > 0]
+
+
 def measure(
     title: str,
     unit: str,
@@ -149,6 +154,7 @@ def measure(
         row = Row(f"{title}, {side} store", unit, bare=bare, max_ratio=target, error=error)
         if samples[side] and error is None:
             row.flow = statistics.median(samples[side]) * scale
+            row.pairs = _pairs(samples["bare"], samples[side])
         rows.append(row)
     if "postgresql" in sides:
         # SPEC §10 sets PostgreSQL against SQLite: its "bare" column is the SQLite median.
@@ -161,6 +167,7 @@ def measure(
         )
         if samples["postgresql"] and error is None:
             row.flow = statistics.median(samples["postgresql"]) * scale
+            row.pairs = _pairs(samples["sqlite"], samples["postgresql"])
             row.notes.append(
                 f"{title}, postgresql store: {row.flow / bare:.2f}x bare asyncio"
                 if bare
@@ -198,6 +205,7 @@ def replay_rows(url: str, n: int, reps: int) -> Row:
         return row
     row.bare = statistics.median(recorded) * 1e6 / n
     row.flow = statistics.median(replayed) * 1e6 / n
+    row.pairs = _pairs(recorded, replayed)
     return row
 
 
@@ -227,6 +235,7 @@ def payload_row(url: str, size: int, n: int, reps: int) -> Row:
         return row
     row.bare = statistics.median(bare) * 1e6 / n
     row.flow = statistics.median(flow) * 1e6 / n
+    row.pairs = _pairs(bare, flow)
     return row
 
 

@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -405,8 +406,15 @@ def test_core_benchmark_prints_its_table() -> None:
     """SPEC 10: `benchmarks/bench_core.py --quick` runs and prints every measure."""
     lines = _quick_benchmark("bench_core.py", timeout=55)
     header = next(line for line in lines if line.startswith("measure"))
-    assert header.split() == ["measure", "bare", "asyncio", "flowsdk", "ratio", "target", "verdict"]
+    assert header.split() == [
+        "measure", "bare", "asyncio", "flowsdk", "ratio", "spread", "target", "verdict"
+    ]  # fmt: skip
     for label in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"):
         rows = [line for line in lines if line.startswith(label)]
         assert rows, "no " + label + " row in:\n" + "\n".join(lines)
         assert not any("error:" in row for row in rows), "\n".join(rows)
+    # The interleaved samples' spread: low-high, the low never above the high.
+    sequential = next(line for line in lines if line.startswith("(a)"))
+    spread = re.search(r"(\d+\.\d+)-(\d+\.\d+)x", sequential)
+    assert spread is not None, sequential
+    assert float(spread[1]) <= float(spread[2])
