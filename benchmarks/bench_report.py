@@ -105,12 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             flow=statistics.median(runs[200, True]),
             max_ratio=1.2,
             notes=["'bare' is the same flowsdk run without reports; a step: 200 multiply-adds"],
+            pairs=[f / b for b, f in zip(runs[200, False], runs[200, True], strict=True)],
         ),
         Row(
             "the same with empty steps (a loop step alone)",
             "s",
             bare=statistics.median(runs[0, False]),
             flow=statistics.median(runs[0, True]),
+            pairs=[f / b for b, f in zip(runs[0, False], runs[0, True], strict=True)],
         ),
     ]
     print(f"flowsdk.report, Python {sys.version.split()[0]}, {repeats} repetitions\n")
