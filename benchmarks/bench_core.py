@@ -277,6 +277,7 @@ def fan_out_newer_python(measured: Row, n: int) -> Row:
         )
         return row
     row.bare, row.flow, row.error = measured.bare, measured.flow, measured.error
+    row.pairs = measured.pairs
     return row
 
 
