@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -131,7 +132,10 @@ def test_the_token_prompt_then_abort_action_with_a_reason_live(site: Site) -> No
             assert row.locator(".reason b, .reason script").count() == 0
             token = page.evaluate("sessionStorage.getItem('flowsdk-token')")
             assert token == site.tokens["operator"]
-            assert page.locator("#outcome").text_content().startswith("applied")
+            # The answer to the request can come after the stream showed its effect.
+            playwright_api.expect(page.locator("#outcome")).to_have_text(
+                re.compile("^applied"), timeout=MS
+            )
             # The failed action's markup-laden message is text too.
             error = _row(page, "a2").locator(".error")
             assert "<img src=x" in error.text_content()
@@ -260,12 +264,20 @@ def test_an_action_that_reported_once_is_plotted_as_a_dot(site: Site) -> None:
         page = site.page("/runs/b-dots", role="viewer")
         dots = page.locator("svg.curves circle.point")
         playwright_api.expect(dots).to_have_count(2, timeout=MS)
-        assert sorted(d.get_attribute("data-action") or "" for d in dots.all()) == ["a1", "a2"]
-        assert "last 0.5 at step 1" in (dots.first.locator("title").text_content() or "")
-        assert page.locator("svg.curves polyline.curve").count() == 1
-        box = dots.first.bounding_box()
-        assert box is not None
-        assert box["width"] > 0
+        # The chart is drawn again as the run's actions and reports arrive: the assertions
+        # below retry, so that none reads a dot of a chart being replaced.
+        first = page.locator('svg.curves circle.point[data-action="a1"]')
+        playwright_api.expect(first).to_have_count(1, timeout=MS)
+        playwright_api.expect(dots.and_(page.locator('[data-action="a2"]'))).to_have_count(
+            1, timeout=MS
+        )
+        playwright_api.expect(first.locator("title")).to_contain_text(
+            "last 0.5 at step 1", timeout=MS
+        )
+        playwright_api.expect(page.locator("svg.curves polyline.curve")).to_have_count(
+            1, timeout=MS
+        )
+        playwright_api.expect(first).to_be_visible(timeout=MS)  # a box of non-zero size
         assert page.errors == []
         page.context.close()
 
@@ -345,12 +357,14 @@ def test_the_run_page_plots_each_trials_curve_and_says_why_one_was_pruned(site: 
         page = site.page("/runs/b-curves", role="viewer")
         curves = page.locator("svg.curves polyline.curve")
         playwright_api.expect(curves).to_have_count(3, timeout=MS)
-        pruned = page.locator("svg.curves polyline.pruned")
-        assert pruned.count() == 1
-        assert pruned.get_attribute("data-action") == "a3"
-        why = pruned.locator("title").text_content()
-        assert "<b>pruned</b> by MedianPruner at step 2" in why
-        assert "ABORTED" in why
+        pruned = page.locator("svg.curves polyline.pruned")  # once the actions' phases are in
+        playwright_api.expect(pruned).to_have_count(1, timeout=MS)
+        playwright_api.expect(pruned).to_have_attribute("data-action", "a3", timeout=MS)
+        why = pruned.locator("title")
+        playwright_api.expect(why).to_contain_text(
+            "<b>pruned</b> by MedianPruner at step 2", timeout=MS
+        )
+        playwright_api.expect(why).to_contain_text("ABORTED", timeout=MS)
         assert pruned.locator("title b").count() == 0
         assert page.errors == []
         page.context.close()
