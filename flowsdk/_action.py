@@ -29,6 +29,7 @@ class RunContext(Protocol):
     name: str
     loop: asyncio.AbstractEventLoop
     closed: bool
+    remote: bool  # the run as a body on another host sees it (`flowsdk.report` forwards)
 
     def call(
         self,

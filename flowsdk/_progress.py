@@ -39,6 +39,7 @@ T = TypeVar("T")
 Observer = Callable[["Report"], Awaitable[None] | None]
 MAX_NAME = 200
 _CANCELLABLE = (ActionPhase.QUEUED, ActionPhase.RUNNING)
+_REAL = (int, float)  # (a tuple: `int | float` would make a union object at every report)
 
 
 class Trace:
@@ -181,7 +182,7 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
             "running under flowsdk.run()"
         )
     kind = type(value)
-    if kind is not float and (kind is bool or not isinstance(value, int | float)):
+    if kind is not float and kind is not int and (kind is bool or not isinstance(value, _REAL)):
         raise TypeError(f"flowsdk.report needs a number as value, not {kind.__name__}")
     if step is not None and (type(step) is not int or step < 0):
         if isinstance(step, bool) or not isinstance(step, int):
@@ -193,14 +194,14 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
         if not name or len(name) > MAX_NAME:
             raise ValueError(f"name must be 1 to {MAX_NAME} characters, not {len(name)}")
         name = name.replace("\x00", "\\x00")
-    if getattr(state.runtime, "remote", False):
+    if state.runtime.remote:
         # A body running on Ray: the report goes to the driver, which records it
         # and hands it to the observers there; this returns once they have seen it.
         from flowsdk.executors._ray_worker import report_from_worker
 
         await report_from_worker(float(value), step, name)
         return
-    trace = _record(state, float(value), step, name)
+    trace = _record(state, value if kind is float else float(value), step, name)
     if trace.observers:
         await _observe(state, trace)
 
@@ -227,7 +228,8 @@ def _record(state: ActionState, value: float, step: int | None, name: str) -> Tr
     row = (_row_type[0] or _load_row_type())(state.name, trace.reports, _time(), name, step, value)
     trace.reports += 1
     trace.latest = row
-    recorder = recorder_of(state)
+    runtime: Runtime = state.runtime  # type: ignore[assignment]
+    recorder = runtime.log.recorder  # (`recorder_of`, without its call: this is per report)
     if recorder is not None:
         recorder.progress(row)
     return trace

@@ -91,6 +91,8 @@ class Runtime:
     One instance per run; it lives on one event loop and is not thread-safe.
     """
 
+    remote = False  # bodies run here (a body on Ray sees a `RemoteRun`)
+
     def __init__(
         self,
         name: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import os
@@ -134,16 +135,45 @@ def test_report_rejects_bad_input_and_runs_only_in_a_run() -> None:
 
     @env.task
     async def main() -> None:
-        for kwargs in ({"value": "x"}, {"value": 1, "step": -1}, {"value": 1, "name": ""}):
+        for kwargs in (
+            {"value": "x"},
+            {"value": True},
+            {"value": 1, "step": -1},
+            {"value": 1, "name": ""},
+        ):
             try:
                 await flowsdk.report(**kwargs)
             except (TypeError, ValueError) as exc:
                 errors.append(type(exc).__name__)
 
     flowsdk.run(main, store=MemoryStore())
-    assert errors == ["TypeError", "ValueError", "ValueError"]
+    assert errors == ["TypeError", "TypeError", "ValueError", "ValueError"]
     with pytest.raises(TypeError, match="call of a task"):
         _ = flowsdk.follow(42, print)  # type: ignore[arg-type]
+
+
+def test_report_takes_ints_and_subclasses_of_int_and_float_as_floats() -> None:
+    env = flowsdk.TaskEnvironment("reals")
+
+    class Ratio(float):
+        pass
+
+    class Level(enum.IntEnum):
+        HIGH = 7
+
+    @env.task
+    async def child() -> None:
+        for value in (3, Ratio(0.5), Level.HIGH, 2.5):
+            await flowsdk.report(value)
+
+    seen: list[tuple[type, float]] = []
+
+    @env.task
+    async def main() -> None:
+        await flowsdk.follow(child(), lambda r: seen.append((type(r.value), r.value)))
+
+    flowsdk.run(main, store=MemoryStore())
+    assert seen == [(float, 3.0), (float, 0.5), (float, 7.0), (float, 2.5)]
 
 
 def test_logs_are_captured_per_action_at_the_log_level_and_each_is_bounded() -> None:
