@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -282,6 +283,55 @@ def test_an_action_that_reported_once_is_plotted_as_a_dot(site: Site) -> None:
         page.context.close()
 
     site.run(body)
+
+
+def test_a_live_page_keeps_the_parts_that_did_not_change_when_it_draws_again(
+    site: Site,
+) -> None:
+    """A chart that shows the same keeps its nodes when a live page draws itself again.
+
+    The page follows a live run and draws itself every second: the title under the
+    pointer must not flicker away.
+    """
+    env = flowsdk.TaskEnvironment("b_live")
+    reported, release = threading.Event(), threading.Event()
+
+    @env.task
+    async def trial() -> None:
+        await flowsdk.report(0.5, step=1)
+        reported.set()
+        await asyncio.to_thread(release.wait, 110)
+
+    @env.task
+    async def main() -> None:
+        await trial()
+
+    def body() -> None:
+        page = site.page("/runs/b-live", role="viewer")
+        title = page.locator("svg.curves circle.point title")
+        # The chart as it stays: drawn with the action's record (its task in the title).
+        playwright_api.expect(title).to_contain_text("trial · value · RUNNING", timeout=MS)
+        # Mark what is shown now: the tree's row by an attribute (a row drawn again has
+        # none), the chart by a property (node comparison does not see properties).
+        page.evaluate(
+            "document.querySelector('#tree .action').setAttribute('data-kept', '');"
+            "document.querySelector('svg.curves').kept = true;"
+        )
+        # The tree's durations advance: it is drawn again within about a second.
+        playwright_api.expect(page.locator("#tree .action[data-kept]")).to_have_count(0, timeout=MS)
+        assert page.evaluate("document.querySelector('svg.curves').kept === true")
+        assert page.errors == []
+        page.context.close()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="b-live") as runner:
+        done = runner.submit(flowsdk.run, main, name="b-live", store=site.store)
+        try:
+            assert reported.wait(60), "the run did not report"
+            site.run(body)
+        finally:
+            release.set()
+        run = done.result(timeout=60)
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
 
 
 def test_a_folded_fan_out_draws_its_failed_children_and_counts_the_rest(site: Site) -> None:

@@ -131,6 +131,16 @@
     box.replaceChildren(...buttons);
   }
 
+  // Show `nodes` in `box`, unless it shows equal ones already. A page that follows a live
+  // run is drawn again every second: a part that did not change keeps its nodes, and with
+  // them the title under the pointer and the text a reader selected. (For parts without
+  // listeners: equal nodes say nothing of the handlers they hold.)
+  function showUnlessSame(box, nodes) {
+    const now = box.childNodes;
+    if (now.length === nodes.length && nodes.every((node, i) => node.isEqualNode(now[i]))) return;
+    box.replaceChildren(...nodes);
+  }
+
   // -- the tree ----------------------------------------------------------------------------
 
   let kidsCache = null;
@@ -330,7 +340,7 @@
       rows.push(el("div", "tl-row", el("span", "tl-name mono", a.name + " " + a.task.split(".").pop()), track));
     }
     if (order.length > 300) rows.push(el("div", "fold", "… the first 300 drawn actions are shown"));
-    box.replaceChildren(...rows);
+    showUnlessSame(box, rows);
   }
 
   // -- progress curves and logs ------------------------------------------------------------
@@ -436,7 +446,7 @@
     }
     const box = document.getElementById("progress");
     const note = series.size >= MAX_CURVES ? el("div", "fold", "… the first " + MAX_CURVES + " curves are drawn") : null;
-    box.replaceChildren(chart, ...(note ? [note] : []));
+    showUnlessSame(box, note ? [chart, note] : [chart]);
   }
 
   function renderLogs() {
@@ -449,7 +459,7 @@
       add(item, el("span", "muted mono", fmtTime(r.at)), el("span", "mono", r.action), el("span", "kind", r.level), el("span", "muted", r.logger), el("span", "msg", r.message));
       return item;
     });
-    document.getElementById("logs").replaceChildren(...items);
+    showUnlessSame(document.getElementById("logs"), items);
   }
 
   // -- the header and the event log --------------------------------------------------------
@@ -466,15 +476,12 @@
       ...fact("task", run.task || "-"), ...fact("attempt", run.attempt),
       ...fact("started", fmtTime(run.started_at)), ...fact("duration", fmtDuration(run.started_at, run.ended_at))
     );
-    const stop = document.getElementById("run-stop");
-    stop.replaceChildren();
-    if (run.stop) {
-      add(stop, 
-        el("strong", null, "stop (" + run.stop.mode + ")"),
-        run.stop.reason ? el("span", "reason", "“" + run.stop.reason + "”") : null,
-        el("span", "muted", "by " + (run.stop.requested_by || "?") + " at " + fmtTime(run.stop.requested_at))
-      );
-    }
+    const stop = run.stop ? [
+      el("strong", null, "stop (" + run.stop.mode + ")"),
+      run.stop.reason ? el("span", "reason", "“" + run.stop.reason + "”") : null,
+      el("span", "muted", "by " + (run.stop.requested_by || "?") + " at " + fmtTime(run.stop.requested_at)),
+    ].filter((node) => node !== null) : [];
+    showUnlessSame(document.getElementById("run-stop"), stop);
     const counts = new Map();
     for (const a of actions.values()) counts.set(a.phase, (counts.get(a.phase) || 0) + 1);
     document.getElementById("counts").replaceChildren(
@@ -500,7 +507,7 @@
       );
       return item;
     });
-    list.replaceChildren(...items);
+    showUnlessSame(list, items);
   }
 
   function render() {
