@@ -29,7 +29,7 @@ class RunContext(Protocol):
     name: str
     loop: asyncio.AbstractEventLoop
     closed: bool
-    remote: bool  # the run as a body on another host sees it (`flowsdk.report` forwards)
+    remote: bool  # true in a body on another host (Ray): `flowsdk.report` forwards its reports
 
     def call(
         self,
