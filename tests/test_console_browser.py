@@ -288,13 +288,18 @@ def test_an_action_that_reported_once_is_plotted_as_a_dot(site: Site) -> None:
 def test_a_live_page_keeps_the_parts_that_did_not_change_when_it_draws_again(
     site: Site,
 ) -> None:
-    """A chart that shows the same keeps its nodes when a live page draws itself again.
+    """A live page drawn again keeps the nodes of what did not change.
 
-    The page follows a live run and draws itself every second: the title under the
-    pointer must not flicker away.
+    The page follows a live run and draws itself every second: a finished action's
+    row (its error, say, being selected) and a chart under the pointer must stay as
+    they are, while a running action's row, whose duration advances, is drawn again.
     """
     env = flowsdk.TaskEnvironment("b_live")
     reported, release = threading.Event(), threading.Event()
+
+    @env.task
+    async def prepare() -> int:
+        return 1
 
     @env.task
     async def trial() -> None:
@@ -304,22 +309,34 @@ def test_a_live_page_keeps_the_parts_that_did_not_change_when_it_draws_again(
 
     @env.task
     async def main() -> None:
+        await prepare()
         await trial()
 
     def body() -> None:
         page = site.page("/runs/b-live", role="viewer")
         title = page.locator("svg.curves circle.point title")
-        # The chart as it stays: drawn with the action's record (its task in the title).
+        # The page as it stays: the chart drawn with the action's record (its task in the
+        # title), the finished action's row shown.
         playwright_api.expect(title).to_contain_text("trial · value · RUNNING", timeout=MS)
-        # Mark what is shown now: the tree's row by an attribute (a row drawn again has
-        # none), the chart by a property (node comparison does not see properties).
+        playwright_api.expect(_row(page, "a1")).to_have_attribute(
+            "data-phase", "SUCCEEDED", timeout=MS
+        )
+        # Mark what is shown now: the running root's row by an attribute (a row drawn
+        # again has none), the finished row and the chart by a property (node comparison
+        # does not see properties).
         page.evaluate(
-            "document.querySelector('#tree .action').setAttribute('data-kept', '');"
+            "document.querySelector('#tree .action[data-action=a0]')"
+            ".setAttribute('data-mark', '');"
+            "document.querySelector('#tree .action[data-action=a1]').kept = true;"
             "document.querySelector('svg.curves').kept = true;"
         )
-        # The tree's durations advance: it is drawn again within about a second.
-        playwright_api.expect(page.locator("#tree .action[data-kept]")).to_have_count(0, timeout=MS)
-        assert page.evaluate("document.querySelector('svg.curves').kept === true")
+        # The root's duration advances: its row is drawn again within about a second.
+        playwright_api.expect(page.locator("#tree .action[data-mark]")).to_have_count(0, timeout=MS)
+        kept = page.evaluate(
+            "[document.querySelector('#tree .action[data-action=a1]').kept === true,"
+            " document.querySelector('svg.curves').kept === true]"
+        )
+        assert kept == [True, True]
         assert page.errors == []
         page.context.close()
 

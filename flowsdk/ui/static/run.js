@@ -131,14 +131,19 @@
     box.replaceChildren(...buttons);
   }
 
-  // Show `nodes` in `box`, unless it shows equal ones already. A page that follows a live
-  // run is drawn again every second: a part that did not change keeps its nodes, and with
-  // them the title under the pointer and the text a reader selected. (For parts without
-  // listeners: equal nodes say nothing of the handlers they hold.)
+  // Show `nodes` as the children of `box`, keeping each child that is equal to its new
+  // counterpart. A page that follows a live run is drawn again every second: what did not
+  // change keeps its nodes, and with them the title under the pointer and the text a
+  // reader selected (a finished action's error, say). A kept node keeps its listeners:
+  // every row with a button says in its attributes or text all its handler depends on.
   function showUnlessSame(box, nodes) {
-    const now = box.childNodes;
-    if (now.length === nodes.length && nodes.every((node, i) => node.isEqualNode(now[i]))) return;
-    box.replaceChildren(...nodes);
+    const now = [...box.childNodes];
+    nodes.forEach((node, i) => {
+      const old = now[i];
+      if (old === undefined) box.append(node);
+      else if (!node.isEqualNode(old)) old.replaceWith(node);
+    });
+    for (const old of now.slice(nodes.length)) old.remove();
   }
 
   // -- the tree ----------------------------------------------------------------------------
@@ -296,6 +301,7 @@
         }
         if (folded && rest.length) {
           const fold = el("div", "fold");
+          fold.dataset.fold = key; // what its button expands: part of its equality
           fold.style.paddingLeft = (d * 18 + 4) + "px";
           add(fold, 
             el("span", null, "… " + rest.length.toLocaleString() + " more actions: " + summary(rest)),
@@ -307,7 +313,7 @@
     };
     walk(null, 0);
     if (rows.length >= MAX_ROWS) rows.push(el("div", "fold", "… more actions not drawn (" + actions.size.toLocaleString() + " in all)"));
-    document.getElementById("tree").replaceChildren(...rows);
+    showUnlessSame(document.getElementById("tree"), rows);
     return order;
   }
 
