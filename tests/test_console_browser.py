@@ -291,8 +291,9 @@ def test_a_live_page_keeps_the_parts_that_did_not_change_when_it_draws_again(
     """A live page drawn again keeps the nodes of what did not change.
 
     The page follows a live run and draws itself every second: a finished action's
-    row (its error, say, being selected) and a chart under the pointer must stay as
-    they are, while a running action's row, whose duration advances, is drawn again.
+    row (its error, say, being selected), a chart under the pointer and a running
+    action's button must stay the same nodes, while the running action's duration
+    advances.
     """
     env = flowsdk.TaskEnvironment("b_live")
     reported, release = threading.Event(), threading.Event()
@@ -313,30 +314,39 @@ def test_a_live_page_keeps_the_parts_that_did_not_change_when_it_draws_again(
         await trial()
 
     def body() -> None:
-        page = site.page("/runs/b-live", role="viewer")
+        page = site.page("/runs/b-live", role="operator")
         title = page.locator("svg.curves circle.point title")
         # The page as it stays: the chart drawn with the action's record (its task in the
-        # title), the finished action's row shown.
+        # title), the finished action's row shown, the running one's buttons drawn.
         playwright_api.expect(title).to_contain_text("trial · value · RUNNING", timeout=MS)
         playwright_api.expect(_row(page, "a1")).to_have_attribute(
             "data-phase", "SUCCEEDED", timeout=MS
         )
-        # Mark what is shown now: the running root's row by an attribute (a row drawn
-        # again has none), the finished row and the chart by a property (node comparison
-        # does not see properties).
+        button = _row(page, "a2").get_by_role("button", name="Abort action")
+        playwright_api.expect(button).to_have_count(1, timeout=MS)
+        duration = _row(page, "a2").locator(".dur")
+        before = duration.text_content()
+        # Mark what is shown now: the root's row by an attribute (an element whose
+        # attributes differ from its new drawing's is replaced), the rest by a property
+        # (which neither node comparison nor the redrawing sees).
         page.evaluate(
             "document.querySelector('#tree .action[data-action=a0]')"
             ".setAttribute('data-mark', '');"
-            "document.querySelector('#tree .action[data-action=a1]').kept = true;"
-            "document.querySelector('svg.curves').kept = true;"
+            "for (const node of [document.querySelector('#tree .action[data-action=a1]'),"
+            " document.querySelector('#tree .action[data-action=a2] button'),"
+            " document.querySelector('svg.curves')]) node.kept = true;"
         )
-        # The root's duration advances: its row is drawn again within about a second.
+        # Drawn again: the marked row is replaced, the running action's duration advances.
         playwright_api.expect(page.locator("#tree .action[data-mark]")).to_have_count(0, timeout=MS)
+        playwright_api.expect(duration).not_to_have_text(before or "", timeout=MS)
         kept = page.evaluate(
             "[document.querySelector('#tree .action[data-action=a1]').kept === true,"
+            " document.querySelector('#tree .action[data-action=a2] button').kept === true,"
             " document.querySelector('svg.curves').kept === true]"
         )
-        assert kept == [True, True]
+        # The finished row, the running action's button (a click is not lost to a
+        # redrawing) and the chart are the same nodes.
+        assert kept == [True, True, True]
         assert page.errors == []
         page.context.close()
 

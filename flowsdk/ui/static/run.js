@@ -131,19 +131,36 @@
     box.replaceChildren(...buttons);
   }
 
-  // Show `nodes` as the children of `box`, keeping each child that is equal to its new
-  // counterpart. A page that follows a live run is drawn again every second: what did not
-  // change keeps its nodes, and with them the title under the pointer and the text a
-  // reader selected (a finished action's error, say). A kept node keeps its listeners:
-  // every row with a button says in its attributes or text all its handler depends on.
+  // Make the children of `box` show `nodes`, changing as little as it can. A page that
+  // follows a live run is drawn again every second, and on every change: an element
+  // with the same attributes as its new counterpart is kept and only its contents are
+  // brought up to date, so what did not change keeps its nodes (the title under the
+  // pointer, the error message a reader selects) and a running action's button is not
+  // swapped for a new one between the press and the release of a click. A kept element
+  // keeps its listeners: every element with one says in its attributes (or those of the
+  // row it is in) all its handler depends on.
   function showUnlessSame(box, nodes) {
     const now = [...box.childNodes];
     nodes.forEach((node, i) => {
       const old = now[i];
       if (old === undefined) box.append(node);
-      else if (!node.isEqualNode(old)) old.replaceWith(node);
+      else if (!patch(old, node)) old.replaceWith(node);
     });
     for (const old of now.slice(nodes.length)) old.remove();
+  }
+
+  // Make `old` show what `node` shows, if both are text, or the same element with the same
+  // attributes; return whether it did.
+  function patch(old, node) {
+    if (old.nodeType === Node.TEXT_NODE && node.nodeType === Node.TEXT_NODE) {
+      if (old.data !== node.data) old.data = node.data;
+      return true;
+    }
+    if (old.nodeType !== Node.ELEMENT_NODE || old.nodeName !== node.nodeName) return false;
+    if (old.attributes.length !== node.attributes.length) return false;
+    for (const attr of node.attributes) if (old.getAttribute(attr.name) !== attr.value) return false;
+    showUnlessSame(old, [...node.childNodes]);
+    return true;
   }
 
   // -- the tree ----------------------------------------------------------------------------
@@ -235,11 +252,12 @@
     const row = el("div", "group");
     row.dataset.group = group;
     row.style.paddingLeft = (depth * 18 + 4) + "px";
-    const liveNames = names.filter((n) => LIVE_PHASES.has(actions.get(n).phase));
+    const live = (n) => LIVE_PHASES.has(actions.get(n).phase);
     add(row, el("span", "gname", "stage " + group), el("span", "muted", summary(names)));
-    if (liveNames.length && can.control()) {
+    if (names.some(live) && can.control()) {
+      // Counted when clicked: the button outlives the drawing that made it.
       add(row, button("Abort stage", "small danger", () => ask("Abort stage",
-        `Abort stage ${group}: its ${liveNames.length} live action(s) get CancelledError and end ABORTED.`,
+        `Abort stage ${group}: its ${[...actions.values()].filter((a) => a.group === group && live(a.name)).length} live action(s) get CancelledError and end ABORTED.`,
         post("/abort", { action: null, group }))));
     }
     return row;
