@@ -212,6 +212,14 @@ def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:
         # (Playwright's string predicates are eval, which the page's CSP forbids.)
         playwright_api.expect(page.locator("tbody tr")).to_have_count(1, timeout=MS)
         assert page.locator('tr[data-run="b-hist"] .phase').text_content() == "SUCCEEDED"
+        # The list is refreshed every two seconds; a row that did not change keeps its
+        # nodes (a link being clicked stays). The refresh removes a row the test added.
+        page.evaluate(
+            "document.querySelector('tr[data-run=b-hist] a').kept = true;"
+            "document.getElementById('runs').append(document.createElement('tr'));"
+        )
+        playwright_api.expect(page.locator("tbody tr")).to_have_count(1, timeout=MS)
+        assert page.evaluate("document.querySelector('tr[data-run=b-hist] a').kept === true")
         page.context.close()
 
     site.run(body)

@@ -44,6 +44,38 @@ function fmtDuration(start, end) {
   return end ? text : text + "+";
 }
 
+// Make the children of `box` show `nodes`, changing as little as it can. A page that
+// follows something live is drawn again every second or two, and on every change: an
+// element with the same attributes as its new counterpart is kept and only its contents
+// are brought up to date. So what did not change keeps its nodes (the title under the
+// pointer, the text a reader selects) and a link or button is not swapped for a new one
+// between the press and the release of a click. A kept element keeps its listeners:
+// every element with one says in its attributes (or those of the row it is in) all its
+// handler depends on.
+function showUnlessSame(box, nodes) {
+  const now = [...box.childNodes];
+  nodes.forEach((node, i) => {
+    const old = now[i];
+    if (old === undefined) box.append(node);
+    else if (!patch(old, node)) old.replaceWith(node);
+  });
+  for (const old of now.slice(nodes.length)) old.remove();
+}
+
+// Make `old` show what `node` shows, if both are text, or the same element with the same
+// attributes; return whether it did.
+function patch(old, node) {
+  if (old.nodeType === Node.TEXT_NODE && node.nodeType === Node.TEXT_NODE) {
+    if (old.data !== node.data) old.data = node.data;
+    return true;
+  }
+  if (old.nodeType !== Node.ELEMENT_NODE || old.nodeName !== node.nodeName) return false;
+  if (old.attributes.length !== node.attributes.length) return false;
+  for (const attr of node.attributes) if (old.getAttribute(attr.name) !== attr.value) return false;
+  showUnlessSame(old, [...node.childNodes]);
+  return true;
+}
+
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
@@ -164,4 +196,4 @@ async function showWho() {
   return status === 200 ? data : null;
 }
 
-window.flowsdk = { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, LIVE_PHASES, token };
+window.flowsdk = { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES, token };

@@ -1,7 +1,7 @@
 // The history page: runs newest first, filtered by phase and name, refreshed live.
 "use strict";
 (() => {
-  const { el, phaseBadge, fmtTime, fmtDuration, api, showWho } = window.flowsdk;
+  const { el, phaseBadge, fmtTime, fmtDuration, api, showWho, showUnlessSame } = window.flowsdk;
   const PHASES = ["RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "ABORTED", "STOPPED", "CRASHED"];
   const select = document.getElementById("phase");
   const name = document.getElementById("name");
@@ -38,7 +38,7 @@
       row.dataset.run = run.name;
       return row;
     });
-    body.replaceChildren(...rows);
+    showUnlessSame(body, rows); // a link being clicked or text being selected stays put
     document.getElementById("count").textContent = data.length + (data.length === 1 ? " run" : " runs");
   }
 

@@ -1,7 +1,7 @@
 // The run page: the live action tree, the timeline, the event log and the operator's buttons.
 "use strict";
 (() => {
-  const { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, LIVE_PHASES } = window.flowsdk;
+  const { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES } = window.flowsdk;
   const FOLD_AFTER = 12; // a parent with more children than this shows the first ones and a summary
   const NOTABLE = 20; // ... and, of the others, at most this many that did not succeed
   const MAX_ROWS = 1500; // rows drawn at most, whatever the run's size
@@ -129,38 +129,6 @@
     if (shown === buttonsShown) return;
     buttonsShown = shown;
     box.replaceChildren(...buttons);
-  }
-
-  // Make the children of `box` show `nodes`, changing as little as it can. A page that
-  // follows a live run is drawn again every second, and on every change: an element
-  // with the same attributes as its new counterpart is kept and only its contents are
-  // brought up to date, so what did not change keeps its nodes (the title under the
-  // pointer, the error message a reader selects) and a running action's button is not
-  // swapped for a new one between the press and the release of a click. A kept element
-  // keeps its listeners: every element with one says in its attributes (or those of the
-  // row it is in) all its handler depends on.
-  function showUnlessSame(box, nodes) {
-    const now = [...box.childNodes];
-    nodes.forEach((node, i) => {
-      const old = now[i];
-      if (old === undefined) box.append(node);
-      else if (!patch(old, node)) old.replaceWith(node);
-    });
-    for (const old of now.slice(nodes.length)) old.remove();
-  }
-
-  // Make `old` show what `node` shows, if both are text, or the same element with the same
-  // attributes; return whether it did.
-  function patch(old, node) {
-    if (old.nodeType === Node.TEXT_NODE && node.nodeType === Node.TEXT_NODE) {
-      if (old.data !== node.data) old.data = node.data;
-      return true;
-    }
-    if (old.nodeType !== Node.ELEMENT_NODE || old.nodeName !== node.nodeName) return false;
-    if (old.attributes.length !== node.attributes.length) return false;
-    for (const attr of node.attributes) if (old.getAttribute(attr.name) !== attr.value) return false;
-    showUnlessSame(old, [...node.childNodes]);
-    return true;
   }
 
   // -- the tree ----------------------------------------------------------------------------
