@@ -155,6 +155,13 @@ def test_stop_and_wait_then_stop_and_abandon_on_the_same_run(site: Site) -> None
         def body() -> None:
             page = site.page("/runs/b-stop", role="operator")
             _row(page, "a3").locator(".phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+            # The stage's dialog counts its live actions when it opens; cancelled here.
+            page.get_by_role("button", name="Abort stage").click()
+            confirm = page.locator("#confirm-text")
+            playwright_api.expect(confirm).to_contain_text(
+                "Abort stage train: its 1 live action(s)", timeout=MS
+            )
+            page.locator("#confirm-cancel").click()
             page.get_by_role("button", name="Stop and wait").click()
             _confirm(page, "maintenance window")
             page.locator("#run-phase").filter(has_text="STOPPING").wait_for(timeout=MS)

@@ -224,8 +224,9 @@
     add(row, el("span", "gname", "stage " + group), el("span", "muted", summary(names)));
     if (names.some(live) && can.control()) {
       // Counted when clicked: the button outlives the drawing that made it.
+      const liveInStage = () => [...actions.values()].filter((a) => a.group === group && live(a.name)).length;
       add(row, button("Abort stage", "small danger", () => ask("Abort stage",
-        `Abort stage ${group}: its ${[...actions.values()].filter((a) => a.group === group && live(a.name)).length} live action(s) get CancelledError and end ABORTED.`,
+        `Abort stage ${group}: its ${liveInStage()} live action(s) get CancelledError and end ABORTED.`,
         post("/abort", { action: null, group }))));
     }
     return row;
