@@ -465,10 +465,10 @@
     document.getElementById("live").textContent = live ? "● live" : "";
     const facts = document.getElementById("run-facts");
     const fact = (k, v) => [el("dt", null, k), el("dd", null, v)];
-    facts.replaceChildren(
+    showUnlessSame(facts, [
       ...fact("task", run.task || "-"), ...fact("attempt", run.attempt),
-      ...fact("started", fmtTime(run.started_at)), ...fact("duration", fmtDuration(run.started_at, run.ended_at))
-    );
+      ...fact("started", fmtTime(run.started_at)), ...fact("duration", fmtDuration(run.started_at, run.ended_at)),
+    ]);
     const stop = run.stop ? [
       el("strong", null, "stop (" + run.stop.mode + ")"),
       run.stop.reason ? el("span", "reason", "“" + run.stop.reason + "”") : null,
@@ -477,8 +477,8 @@
     showUnlessSame(document.getElementById("run-stop"), stop);
     const counts = new Map();
     for (const a of actions.values()) counts.set(a.phase, (counts.get(a.phase) || 0) + 1);
-    document.getElementById("counts").replaceChildren(
-      ...[...counts].map(([p, c]) => { const b = phaseBadge(c.toLocaleString() + " " + p); b.dataset.phase = p; return b; })
+    showUnlessSame(document.getElementById("counts"),
+      [...counts].map(([p, c]) => { const b = phaseBadge(c.toLocaleString() + " " + p); b.dataset.phase = p; return b; })
     );
   }
 
