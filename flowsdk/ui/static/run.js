@@ -96,14 +96,13 @@
   function button(label, cls, onClick) {
     const b = el("button", cls, label);
     b.type = "button";
+    b.dataset.label = label; // an attribute: a kept button is never patched into another
     b.addEventListener("click", onClick);
     return b;
   }
 
-  // The buttons are made again only when which buttons there are changes: a page that
-  // follows a busy run renders often, and a button replaced between the press and the
-  // release of a click would lose that click. Their texts are read when clicked.
-  let buttonsShown = null;
+  // The run's buttons: kept across drawings like the rest (`showUnlessSame`); their
+  // texts are read when clicked.
   function runButtons() {
     const box = document.getElementById("run-buttons");
     const buttons = [];
@@ -125,10 +124,7 @@
         `Retry run ${runName}: attempt ${run.attempt + 1} starts in a new process; actions that succeeded are replayed from their recorded results.`,
         post("/retry"), false)));
     }
-    const shown = buttons.map((b) => b.textContent).join("|");
-    if (shown === buttonsShown) return;
-    buttonsShown = shown;
-    box.replaceChildren(...buttons);
+    showUnlessSame(box, buttons);
   }
 
   // -- the tree ----------------------------------------------------------------------------
