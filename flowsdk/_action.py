@@ -30,6 +30,7 @@ class RunContext(Protocol):
     loop: asyncio.AbstractEventLoop
     closed: bool
     remote: bool  # true in a body on another host (Ray): `flowsdk.report` forwards its reports
+    max_actions: int | None  # the run's limit on its actions (`_limit`)
 
     def call(
         self,
@@ -134,6 +135,7 @@ _WHAT = {
     AbortCause.TIMEOUT: "cancelled: its timeout passed (timeout)",
     AbortCause.SIGNAL: "aborted by a signal to its runner (signal)",
     AbortCause.CRASHED: "stopped: its run was recorded CRASHED meanwhile (crashed)",
+    AbortCause.ACTION_LIMIT: "failed: its run reached its limit of actions (action_limit)",
 }
 # Built once: cancelling 1,000 children by workflow code formats nothing.
 _PLAIN = {cause.value: f"flowsdk: {_WHAT.get(cause, cause.value)}" for cause in AbortCause}

@@ -173,12 +173,14 @@ class Client:
             phase=RunPhase(phase) if phase is not None else None,
         )
 
-    def retry(self, run: str) -> Run[Any]:
+    def retry(self, run: str, *, max_actions: int | None = None) -> Run[Any]:
         """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
 
         Calls that match a recorded action that succeeded (same key, task and
         inputs) are not executed: their recorded output is returned and the
         action shows `replayed`. Everything else runs again (at least once).
+        `max_actions` limits the new attempt as `flowsdk.run`'s does (replayed
+        actions count); an earlier attempt's limit is not carried over.
 
         Raises:
             RunNotFoundError: no such run.
@@ -186,7 +188,7 @@ class Client:
                 cannot be imported.
             NondeterminismError: (from inside the run) a call differs from the history.
         """
-        return self.service.retry(run)
+        return self.service.retry(run, max_actions)
 
     # -- control ---------------------------------------------------------------------
 

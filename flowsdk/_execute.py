@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from flowsdk._action import ActionState, Request, current
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import group_label
+from flowsdk._limit import over_limit
 from flowsdk._outcome import absorbs, outcome
 from flowsdk._payload import IMMUTABLE as _IMMUTABLE
 from flowsdk._payload import decode_inputs
@@ -33,6 +34,7 @@ from flowsdk._recording import ACTION_ROWS
 from flowsdk._records import EventKind
 from flowsdk.errors import (
     ActionAbortedError,
+    ActionLimitExceededError,
     NondeterminismError,
     NonRecoverableError,
     RunClosedError,
@@ -214,6 +216,8 @@ def start_child(
         # never starts, as if it had been cancelled before its first step.
         raise CancelledError
     seq = runtime.started
+    if seq >= runtime.limit:
+        raise over_limit(runtime, task, parent)  # `max_actions`: the run fails
     runtime.started = seq + 1
     # Allocated, then initialised by a plain call: calling the class adds, on 3.11,
     # `type.__call__` and `slot_tp_init`, 350 instructions per action.
@@ -398,6 +402,7 @@ def expired(runtime: Runtime, action: ActionState) -> bool:
 # Exceptions from a body that retries never answer: they are not the user's errors.
 _NOT_RETRIED = (
     ActionAbortedError,
+    ActionLimitExceededError,
     NondeterminismError,
     NonRecoverableError,
     RunStoppingError,
@@ -411,7 +416,7 @@ def retry(runtime: Runtime, action: ActionState, exc: BaseException) -> bool:
 
     Only user errors are retried: not an abort reaching the body, nor a
     divergence from a retried run's history, nor a call refused because the
-    run is stopping or closed.
+    run is stopping or closed or has reached its `max_actions`.
     """
     if not isinstance(exc, Exception) or isinstance(exc, _NOT_RETRIED):
         return False  # a BaseException fails its action at once, as it would in asyncio

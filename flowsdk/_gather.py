@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from flowsdk._action import ActionState
 from flowsdk._execute import gathering, start_child
 from flowsdk._tracker import HELD_WIDTH
+from flowsdk.errors import ActionLimitExceededError
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
@@ -108,6 +109,7 @@ def start_direct(
     if (
         recorded is not None
         or runtime.closed
+        or runtime.started >= runtime.limit  # refused by the handle, raised to `gather`
         or tracker is None
         or (options.cache and not options.cache_override)
     ):
@@ -152,9 +154,13 @@ async def release_held(runtime: Runtime, rec: RunRecorder) -> None:
             if runtime.closed:
                 fut.cancel()
                 continue
-            action = context.run(
-                start_child, runtime, parent, task, args, kwargs, key, inputs, context, fut
-            )
+            try:
+                action = context.run(
+                    start_child, runtime, parent, task, args, kwargs, key, inputs, context, fut
+                )
+            except ActionLimitExceededError as exc:  # past `max_actions`: `gather` gets it
+                fut.set_exception(exc)
+                continue
             action.direct = True
             fut.action = action
     tracker.releaser = None

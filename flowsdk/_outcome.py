@@ -21,9 +21,11 @@ from asyncio import CancelledError, Future
 from typing import Any
 
 from flowsdk._action import ActionState, Request
+from flowsdk._limit import limit_error
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
 from flowsdk.errors import (
     ActionAbortedError,
+    ActionLimitExceededError,
     ActionMarkedFailedError,
     FlowError,
     RuntimeUserError,
@@ -34,6 +36,7 @@ __all__ = [
     "absorbs",
     "aborted_error",
     "after_cancel",
+    "cleanup_raised",
     "final_phase",
     "interrupts",
     "outcome",
@@ -77,9 +80,23 @@ def after_cancel(action: ActionState) -> tuple[ActionPhase, FlowError | None]:
         )
     if cause is AbortCause.TIMEOUT:
         return FAILED, timeout_error(action)
+    if cause is AbortCause.ACTION_LIMIT:
+        return FAILED, limit_error(action)
     if cause is AbortCause.STOP:
         return ABANDONED, None
     return ABORTED, None
+
+
+def cleanup_raised(req: Request | None, exc: BaseException) -> bool:
+    """Say whether a body that raised `exc` after `req` is a cleanup that raised (a warning).
+
+    Not when the request makes the action FAILED anyway (mark-failed, a
+    timeout), nor for the refusal of the body's own call past `max_actions`
+    (the run's warning named it).
+    """
+    if req is None or req.cause in (AbortCause.MARK_FAILED, AbortCause.TIMEOUT):
+        return False
+    return not isinstance(exc, ActionLimitExceededError)
 
 
 def timeout_error(action: ActionState) -> TaskTimeoutError:

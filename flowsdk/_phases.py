@@ -73,6 +73,8 @@ class AbortCause(enum.StrEnum):
     """SIGTERM or SIGHUP reached the runner (the reason names the signal)."""
     CRASHED = "crashed"
     """Its runner found the run recorded `CRASHED` (gone, seen from another host): stopped."""
+    ACTION_LIMIT = "action_limit"
+    """The run reached its `max_actions` (the root's phase is `FAILED`)."""
 
 
 ACTION_TERMINAL = frozenset(

@@ -47,8 +47,11 @@ def check_retryable(name: str, phase: RunPhase) -> None:
         raise InvalidStateError(f"run {name!r} is {phase.value}: {why}")
 
 
-def retry_run(store: Store, name: str) -> Run[Any]:
+def retry_run(store: Store, name: str, max_actions: int | None = None) -> Run[Any]:
     """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
+
+    `max_actions` limits the new attempt (replayed actions count); an earlier
+    attempt's limit is not carried over.
 
     Raises:
         RunNotFoundError: no such run.
@@ -76,5 +79,6 @@ def retry_run(store: Store, name: str) -> Run[Any]:
         owns_loop=True,
         attempt=record.attempt + 1,
         history=history_of(attempts),
+        max_actions=max_actions,
     )
     return run_sync(runner)

@@ -26,6 +26,7 @@ async def run_async(
     *args: Any,
     name: str | None = None,
     store: str | Store | None = None,
+    max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run and wait until the run ends.
@@ -40,10 +41,11 @@ async def run_async(
         **task_kwargs: Refused with a `TypeError` that says to use `functools.partial`.
         name: The run's name (unique in its store); default: generated.
         store: Where the run is recorded (see `flowsdk.run`).
+        max_actions: The most actions the run may have (see `flowsdk.run`).
     """
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
-    runner = Runner(task, args, kwargs, name, store, owns_loop=False)
+    runner = Runner(task, args, kwargs, name, store, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     try:
         result = await runner.finish()
@@ -62,12 +64,13 @@ async def start(
     *args: Any,
     name: str | None = None,
     store: str | Store | None = None,
+    max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
-    runner = Runner(task, args, kwargs, name, store, owns_loop=False)
+    runner = Runner(task, args, kwargs, name, store, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     loop = asyncio.get_running_loop()
     channel = InProcessChannel(loop, runner.handler)
@@ -79,6 +82,7 @@ def run(
     *args: Any,
     name: str | None = None,
     store: str | Store | None = None,
+    max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> Run[R]:
     """Run `task(*args)` as the root action of a new run, on a fresh event loop.
@@ -95,14 +99,21 @@ def run(
         store: Where the run is recorded: a URL (`sqlite:///path.db`,
             `memory://`), a path, or a store object; default: `$FLOWSDK_STORE`,
             else `sqlite:///.flowsdk/flowsdk.db` in the working directory.
+        max_actions: The most actions the run may have, its root included
+            (default: no limit). A call past it raises `ActionLimitExceededError`
+            and starts nothing; the run then ends FAILED with that error and
+            its actions in progress are cancelled: a runaway recursion stops.
 
     Raises:
         RuntimeError: called from a running event loop (use `flowsdk.run_async`).
+        TypeError, ValueError: `max_actions` is not a positive int.
     """
     no_running_loop()
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
-    return run_sync(Runner(task, args, kwargs, name, store, owns_loop=True))
+    return run_sync(
+        Runner(task, args, kwargs, name, store, owns_loop=True, max_actions=max_actions)
+    )
 
 
 def refuse_keywords(task: object, keywords: dict[str, Any]) -> None:
@@ -117,7 +128,8 @@ def refuse_keywords(task: object, keywords: dict[str, Any]) -> None:
     given = ", ".join(f"{k}=..." for k in keywords)
     raise TypeError(
         f"keyword arguments for the task ({', '.join(sorted(keywords))}) are not accepted "
-        f"here: the keywords of flowsdk.run are the run's own options (name, store). "
+        f"here: the keywords of flowsdk.run are the run's own options (name, store, "
+        f"max_actions). "
         f"Pass them with functools.partial: flowsdk.run(functools.partial({name}, {given}))"
     )
 

@@ -24,6 +24,7 @@ from flowsdk._execute import HANDLE_CODE, OWN_CODE, note_unobserved, spawn
 from flowsdk._fork import run_ended, run_started
 from flowsdk._gather import start_gathered
 from flowsdk._history import History
+from flowsdk._limit import check_max_actions
 from flowsdk._loader import task_path
 from flowsdk._names import check_name, new_run_name
 from flowsdk._payload import encode_inputs
@@ -60,12 +61,14 @@ class Runner:
         owns_loop: bool,
         attempt: int = 1,
         history: History | None = None,
+        max_actions: int | None = None,
     ) -> None:
         if not hasattr(task, "_handle"):
             raise TypeError(
                 f"flowsdk runs a task declared with @env.task, not {task!r}; "
                 "decorate the async function with a TaskEnvironment's .task"
             )
+        self.max_actions = check_max_actions(max_actions)
         self.task = task
         self.args = args
         self.kwargs = kwargs
@@ -96,6 +99,7 @@ class Runner:
             workdir=os.getcwd(),
             attempt=self.attempt,
             history=self.history,
+            max_actions=self.max_actions,
         )
         self.handler = functools.partial(apply_request, runtime)
         # The root exists before the run is recorded, so that the run's row, its root

@@ -33,7 +33,8 @@ from flowsdk._delivery import Delivery
 from flowsdk._describe import describe, safe_str
 from flowsdk._group import current_group
 from flowsdk._history import History
-from flowsdk._outcome import after_cancel, final_phase, settle
+from flowsdk._limit import over_limit
+from flowsdk._outcome import after_cancel, cleanup_raised, final_phase, settle
 from flowsdk._payload import (
     decode_output,
     encode_inputs,
@@ -102,6 +103,7 @@ class Runtime:
         task_path: str = "",
         workdir: str = "",
         history: History | None = None,
+        max_actions: int | None = None,
     ) -> None:
         self.name = name
         self.loop = loop
@@ -125,6 +127,8 @@ class Runtime:
         # log keeps it compact, untracked by the garbage collector (`RunLog.compact`).
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
+        self.max_actions = max_actions
+        self.limit = max_actions or 1 << 62  # `started` is checked against it (`_limit`)
         self.forget_from: float = math.inf  # started actions past which finished ones go
         self.forgotten = Forgotten()
         self.live: dict[str, ActionState] = {}
@@ -294,6 +298,8 @@ class Runtime:
         """
         if self.closed:
             raise CancelledError
+        if self.started >= self.limit:
+            raise over_limit(self, task, parent)
         value = decode_output(task, output)
         action = self._new(parent, task, (), {}, key, inputs)
         action.replayed = True
@@ -377,8 +383,7 @@ class Runtime:
         action.exc = exc
         action.error = describe(exc)
         self._finish(action, FAILED)
-        req = action.req
-        if req is not None and req.cause not in (AbortCause.MARK_FAILED, AbortCause.TIMEOUT):
+        if cleanup_raised(action.req, exc):
             self.warn(
                 action,
                 f"the cleanup of {action.name} ({action.task.name}) raised "

@@ -314,7 +314,7 @@ class ControlService:
 
     # -- retry and start ---------------------------------------------------------------
 
-    def retry(self, run: str) -> Run[Any]:
+    def retry(self, run: str, max_actions: int | None = None) -> Run[Any]:
         """Run the next attempt of a FAILED, ABORTED, STOPPED or CRASHED run, in the foreground.
 
         Raises:
@@ -322,7 +322,7 @@ class ControlService:
                 cannot be imported.
         """
         self.authorize(Permission.EXECUTE)
-        return retry_run(self.store, run)
+        return retry_run(self.store, run, max_actions)
 
     def launch_retry(self, run: str) -> tuple[str, int]:
         """Start the next attempt of a run in a detached runner process; return (run, attempt).

@@ -5,6 +5,7 @@ FlowError(Exception)
 ├── ActionError                 .run, .action
 │   ├── RuntimeUserError        a child's user code raised; __cause__ is the original exception
 │   │   ├── TaskTimeoutError
+│   │   ├── ActionLimitExceededError       a call past the run's `max_actions` (the run FAILED)
 │   │   └── ActionMarkedFailedError   (as the __cause__ an operator's mark-failed produces)
 │   └── ActionAbortedError      .reason, .cause
 ├── RunClosedError              a task was called after the root exited (also RuntimeError)
@@ -37,6 +38,7 @@ from typing import Any
 __all__ = [
     "ActionAbortedError",
     "ActionError",
+    "ActionLimitExceededError",
     "ActionMarkedFailedError",
     "ActionNotFoundError",
     "FlowError",
@@ -121,6 +123,22 @@ class RuntimeUserError(ActionError):
 
 class TaskTimeoutError(RuntimeUserError):
     """An attempt of an action ran longer than its task's `timeout`."""
+
+
+class ActionLimitExceededError(RuntimeUserError):
+    """A task was called past the run's `max_actions`: no action was created, the run FAILED.
+
+    Raised at the refused call, in the calling body (`action` names it); the
+    run's root then ends `FAILED` with it (`action` is the root) and every
+    action in progress is cancelled. A runaway recursion stops there.
+
+    Attributes:
+        limit: The run's `max_actions`.
+    """
+
+    def __init__(self, message: str, *, run: str, action: str, limit: int) -> None:
+        super().__init__(message, run=run, action=action)
+        self.limit = limit
 
 
 class ActionMarkedFailedError(RuntimeUserError):

@@ -28,6 +28,8 @@ ERROR_TREE = {
     "RuntimeUserError": "ActionError",
     "TaskTimeoutError": "RuntimeUserError",
     "ActionMarkedFailedError": "RuntimeUserError",
+    # Beyond SPEC section 7: SCENARIOS S5's limit on a run's actions (`max_actions`).
+    "ActionLimitExceededError": "RuntimeUserError",
     "ActionAbortedError": "ActionError",
     "RunClosedError": "FlowError",
     "RunStoppingError": "FlowError",
@@ -70,6 +72,7 @@ ABORT_CAUSES = [
     "timeout",
     "signal",
     "crashed",
+    "action_limit",  # beyond SPEC section 4: SCENARIOS S5's `max_actions`
 ]
 ACTION_FIELDS = (
     "run",

@@ -54,6 +54,7 @@ RUNTIME_INTERNALS: tuple[str, ...] = (
     "flowsdk._outcome*",
     "flowsdk._execute*",
     "flowsdk._gather",
+    "flowsdk._limit",
 )
 
 # The requester side: it reaches a run only through the store, so it must work

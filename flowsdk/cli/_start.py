@@ -50,6 +50,7 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
     # Every value is JSON, also for str parameters: how a detached launch passes
     # values so that they arrive exactly (ControlService.launch_run).
     run_parser.add_argument("--json-args", action="store_true", help=argparse.SUPPRESS)
+    _add_max_actions(run_parser)
     _add_quiet(run_parser)
     run_parser.set_defaults(handler=run_verb, parser=run_parser)
 
@@ -63,8 +64,29 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
         "otherwise, 1 if the run cannot be retried.",
     )
     retry_parser.add_argument("run", metavar="RUN", help="the run's name")
+    _add_max_actions(retry_parser)
     _add_quiet(retry_parser)
     retry_parser.set_defaults(handler=retry_verb, parser=retry_parser)
+
+
+def _add_max_actions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-actions",
+        type=_positive_int,
+        metavar="N",
+        help="fail the run if it would have more than N actions, its root included "
+        "(default: no limit)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, not {text!r}")
+    return value
 
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +117,11 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
         if not out.json and not args.quiet:
             out.line(f"run {visible(name)}")
         return _foreground(
-            out, client, name, args.quiet, lambda: flowsdk.run(root, name=name, store=client.store)
+            out,
+            client,
+            name,
+            args.quiet,
+            lambda: flowsdk.run(root, name=name, store=client.store, max_actions=args.max_actions),
         )
 
 
@@ -103,7 +129,13 @@ def retry_verb(args: argparse.Namespace, out: Output) -> int:
     """Run the next attempt of a run and wait for its end."""
     _find_modules_here()
     with open_client(args) as client:
-        return _foreground(out, client, args.run, args.quiet, lambda: client.retry(args.run))
+        return _foreground(
+            out,
+            client,
+            args.run,
+            args.quiet,
+            lambda: client.retry(args.run, max_actions=args.max_actions),
+        )
 
 
 def _find_modules_here() -> None:

@@ -94,6 +94,7 @@ class RemoteRun:
 
     closed = False
     remote = True  # `flowsdk.report` sends reports to the driver
+    max_actions: int | None = None  # a remote body calls no task
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.name = name
