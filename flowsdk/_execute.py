@@ -216,7 +216,8 @@ def start_child(
         # never starts, as if it had been cancelled before its first step.
         raise CancelledError
     seq = runtime.started
-    if seq >= runtime.limit:
+    limit = runtime.max_actions
+    if limit is not None and seq >= limit:
         raise over_limit(runtime, task, parent)  # `max_actions`: the run fails
     runtime.started = seq + 1
     # Allocated, then initialised by a plain call: calling the class adds, on 3.11,

@@ -100,16 +100,17 @@ def start_direct(
 ) -> Any:
     """Start the action of a call for `gather`, from its handle's arguments; return its future.
 
-    A replayed or cached output, a store to wait for or a run that has closed
-    is the handle's to deal with, in a task of its own: then a new coroutine
-    of the handle, with the same arguments.
+    A replayed or cached output, a store to wait for, a run that has closed
+    or a call past the run's `max_actions` (refused by the handle, raised to
+    `gather`) is the handle's to deal with, in a task of its own: then a new
+    coroutine of the handle, with the same arguments.
     """
     options = task.options
     tracker = runtime.tracker
     if (
         recorded is not None
         or runtime.closed
-        or runtime.started >= runtime.limit  # refused by the handle, raised to `gather`
+        or (runtime.max_actions is not None and runtime.started >= runtime.max_actions)
         or tracker is None
         or (options.cache and not options.cache_override)
     ):

@@ -1,7 +1,7 @@
 """A run's limit on its actions, `max_actions`: a runaway recursion stops (SCENARIOS S5).
 
 Checked where an action is created (`start_child`, `Runtime.replay`), against
-`Runtime.limit`: the call that would create one action too many raises
+`Runtime.max_actions`: the call that would create one action too many raises
 `ActionLimitExceededError` where it is awaited and creates nothing, and a call never
 awaited counts for nothing. The first refusal fails the run: its root is
 cancelled with cause `action_limit` and ends FAILED with the error of

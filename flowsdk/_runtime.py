@@ -127,8 +127,7 @@ class Runtime:
         # log keeps it compact, untracked by the garbage collector (`RunLog.compact`).
         self.actions: dict[int, ActionState] = {}
         self.started = 0  # actions created so far (the next one's seq)
-        self.max_actions = max_actions
-        self.limit = max_actions or 1 << 62  # `started` is checked against it (`_limit`)
+        self.max_actions = max_actions  # `started` is checked against it (`_limit`)
         self.forget_from: float = math.inf  # started actions past which finished ones go
         self.forgotten = Forgotten()
         self.live: dict[str, ActionState] = {}
@@ -298,7 +297,8 @@ class Runtime:
         """
         if self.closed:
             raise CancelledError
-        if self.started >= self.limit:
+        limit = self.max_actions
+        if limit is not None and self.started >= limit:
             raise over_limit(self, task, parent)
         value = decode_output(task, output)
         action = self._new(parent, task, (), {}, key, inputs)
