@@ -854,3 +854,16 @@ def test_abort_of_a_group_without_actions_says_so_and_lists_the_groups(tmp_path:
     assert result.code == 3
     assert "run 'staged' has no action in group 'deploy'" in result.stderr
     assert "its groups are: train" in result.stderr
+
+
+def test_revoking_an_unknown_token_exits_3_and_a_revoked_one_is_refused(tmp_path: Path) -> None:
+    """CLI exit 3: a token name that does not exist is not found; revoked already is exit 1."""
+    store = store_for(tmp_path)
+    assert cli(store, "token", "create", "ci", "--role", "viewer").code == 0
+    unknown = cli(store, "token", "revoke", "nobody")
+    assert unknown.code == 3
+    assert unknown.stderr == "flowsdk: error: no token named 'nobody' (tokens: 'ci')\n"
+    assert cli(store, "token", "revoke", "ci").code == 0
+    again = cli(store, "token", "revoke", "ci")
+    assert again.code == 1
+    assert again.stderr == "flowsdk: error: the token 'ci' is revoked already\n"

@@ -250,3 +250,17 @@ def test_the_live_view_shows_hostile_text_as_escapes(terminal: Callable[..., Ter
     for sequence in (b"\x1b[2J", b"\x1b]0;", b"\x07", "\x9b".encode(), b"\rfake"):
         assert sequence not in term.raw
     assert any("\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\rfake row" in line for line in term.lines())
+
+
+def test_ctrl_c_on_run_draws_the_runs_end_and_exits_130(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term = terminal("run", "fan:main", "3", "hold=true", "--name", "held")
+    term.read_until(lambda t: any(line.startswith("  a3 ") for line in t.display()))
+    term.send(b"\x03")
+    assert term.finish() == 130
+    lines = term.lines()
+    seen = "\n".join(lines)
+    assert "run held  ABORTED" in lines, seen  # the final frame, not the last live one
+    assert lines[-1].startswith("run held ABORTED after "), seen
+    assert lines[-1].endswith(": 4 actions (4 ABORTED)"), seen

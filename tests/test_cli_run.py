@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,85 @@ def test_retry_replays_what_succeeded_and_keeps_both_attempts(project: Path) -> 
     ]
     assert (project / "calls.log").read_text() == "add 1 2\n"  # add ran once in all
     assert shown(project, "r3", "--attempt", "1")["run"]["phase"] == "FAILED"
+
+
+def test_a_name_in_use_is_refused_before_the_run_is_announced(project: Path) -> None:
+    assert flowsdk_cli(project, "run", "wf:main", "1", "--name", "T3").returncode == 0
+    proc = flowsdk_cli(project, "run", "wf:main", "2", "--name", "T3")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("flowsdk: error: a run named 'T3' already exists")
+    assert (project / "calls.log").read_text() == "add 1 2\n"  # the second one never ran
+
+
+HELD = """
+import asyncio
+import os
+import flowsdk
+
+env = flowsdk.TaskEnvironment("held")
+
+
+@env.task
+async def wait() -> None:
+    print("STARTED", flush=True)
+    await asyncio.sleep(3600)
+
+
+@env.task
+async def main() -> None:
+    if not os.path.exists("hold"):
+        raise RuntimeError("fails until the file hold exists")
+    await wait()
+"""
+
+
+@pytest.mark.parametrize(
+    ("verb", "signum", "quiet"),
+    [
+        ("run", signal.SIGINT, False),
+        ("run", signal.SIGTERM, True),
+        ("retry", signal.SIGINT, True),
+        ("retry", signal.SIGTERM, False),
+    ],
+)
+def test_a_run_ended_by_a_signal_prints_its_end_then_exits_128_plus_n(
+    tmp_path: Path, verb: str, signum: signal.Signals, quiet: bool
+) -> None:
+    """Ctrl-C (130) or SIGTERM (143): the same ending as a run that ended by itself."""
+    (tmp_path / "held.py").write_text(HELD)
+    if verb == "retry":
+        assert flowsdk_cli(tmp_path, "run", "held:main", "--name", "h", "--quiet").returncode == 6
+    argv = ["retry", "h"] if verb == "retry" else ["run", "held:main", "--name", "h"]
+    (tmp_path / "hold").touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowsdk", *argv, *(["--quiet"] if quiet else [])],
+        cwd=tmp_path,
+        env={**os.environ, "FLOWSDK_STORE": "sqlite:///runs.db", "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        while (line := proc.stdout.readline()) != "STARTED\n":  # after `run h`, unless quiet
+            assert line, "the run ended before its task started"
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    lines = out.splitlines()
+    if quiet:
+        assert lines == ["run h: ABORTED"]
+    else:
+        attempt = "  (attempt 2)" if verb == "retry" else ""
+        assert f"run h  ABORTED{attempt}" in lines  # the final tree's header
+        assert lines[-1].startswith("run h ABORTED after ")
+        assert lines[-1].endswith(": 2 actions (2 ABORTED)")
 
 
 def test_retry_of_a_succeeded_run_is_refused_with_exit_1(project: Path) -> None:
@@ -470,3 +550,35 @@ def test_runs_shows_the_abort_reason_of_an_aborted_run(tmp_path: Path) -> None:
     [row] = [line for line in proc.stdout.splitlines() if line.startswith("stopped-by-hand")]
     assert "external: disk \\x1b[2J almost full" in row
     assert "\x1b" not in proc.stdout
+
+
+def test_show_cuts_long_reasons_and_show_action_and_json_have_them_whole(tmp_path: Path) -> None:
+    """A reason of 10,000 characters: `show` cuts it with `…`; the full text is kept."""
+    store = "sqlite:///" + str(tmp_path / "reasons.db")
+    reason = "why " * 2_498 + "the end"
+    env = flowsdk.TaskEnvironment("long_reasons")
+
+    @env.task
+    async def hang() -> None:
+        await asyncio.sleep(3600)
+
+    async def controlled() -> None:
+        aborted = await flowsdk.start(hang, name="aborted", store=store)
+        stopped = await flowsdk.start(hang, name="stopped", store=store)
+        await asyncio.sleep(0)  # the roots' bodies start
+        await aborted.abort(reason=reason)
+        await stopped.stop(abandon=True, reason=reason)
+        await aborted.wait()
+        await stopped.wait()
+
+    asyncio.run(controlled())
+    for argv in (["aborted"], ["aborted", "--events"], ["stopped"], ["stopped", "--events"]):
+        proc = flowsdk_cli(tmp_path, "show", *argv, "--store", store)
+        assert proc.returncode == 0, proc.stderr
+        assert "the end" not in proc.stdout, argv
+        assert max(len(line) for line in proc.stdout.splitlines()) < 600, argv
+        assert "why why why…" in proc.stdout, argv
+    whole = flowsdk_cli(tmp_path, "show", "aborted", "a0", "--store", store)
+    assert f"  reason: {reason}\n" in whole.stdout
+    shown_json = flowsdk_cli(tmp_path, "show", "stopped", "--json", "--store", store)
+    assert json.loads(shown_json.stdout)["run"]["stop"]["reason"] == reason

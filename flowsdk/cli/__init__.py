@@ -6,7 +6,8 @@ codes: 0 done (also an abort of an action that has already ended), 1 refused,
 2 usage error, 3 run or action not found, 4 permission denied, 5 store error,
 6 (`run` and `retry` only) the run did not succeed, 7 a control request is
 queued (its runner has not applied it yet). An expected error prints
-one `flowsdk: error: ...` line on stderr, never a traceback.
+one `flowsdk: error: ...` line on stderr, never a traceback. Bytes of an
+argument that are not valid text are taken as U+FFFD, as in a `--reason-file`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -65,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit code."""
+    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit code.
+
+    Bytes of an argument that do not decode are taken as U+FFFD (see `_as_text`).
+    """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args([_as_text(a) for a in (sys.argv[1:] if argv is None else argv)])
     except SystemExit as exc:  # argparse: --help, --version, or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.store is None:
@@ -93,6 +98,27 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return _BROKEN_PIPE
     return code
+
+
+# Python hands over the bytes of an argument that do not decode as lone surrogates
+# (`surrogateescape`), which no store, request or terminal can encode.
+_UNDECODED = re.compile("[\ud800-\udfff]")
+
+
+def _as_text(arg: str) -> str:
+    """Return a command-line argument with each undecodable byte sequence replaced by U+FFFD.
+
+    The one rule for every verb and every argument (names, reasons, values,
+    paths), the same as for the contents of a `--reason-file`: text that is
+    not valid in the locale's encoding is taken with the replacement character,
+    never refused and never passed on as it came.
+    """
+    if _UNDECODED.search(arg) is None:
+        return arg
+    try:
+        return os.fsencode(arg).decode(sys.getfilesystemencoding(), "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (given by a caller)
+        return _UNDECODED.sub("\ufffd", arg)
 
 
 class _LogFormatter(logging.Formatter):

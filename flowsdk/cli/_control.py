@@ -9,6 +9,7 @@ request is harmless: an abort of an action that has ended exits 0 and says so.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from typing import Any
 
@@ -41,7 +42,7 @@ def read_reason(args: argparse.Namespace) -> str | None:
     if path is not None:
         try:
             if path == "-":
-                reason = sys.stdin.read(MAX_REASON + 1)
+                reason = _read_stdin(MAX_REASON + 1)
             else:
                 with open(path, encoding="utf-8", errors="replace") as f:
                     reason = f.read(MAX_REASON + 1)
@@ -52,6 +53,18 @@ def read_reason(args: argparse.Namespace) -> str | None:
         return check_reason(reason)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _read_stdin(size: int) -> str:
+    """Read up to `size` characters of stdin as UTF-8, undecodable bytes as U+FFFD (as a file)."""
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:  # a text stream put in place of stdin (a caller of main())
+        return sys.stdin.read(size)
+    text = io.TextIOWrapper(binary, encoding="utf-8", errors="replace")
+    try:
+        return text.read(size)
+    finally:
+        text.detach()  # so that closing the wrapper never closes stdin
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -207,7 +207,7 @@ def action_lines(
     lines += ["", *_progress_lines(progress or []), "", *_logs_block(logs or []), ""]
     lines += [
         "events:",
-        *event_lines(out, detail.events),
+        *event_lines(out, detail.events, whole=True),
     ]
     return lines
 

@@ -51,6 +51,7 @@ __all__ = [
     "open_client",
     "run_header",
     "show_json",
+    "shortened",
     "store_location",
     "table",
     "TreeNode",
@@ -68,8 +69,9 @@ EXIT_RUN_FAILED = 6  # `run` and `retry` only: the run ended in a phase other th
 EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied it yet
 
 
-# An error's first line in the tree is cut to this many characters (`show RUN ACTION` has more).
-_FIRST_LINE = 200
+# A stored text in a run's view (a reason, an error's first line, an event's message) is
+# cut to this many characters: `show RUN ACTION` and `--json` have it whole.
+_NOTE_WIDTH = 200
 
 CLEANUP_NOTE = (
     "cleanup may be incomplete: its body had not returned when it was given up on "
@@ -204,6 +206,17 @@ def _isatty(stream: TextIO) -> bool:
 # -- formatting ----------------------------------------------------------------------------
 
 
+def shortened(text: str, width: int = _NOTE_WIDTH) -> str:
+    """Return stored `text` made `visible()`, cut to `width` characters with `…` if longer.
+
+    The one rule for stored text a bounded view shows (a reason of up to
+    10,000 characters must not become a line as long): cut after the escapes,
+    so an escape is never split and `width` is what the terminal shows.
+    """
+    shown = visible(text)
+    return shown if len(shown) <= width else shown[: max(width - 1, 1)] + "…"
+
+
 def format_time(at: datetime | None, *, precise: bool = False) -> str:
     """Format a recorded time in local time (`-` when absent)."""
     if at is None:
@@ -301,9 +314,15 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
         lines.append(
             f"  stop      {stop.mode.value}, requested at {format_time(stop.requested_at)}"
             + (f" by {visible(stop.requested_by)}" if stop.requested_by else "")
-            + (f": {visible(stop.reason)}" if stop.reason else "")
+            + (f": {_cut(stop.reason, 'show RUN --json')}" if stop.reason else "")
         )
     return lines
+
+
+def _cut(text: str, whole: str) -> str:
+    """`shortened(text)`, saying where the whole text is when it was cut."""
+    shown = shortened(text)
+    return shown if shown == visible(text) else f"{shown} (more: {whole})"
 
 
 class TreeNode(Protocol):
@@ -352,17 +371,16 @@ def _details(action: ActionRecord) -> list[str]:
             f"aborted ({abort.cause.value})"
             + (f" by {visible(abort.requested_by)}" if abort.requested_by else "")
             + (f" at {format_time(abort.requested_at)}" if abort.requested_at else "")
-            + (f": {visible(abort.reason)}" if abort.reason else "")
+            + (f": {_cut(abort.reason, 'show RUN ACTION')}" if abort.reason else "")
         )
     error = action.error
     if error is not None:
         # The first line only: `show RUN ACTION` has the whole message and the traceback.
         first, _, rest = error.message.partition("\n")
-        if len(first) > _FIRST_LINE:
-            first, rest = first[: _FIRST_LINE - 1] + "…", "(cut)"
+        shown = shortened(first)
         notes.append(
-            f"error {visible(error.type)}: {visible(first)}"
-            + (" (more: show RUN ACTION)" if rest else "")
+            f"error {shortened(error.type)}: {shown}"
+            + (" (more: show RUN ACTION)" if rest or shown != visible(first) else "")
         )
     if action.cleanup_incomplete:
         notes.append(CLEANUP_NOTE)
@@ -422,15 +440,20 @@ def action_tree(
     return result
 
 
-def event_lines(out: Output, events: list[Event]) -> list[str]:
-    """Render the event log as an aligned table, oldest first."""
+def event_lines(out: Output, events: list[Event], *, whole: bool = False) -> list[str]:
+    """Render the event log as an aligned table, oldest first.
+
+    A message or reason is cut to 200 characters (`shortened`), unless `whole`
+    (one action's events, in `show RUN ACTION`).
+    """
     if not events:
         return ["(no events recorded)"]
+    text = visible if whole else shortened
     rows = []
     for e in events:
-        details = [visible(e.message or "")]
+        details = [text(e.message or "")]
         if e.reason:
-            details.append(f"reason: {visible(e.reason)}")
+            details.append(f"reason: {text(e.reason)}")
         if e.requested_by:
             details.append(f"by {visible(e.requested_by)}")
         rows.append(

@@ -18,6 +18,7 @@ from flowsdk.cli._output import (
     format_duration,
     format_time,
     open_client,
+    shortened,
     store_location,
     table,
 )
@@ -25,7 +26,7 @@ from flowsdk.cli._output import (
 __all__ = ["DEFAULT_LIMIT", "positive_int", "register", "run_phase"]
 
 DEFAULT_LIMIT = 50
-# A reason is cut to this many characters in the table (`show` has it in full).
+# A reason is cut to this many characters in the table (`show` shows more of it).
 _REASON_WIDTH = 40
 
 
@@ -41,9 +42,14 @@ def positive_int(text: str) -> int:
 
 
 def _limit(text: str) -> int:
-    if text.strip() == "0":
-        return 0
-    return positive_int(text)
+    """Parse `--limit`: a whole number >= 1, or 0 for all runs (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: all runs), not {value}")
+    return value
 
 
 def run_phase(text: str) -> RunPhase:
@@ -133,7 +139,4 @@ def _reason(record: RunRecord, abort: AbortInfo | None) -> str:
         label, reason = abort.cause.value, abort.reason
     else:
         return ""
-    text = visible(reason)
-    if len(text) > _REASON_WIDTH:
-        text = text[: _REASON_WIDTH - 1] + "…"
-    return f"{label}: {text}"
+    return f"{label}: {shortened(reason, _REASON_WIDTH)}"

@@ -2,8 +2,10 @@
 
 Both run in this process, show the live action tree on a terminal (the final
 tree otherwise) unless `--quiet`, and exit 0 when the run succeeded, 6 when it
-ended in any other phase. Ctrl-C aborts the run, waits for its cleanup, and
-exits 130.
+ended in any other phase. Ctrl-C aborts the run, waits for its cleanup,
+prints how the run ended (as for a run that ended by itself), and exits 130
+(SIGTERM: 143, SIGHUP: 129). `run` refuses a name in use before it says
+that a run is starting.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from flowsdk._text import visible
 from flowsdk.cli._arguments import bind_arguments, parse_arguments
 from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
+from flowsdk.cli._runs import positive_int
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
-from flowsdk.errors import InvalidStateError, RunNotFoundError
+from flowsdk.errors import FlowError, InvalidStateError, RunExistsError, RunNotFoundError
 from flowsdk.store import SQLiteStore
 
 __all__ = ["register"]
@@ -72,21 +75,11 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
 def _add_max_actions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-actions",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="fail the run if it would have more than N actions, its root included "
         "(default: no limit)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, not {text!r}")
-    return value
 
 
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
@@ -111,9 +104,9 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
     with open_client(args) as client:
         name = name if name is not None else new_run_name(task.fn.__name__)
         root: Any = functools.partial(task, *positional, **keywords)
-        # Read the store first: a store that cannot be read fails here, before
-        # anything says that a run is starting.
-        client.runs(limit=1)
+        # Read the store first: a store that cannot be read, or a name in use, fails
+        # here, before anything says that a run is starting.
+        _check_free(client, name)
         if not out.json and not args.quiet:
             out.line(f"run {visible(name)}")
         return _foreground(
@@ -122,6 +115,7 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
             name,
             args.quiet,
             lambda: flowsdk.run(root, name=name, store=client.store, max_actions=args.max_actions),
+            earlier=0,
         )
 
 
@@ -135,7 +129,24 @@ def retry_verb(args: argparse.Namespace, out: Output) -> int:
             args.run,
             args.quiet,
             lambda: client.retry(args.run, max_actions=args.max_actions),
+            earlier=client.get_record(args.run).attempt,
         )
+
+
+def _check_free(client: Client, name: str) -> None:
+    """Refuse a run name in use (the store's own check, when the run is recorded, is the guard).
+
+    Raises:
+        RunExistsError: a run of that name is recorded.
+        StoreError: the store cannot be read.
+    """
+    try:
+        client.get_record(name)
+    except RunNotFoundError:
+        return
+    raise RunExistsError(
+        f"a run named {name!r} already exists in {client.store.url}; choose another name"
+    )
 
 
 def _find_modules_here() -> None:
@@ -144,17 +155,50 @@ def _find_modules_here() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any) -> int:
+def _foreground(
+    out: Output, client: Client, name: str, quiet: bool, start: Any, *, earlier: int
+) -> int:
+    """Run `start()` (which returns the ended run) and print how the run ended.
+
+    Ctrl-C, SIGTERM or SIGHUP make `start()` raise `KeyboardInterrupt` or
+    `SystemExit(128 + N)` once the run's end is recorded: that end is read back
+    and printed as any other, then the exception goes on (exit 130, 143, 129).
+    `earlier` is the run's latest attempt before this one (0: a new run).
+    """
     live = _LiveTree(out, client, name) if out.tty and not out.json and not quiet else None
     if live is not None:
         live.start()
     result: Run[Any] | None = None
+    interrupted: KeyboardInterrupt | SystemExit | None = None
     try:
         result = start()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupted = exc
+        result = _ended(client, name, earlier)
     finally:
         if live is not None:
             live.stop(result)
-    assert result is not None
+    if result is None:  # interrupted before its run was recorded: nothing ended to show
+        assert interrupted is not None
+        raise interrupted
+    _print_end(out, client, live, result, quiet)
+    if interrupted is not None:
+        raise interrupted
+    return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
+
+
+def _ended(client: Client, name: str, earlier: int) -> Run[Any] | None:
+    """The run's attempt after `earlier` as it ended, or None if none was recorded ended."""
+    try:
+        run = client.get_run(name)
+    except FlowError:  # not recorded, or the store cannot be read: the interrupt alone shows
+        return None
+    return run if run.record.attempt > earlier and run.phase.terminal else None
+
+
+def _print_end(
+    out: Output, client: Client, live: _LiveTree | None, result: Run[Any], quiet: bool
+) -> None:
     if out.json:
         out.print_json(show_json(result.record, result.actions, None))
     elif quiet:
@@ -165,7 +209,6 @@ def _foreground(out: Output, client: Client, name: str, quiet: bool, start: Any)
         progress = client.latest_progress(result.name, result.record.attempt)
         tree = show_lines(out, result, events=False, values=True, progress=progress)
         out.lines(["", *tree, "", summary_line(result)])
-    return EXIT_OK if result.phase is RunPhase.SUCCEEDED else EXIT_RUN_FAILED
 
 
 class _LiveTree:

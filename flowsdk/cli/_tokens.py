@@ -12,7 +12,16 @@ from typing import Any
 
 from flowsdk._records import Role
 from flowsdk._tokens import Tokens
-from flowsdk.cli._output import EXIT_OK, Output, UsageError, format_time, open_client, table
+from flowsdk.cli._output import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    Output,
+    UsageError,
+    format_time,
+    open_client,
+    table,
+)
+from flowsdk.errors import InvalidStateError
 
 __all__ = ["register"]
 
@@ -119,9 +128,18 @@ def list_tokens(args: argparse.Namespace, out: Output) -> int:
 
 
 def revoke_token(args: argparse.Namespace, out: Output) -> int:
-    """Revoke a token."""
+    """Revoke a token; exit 3 if there is none of that name, 1 if it is revoked already."""
     with open_client(args) as client:
-        Tokens(client.store).revoke(args.name)
+        tokens = Tokens(client.store)
+        try:
+            tokens.revoke(args.name)
+        except InvalidStateError as exc:
+            # `Tokens.revoke` refuses both alike; a name that was never a token's is
+            # "not found" in the exit-code table, one revoked already is "refused".
+            if any(t.name == args.name for t in tokens.list()):
+                raise
+            out.error(str(exc))
+            return EXIT_NOT_FOUND
     if out.json:
         out.print_json({"name": args.name, "revoked": True})
     else:
