@@ -5,7 +5,9 @@ into a store: `memory://`, `sqlite:///relative.db`, `sqlite:////absolute.db`,
 `postgresql://user@host/db` (extra `flowsdk[postgres]`), or a plain file
 path (SQLite). It dispatches on the URL's scheme and imports
 only the store it needs. Opening a store object does no I/O; the file is
-touched when a run is recorded or read.
+touched when a run is recorded or read. An empty location, or a URL that
+is malformed or carries an unknown parameter, is a `ValueError` here,
+before any file or server is touched (`_location.py`).
 """
 
 from __future__ import annotations
@@ -73,15 +75,38 @@ def __getattr__(name: str) -> Any:
 
 
 def store_url(store: str | None) -> str:
-    """Return the URL in force: `store`, else `$FLOWSDK_STORE`, else the default."""
-    return store or os.environ.get("FLOWSDK_STORE") or DEFAULT_STORE
+    """Return the URL in force: `store`, else `$FLOWSDK_STORE`, else the default.
+
+    Raises:
+        ValueError: `store`, or `$FLOWSDK_STORE` when it is in force, is empty
+            (or blank): refused rather than read as "the default", which may be
+            another store than the one meant (an unset shell variable).
+    """
+    if store is not None:
+        if not store.strip():
+            raise ValueError(
+                f"the store location {store!r} is empty; give a store URL or a path "
+                f"(such as {DEFAULT_STORE}), or leave --store out to use $FLOWSDK_STORE, "
+                "else the default"
+            )
+        return store
+    found = os.environ.get("FLOWSDK_STORE")
+    if found is None:
+        return DEFAULT_STORE
+    if not found.strip():
+        raise ValueError(
+            f"FLOWSDK_STORE is set but empty ({found!r}); set it to a store URL or a path, "
+            f"or unset it to use the default, {DEFAULT_STORE}"
+        )
+    return found
 
 
 def open_store(store: str | Store | None = None) -> Store:
     """Return the store named by `store` (a URL, a path, or a store object).
 
     Raises:
-        ValueError: the URL's scheme is not one flowsdk knows, or the URL is malformed.
+        ValueError: the location is empty, the URL's scheme is not one flowsdk
+            knows, or the URL is malformed (checked here, before any I/O).
         StoreError: a PostgreSQL URL, without the `flowsdk[postgres]` extra installed.
     """
     if store is not None and not isinstance(store, str):
@@ -89,6 +114,8 @@ def open_store(store: str | Store | None = None) -> Store:
     url = store_url(store)
     head, colon, _ = url.partition(":")
     scheme = head.lower() if colon and head.isalpha() and len(head) > 1 else ""
+    if scheme == "memory" and url[len("memory:") :] != "//":
+        raise ValueError(f"a memory store URL is memory:// and nothing more, not {url!r}")
     if scheme in _SCHEMES:
         module, cls = _SCHEMES[scheme]
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import difflib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +44,7 @@ from flowsdk.store._base import (
     StoredRun,
 )
 from flowsdk.store._prune import prune_plan
+from flowsdk.store._rows import close_names
 
 __all__ = ["MemoryStore"]
 
@@ -154,8 +154,7 @@ class MemoryStore:
             return RunNotFoundError(
                 f"run {name!r} has no attempt {attempt}; its latest is {len(self._runs[name])}"
             )
-        close = difflib.get_close_matches(name, [n for n in self._runs if n != name], n=3)
-        hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
+        hint = close_names(name, self._runs)
         return RunNotFoundError(f"no run named {name!r} in this memory store{hint}")
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:

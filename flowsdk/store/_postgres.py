@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +62,7 @@ from flowsdk.store._postgres_schema import (
 from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._postgres_trace import PostgresTrace
 from flowsdk.store._prune import delete_runs_postgres, prune_plan
-from flowsdk.store._rows import events_from_rows, run_record, with_routine
+from flowsdk.store._rows import close_names, events_from_rows, run_record, with_routine
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -362,8 +361,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
                 "LIMIT 1000"
             )
         ]
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
+        hint = close_names(name, names)
         return RunNotFoundError(f"no run named {name!r} in {self._target.display}{hint}")
 
     # -- control -------------------------------------------------------------------------

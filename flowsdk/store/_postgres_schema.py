@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import psycopg
@@ -22,6 +21,8 @@ from flowsdk._liveness import Owner, host_identity, process_alive
 from flowsdk._phases import RunPhase
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, EventKind
 from flowsdk.errors import PermissionDeniedError, StoreError, StoreLockedError
+from flowsdk.store._location import DEFAULT_BUSY_TIMEOUT
+from flowsdk.store._postgres_url import PgTarget
 from flowsdk.store._rows import (
     ACTION_COLUMN_NAMES,
     ACTION_COLUMNS,
@@ -62,7 +63,6 @@ __all__ = [
 
 logger = logging.getLogger("flowsdk")
 
-DEFAULT_BUSY_TIMEOUT = 5.0
 LEASE = 10.0  # a connected runner whose lease is older than this (server clock) is gone
 REQUESTS = "flowsdk_requests"  # NOTIFY channel: a request was queued (payload: the run)
 REPLIES = "flowsdk_replies"  # NOTIFY channel: a runner answered a request
@@ -250,42 +250,6 @@ LIVE_RUNS = """SELECT r.name, r.attempt, r.owner,
         AND l.classid = (r.lock_key >> 32)::oid AND l.objid = (r.lock_key & 4294967295)::oid),
     r.heartbeat < extract(epoch FROM pg_postmaster_start_time())
     FROM flowsdk.runs r WHERE r.phase IN ('RUNNING', 'STOPPING')"""
-
-
-class PgTarget:
-    """A parsed `postgresql://` URL: what libpq gets, and how messages show it."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("postgresql", "postgres"):
-            raise ValueError(f"not a PostgreSQL store URL: {_masked(url)!r}")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        busy = [v for k, v in query if k == "busy_timeout"]
-        try:
-            self.busy_timeout = float(busy[-1]) if busy else DEFAULT_BUSY_TIMEOUT
-        except ValueError:
-            raise ValueError(
-                f"busy_timeout in {_masked(url)!r} must be a number of seconds"
-            ) from None
-        rest = urlencode([(k, v) for k, v in query if k != "busy_timeout"])
-        # busy_timeout is flowsdk's, not libpq's: libpq refuses parameters it does not know.
-        self.conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, rest, ""))
-        self.display = _masked(url)
-        self.database = parts.path.lstrip("/") or "(the user's default database)"
-
-
-def _masked(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    query = "&".join(
-        f"{k}=***" if k.lower() == "password" else f"{k}={v}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def store_error(exc: psycopg.Error, target: PgTarget) -> StoreError | PermissionDeniedError:

@@ -6,6 +6,7 @@ writes its own statements around these lists.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import islice
@@ -187,3 +188,18 @@ def token_record(row: tuple[Any, ...]) -> TokenRecord:
 def events_from_rows(rows: Iterable[tuple[Any, ...]]) -> list[Event]:
     """The public `Event`s of rows read in `EVENT_COLUMNS` order."""
     return [event_from_row(EventRow(*r)) for r in rows]
+
+
+def close_names(name: str, names: Iterable[str], n: int = 3) -> str:
+    """The `; did you mean ...?` of a run not found: up to `n` of `names` close to `name`.
+
+    Compared without case (`HPO-1` finds `hpo-1`) and with a cutoff low enough
+    for short names (`L2` finds `L1`); `""` when none is close.
+    """
+    by_key: dict[str, list[str]] = {}
+    for other in names:
+        if other != name:
+            by_key.setdefault(other.lower(), []).append(other)
+    found = difflib.get_close_matches(name.lower(), list(by_key), n=n, cutoff=0.5)
+    close = [other for key in found for other in by_key[key]][:n]
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import logging
 import os
 import sqlite3
@@ -24,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from flowsdk._liveness import is_alive
 from flowsdk._phases import ActionPhase, RunPhase
@@ -43,8 +41,9 @@ from flowsdk.errors import (
     StoreError,
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._location import check_store_file, sqlite_location
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
-from flowsdk.store._rows import events_from_rows, with_routine
+from flowsdk.store._rows import close_names, events_from_rows, with_routine
 from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
@@ -52,7 +51,6 @@ from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
     APPLICATION_ID,
-    DEFAULT_BUSY_TIMEOUT,
     EVENTS_AFTER,
     RUN_COLUMNS,
     SCHEMA_VERSION,
@@ -80,7 +78,8 @@ MARK_WAIT = 0.1
 class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
     """A store in one SQLite file (`sqlite:///relative/path.db`, `sqlite:////abs/path.db`).
 
-    The URL may carry `?busy_timeout=SECONDS` (default 5). The file and its
+    The URL may carry `?busy_timeout=SECONDS` (default 5) and no other
+    parameter: a typo is a `ValueError`, never ignored. The file and its
     folder are created when the first run is recorded; reading a store that
     does not exist yet shows no runs and creates nothing.
     """
@@ -88,21 +87,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
     in_process = False
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "sqlite" or parts.netloc:
-            raise ValueError(
-                f"not a SQLite store URL: {url!r}; write sqlite:///relative/path.db or "
-                "sqlite:////absolute/path.db"
-            )
-        path = unquote(parts.path)
-        path = path[1:] if path.startswith("/") else path
-        if not path:
-            raise ValueError(f"the SQLite store URL {url!r} names no file")
-        query = parse_qs(parts.query)
-        try:
-            self.busy_timeout = float(query.get("busy_timeout", [DEFAULT_BUSY_TIMEOUT])[0])
-        except ValueError:
-            raise ValueError(f"busy_timeout in {url!r} must be a number of seconds") from None
+        path, self.busy_timeout = sqlite_location(url)
         self.url = url
         self.path = path
         self._reader: sqlite3.Connection | None = None
@@ -138,22 +123,22 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
 
         Raises:
             StoreCorruptedError: the file is not a flowsdk store (an empty file included).
-            StoreError: the file cannot be used or created.
+            StoreError: the path is not a regular file (a directory, a device, a
+                file of /proc), or the file cannot be used or created.
         """
         if not os.path.exists(self.path):
             if not create:
                 return None
+            if os.path.islink(self.path):
+                # SQLite would create the link's target, empty, outside `create_store`.
+                raise StoreError(
+                    f"cannot create the store {self.path}: it is a symbolic link to "
+                    f"{os.readlink(self.path)}, which does not exist; remove the link or "
+                    "point --store (or FLOWSDK_STORE) at another file"
+                )
             create_store(self.path)
-        elif os.path.isdir(self.path):
-            raise StoreError(f"the store {self.path} is a directory, not a file")
-        elif os.path.getsize(self.path) == 0:
-            # A store is never an empty file (new ones are created whole), so this one
-            # was made by something else: refuse it rather than initialise it.
-            raise StoreCorruptedError(
-                f"the store {os.path.abspath(self.path)} is an empty file (0 bytes), not a "
-                "flowsdk store; it was left untouched. Remove it to start a new store there, "
-                "or point --store (or FLOWSDK_STORE) at another file"
-            )
+        else:
+            check_store_file(self.path)
         self._warn_if_others_can_write()
         with translate(self.path):
             if not create and cannot_write(self.path):
@@ -509,6 +494,5 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
                 "SELECT DISTINCT name FROM runs ORDER BY started_at DESC LIMIT 1000"
             )
         ]
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
+        hint = close_names(name, names)
         return RunNotFoundError(f"no run named {name!r} in {self.path}{hint}")

@@ -30,6 +30,7 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
+from flowsdk.store._location import cannot_create
 from flowsdk.store._rows import ACTION_COLUMNS, EVENT_COLUMNS, RUN_COLUMNS, run_record
 from flowsdk.store._trace_sql import table_statements
 
@@ -61,7 +62,6 @@ __all__ = [
 logger = logging.getLogger("flowsdk")
 
 APPLICATION_ID = 0x466C6F77  # "Flow": marks the file as a flowsdk store
-DEFAULT_BUSY_TIMEOUT = 5.0
 ANSWER_POLL = 0.005  # how often a requester looks for the runner's reply
 
 # The column definitions of actions and events as schema 1 created them (the
@@ -345,12 +345,13 @@ def create_store(path: str) -> None:
         StoreError: the folder or the file cannot be created.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    # Errors name the path as the user wrote it, never the private file made on the way.
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         fresh = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.new")
         os.close(os.open(fresh, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as exc:
-        raise StoreError(f"cannot create the store {path}: {exc}") from None
+        raise cannot_create(path, exc) from None
     try:
         with (
             translate(path),
@@ -366,6 +367,8 @@ def create_store(path: str) -> None:
         except OSError:
             if not os.path.exists(path):  # no hard links on this file system
                 os.rename(fresh, path)
+    except OSError as exc:
+        raise cannot_create(path, exc) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fresh)
