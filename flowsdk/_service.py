@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
 
@@ -463,7 +463,8 @@ def portable_url(url: str) -> str:
         return url
     path = unquote(parts.path)
     path = path[1:] if path.startswith("/") else path
-    absolute = "sqlite:///" + os.path.abspath(path)
+    # Quoted again: a `#`, `?` or `%` in a file name must reach the runner as part of it.
+    absolute = "sqlite:///" + quote(os.path.abspath(path))
     return absolute + (f"?{parts.query}" if parts.query else "")
 
 
