@@ -112,6 +112,8 @@ def test_visible_escapes_every_control_character_and_keeps_letters() -> None:
     assert visible(HOSTILE) == SHOWN
     assert visible("Grüße, 東京 ✓") == "Grüße, 東京 ✓"
     assert visible("\u202eevil\u2028") == "\\u202eevil\\u2028"
+    # The Arabic letter mark is a bidirectional control too (Unicode's Bidi_Control).
+    assert visible("a\u061cb") == "a\\u061cb"
     assert raw_controls(visible("".join(map(chr, range(0xA0))))) == []
 
 
