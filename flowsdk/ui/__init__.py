@@ -8,6 +8,6 @@ this package that read the API with the token the user typed.
 from __future__ import annotations
 
 from flowsdk.ui._app import create_app
-from flowsdk.ui._server import DEFAULT_HOST, DEFAULT_PORT, is_loopback, serve
+from flowsdk.ui._server import DEFAULT_HOST, DEFAULT_PORT, ListenError, is_loopback, serve
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "create_app", "is_loopback", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ListenError", "create_app", "is_loopback", "serve"]

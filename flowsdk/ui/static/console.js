@@ -1,15 +1,41 @@
 // The console's shared helpers. Every text that came from a workflow or an
-// operator is inserted as a text node (textContent), never as markup.
+// operator is inserted as a text node (textContent), never as markup, and made
+// `visible` first: the CLI's rule for stored text (flowsdk/_text.py).
 "use strict";
 
 const TOKEN_KEY = "flowsdk-token";
 const LIVE_PHASES = new Set(["QUEUED", "RUNNING", "STOPPING"]);
 
-// Append children to a node: nodes as they are, anything else as a text node; null is skipped.
+// flowsdk/_text.py's `_CONTROL`, character for character: C0 (TAB, LF and CR too), DEL,
+// C1, the line and paragraph separators, the zero-width and bidirectional controls, the
+// byte-order mark and lone surrogates (the `u` flag: a pair is one character, not two).
+const CONTROL = /[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]/gu;
+const NAMED = new Map([["\t", "\\t"], ["\n", "\\n"], ["\r", "\\r"]]);
+
+// Return `text` with every control character replaced by a visible escape (`\x1b`,
+// `\r`, `\u202e`), as `flowsdk._text.visible` does: the result is one line, and stored
+// text can neither fake a row, ring a bell nor reverse what follows it.
+function visible(text) {
+  return String(text).replace(CONTROL, (char) => {
+    const named = NAMED.get(char);
+    if (named !== undefined) return named;
+    const code = char.codePointAt(0);
+    return code < 0x100 ? "\\x" + code.toString(16).padStart(2, "0") : "\\u" + code.toString(16).padStart(4, "0");
+  });
+}
+
+// Text that is shown on several lines on purpose (a traceback, a log record), as a text
+// node: its line breaks are kept, each line made `visible` (`flowsdk._text.visible_lines`).
+function lines(text) {
+  return document.createTextNode(String(text).split("\n").map(visible).join("\n"));
+}
+
+// Append children to a node: nodes as they are, anything else as a `visible` text node
+// (so stored text shows as the CLI shows it); null is skipped.
 function add(node, ...children) {
   for (const child of children) {
     if (child === null || child === undefined) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    node.append(child instanceof Node ? child : document.createTextNode(visible(child)));
   }
   return node;
 }
@@ -18,6 +44,18 @@ function el(tag, cls, ...children) {
   const node = document.createElement(tag);
   if (cls) node.className = cls;
   return add(node, ...children);
+}
+
+// An element for a table's cell, whose text must not widen its column: `text` made
+// `visible`, cut to `limit` characters with "…" (CSS cuts it again to the column's
+// width: class "clip"), and whole in the element's title.
+function clipped(tag, cls, text, limit = 200) {
+  const whole = visible(text);
+  const chars = Array.from(whole); // by character: a cut never splits a surrogate pair
+  const node = el(tag, cls ? cls + " clip" : "clip");
+  node.append(document.createTextNode(chars.length > limit ? chars.slice(0, limit - 1).join("") + "…" : whole));
+  node.title = whole;
+  return node;
 }
 
 function phaseBadge(phase) {
@@ -190,10 +228,12 @@ async function showWho() {
   const { status, data } = await api("GET", "/api/whoami");
   const who = document.getElementById("who");
   if (status === 200 && who) {
-    who.textContent = data.name + " · " + data.role;
+    who.textContent = visible(data.name + " · " + data.role);
     who.dataset.role = data.role;
   }
   return status === 200 ? data : null;
 }
 
-window.flowsdk = { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES, token };
+window.flowsdk = {
+  el, add, visible, lines, clipped, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES, token,
+};

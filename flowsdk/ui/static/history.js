@@ -1,7 +1,7 @@
 // The history page: runs newest first, filtered by phase and name, refreshed live.
 "use strict";
 (() => {
-  const { el, phaseBadge, fmtTime, fmtDuration, api, showWho, showUnlessSame } = window.flowsdk;
+  const { el, visible, clipped, phaseBadge, fmtTime, fmtDuration, api, showWho, showUnlessSame } = window.flowsdk;
   const PHASES = ["RUNNING", "STOPPING", "SUCCEEDED", "FAILED", "ABORTED", "STOPPED", "CRASHED"];
   const select = document.getElementById("phase");
   const name = document.getElementById("name");
@@ -18,22 +18,24 @@
     if (name.value) query.set("name", name.value);
     const { status: code, data } = await api("GET", "/api/runs?" + query);
     if (code !== 200) {
-      status.textContent = data ? data.message : "HTTP " + code;
+      status.textContent = visible(data ? data.message : "HTTP " + code);
       return;
     }
     status.textContent = "";
     const rows = data.map((run) => {
-      const link = el("a", null, run.name);
+      // Stored text is cut to its column (whole in the title; the run's page shows it all),
+      // so that no text widens the table past the window.
+      const link = clipped("a", null, run.name);
       link.href = "/runs/" + encodeURIComponent(run.name);
       const row = el(
         "tr", null,
         el("td", null, link),
         el("td", null, phaseBadge(run.phase)),
-        el("td", "mono", run.task || "-"),
+        clipped("td", "mono", run.task || "-"),
         el("td", "num", run.attempt),
         el("td", null, fmtTime(run.started_at)),
         el("td", "num", fmtDuration(run.started_at, run.ended_at)),
-        el("td", "muted", run.stop ? run.stop.mode + (run.stop.reason ? ": " + run.stop.reason : "") : "")
+        run.stop ? clipped("td", "muted stop", run.stop.mode + (run.stop.reason ? ": " + run.stop.reason : "")) : el("td", "muted stop")
       );
       row.dataset.run = run.name;
       return row;

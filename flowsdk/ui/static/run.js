@@ -1,7 +1,7 @@
 // The run page: the live action tree, the timeline, the event log and the operator's buttons.
 "use strict";
 (() => {
-  const { el, add, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES } = window.flowsdk;
+  const { el, add, visible, lines, phaseBadge, fmtTime, fmtDuration, api, readStream, showWho, showUnlessSame, LIVE_PHASES } = window.flowsdk;
   const FOLD_AFTER = 12; // a parent with more children than this shows the first ones and a summary
   const NOTABLE = 20; // ... and, of the others, at most this many that did not succeed
   const MAX_ROWS = 1500; // rows drawn at most, whatever the run's size
@@ -17,8 +17,8 @@
   const openTracebacks = new Set(); // kept open across the live re-renders
   let scheduled = null;
 
-  document.title = "flowsdk · " + runName;
-  document.getElementById("crumb").textContent = runName;
+  document.title = "flowsdk · " + visible(runName); // the address is untrusted text too
+  document.getElementById("crumb").textContent = visible(runName);
 
   const can = {
     control: () => role === "operator",
@@ -38,7 +38,7 @@
 
   function ask(title, text, act, withReason = true) {
     document.getElementById("confirm-title").textContent = title;
-    document.getElementById("confirm-text").textContent = text;
+    document.getElementById("confirm-text").textContent = visible(text);
     reasonBox.value = "";
     reasonBox.parentElement.hidden = !withReason;
     dialogOutcome.textContent = "";
@@ -63,11 +63,11 @@
       pending = null;
       dialog.close();
       const outcome = document.getElementById("outcome");
-      outcome.textContent = text;
+      outcome.textContent = visible(text);
       outcome.dataset.outcome = data && data.outcome ? data.outcome : "started";
       if (status === 202) follow();
     } else {
-      dialogOutcome.textContent = text;
+      dialogOutcome.textContent = visible(text);
     }
   });
 
@@ -188,7 +188,8 @@
       err.style.paddingLeft = pad;
       add(err, el("span", "etype", a.error.type + ": "), el("span", null, a.error.message));
       if (a.error.traceback) {
-        const tb = el("details", null, el("summary", null, "traceback"), el("pre", null, a.error.traceback));
+        // Several lines, as `flowsdk show RUN ACTION` prints it: each line made visible.
+        const tb = el("details", null, el("summary", null, "traceback"), el("pre", null, lines(a.error.traceback)));
         tb.open = openTracebacks.has(a.name);
         tb.addEventListener("toggle", () => {
           if (tb.open) openTracebacks.add(a.name);
@@ -324,7 +325,7 @@
       bar.dataset.phase = a.phase;
       bar.style.left = ((start - t0) / span * 100).toFixed(3) + "%";
       bar.style.width = Math.max((end - start) / span * 100, 0.4).toFixed(3) + "%";
-      bar.title = a.name + " " + a.task + " " + a.phase + " " + fmtDuration(a.started_at, a.ended_at);
+      bar.title = visible(a.name + " " + a.task + " " + a.phase + " " + fmtDuration(a.started_at, a.ended_at));
       const track = el("div", "track", bar);
       rows.push(el("div", "tl-row", el("span", "tl-name mono", a.name + " " + a.task.split(".").pop()), track));
     }
@@ -346,14 +347,11 @@
   function svg(tag, attrs, ...children) {
     const node = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
-    for (const child of children) {
-      if (child !== null && child !== undefined) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-    }
-    return node;
+    return add(node, ...children); // text made visible (a curve's title holds stored names)
   }
 
   async function loadTrace() {
-    if (tracing) return;
+    if (tracing || run === null) return; // nothing to read before the run is known to exist
     tracing = true;
     try {
       const base = "/api/runs/" + encodeURIComponent(runName);
@@ -445,7 +443,7 @@
     const items = logs.map((r) => {
       const item = el("li", "log");
       item.dataset.level = r.level;
-      add(item, el("span", "muted mono", fmtTime(r.at)), el("span", "mono", r.action), el("span", "kind", r.level), el("span", "muted", r.logger), el("span", "msg", r.message));
+      add(item, el("span", "muted mono", fmtTime(r.at)), el("span", "mono", r.action), el("span", "kind", r.level), el("span", "muted", r.logger), el("span", "msg", lines(r.message)));
       return item;
     });
     showUnlessSame(document.getElementById("logs"), items);
@@ -454,9 +452,10 @@
   // -- the header and the event log --------------------------------------------------------
 
   function renderHead() {
-    document.getElementById("run-name").textContent = runName;
+    document.getElementById("run-view").hidden = false;
+    document.getElementById("run-name").textContent = visible(runName);
     const phase = document.getElementById("run-phase");
-    phase.textContent = run.phase;
+    phase.textContent = visible(run.phase);
     phase.dataset.phase = run.phase;
     document.getElementById("live").textContent = live ? "● live" : "";
     const facts = document.getElementById("run-facts");
@@ -549,14 +548,28 @@
         await new Promise((r) => setTimeout(r, 300)); // a new attempt began: follow it
       }
     } catch (e) {
-      const outcome = document.getElementById("outcome");
-      outcome.textContent = e.message;
+      if (run === null) showInstead(e.message); // no run to draw: not found, or not allowed
+      else document.getElementById("outcome").textContent = visible(e.message);
     } finally {
       live = false;
       following = false;
-      loadTrace(); // what was reported and logged up to the end
-      schedule();
+      if (run !== null) {
+        loadTrace(); // what was reported and logged up to the end
+        schedule();
+      }
     }
+  }
+
+  // The page of a run it cannot show (`/runs/NOPE`): the answer's message (the CLI's
+  // "no run named 'NOPE' in STORE", with the names it may have meant) and a way back,
+  // instead of the frames of a run.
+  function showInstead(message) {
+    const back = el("a", null, "← all runs");
+    back.href = "/";
+    const box = document.getElementById("missing");
+    showUnlessSame(box, [el("p", null, message), el("p", null, back)]);
+    box.hidden = false;
+    document.getElementById("run-view").hidden = true;
   }
 
   showWho().then((who) => {
