@@ -582,3 +582,11 @@ def test_show_cuts_long_reasons_and_show_action_and_json_have_them_whole(tmp_pat
     assert f"  reason: {reason}\n" in whole.stdout
     shown_json = flowsdk_cli(tmp_path, "show", "stopped", "--json", "--store", store)
     assert json.loads(shown_json.stdout)["run"]["stop"]["reason"] == reason
+
+
+def test_a_run_of_one_action_is_counted_in_the_singular(project: Path) -> None:
+    proc = flowsdk_cli(project, "run", "wf:add", "1", "--name", "one")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("run one SUCCEEDED after ")
+    assert last.endswith(": 1 action (1 SUCCEEDED)")

@@ -22,6 +22,7 @@ from flowsdk._text import preview, visible, visible_lines
 from flowsdk.cli._output import (
     CLEANUP_NOTE,
     Output,
+    counted,
     event_lines,
     format_duration,
     format_time,
@@ -269,7 +270,7 @@ def _logs_block(logs: list[LogEntry]) -> list[str]:
     if not logs:
         return ["logs: (none captured)"]
     dropped = logs[0].n
-    head = f"logs: {len(logs):,} records" + (
+    head = f"logs: {counted(len(logs), 'record')}" + (
         f" ({dropped:,} earlier ones dropped: an action keeps its last 1,000)" if dropped else ""
     )
     return [head, *("  " + line for line in log_lines(logs))]

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 from flowsdk._phases import ActionPhase
 from flowsdk._text import visible
-from flowsdk.cli._output import TreeNode
+from flowsdk.cli._output import TreeNode, counted
 
 __all__ = ["FOLD_CHILDREN", "FOLD_DEPTH", "MAX_ROWS", "folded_tree"]
 
@@ -133,25 +133,21 @@ def _children_line(folded: list[int], shape: _Shape[N]) -> FoldLine:
     inside = sum(map(shape.sizes.__getitem__, folded))
     counts = Counter(map(_phase, map(actions.__getitem__, folded)))
     phases = Counter({str(phase): n for phase, n in counts.items()})
-    counted = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
+    tally = ", ".join(f"{n:,} {phase}" for phase, n in phases.most_common())
     more = ""
     if inside > len(folded):
         troubled = sum(map(shape.unsettled.__getitem__, folded))
         below = troubled - len(folded) + phases["SUCCEEDED"]
-        more = f" and {inside - len(folded):,} {_plural(inside - len(folded), 'action')}"
+        more = f" and {counted(inside - len(folded), 'action')}"
         more += " below them" + (f" ({below:,} of them not SUCCEEDED)" if below else "")
     first, last = actions[folded[0]].name, actions[folded[-1]].name
     line = FoldLine(
         f"… {len(folded):,} more children folded ({visible(first)} … "
-        f"{visible(last)}: {counted}){more}; `flowsdk show RUN ACTION` shows one "
+        f"{visible(last)}: {tally}){more}; `flowsdk show RUN ACTION` shows one "
         "in full"
     )
     line.hides = inside
     return line
-
-
-def _plural(count: int, noun: str) -> str:
-    return noun if count == 1 else noun + "s"
 
 
 def _levels_line(hidden: Sequence[TreeNode], cut: int) -> str:

@@ -24,6 +24,7 @@ from flowsdk.cli._detail import with_progress
 from flowsdk.cli._output import (
     Output,
     action_tree,
+    counted,
     format_duration,
     run_header,
     tree_children,
@@ -47,7 +48,7 @@ def summary_line(run: Run[Any]) -> str:
     return (
         f"run {visible(record.name)} {record.phase.value} after "
         f"{format_duration(record.started_at, record.ended_at, now=datetime.now(UTC))}: "
-        f"{len(run.actions):,} actions ({_counts(phases)})"
+        f"{counted(len(run.actions), 'action')} ({_counts(phases)})"
     )
 
 
@@ -93,7 +94,9 @@ def _entries(trees: _Subtrees, *, collapse: bool, fold: bool) -> list[Entry]:
         # A root is never folded into one line: the frame would say nothing.
         if collapse and depth > 0 and trees.ended[item.name]:
             below = trees.below[item.name]
-            entries.append((depth + 1, f"… {sum(below.values()):,} actions: {_counts(below)}"))
+            entries.append(
+                (depth + 1, f"… {counted(sum(below.values()), 'action')}: {_counts(below)}")
+            )
             continue
         shown: list[ActionRecord | str] = []
         i = 0

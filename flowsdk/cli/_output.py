@@ -48,6 +48,7 @@ __all__ = [
     "exit_code",
     "format_duration",
     "format_time",
+    "counted",
     "open_client",
     "run_header",
     "show_json",
@@ -204,6 +205,11 @@ def _isatty(stream: TextIO) -> bool:
 
 
 # -- formatting ----------------------------------------------------------------------------
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 action`, `12 actions`, `1,000 actions`: a count and its noun, singular or plural."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def shortened(text: str, width: int = _NOTE_WIDTH) -> str:
