@@ -7,9 +7,6 @@ where it is awaited and creates no action, and everything in flight is cancelled
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import flowsdk
 from flowsdk import Client, RunPhase
 from flowsdk.errors import ActionLimitExceededError, RuntimeUserError
 from tests.support import assert_clean, phases
+from tests.test_cli_run import flowsdk_cli
 
 env = flowsdk.TaskEnvironment("limit")
 
@@ -177,23 +175,12 @@ async def fib(n: int) -> int:
 """
 
 
-def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "FLOWSDK_STORE": "sqlite:///runs.db", "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "flowsdk", *args],
-        cwd=cwd,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_the_cli_runs_and_retries_with_a_limit(tmp_path: Path) -> None:
     """`flowsdk run --max-actions`; a retry with a higher limit replays what succeeded."""
     (tmp_path / "wf.py").write_text(WORKFLOW)
-    proc = _cli(tmp_path, "run", "wf:fib", "12", "--name", "f", "--max-actions", "100", "--quiet")
+    proc = flowsdk_cli(
+        tmp_path, "run", "wf:fib", "12", "--name", "f", "--max-actions", "100", "--quiet"
+    )
     assert proc.returncode == 6, proc.stderr
     assert "run f: FAILED" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -204,7 +191,7 @@ def test_the_cli_runs_and_retries_with_a_limit(tmp_path: Path) -> None:
         assert len(first.actions) <= 100
         succeeded = sum(a.phase.value == "SUCCEEDED" for a in first.actions)
         assert succeeded > 0
-        proc = _cli(tmp_path, "retry", "f", "--max-actions", "465", "--quiet")
+        proc = flowsdk_cli(tmp_path, "retry", "f", "--max-actions", "465", "--quiet")
         assert proc.returncode == 0, proc.stderr
         second = client.get_run("f")
         assert second.record.attempt == 2
@@ -217,7 +204,7 @@ def test_the_cli_runs_and_retries_with_a_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["0", "-1", "many"])
 def test_the_cli_refuses_a_bad_limit(tmp_path: Path, bad: str) -> None:
     (tmp_path / "wf.py").write_text(WORKFLOW)
-    proc = _cli(tmp_path, "run", "wf:fib", "3", f"--max-actions={bad}")
+    proc = flowsdk_cli(tmp_path, "run", "wf:fib", "3", f"--max-actions={bad}")
     assert proc.returncode == 2, proc.stderr
     assert "--max-actions" in proc.stderr
     assert "expected a whole number" in proc.stderr or "expected a number >= 1" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from datetime import timedelta
 from typing import Any
@@ -12,7 +13,7 @@ import msgspec
 from flowsdk._records import PruneReport, RunRecord
 from flowsdk._text import visible
 from flowsdk.cli._output import EXIT_OK, Output, UsageError, open_client, store_location
-from flowsdk.cli._runs import run_phase
+from flowsdk.cli._runs import run_phase, whole_number
 
 __all__ = ["register"]
 
@@ -30,14 +31,7 @@ def _days(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
-    return value
+_count = functools.partial(whole_number, minimum=0)
 
 
 def register(verbs: Any, common: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,33 +24,27 @@ from flowsdk.cli._output import (
     table,
 )
 
-__all__ = ["DEFAULT_LIMIT", "positive_int", "register", "run_phase"]
+__all__ = ["DEFAULT_LIMIT", "positive_int", "register", "run_phase", "whole_number"]
 
 DEFAULT_LIMIT = 50
 # A reason is cut to this many characters in the table (`show` shows more of it).
 _REASON_WIDTH = 40
 
 
-def positive_int(text: str) -> int:
-    """Parse a whole number >= 1 (argparse type)."""
+def whole_number(text: str, minimum: int = 1, meaning: str = "") -> int:
+    """Parse a whole number >= `minimum` (argparse type); `meaning` says what a value means."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a number >= {minimum}{meaning}, not {value}")
     return value
 
 
-def _limit(text: str) -> int:
-    """Parse `--limit`: a whole number >= 1, or 0 for all runs (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: all runs), not {value}")
-    return value
+positive_int = whole_number
+# `--limit`: 0 lists all runs.
+_limit = functools.partial(whole_number, minimum=0, meaning=" (0: all runs)")
 
 
 def run_phase(text: str) -> RunPhase:
