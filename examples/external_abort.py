@@ -12,13 +12,15 @@ reports it and returns normally; the nine other sleepers are then ended by the
 root's exit (cause `root_exit`).
 
 Run it: `python examples/external_abort.py` (it starts the operator's command
-itself). With `--operator-outside`, it prints `READY <run> a3 <store>` and
-waits for you (or a test) to run the abort command.
+itself). With `--operator-outside`, it prints `READY <run> a3 <store>` (for a
+test to parse), then the abort command to paste into another terminal, and
+waits for you (or the test) to run it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -74,7 +76,10 @@ def operator(run: str, store: str) -> None:
 
 def announce(run: str, store: str) -> None:
     all_running.wait()
-    print(f"READY {run} {TARGET} {store}", flush=True)
+    print(f"READY {run} {TARGET} {store}", flush=True)  # for a script: one line to parse
+    command = ["python", "-m", "flowsdk", "abort", run, TARGET, "--store", store]
+    command += ["--reason", "diverging loss"]
+    print(f"now, in another terminal: {shlex.join(command)}", flush=True)
 
 
 if __name__ == "__main__":
