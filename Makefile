@@ -63,9 +63,11 @@ bench: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py
 
-# Long campaigns, not part of `make test`: SIGKILL runners at random moments.
+# Long campaigns, not part of `make test`: SIGKILL runners at random moments; twenty runners
+# fanning out on one SQLite file and aborts racing completion (soak/races.py).
 soak: $(STAMP)
 	$(BIN)/python soak/crash_campaign.py 120
+	$(BIN)/python soak/races.py
 	FLOWSDK_PROPERTY_EXAMPLES=10000 $(BIN)/python -m pytest -q -p no:randomly -o timeout=0 -o faulthandler_timeout=0 \
 		tests/test_properties.py
 

@@ -6,7 +6,8 @@
   "Task exception was never retrieved") fails the test;
 - a test must not leave a thread running that it started;
 - async tests must end with no other task pending on their loop and with their
-  own `cancelling()` count back to 0.
+  own `cancelling()` count back to 0 (checked in the test's own task, which is
+  not the task an async fixture runs in: `pytest_runtest_call` below).
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`).
 Each worker is a session of its own: its own PostgreSQL server (`postgres_server`,
@@ -20,12 +21,15 @@ the runs its module's tests share).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,7 +124,11 @@ def leak_bundle() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 async def async_leak_bundle(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """For async tests: no task left pending on the test's loop."""
+    """For async tests: no task left pending on the test's loop.
+
+    It runs in a task of its own, not the test's: the test's `cancelling()`
+    count is checked by `pytest_runtest_call`.
+    """
     if not asyncio.iscoroutinefunction(getattr(request, "function", None)):
         yield
         return
@@ -128,6 +136,47 @@ async def async_leak_bundle(request: pytest.FixtureRequest) -> AsyncIterator[Non
     me = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
     assert not pending, f"tasks left pending: {pending}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Run an async test so that it fails if it leaves its own task's `cancelling()` above 0.
+
+    pytest-asyncio runs the test's coroutine in a task of its own, and each async
+    fixture in another one, so `async_leak_bundle` cannot see the test's count. The
+    test function is wrapped here, before pytest-asyncio's `runtest` hands it to
+    the loop, and put back afterwards.
+    """
+    test = getattr(item, "obj", None)
+    if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(test):
+        yield
+        return
+    item.obj = _checking_own_cancelling(test, item.nodeid)
+    try:
+        yield
+    finally:
+        item.obj = test
+
+
+def _checking_own_cancelling(
+    test: Callable[..., Coroutine[Any, Any, object]], nodeid: str
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    @functools.wraps(test)
+    async def checked(*args: Any, **kwargs: Any) -> None:
+        await test(*args, **kwargs)
+        # Only once the test has passed: a failing test's own error says more.
+        me = asyncio.current_task()
+        left = me.cancelling() if me is not None else 0
+        if left:
+            pytest.fail(
+                f"{nodeid} left its own task's cancelling() at {left}, not 0: a cancellation "
+                "of the test's task was requested (task.cancel(), or a cancel flowsdk or "
+                "asyncio.timeout delivered to it) and then absorbed without uncancel(); "
+                "an asyncio.timeout or TaskGroup that runs on in that task would misbehave",
+                pytrace=False,
+            )
+
+    return checked
 
 
 @pytest.fixture(scope="session")
