@@ -35,7 +35,7 @@ ABANDON_AFTER = 1.0
 TIMER_RESOLUTION = 0.01  # grace and abandon deadlines are rounded up to this (seconds)
 
 QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
-CANCELLED, ANCESTOR = AbortCause.CANCELLED, AbortCause.ANCESTOR
+CANCELLED, ANCESTOR, TIMEOUT = AbortCause.CANCELLED, AbortCause.ANCESTOR, AbortCause.TIMEOUT
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 
 TimerKey = tuple[int, Callable[[ActionState], None]]
@@ -124,7 +124,7 @@ class Delivery:
             action.atask.cancel()
             return
         req = action.req
-        if action.phase is RUNNING and (req is None or req.cause is not AbortCause.TIMEOUT):
+        if action.phase is RUNNING and (req is None or req.cause is not TIMEOUT):
             self._owner.set_phase(action, STOPPING)
         if action.cancels == 0:
             self.cancel_task(action)

@@ -58,6 +58,7 @@ __all__ = [
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
+TIMEOUT = AbortCause.TIMEOUT  # a constant: an Enum member read from its class is slow on 3.11
 _Task = asyncio.Task
 _Future = asyncio.Future
 _new = object.__new__
@@ -317,7 +318,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
                 if timer is not None:
                     timer.cancel()
                 req = action.req
-                timed_out = req is not None and req.cause is AbortCause.TIMEOUT
+                timed_out = req is not None and req.cause is TIMEOUT
                 if timed_out and retry_after_timeout(runtime, action):
                     if await backoff(runtime, action):
                         continue
