@@ -256,7 +256,9 @@ class ControlService:
         except PermissionDeniedError as exc:
             self._record_refused(request, exc)
             raise
-        check_reason(getattr(request, "reason", None))
+        reason = check_reason(getattr(request, "reason", None))
+        if reason == "":  # no reason given: recorded and shown as none, never as ""
+            request = msgspec.structs.replace(request, reason=None)
         request = msgspec.structs.replace(request, requested_by=self.actor.name)
         if not self.channel.in_process:
             ended = self._ended(request)

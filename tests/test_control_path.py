@@ -112,6 +112,42 @@ async def test_the_operators_reason_and_requester_reach_the_body(operation: str)
     assert record.abort == seen.abort  # the record holds the same information, time included
 
 
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+async def test_an_empty_reason_is_recorded_as_no_reason(operation: str) -> None:
+    """`--reason ""` (or `reason=""`) is no reason: recorded None, never shown as `""`."""
+    _, cause, _ = OPERATIONS[operation]
+    env = flowsdk.TaskEnvironment("empty-reason")
+    seen = _Seen()
+
+    @env.task
+    async def trial() -> None:
+        await seen.body()
+
+    @env.task
+    async def root() -> None:
+        await asyncio.gather(trial(), return_exceptions=True)
+
+    store = MemoryStore()
+    handle = await flowsdk.start(root, store=store)
+    await seen.running.wait()
+    with flowsdk.Client(store) as client:
+        if operation == "abort":
+            result = client.abort(handle.name, "a1", reason="")
+        elif operation == "mark_failed":
+            result = client.mark_failed(handle.name, "a1", reason="")
+        else:
+            result = client.stop(handle.name, abandon=True, reason="")
+    assert result.outcome is Outcome.APPLIED
+    await seen.cancelled.wait()
+    run = await handle.wait()
+    assert seen.abort is not None
+    assert (seen.abort.reason, seen.abort.cause) == (None, cause)
+    assert run.action("a1").abort == seen.abort
+    if operation == "stop_abandon":
+        assert run.record.stop is not None
+        assert run.record.stop.reason is None
+
+
 async def test_root_exit_reaches_the_body_as_its_cause() -> None:
     """A child still running when the root returns is cancelled with cause `root_exit`."""
     env = flowsdk.TaskEnvironment("rootexit")
