@@ -739,6 +739,12 @@ def test_show_reports_crashed_run_after_runner_killed(tmp_path: Path, start_runn
     assert (answer.json()["outcome"], answer.json()["phase"]) == ("already_ended", "CRASHED")
     actions = actions_of(cli(store, "show", "doomed", "--json").json())
     assert (actions["a0"]["phase"], actions["a1"]["phase"]) == ("CRASHED", "CRASHED")
+    # The human views say why, not only the event log.
+    shown = cli(store, "show", "doomed")
+    assert "crashed   its runner is gone" in shown.stdout
+    listed = [line for line in cli(store, "runs").stdout.splitlines() if "doomed" in line]
+    assert listed
+    assert listed[0].rstrip().endswith("runner gone")
 
 
 # -- errors and exit codes ---------------------------------------------------------------

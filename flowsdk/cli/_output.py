@@ -18,6 +18,7 @@ from typing import Any, Protocol, TextIO, TypeVar
 import msgspec
 
 from flowsdk._client import Client
+from flowsdk._phases import RunPhase
 from flowsdk._records import ActionRecord, Event, RunRecord
 from flowsdk._text import visible
 from flowsdk.errors import (
@@ -74,6 +75,11 @@ EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied 
 # cut to this many characters: `show RUN ACTION` and `--json` have it whole.
 _NOTE_WIDTH = 200
 
+# Why a run is CRASHED: only crash detection records a run so (README, "The store").
+CRASHED_NOTE = (
+    "its runner is gone (it died, or its host stopped answering): recorded by the first "
+    "reader after its heartbeat went stale, ended at its last heartbeat"
+)
 CLEANUP_NOTE = (
     "cleanup may be incomplete: its body had not returned when it was given up on "
     "(a second cancel after the grace period, or stop and abandon)"
@@ -322,6 +328,8 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
             + (f" by {visible(stop.requested_by)}" if stop.requested_by else "")
             + (f": {_cut(stop.reason, 'show RUN --json')}" if stop.reason else "")
         )
+    if record.phase is RunPhase.CRASHED:
+        lines.append(f"  crashed   {CRASHED_NOTE}")
     return lines
 
 

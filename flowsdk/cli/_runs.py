@@ -132,6 +132,8 @@ def _reason(record: RunRecord, abort: AbortInfo | None) -> str:
         label, reason = "stop", stop.reason
     elif abort is not None and abort.reason:
         label, reason = abort.cause.value, abort.reason
+    elif record.phase is RunPhase.CRASHED:
+        return "runner gone"
     else:
         return ""
     return f"{label}: {shortened(reason, _REASON_WIDTH)}"
