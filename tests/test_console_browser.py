@@ -232,6 +232,24 @@ def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:
     site.run(body)
 
 
+def test_the_history_says_a_crashed_runs_runner_is_gone(site: Site) -> None:
+    """As `flowsdk runs` does: a run whose runner died is CRASHED, reason `runner gone`."""
+    with start_held(site.store, "b-gone") as runner:
+        runner.proc.kill()
+        runner.proc.wait(timeout=60)
+
+    def body() -> None:
+        page = site.page("/", role="viewer")
+        row = page.locator('tr[data-run="b-gone"]')
+        # The console's read finds the runner gone and records the crash.
+        playwright_api.expect(row.locator(".phase")).to_have_text("CRASHED", timeout=MS)
+        playwright_api.expect(row.locator("td.stop")).to_have_text("runner gone", timeout=MS)
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)
+
+
 def test_abort_run_then_retry_follows_the_new_attempt(site: Site) -> None:
     with start_held(site.store, "b-retry") as runner:
 

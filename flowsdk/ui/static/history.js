@@ -35,13 +35,20 @@
         el("td", "num", run.attempt),
         el("td", null, fmtTime(run.started_at)),
         el("td", "num", fmtDuration(run.started_at, run.ended_at)),
-        run.stop ? clipped("td", "muted stop", run.stop.mode + (run.stop.reason ? ": " + run.stop.reason : "")) : el("td", "muted stop")
+        reasonCell(run)
       );
       row.dataset.run = run.name;
       return row;
     });
     showUnlessSame(body, rows); // a link being clicked or text being selected stays put
     document.getElementById("count").textContent = data.length + (data.length === 1 ? " run" : " runs");
+  }
+
+  // Why the run ended early, as `flowsdk runs` says it: a stop's mode and reason, or, for
+  // a run recorded CRASHED (only crash detection records one), that its runner is gone.
+  function reasonCell(run) {
+    if (run.stop) return clipped("td", "muted stop", run.stop.mode + (run.stop.reason ? ": " + run.stop.reason : ""));
+    return el("td", "muted stop", run.phase === "CRASHED" ? "runner gone" : null);
   }
 
   function filtersChanged() {
