@@ -400,8 +400,15 @@ def test_a_folded_fan_out_draws_its_failed_children_and_counts_the_rest(site: Si
 
     def body() -> None:
         page = site.page("/runs/b-fold", role="viewer")
-        fold = page.locator("#tree .fold")
+        fold = page.locator("#tree .fold[data-fold]")
         playwright_api.expect(fold).to_contain_text("… 485 more actions: 485 SUCCEEDED", timeout=MS)
+        # Each run of folded children is one line where it stands, in the children's order.
+        gaps = [g.text_content() for g in page.locator("#tree .fold.gap").all()]
+        assert gaps == [
+            "… 27 folded (a11 … a37): 27 SUCCEEDED",
+            *(f"… 99 folded (a{i + 1} … a{i + 99}): 99 SUCCEEDED" for i in (38, 138, 238, 338)),
+            "… 62 folded (a439 … a500): 62 SUCCEEDED",
+        ]
         drawn = [r.get_attribute("data-action") for r in page.locator("#tree .action").all()]
         assert drawn == [
             "a0",
@@ -427,7 +434,7 @@ def test_a_folded_fan_out_draws_a_child_that_caught_a_failure_below_it(site: Sit
 
     def body() -> None:
         page = site.page("/runs/b-guarded", role="viewer")
-        fold = page.locator("#tree .fold")
+        fold = page.locator("#tree .fold[data-fold]")
         playwright_api.expect(fold).to_contain_text("… 188 more actions: 188 SUCCEEDED", timeout=MS)
         drawn = [r.get_attribute("data-action") for r in page.locator("#tree .action").all()]
         guarded = [n for n in drawn if n is not None and 1 <= int(n[1:]) <= 200]

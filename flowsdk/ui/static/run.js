@@ -142,6 +142,14 @@
     return kids;
   }
 
+  // One line for consecutive folded children: how many, which, their phases.
+  function gapRow(names, depth) {
+    const row = el("div", "fold gap",
+      "… " + names.length.toLocaleString() + " folded (" + names[0] + (names.length > 1 ? " … " + names[names.length - 1] : "") + "): " + summary(names));
+    row.style.paddingLeft = (depth * 18 + 4) + "px";
+    return row;
+  }
+
   function summary(names) {
     const counts = new Map();
     for (const n of names) {
@@ -277,12 +285,23 @@
           shown = first.concat([...notable]);
           rest = members.slice(first.length).filter((n) => !notable.has(n));
         }
-        for (const n of shown) {
+        // In the children's order: each run of folded ones between two drawn ones is one
+        // line where it stands (what it folds, from which to which), as `flowsdk show` does.
+        const drawn = new Set(shown);
+        let gap = [];
+        for (const n of members) {
+          if (!drawn.has(n)) {
+            gap.push(n);
+            continue;
+          }
           if (rows.length >= MAX_ROWS) return;
+          if (gap.length) rows.push(gapRow(gap, d));
+          gap = [];
           rows.push(actionRow(actions.get(n), d));
           order.push(n);
           walk(n, d + 1);
         }
+        if (gap.length && gap.length < rest.length) rows.push(gapRow(gap, d));
         if (folded && rest.length) {
           const fold = el("div", "fold");
           fold.dataset.fold = key; // what its button expands: part of its equality
