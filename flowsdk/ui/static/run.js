@@ -181,7 +181,7 @@
       const acts = el("span", "row-buttons");
       add(acts, 
         button("Abort action", "small danger", () => ask("Abort action",
-          `Abort action ${a.name} (${a.task}): it and its ${liveBelow(a.name)} live descendant(s) get CancelledError and end ABORTED.`,
+          `Abort action ${a.name} (${a.task}): ${itAndBelow(liveBelow(a.name))} CancelledError and ${liveBelow(a.name) ? "end" : "ends"} ABORTED.`,
           post("/abort", { action: a.name, group: null }))),
         button("Mark as failed", "small warn", () => ask("Mark as failed",
           `Mark action ${a.name} (${a.task}) as failed: its body is cancelled, it ends FAILED and its parent gets RuntimeUserError.`,
@@ -221,17 +221,26 @@
     return row;
   }
 
+  // The subjects of an abort dialog's sentence, counted in words.
+  function liveActions(n) {
+    return n === 1 ? "its 1 live action gets" : `its ${n} live actions get`;
+  }
+  function itAndBelow(n) {
+    if (n === 0) return "it gets";
+    return n === 1 ? "it and its 1 live descendant get" : `it and its ${n} live descendants get`;
+  }
+
   function groupRow(group, names, depth) {
     const row = el("div", "group");
     row.dataset.group = group;
     row.style.paddingLeft = (depth * 18 + 4) + "px";
     const live = (n) => LIVE_PHASES.has(actions.get(n).phase);
-    add(row, el("span", "gname", "stage " + group), el("span", "muted", summary(names)));
+    add(row, el("span", "muted", "stage"), el("span", "gname", group), el("span", "muted", summary(names)));
     if (names.some(live) && can.control()) {
       // Counted when clicked: the button outlives the drawing that made it.
       const liveInStage = () => [...actions.values()].filter((a) => a.group === group && live(a.name)).length;
       add(row, button("Abort stage", "small danger", () => ask("Abort stage",
-        `Abort stage ${group}: its ${liveInStage()} live action(s) get CancelledError and end ABORTED.`,
+        `Abort stage ${group}: ${liveActions(liveInStage())} CancelledError and ${liveInStage() === 1 ? "ends" : "end"} ABORTED.`,
         post("/abort", { action: null, group }))));
     }
     return row;
