@@ -187,6 +187,8 @@ def test_run_keeps_the_tasks_prints_above_the_live_tree_and_ends_with_a_summary(
     assert "  a1-a500: 500 SUCCEEDED" in lines  # 500 finished siblings folded into one line
     assert lines[-1].startswith("run live SUCCEEDED after ")
     assert lines[-1].endswith(": 501 actions (501 SUCCEEDED)")
+    # The final frame has no values: the root's result is said above the summary.
+    assert lines[-2] == f"result  {sum(i * i for i in range(500))}"
     # Redrawn in place: no frame after frame in the scrollback.
     assert len(lines) < ROWS
     assert lines.count("run live  SUCCEEDED") == 1

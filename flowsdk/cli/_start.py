@@ -11,6 +11,7 @@ that a run is starting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -23,7 +24,7 @@ from flowsdk._loader import import_task
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._result import Run
-from flowsdk._text import visible
+from flowsdk._text import preview, visible
 from flowsdk.cli._arguments import bind_arguments, parse_arguments
 from flowsdk.cli._live import LiveView, summary_line
 from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
@@ -204,7 +205,11 @@ def _print_end(
     elif quiet:
         out.line(f"run {visible(result.name)}: {result.phase.value}")
     elif live is not None and live.drawing:
-        out.line(summary_line(result))  # the live region holds the final tree
+        # The live region holds the final tree, without values: the result is said here.
+        if result.phase is RunPhase.SUCCEEDED:
+            with contextlib.suppress(FlowError):  # an output that cannot be read back
+                out.line(f"result  {preview(result.result(), 200)}")
+        out.line(summary_line(result))
     else:
         progress = client.latest_progress(result.name, result.record.attempt)
         tree = show_lines(out, result, events=False, values=True, progress=progress)
