@@ -8,6 +8,8 @@ to a file the tests read.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import selectors
 import signal
@@ -16,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +156,36 @@ def wait_for(client: flowsdk.Client, run: str, check: Any, what: str) -> flowsdk
             return current
         assert time.monotonic() < deadline, f"run {run}: {what} not seen in {WAIT} s"
         time.sleep(0.05)  # polling another process's store, bounded by the deadline above
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright cannot download its own here
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def chromium(worker: ThreadPoolExecutor) -> Iterator[Any]:
+    """Playwright and the system Chromium, started and stopped on `worker`.
+
+    Playwright's sync API keeps to the thread that started it, and the tests'
+    event loops must not be that thread: every call goes through `worker`.
+    """
+    sync_api = importlib.import_module("playwright.sync_api")
+    pw = worker.submit(lambda: sync_api.sync_playwright().start()).result(timeout=60)
+    browser = None
+    try:
+        browser = worker.submit(
+            lambda: pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ).result(timeout=60)
+        yield browser
+    finally:
+        if browser is not None:
+            worker.submit(browser.close).result(timeout=60)
+        worker.submit(pw.stop).result(timeout=60)

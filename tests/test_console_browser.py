@@ -22,22 +22,12 @@ from typing import Any
 import pytest
 
 import flowsdk
-from tests.console_support import Console, create_token, start_held
+from tests.console_support import CHROMIUM, Console, chromium, create_token, start_held
 from tests.runners.harness import sqlite_url
 from tests.workflows import deep
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 MS = 30_000  # how long a page may take to show what a test waits for
 
 # One worker runs the module (`--dist loadgroup`): one console and one browser for it.
@@ -88,16 +78,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     console = Console(store, tmp / "console.log")
     worker = ThreadPoolExecutor(1, thread_name_prefix="browser")
     site = Site(console, tokens, worker)
-    pw = worker.submit(lambda: playwright_api.sync_playwright().start()).result(timeout=60)
     try:
-        site.browser = worker.submit(
-            lambda: pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        ).result(timeout=60)
-        yield site
+        with chromium(worker) as browser:
+            site.browser = browser
+            yield site
     finally:
-        if site.browser is not None:
-            worker.submit(site.browser.close).result(timeout=60)
-        worker.submit(pw.stop).result(timeout=60)
         worker.shutdown()
         assert console.close() == 0
 

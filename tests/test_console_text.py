@@ -27,14 +27,12 @@ import pytest
 import flowsdk
 from flowsdk._text import MAX_REASON, visible, visible_lines
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
-from tests.console_support import Console
+from tests.console_support import CHROMIUM, Console, chromium
 from tests.runners.harness import sqlite_url
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 MS = 30_000  # how long a page may take to show what a test waits for
 WIDTH = 1300
 
@@ -138,16 +136,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     console = Console(store, tmp / "console.log")
     worker = ThreadPoolExecutor(1, thread_name_prefix="browser-text")
     site = Site(console, worker)
-    pw = worker.submit(lambda: playwright_api.sync_playwright().start()).result(timeout=60)
     try:
-        site.browser = worker.submit(
-            lambda: pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        ).result(timeout=60)
-        yield site
+        with chromium(worker) as browser:
+            site.browser = browser
+            yield site
     finally:
-        if site.browser is not None:
-            worker.submit(site.browser.close).result(timeout=60)
-        worker.submit(pw.stop).result(timeout=60)
         worker.shutdown()
         assert console.close() == 0
 

@@ -74,10 +74,8 @@ OPERATIONS: dict[str, tuple[Control, AbortCause, str]] = {
 }
 
 
-@pytest.mark.parametrize("operation", list(OPERATIONS))
-async def test_the_operators_reason_and_requester_reach_the_body(operation: str) -> None:
-    """SPEC §2: `str(CancelledError)` and `current_action().abort` say who asked and why."""
-    control, cause, phase = OPERATIONS[operation]
+async def _control_a_trial(control: Control) -> tuple[_Seen, flowsdk.Run[Any]]:
+    """Start a run whose one child waits, `control` it from a `Client`, return what it saw."""
     env = flowsdk.TaskEnvironment("reason")
     seen = _Seen()
 
@@ -96,7 +94,14 @@ async def test_the_operators_reason_and_requester_reach_the_body(operation: str)
         result = control(client, handle.name)
     assert result.outcome is Outcome.APPLIED
     await seen.cancelled.wait()
-    run = await handle.wait()
+    return seen, await handle.wait()
+
+
+@pytest.mark.parametrize("operation", list(OPERATIONS))
+async def test_the_operators_reason_and_requester_reach_the_body(operation: str) -> None:
+    """SPEC §2: `str(CancelledError)` and `current_action().abort` say who asked and why."""
+    control, cause, phase = OPERATIONS[operation]
+    seen, run = await _control_a_trial(control)
     assert seen.before is None  # nothing delivered yet while it ran
     assert "bad trial" in seen.message
     assert LOCAL in seen.message
@@ -112,34 +117,18 @@ async def test_the_operators_reason_and_requester_reach_the_body(operation: str)
     assert record.abort == seen.abort  # the record holds the same information, time included
 
 
+WITHOUT_REASON: dict[str, Control] = {
+    "abort": lambda c, run: c.abort(run, "a1", reason=""),
+    "mark_failed": lambda c, run: c.mark_failed(run, "a1", reason=""),
+    "stop_abandon": lambda c, run: c.stop(run, abandon=True, reason=""),
+}
+
+
 @pytest.mark.parametrize("operation", list(OPERATIONS))
 async def test_an_empty_reason_is_recorded_as_no_reason(operation: str) -> None:
     """`--reason ""` (or `reason=""`) is no reason: recorded None, never shown as `""`."""
     _, cause, _ = OPERATIONS[operation]
-    env = flowsdk.TaskEnvironment("empty-reason")
-    seen = _Seen()
-
-    @env.task
-    async def trial() -> None:
-        await seen.body()
-
-    @env.task
-    async def root() -> None:
-        await asyncio.gather(trial(), return_exceptions=True)
-
-    store = MemoryStore()
-    handle = await flowsdk.start(root, store=store)
-    await seen.running.wait()
-    with flowsdk.Client(store) as client:
-        if operation == "abort":
-            result = client.abort(handle.name, "a1", reason="")
-        elif operation == "mark_failed":
-            result = client.mark_failed(handle.name, "a1", reason="")
-        else:
-            result = client.stop(handle.name, abandon=True, reason="")
-    assert result.outcome is Outcome.APPLIED
-    await seen.cancelled.wait()
-    run = await handle.wait()
+    seen, run = await _control_a_trial(WITHOUT_REASON[operation])
     assert seen.abort is not None
     assert (seen.abort.reason, seen.abort.cause) == (None, cause)
     assert run.action("a1").abort == seen.abort
