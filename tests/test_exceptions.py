@@ -388,7 +388,13 @@ def test_wrapper_creates_no_reference_cycle() -> None:
     assert_clean(run)
 
 
-def _hostile_run(name: str, exc: BaseException) -> tuple[flowsdk.Run[Any], list[RuntimeUserError]]:
+def hostile_run(
+    name: str, exc: BaseException, *, store: str | None = None, reraise: bool = False
+) -> tuple[flowsdk.Run[Any], list[RuntimeUserError]]:
+    """Run a root whose child raises `exc`; return the run and what the root caught.
+
+    With `reraise`, the root raises what it caught again (the run is FAILED).
+    """
     env = flowsdk.TaskEnvironment(name)
     caught: list[RuntimeUserError] = []
 
@@ -402,14 +408,16 @@ def _hostile_run(name: str, exc: BaseException) -> tuple[flowsdk.Run[Any], list[
             await child()
         except RuntimeUserError as err:
             caught.append(err)
+            if reraise:
+                raise
 
-    return flowsdk.run(root), caught
+    return flowsdk.run(root, name=name if store else None, store=store), caught
 
 
 def test_exception_whose_str_raises_is_recorded_with_fallback() -> None:
     """An exception whose `__str__` raises is recorded as `<unprintable ...>`."""
     hostile = UnprintableError()
-    run, caught = _hostile_run("e6", hostile)
+    run, caught = hostile_run("e6", hostile)
     [err] = caught
     assert err.__cause__ is hostile
     record = run.action("a1")
@@ -424,7 +432,7 @@ def test_exception_whose_str_raises_is_recorded_with_fallback() -> None:
 def test_unpicklable_exception_is_recorded_and_wrapper_pickles() -> None:
     """An unpicklable exception is recorded; the parent's wrapper still pickles."""
     hostile = UnpicklableError("cannot travel")
-    run, caught = _hostile_run("e6b", hostile)
+    run, caught = hostile_run("e6b", hostile)
     [err] = caught
     assert err.__cause__ is hostile
     copy = pickle.loads(pickle.dumps(err))
@@ -439,7 +447,7 @@ def test_unpicklable_exception_is_recorded_and_wrapper_pickles() -> None:
 def test_huge_exception_message_is_truncated_in_record() -> None:
     """A 100 MB exception message is recorded truncated; the parent still gets it."""
     hostile = ValueError("x" * 100_000_000)
-    run, caught = _hostile_run("e6c", hostile)
+    run, caught = hostile_run("e6c", hostile)
     [err] = caught
     assert err.__cause__ is hostile
     assert len(str(err)) < 10_000

@@ -27,6 +27,7 @@ from flowsdk import ActionPhase, RunPhase
 from flowsdk.errors import ActionAbortedError, RunStoppedError, RuntimeUserError
 from flowsdk.testing import Gate, sqlite_url
 from tests.support import assert_clean, by_task, causes, phases
+from tests.test_exceptions import hostile_run
 
 # -- E1 / X11: KeyboardInterrupt and SystemExit are never retried ------------------------
 
@@ -204,24 +205,9 @@ def test_hostile_exception_is_recorded_bounded_in_sqlite(tmp_path: Path, kind: s
     store (read back with Client) holds the same type and a message no longer
     than flowsdk's limit, and the root's own failure reads back the same way.
     """
-    env = flowsdk.TaskEnvironment(f"e6{kind}")
     url = sqlite_url(tmp_path / "runs.db")
     hostile, type_name, message = _hostile(kind)
-    caught: list[RuntimeUserError] = []
-
-    @env.task
-    async def child() -> None:
-        raise hostile
-
-    @env.task
-    async def root() -> None:
-        try:
-            await child()
-        except RuntimeUserError as exc:
-            caught.append(exc)
-            raise
-
-    flowsdk.run(root, name="e6", store=url)
+    _, caught = hostile_run("e6", hostile, store=url, reraise=True)
     [err] = caught
     assert err.__cause__ is hostile
     with flowsdk.Client(url) as client:
