@@ -303,3 +303,15 @@ def test_the_page_of_a_run_that_does_not_exist_says_so_and_draws_no_run(site: Si
         page.context.close()
 
     site.run(body)
+
+
+def test_a_run_address_with_a_malformed_escape_says_not_found(site: Site) -> None:
+    """`/runs/100%` (a `%` that starts no escape): the page says so, it is not left blank."""
+
+    def body() -> None:
+        page = site.page("/runs/100%25zz%")
+        expect(page.locator("#missing")).to_contain_text("no run named", timeout=MS)
+        assert page.errors == []
+        page.context.close()
+
+    site.run(body)

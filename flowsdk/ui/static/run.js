@@ -7,7 +7,14 @@
   const MAX_ROWS = 1500; // rows drawn at most, whatever the run's size
   const MAX_EVENTS = 300;
 
-  const runName = decodeURIComponent(location.pathname.replace(/^\/runs\//, ""));
+  const runName = (() => {
+    const raw = location.pathname.replace(/^\/runs\//, "");
+    try {
+      return decodeURIComponent(raw);
+    } catch {
+      return raw; // a malformed `%` escape: asked for as it is, and said not found
+    }
+  })();
   let run = null;
   let actions = new Map();
   let events = new Map(); // seq -> event: the latest the stream sent (its first picture has the last 300)
