@@ -189,3 +189,21 @@ def chromium(worker: ThreadPoolExecutor) -> Iterator[Any]:
         if browser is not None:
             worker.submit(browser.close).result(timeout=60)
         worker.submit(pw.stop).result(timeout=60)
+
+
+@contextlib.contextmanager
+def console_and_browser(
+    store: str, log: Path, thread_name: str
+) -> Iterator[tuple[Console, ThreadPoolExecutor, Any]]:
+    """A console on `store` and Chromium on a worker thread of its own; both stopped at the end.
+
+    The console must have exited cleanly (0) once the browser is gone.
+    """
+    console = Console(store, log)
+    worker = ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+    try:
+        with chromium(worker) as browser:
+            yield console, worker, browser
+    finally:
+        worker.shutdown()
+        assert console.close() == 0

@@ -22,7 +22,13 @@ from typing import Any
 import pytest
 
 import flowsdk
-from tests.console_support import CHROMIUM, Console, chromium, create_token, start_held
+from tests.console_support import (
+    CHROMIUM,
+    Console,
+    console_and_browser,
+    create_token,
+    start_held,
+)
 from tests.runners.harness import sqlite_url
 from tests.workflows import deep
 
@@ -75,16 +81,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("browser")
     store = sqlite_url(tmp / "s.db")
     tokens = {role: create_token(store, role, role) for role in ("viewer", "operator")}
-    console = Console(store, tmp / "console.log")
-    worker = ThreadPoolExecutor(1, thread_name_prefix="browser")
-    site = Site(console, tokens, worker)
-    try:
-        with chromium(worker) as browser:
-            site.browser = browser
-            yield site
-    finally:
-        worker.shutdown()
-        assert console.close() == 0
+    with console_and_browser(store, tmp / "console.log", "browser") as (console, worker, browser):
+        site = Site(console, tokens, worker)
+        site.browser = browser
+        yield site
 
 
 def _row(page: Any, action: str) -> Any:

@@ -27,7 +27,7 @@ import pytest
 import flowsdk
 from flowsdk._text import MAX_REASON, visible, visible_lines
 from flowsdk.errors import ActionAbortedError, RuntimeUserError
-from tests.console_support import CHROMIUM, Console, chromium
+from tests.console_support import CHROMIUM, Console, console_and_browser
 from tests.runners.harness import sqlite_url
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -133,16 +133,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         await record(store, "c-long", LONG_MESSAGE, LONG_REASON)
 
     asyncio.run(record_all())
-    console = Console(store, tmp / "console.log")
-    worker = ThreadPoolExecutor(1, thread_name_prefix="browser-text")
-    site = Site(console, worker)
-    try:
-        with chromium(worker) as browser:
-            site.browser = browser
-            yield site
-    finally:
-        worker.shutdown()
-        assert console.close() == 0
+    with console_and_browser(store, tmp / "console.log", "browser-text") as (c, worker, browser):
+        site = Site(c, worker)
+        site.browser = browser
+        yield site
 
 
 # Every text a page shows: its text nodes (an SVG <title> too; not the line breaks and
