@@ -5,7 +5,7 @@ FlowError(Exception)
 ├── ActionError                 .run, .action
 │   ├── RuntimeUserError        a child's user code raised; __cause__ is the original exception
 │   │   ├── TaskTimeoutError
-│   │   ├── ActionLimitExceededError       a call past the run's `max_actions` (the run FAILED)
+│   │   ├── ActionLimitExceededError  a call past the run's `max_actions` (the run FAILED)
 │   │   └── ActionMarkedFailedError   (as the __cause__ an operator's mark-failed produces)
 │   └── ActionAbortedError      .reason, .cause
 ├── RunClosedError              a task was called after the root exited (also RuntimeError)
