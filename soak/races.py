@@ -100,7 +100,7 @@ def fan_out_runner(store: str, name: str, n: int, folder: Path) -> int:
         if time.monotonic() > deadline:
             say("NO-GO")
             return 1
-        time.sleep(0.001)
+        time.sleep(0.001)  # polling the campaign's go file, bounded by the deadline
     run = flowsdk.run(fan_out, n, name=name, store=store)
     say("RESULT", run.phase.value, run.result())
     return 0
@@ -122,7 +122,7 @@ def p14(path: Path, runners: int, leaves: int, rounds: int) -> list[str]:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     problems.append(f"round {r}: the runners did not all reach the barrier")
                     break
-                time.sleep(0.01)
+                time.sleep(0.01)  # polling the runners' ready files, bounded by the deadline
             (folder / "go").touch()
             released = time.monotonic()
             outputs = [p.communicate(timeout=WAIT)[0] for p in procs]
@@ -194,7 +194,7 @@ race = Race()
 async def child() -> int:
     await race.gate.enter()
     if race.delay:
-        await asyncio.sleep(race.delay)
+        await asyncio.sleep(race.delay)  # the race under test: returns after a random delay
     return 7
 
 
@@ -341,7 +341,7 @@ async def _line(prefix: str) -> list[str]:
 async def racer(i: int) -> int:
     say("AT", i, flowsdk.current_action().name)
     go = await _line(f"go {i}")
-    await asyncio.sleep(float(go[2]))
+    await asyncio.sleep(float(go[2]))  # the race under test: returns after the given delay
     return 7
 
 

@@ -311,7 +311,7 @@ class Blocked:
         deadline = time.monotonic() + 10
         while not self.entered.is_set():
             assert time.monotonic() < deadline, "the plain def body never started"
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # polling a thread's Event: the loop must not block
 
     def let_go(self) -> None:
         """Release the thread and wait for it to end: no thread outlives the test."""

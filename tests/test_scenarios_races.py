@@ -65,7 +65,7 @@ FAN_OUT_RUNNER = textwrap.dedent(
         while not (folder / "go").exists():
             if time.monotonic() > deadline:
                 sys.exit("the test never said go")
-            time.sleep(0.001)
+            time.sleep(0.001)  # polling the test's go file, bounded by the deadline
         run = flowsdk.run(fan_out, n, name=name, store=store)
         print("RESULT", run.phase.value, run.result(), flush=True)
     """
@@ -84,7 +84,7 @@ def _wait_for_files(
             pytest.fail(f"a runner exited ({early[0].returncode}) before its barrier: {out}")
         if time.monotonic() > deadline:
             pytest.fail(f"{len(list(folder.glob(pattern)))} of {count} runners ready in {WAIT} s")
-        time.sleep(0.01)
+        time.sleep(0.01)  # polling the runners' ready files, bounded by the deadline
 
 
 @pytest.mark.slow
