@@ -154,6 +154,7 @@ class Client:
         older_than: timedelta | None = None,
         keep: int | None = None,
         phase: RunPhase | str | None = None,
+        dry_run: bool = False,
     ) -> PruneReport:
         """Delete ended runs, every attempt of each, and give the space back (SPEC §6).
 
@@ -161,7 +162,9 @@ class Client:
         of those, all but the `keep` newest, that ended more than `older_than`
         ago. A live (running or stopping) run is never deleted, even if it
         matched: the report lists it in `live`. A SQLite file shrinks
-        (`freed_bytes`); PostgreSQL reuses the space itself.
+        (`freed_bytes`); PostgreSQL reuses the space itself. With `dry_run`,
+        nothing is deleted: the report says what would be (`.dry_run` is True),
+        and reading the store is enough.
 
         Raises:
             ValueError: no criterion given, or a negative one.
@@ -171,6 +174,7 @@ class Client:
             older_than=older_than,
             keep=keep,
             phase=RunPhase(phase) if phase is not None else None,
+            dry_run=dry_run,
         )
 
     def retry(self, run: str, *, max_actions: int | None = None) -> Run[Any]:

@@ -143,6 +143,9 @@ class PruneReport(msgspec.Struct, frozen=True, kw_only=True):
     server manages its own space (PostgreSQL) or there is no file (memory)."""
     note: str | None = None
     """Anything else the user should know (a file that could not be compacted yet)."""
+    dry_run: bool = False
+    """True for a dry run: nothing was deleted, `deleted` and `attempts` say what a prune
+    with the same options would delete now, and `freed_bytes` is None."""
 
 
 class EventKind(enum.StrEnum):

@@ -69,6 +69,7 @@ from flowsdk.errors import (
     StoreError,
 )
 from flowsdk.store import ControlChannel, Store, StoredAction
+from flowsdk.store._prune import prune_plan
 
 __all__ = [
     "ANSWER_TIMEOUT",
@@ -206,9 +207,13 @@ class ControlService:
         older_than: timedelta | None = None,
         keep: int | None = None,
         phase: RunPhase | None = None,
+        dry_run: bool = False,
     ) -> PruneReport:
-        """Delete ended runs (never a live one): see `Client.prune`. Needs `control`."""
-        self.authorize(Permission.CONTROL)
+        """Delete ended runs (never a live one): see `Client.prune`.
+
+        Needs `control`; a dry run, which only reads, needs `read`.
+        """
+        self.authorize(Permission.READ if dry_run else Permission.CONTROL)
         if older_than is None and keep is None and phase is None:
             raise ValueError(
                 "say which runs to delete: older_than (--older-than DAYS), keep "
@@ -219,6 +224,11 @@ class ControlService:
         if older_than is not None and older_than < timedelta(0):
             raise ValueError(f"older_than must not be negative, not {older_than}")
         before = datetime.now(UTC) - older_than if older_than is not None else None
+        if dry_run:
+            doomed, live = prune_plan(self.store.list_runs(phase=phase), before=before, keep=keep)
+            # Attempts are numbered from 1 and a prune takes every one: the latest's number.
+            attempts = sum(r.attempt for r in doomed)
+            return PruneReport(deleted=doomed, attempts=attempts, live=live, dry_run=True)
         return self.store.prune(before=before, keep=keep, phase=phase)
 
     # -- control -----------------------------------------------------------------------

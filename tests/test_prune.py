@@ -13,11 +13,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flowsdk
-from flowsdk import RunPhase
+from flowsdk import PruneReport, RunPhase
 from flowsdk.errors import PermissionDeniedError
 from flowsdk.store import Store
 from flowsdk.testing import Gate, new_store
@@ -70,6 +71,24 @@ def test_prune_deletes_ended_runs_names_a_live_one_and_the_file_shrinks(
     runner.expect("STARTED a1")
     before = store_bytes(path)
 
+    dry = cli(store, "prune", "--older-than", "0", "--dry-run")
+    assert dry.code == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0].startswith("would delete 3 runs (4 attempts) from ")
+    assert lines[0].endswith(": failed, big-2, big-1")
+    assert (
+        lines[1]
+        == "would keep 1 live run that matched (a live run is never deleted): live (RUNNING)"
+    )
+    assert lines[2] == "nothing was deleted (--dry-run)"
+    assert len(lines) == 3
+    assert store_bytes(path) == before
+    planned = cli(store, "prune", "--older-than", "0", "--dry-run", "--json").json()
+    assert planned["dry_run"] is True
+    assert [r["name"] for r in planned["deleted"]] == ["failed", "big-2", "big-1"]
+    assert (planned["attempts"], planned["freed_bytes"]) == (4, None)
+    assert len(cli(store, "runs", "--json").json()) == 4
+
     result = cli(store, "prune", "--older-than", "0")
     assert result.code == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -86,6 +105,7 @@ def test_prune_deletes_ended_runs_names_a_live_one_and_the_file_shrinks(
     runner.expect("RESULT SUCCEEDED")
     runner.finish()
     again = cli(store, "prune", "--keep", "0", "--json").json()
+    assert again["dry_run"] is False
     assert [r["name"] for r in again["deleted"]] == ["live"]
     assert again["live"] == []
     assert cli(store, "runs", "--json").json() == []
@@ -156,21 +176,32 @@ async def test_every_store_prunes_by_phase_keep_and_age_never_a_live_run(
     client = flowsdk.Client(store)
     loop = asyncio.get_running_loop()
     pool = concurrent.futures.ThreadPoolExecutor(1)  # store calls block: not on the loop
+
+    def prune(**options: Any) -> PruneReport:
+        """Prune, after a dry run with the same options that must plan the same."""
+        plan = client.prune(dry_run=True, **options)
+        assert plan.dry_run
+        assert plan.freed_bytes is None
+        report = client.prune(**options)
+        assert not report.dry_run
+        assert [r.name for r in plan.deleted] == [r.name for r in report.deleted]
+        assert [r.name for r in plan.live] == [r.name for r in report.live]
+        assert plan.attempts == report.attempts
+        return report
+
     try:
-        none_old = await loop.run_in_executor(
-            pool, partial(client.prune, older_than=timedelta(days=1))
-        )
+        none_old = await loop.run_in_executor(pool, partial(prune, older_than=timedelta(days=1)))
         assert (none_old.deleted, none_old.live) == ([], [])
-        failed = await loop.run_in_executor(pool, partial(client.prune, phase="FAILED", keep=1))
+        failed = await loop.run_in_executor(pool, partial(prune, phase="FAILED", keep=1))
         assert [r.name for r in failed.deleted] == ["f1"]
         assert failed.attempts == 1
-        older = await loop.run_in_executor(pool, partial(client.prune, keep=2))
+        older = await loop.run_in_executor(pool, partial(prune, keep=2))
         assert [r.name for r in older.deleted] == ["f2", "s2", "s1"]
         assert older.live == []
-        matched = await loop.run_in_executor(pool, partial(client.prune, phase=RunPhase.RUNNING))
+        matched = await loop.run_in_executor(pool, partial(prune, phase=RunPhase.RUNNING))
         assert matched.deleted == []
         assert [(r.name, r.phase) for r in matched.live] == [("live", RunPhase.RUNNING)]
-        ended = await loop.run_in_executor(pool, partial(client.prune, older_than=timedelta(0)))
+        ended = await loop.run_in_executor(pool, partial(prune, older_than=timedelta(0)))
         assert [r.name for r in ended.deleted] == ["s3"]
         assert [r.name for r in ended.live] == ["live"]
         gate.release_all()
@@ -178,19 +209,23 @@ async def test_every_store_prunes_by_phase_keep_and_age_never_a_live_run(
         assert [r.name for r in await loop.run_in_executor(pool, partial(client.runs))] == ["live"]
         with pytest.raises(ValueError, match="say which runs to delete"):
             client.prune()
+        with pytest.raises(ValueError, match="say which runs to delete"):
+            client.prune(dry_run=True)
     finally:
         gate.release_all()
         pool.shutdown()
         client.close()
 
 
-def test_a_viewer_may_not_prune(tmp_path: Path) -> None:
-    """Deleting runs needs the control permission (an operator)."""
+def test_a_viewer_may_not_prune_but_may_see_what_a_prune_would_delete(tmp_path: Path) -> None:
+    """Deleting runs needs the control permission (an operator); a dry run only reading."""
     store = store_for(tmp_path)
     flowsdk.run(ok, name="kept", store=store)
     viewer = flowsdk.Actor(name="token:v", role=flowsdk.Role.VIEWER)
-    with flowsdk.Client(store, actor=viewer) as client, pytest.raises(PermissionDeniedError):
-        client.prune(keep=0)
+    with flowsdk.Client(store, actor=viewer) as client:
+        with pytest.raises(PermissionDeniedError):
+            client.prune(keep=0)
+        assert [r.name for r in client.prune(keep=0, dry_run=True).deleted] == ["kept"]
     with flowsdk.Client(store) as client:
         assert [r.name for r in client.runs()] == ["kept"]
 

@@ -138,6 +138,13 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     refused = as_nobody(store, "abort", "live", "--reason", "not mine")
     assert refused.returncode == 4, (refused.stdout, refused.stderr)
     assert "cannot be written by this user" in refused.stderr
+    planned = as_nobody(store, "prune", "--keep", "0", "--dry-run", "--json")
+    assert planned.returncode == 0, planned.stderr  # a dry run only reads
+    plan = json.loads(planned.stdout)
+    assert ([r["name"] for r in plan["deleted"]], plan["dry_run"]) == (["done"], True)
+    assert [r["name"] for r in plan["live"]] == ["live"]
+    pruning = as_nobody(store, "prune", "--keep", "0")
+    assert pruning.returncode == 4, (pruning.stdout, pruning.stderr)
 
     runner.proc.send_signal(signal.SIGKILL)
     runner.proc.wait(timeout=30)

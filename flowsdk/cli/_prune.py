@@ -56,6 +56,11 @@ def register(verbs: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--phase", type=run_phase, metavar="P", help="only runs in phase P (e.g. FAILED)"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="delete nothing: say what would be deleted (reading the store is enough)",
+    )
     parser.set_defaults(handler=prune, parser=parser)
 
 
@@ -68,7 +73,9 @@ def prune(args: argparse.Namespace, out: Output) -> int:
         )
     older = timedelta(days=args.older_than) if args.older_than is not None else None
     with open_client(args) as client:
-        report = client.prune(older_than=older, keep=args.keep, phase=args.phase)
+        report = client.prune(
+            older_than=older, keep=args.keep, phase=args.phase, dry_run=args.dry_run
+        )
         where = store_location(client)
     if out.json:
         out.print_json(msgspec.to_builtins(report))
@@ -79,20 +86,23 @@ def prune(args: argparse.Namespace, out: Output) -> int:
 
 def _report_lines(report: PruneReport, where: str) -> list[str]:
     lines = []
+    delete, keep = ("would delete", "would keep") if report.dry_run else ("deleted", "kept")
     if report.deleted:
         runs = "run" if len(report.deleted) == 1 else "runs"
         attempts = "attempt" if report.attempts == 1 else "attempts"
         lines.append(
-            f"deleted {len(report.deleted):,} {runs} ({report.attempts:,} {attempts}) "
+            f"{delete} {len(report.deleted):,} {runs} ({report.attempts:,} {attempts}) "
             f"from {where}: {_names(report.deleted)}"
         )
     else:
         lines.append(f"nothing to delete in {where}")
     if report.live:
         lines.append(
-            f"kept {len(report.live):,} live run{'s' if len(report.live) != 1 else ''} that "
+            f"{keep} {len(report.live):,} live run{'s' if len(report.live) != 1 else ''} that "
             f"matched (a live run is never deleted): {_names(report.live, phases=True)}"
         )
+    if report.dry_run:
+        lines.append("nothing was deleted (--dry-run)")
     if report.freed_bytes:
         lines.append(f"gave {_size(report.freed_bytes)} back to the file system")
     if report.note:
