@@ -30,8 +30,10 @@ if typing.TYPE_CHECKING:
         ErrorInfo,
         Event,
         EventKind,
+        LogEntry,
         MarkFailedRequest,
         Outcome,
+        Progress,
         PruneReport,
         Role,
         RunRecord,
@@ -40,6 +42,7 @@ if typing.TYPE_CHECKING:
     )
     from flowsdk._result import Run
     from flowsdk._run import RunHandle, run, run_async, start
+    from flowsdk.store import StoredAction
 
 __all__ = [
     "AbortCause",
@@ -54,8 +57,10 @@ __all__ = [
     "ErrorInfo",
     "Event",
     "EventKind",
+    "LogEntry",
     "MarkFailedRequest",
     "Outcome",
+    "Progress",
     "PruneReport",
     "Report",
     "Role",
@@ -65,6 +70,7 @@ __all__ = [
     "RunRecord",
     "StopInfo",
     "StopRequest",
+    "StoredAction",
     "Task",
     "TaskEnvironment",
     "current_action",
@@ -91,13 +97,16 @@ _LAZY = {
     "ErrorInfo": "flowsdk._records",
     "Event": "flowsdk._records",
     "EventKind": "flowsdk._records",
+    "LogEntry": "flowsdk._records",
     "MarkFailedRequest": "flowsdk._records",
     "Outcome": "flowsdk._records",
+    "Progress": "flowsdk._records",
     "PruneReport": "flowsdk._records",
     "Role": "flowsdk._records",
     "RunRecord": "flowsdk._records",
     "StopInfo": "flowsdk._records",
     "StopRequest": "flowsdk._records",
+    "StoredAction": "flowsdk.store",
     "Client": "flowsdk._client",
     "Run": "flowsdk._result",
     "RunHandle": "flowsdk._run",
