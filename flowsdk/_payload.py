@@ -56,12 +56,32 @@ IMMUTABLE = _IMMUTABLE
 """Types whose values need no snapshot (the per-call path checks these, in C)."""
 
 
+class _Unfit(TypeError):
+    """A task called with arguments that do not fit its function (raised as a TypeError)."""
+
+
 class _Shape:
     """What the codec needs to know of a task's function, computed once per task."""
 
-    __slots__ = ("_names", "hints", "positional", "return_type", "star_args", "star_kwargs")
+    __slots__ = (
+        "_keyword_names",
+        "_names",
+        "fits",
+        "hints",
+        "positional",
+        "return_type",
+        "star_args",
+        "star_kwargs",
+        "task",
+    )
 
     def __init__(self, task: TaskSpec) -> None:
+        self.task = task
+        # The calls with keywords seen to fit the signature, as the count of positional
+        # values and the keywords' names (whether a call binds depends on nothing
+        # else): each is checked once per task. A call without keywords is checked
+        # when its count first gets its names (`names`).
+        self.fits: set[tuple[int, frozenset[str]]] = set()
         try:
             hints = typing.get_type_hints(task.fn)
         except Exception:  # unresolvable forward references: decode as builtins
@@ -75,13 +95,51 @@ class _Shape:
         self.return_type = hints.pop("return", Any)
         self.hints = hints
         self._names: dict[int, list[str]] = {}
+        self._keyword_names: dict[int, list[str]] = {}
 
-    def names(self, count: int) -> list[str]:
-        """The names of the first `count` positional values (cached per count)."""
+    def names(self, args: tuple[Any, ...]) -> list[str]:
+        """The names of a call's positional values, the call having no keywords.
+
+        Cached per count, once a call of that count has been checked to fit.
+        """
+        count = len(args)
         names: list[str] | None = self._names.get(count)
         if names is None:
+            self.fit(args, {})
             names = self._names[count] = [self.param(i) for i in range(count)]
         return names
+
+    def keyword_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+        """Check a call with keywords (once per way of calling); name its positional values."""
+        count = len(args)
+        key = (count, frozenset(kwargs))
+        if key not in self.fits:
+            self.fit(args, kwargs)
+            self.fits.add(key)
+        names: list[str] | None = self._keyword_names.get(count)
+        if names is None:
+            names = self._keyword_names[count] = [self.param(i) for i in range(count)]
+        return names
+
+    def fit(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Check that a call binds to the function, as calling it would.
+
+        Raises:
+            TypeError: the arguments do not fit (missing, extra, unknown, twice), in
+                the words `inspect` uses, naming the task and its signature.
+        """
+        signature = self.task.signature
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            bare = signature.replace(  # the parameters' names and defaults, as a caller needs
+                parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                return_annotation=signature.empty,
+            )
+            raise _Unfit(
+                f"task {self.task.name!r} called with arguments that do not fit "
+                f"{self.task.fn.__name__}{bare}: {exc}"
+            ) from None
 
     def param(self, index: int) -> str:
         if index < len(self.positional):
@@ -109,18 +167,30 @@ def encode_inputs(task: TaskSpec, args: tuple[Any, ...], kwargs: dict[str, Any])
         SerializationError: an argument cannot be recorded (naming the task and
             the parameter), or the inputs exceed the task's `max_payload`.
     """
+    # Arguments that do not fit the function raise TypeError here (`_Unfit` inside), from
+    # the call, as calling the function would in plain asyncio: no action, nothing
+    # recorded, no retry. Each way of calling a task is checked once (`_Shape`).
     try:
         if not args and not kwargs:
+            shape = task._shape
+            if shape is None or 0 not in shape._names:
+                _shape(task).names(args)
             data = _NO_INPUTS
         elif args:
             # The positional values' parameter names travel with them, so a reader
             # (`flowsdk show`, the console) names every input without importing the
             # workflow. Comparisons and digests ignore them (`canonical`).
             shape = task._shape or _shape(task)
-            names = shape._names.get(len(args)) or shape.names(len(args))
+            if kwargs:
+                names = shape.keyword_call(args, kwargs)
+            else:
+                names = shape._names.get(len(args)) or shape.names(args)
             data = _encode((args, kwargs, names))
         else:
+            (task._shape or _shape(task)).keyword_call(args, kwargs)
             data = _encode((args, kwargs))
+    except _Unfit as exc:
+        raise TypeError(*exc.args) from None  # a plain TypeError, as Python's own
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise _input_error(task, args, kwargs, exc) from exc
     if len(data) > task.options.max_payload:

@@ -462,3 +462,75 @@ def test_dict_key_order_does_not_change_the_recorded_inputs() -> None:
     assert inputs_digest(first) == inputs_digest(second)
     assert seen == [["b", "a"], ["a", "b"]]
     assert_clean(run)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("missing", "missing a required argument: 'a'"),
+        ("too_many", "too many positional arguments"),
+        ("unknown_keyword", "got an unexpected keyword argument 'c'"),
+        ("twice", "multiple values for argument 'a'"),
+        ("keyword_only_missing", "missing a required argument: 'mode'"),
+    ],
+)
+def test_arguments_that_do_not_fit_raise_typeerror_from_the_call_and_create_no_action(
+    call: str, message: str
+) -> None:
+    """As in plain asyncio: `add()` raises TypeError at the call; no action, no retry."""
+    env = flowsdk.TaskEnvironment("fit", retries=2)
+    caught: list[TypeError] = []
+
+    @env.task
+    async def add(a: int, b: int = 1, *, mode: str) -> int:
+        return a + b
+
+    loose: Any = add  # calls a type checker refuses, made as a program would make them
+    calls = {
+        "missing": lambda: loose(mode="x"),
+        "too_many": lambda: loose(1, 2, 3, mode="x"),
+        "unknown_keyword": lambda: loose(1, c=2, mode="x"),
+        "twice": lambda: loose(1, a=2, mode="x"),
+        "keyword_only_missing": lambda: loose(1),
+    }
+
+    @env.task
+    async def root() -> int:
+        for _ in range(2):  # the second time from what the first one learned
+            try:
+                _ = calls[call]()
+            except TypeError as exc:
+                caught.append(exc)
+        return await add(1, mode="x") + await add(1, 2, mode="y") + await add(a=1, mode="z")
+
+    run = flowsdk.run(root)
+    assert run.result() == 2 + 3 + 2
+    assert len(caught) == 2
+    for exc in caught:
+        assert type(exc) is TypeError
+        fit = "task 'fit.add' called with arguments that do not fit add(a, b=1, *, mode)"
+        assert str(exc) == f"{fit}: {message}"
+    assert phases(run) == {
+        "a0": "SUCCEEDED",
+        "a1": "SUCCEEDED",
+        "a2": "SUCCEEDED",
+        "a3": "SUCCEEDED",
+    }
+    assert_clean(run)
+
+
+def test_a_root_called_with_arguments_that_do_not_fit_is_refused_before_anything_is_recorded(
+    tmp_path: Path,
+) -> None:
+    """`flowsdk.run(add)` without `add`'s argument: TypeError, no run recorded."""
+    env = flowsdk.TaskEnvironment("fitroot")
+
+    @env.task
+    async def add(a: int) -> int:
+        return a
+
+    store = sqlite_url(tmp_path / "store.db")
+    with pytest.raises(TypeError, match="missing a required argument: 'a'"):
+        flowsdk.run(add, store=store)
+    with flowsdk.Client(store) as client:
+        assert client.runs() == []
