@@ -137,7 +137,7 @@ def test_a_new_store_is_in_wal_mode_at_the_latest_schema_version(tmp_path: Path)
     path = tmp_path / "s.db"
     flowsdk.run(noop, name="first", store=sqlite_url(path))
     assert pragma(path, "journal_mode") == "wal"
-    assert pragma(path, "user_version") == SCHEMA_VERSION == 8
+    assert pragma(path, "user_version") == SCHEMA_VERSION == 9
 
 
 def test_a_store_of_schema_1_is_migrated_and_keeps_its_runs(

@@ -7,10 +7,16 @@ named by parameter: by the call when it named them (`f(lr=0.1)`), else by
 the function's signature read from the run's root module source
 (`_signatures`); a positional value whose name cannot be known for sure is
 named by its position (`#0`).
+
+Values are shown as JSON, but for the numbers JSON cannot hold: NaN and the
+infinities read `nan`, `inf` and `-inf`, as Python prints them (`--json` has
+`null`, as msgspec writes them).
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +43,9 @@ __all__ = [
     "log_lines",
     "progress_text",
     "with_progress",
+    "value_preview",
     "value_previews",
+    "value_text",
 ]
 
 # A value longer than this is cut in the human view (`--json` has it whole).
@@ -117,12 +125,65 @@ def action_json(
     }
 
 
+def _marked(value: Any, token: str) -> Any:
+    """Return `value` with each NaN or infinity as a string: `token`, then `nan`/`inf`/`-inf`."""
+    if isinstance(value, float):
+        # float's repr, not the value's: a NumPy float's is `np.float64(nan)`.
+        return value if math.isfinite(value) else token + float.__repr__(value)
+    if isinstance(value, list | tuple):
+        return [_marked(item, token) for item in value]
+    if isinstance(value, dict):
+        return {key: _marked(item, token) for key, item in value.items()}
+    return value
+
+
+def value_text(value: Any, indent: int = 0) -> str:
+    """Return a value as JSON text (indented by `indent` if not 0), NaN and infinities as Python's.
+
+    JSON has no such numbers: msgspec writes `null`, and a loss that turned NaN
+    must not read as "no value". Each is encoded as a string made of a token new
+    to this call and its text, then the quoted string is replaced by the text: no
+    stored string (`"nan"`) can be taken for one.
+
+    Raises:
+        TypeError, ValueError, msgspec.EncodeError: msgspec cannot encode the value.
+    """
+    data = msgspec.json.encode(value)
+    token = ""
+    # A NaN or an infinity is encoded as null: only then is the value walked (a
+    # value nested too deep for that walk is shown with its nulls).
+    if b"null" in data:
+        try:
+            token = secrets.token_hex(8)
+            data = msgspec.json.encode(_marked(value, token))
+        except RecursionError:
+            token = ""
+    if indent:
+        data = msgspec.json.format(data, indent=indent)
+    text = data.decode()
+    if token and token in text:
+        for number in ("nan", "inf", "-inf"):
+            text = text.replace(f'"{token}{number}"', number)
+    return text
+
+
+def value_preview(value: Any, limit: int) -> str:
+    """Return `_text.preview` of a value, NaN and infinities as `value_text` writes them."""
+    try:
+        # `preview` encodes a `Raw` as its bytes, unchanged: then makes it visible and cuts it.
+        shown: Any = msgspec.Raw(value_text(value).encode())
+    except (TypeError, ValueError, msgspec.EncodeError):
+        shown = value  # `preview` shows its repr
+    return preview(shown, limit)
+
+
 def _value_lines(value: Any, indent: str) -> list[str]:
     """Render a decoded value as indented JSON lines, cut past `_VALUE_LIMIT` characters."""
     try:
-        data = msgspec.json.encode(value)
+        text = value_text(value)
         # Short values on one line; longer ones indented, one item a line.
-        text = (data if len(data) <= 80 else msgspec.json.format(data, indent=2)).decode()
+        if len(text) > 80:
+            text = value_text(value, indent=2)
     except (TypeError, ValueError, msgspec.EncodeError):
         text = repr(value)
     size = len(text)
@@ -291,7 +352,7 @@ def value_previews(
             named = decode_inputs(inputs, names=False)  # the call as written: `(0.1, y=2)`
             args = (
                 ", ".join(
-                    (f"{visible(k)}=" if not k.startswith("#") else "") + preview(v, _PREVIEW)
+                    (f"{visible(k)}=" if not k.startswith("#") else "") + value_preview(v, _PREVIEW)
                     for k, v in named.items()
                 )
                 if named is not None
@@ -299,7 +360,7 @@ def value_previews(
             )
             text = f"({args})"
             if output is not None:
-                text += " -> " + preview(_decode(output), _PREVIEW)
+                text += " -> " + value_preview(_decode(output), _PREVIEW)
         except (msgspec.DecodeError, ValueError, TypeError):
             text = _UNREADABLE
         if len(text) > 3 * _PREVIEW:

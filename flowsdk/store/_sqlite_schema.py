@@ -205,6 +205,29 @@ MIGRATIONS: dict[int, list[str]] = {
         "last_seq INTEGER NOT NULL, packed BLOB NOT NULL, "
         "PRIMARY KEY (run, run_attempt, last_seq)) WITHOUT ROWID",
     ],
+    # A NaN report is kept, as NULL. SQLite stores any NaN it is given as NULL (no
+    # REAL can hold one), so `value REAL NOT NULL` made `INSERT OR IGNORE` drop
+    # the report without a word. NULL is then the only way a NaN can be stored,
+    # and a report's value is never None otherwise: the writes stay as they were,
+    # and readers turn NULL back into NaN (`_trace_sql`). Infinities are REALs.
+    # SQLite cannot drop a NOT NULL: the table is rebuilt, its rows kept.
+    9: [
+        """CREATE TABLE progress_nan (
+            run TEXT NOT NULL,
+            run_attempt INTEGER NOT NULL,
+            action TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            at REAL NOT NULL,
+            name TEXT NOT NULL,
+            step BIGINT,
+            value REAL,
+            PRIMARY KEY (run, run_attempt, action, n)
+        )""",
+        "INSERT INTO progress_nan SELECT run, run_attempt, action, n, at, name, step, value "
+        "FROM progress",
+        "DROP TABLE progress",
+        "ALTER TABLE progress_nan RENAME TO progress",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -1,14 +1,16 @@
 """Progress reports and captured log records in both SQL stores: tables, writes, reads.
 
 SQLite and PostgreSQL keep the same two tables (`progress`, `logs`) with the
-same columns; the statements differ only in their placeholders, the schema
-prefix and how a row written twice is ignored. The per-run writer writes
+same columns (but for a NaN report: SQLite keeps it as NULL, PostgreSQL as
+NaN); the statements differ only in their placeholders, the schema prefix
+and how a row written twice is ignored. The per-run writer writes
 them with its batches (never one transaction per report), and keeps only an
 action's last `MAX_LOGS` log records.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,7 +31,11 @@ _LOG_COLUMNS = "seq, action, n, at, level, logger, message"
 
 
 def table_statements(prefix: str, real: str) -> list[str]:
-    """Return the statements creating both tables (`prefix`: `""` or `"flowsdk."`)."""
+    """Return the statements creating both tables (`prefix`: `""` or `"flowsdk."`).
+
+    As SQLite's schema 4 and PostgreSQL's schema 3 made them: a migration's statements
+    never change (SQLite's schema 9 rebuilds `progress` so that it takes a NaN).
+    """
     return [
         f"""CREATE TABLE {prefix}progress (
             run TEXT NOT NULL,
@@ -61,6 +67,16 @@ def table_statements(prefix: str, real: str) -> list[str]:
 def progress_params(name: str, attempt: int, rows: Sequence[ProgressRow]) -> list[tuple[Any, ...]]:
     """Return the insert parameters of a batch's progress rows."""
     return [(name, attempt, r.action, r.n, r.at, r.name, r.step, r.value) for r in rows]
+
+
+def _progress_row(row: Sequence[Any]) -> ProgressRow:
+    """Return a selected progress row, its NULL value read as NaN.
+
+    SQLite stores a NaN as NULL (its progress table takes NULL since schema 9);
+    a report's value is never None otherwise. PostgreSQL keeps NaN itself.
+    """
+    action, n, at, name, step, value = row
+    return ProgressRow(action, n, at, name, step, math.nan if value is None else value)
 
 
 def log_params(
@@ -131,12 +147,12 @@ class TraceSQL:
     @staticmethod
     def progress(rows: Iterable[Sequence[Any]]) -> list[Progress]:
         """Turn selected progress rows into records."""
-        return [progress_from_row(ProgressRow(*row)) for row in rows]
+        return [progress_from_row(_progress_row(row)) for row in rows]
 
     @staticmethod
     def latest(rows: Iterable[Sequence[Any]]) -> dict[str, Progress]:
         """Turn each action's latest progress row into a record, keyed by action."""
-        return {p.action: p for p in (progress_from_row(ProgressRow(*row)) for row in rows)}
+        return {p.action: p for p in (progress_from_row(_progress_row(row)) for row in rows)}
 
     def progress_query(self, action: str | None) -> str:
         """Return the query for a run's (or one action's) reports, oldest first."""
