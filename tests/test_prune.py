@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable
 from datetime import timedelta
@@ -254,3 +255,32 @@ def test_compacting_waits_while_another_connection_holds_the_log_then_says_it_co
     finally:
         reader.close()
         pruner.close()
+
+
+@env.task
+async def reporting(value: float) -> None:
+    await flowsdk.report(value, step=1)
+    logging.getLogger("prune.reporting").warning("reported %s", value)
+
+
+async def test_a_pruned_run_takes_its_progress_and_logs_with_it(store: str | Store) -> None:
+    """Every store: after a prune, a new run of the same name has only its own reports and logs.
+
+    (Left behind, the old rows would be shown as the new run's, and the SQL stores
+    would ignore the new run's rows that have the same keys.)
+    """
+    client = flowsdk.Client(store)
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # store calls block: not on the loop
+    try:
+        await flowsdk.run_async(partial(reporting, 1.0), name="again", store=store)
+        pruned = await loop.run_in_executor(pool, partial(client.prune, keep=0))
+        assert [r.name for r in pruned.deleted] == ["again"]
+        await flowsdk.run_async(partial(reporting, 2.0), name="again", store=store)
+        progress = await loop.run_in_executor(pool, partial(client.progress, "again"))
+        assert [(p.action, p.value) for p in progress] == [("a0", 2.0)]
+        logs = await loop.run_in_executor(pool, partial(client.logs, "again"))
+        assert [entry.message for entry in logs] == ["reported 2.0"]
+    finally:
+        pool.shutdown()
+        client.close()

@@ -131,6 +131,9 @@ class MemoryStore:
                 continue
             attempts += len(slots)
             del self._runs[record.name]
+            for attempt in range(1, len(slots) + 1):  # its reports and logs go with it
+                self._progress.pop((record.name, attempt), None)
+                self._logs.pop((record.name, attempt), None)
             deleted.append(record)
         return PruneReport(deleted=deleted, attempts=attempts, live=live)
 

@@ -29,6 +29,17 @@ __all__ = [
 ]
 
 _UNFINISHED = ("QUEUED", "RUNNING", "STOPPING")
+# Every table with rows of a run, and the column naming it: a pruned run leaves
+# nothing behind (a new run of the same name would show what was left as its own).
+_RUN_TABLES = (
+    ("actions", "run"),
+    ("events", "run"),
+    ("routine_events", "run"),
+    ("requests", "run"),
+    ("progress", "run"),
+    ("logs", "run"),
+    ("runs", "name"),
+)
 _CHUNK = 400  # names per statement (SQLite limits bound parameters)
 CHECKPOINT_WAIT = 5.0  # seconds a prune waits for another connection's checkpoint
 
@@ -75,13 +86,7 @@ def delete_runs_sqlite(conn: sqlite3.Connection, names: list[str]) -> tuple[set[
             attempts += conn.execute(
                 f"SELECT count(*) FROM runs WHERE name IN ({marks})", going
             ).fetchone()[0]
-            for table, column in (
-                ("actions", "run"),
-                ("events", "run"),
-                ("routine_events", "run"),
-                ("requests", "run"),
-                ("runs", "name"),
-            ):
+            for table, column in _RUN_TABLES:
                 conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", going)
             deleted.update(going)
         conn.execute("COMMIT")
@@ -164,12 +169,6 @@ def delete_runs_postgres(conn: Any, names: list[str]) -> tuple[set[str], int]:
         row = conn.execute(
             "SELECT count(*) FROM flowsdk.runs WHERE name = ANY(%s)", (going,)
         ).fetchone()
-        for table, column in (
-            ("actions", "run"),
-            ("events", "run"),
-            ("routine_events", "run"),
-            ("requests", "run"),
-            ("runs", "name"),
-        ):
+        for table, column in _RUN_TABLES:
             conn.execute(f"DELETE FROM flowsdk.{table} WHERE {column} = ANY(%s)", (going,))
     return set(going), int(row[0]) if row else 0
