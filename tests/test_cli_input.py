@@ -120,3 +120,27 @@ def test_runs_limit_says_what_it_accepts(store: str) -> None:
     assert refused.returncode == 2
     assert "argument --limit: expected a number >= 0 (0: all runs), not -1" in refused.stderr
     assert flowsdk_cli(store, "runs", "--limit", "0").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog", "message"),
+    [
+        (["abort", "p1", "a1", "--group", "g"], "flowsdk abort", "name an ACTION or a --group"),
+        (["abort", "p1", "--bogus"], "flowsdk abort", "unrecognized arguments: --bogus"),
+        (["abort", "p1", "--reason", "x" * 10_001], "flowsdk abort", "the reason is 10,001 "),
+        (["stop", "p1", "--reason-file", "/no/such/file"], "flowsdk stop", "cannot read the "),
+        (["run", "tests.workflows.deep:chain", "x"], "flowsdk run", "argument 'depth' expects "),
+        (["token", "create", "t", "--role", "viewer", "-z"], "flowsdk token create", "unrec"),
+        (["--bogus", "runs"], "flowsdk", "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_malformed_command_line_prints_the_verbs_usage_and_its_error_line(
+    argv: list[str], prog: str, message: str, store: str, tmp_path: Path
+) -> None:
+    """Found by argparse or by the verb, the same shape: `usage: PROG ...`, `PROG: error: ...`."""
+    done = flowsdk_cli(store, *argv)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"usage: {prog} ["), done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"{prog}: error: {message}"), done.stderr
+    assert not (tmp_path / "store.db").exists()  # nothing was recorded, or even opened

@@ -6,7 +6,9 @@ codes: 0 done (also an abort of an action that has already ended), 1 refused,
 2 usage error, 3 run or action not found, 4 permission denied, 5 store error,
 6 (`run` and `retry` only) the run did not succeed, 7 a control request is
 queued (its runner has not applied it yet). An expected error prints
-one `flowsdk: error: ...` line on stderr, never a traceback. Bytes of an
+one `flowsdk: error: ...` line on stderr, never a traceback; a malformed
+command line prints the verb's usage and one `flowsdk VERB: error: ...` line,
+as argparse does, whether argparse or the verb found the fault. Bytes of an
 argument that are not valid text are taken as U+FFFD, as in a `--reason-file`.
 """
 
@@ -18,10 +20,12 @@ import logging
 import os
 import re
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import flowsdk
 from flowsdk._liveness import RUNNER_LOG, RUNNER_LOG_PREFIX
+from flowsdk._text import visible
 from flowsdk.cli import _control, _logs, _prune, _runs, _show, _start, _tokens, _ui
 from flowsdk.cli._output import (
     EXIT_OK,
@@ -59,11 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", dest="global_json", action="store_true", help="machine-readable output"
     )
-    verbs = parser.add_subparsers(title="verbs", dest="verb", metavar="VERB", required=True)
+    verbs = parser.add_subparsers(
+        title="verbs", dest="verb", metavar="VERB", required=True, parser_class=_VerbParser
+    )
     common = common_options()
     for module in _VERBS:
         module.register(verbs, common)
     return parser
+
+
+class _VerbParser(argparse.ArgumentParser):
+    """A verb's parser: an argument it does not know is its own usage error.
+
+    argparse hands a subcommand's unknown arguments back to the top-level
+    parser, which would print the usage of `flowsdk` and `flowsdk: error:`;
+    the verb's usage (`flowsdk abort ...`) is the one that says what to write.
+    """
+
+    def parse_known_args(  # type: ignore[override]  # one signature for typeshed's overloads
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(visible(e) for e in extras)}")
+        return parsed, extras
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args, out)
     except UsageError as exc:
-        args.parser.print_usage(sys.stderr)
-        out.error(str(exc))
+        out.usage_error(args.parser, str(exc))
         return EXIT_USAGE
     except FlowError as exc:
         out.error(str(exc))

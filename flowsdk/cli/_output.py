@@ -54,6 +54,7 @@ __all__ = [
     "run_header",
     "show_json",
     "shortened",
+    "shown_url",
     "store_location",
     "table",
     "TreeNode",
@@ -133,14 +134,35 @@ def open_client(args: argparse.Namespace) -> Client:
 
 
 def store_location(client: Client) -> str:
-    """Say where a store is: its absolute path for a file, and how a relative one resolved."""
+    """Say where a store is: its absolute path for a file, and how a relative one resolved.
+
+    Any other store is named by its URL as `shown_url` shows it: without a password.
+    """
     path = getattr(client.store, "path", None)
     if not isinstance(path, str):
-        return client.store.url
-    where = os.path.abspath(path)
+        return visible(shown_url(client.store.url))
+    where = visible(os.path.abspath(path))
     if os.path.isabs(path):
         return where
     return f"{where} (the store path {path!r} is relative to the working directory)"
+
+
+def shown_url(url: str) -> str:
+    """Return a store URL as every message shows it: a PostgreSQL URL without its password.
+
+    The store's own masking (what its errors and its `repr` show), so that a URL
+    reads the same wherever it is printed, and a password in the user part or
+    in `?password=` never is (SPEC §9). Every CLI output that names a store by
+    its URL goes through here.
+    """
+    scheme = url.partition(":")[0].lower()
+    if scheme not in ("postgresql", "postgres"):
+        return url  # memory:// and SQLite URLs carry no secret
+    # Imported here: psycopg is loaded already when the store is a PostgreSQL one,
+    # and every other verb saves its import.
+    from flowsdk.store._postgres_url import PgTarget
+
+    return PgTarget(url).display
 
 
 # -- the terminal ------------------------------------------------------------------------
@@ -193,6 +215,16 @@ class Output:
     def error(self, message: str) -> None:
         """Print `flowsdk: error: message` on stderr (control characters made visible)."""
         self.stderr.write(f"flowsdk: error: {visible(message)}\n")
+        self.stderr.flush()
+
+    def usage_error(self, parser: argparse.ArgumentParser, message: str) -> None:
+        """Print `parser`'s usage, then `PROG: error: message`, as `argparse` does.
+
+        `PROG` is the verb's (`flowsdk abort`), so a command line that parses but
+        makes no sense reads like one argparse refused (control characters made visible).
+        """
+        parser.print_usage(self.stderr)
+        self.stderr.write(f"{parser.prog}: error: {visible(message)}\n")
         self.stderr.flush()
 
     def phase(self, text: str, phase: str) -> str:

@@ -5,7 +5,7 @@ tree otherwise) unless `--quiet`, and exit 0 when the run succeeded, 6 when it
 ended in any other phase. Ctrl-C aborts the run, waits for its cleanup,
 prints how the run ended (as for a run that ended by itself), and exits 130
 (SIGTERM: 143, SIGHUP: 129). `run` refuses a name in use before it says
-that a run is starting.
+that a run is starting, and says `run NAME` only once the run is recorded.
 """
 
 from __future__ import annotations
@@ -24,14 +24,23 @@ from flowsdk._loader import import_task
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._result import Run
-from flowsdk._text import preview, visible
+from flowsdk._text import visible
 from flowsdk.cli._arguments import bind_arguments, parse_arguments
+from flowsdk.cli._detail import value_preview
 from flowsdk.cli._live import LiveView, summary_line
-from flowsdk.cli._output import EXIT_OK, EXIT_RUN_FAILED, Output, UsageError, open_client, show_json
+from flowsdk.cli._output import (
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    Output,
+    UsageError,
+    open_client,
+    show_json,
+    shown_url,
+)
 from flowsdk.cli._runs import positive_int
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
 from flowsdk.errors import FlowError, InvalidStateError, RunExistsError, RunNotFoundError
-from flowsdk.store import SQLiteStore
+from flowsdk.store import RunRecorder, SQLiteStore, Store
 
 __all__ = ["register"]
 _CLEAR = "\x1b[H\x1b[2J"
@@ -108,14 +117,15 @@ def run_verb(args: argparse.Namespace, out: Output) -> int:
         # Read the store first: a store that cannot be read, or a name in use, fails
         # here, before anything says that a run is starting.
         _check_free(client, name)
+        store: Store = client.store
         if not out.json and not args.quiet:
-            out.line(f"run {visible(name)}")
+            store = _Announcing(client.store, f"run {visible(name)}")
         return _foreground(
             out,
             client,
             name,
             args.quiet,
-            lambda: flowsdk.run(root, name=name, store=client.store, max_actions=args.max_actions),
+            lambda: flowsdk.run(root, name=name, store=store, max_actions=args.max_actions),
             earlier=0,
         )
 
@@ -146,8 +156,35 @@ def _check_free(client: Client, name: str) -> None:
     except RunNotFoundError:
         return
     raise RunExistsError(
-        f"a run named {name!r} already exists in {client.store.url}; choose another name"
+        f"a run named {name!r} already exists in {shown_url(client.store.url)}; choose another name"
     )
+
+
+class _Announcing:
+    """A store that prints a line the moment a run is recorded in it, and is the store otherwise.
+
+    `flowsdk.run` records the run (its row and its root, in one transaction)
+    with `open_run`, then starts the root's body. Saying `run NAME` after
+    `open_run` returned, and not before `flowsdk.run` is called, means a store
+    that refuses the run (a database role or a file that may only be read)
+    prints its error alone, never the name of a run that does not exist; and
+    the line still comes before anything the body prints.
+    """
+
+    def __init__(self, store: Store, line: str) -> None:
+        self._store = store
+        self._line = line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def open_run(self, *args: Any, **kwargs: Any) -> RunRecorder:
+        """Record the run as the store does, then print the line."""
+        recorder = await self._store.open_run(*args, **kwargs)
+        # Through `sys.stdout`, not the `Output`: on a terminal the live view has taken
+        # it over by now, and puts what is written there above its region.
+        print(self._line, file=sys.stdout, flush=True)
+        return recorder
 
 
 def _find_modules_here() -> None:
@@ -208,7 +245,7 @@ def _print_end(
         # The live region holds the final tree, without values: the result is said here.
         if result.phase is RunPhase.SUCCEEDED:
             with contextlib.suppress(FlowError):  # an output that cannot be read back
-                out.line(f"result  {preview(result.result(), 200)}")
+                out.line(f"result  {value_preview(result.result(), 200)}")
         out.line(summary_line(result))
     else:
         progress = client.latest_progress(result.name, result.record.attempt)
