@@ -11,10 +11,12 @@ store drops the oldest and the first kept record's number says how many),
 each at most `MAX_RECORD` bytes.
 
 So that records at the `log_level` task option (INFO by default) reach the
-handler at all, the root logger is lowered to INFO while runs go on, if it
-was higher; the root's other handlers are raised to its former level for that
-time, so what they print does not change, and Python's last-resort output
-(WARNING and above to stderr when nothing else handles a record) is kept.
+handler at all, the root logger is lowered while runs go on, if it was
+higher, to the lowest `log_level` of the tasks declared in the process (INFO
+if none is lower: `log_level="DEBUG"` lowers it to DEBUG); the root's other
+handlers are raised to its former level for that time, so what they print
+does not change, and Python's last-resort output (WARNING and above to stderr
+when nothing else handles a record) is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import threading
 
 from flowsdk._action import ActionState, current
+from flowsdk._options import lowest_log_level
 from flowsdk._progress import recorder_of, trace_of
 from flowsdk._records import LogRow
 
@@ -110,27 +113,49 @@ class _Capture(logging.Handler):
 _handler = _Capture()
 _lock = threading.Lock()
 _users = 0
-_saved: tuple[int, list[tuple[logging.Handler, int]]] | None = None
+# While the root is lowered: (its former level, the level it was lowered to, the
+# root's other handlers that were raised to the former level with their own levels).
+_saved: tuple[int, int, list[tuple[logging.Handler, int]]] | None = None
 
 
 def install() -> None:
-    """Capture records in actions from now on (a run starts); counted, so runs may overlap."""
-    global _users, _saved
+    """Capture records in actions from now on (a run starts); counted, so runs may overlap.
+
+    The root logger is lowered to the lowest `log_level` of the tasks declared
+    so far (INFO if none is lower); a run that starts while another goes on
+    lowers it further if a task declared meanwhile asks for less.
+    """
+    global _users
     with _lock:
         _users += 1
-        if _users > 1:
-            return
         root = logging.getLogger()
+        if _users == 1:
+            _handler.stand_in = not any(h is not _handler for h in root.handlers)
+            root.addHandler(_handler)
+        _lower(root, lowest_log_level())
+
+
+def _lower(root: logging.Logger, level: int) -> None:
+    """Lower the root logger to `level` if it is higher; keep what its other handlers print.
+
+    Its other handlers are raised to the root's level from before the first
+    lowering, so they are given what they were given before.
+    """
+    global _saved
+    if root.level <= level:
+        return
+    if _saved is None:
+        former = root.level
         others = [h for h in root.handlers if h is not _handler]
-        _handler.stand_in = not others
-        if root.level > logging.INFO:
-            former = root.level
-            raised = [(h, h.level) for h in others if h.level < former]
-            for h, _ in raised:
-                h.setLevel(former)
-            _saved = (root.level, raised)
-            root.setLevel(logging.INFO)
-        root.addHandler(_handler)
+        raised = [(h, h.level) for h in others if h.level < former]
+        for h, _ in raised:
+            h.setLevel(former)
+        _saved = (former, level, raised)
+    elif root.level == _saved[1]:  # lowered by us: lower further
+        _saved = (_saved[0], level, _saved[2])
+    else:  # someone set the root's level meanwhile: theirs stands
+        return
+    root.setLevel(level)
 
 
 def uninstall() -> None:
@@ -143,10 +168,10 @@ def uninstall() -> None:
         root = logging.getLogger()
         root.removeHandler(_handler)
         if _saved is not None:
-            level, raised = _saved
-            if root.level == logging.INFO:  # unless someone changed it meanwhile
-                root.setLevel(level)
-            for h, former in raised:
-                if h.level == level:
-                    h.setLevel(former)
+            former, lowered, raised = _saved
+            if root.level == lowered:  # unless someone changed it meanwhile
+                root.setLevel(former)
+            for h, level in raised:
+                if h.level == former:
+                    h.setLevel(level)
             _saved = None

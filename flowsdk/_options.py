@@ -8,9 +8,16 @@ import math
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
-from flowsdk.executors import get_executor
+from flowsdk.executors import EXECUTORS, get_executor
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "TaskOptions", "TaskSpec"]
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "TaskOptions",
+    "TaskSpec",
+    "check_cache_version",
+    "level_number",
+    "lowest_log_level",
+]
 
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024
 """Bytes of a task's recorded inputs or output, at most, unless `max_payload=` says otherwise."""
@@ -77,17 +84,29 @@ class TaskOptions:
         log_level: int | str = "INFO",
     ) -> None:
         if not isinstance(max_payload, int) or isinstance(max_payload, bool) or max_payload <= 0:
-            raise ValueError(f"max_payload must be a number of bytes > 0, not {max_payload!r}")
+            raise ValueError(_refused("max_payload", "a number of bytes > 0 (an int)", max_payload))
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+            raise ValueError(_refused("retries", "a whole number >= 0 (an int)", retries))
         if timeout is not None and not _positive(timeout):
-            raise ValueError(f"timeout must be a number of seconds > 0 or None, not {timeout!r}")
+            raise ValueError(_refused("timeout", "a number of seconds > 0 or None", timeout))
         if deadline is not None and not _positive(deadline):
-            raise ValueError(f"deadline must be a number of seconds > 0 or None, not {deadline!r}")
-        if not _positive(grace_period, allow_zero=True):
-            raise ValueError(f"grace_period must be a number of seconds >= 0, not {grace_period!r}")
+            raise ValueError(_refused("deadline", "a number of seconds > 0 or None", deadline))
+        # Finite: a cancelled body that never ends its cleanup must not hang the run.
+        if not _positive(grace_period, allow_zero=True, finite=True):
+            raise ValueError(
+                _refused("grace_period", "a finite number of seconds >= 0", grace_period)
+            )
         if not _positive(backoff, allow_zero=True):
-            raise ValueError(f"backoff must be a number of seconds >= 0, not {backoff!r}")
+            raise ValueError(_refused("backoff", "a number of seconds >= 0", backoff))
+        if not isinstance(cache, bool | str) or cache not in _CACHE_MODES:
+            # A list or a dict is refused here too, before the lookup could say "unhashable".
+            raise ValueError(
+                _refused("cache", "True, False, 'auto', 'disable' or 'override'", cache)
+            )
+        check_cache_version(cache_version)
+        names = ", ".join(repr(n) for n in sorted(EXECUTORS))
+        _need("executor", executor, str, f"an executor's name ({names}) or None")
+        _need("ray_options", ray_options, Mapping, "a dict of Ray actor options or None")
         # The lowest level of the `logging` records kept with the action (a number).
         self.log_level = level_number(log_level)
         self.runner = runner = get_executor(executor)  # ValueError for an unknown or missing one
@@ -96,10 +115,6 @@ class TaskOptions:
         self.timeout = None if timeout is None else float(timeout)
         self.grace_period = float(grace_period)
         self.backoff = float(backoff)
-        if cache not in _CACHE_MODES or not isinstance(cache, bool | str):
-            raise ValueError(
-                f"cache must be True, False, 'auto', 'disable' or 'override', not {cache!r}"
-            )
         self.cache = _CACHE_MODES[cache] is not False
         # "override": run the body even when a cached value exists, then replace it.
         self.cache_override = _CACHE_MODES[cache] is None
@@ -111,6 +126,9 @@ class TaskOptions:
         self.cache_version = cache_version
         self.executor = executor
         self.max_payload = max_payload
+        global _lowest_log_level
+        if self.log_level < _lowest_log_level:  # declared and valid: its runs capture that low
+            _lowest_log_level = self.log_level
 
     def replace(self, **overrides: Any) -> TaskOptions:
         """Return a copy with `overrides` applied (unset values keep this copy's)."""
@@ -131,11 +149,73 @@ _CACHE_MODES: dict[object, bool | None] = {
 }
 _DERIVED = frozenset({"runner", "cache_override", "timed", "driver_timeout"})
 
+# The lowest `log_level` of the tasks declared in this process (INFO at least): the
+# level `_logs` lowers the root logger to while runs go on, so that a task's records
+# at its level are made at all under Python's default configuration (root: WARNING).
+_lowest_log_level = logging.INFO
 
-def _positive(value: object, *, allow_zero: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+
+def lowest_log_level() -> int:
+    """Return the lowest `log_level` of the tasks declared so far, or INFO if none is lower."""
+    return _lowest_log_level
+
+
+def check_cache_version(version: object) -> None:
+    """Refuse a `cache_version` that the store could not keep (at decoration, not in a run).
+
+    Raises:
+        TypeError: neither a string nor None.
+        ValueError: a string with a NUL character or one that is not valid
+            Unicode (a lone surrogate): no store can write it.
+    """
+    if version is None:
+        return
+    if not isinstance(version, str):
+        raise TypeError(
+            _refused("cache_version", "a string (the task's version for cache=) or None", version)
+        )
+    try:
+        version.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = True
+    else:
+        bad = "\x00" in version
+    if bad:
+        raise ValueError(
+            _refused("cache_version", "text without NUL characters or lone surrogates", version)
+        )
+
+
+def _need(option: str, value: object, kind: type, accepted: str) -> None:
+    """Raise `TypeError` naming `option` unless `value` is None or a `kind`."""
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(_refused(option, accepted, value))
+
+
+_SHOWN = 80  # characters of a refused value's repr, at most
+
+
+def _refused(option: str, accepted: str, value: object) -> str:
+    """Say which option refused which value, of which type, and what it accepts."""
+    shown = repr(value)
+    if len(shown) > _SHOWN:  # a huge value would bury the message
+        shown = shown[: _SHOWN - 3] + "..."
+    if value is not None:
+        shown = f"{type(value).__name__} {shown}"
+    return f"{option} must be {accepted}, not {shown}"
+
+
+def _positive(value: object, *, allow_zero: bool = False, finite: bool = False) -> bool:
+    """Say whether `value` is seconds > 0 (>= 0 with `allow_zero`; not infinite with `finite`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return value >= 0 if allow_zero else value > 0
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float: no timer can count it
+        return False
+    if math.isnan(seconds) or (finite and math.isinf(seconds)):
+        return False
+    return seconds >= 0 if allow_zero else seconds > 0
 
 
 def level_number(level: int | str) -> int:
@@ -150,6 +230,9 @@ def level_number(level: int | str) -> int:
     if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
         return level
     raise ValueError(
-        f"log_level must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL or a "
-        f"number >= 0), not {level!r}"
+        _refused(
+            "log_level",
+            "a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL or an int >= 0)",
+            level,
+        )
     )

@@ -66,7 +66,8 @@ class TaskEnvironment:
         cache: Reuse a finished action's output for the same task version and
             inputs: `True` or `"auto"`; `False` or `"disable"` (the default);
             `"override"` runs the body again and replaces the cached value.
-        cache_version: The task version for `cache` (default: a hash of the source).
+        cache_version: The task version for `cache`, a string (default `None`:
+            a hash of the source).
         executor: Where bodies run; `None` (or `"local"`) runs them in-process.
         backoff: Seconds before the first retry; each further retry waits twice
             as long, at most 60 s.
@@ -76,6 +77,12 @@ class TaskEnvironment:
             Ray's own retry and restart options are refused (`ValueError`).
         log_level: The lowest level of the `logging` records emitted in a body
             that are kept with its action (`"INFO"` by default; a name or a number).
+
+    Raises:
+        TypeError: `name`, `cache_version` or `executor` is not a string, or
+            `ray_options` not a dict (nor `None` where allowed); the message
+            names the option, the type given and what is accepted.
+        ValueError: any other option of the wrong type or value, said the same way.
     """
 
     def __init__(
@@ -143,9 +150,12 @@ class TaskEnvironment:
         (`@env.task(retries=2, timeout=60)`).
 
         Raises:
-            TypeError: `fn` is neither an `async def` nor a plain `def` function.
-            ValueError: an option is out of range, or the environment already
-                has a task of that name.
+            TypeError: `fn` is neither an `async def` nor a plain `def` function,
+                an option is unknown, `cache_version` is not a string or `None`,
+                or `ray_options` is not a dict or `None`.
+            ValueError: an option is of the wrong type or out of range (the
+                message names it, the type given and what is accepted), or the
+                environment already has a task of that name.
         """
         unknown = set(overrides) - _OVERRIDABLE
         if unknown:
