@@ -33,7 +33,7 @@ from flowsdk.errors import (
     StoreLockedError,
 )
 from flowsdk.store import SQLiteStore
-from flowsdk.store._sqlite_schema import SCHEMA_VERSION
+from flowsdk.store._sqlite_schema import SCHEMA_VERSION, translate
 from flowsdk.testing import Gate
 from tests.runners.harness import ROOT, Runner, sqlite_url, sync
 from tests.support import as_schema_7, assert_clean
@@ -961,3 +961,18 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.ProgrammingError("Error binding parameter 2: type 'list' is not supported"),
+        sqlite3.InterfaceError("Error binding parameter 1 - probably unsupported type."),
+    ],
+)
+def test_a_value_sqlite_cannot_take_is_not_called_damage(error: sqlite3.Error) -> None:
+    """A binding error is flowsdk's fault: a StoreError that says the file is intact."""
+    with pytest.raises(StoreError) as caught, translate("/x/store.db"):
+        raise error
+    assert not isinstance(caught.value, StoreCorruptedError)
+    assert "nothing in it was changed or damaged" in str(caught.value)

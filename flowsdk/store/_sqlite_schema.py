@@ -309,6 +309,12 @@ def translate(path: str) -> Iterator[None]:
             f"the store {path} is damaged ({text}); it was left untouched. Move it aside "
             "(or restore a backup) to start a new history"
         ) from None
+    except (sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+        # A value SQLite cannot take, or a statement misused: flowsdk's fault, not the file's.
+        raise StoreError(
+            f"the store {path} could not be written ({exc}); nothing in it was changed "
+            "or damaged. This is a flowsdk bug: please report it"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise StoreCorruptedError(
             f"the store {path} is not a flowsdk store or is damaged ({exc}); it was left "
