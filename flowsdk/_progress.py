@@ -38,6 +38,7 @@ __all__ = ["Report", "Trace", "deliver_report", "follow", "recorder_of", "report
 T = TypeVar("T")
 Observer = Callable[["Report"], Awaitable[None] | None]
 MAX_NAME = 200
+MAX_STEP = 2**63 - 1  # a step is kept as a 64-bit integer (SQLite INTEGER, PostgreSQL BIGINT)
 _CANCELLABLE = (ActionPhase.QUEUED, ActionPhase.RUNNING)
 _REAL = (int, float)  # (a tuple: `int | float` would make a union object at every report)
 
@@ -173,7 +174,8 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
     Raises:
         NotInRunError: called outside a run.
         TypeError: `value` is not a real number, `step` not an int, `name` not a string.
-        ValueError: `step` is negative, or `name` is empty or longer than 200 characters.
+        ValueError: `step` is negative or past 2**63 - 1, `value` an int too large for a
+            float, or `name` empty or longer than 200 characters.
     """
     state = current.get()
     if state is None:
@@ -184,10 +186,18 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
     kind = type(value)
     if kind is not float and kind is not int and (kind is bool or not isinstance(value, _REAL)):
         raise TypeError(f"flowsdk.report needs a number as value, not {kind.__name__}")
-    if step is not None and (type(step) is not int or step < 0):
+    if step is not None and (type(step) is not int or step < 0 or step > MAX_STEP):
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+        if step > MAX_STEP:  # the stores keep a step as a 64-bit integer
+            raise ValueError(f"step must be at most 2**63 - 1, not {step}")
         raise ValueError(f"step must be >= 0, not {step}")
+    try:
+        number = value if kind is float else float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(
+            "flowsdk.report needs a value a float can hold; this int is larger"
+        ) from None
     if name != "value":
         if not isinstance(name, str):
             raise TypeError(f"name must be a string, not {type(name).__name__}")
@@ -199,9 +209,9 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
         # and hands it to the observers there; this returns once they have seen it.
         from flowsdk.executors._ray_worker import report_from_worker
 
-        await report_from_worker(float(value), step, name)
+        await report_from_worker(number, step, name)
         return
-    trace = _record(state, value if kind is float else float(value), step, name)
+    trace = _record(state, number, step, name)
     if trace.observers:
         await _observe(state, trace)
 

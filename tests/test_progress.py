@@ -140,6 +140,8 @@ def test_report_rejects_bad_input_and_runs_only_in_a_run() -> None:
             {"value": True},
             {"value": 1, "step": -1},
             {"value": 1, "name": ""},
+            {"value": 1, "step": 2**63},  # past what a store keeps: it failed the run's writer
+            {"value": 10**400},  # no float holds it
         ):
             try:
                 await flowsdk.report(**kwargs)
@@ -147,7 +149,22 @@ def test_report_rejects_bad_input_and_runs_only_in_a_run() -> None:
                 errors.append(type(exc).__name__)
 
     flowsdk.run(main, store=MemoryStore())
-    assert errors == ["TypeError", "TypeError", "ValueError", "ValueError"]
+    assert errors == ["TypeError", "TypeError", "ValueError", "ValueError"] + ["ValueError"] * 2
+
+
+def test_the_largest_step_is_kept_by_the_sqlite_store(tmp_path: Path) -> None:
+    """A step of 2**63 - 1 is recorded and read back whole."""
+    env = flowsdk.TaskEnvironment("bigstep")
+
+    @env.task
+    async def main() -> None:
+        await flowsdk.report(0.5, step=2**63 - 1)
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    run = flowsdk.run(main, store=store)
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    with flowsdk.Client(store) as client:
+        assert [p.step for p in client.progress(run.name)] == [2**63 - 1]
     with pytest.raises(TypeError, match="call of a task"):
         _ = flowsdk.follow(42, print)  # type: ignore[arg-type]
 
