@@ -91,6 +91,33 @@ class Batch:
         self.cached: list[tuple[str, str, str, bytes, float]] = []
 
 
+def _escaped(value: Any) -> Any:
+    """Return `value` with each string that UTF-8 cannot hold made valid (escaped).
+
+    Structs are copied with their strings escaped, tuples and lists item by item;
+    anything else (numbers, bytes, enum members) is returned as it is.
+    """
+    if type(value) is str:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, msgspec.Struct):
+        fields = {f: _escaped(getattr(value, f)) for f in value.__struct_fields__}
+        return msgspec.structs.replace(value, **fields)
+    if isinstance(value, tuple | list):
+        return type(value)(_escaped(item) for item in value)
+    return value
+
+
+def _escape_text(batch: Batch) -> None:
+    """Make every string of `batch` one that UTF-8 can hold (rare: see `RunWriter._flush`)."""
+    batch.actions = {name: _escaped(row) for name, row in batch.actions.items()}
+    batch.routine = _escaped(batch.routine)
+    batch.events = _escaped(batch.events)
+    batch.progress = _escaped(batch.progress)
+    batch.logs = _escaped(batch.logs)
+    batch.run = _escaped(batch.run)
+    batch.cached = _escaped(batch.cached)
+
+
 class Dialect(Protocol[C]):
     """What the writer needs from one SQL database; `C` is its connection type.
 
@@ -444,7 +471,14 @@ class RunWriter(HeldChanges, Generic[C]):
             else:
                 batch.cached.append(payload)
         try:
-            self._dialect.write(conn, self._record.name, self._record.attempt, batch)
+            try:
+                self._dialect.write(conn, self._record.name, self._record.attempt, batch)
+            except UnicodeEncodeError:
+                # Text from the workflow that UTF-8 cannot hold (a lone surrogate, as
+                # `os.fsdecode` makes of a file name's bytes): written again, made
+                # visible (`_escaped`). The first try was rolled back.
+                _escape_text(batch)
+                self._dialect.write(conn, self._record.name, self._record.attempt, batch)
         except StoreLockedError:
             # Keep the changes (in order) for the next round; nothing is dropped.
             ops.extendleft(reversed(taken))
