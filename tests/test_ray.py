@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,32 @@ async def sleeper(folder: str) -> str:
     return "slept"
 
 
+@env.task
+def plain_square(x: int) -> int:
+    """A plain `def` body: on its worker it runs in a thread, as locally."""
+    return x * x
+
+
+@env.task
+def plain_fails(text: str) -> int:
+    raise BodyError(text)
+
+
+@env.task
+def plain_introspect(tag: str) -> dict[str, Any]:
+    info = flowsdk.current_action()
+    logging.getLogger("user.remote").info("plain %s", tag)
+    return {"name": info.name, "task": info.task, "attempt": info.attempt, "pid": os.getpid()}
+
+
+@env.task
+def plain_spins(folder: str) -> None:
+    """Say it started, then work in a loop that no cancel can interrupt (a thread)."""
+    mark(f"{folder}/started", str(os.getpid()))
+    while True:
+        time.sleep(0.01)  # the body's uninterruptible work
+
+
 def assert_cleaned_on_worker(folder: Path) -> None:
     pid = wait_for_file_sync(folder / "done")
     assert int(pid) != os.getpid()
@@ -122,6 +149,121 @@ def test_value_and_error_round_trip() -> None:
     assert "actor " in message
     assert "task " in message
     assert_clean(run)
+
+
+def test_a_plain_def_body_runs_on_ray_and_returns_its_value() -> None:
+    @driver().task
+    async def main() -> list[int]:
+        return list(await asyncio.gather(plain_square(7), square(7), plain_square(8)))
+
+    run = flowsdk.run(main)
+    assert run.result() == [49, 49, 64]
+    assert [a.executor for a in run.actions] == ["local", "ray", "ray", "ray"]
+    assert_clean(run)
+
+
+def test_a_plain_def_body_raising_on_ray_gives_its_error_to_the_parent() -> None:
+    causes: list[BaseException | None] = []
+
+    @driver().task
+    async def main() -> None:
+        try:
+            await plain_fails("bad input 43")
+        except RuntimeUserError as exc:
+            causes.append(exc.__cause__)
+
+    run = flowsdk.run(main)
+    [cause] = causes
+    assert type(cause) is BodyError
+    assert str(cause) == "bad input 43"
+    failed = by_task(run, "plain_fails")[0]
+    assert failed.phase is ActionPhase.FAILED
+    assert failed.error is not None
+    assert failed.error.type.endswith("BodyError")
+    assert "Raised on a Ray worker" in failed.error.traceback
+    assert "in plain_fails" in failed.error.traceback
+
+
+def test_current_action_and_logging_work_in_a_plain_def_body_on_ray() -> None:
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    @driver().task
+    async def main() -> dict[str, Any]:
+        return await plain_introspect("hello")
+
+    handler = Collect()
+    logger = logging.getLogger("user.remote")
+    logger.addHandler(handler)
+    try:
+        run = flowsdk.run(main)
+    finally:
+        logger.removeHandler(handler)
+    info = run.result()
+    assert info == {"name": "a1", "task": "onray.plain_introspect", "attempt": 1,
+                    "pid": info["pid"]}  # fmt: skip
+    assert info["pid"] != os.getpid()
+    assert seen == ["plain hello"]
+
+
+def test_an_abort_ends_a_plain_def_body_on_ray_at_once_and_its_actor_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    """As locally, a cancelled `def` body ends at once; its function runs on for the grace."""
+
+    @driver().task
+    async def main(folder: str) -> str:
+        try:
+            await plain_spins(folder)
+        except ActionAbortedError as exc:
+            return f"aborted: {exc.reason}"
+        return "finished"
+
+    async def scenario() -> tuple[flowsdk.Run[Any], bool]:
+        handle = await flowsdk.start(main, str(tmp_path))
+        await wait_for_file(tmp_path / "started")
+        await handle.abort("a1", reason="enough spinning")
+        run = await handle.wait()
+        # Ended well before its grace period (5 s): the worker still runs the function.
+        return run, pid_alive(int((tmp_path / "started").read_text()))
+
+    run, alive_at_end = asyncio.run(scenario())
+    assert run.result() == "aborted: enough spinning"
+    child = by_task(run, "plain_spins")[0]
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert (child.abort.cause, child.abort.reason) == (AbortCause.EXTERNAL, "enough spinning")
+    assert child.cleanup_incomplete is True
+    assert child.ended_at is not None
+    assert child.abort.requested_at is not None
+    assert (child.ended_at - child.abort.requested_at).total_seconds() < env.options.grace_period
+    assert alive_at_end
+    # Then the actor exits with its thread: nothing runs on past the grace period.
+    assert wait_until_gone(int((tmp_path / "started").read_text()))
+    assert_clean(run)
+
+
+def test_a_body_wrapped_by_flowsdk_is_not_blamed_on_the_user() -> None:
+    """An unpicklable object of flowsdk's own is named as flowsdk's, not the function's."""
+    from types import SimpleNamespace
+
+    from flowsdk._execute_thread import in_thread
+    from flowsdk.errors import SerializationError
+    from flowsdk.executors._ray_body import body_bytes
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    wrapped: Any = SimpleNamespace(name="onray.double", fn=in_thread(double))
+    with pytest.raises(SerializationError) as info:
+        body_bytes(wrapped)
+    message = str(info.value)
+    assert "flowsdk's own flowsdk._execute_thread.in_thread.<locals>.body" in message
+    assert "the global 'current' (a _contextvars.ContextVar)" in message
+    assert "not a problem with your function" in message
 
 
 def test_current_action_and_logging_reach_the_driver() -> None:
@@ -512,6 +654,14 @@ def test_a_body_swallowing_cancellation_is_killed_after_its_grace(tmp_path: Path
     assert_clean(run)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_until_gone(pid: int) -> bool:
     async def poll() -> bool:
         for _ in range(3000):
@@ -656,6 +806,7 @@ def test_a_body_that_cannot_be_sent_fails_with_serialization_error() -> None:
 
     text = flowsdk.run(main).result()
     assert text.startswith(f"{SerializationError.__name__}: task 'onray.holds_a_lock' cannot be")
+    assert "refers to the variable 'lock' (a _thread.lock)" in text
 
 
 def test_a_keyboard_interrupt_in_a_remote_body_aborts_the_run_and_spares_the_actor() -> None:

@@ -18,6 +18,12 @@ actor. A direct cancellation of the action's task (the run's final drain) is
 forwarded the same way; a driver that stops waiting altogether kills the
 actor, so that no body runs on unrecorded.
 
+A plain `def` body runs in a thread on its worker, which no cancel can
+interrupt: as locally, a cancel ends the action at once (recorded
+`cleanup_incomplete`), and the function may run on, on an actor that gets
+no other body, until it ends or its grace period is over; then the actor
+exits (`BodyActor.retire`).
+
 Ray is imported on first use, never by `import flowsdk`.
 """
 
@@ -25,13 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
 import itertools
 import logging
 import os
 import pickle
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +46,8 @@ import msgspec
 from flowsdk._action import ActionState, current
 from flowsdk._payload import decode_output
 from flowsdk._records import EventKind
-from flowsdk.errors import SerializationError
-from flowsdk.executors._ray_worker import BodyActor, Reply, refused_task
+from flowsdk.executors._ray_body import body_bytes
+from flowsdk.executors._ray_worker import BodyActor, Reply
 from flowsdk.executors._remote import deliver_remote_report
 
 if TYPE_CHECKING:
@@ -113,14 +119,16 @@ class _Pool:
 class _Remote:
     """The state of one attempt on Ray, as `cancel` needs it."""
 
-    __slots__ = ("action", "actor", "call_id", "ended", "killed", "sent")
+    __slots__ = ("action", "actor", "call_id", "ended", "killed", "retired", "sent", "sent_at")
 
     def __init__(self, action: ActionState) -> None:
         self.action = action
         self.actor: _Actor | None = None
         self.call_id: int | None = None
         self.sent = False  # the cancel request has been sent to the actor
+        self.sent_at = 0.0  # when (`time.monotonic()`): the grace period counts from there
         self.killed = False  # the actor was killed by the second cancel
+        self.retired = False  # the actor still runs a cancelled `def` body: not reused
         self.ended = False  # the body's outcome came back
 
 
@@ -208,7 +216,7 @@ class RayExecutor:
         finally:
             del self._calls[atask]
             actor = remote.actor
-            if actor is not None and not remote.killed:
+            if actor is not None and not remote.killed and not remote.retired:
                 if remote.ended:
                     self._pool(action.task).idle.append(actor)
                 else:
@@ -221,7 +229,7 @@ class RayExecutor:
             actor_class = await self._connect()
         task = action.task
         options = task.options
-        pickled = _body_bytes(task)  # SerializationError before an actor is taken
+        pickled = body_bytes(task)  # SerializationError before an actor is taken
         remote.actor = actor = await self._pool(task).acquire(actor_class)
         remote.call_id = call_id = next(self._ids)
         body = None if task.name in actor.known else pickled
@@ -280,6 +288,9 @@ class RayExecutor:
             return decode_output(task, data)
         if status == "cancelled":
             raise asyncio.CancelledError(data or "flowsdk: cancelled on Ray")
+        if status == "cancelled_running":
+            self._retire(remote)
+            raise asyncio.CancelledError(data or "flowsdk: cancelled on Ray")
         raise _rebuild(data)
 
     async def _handle(
@@ -304,8 +315,26 @@ class RayExecutor:
                 action.runtime.on_timeout(action)
         return acks
 
+    def _retire(self, remote: _Remote) -> None:
+        """A cancelled plain `def` body's function still runs: let it, within its grace period.
+
+        A thread cannot be interrupted. As locally, the action ends now and is
+        recorded `cleanup_incomplete`; the actor gets no other body, and ends
+        once the function ends or the grace period (counted from the cancel)
+        is over. Dropping the handle here does not end it sooner: Ray lets the
+        pending `retire` call finish first.
+        """
+        remote.retired = True
+        action = remote.action
+        action.cleanup_incomplete = True
+        actor = remote.actor
+        assert actor is not None
+        left = action.task.options.grace_period - (time.monotonic() - remote.sent_at)
+        actor.handle.retire.remote(remote.call_id, max(0.0, left))
+
     def _send_cancel(self, remote: _Remote, message: str) -> None:
         remote.sent = True
+        remote.sent_at = time.monotonic()
         actor = remote.actor
         assert actor is not None
         req = remote.action.req
@@ -403,35 +432,6 @@ def _message(exc: BaseException) -> str:
     if exc.args and isinstance(exc.args[0], str):
         return exc.args[0]
     return "flowsdk: cancelled"
-
-
-def _body_bytes(task: TaskSpec) -> bytes:
-    """Pickle a task's body once (cloudpickle; flowsdk tasks it uses travel as names)."""
-    cached: bytes | None = task.__dict__.get("_ray_body")
-    if cached is None:
-        from ray import cloudpickle
-
-        base: Any = cloudpickle.CloudPickler
-
-        class Pickler(base):  # type: ignore[misc]
-            def reducer_override(self, obj: Any) -> Any:
-                kind = type(obj)
-                if kind.__name__ == "Task" and kind.__module__ == "flowsdk._task":
-                    return (refused_task, (obj.name,))
-                return super().reducer_override(obj)
-
-        buffer = io.BytesIO()
-        pickler: Any = Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            pickler.dump(task.body)
-        except Exception as exc:
-            raise SerializationError(
-                f"task {task.name!r} cannot be sent to Ray: its function (or something it "
-                f"refers to) cannot be pickled ({type(exc).__name__}: {exc}); define it at "
-                "module level and keep what it uses picklable"
-            ) from exc
-        cached = task.__dict__["_ray_body"] = buffer.getvalue()
-    return cached
 
 
 def _rebuild(data: tuple[bytes | None, str, str, str, str]) -> BaseException:

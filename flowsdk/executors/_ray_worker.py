@@ -18,12 +18,22 @@ actor's event loop: it carries the request (so `str(CancelledError)` and
 `current_action().abort` say why), and it is recorded when it comes before
 the body has started, so that body never starts (the early-cancel race that
 `ray.cancel` alone loses, ray-project/ray#52628).
+
+A plain `def` body runs in a daemon thread of its own, as locally: the
+actor's loop stays free to forward its log records and to take a cancel.
+A thread cannot be interrupted, so a cancel ends the body's task at once
+(outcome `"cancelled_running"`: the driver records the action
+`cleanup_incomplete`) and the driver sends no other body to this actor;
+`retire` ends the actor when the thread ends or the grace period is over,
+whichever comes first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import os
@@ -71,13 +81,19 @@ NESTED = (
 
 
 class RemoteTask:
-    """What the worker knows of a task: enough to decode inputs and encode the output."""
+    """What the worker knows of a task: enough to call its function, decode inputs, encode output.
 
-    def __init__(self, name: str, body: Callable[..., Any], max_payload: int) -> None:
+    `fn` is the user's function as declared (`Task.fn`); a plain `def` gets
+    its thread here (`_in_thread`), never a wrapper made in the driver.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], max_payload: int) -> None:
         self.name = name
-        self.fn = inspect.unwrap(body)
-        self.body = body
-        self.signature = inspect.signature(self.fn)
+        self.fn = fn
+        self.body: Callable[..., Coroutine[Any, Any, Any]] = (
+            fn if inspect.iscoroutinefunction(fn) else _in_thread(fn)
+        )
+        self.signature = inspect.signature(fn)
         self.options = _Limits(max_payload)
         self._shape: Any = None  # what the payload encoder learns of the signature
 
@@ -153,6 +169,8 @@ class Call:
         self.seq = 0
         self.timer: asyncio.TimerHandle | None = None
         self.thread = threading.get_ident()
+        self.running: asyncio.Future[tuple[bool, Any]] | None = None
+        """A plain `def` body's thread: its outcome, pending while the function runs."""
 
     def post(self, message: tuple[Any, ...]) -> None:
         """Queue a message for the driver (from the loop's thread or any other)."""
@@ -186,6 +204,10 @@ class Call:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def thread_running(self) -> bool:
+        """Say whether this call's plain `def` function is still running in its thread."""
+        return self.running is not None and not self.running.done()
+
     def acknowledge(self, acks: list[tuple[int, str | None]]) -> None:
         """Resolve the reports the driver has delivered (with an error text if refused)."""
         for seq, error in acks:
@@ -201,6 +223,7 @@ class BodyActor:
         self.tasks: dict[str, RemoteTask] = {}
         self.calls: dict[int, Call] = {}
         self.cancelled_early: dict[int, tuple[str, tuple[str, str | None, str | None, float]]] = {}
+        self.left_running: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self.last = 0
         _forward_logging()
 
@@ -265,7 +288,24 @@ class BodyActor:
         reply = await call.turn()
         if reply[0] == "done":
             self.calls.pop(call_id, None)
+            if call.running is not None and not call.running.done():
+                self.left_running[call_id] = call.running  # for `retire`
         return reply
+
+    async def retire(self, call_id: int, within: float) -> None:
+        """End this actor once the thread of `call_id`'s cancelled body ends, or in `within` s.
+
+        The driver calls it after a `"cancelled_running"` outcome and sends
+        no other body here: only the end of this process stops that thread.
+        """
+        running = self.left_running.pop(call_id, None)
+        if running is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(running), within)
+        from ray import actor  # here, in a Ray worker, Ray is there
+
+        exit_actor: Callable[[], None] = actor.exit_actor  # untyped in Ray
+        exit_actor()
 
     async def cancel(
         self, call_id: int, message: str, request: tuple[str, str | None, str | None, float]
@@ -298,7 +338,11 @@ async def _attempt(task: RemoteTask, inputs: bytes) -> tuple[str, Any]:
         value = await task.body(*args, **kwargs)
         return ("ok", encode_output(cast(Any, task), value))
     except asyncio.CancelledError as exc:
-        return ("cancelled", exc.args[0] if exc.args and isinstance(exc.args[0], str) else "")
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+        call = _call.get()
+        if call is not None and call.thread_running():
+            return ("cancelled_running", message)
+        return ("cancelled", message)
     except SerializationError as exc:
         return ("error", _error(exc))
     except BaseException as exc:
@@ -306,6 +350,44 @@ async def _attempt(task: RemoteTask, inputs: bytes) -> tuple[str, Any]:
             "interrupt" if isinstance(exc, KeyboardInterrupt | SystemExit) else "error",
             _error(exc),
         )
+
+
+def _in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Return the body of a plain `def` task on a worker: `fn` in a daemon thread of its own.
+
+    As locally (`flowsdk._execute_thread.in_thread`): the thread runs in a
+    copy of the body's context (`current_action()` and log forwarding work
+    there), and a cancel ends the body at once while the thread runs on. The
+    thread's outcome is kept on the call (`Call.running`), so that the worker
+    can tell the driver it still runs and `BodyActor.retire` can wait for it.
+    """
+
+    @functools.wraps(fn)
+    async def body(*args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        # Resolved with a result, never an exception: once the body has been cancelled
+        # nobody reads it, and asyncio would log an exception that was never retrieved.
+        ended: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def work() -> None:
+            try:
+                outcome: tuple[bool, Any] = (True, context.run(fn, *args, **kwargs))
+            except BaseException as exc:  # handed to the loop, raised in the body's task
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # a closed loop: the actor is exiting
+                loop.call_soon_threadsafe(ended.set_result, outcome)
+
+        call = _call.get()
+        if call is not None:
+            call.running = ended
+        threading.Thread(target=work, name=f"flowsdk-{fn.__name__}", daemon=True).start()
+        ok, value = await asyncio.shield(ended)
+        if ok:
+            return value
+        raise value
+
+    return body
 
 
 def _error(exc: BaseException) -> tuple[bytes | None, str, str, str, str]:
