@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
+
+import msgspec
 
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
@@ -14,11 +18,13 @@ from flowsdk._records import (
     LogEntry,
     Progress,
     PruneReport,
+    Role,
     RunRecord,
 )
 from flowsdk._result import Run
-from flowsdk._service import ControlService
+from flowsdk._service import ControlService, Permission
 from flowsdk.store import Store, StoredAction, open_store
+from flowsdk.store._location import store_location
 
 __all__ = ["Client"]
 
@@ -34,19 +40,28 @@ class Client:
     this process is controlled directly on its loop.
 
     Args:
-        store: A store URL, path or object; default `$FLOWSDK_STORE`, else
-            `sqlite:///.flowsdk/flowsdk.db`.
+        store: A store URL, a path (a string or an `os.PathLike`) or a store
+            object; default `$FLOWSDK_STORE`, else `sqlite:///.flowsdk/flowsdk.db`.
         actor: Who asks (recorded as `requested_by`); default the local
-            operator, `user@host pid N`.
+            operator, `user@host pid N`. Its role may be given by its value
+            (`Actor(name="ci", role="viewer")`).
+
+    Raises:
+        TypeError: `store` is not a URL or path string, an `os.PathLike` or a
+            store object; `actor` is not an `Actor`.
+        ValueError: the store URL is malformed, or the actor's role unknown.
     """
 
-    def __init__(self, store: str | Store | None = None, *, actor: Actor | None = None) -> None:
-        self.store = open_store(store)
+    def __init__(
+        self, store: str | os.PathLike[str] | Store | None = None, *, actor: Actor | None = None
+    ) -> None:
+        # Both checked before the store is opened: a refused client leaves nothing open.
+        location = store_location(store)
+        asker = _checked_actor(actor) if actor is not None else Actor.local()
+        self.store = open_store(location)
         # A store object passed in is the caller's: closing the client leaves it open.
         self._owns_store = self.store is not store
-        self._service: ControlService | None = ControlService(
-            self.store, actor if actor is not None else Actor.local()
-        )
+        self._service: ControlService | None = ControlService(self.store, asker)
 
     def __repr__(self) -> str:
         closed = ", closed" if self._service is None else ""
@@ -94,24 +109,37 @@ class Client:
     def runs(
         self, *, phase: RunPhase | str | None = None, limit: int | None = None
     ) -> list[RunRecord]:
-        """Return the execution history (latest attempt of each run), newest first."""
-        return self.service.runs(phase=RunPhase(phase) if phase is not None else None, limit=limit)
+        """Return the execution history (latest attempt of each run), newest first.
+
+        Args:
+            phase: Only runs whose latest attempt is in this phase (a `RunPhase`,
+                or its name in any case: `"failed"`).
+            limit: At most this many runs; None (the default) lists them all,
+                and 0 none (unlike the CLI's `--limit 0`, which means all).
+
+        Raises:
+            ValueError: an unknown phase (the message lists them), or a negative `limit`.
+            TypeError: `limit` is not an int.
+        """
+        return self.service.runs(phase=_run_phase(phase), limit=limit)
 
     def get_run(self, name: str, *, attempt: int | None = None) -> Run[Any]:
         """Return a run (its latest attempt, or `attempt`) with its actions and events.
 
         Raises:
             RunNotFoundError: no such run; the message suggests close names.
+            TypeError: `name` is not a string.
         """
-        return self.service.get_run(name, attempt=attempt)
+        return self.service.get_run(_text("name", name), attempt=attempt)
 
     def get_record(self, run: str, *, attempt: int | None = None) -> RunRecord:
         """Return a run's record (its latest attempt, or `attempt`) alone, without its actions.
 
         Raises:
             RunNotFoundError: no such run (or attempt).
+            TypeError: `run` is not a string.
         """
-        return self.service.get_record(run, attempt=attempt)
+        return self.service.get_record(_text("run", run), attempt=attempt)
 
     def get_action(self, run: str, action: str, *, attempt: int | None = None) -> StoredAction:
         """Return one action of a run in full: its record, recorded values and events.
@@ -123,8 +151,9 @@ class Client:
         Raises:
             RunNotFoundError: no such run (or attempt).
             ActionNotFoundError: the run has no such action.
+            TypeError: `run` or `action` is not a string.
         """
-        return self.service.get_action(run, action, attempt=attempt)
+        return self.service.get_action(_text("run", run), _text("action", action), attempt=attempt)
 
     def progress(
         self, run: str, attempt: int | None = None, action: str | None = None
@@ -132,11 +161,19 @@ class Client:
         """Return the progress reports of one attempt (default: the latest), oldest first.
 
         Of one action, if `action` names it.
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+            ActionNotFoundError: the attempt has no such action.
         """
         return self.service.progress(run, attempt, action)
 
     def latest_progress(self, run: str, attempt: int | None = None) -> dict[str, Progress]:
-        """Return each action's latest progress report in one attempt (default: the latest)."""
+        """Return each action's latest progress report in one attempt (default: the latest).
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+        """
         return self.service.latest_progress(run, attempt)
 
     def logs(
@@ -145,6 +182,10 @@ class Client:
         """Return the kept log records of one attempt (default: the latest) with `seq > cursor`.
 
         Of one action, if `action` names it.
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+            ActionNotFoundError: the attempt has no such action.
         """
         return self.service.logs(run, attempt, action, cursor)
 
@@ -167,14 +208,12 @@ class Client:
         and reading the store is enough.
 
         Raises:
-            ValueError: no criterion given, or a negative one.
+            ValueError: no criterion given, a negative one, or an unknown phase.
+            TypeError: `older_than` is not a `datetime.timedelta`, or `keep` not an int.
             PermissionDeniedError: the store (or the actor's role) forbids deleting.
         """
         return self.service.prune(
-            older_than=older_than,
-            keep=keep,
-            phase=RunPhase(phase) if phase is not None else None,
-            dry_run=dry_run,
+            older_than=older_than, keep=keep, phase=_run_phase(phase), dry_run=dry_run
         )
 
     def retry(self, run: str, *, max_actions: int | None = None) -> Run[Any]:
@@ -191,8 +230,23 @@ class Client:
             InvalidStateError: the run succeeded or is still live, or its task
                 cannot be imported.
             NondeterminismError: (from inside the run) a call differs from the history.
+            RuntimeError: called from a running event loop (the retry runs on a
+                loop of its own); nothing is recorded.
         """
-        return self.service.retry(run, max_actions)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.service.retry(run, max_actions)
+        self.service.authorize(Permission.EXECUTE)
+        phase = self.service.get_record(run).phase
+        if not phase.terminal or phase is RunPhase.SUCCEEDED:
+            # The run's own refusal (live, or succeeded) says more than where it was asked from.
+            return self.service.retry(run, max_actions)
+        raise RuntimeError(
+            "flowsdk.Client.retry() cannot be called from a running event loop: it runs the "
+            "next attempt to its end on a loop of its own. Run it in a thread, "
+            f"'await asyncio.to_thread(client.retry, {run!r})', or use the CLI: flowsdk retry"
+        )
 
     # -- control ---------------------------------------------------------------------
 
@@ -209,6 +263,8 @@ class Client:
         Raises:
             RunNotFoundError: no such run.
             ActionNotFoundError: the run has no such action or group.
+            ValueError: both `action` and `group` are given; nothing is recorded.
+            TypeError: `reason` is not a string (or None); nothing is recorded.
         """
         return self.service.abort(run, action, group=group, reason=reason)
 
@@ -217,13 +273,64 @@ class Client:
 
         A second stop-and-wait on a stopping run is answered `refused` (a value,
         not an exception); `abandon=True` escalates it.
+
+        Raises:
+            TypeError: `reason` is not a string (or None); nothing is recorded.
         """
         return self.service.stop(run, abandon=abandon, reason=reason)
 
     def mark_failed(self, run: str, action: str, *, reason: str | None = None) -> ControlResult:
-        """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`."""
+        """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`.
+
+        Raises:
+            TypeError: `action` is None (name the action; to end the whole run,
+                abort or stop it), or `reason` is not a string; nothing is recorded.
+        """
         return self.service.mark_failed(run, action, reason=reason)
 
     def control(self, request: ControlRequest) -> ControlResult:
         """Deliver any control request (its `requested_by` is this client's actor)."""
         return self.service.send(request)
+
+
+def _run_phase(phase: RunPhase | str | None) -> RunPhase | None:
+    """Return `phase` as a `RunPhase`, its name taken in any case (`"failed"`), as the CLI does.
+
+    Raises:
+        ValueError: not a run phase; the message lists them.
+    """
+    if phase is None or isinstance(phase, RunPhase):
+        return phase
+    found = RunPhase._value2member_map_.get(phase.upper()) if isinstance(phase, str) else None
+    if not isinstance(found, RunPhase):
+        choices = ", ".join(p.value for p in RunPhase)
+        raise ValueError(f"unknown run phase {phase!r}; choose from {choices}")
+    return found
+
+
+def _text(what: str, value: str) -> str:
+    """Return `value`, a name the caller gave, or raise `TypeError` naming the parameter."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string (a name), not {type(value).__name__}")
+    return value
+
+
+def _checked_actor(actor: Actor) -> Actor:
+    """Return `actor` with its role as a `Role` (`"viewer"` is taken for `Role.VIEWER`).
+
+    Raises:
+        TypeError: `actor` is not an `Actor`.
+        ValueError: its role is neither a `Role` nor a role's value.
+    """
+    if not isinstance(actor, Actor):
+        raise TypeError(
+            f"actor must be a flowsdk.Actor (such as Actor(name='ci', role='viewer')), not "
+            f"{type(actor).__name__}"
+        )
+    role = Role._value2member_map_.get(actor.role) if isinstance(actor.role, str) else None
+    if not isinstance(role, Role):
+        raise ValueError(
+            f"unknown role {actor.role!r} of actor {actor.name!r}; the roles are "
+            + ", ".join(r.value for r in Role)
+        )
+    return actor if role is actor.role else msgspec.structs.replace(actor, role=role)

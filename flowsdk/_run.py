@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from flowsdk._phases import RunPhase
@@ -12,6 +13,7 @@ from flowsdk._runner import Runner, no_running_loop, run_sync, unpartial
 from flowsdk._runtime import Runtime
 from flowsdk._service import ControlService
 from flowsdk.store import InProcessChannel, Store
+from flowsdk.store._location import store_location
 
 if TYPE_CHECKING:
     from flowsdk._task import Task
@@ -25,7 +27,7 @@ async def run_async(
     task: Task[..., R],
     *args: Any,
     name: str | None = None,
-    store: str | Store | None = None,
+    store: str | os.PathLike[str] | Store | None = None,
     max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> Run[R]:
@@ -45,7 +47,8 @@ async def run_async(
     """
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
-    runner = Runner(task, args, kwargs, name, store, owns_loop=False, max_actions=max_actions)
+    location = store_location(store)
+    runner = Runner(task, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     try:
         result = await runner.finish()
@@ -63,14 +66,15 @@ async def start(
     task: Task[..., R],
     *args: Any,
     name: str | None = None,
-    store: str | Store | None = None,
+    store: str | os.PathLike[str] | Store | None = None,
     max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
-    runner = Runner(task, args, kwargs, name, store, owns_loop=False, max_actions=max_actions)
+    location = store_location(store)
+    runner = Runner(task, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     loop = asyncio.get_running_loop()
     channel = InProcessChannel(loop, runner.handler)
@@ -81,7 +85,7 @@ def run(
     task: Task[..., R],
     *args: Any,
     name: str | None = None,
-    store: str | Store | None = None,
+    store: str | os.PathLike[str] | Store | None = None,
     max_actions: int | None = None,
     **task_kwargs: Any,
 ) -> Run[R]:
@@ -97,8 +101,9 @@ def run(
         **task_kwargs: Refused with a `TypeError` that says to use `functools.partial`.
         name: The run's name (unique in its store); default: generated.
         store: Where the run is recorded: a URL (`sqlite:///path.db`,
-            `memory://`), a path, or a store object; default: `$FLOWSDK_STORE`,
-            else `sqlite:///.flowsdk/flowsdk.db` in the working directory.
+            `memory://`), a path (a string or an `os.PathLike`), or a store
+            object; default: `$FLOWSDK_STORE`, else `sqlite:///.flowsdk/flowsdk.db`
+            in the working directory.
         max_actions: The most actions the run may have, its root included
             (default: no limit). A call past it raises `ActionLimitExceededError`
             and starts nothing; the run then ends FAILED with that error and
@@ -107,12 +112,14 @@ def run(
     Raises:
         RuntimeError: called from a running event loop (use `flowsdk.run_async`).
         TypeError, ValueError: `max_actions` is not a positive int.
+        TypeError: `store` is not a URL or path string, an `os.PathLike` or a store object.
     """
     no_running_loop()
     refuse_keywords(task, task_kwargs)
     task, args, kwargs = unpartial(task, args)
+    location = store_location(store)
     return run_sync(
-        Runner(task, args, kwargs, name, store, owns_loop=True, max_actions=max_actions)
+        Runner(task, args, kwargs, name, location, owns_loop=True, max_actions=max_actions)
     )
 
 
@@ -176,6 +183,8 @@ class RunHandle(Generic[R]):
 
         Raises:
             ActionNotFoundError: the run has no such action or group.
+            ValueError: both `action` and `group` are given; nothing is recorded.
+            TypeError: `reason` is not a string (or None); nothing is recorded.
         """
         return self._service.abort(self.name, action, group=group, reason=reason)
 
@@ -184,9 +193,18 @@ class RunHandle(Generic[R]):
 
         A second stop-and-wait on a stopping run is answered `refused` (a value,
         not an exception); `abandon=True` escalates it.
+
+        Raises:
+            TypeError: `reason` is not a string (or None); nothing is recorded.
         """
         return self._service.stop(self.name, abandon=abandon, reason=reason)
 
     async def mark_failed(self, action: str, *, reason: str | None = None) -> ControlResult:
-        """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`."""
+        """Mark an action as failed: its body is cancelled, its parent gets `RuntimeUserError`.
+
+        Raises:
+            ActionNotFoundError: the run has no such action.
+            TypeError: `action` is None (name the action; to end the whole run,
+                abort or stop it), or `reason` is not a string; nothing is recorded.
+        """
         return self._service.mark_failed(self.name, action, reason=reason)

@@ -76,6 +76,7 @@ __all__ = [
     "PERMISSIONS",
     "ControlService",
     "Permission",
+    "check_request",
 ]
 
 # How long a control request waits for the live runner's answer (normally < 100 ms).
@@ -127,7 +128,17 @@ class ControlService:
     # -- reading -----------------------------------------------------------------------
 
     def runs(self, *, phase: RunPhase | None = None, limit: int | None = None) -> list[RunRecord]:
-        """Return the execution history (latest attempt of each run), newest first."""
+        """Return the execution history (latest attempt of each run), newest first.
+
+        At most `limit` runs (None: all of them; 0: none).
+
+        Raises:
+            TypeError, ValueError: `limit` is not None or an int of 0 or more.
+        """
+        if limit is not None:
+            _check_int("limit", limit, "an int or None")
+            if limit < 0:
+                raise ValueError(f"limit must be 0 or more (None: all runs), not {limit}")
         self.authorize(Permission.READ)
         return self.store.list_runs(phase=phase, limit=limit)
 
@@ -171,18 +182,33 @@ class ControlService:
     def progress(
         self, name: str, attempt: int | None = None, action: str | None = None
     ) -> list[Progress]:
-        """Return the progress reports of one attempt (default: the latest), oldest first."""
+        """Return the progress reports of one attempt (default: the latest), oldest first.
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+            ActionNotFoundError: the attempt has no such action.
+        """
         self.authorize(Permission.READ)
         if attempt is None:
             attempt = self.store.load_record(name).attempt
-        return self.store.load_progress(name, attempt, action)
+        reports = self.store.load_progress(name, attempt, action)
+        if not reports:
+            self._check_exists(name, attempt, action)
+        return reports
 
     def latest_progress(self, name: str, attempt: int | None = None) -> dict[str, Progress]:
-        """Return each action's latest progress report in one attempt (default: the latest)."""
+        """Return each action's latest progress report in one attempt (default: the latest).
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+        """
         self.authorize(Permission.READ)
         if attempt is None:
             attempt = self.store.load_record(name).attempt
-        return self.store.latest_progress(name, attempt)
+        latest = self.store.latest_progress(name, attempt)
+        if not latest:
+            self._check_exists(name, attempt, None)
+        return latest
 
     def logs(
         self,
@@ -195,11 +221,34 @@ class ControlService:
         """Return the kept log records of one attempt (default: the latest) after `cursor`.
 
         Oldest first, at most `limit` of them (all without one).
+
+        Raises:
+            RunNotFoundError: no such run (or attempt).
+            ActionNotFoundError: the attempt has no such action.
         """
         self.authorize(Permission.READ)
         if attempt is None:
             attempt = self.store.load_record(name).attempt
-        return self.store.load_logs(name, attempt, action, cursor, limit)
+        entries = self.store.load_logs(name, attempt, action, cursor, limit)
+        if not entries:
+            self._check_exists(name, attempt, action)
+        return entries
+
+    def _check_exists(self, name: str, attempt: int, action: str | None) -> None:
+        """Raise as `get_action` would if the attempt (or its action) does not exist.
+
+        Called only when a read found nothing, so a typo in a name is not taken
+        for "nothing yet"; found records need no lookup.
+        """
+        self.store.load_record(name, attempt)
+        if action is None:
+            return
+        try:
+            if self.store.load_actions(name, attempt, [action]):
+                return
+        except InvalidStateError:
+            return  # a live run of a memory store: its actions are its runner's until it ends
+        self.store.load_action(name, attempt, action)  # raises ActionNotFoundError
 
     def prune(
         self,
@@ -213,6 +262,13 @@ class ControlService:
 
         Needs `control`; a dry run, which only reads, needs `read`.
         """
+        if older_than is not None and not isinstance(older_than, timedelta):
+            raise TypeError(
+                "older_than must be a datetime.timedelta (such as timedelta(days=30)), not "
+                f"{type(older_than).__name__}"
+            )
+        if keep is not None:
+            _check_int("keep", keep, "an int (how many of the newest runs to keep)")
         self.authorize(Permission.READ if dry_run else Permission.CONTROL)
         if older_than is None and keep is None and phase is None:
             raise ValueError(
@@ -241,7 +297,7 @@ class ControlService:
         group: str | None = None,
         reason: str | None = None,
     ) -> ControlResult:
-        """Abort a run, one action's subtree, or a group's actions. Idempotent."""
+        """Abort a run, one action's subtree, or a group's actions (not both). Idempotent."""
         return self.send(AbortRequest(run=run, action=action, group=group, reason=reason))
 
     def stop(self, run: str, *, abandon: bool = False, reason: str | None = None) -> ControlResult:
@@ -259,14 +315,17 @@ class ControlService:
             PermissionDeniedError: the actor may not control runs.
             RunNotFoundError: no such run.
             ActionNotFoundError: the run has no such action or group.
-            ValueError: the reason is over 10,000 characters.
+            TypeError: a name or the reason is not a string, or a mark-failed
+                names no action (nothing is recorded).
+            ValueError: an abort names both an action and a group, or the
+                reason is over 10,000 characters (nothing is recorded).
         """
+        reason = check_request(request)
         try:
             self.authorize(Permission.CONTROL)
         except PermissionDeniedError as exc:
             self._record_refused(request, exc)
             raise
-        reason = check_reason(getattr(request, "reason", None))
         if reason == "":  # no reason given: recorded and shown as none, never as ""
             request = msgspec.structs.replace(request, reason=None)
         request = msgspec.structs.replace(request, requested_by=self.actor.name)
@@ -444,6 +503,37 @@ class ControlService:
                     + (f":\n{tail}" if tail else "")
                 )
             time.sleep(0.02)
+
+
+def check_request(request: ControlRequest) -> str | None:
+    """Return a control request's reason, or refuse the request as `send` says.
+
+    Checked before anything is recorded: a wrong call leaves no trace.
+    """
+    if not isinstance(request, AbortRequest | StopRequest | MarkFailedRequest):
+        raise TypeError(
+            "request must be an AbortRequest, a StopRequest or a MarkFailedRequest, not "
+            f"{type(request).__name__}"
+        )
+    if isinstance(request, MarkFailedRequest) and request.action is None:
+        raise TypeError(
+            "mark_failed needs an action name (such as 'a3'), not None; to end the whole "
+            "run, abort or stop it"
+        )
+    names = {"run": request.run, "action": getattr(request, "action", None)}
+    names["group"] = getattr(request, "group", None)
+    for what, name in names.items():
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{what} must be a string, not {type(name).__name__}")
+    if names["action"] is not None and names["group"] is not None:
+        raise ValueError("name an action or a group, not both")
+    return check_reason(request.reason)
+
+
+def _check_int(what: str, value: object, expected: str) -> None:
+    # bool is an int to Python, never a count to a person.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be {expected}, not {type(value).__name__}")
 
 
 def _attempt_recorded(store: Store, run: str, attempt: int) -> bool:

@@ -39,17 +39,21 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def visible(text: str) -> str:
+def visible(text: object) -> str:
     r"""Return `text` with every control character replaced by a visible escape (`\x1b`).
 
     Printable text, including non-ASCII letters, is unchanged; the result is
-    always one line.
+    always one line. What is not a `str` is shown as its `repr()`: an older
+    flowsdk stored a reason given as bytes as they were, and such a store must
+    still be readable.
     """
-    return _CONTROL.sub(_escape, text)
+    return _CONTROL.sub(_escape, text if isinstance(text, str) else repr(text))
 
 
-def visible_lines(text: str) -> list[str]:
+def visible_lines(text: object) -> list[str]:
     """Split multi-line text (a traceback) into lines, each made `visible()`."""
+    if not isinstance(text, str):
+        return [visible(text)]
     return [visible(line) for line in text.split("\n")]
 
 
@@ -66,7 +70,15 @@ def preview(value: Any, limit: int = 60) -> str:
 
 
 def check_reason(reason: str | None) -> str | None:
-    """Return `reason` unchanged, or raise `ValueError` if it is over `MAX_REASON` characters."""
+    """Return `reason` unchanged, or refuse it: not a string, or over `MAX_REASON` characters.
+
+    Raises:
+        TypeError: `reason` is neither a `str` nor None (bytes would be stored
+            as they are, and every reader would then have to cope with them).
+        ValueError: `reason` is over `MAX_REASON` characters.
+    """
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"reason must be a string or None, not {type(reason).__name__}")
     if reason is not None and len(reason) > MAX_REASON:
         raise ValueError(
             f"the reason is {len(reason):,} characters, over the limit of {MAX_REASON:,}; "

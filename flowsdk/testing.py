@@ -222,7 +222,7 @@ async def start_and_control(
     when: Condition,
     control: Callable[[flowsdk.RunHandle[R]], Awaitable[C]],
     name: str | None = None,
-    store: str | Store | None = None,
+    store: str | os.PathLike[str] | Store | None = None,
     # Not the caller's asyncio.timeout: this deadline covers the wait for `when`
     # only, not the control or the run's end, and its error can name the run's phase.
     timeout: float | None = 10.0,  # noqa: ASYNC109

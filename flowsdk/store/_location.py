@@ -2,9 +2,10 @@
 
 A store location comes from a user (`store=`, `--store`, `$FLOWSDK_STORE`),
 so every refusal here is one line that names what was wrong and says what
-to write instead. A malformed URL raises `ValueError` before anything is
-opened (the CLI's exit 2); a path that exists but cannot be a store, or
-cannot be created, raises `StoreError` (exit 5) and is left as it was.
+to write instead. A location of the wrong type raises `TypeError` and a
+malformed URL `ValueError`, before anything is opened (the CLI's exit 2); a
+path that exists but cannot be a store, or cannot be created, raises
+`StoreError` (exit 5) and is left as it was.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import math
 import os
 import re
 import stat
-from urllib.parse import unquote, unquote_plus, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from flowsdk.errors import StoreCorruptedError, StoreError
+
+if TYPE_CHECKING:
+    from flowsdk.store._base import Store
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
@@ -25,6 +30,7 @@ __all__ = [
     "check_store_file",
     "query_pieces",
     "sqlite_location",
+    "store_location",
 ]
 
 DEFAULT_BUSY_TIMEOUT = 5.0  # seconds, for SQLite and PostgreSQL stores alike
@@ -84,7 +90,37 @@ _REASONS = {
 }
 
 
+# What every store object has; a `Store` is a protocol, so this is how one is recognised.
+_STORE_METHODS = ("open_run", "load_run", "request", "close")
+
+
 # -- URLs ------------------------------------------------------------------------------------
+
+
+def store_location(store: str | os.PathLike[str] | Store | None) -> str | Store | None:
+    """Return a `store=` argument as `open_store` takes it: a path object as a SQLite URL.
+
+    Every entry point that takes a store location passes it through here
+    first (`flowsdk.run`, `run_async`, `start`, `Client`), so a
+    `pathlib.Path` works wherever a path string does. A path object is a file,
+    never a URL: its characters are quoted, so a `#` or `?` in a file name is
+    part of the name.
+
+    Raises:
+        TypeError: `store` is not a URL or path string, an `os.PathLike`, a
+            store object, or None.
+    """
+    if store is None or isinstance(store, str):
+        return store
+    if isinstance(store, os.PathLike):
+        return "sqlite:///" + quote(os.fsdecode(store))
+    if all(hasattr(store, method) for method in _STORE_METHODS):
+        return store
+    raise TypeError(
+        "store must be a URL or path string, an os.PathLike or a store object, not "
+        f"{type(store).__name__}; for example store='sqlite:///runs.db' or "
+        "store=pathlib.Path('runs.db')"
+    )
 
 
 def query_pieces(query: str) -> list[tuple[str, str, str | None]]:
