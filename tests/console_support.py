@@ -105,14 +105,21 @@ class Console:
         token: str | None = None,
         body: Any = None,
         raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
-        """Make one HTTP request; `body` is sent as JSON, `raw` as it is."""
+        """Make one HTTP request; `body` is sent as JSON, `raw` as it is.
+
+        A body goes with `Content-Type: application/json` unless `headers` says
+        otherwise; `headers` may also set `Host`, `Origin` and the like.
+        """
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if token is not None:
             request.add_header("Authorization", f"Bearer {token}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=WAIT) as answer:
                 return Reply(answer.status, dict(answer.headers), answer.read())

@@ -7,6 +7,8 @@ viewer, an executor, an operator and a revoked token.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import sqlite3
 import subprocess
 import sys
@@ -135,6 +137,49 @@ def test_each_role_gets_exactly_its_permissions(
     assert got == expected
     if role == "viewer":
         assert "refused POST /api/runs/done-run/abort: 403 token:viewer" in site.console.logged()
+
+
+@pytest.mark.parametrize(
+    "kind", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded"]
+)
+def test_a_body_not_sent_as_json_is_refused_415_with_a_token_too(
+    site: Site, ended: str, kind: str
+) -> None:
+    """What a page of another site can send without a CORS preflight is never read."""
+    body = json.dumps({"action": "a3", "reason": "r"}).encode()
+    path = f"/api/runs/{ended}/abort"
+    reply = site.call("POST", path, raw=body, headers={"Content-Type": kind})
+    assert (reply.status, reply.json["error"]) == (415, "UnsupportedMediaTypeError"), reply
+    assert "'Content-Type: application/json'" in reply.json["message"]
+    assert reply.headers["content-security-policy"] == "default-src 'self'"
+    assert f"refused POST {path}: 415" in site.console.logged()
+    json_utf8 = {"Content-Type": "application/json; charset=utf-8"}
+    assert site.call("POST", path, raw=body, headers=json_utf8).status == 200
+
+
+def test_a_request_from_another_origin_is_refused_403_with_a_token_too(
+    site: Site, ended: str
+) -> None:
+    path = f"/api/runs/{ended}/stop"
+    for foreign in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        reply = site.call("POST", path, body={"abandon": True}, headers=foreign)
+        assert (reply.status, reply.json["error"]) == (403, "CrossOriginError"), foreign
+    own = {"Origin": site.console.url, "Sec-Fetch-Site": "same-origin"}
+    assert site.call("POST", path, body={"abandon": True}, headers=own).status == 200
+    assert f"refused POST {path}: 403 refused a request from the origin 'http://evil.example'" in (
+        site.console.logged()
+    )
+
+
+def test_with_tokens_any_host_header_is_answered(site: Site) -> None:
+    """Tokens travel in a header a rebinding page cannot send: the console may have any name."""
+    host = {"Host": "flows.example.com"}
+    assert site.call("GET", "/api/whoami", who="viewer", headers=host).status == 200
+    assert site.call("GET", "/api/whoami", who=None, headers=host).status == 401
 
 
 def test_reading_runs_and_one_run(site: Site, ended: str) -> None:
@@ -287,6 +332,10 @@ def _task(site: Site) -> str:
     return str(site.call("GET", "/api/runs/fail-me", who="viewer").json["run"]["task"])
 
 
+def is_action(message: tuple[str, str]) -> bool:
+    return message[0] == "action"
+
+
 def test_the_stream_sends_the_state_then_changes_then_end(site: Site) -> None:
     with start_held(site.store, "watch-me") as runner:
         request = urllib.request.Request(site.console.url + "/api/runs/watch-me/stream")
@@ -302,7 +351,7 @@ def test_the_stream_sends_the_state_then_changes_then_end(site: Site) -> None:
                     kind = line[7:]
                 elif line.startswith("data: "):
                     messages.append((kind, line[6:]))
-                    in_state = kind in ("actions", "action") and '"name":"a3"' in line
+                    in_state = kind == "action" and '"name":"a3"' in line
                     if in_state and not seen_state.is_set():
                         seen_state.set()
                         runner.send("go")  # the state is in: now make a change
@@ -310,7 +359,14 @@ def test_the_stream_sends_the_state_then_changes_then_end(site: Site) -> None:
         runner.finish()
     kinds = [k for k, _ in messages]
     assert kinds[0] == "run"
-    assert kinds[1] == "actions"  # the first picture: the actions as one array
+    # The first state: one `event: action` per action recorded by then (SPEC §8), each
+    # one record, the root first; no arrays.
+    first = [json.loads(data) for _, data in itertools.takewhile(is_action, messages[1:])]
+    assert first
+    assert first[0]["name"] == "a0"
+    assert all(isinstance(a, dict) and a["task"] for a in first)
+    assert len({a["name"] for a in first}) == len(first)
+    assert "actions" not in kinds
     assert kinds[-1] == "end"
     assert '"phase":"SUCCEEDED"' in messages[-1][1]
     assert any(k == "action" and '"name":"a3"' in d and "SUCCEEDED" in d for k, d in messages)
@@ -325,7 +381,7 @@ def test_the_store_keeps_only_hashes_and_the_cli_lists_without_secrets(site: Sit
         timeout=WAIT,
         check=True,
     )
-    tokens = {t["name"]: t for t in __import__("json").loads(listing.stdout)}
+    tokens = {t["name"]: t for t in json.loads(listing.stdout)}
     assert tokens["old"]["revoked_at"] is not None
     assert tokens["viewer"]["revoked_at"] is None
     assert tokens["viewer"]["last_used_at"] is not None

@@ -274,6 +274,33 @@ def test_long_stored_text_wraps_or_is_cut_and_no_page_gets_wider_than_the_window
     site.run(body)
 
 
+# Each fact of the run's head: its top, and whether its value is on one line (as tall as
+# its name).
+FACTS = """() => [...document.querySelectorAll("#run-facts .fact")].map((fact) => {
+  const [dt, dd] = [fact.querySelector("dt"), fact.querySelector("dd")];
+  return [dt.textContent, Math.round(fact.getBoundingClientRect().top),
+          dd.getBoundingClientRect().height === dt.getBoundingClientRect().height];
+})"""
+
+
+def test_the_runs_facts_wrap_between_facts_never_inside_one_that_fits(site: Site) -> None:
+    def body() -> None:
+        page = site.page("/runs/c-hostile")
+        expect(page.locator("#run-facts dd").first).to_have_text(re.compile("root$"), timeout=MS)
+        facts = page.evaluate(FACTS)
+        assert [name for name, _, _ in facts] == ["task", "attempt", "started", "duration"]
+        assert len({top for _, top, _ in facts}) == 1  # one row: there is room
+        assert all(one_line for _, _, one_line in facts), facts
+        page.set_viewport_size({"width": 480, "height": 900})
+        page.wait_for_function(f"({FACTS})().some(([, top]) => top !== {facts[0][1]})")
+        narrow = page.evaluate(FACTS)
+        assert len({top for _, top, _ in narrow}) > 1  # the row wrapped ...
+        assert all(one_line for _, _, one_line in narrow), narrow  # ... between facts
+        page.context.close()
+
+    site.run(body)
+
+
 def test_the_page_of_a_run_that_does_not_exist_says_so_and_draws_no_run(site: Site) -> None:
     name = "NOPE\u202eevil\x1b[2J"
 

@@ -51,7 +51,16 @@ from flowsdk.ui._bodies import (
     WhoAmI,
 )
 
-__all__ = ["ApiError", "api_errors", "authenticate", "json_response", "local_actor", "routes"]
+__all__ = [
+    "ApiError",
+    "api_errors",
+    "authenticate",
+    "error_response",
+    "flow_error",
+    "json_response",
+    "local_actor",
+    "routes",
+]
 
 logger = logging.getLogger("flowsdk.ui")
 S = TypeVar("S", bound=msgspec.Struct)
@@ -140,7 +149,7 @@ def api_errors(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 )
             return error_response(exc)
         except FlowError as exc:
-            answer = _flow_error(exc)
+            answer = flow_error(exc)
             if answer.status == 403:
                 logger.warning("refused %s %s: 403 %s", request.method, request.url.path, exc)
             return error_response(answer)
@@ -148,7 +157,8 @@ def api_errors(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def _flow_error(exc: FlowError) -> ApiError:
+def flow_error(exc: FlowError) -> ApiError:
+    """The answer to an expected `FlowError`: its status, its class name and its message."""
     name = type(exc).__name__
     if isinstance(exc, PermissionDeniedError):
         return ApiError(403, name, str(exc))

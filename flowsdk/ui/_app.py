@@ -1,7 +1,8 @@
 """The console's Starlette application: the JSON API, the stream, and the static pages.
 
 Pages are static shells from files inside the package; they hold no data and
-are served to anyone. Every answer carries `Content-Security-Policy:
+are served to anyone. `Guard` (`_guard.py`) first refuses what another web
+page could make a browser send. Every answer carries `Content-Security-Policy:
 default-src 'self'`, so a page runs no inline script and loads nothing from
 another origin, whatever text a workflow recorded.
 """
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from flowsdk.store import Store
 from flowsdk.ui._api import ApiError, api_errors, error_response, json_response, routes
 from flowsdk.ui._bodies import openapi
+from flowsdk.ui._guard import Guard
 from flowsdk.ui._stream import stream
 
 __all__ = ["create_app"]
@@ -112,5 +114,6 @@ def create_app(store: Store) -> Starlette:
         exception_handlers={HTTPException: _http_error},
     )
     app.state.store = store
-    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(Guard, store=store)  # before routing: a refused request reaches nothing
+    app.add_middleware(_SecurityHeaders)  # the outermost: refusals carry the headers too
     return app

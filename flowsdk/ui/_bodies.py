@@ -157,12 +157,15 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 # -- the OpenAPI document -------------------------------------------------------------------
 
 _ERRORS = {
-    "400": "malformed JSON (BadRequestError)",
+    "400": "malformed JSON; without tokens, a Host header that names no loopback address "
+    "(BadRequestError)",
     "401": "no or unknown token while tokens are configured (AuthenticationError)",
-    "403": "the token's role lacks the permission (PermissionDeniedError)",
+    "403": "the token's role lacks the permission (PermissionDeniedError), or the request "
+    "came from a page of another origin (CrossOriginError)",
     "404": "run, action or path not found",
     "409": "refused by the run's current phase",
     "413": "request body too large",
+    "415": "a request body that is not sent as application/json (UnsupportedMediaTypeError)",
     "422": "a field of the wrong type or value (ValidationError)",
     "503": "store locked (StoreLockedError)",
 }
@@ -178,7 +181,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _answers(ok: str, schema: dict[str, Any], *errors: str) -> dict[str, Any]:
     answers: dict[str, Any] = {ok: {"description": "done", **_json(schema)}}
-    for code in ("401", "403", *errors, "503"):
+    for code in ("400", "401", "403", *errors, "503"):  # 400: any request, for its Host
         answers[code] = {"description": _ERRORS[code], **_json(_ref(ErrorBody))}
     return answers
 
@@ -195,8 +198,7 @@ def _query(struct: type[msgspec.Struct], components: dict[str, Any]) -> list[dic
 _SSE_EVENT = {
     "type": "object",
     "properties": {
-        # `actions`: a JSON array of actions (the first picture, in batches).
-        "event": {"enum": ["run", "actions", "action", "event", "end"]},
+        "event": {"enum": ["run", "action", "event", "end"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
     "required": ["event", "data"],
@@ -230,7 +232,7 @@ def openapi() -> dict[str, Any]:
     outcome = {"oneOf": [_ref(ControlResult), _ref(ErrorBody)]}
 
     def control(body: type, summary: str, *, required: bool = False) -> dict[str, Any]:
-        answers = _answers("200", _ref(ControlResult), "400", "404", "413", "422")
+        answers = _answers("200", _ref(ControlResult), "404", "413", "415", "422")
         answers["409"] = {"description": _ERRORS["409"], **_json(outcome)}
         return {
             "post": {
@@ -253,7 +255,7 @@ def openapi() -> dict[str, Any]:
             "post": {
                 "summary": "Start a run of a recorded root task in a new process",
                 "requestBody": {"required": True, **_json(_ref(StartBody))},
-                "responses": _answers("202", _ref(StartAnswer), "400", "404", "413", "422"),
+                "responses": _answers("202", _ref(StartAnswer), "404", "413", "415", "422"),
             },
         },
         "/api/runs/{run}": {
@@ -283,8 +285,9 @@ def openapi() -> dict[str, Any]:
                 "parameters": [_RUN],
                 "responses": {
                     "200": {
-                        "description": "event: run, then actions (arrays) and the last 300 "
-                        "events; then event / action / run as they change; then end",
+                        "description": "event: run, then one event: action per action and "
+                        "the last 300 events; then event / action / run as they change; "
+                        "then end",
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
                     **{k: v for k, v in _answers("200", {}, "404").items() if k != "200"},
@@ -298,7 +301,7 @@ def openapi() -> dict[str, Any]:
             "post": {
                 "summary": "Start the next attempt in a new, detached runner process",
                 "parameters": [_RUN],
-                "responses": _answers("202", _ref(RetryAnswer), "404", "409"),
+                "responses": _answers("202", _ref(RetryAnswer), "404", "409", "415"),
             }
         },
         "/api/whoami": {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import socket
 import sys
@@ -25,6 +24,7 @@ import uvicorn
 from flowsdk._text import visible
 from flowsdk.store import Store
 from flowsdk.ui._app import create_app
+from flowsdk.ui._guard import is_loopback
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ListenError", "is_loopback", "serve"]
 
@@ -94,16 +94,6 @@ class _LogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"flowsdk ui: {record.levelname.lower()}: {visible(record.getMessage())}"
-
-
-def is_loopback(host: str) -> bool:
-    """Return whether `host` names this machine only (`localhost`, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _Server(uvicorn.Server):

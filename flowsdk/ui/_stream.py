@@ -1,7 +1,7 @@
 """`GET /api/runs/RUN/stream`: a run's live changes as server-sent events.
 
-First the current state (one `event: run`, then the actions as `event: actions`
-arrays, then the run's last 300 events, one `event: event` each), then every change
+First the current state (one `event: run`, then one `event: action` per action,
+then the run's last 300 events, one `event: event` each), then every change
 (`event: event`, `event: action`, `event: run`), as `RunFollower` (`_follow.py`) reads it: each
 poll reads only the events recorded since the last one and re-reads only the
 actions those events name, so following a run of 20,000 actions costs what
@@ -12,6 +12,7 @@ final run record, and the stream closes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,28 +28,43 @@ __all__ = ["POLL_INTERVAL", "stream"]
 
 POLL_INTERVAL = 0.05  # how often the store is asked for new events (a keyed, indexed read)
 KEEPALIVE = 15.0  # a comment line this often, so proxies keep an idle stream open
-# The first picture sends the actions as arrays of at most this many (a page parses
-# one message instead of thousands), and the run's last `LAST_EVENTS` events: what
-# the page's event log shows (the latest 300).
-ACTIONS_AT_ONCE = 2_000
+# The first picture is written in chunks of at most this many messages: one write per
+# message would cost a send each, 20,000 of them for a run of 20,000 actions.
+MESSAGES_AT_ONCE = 2_000
+# ... and holds the run's last `LAST_EVENTS` events: what the page's event log shows.
 LAST_EVENTS = 300
 _encoder = msgspec.json.Encoder()
+_HEADS = {kind: b"event: %s\ndata: " % kind.encode() for kind in ("run", "action", "event", "end")}
 
 
 def _sse(kind: str, value: Any) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(value) + b"\n\n"
+    return _HEADS[kind] + _encoder.encode(value) + b"\n\n"
 
 
 def _first(follower: RunFollower) -> list[bytes]:
-    """The first picture: the run, its actions in batches, and its latest events."""
+    """The first picture, in chunks: the run, each of its actions, and its latest events.
+
+    Each message is encoded straight into its chunk's buffer: no object per message
+    is made, so the picture of a large run costs the page's bytes once.
+    """
     run = follower.start()
-    actions = run.actions
-    batches = range(0, len(actions), ACTIONS_AT_ONCE)
-    return [
-        _sse("run", run.record),
-        *(_sse("actions", actions[i : i + ACTIONS_AT_ONCE]) for i in batches),
-        *(_sse("event", e) for e in run.events[-LAST_EVENTS:]),
-    ]
+    messages = itertools.chain(
+        [("run", run.record)],
+        (("action", a) for a in run.actions),
+        (("event", e) for e in run.events[-LAST_EVENTS:]),
+    )
+    chunks: list[bytes] = []
+    buffer = bytearray()
+    for count, (kind, value) in enumerate(messages, 1):
+        buffer += _HEADS[kind]
+        _encoder.encode_into(value, buffer, -1)  # -1: appended
+        buffer += b"\n\n"
+        if count % MESSAGES_AT_ONCE == 0:
+            chunks.append(bytes(buffer))
+            buffer.clear()
+    if buffer:
+        chunks.append(bytes(buffer))
+    return chunks
 
 
 def _poll(follower: RunFollower) -> tuple[list[bytes], bool]:

@@ -166,9 +166,13 @@ function authHeaders(extra) {
 }
 
 // Call the JSON API; on 401 ask for a token and try again. Returns {status, data}.
+// Every request but a GET says `Content-Type: application/json`, with a body or without
+// one: the console refuses any other type on a request that changes something (415), so
+// that another site's page cannot send one without a CORS preflight.
 async function api(method, path, body) {
   for (;;) {
-    const init = { method, headers: authHeaders(body === undefined ? {} : { "Content-Type": "application/json" }) };
+    const json = method === "GET" ? {} : { "Content-Type": "application/json" };
+    const init = { method, headers: authHeaders(json) };
     if (body !== undefined) init.body = JSON.stringify(body);
     const response = await fetch(path, init);
     let data = null;

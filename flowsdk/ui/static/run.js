@@ -494,10 +494,10 @@
     phase.dataset.phase = run.phase;
     document.getElementById("live").textContent = live ? "● live" : "";
     const facts = document.getElementById("run-facts");
-    const fact = (k, v) => [el("dt", null, k), el("dd", null, v)];
+    const fact = (k, v) => el("div", "fact", el("dt", null, k), el("dd", null, v)); // a <dl> may group in <div>
     showUnlessSame(facts, [
-      ...fact("task", run.task || "-"), ...fact("attempt", run.attempt),
-      ...fact("started", fmtTime(run.started_at)), ...fact("duration", fmtDuration(run.started_at, run.ended_at)),
+      fact("task", run.task || "-"), fact("attempt", run.attempt),
+      fact("started", fmtTime(run.started_at)), fact("duration", fmtDuration(run.started_at, run.ended_at)),
     ]);
     const stop = run.stop ? [
       el("strong", null, "stop (" + run.stop.mode + ")"),
@@ -567,9 +567,7 @@
           if (kind === "run") {
             if (run && data.attempt !== run.attempt) { actions = new Map(); events = new Map(); }
             run = data;
-          } else if (kind === "actions") { // the first picture, in batches
-            for (const a of data) actions.set(a.name, a);
-          } else if (kind === "action") {
+          } else if (kind === "action") { // one per action in the first picture, then changes
             actions.set(data.name, data);
           } else if (kind === "event") {
             addEvent(data);
