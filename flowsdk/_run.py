@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from flowsdk._phases import RunPhase
@@ -24,7 +26,7 @@ R = TypeVar("R")
 
 
 async def run_async(
-    task: Task[..., R],
+    task: Task[..., R] | functools.partial[Coroutine[Any, Any, R]],
     *args: Any,
     name: str | None = None,
     store: str | os.PathLike[str] | Store | None = None,
@@ -46,9 +48,9 @@ async def run_async(
         max_actions: The most actions the run may have (see `flowsdk.run`).
     """
     refuse_keywords(task, task_kwargs)
-    task, args, kwargs = unpartial(task, args)
+    root, args, kwargs = unpartial(task, args)
     location = store_location(store)
-    runner = Runner(task, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
+    runner = Runner(root, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     try:
         result = await runner.finish()
@@ -63,7 +65,7 @@ async def run_async(
 
 
 async def start(
-    task: Task[..., R],
+    task: Task[..., R] | functools.partial[Coroutine[Any, Any, R]],
     *args: Any,
     name: str | None = None,
     store: str | os.PathLike[str] | Store | None = None,
@@ -72,9 +74,9 @@ async def start(
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
     refuse_keywords(task, task_kwargs)
-    task, args, kwargs = unpartial(task, args)
+    root, args, kwargs = unpartial(task, args)
     location = store_location(store)
-    runner = Runner(task, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
+    runner = Runner(root, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
     runtime = await runner.begin()
     loop = asyncio.get_running_loop()
     channel = InProcessChannel(loop, runner.handler)
@@ -82,7 +84,7 @@ async def start(
 
 
 def run(
-    task: Task[..., R],
+    task: Task[..., R] | functools.partial[Coroutine[Any, Any, R]],
     *args: Any,
     name: str | None = None,
     store: str | os.PathLike[str] | Store | None = None,
@@ -116,10 +118,10 @@ def run(
     """
     no_running_loop()
     refuse_keywords(task, task_kwargs)
-    task, args, kwargs = unpartial(task, args)
+    root, args, kwargs = unpartial(task, args)
     location = store_location(store)
     return run_sync(
-        Runner(task, args, kwargs, name, location, owns_loop=True, max_actions=max_actions)
+        Runner(root, args, kwargs, name, location, owns_loop=True, max_actions=max_actions)
     )
 
 

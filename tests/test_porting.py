@@ -334,7 +334,7 @@ def test_run_with_task_keywords_says_to_use_functools_partial() -> None:
 
     with pytest.raises(TypeError, match=r"functools\.partial\(main, lr=\.\.\.\)"):
         flowsdk.run(main, lr=0.5)
-    assert flowsdk.run(functools.partial(main, lr=0.5)).result() == 0.5  # type: ignore[arg-type]
+    assert flowsdk.run(functools.partial(main, lr=0.5)).result() == 0.5
 
 
 def test_runtime_user_error_code_is_the_error_type() -> None:
