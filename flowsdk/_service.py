@@ -18,25 +18,12 @@ builds a request, checks a permission or interprets an answer on its own.
 from __future__ import annotations
 
 import enum
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
 
-from flowsdk._liveness import (
-    RUNNER_LOG,
-    RUNNER_LOG_PREFIX,
-    Owner,
-    host_identity,
-    is_alive,
-    process_start,
-)
+from flowsdk._launch import attempt_recorded, launch
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
@@ -65,8 +52,7 @@ from flowsdk.errors import (
     FlowError,
     InvalidStateError,
     PermissionDeniedError,
-    RunNotFoundError,
-    StoreError,
+    RunExistsError,
 )
 from flowsdk.store import ControlChannel, Store, StoredAction
 from flowsdk.store._prune import prune_plan
@@ -81,8 +67,6 @@ __all__ = [
 
 # How long a control request waits for the live runner's answer (normally < 100 ms).
 ANSWER_TIMEOUT = 10.0
-# How long a detached runner may take to record its run before the launch is reported failed.
-LAUNCH_TIMEOUT = 60.0
 
 
 class Permission(enum.StrEnum):
@@ -412,11 +396,12 @@ class ControlService:
         check_retryable(run, state.phase)
         first = self.store.load_run(run, 1).record
         attempt = state.attempt + 1
-        self._launch(
+        launch(
+            self.store,
             ["retry", "--quiet"],
             [run],
             first.workdir,
-            lambda: _attempt_recorded(self.store, run, attempt),
+            lambda: attempt_recorded(self.store, run, attempt),
             f"attempt {attempt} of run {run!r}",
         )
         return run, attempt
@@ -440,6 +425,7 @@ class ControlService:
         Raises:
             InvalidStateError: the task was never recorded as a root task here,
                 or the runner failed before recording its run.
+            RunExistsError: a run of that name exists; nothing was started.
             ValueError: a keyword is not a parameter name (an ASCII identifier), or
                 the run name is unusable; nothing was started.
         """
@@ -459,50 +445,24 @@ class ControlService:
                 "tasks can be started here (start it once with flowsdk run)"
             )
         run = check_name("run", name) if name is not None else new_run_name(task.rpartition(".")[2])
+        if attempt_recorded(self.store, run, 1):
+            raise RunExistsError(
+                f"a run named {run!r} already exists in this store; choose another name "
+                "(nothing was started)"
+            )
         import json  # here: importing flowsdk stays cheap (only launches need it)
 
         values = [json.dumps(v) for v in args or []]
         values += [f"{k}={json.dumps(v)}" for k, v in (kwargs or {}).items()]
-        self._launch(
+        launch(
+            self.store,
             ["run", "--name", run, "--quiet", "--json-args"],
             [task, *values],
             workdir,
-            lambda: _attempt_recorded(self.store, run, 1),
+            lambda: attempt_recorded(self.store, run, 1),
             f"run {run!r}",
         )
         return run
-
-    def _launch(
-        self,
-        options: list[str],
-        positional: list[str],
-        workdir: str,
-        recorded: Callable[[], bool],
-        what: str,
-    ) -> None:
-        cwd = workdir if workdir and os.path.isdir(workdir) else None
-        import tempfile  # here: it imports shutil and the compressors, which flowsdk does not need
-
-        fd, log = tempfile.mkstemp(prefix=RUNNER_LOG_PREFIX, suffix=".log")
-        os.close(fd)
-        # `--` before the positional values: a value such as -3 is not an option.
-        argv = [sys.executable, "-m", "flowsdk", *options, "--", *positional]
-        # The store through the environment, not the command line, where `ps` would
-        # show a password a PostgreSQL URL may hold to every user of the machine.
-        env = {**os.environ, "FLOWSDK_STORE": portable_url(self.store.url), RUNNER_LOG: log}
-        pid = spawn_detached(argv, cwd, log, env)
-        owner = Owner(host=host_identity(), pid=pid, started=process_start(pid))
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while not recorded():
-            if not is_alive(owner, None) or time.monotonic() > deadline:
-                with open(log, errors="replace") as f:
-                    tail = f.read()[-2000:]
-                state = "exited" if not is_alive(owner, None) else "is still starting"
-                raise InvalidStateError(
-                    f"the runner for {what} {state} before recording it (pid {pid}, log {log})"
-                    + (f":\n{tail}" if tail else "")
-                )
-            time.sleep(0.02)
 
 
 def check_request(request: ControlRequest) -> str | None:
@@ -534,61 +494,3 @@ def _check_int(what: str, value: object, expected: str) -> None:
     # bool is an int to Python, never a count to a person.
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{what} must be {expected}, not {type(value).__name__}")
-
-
-def _attempt_recorded(store: Store, run: str, attempt: int) -> bool:
-    try:
-        return store.run_state(run).attempt >= attempt
-    except RunNotFoundError:
-        return False
-    except StoreError:
-        return False  # being created or locked by the new runner: ask again
-
-
-_DETACH = (
-    "import subprocess, sys\n"
-    "log = open(sys.argv[1], 'ab')\n"
-    "p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=log,"
-    " stderr=subprocess.STDOUT, start_new_session=True)\n"
-    "print(p.pid, flush=True)\n"
-)
-
-
-def portable_url(url: str) -> str:
-    """Return `url` as a process in another working directory must see it.
-
-    A SQLite path relative to this process's directory becomes absolute: a
-    detached runner starts in the run's own working directory.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite":
-        return url
-    path = unquote(parts.path)
-    path = path[1:] if path.startswith("/") else path
-    # Quoted again: a `#`, `?` or `%` in a file name must reach the runner as part of it.
-    absolute = "sqlite:///" + quote(os.path.abspath(path))
-    return absolute + (f"?{parts.query}" if parts.query else "")
-
-
-def spawn_detached(
-    argv: list[str], cwd: str | None, log: str, env: dict[str, str] | None = None
-) -> int:
-    """Start `argv` in a session of its own, not as a child of this process; return its pid.
-
-    A short-lived intermediate process starts it and exits at once, so the
-    runner is re-parented to init: it outlives this process, receives none of
-    its terminal's signals, and this process never has to reap it.
-    """
-    helper = subprocess.run(
-        [sys.executable, "-c", _DETACH, log, *argv],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if helper.returncode != 0 or not helper.stdout.strip().isdigit():
-        raise InvalidStateError(f"could not start a runner process: {helper.stderr.strip()}")
-    return int(helper.stdout.strip())

@@ -28,7 +28,7 @@ from flowsdk._text import preview
 from flowsdk.cli._arguments import parse_arguments
 from flowsdk.cli._output import UsageError
 from flowsdk.cli._signatures import Params, task_params
-from flowsdk.errors import SerializationError
+from flowsdk.errors import InvalidStateError, RunExistsError, SerializationError
 
 WORKFLOW = """
 import os
@@ -455,6 +455,38 @@ def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> Non
             assert time.monotonic() < deadline, "the launched run never ended"
             time.sleep(0.05)  # polling a detached process's run, bounded by the deadline
     assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
+
+
+def test_a_detached_launch_of_a_name_in_use_is_refused_before_starting(
+    typed_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name in use: `RunExistsError`, no runner (it would die, and the old run pass for new)."""
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
+    assert proc.returncode == 0, proc.stderr
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where a runner's log would go
+    with flowsdk.Client("sqlite:///" + str(typed_project / "runs.db")) as client:
+        with pytest.raises(RunExistsError, match="'first' already exists"):
+            client.service.launch_run("typed:typed", ["y", 2], name="first")
+        assert client.get_run("first").record.attempt == 1
+    assert list(logs.iterdir()) == []
+
+
+def test_a_detached_launch_with_an_argument_that_does_not_convert_says_only_why(
+    typed_project: Path,
+) -> None:
+    """The runner's usage error, not its usage text, is the launch's error."""
+    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
+    assert proc.returncode == 0, proc.stderr
+    store = "sqlite:///" + str(typed_project / "runs.db")
+    with flowsdk.Client(store) as client, pytest.raises(InvalidStateError) as refused:
+        client.service.launch_run("typed:typed", ["x", "not a number"], name="L3")
+    message = str(refused.value)
+    assert message.startswith("the runner for run 'L3' exited before recording it (pid ")
+    assert "expects int" in message
+    assert "usage:" not in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("key", ["not a name", "x=y", '"quoted"', "1st", "caf\u00e9", ""])

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from flowsdk._service import portable_url
+from flowsdk._launch import portable_url
 from flowsdk.store import SQLiteStore, open_store
 
 

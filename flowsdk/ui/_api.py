@@ -29,6 +29,7 @@ from flowsdk.errors import (
     FlowError,
     InvalidStateError,
     PermissionDeniedError,
+    RunExistsError,
     RunNotFoundError,
     StoreLockedError,
 )
@@ -164,7 +165,7 @@ def flow_error(exc: FlowError) -> ApiError:
         return ApiError(403, name, str(exc))
     if isinstance(exc, RunNotFoundError | ActionNotFoundError):
         return ApiError(404, name, str(exc))
-    if isinstance(exc, InvalidStateError):
+    if isinstance(exc, InvalidStateError | RunExistsError):
         return ApiError(409, name, str(exc))
     if isinstance(exc, StoreLockedError):
         return ApiError(503, name, str(exc), {"Retry-After": "1"})
