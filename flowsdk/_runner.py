@@ -26,6 +26,7 @@ from flowsdk._gather import start_gathered
 from flowsdk._history import History
 from flowsdk._limit import check_max_actions
 from flowsdk._loader import task_path
+from flowsdk._local import run_ended_here, run_started_here
 from flowsdk._names import check_name, new_run_name
 from flowsdk._payload import encode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
@@ -116,6 +117,7 @@ class Runner:
         )
         runtime.attach(self.recorder)
         run_started(loop)  # a child forked by a body exits before it runs anything more
+        run_started_here(self.store, runtime.name, loop, self.handler)  # `Client` on this loop
         runtime.track_tasks(OWN_CODE, HANDLE_CODE, start_gathered)
         self.runtime = runtime
         logs.install()  # records emitted in bodies are kept with their actions
@@ -172,6 +174,7 @@ class Runner:
             await self.recorder.close()
         finally:
             run_ended(runtime.loop)
+            run_ended_here(self.store, runtime.name)
         if cancelled:
             raise CancelledError
         return result

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from flowsdk._launch import attempt_recorded, launch
+from flowsdk._local import local_channel
 from flowsdk._names import check_name, new_run_name
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
@@ -313,11 +314,18 @@ class ControlService:
         if reason == "":  # no reason given: recorded and shown as none, never as ""
             request = msgspec.structs.replace(request, reason=None)
         request = msgspec.structs.replace(request, requested_by=self.actor.name)
-        if not self.channel.in_process:
-            ended = self._ended(request)
-            if ended is not None:
-                return ended
-        return self.channel.request(request, timeout=ANSWER_TIMEOUT).unwrap()
+        channel = self.channel
+        if not channel.in_process:
+            # A run live on this very thread's loop answers here: waiting for its answer
+            # through the store would block the loop that has to give it (`_local`).
+            local = local_channel(self.store, request.run)
+            if local is not None:
+                channel = local
+            else:
+                ended = self._ended(request)
+                if ended is not None:
+                    return ended
+        return channel.request(request, timeout=ANSWER_TIMEOUT).unwrap()
 
     def _record_refused(self, request: ControlRequest, exc: PermissionDeniedError) -> None:
         """Write a refused request to its run's event log (best effort, SPEC §8).
