@@ -243,6 +243,7 @@ def test_show_and_logs_print_progress_and_logs_with_escapes_made_visible(tmp_pat
     async def work() -> None:
         log.info("evil \x1b]0;title\x07 text")
         await flowsdk.report(0.5, step=3, name="loss")
+        await flowsdk.report(1 / 3, step=12, name="loss")
 
     @env.task
     async def main() -> None:
@@ -263,17 +264,20 @@ def test_show_and_logs_print_progress_and_logs_with_escapes_made_visible(tmp_pat
         return done.stdout
 
     tree = cli("show", "shown")
-    assert "loss 0.5 @3" in tree
+    assert "loss 0.3333 @12" in tree
     detail = cli("show", "shown", "a1")
     assert "\x1b" not in detail
     assert "\x07" not in detail
     assert "evil \\x1b]0;title\\x07 text" in detail
     assert "step      3  0.5" in detail
+    steps = [line for line in detail.splitlines() if line.startswith("    step ")]
+    assert len(steps) == 2
+    assert len({line.index("20") for line in steps}) == 1, steps  # the times line up
     printed = cli("logs", "shown")
     assert "a1 INFO tests.progress: evil \\x1b]0;title\\x07 text" in printed
     assert "\x1b" not in printed
     data = json.loads(cli("show", "shown", "a1", "--json"))
-    assert [(p["name"], p["step"], p["value"]) for p in data["progress"]] == [("loss", 3, 0.5)]
+    assert [(p["name"], p["step"]) for p in data["progress"]] == [("loss", 3), ("loss", 12)]
     assert data["logs"][0]["message"] == "evil \x1b]0;title\x07 text"
     followed = cli("logs", "shown", "a1", "--follow", "--json")
     assert json.loads(followed.splitlines()[0])["action"] == "a1"

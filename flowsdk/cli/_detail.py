@@ -309,9 +309,16 @@ def _progress_lines(progress: list[Progress]) -> list[str]:
         lines.append(f"  {visible(name)}:")
         if len(reports) > _PROGRESS_SHOWN:
             lines.append(f"    … {len(reports) - _PROGRESS_SHOWN:,} earlier (--json has them)")
-        for report in reports[-_PROGRESS_SHOWN:]:
-            step = "-" if report.step is None else str(report.step)
-            lines.append(f"    step {step:>6}  {report.value:.6g}   {format_time(report.at)}")
+        shown = reports[-_PROGRESS_SHOWN:]
+        steps = ["-" if r.step is None else str(r.step) for r in shown]
+        values = [f"{r.value:.6g}" for r in shown]
+        # Columns: each as wide as its widest entry, so that the times line up too.
+        step_width = max(6, *map(len, steps))
+        value_width = max(map(len, values))
+        for report, step, value in zip(shown, steps, values, strict=True):
+            lines.append(
+                f"    step {step:>{step_width}}  {value:<{value_width}}  {format_time(report.at)}"
+            )
     return lines
 
 
