@@ -29,12 +29,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.pg_server import PostgresServer
 from tests.ray_support import ray_cluster
+
+if TYPE_CHECKING:
+    from flowsdk.store import Store
 
 __all__ = ["ray_cluster"]  # the session's Ray cluster (tests/ray_support.py)
 
@@ -201,6 +204,21 @@ def postgres_server() -> Iterator[PostgresServer]:
 def pg_url(postgres_server: PostgresServer) -> str:
     """The URL of a new, empty PostgreSQL database (one per test)."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
+    """A new, empty store of each kind: memory, a SQLite file, a PostgreSQL database.
+
+    The memory store is an object (a URL would make a new one per use); the
+    others are URLs. A module may define its own `store`.
+    """
+    if request.param == "postgresql":
+        pg: str = request.getfixturevalue("pg_url")
+        return pg
+    from flowsdk.testing import new_store  # imports flowsdk: only when used
+
+    return new_store(request.param, tmp_path)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

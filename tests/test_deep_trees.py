@@ -21,7 +21,6 @@ from flowsdk.cli import main as cli_main
 from flowsdk.store import SQLiteStore, Store, open_store
 from flowsdk.store._postgres_schema import MIGRATIONS as POSTGRES_MIGRATIONS
 from flowsdk.store._sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
-from flowsdk.testing import new_store
 from tests.support import as_schema_7
 from tests.test_cli import cli
 from tests.test_store_postgres import admin, as_schema_5
@@ -181,14 +180,6 @@ def test_show_draws_a_big_tree_and_one_action_without_reading_the_whole_run(
     assert "… 97 more children folded (a41 … a137: 97 SUCCEEDED)" in outlined
     assert "error: ValueError" in one
     assert "child 437 fails" in one
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return new_store(request.param, tmp_path)
 
 
 def test_every_store_gives_whole_keys_back_from_a_full_read_and_a_keyed_one(

@@ -10,7 +10,6 @@ request came back `queued`. It is applied on the spot, as for a memory store.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -40,21 +39,13 @@ async def aborts_itself(store: str) -> str:
     return result.outcome.value
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return f"sqlite:///{tmp_path / 'store.db'}"
-
-
 @pytest.mark.timeout(60)
-async def test_a_client_on_the_runs_own_loop_applies_at_once(store: str) -> None:
+async def test_a_client_on_the_runs_own_loop_applies_at_once(url: str) -> None:
     """mark_failed, abort and stop from the loop that runs the run: applied, not queued."""
     gate = GATES[0] = Gate("held")
-    handle = await flowsdk.start(main, store=store)
+    handle = await flowsdk.start(main, store=url)
     await gate.wait_running(2)
-    with flowsdk.Client(store) as client:
+    with flowsdk.Client(url) as client:
         failed = client.mark_failed(handle.name, "a1", reason="bad data")
         aborted = client.abort(handle.name, "a2", reason="not needed")
         stopped = client.stop(handle.name, reason="done for today")
@@ -66,9 +57,9 @@ async def test_a_client_on_the_runs_own_loop_applies_at_once(store: str) -> None
 
 
 @pytest.mark.timeout(60)
-async def test_a_body_that_aborts_its_own_run_through_a_client_is_aborted(store: str) -> None:
+async def test_a_body_that_aborts_its_own_run_through_a_client_is_aborted(url: str) -> None:
     """The request is applied in the body's own call; the body is cancelled at its next await."""
-    run = await flowsdk.run_async(aborts_itself, store, store=store)
+    run = await flowsdk.run_async(aborts_itself, url, store=url)
     assert run.phase is RunPhase.ABORTED
     root = run.action("a0")
     assert root.abort is not None

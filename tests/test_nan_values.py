@@ -15,13 +15,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import flowsdk
 from flowsdk.store import Store
 from flowsdk.store._sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from flowsdk.store._trace_sql import table_statements
-from flowsdk.testing import new_store
 from tests.test_cli import cli, store_for
 
 env = flowsdk.TaskEnvironment("nan")
@@ -61,14 +58,6 @@ async def diverges() -> float:
 def shown(values: list[float]) -> list[str]:
     """The values as Python prints them: NaN compares unequal to itself, its repr does not."""
     return [repr(v) for v in values]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return new_store(request.param, tmp_path)
 
 
 def test_every_store_keeps_nan_and_infinite_reports(store: str | Store) -> None:

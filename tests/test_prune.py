@@ -22,7 +22,7 @@ import flowsdk
 from flowsdk import PruneReport, RunPhase
 from flowsdk.errors import PermissionDeniedError
 from flowsdk.store import Store
-from flowsdk.testing import Gate, new_store
+from flowsdk.testing import Gate
 from tests.test_cli import Runner, cli, start_runner, store_for
 from tests.workflows import deep
 
@@ -152,14 +152,6 @@ def test_an_old_store_is_converted_to_incremental_vacuum_by_its_first_prune(
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return new_store(request.param, tmp_path)
 
 
 async def test_every_store_prunes_by_phase_keep_and_age_never_a_live_run(

@@ -33,15 +33,6 @@ from flowsdk.testing import Gate, new_store, start_and_control
 from tests.support import assert_clean, causes, phases
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
-    """A new, empty store of each kind: memory, a SQLite file, a PostgreSQL database."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return new_store(request.param, tmp_path)
-
-
 def read(store: str | Store, name: str) -> flowsdk.Run[Any]:
     """Read one run back through a Client of its own."""
     with flowsdk.Client(store) as client:

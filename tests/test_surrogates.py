@@ -16,14 +16,10 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
-
-import pytest
 
 import flowsdk
 from flowsdk import ActionPhase, RunPhase
 from flowsdk.store import Store
-from flowsdk.testing import new_store
 
 env = flowsdk.TaskEnvironment("surrogates")
 BAD = "file-\udc80.txt"  # what os.fsdecode(b"file-\x80.txt") gives
@@ -63,14 +59,6 @@ async def main() -> None:
     await asyncio.sleep(0)  # the child starts
     cancelled.cancel(f"gave up on {BAD}")
     await asyncio.gather(cancelled, fails(), return_exceptions=True)
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Store:
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
-        return url
-    return new_store(request.param, tmp_path)
 
 
 async def test_text_that_is_not_valid_unicode_is_recorded_made_visible(
