@@ -474,11 +474,14 @@ def test_a_detached_launch_of_a_name_in_use_is_refused_before_starting(
 
 
 def test_a_detached_launch_with_an_argument_that_does_not_convert_says_only_why(
-    typed_project: Path,
+    typed_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runner's usage error, not its usage text, is the launch's error."""
+    """The runner's usage error, not its usage text, is the launch's error; its log is kept."""
     proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
     assert proc.returncode == 0, proc.stderr
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where the runner's log goes
     store = "sqlite:///" + str(typed_project / "runs.db")
     with flowsdk.Client(store) as client, pytest.raises(InvalidStateError) as refused:
         client.service.launch_run("typed:typed", ["x", "not a number"], name="L3")
@@ -487,6 +490,9 @@ def test_a_detached_launch_with_an_argument_that_does_not_convert_says_only_why(
     assert "expects int" in message
     assert "usage:" not in message
     assert "\n" not in message
+    [log] = logs.iterdir()  # kept for the operator, and named in the message
+    assert f"log {log})" in message
+    assert "usage: flowsdk run" in log.read_text()
 
 
 @pytest.mark.parametrize("key", ["not a name", "x=y", '"quoted"', "1st", "caf\u00e9", ""])
