@@ -10,6 +10,7 @@ recorded wrongly (a reason stored as bytes) is shown, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_a_stored_reason_that_is_not_text_is_shown_not_a_traceback(
         assert run.phase is RunPhase.STOPPED
 
     asyncio.run(stopped())
-    with sqlite3.connect(tmp_path / "s.db") as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as conn, conn:  # then committed
         poison = "CAST(X'6261641b5b33316d' AS BLOB)"  # b"bad\x1b[31m"
         conn.execute(f"UPDATE runs SET stop_reason = {poison}")
         conn.execute(f"UPDATE actions SET abort_reason = {poison} WHERE abort_reason IS NOT NULL")
