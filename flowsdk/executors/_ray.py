@@ -280,7 +280,7 @@ class RayExecutor:
                 raise exc from None
             if reply[0] == "done":
                 break
-            acks = await self._handle(action, reply[1])
+            acks = await self._handle(action, remote, reply[1])
             ref = actor.handle.resume.remote(call_id, acks)
         remote.ended = True
         status, data = reply[1]
@@ -294,7 +294,7 @@ class RayExecutor:
         raise _rebuild(data)
 
     async def _handle(
-        self, action: ActionState, messages: list[tuple[Any, ...]]
+        self, action: ActionState, remote: _Remote, messages: list[tuple[Any, ...]]
     ) -> list[tuple[int, str | None]]:
         """Act on what a remote body said: log records, reports, its timeout."""
         acks: list[tuple[int, str | None]] = []
@@ -310,6 +310,12 @@ class RayExecutor:
                 except Exception as exc:
                     acks.append((seq, f"{type(exc).__name__}: {exc}"))
                 else:
+                    if remote.sent:
+                        # Cancelled meanwhile (an observer pruned it at this report): no
+                        # ack, so the body waits at this report until the cancel reaches
+                        # it. An async actor may run the ack's call before the cancel's
+                        # (Ray keeps no order between them), and the body would go on.
+                        continue
                     acks.append((seq, None))
             elif kind == "timeout":
                 action.runtime.on_timeout(action)
