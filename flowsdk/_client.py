@@ -24,7 +24,7 @@ from flowsdk._records import (
 from flowsdk._result import Run
 from flowsdk._service import ControlService, Permission
 from flowsdk.store import Store, StoredAction, open_store
-from flowsdk.store._location import store_location
+from flowsdk.store._location import masked_url, store_location
 
 __all__ = ["Client"]
 
@@ -65,7 +65,7 @@ class Client:
 
     def __repr__(self) -> str:
         closed = ", closed" if self._service is None else ""
-        return f"Client({self.store.url!r}{closed})"
+        return f"Client({masked_url(self.store.url)!r}{closed})"
 
     @property
     def service(self) -> ControlService:
@@ -77,7 +77,7 @@ class Client:
         service = self._service
         if service is None:
             raise RuntimeError(
-                f"this flowsdk.Client of {self.store.url} was closed; create a new "
+                f"this flowsdk.Client of {masked_url(self.store.url)} was closed; create a new "
                 "flowsdk.Client to read or control runs again"
             )
         return service

@@ -299,3 +299,34 @@ def test_valid_postgresql_urls_reach_libpq_as_written_without_busy_timeout() -> 
         assert target.conninfo == conninfo
         assert conninfo_to_dict(target.conninfo) == parsed
         assert target.display.startswith(url.partition("?")[0])  # `///` shown as written
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgress://ann:s3cret@db.example/flows",  # a typo in the scheme
+        "postgresql+psycopg://ann:s3cret@db.example/flows",  # SQLAlchemy's form
+        "mysql://ann@db.example/flows?password=s3cret",
+    ],
+)
+def test_an_unknown_scheme_is_refused_without_its_password_and_is_never_a_file(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL of a scheme flowsdk does not know is refused, not read as a SQLite path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="unknown store URL") as refused:
+        open_store(url)
+    assert "s3cret" not in str(refused.value)
+    assert "***" in str(refused.value)
+    assert list(tmp_path.iterdir()) == []  # no file made of the URL
+
+
+def test_a_client_shows_its_store_url_without_the_password() -> None:
+    """`repr` and the closed client's message mask a PostgreSQL password (nothing connects)."""
+    client = flowsdk.Client("postgresql://ann:s3cret@127.0.0.1:1/flows")
+    assert repr(client) == "Client('postgresql://ann:***@127.0.0.1:1/flows')"
+    client.close()
+    with pytest.raises(RuntimeError) as closed:
+        client.runs()
+    assert "s3cret" not in str(closed.value)
+    assert "postgresql://ann:***@127.0.0.1:1/flows" in str(closed.value)

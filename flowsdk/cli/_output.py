@@ -30,6 +30,7 @@ from flowsdk.errors import (
     SerializationError,
     StoreError,
 )
+from flowsdk.store._location import masked_url
 
 __all__ = [
     "CLEANUP_NOTE",
@@ -148,21 +149,14 @@ def store_location(client: Client) -> str:
 
 
 def shown_url(url: str) -> str:
-    """Return a store URL as every message shows it: a PostgreSQL URL without its password.
+    """Return a store URL as every message shows it: without a password (SPEC §9).
 
-    The store's own masking (what its errors and its `repr` show), so that a URL
-    reads the same wherever it is printed, and a password in the user part or
-    in `?password=` never is (SPEC §9). Every CLI output that names a store by
-    its URL goes through here.
+    The store package's own masking (what its errors and its `repr` show), so
+    that a URL reads the same wherever it is printed, and a password in the
+    user part or in `?password=` never is. Every CLI output that names a store
+    by its URL goes through here.
     """
-    scheme = url.partition(":")[0].lower()
-    if scheme not in ("postgresql", "postgres"):
-        return url  # memory:// and SQLite URLs carry no secret
-    # Imported here: psycopg is loaded already when the store is a PostgreSQL one,
-    # and every other verb saves its import.
-    from flowsdk.store._postgres_url import PgTarget
-
-    return PgTarget(url).display
+    return masked_url(url)
 
 
 # -- the terminal ------------------------------------------------------------------------

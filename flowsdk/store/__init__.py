@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._records import ControlReply
@@ -30,6 +31,7 @@ from flowsdk.store._base import (
     StoredRun,
     TokenStore,
 )
+from flowsdk.store._location import masked_url
 
 if TYPE_CHECKING:
     from flowsdk.store._memory import MemoryStore
@@ -58,6 +60,7 @@ __all__ = [
 
 DEFAULT_STORE = "sqlite:///.flowsdk/flowsdk.db"
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 # URL scheme -> (module, class): a store's module is imported when first used.
 _SCHEMES = {
     "memory": ("flowsdk.store._memory", "MemoryStore"),
@@ -113,7 +116,9 @@ def open_store(store: str | Store | None = None) -> Store:
         return store
     url = store_url(store)
     head, colon, _ = url.partition(":")
-    scheme = head.lower() if colon and head.isalpha() and len(head) > 1 else ""
+    # A URL's scheme (RFC 3986: a letter, then letters, digits, +, - or .); one letter
+    # is a Windows drive, and a path with no colon is a SQLite file.
+    scheme = head.lower() if colon and len(head) > 1 and _SCHEME.fullmatch(head) else ""
     if scheme == "memory" and url[len("memory:") :] != "//":
         raise ValueError(f"a memory store URL is memory:// and nothing more, not {url!r}")
     if scheme in _SCHEMES:
@@ -130,7 +135,7 @@ def open_store(store: str | Store | None = None) -> Store:
         return found
     if scheme:
         raise ValueError(
-            f"unknown store URL {url!r}; use memory://, sqlite:///relative/path.db, "
+            f"unknown store URL {masked_url(url)!r}; use memory://, sqlite:///relative/path.db, "
             "sqlite:////absolute/path.db or postgresql://user@host/database"
         )
     module, cls = _SCHEMES["sqlite"]

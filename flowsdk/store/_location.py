@@ -16,7 +16,7 @@ import os
 import re
 import stat
 from typing import TYPE_CHECKING
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 from flowsdk.errors import StoreCorruptedError, StoreError
 
@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
+    "USERINFO_PASSWORD",
     "busy_timeout",
     "cannot_create",
     "check_store_file",
+    "masked_url",
     "query_pieces",
     "sqlite_location",
     "store_location",
@@ -95,6 +97,36 @@ _STORE_METHODS = ("open_run", "load_run", "request", "close")
 
 
 # -- URLs ------------------------------------------------------------------------------------
+
+# The password of `scheme://user:password@host`, for a URL urlsplit cannot read.
+USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
+
+
+def masked_url(url: str) -> str:
+    """Return a store URL as messages show it: any password (`user:pw@`, `?password=`) `***`.
+
+    Every message, `repr` and announce that names a store by its URL goes
+    through here (SPEC §9: a password is never printed).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" (urlsplit reads an IPv6 host): mask by pattern
+        return USERINFO_PASSWORD.sub(r"\1***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hostport}"
+    query = "&".join(
+        f"{k}=***" if k.lower() == "password" else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    # Not urlunsplit: it drops the "//" of an empty host, and `postgresql:///db` would
+    # show as `postgresql:/db`.
+    slashes = "//" if url[len(parts.scheme) + 1 :].startswith("//") else ""
+    return f"{url[: len(parts.scheme)]}:{slashes}{netloc}{parts.path}" + (
+        f"?{query}" if query else ""
+    )
 
 
 def store_location(store: str | os.PathLike[str] | Store | None) -> str | Store | None:

@@ -10,20 +10,22 @@ the rest without a server (`conninfo_to_dict`), so a malformed URL is a
 
 from __future__ import annotations
 
-import re
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from flowsdk.store._location import DEFAULT_BUSY_TIMEOUT, busy_timeout, query_pieces
+from flowsdk.store._location import (
+    DEFAULT_BUSY_TIMEOUT,
+    USERINFO_PASSWORD,
+    busy_timeout,
+    masked_url,
+    query_pieces,
+)
 
 __all__ = ["PG_FORMS", "PgTarget"]
 
 PG_FORMS = "write postgresql://user@host/dbname (postgresql:///dbname for the local socket)"
-
-# The password of `scheme://user:password@host`, for a URL urlsplit cannot read.
-_USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
 
 
 class PgTarget:
@@ -35,7 +37,7 @@ class PgTarget:
     """
 
     def __init__(self, url: str) -> None:
-        self.display = _masked(url)
+        self.display = masked_url(url)
         scheme, _, rest = url.partition(":")
         if scheme.lower() not in ("postgresql", "postgres") or not rest.startswith("//"):
             raise ValueError(f"not a PostgreSQL store URL: {self.display!r}; {PG_FORMS}")
@@ -69,32 +71,10 @@ class PgTarget:
         self.database = str(params.get("dbname") or "(the user's default database)")
 
 
-def _masked(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # an unclosed "[" (urlsplit reads an IPv6 host): mask by pattern
-        return _USERINFO_PASSWORD.sub(r"\1***@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    query = "&".join(
-        f"{k}=***" if k.lower() == "password" else f"{k}={v}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    # Not urlunsplit: it drops the "//" of an empty host, and `postgresql:///db` would
-    # show as `postgresql:/db`.
-    slashes = "//" if url[len(parts.scheme) + 1 :].startswith("//") else ""
-    return f"{url[: len(parts.scheme)]}:{slashes}{netloc}{parts.path}" + (
-        f"?{query}" if query else ""
-    )
-
-
 def _without_secrets(text: str, url: str) -> str:
     """`text` (libpq's message about `url`) with any password of the URL replaced by `***`."""
     secrets: set[str] = set()
-    found = _USERINFO_PASSWORD.search(url)
+    found = USERINFO_PASSWORD.search(url)
     if found:
         secrets.add(url[found.end(1) : found.end() - 1])
     _, _, query = url.partition("?")
