@@ -77,7 +77,9 @@ def operator(run: str, store: str) -> None:
 def announce(run: str, store: str) -> None:
     all_running.wait()
     print(f"READY {run} {TARGET} {store}", flush=True)  # for a script: one line to parse
-    command = ["python", "-m", "flowsdk", "abort", run, TARGET, "--store", store]
+    # This interpreter, by its full path: a plain `python` in another terminal may not
+    # be the environment flowsdk is installed in.
+    command = [sys.executable, "-m", "flowsdk", "abort", run, TARGET, "--store", store]
     command += ["--reason", "diverging loss"]
     print(f"now, in another terminal: {shlex.join(command)}", flush=True)
 

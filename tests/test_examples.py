@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_example_runs_and_prints_its_key_lines(script: Path) -> None:
 
 
 def test_external_abort_example_takes_the_abort_from_another_process() -> None:
-    """The example waits; this test is the operator, with `python -m flowsdk abort`."""
+    """The example waits; this test is the operator, pasting the command it prints."""
     script = ROOT / "examples" / "external_abort.py"
     env = {**os.environ, "FLOWSDK_STORE": "memory://"}
     with subprocess.Popen(
@@ -154,12 +155,15 @@ def test_external_abort_example_takes_the_abort_from_another_process() -> None:
             assert example.stdout is not None
             ready = example.stdout.readline().split()
             assert ready[0] == "READY", ready
-            _, run, action, store = ready
+            printed = example.stdout.readline()
+            prefix = "now, in another terminal: "
+            assert printed.startswith(prefix), printed
+            # The command as printed, to paste: its interpreter, its store, its reason.
+            command = shlex.split(printed[len(prefix) :])
+            assert command[:3] == [sys.executable, "-m", "flowsdk"], command
+            assert command[3:6] == ["abort", ready[1], ready[2]], command
             abort = subprocess.run(
-                [
-                    *(sys.executable, "-m", "flowsdk", "abort", run, action),
-                    *("--store", store, "--reason", "diverging loss", "--json"),
-                ],
+                [*command, "--json"],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

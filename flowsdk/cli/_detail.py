@@ -304,7 +304,7 @@ def _progress_lines(progress: list[Progress]) -> list[str]:
     names: dict[str, list[Progress]] = {}
     for report in progress:
         names.setdefault(report.name, []).append(report)
-    lines = [f"progress: {len(progress):,} reports"]
+    lines = [f"progress: {len(progress):,} report{'s' if len(progress) != 1 else ''}"]
     for name, reports in names.items():
         lines.append(f"  {visible(name)}:")
         if len(reports) > _PROGRESS_SHOWN:
