@@ -129,8 +129,12 @@ async def action_handle(
         # nor to an exception caught here, or the action waits for the collector.
         reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
         del exc
+        # Whether the cancel reached the action: passed on below, or (a task of its
+        # own) by `ActionState.__call__`, which notes it on the future.
+        passed = hasattr(done, "asked")
         try:
             if action.phase not in _TERMINAL and not hosted:
+                passed = True
                 # Awaited in its parent's body: pass the cancel on, wait for the end. A
                 # later cancel interrupts the cleanup this one began, as in asyncio, or,
                 # under another cause, stops the wait (`Delivery.from_caller_again`).
@@ -146,9 +150,17 @@ async def action_handle(
             adopt_context(action)
             action.done = action.context = None
         phase = action.phase
+        if not passed:
+            # The action had ended before the cancel came, in the same loop step: the
+            # cancel is the caller's own and stands, as for a coroutine that returned
+            # just before it: the caller gets the outcome, and `CancelledError` at its
+            # next await (its task's count of cancels unchanged).
+            caller: Any = _current_task(runtime.loop)
+            caller.cancel(reason)
+            caller.uncancel()
         if phase is SUCCEEDED:
-            # As in asyncio: the child absorbed the cancel and returned (or it had
-            # returned already), so the awaiter gets its value.
+            # As in asyncio: the child absorbed the cancel and returned, so the
+            # awaiter gets its value.
             return action.value
         if phase is FAILED:
             # Its cleanup raised: as in asyncio, the awaiter gets that error, not

@@ -107,6 +107,45 @@ async def test_child_absorbing_t_cancel_gives_its_value() -> None:
     assert_clean(run)
 
 
+async def test_a_cancel_that_comes_as_the_awaited_child_returns_lands_at_the_next_await() -> None:
+    """The child returns and its caller is cancelled in one loop step: the cancel stands.
+
+    In asyncio the caller gets the child's value, then `CancelledError` at its
+    next await. (The cancel used to be dropped: an operator's abort arriving
+    so ran the caller on, starting actions, under a run recorded ABORTED.)
+    """
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        caller: list[asyncio.Task[Any]] = []
+
+        @task
+        async def child() -> int:
+            # The caller's cancel runs in the loop step in which this call's end is seen.
+            asyncio.get_running_loop().call_soon(caller[0].cancel, "late")
+            return 1
+
+        @task
+        async def parent() -> list[Any]:
+            me = asyncio.current_task()
+            assert me is not None
+            caller.append(me)
+            value = await child()
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError as exc:
+                return [value, "cancelled at the next await", str(exc), me.cancelling()]
+            return [value, "not cancelled", "", me.cancelling()]
+
+        async def main() -> list[Any]:
+            return await observe(asyncio.create_task(parent()), wrapped=wrapped)
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow == ["value", [1, "cancelled at the next await", "late", 1]]
+    assert_clean(run)
+
+
 async def test_wait_for_returns_the_value_of_a_child_absorbing_its_timeout() -> None:
     def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
         @task
