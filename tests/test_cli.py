@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import IO, Any
 import pytest
 
 import flowsdk
+from flowsdk._records import AbortRequest, Outcome
 from flowsdk.cli import main as cli_main
 from flowsdk.cli._output import exit_code
 from flowsdk.errors import (
@@ -40,7 +42,7 @@ from flowsdk.errors import (
     StoreError,
     StoreLockedError,
 )
-from flowsdk.store import SQLiteStore
+from flowsdk.store import SQLiteStore, open_store
 from tests.workflows import flaky
 
 REPO = Path(__file__).resolve().parent.parent
@@ -722,6 +724,51 @@ def test_fail_marks_action_failed_and_parent_gets_runtime_user_error(
         "action a1 of run 'marked' was marked as failed: bad data",
     )
     assert "error flowsdk.errors.ActionMarkedFailedError: " in cli(store, "show", "marked").stdout
+
+
+def test_a_request_queued_for_a_runner_that_died_never_reaches_the_retry(
+    url: str, start_runner: Any
+) -> None:
+    """An abort queued while the runner was stopped, then the runner killed: the retry runs.
+
+    The request was meant for attempt 1, which ended CRASHED before its runner read
+    it. The next attempt's row drops it (it used to abort the retry at once), and the
+    answer it was waiting for says so.
+    """
+    store = url  # SQLite, then PostgreSQL
+    runner = start_runner(store, "stale")
+    runner.expect("STARTED a1")
+    runner.proc.send_signal(signal.SIGSTOP)  # alive, but reads no request
+    with contextlib.closing(open_store(store)) as channel:
+        queued = channel.request(
+            AbortRequest(run="stale", reason="meant for attempt 1", requested_by="test"),
+            timeout=0.2,
+        ).unwrap()
+    assert queued.outcome is Outcome.QUEUED
+    runner.proc.kill()
+    runner.proc.wait(timeout=TIMEOUT)
+    with subprocess.Popen(
+        command(store, "retry", "stale", "--json"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=child_env(store),
+    ) as retry:
+        assert retry.stdout is not None
+        assert retry.stdout.readline().strip() == "STARTED a1"
+        # The retry's runner answers requests oldest first: once it has answered this
+        # one (a group that does not exist: not found), it has seen any older one.
+        assert cli(store, "abort", "stale", "--group", "barrier").code == 3
+        out, err = retry.communicate("go\n", timeout=TIMEOUT)  # the held child's release
+    assert retry.returncode in (0, 6), (out, err)
+    # The held workflow prints its own lines (`CAUGHT`, `RESULT`) around the run's JSON.
+    lines = out.splitlines()
+    shown = json.loads("\n".join(lines[lines.index("{") : lines.index("}") + 1]))
+    assert shown["run"]["attempt"] == 2, out
+    assert shown["run"]["phase"] == "SUCCEEDED"
+    assert [a["abort"] for a in shown["actions"]] == [None, None]
 
 
 def test_show_reports_crashed_run_after_runner_killed(tmp_path: Path, start_runner: Any) -> None:

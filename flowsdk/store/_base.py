@@ -55,6 +55,7 @@ __all__ = [
     "StoredAction",
     "StoredRun",
     "TokenStore",
+    "dropped_reply",
 ]
 
 Lazy = list[Any] | Callable[[], list[Any]]
@@ -406,6 +407,24 @@ class Store(RunReader, ControlChannel, TokenStore, Protocol):
 
     def close(self) -> None:
         """Release the store's connections."""
+
+
+def dropped_reply(run: str) -> ControlReply:
+    """The answer to a request dropped unread: its attempt ended before its runner read it.
+
+    A store drops the requests still pending for a run when it records the run's
+    next attempt (the one before was recorded CRASHED): a request is never
+    applied to an attempt other than the one it was made for.
+    """
+    return ControlReply(
+        ControlResult(
+            outcome=Outcome.ALREADY_ENDED,
+            phase=RunPhase.CRASHED.value,
+            message=f"the attempt of run {run!r} this request was for ended (its runner gone) "
+            "before reading it; nothing was applied. A new attempt has started: send the "
+            "request again to act on it",
+        )
+    )
 
 
 class InProcessChannel:

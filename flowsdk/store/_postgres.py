@@ -40,7 +40,7 @@ from flowsdk._records import (
     action_records,
 )
 from flowsdk.errors import RunNotFoundError
-from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun, dropped_reply
 from flowsdk.store._postgres_actions import PostgresActions, missing_action
 from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
@@ -423,6 +423,8 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
             ).fetchone()
             if found is not None and found[0] == "done":
                 return _reply_decoder.decode(found[1])
+            if found is not None and found[0] == "dropped":  # by the next attempt
+                return dropped_reply(request.run)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + RUNNER_CHECK

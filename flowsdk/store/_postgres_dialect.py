@@ -211,6 +211,14 @@ class PostgresDialect:
                     cur.executemany(
                         INSERT_EVENT, _no_nul([(name, attempt, *astuple(e)) for e in events])
                     )
+                # Requests still pending were for an attempt that has ended (recorded
+                # CRASHED before its runner read them): never this one's. Their
+                # requesters are told.
+                cur.execute(
+                    "UPDATE flowsdk.requests SET state = 'dropped' "
+                    "WHERE run = %s AND state = 'pending'",
+                    (name,),
+                )
         except pg_errors.UniqueViolation:
             raise RunExistsError(
                 f"a run named {record.name!r} already exists in {self.location}"

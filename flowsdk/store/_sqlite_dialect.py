@@ -243,6 +243,12 @@ class SQLiteDialect:
             )
             _write_actions(conn, name, attempt, actions)
             _write_events(conn, name, attempt, events, [])
+            # Requests still pending were for an attempt that has ended (recorded CRASHED
+            # before its runner read them): never this one's. Their requesters are told.
+            conn.execute(
+                "UPDATE requests SET state = 'dropped' WHERE run = ? AND state = 'pending'",
+                (name,),
+            )
 
         try:
             self._transaction(conn, body)

@@ -23,6 +23,7 @@ from flowsdk._records import (
     EventRow,
     Outcome,
 )
+from flowsdk.store._base import dropped_reply
 from flowsdk.store._sqlite_schema import (
     ANSWER_POLL,
     INSERT_EVENT,
@@ -88,6 +89,8 @@ class SQLiteRequests:
                     ).fetchone()
                     if row[0] == "done":
                         return reply_decoder.decode(row[1])
+                    if row[0] == "dropped":  # by the next attempt: for an ended one
+                        return dropped_reply(request.run)
                     now = time.monotonic()
                     if now >= next_check:
                         next_check = now + 0.2
