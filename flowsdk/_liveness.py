@@ -23,9 +23,11 @@ __all__ = [
     "RUNNER_LOG_PREFIX",
     "STALE_AFTER",
     "Owner",
+    "alive_here",
     "host_identity",
     "is_alive",
     "process_alive",
+    "prior_runner_alive_error",
     "process_start",
     "this_process",
 ]
@@ -107,6 +109,22 @@ def process_alive(pid: int, started: int | None) -> bool:
         return True  # no /proc here: the pid exists
     state, start = stat
     return state != "Z" and (started is None or start == started)
+
+
+def alive_here(owner: Owner) -> bool:
+    """Whether the runner `owner` runs on this host and its process is still alive."""
+    return owner.host == host_identity() and process_alive(owner.pid, owner.started)
+
+
+def prior_runner_alive_error(name: str, attempt: int, owner: Owner) -> str:
+    """Why attempt `attempt` of `name` may not start: the runner of the one before lives here."""
+    return (
+        f"run {name!r} cannot be retried yet: its attempt {attempt - 1} is recorded CRASHED, "
+        f"but its runner (pid {owner.pid}, on this host) is still alive: stopped, or its "
+        "event loop blocked, it was judged gone from another host. Retried now, its work "
+        "would run twice once it resumes; end that process first, or wait for it to stop "
+        "on its own"
+    )
 
 
 def is_alive(owner: Owner, heartbeat: float | None, *, now: float | None = None) -> bool:

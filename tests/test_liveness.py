@@ -173,3 +173,35 @@ def test_a_child_forked_by_a_body_exits_when_it_returns_into_the_workflow(
         ("forks.forker", ActionPhase.SUCCEEDED),
         ("forks.after", ActionPhase.SUCCEEDED),
     ]
+
+
+def test_a_run_recorded_crashed_elsewhere_is_not_retried_on_its_runners_host_while_it_lives(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host records a paused runner CRASHED; on the runner's own host, no retry yet.
+
+    The runner's host can see its process: retrying there while it lives would run
+    its work twice once it resumes (SPEC §5: only once its runner is gone). SQLite,
+    then PostgreSQL.
+    """
+    monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
+    with Runner("control.py", url, "twice", "one_child") as runner:
+        runner.started(2)
+        with flowsdk.Client(url) as client:
+            sync(client, "twice")
+        runner.proc.send_signal(signal.SIGSTOP)
+        try:
+            monkeypatch.setenv("FLOWSDK_HOST", "operator-host")
+            with monkeypatch.context() as stale:
+                stale.setattr("flowsdk._liveness.STALE_AFTER", 0.0)  # SQLite's heartbeat
+                if url.startswith("postgresql"):
+                    stale.setattr("flowsdk.store._postgres_schema.LEASE", 0.0)  # its lease
+                with flowsdk.Client(url) as client:
+                    assert client.get_run("twice").phase is RunPhase.CRASHED
+            monkeypatch.setenv("FLOWSDK_HOST", "runner-host")  # back on the runner's host
+            with flowsdk.Client(url) as client:
+                with pytest.raises(flowsdk.errors.InvalidStateError, match="is still alive"):
+                    client.retry("twice")
+                assert [r.attempt for r in client.runs()] == [1]  # nothing recorded
+        finally:
+            runner.proc.kill()

@@ -24,9 +24,15 @@ import psycopg
 from msgspec.structs import astuple
 from psycopg import errors as pg_errors
 
-from flowsdk._liveness import Owner, host_identity, process_start
+from flowsdk._liveness import (
+    Owner,
+    alive_here,
+    host_identity,
+    prior_runner_alive_error,
+    process_start,
+)
 from flowsdk._records import ActionRow, EventRow, RunRecord
-from flowsdk.errors import RunExistsError, StoreError
+from flowsdk.errors import InvalidStateError, RunExistsError, StoreError
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
     COPY_ACTIONS,
@@ -41,6 +47,7 @@ from flowsdk.store._postgres_schema import (
     PgTarget,
     connect,
     connection_lost,
+    owner_decoder,
     owner_encoder,
     store_error,
 )
@@ -186,6 +193,19 @@ class PostgresDialect:
             link.key = key
             name, attempt = record.name, record.attempt
             with conn.transaction(), conn.cursor() as cur:
+                if attempt > 1:
+                    # Recorded CRASHED from another host, the attempt before may still
+                    # run here (paused): this host can see it, and must not run its
+                    # work twice.
+                    cur.execute(
+                        "SELECT owner FROM flowsdk.runs WHERE name = %s AND attempt = %s",
+                        (name, attempt - 1),
+                    )
+                    row = cur.fetchone()
+                    if row is not None and row[0] is not None:
+                        prior = owner_decoder.decode(bytes(row[0]))
+                        if alive_here(prior):
+                            raise InvalidStateError(prior_runner_alive_error(name, attempt, prior))
                 cur.execute(
                     "INSERT INTO flowsdk.runs (name, attempt, phase, started_at, task, owner, "
                     "heartbeat, workdir, lock_key) VALUES (%s, %s, %s, %s, %s, %s, "

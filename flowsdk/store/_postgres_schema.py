@@ -55,6 +55,7 @@ __all__ = [
     "connect",
     "connection_lost",
     "mark_crashed",
+    "owner_decoder",
     "owner_encoder",
     "runner_gone",
     "store_error",
@@ -177,7 +178,7 @@ MIGRATIONS: dict[int, list[str]] = {
 SCHEMA_VERSION = max(MIGRATIONS)
 
 owner_encoder = msgspec.msgpack.Encoder()
-_owner_decoder = msgspec.msgpack.Decoder(Owner)
+owner_decoder = msgspec.msgpack.Decoder(Owner)
 
 _ACTION_COLS = ACTION_COLUMN_NAMES
 # Idempotent, so a batch whose commit was lost with the connection can be written again.
@@ -384,7 +385,7 @@ def runner_gone(owner: bytes | None, age: float | None, held: bool, before_resta
     """
     if owner is None:
         return False
-    who = _owner_decoder.decode(owner)
+    who = owner_decoder.decode(owner)
     if who.host == host_identity():
         return not process_alive(who.pid, who.started)
     if age is not None and age > LEASE:

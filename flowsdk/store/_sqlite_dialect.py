@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 from msgspec.structs import astuple
 
-from flowsdk._liveness import this_process
+from flowsdk._liveness import alive_here, prior_runner_alive_error, this_process
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
-from flowsdk.errors import RunExistsError
+from flowsdk.errors import InvalidStateError, RunExistsError
 from flowsdk.store._rows import (
     ACTION_COLUMN_NAMES,
     NO_DETAIL,
@@ -31,6 +31,7 @@ from flowsdk.store._sqlite_schema import (
     INSERT_EVENT,
     INSERT_ROUTINE_PACK,
     LAST_SEQ,
+    owner_decoder,
     rollback,
     translate,
     ts,
@@ -227,6 +228,16 @@ class SQLiteDialect:
         name, attempt = record.name, record.attempt
 
         def body() -> None:
+            if attempt > 1:
+                # Recorded CRASHED from another host, the attempt before may still run
+                # here (paused): this host can see it, and must not run its work twice.
+                row = conn.execute(
+                    "SELECT owner FROM runs WHERE name = ? AND attempt = ?", (name, attempt - 1)
+                ).fetchone()
+                if row is not None and row[0] is not None:
+                    prior = owner_decoder.decode(row[0])
+                    if alive_here(prior):
+                        raise InvalidStateError(prior_runner_alive_error(name, attempt, prior))
             conn.execute(
                 "INSERT INTO runs (name, attempt, phase, started_at, task, owner, heartbeat, "
                 "workdir) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
