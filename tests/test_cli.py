@@ -784,8 +784,13 @@ def test_show_reports_crashed_run_after_runner_killed(tmp_path: Path, start_runn
     answer = cli(store, "abort", "doomed", "--json")
     assert answer.code == 0
     assert (answer.json()["outcome"], answer.json()["phase"]) == ("already_ended", "CRASHED")
-    actions = actions_of(cli(store, "show", "doomed", "--json").json())
+    shown = cli(store, "show", "doomed", "--json").json()
+    actions = actions_of(shown)
     assert (actions["a0"]["phase"], actions["a1"]["phase"]) == ("CRASHED", "CRASHED")
+    # Ended at the last heartbeat, but never before they started (nor the run before them).
+    for action in actions.values():
+        assert action["ended_at"] >= action["started_at"], action
+    assert shown["run"]["ended_at"] >= max(a["started_at"] for a in actions.values())
     # The human views say why, not only the event log.
     shown = cli(store, "show", "doomed")
     assert "crashed   its runner is gone" in shown.stdout

@@ -415,7 +415,8 @@ def mark_crashed(conn: psycopg.Connection[Any], name: str, attempt: int) -> bool
         crashed = sorted(
             (r[1], r[0])
             for r in conn.execute(
-                "UPDATE flowsdk.actions SET phase = 'CRASHED', ended_at = %s "
+                # Ended at the last heartbeat (SPEC §5), never before it started.
+                "UPDATE flowsdk.actions SET phase = 'CRASHED', ended_at = greatest(%s, started_at) "
                 "WHERE run = %s AND run_attempt = %s "
                 "AND phase IN ('QUEUED', 'RUNNING', 'STOPPING') RETURNING name, seq",
                 (end, name, attempt),
@@ -432,9 +433,10 @@ def mark_crashed(conn: psycopg.Connection[Any], name: str, attempt: int) -> bool
         with conn.cursor() as cur:
             cur.executemany(INSERT_EVENT, events)
         conn.execute(
-            "UPDATE flowsdk.runs SET phase = 'CRASHED', ended_at = %s "
-            "WHERE name = %s AND attempt = %s",
-            (end, name, attempt),
+            "UPDATE flowsdk.runs SET phase = 'CRASHED', ended_at = greatest(%s, (SELECT "
+            "max(greatest(started_at, ended_at)) FROM flowsdk.actions "
+            "WHERE run = %s AND run_attempt = %s)) WHERE name = %s AND attempt = %s",
+            (end, name, attempt, name, attempt),
         )
     logger.warning("run %s: its runner is gone; recorded CRASHED", name)
     return True

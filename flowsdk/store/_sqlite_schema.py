@@ -437,9 +437,11 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
                 (name, attempt),
             )
         ]
+        # Ended at the last heartbeat (SPEC §5), but never before it started: an action
+        # may start after the runner's last heartbeat, and so may the run's last end.
         conn.execute(
-            "UPDATE actions SET phase = 'CRASHED', ended_at = ? WHERE run = ? AND run_attempt = ? "
-            f"AND phase IN {_UNFINISHED}",
+            "UPDATE actions SET phase = 'CRASHED', ended_at = max(?, started_at) "
+            f"WHERE run = ? AND run_attempt = ? AND phase IN {_UNFINISHED}",
             (now, name, attempt),
         )
         rows = [
@@ -475,8 +477,10 @@ def mark_crashed(conn: sqlite3.Connection, name: str, attempt: int, now: float) 
         )
         conn.executemany(INSERT_EVENT, rows)
         conn.execute(
-            "UPDATE runs SET phase = 'CRASHED', ended_at = ? WHERE name = ? AND attempt = ?",
-            (now, name, attempt),
+            "UPDATE runs SET phase = 'CRASHED', ended_at = max(?, coalesce((SELECT "
+            "max(max(started_at, coalesce(ended_at, started_at))) FROM actions "
+            "WHERE run = ? AND run_attempt = ?), ?)) WHERE name = ? AND attempt = ?",
+            (now, name, attempt, now, name, attempt),
         )
         conn.execute("COMMIT")
     except BaseException:
