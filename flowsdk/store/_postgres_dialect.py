@@ -198,7 +198,8 @@ class PostgresDialect:
                     # run here (paused): this host can see it, and must not run its
                     # work twice.
                     cur.execute(
-                        "SELECT owner FROM flowsdk.runs WHERE name = %s AND attempt = %s",
+                        "SELECT owner FROM flowsdk.runs WHERE name = %s AND attempt = %s "
+                        "AND phase = 'CRASHED'",
                         (name, attempt - 1),
                     )
                     row = cur.fetchone()

@@ -232,7 +232,8 @@ class SQLiteDialect:
                 # Recorded CRASHED from another host, the attempt before may still run
                 # here (paused): this host can see it, and must not run its work twice.
                 row = conn.execute(
-                    "SELECT owner FROM runs WHERE name = ? AND attempt = ?", (name, attempt - 1)
+                    "SELECT owner FROM runs WHERE name = ? AND attempt = ? AND phase = 'CRASHED'",
+                    (name, attempt - 1),
                 ).fetchone()
                 if row is not None and row[0] is not None:
                     prior = owner_decoder.decode(row[0])
