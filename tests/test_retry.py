@@ -452,3 +452,30 @@ def test_result_of_a_stored_succeeded_run_is_the_decoded_output(url: str) -> Non
     flowsdk.run(root, name="stored", store=url)
     with flowsdk.Client(url) as client:
         assert client.get_run("stored").result() == value
+
+
+race_env = flowsdk.TaskEnvironment("race")
+
+
+@race_env.task
+async def fails() -> int:
+    raise ValueError("every attempt")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_retry_that_loses_the_race_for_its_attempt_says_another_retry_started_it(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two retries read attempt 1, both make attempt 2: the loser's error names the race."""
+    from flowsdk import _runner  # the attempt number a retry computes, forced
+
+    url = sqlite_url(tmp_path / "s.db") if kind == "sqlite" else request.getfixturevalue("pg_url")
+    flowsdk.run(fails, name="raced", store=url)
+    with flowsdk.Client(url) as client:
+        assert client.retry("raced").record.attempt == 2  # the winner
+        late = _runner.Runner(fails, (), {}, "raced", client.store, owns_loop=True, attempt=2)
+        with pytest.raises(flowsdk.errors.RunExistsError) as lost:
+            _runner.run_sync(late)
+    assert "attempt 2 of run 'raced'" in str(lost.value)
+    assert "started meanwhile, by another retry" in str(lost.value)
+    assert "choose another name" not in str(lost.value)

@@ -241,10 +241,14 @@ class PostgresDialect:
                     (name,),
                 )
         except pg_errors.UniqueViolation:
+            if record.attempt > 1:
+                raise RunExistsError(
+                    f"attempt {record.attempt} of run {record.name!r} in {self.location} was "
+                    "started meanwhile, by another retry; see it with flowsdk show"
+                ) from None
             raise RunExistsError(
-                f"a run named {record.name!r} already exists in {self.location}"
-                + (f" (attempt {record.attempt})" if record.attempt > 1 else "")
-                + "; choose another name"
+                f"a run named {record.name!r} already exists in {self.location}; "
+                "choose another name"
             ) from None
         except psycopg.Error as exc:
             raise store_error(exc, self._target) from None

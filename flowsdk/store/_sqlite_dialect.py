@@ -265,10 +265,14 @@ class SQLiteDialect:
         try:
             self._transaction(conn, body)
         except sqlite3.IntegrityError:
+            if record.attempt > 1:
+                raise RunExistsError(
+                    f"attempt {record.attempt} of run {record.name!r} in {self.location} was "
+                    "started meanwhile, by another retry; see it with flowsdk show"
+                ) from None
             raise RunExistsError(
-                f"a run named {record.name!r} already exists in {self.location}"
-                + (f" (attempt {record.attempt})" if record.attempt > 1 else "")
-                + "; choose another name"
+                f"a run named {record.name!r} already exists in {self.location}; "
+                "choose another name"
             ) from None
 
     def _check_not_lost(self, conn: sqlite3.Connection, name: str, attempt: int) -> None:
