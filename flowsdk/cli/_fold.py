@@ -24,7 +24,7 @@ from flowsdk._phases import ActionPhase
 from flowsdk._text import visible
 from flowsdk.cli._output import TreeNode, counted
 
-__all__ = ["FOLD_CHILDREN", "FOLD_DEPTH", "MAX_ROWS", "folded_tree"]
+__all__ = ["FOLD_CHILDREN", "FOLD_DEPTH", "MAX_ROWS", "TreeShape", "folded_tree"]
 
 FOLD_DEPTH = 40
 HEAD_LEVELS = 20
@@ -54,7 +54,7 @@ def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
 
     `actions` are in start order: records, or an outline of them (`TreeNode`).
     """
-    shape = _Shape(actions)
+    shape = TreeShape(actions)
     deepest = shape.deepest
     # Levels [HEAD_LEVELS, cut) are folded; the levels from `cut` on are drawn
     # right under the fold line.
@@ -92,7 +92,7 @@ def folded_tree(actions: Sequence[N]) -> list[Entry[N]]:
     return entries
 
 
-def _visible_children(parent: N | None, shape: _Shape[N]) -> list[N | str]:
+def _visible_children(parent: N | None, shape: TreeShape[N]) -> list[N | str]:
     """A parent's children to draw: all of them, or a bounded choice with fold lines.
 
     Of more than `FOLD_CHILDREN`: the first `HEAD_CHILDREN`, the last
@@ -120,14 +120,14 @@ def _visible_children(parent: N | None, shape: _Shape[N]) -> list[N | str]:
     return shown
 
 
-def _folded(hidden: list[int], shape: _Shape[N]) -> list[N | str]:
+def _folded(hidden: list[int], shape: TreeShape[N]) -> list[N | str]:
     """A run of children to fold: one line for them, or the child itself if alone."""
     if len(hidden) <= 1:
         return [shape.actions[i] for i in hidden]
     return [_children_line(hidden, shape)]
 
 
-def _children_line(folded: list[int], shape: _Shape[N]) -> FoldLine:
+def _children_line(folded: list[int], shape: TreeShape[N]) -> FoldLine:
     """One line for consecutive folded children: how many, which, their phases."""
     actions = shape.actions
     inside = sum(map(shape.sizes.__getitem__, folded))
@@ -162,7 +162,7 @@ def _rest_line(count: int) -> str:
     return f"… and {count:,} more actions not drawn; `flowsdk show RUN --json` lists them all"
 
 
-class _Shape(Generic[N]):
+class TreeShape(Generic[N]):
     """A tree's children, and per action its subtree's size and troubles, by start position.
 
     A run's outline may hold a million actions, most of them leaves of a few
@@ -171,7 +171,16 @@ class _Shape(Generic[N]):
     children.
     """
 
-    __slots__ = ("_by_parent", "_order", "actions", "deepest", "position", "sizes", "unsettled")
+    __slots__ = (
+        "_by_parent",
+        "_order",
+        "actions",
+        "deepest",
+        "parents",
+        "position",
+        "sizes",
+        "unsettled",
+    )
 
     def __init__(self, actions: Sequence[N]) -> None:
         n = len(actions)
@@ -202,7 +211,8 @@ class _Shape(Generic[N]):
             if at >= 0:
                 sizes[at] += sizes[i] - 1
                 unsettled[at] += unsettled[i] - own[i]
-        self.sizes = sizes
+        self.parents = parents  # per action: its parent's start position, -1 for a root
+        self.sizes = sizes  # per action: how many actions its subtree holds, itself included
         self.unsettled = unsettled  # per subtree: how many of its actions did not succeed
         self.deepest = max(depths.values(), default=-1) + 1 if n else 0
         # Each parent's children are one slice of the positions sorted by parent (stable).
