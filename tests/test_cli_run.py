@@ -457,31 +457,32 @@ def test_a_detached_launch_passes_each_value_exactly(typed_project: Path) -> Non
     assert output_of(typed_project, "L1") == "('1.10', 5, 0.5, False, None, ['a'])"
 
 
-def test_a_detached_launch_of_a_name_in_use_is_refused_before_starting(
-    typed_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A name in use: `RunExistsError`, no runner (it would die, and the old run pass for new)."""
+@pytest.fixture
+def runner_logs(typed_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`typed:typed` recorded once as run `first` (so it may be launched); runner logs here."""
     proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
     assert proc.returncode == 0, proc.stderr
     logs = tmp_path / "logs"
     logs.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where a runner's log would go
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where a detached runner's log goes
+    return logs
+
+
+def test_a_detached_launch_of_a_name_in_use_is_refused_before_starting(
+    typed_project: Path, runner_logs: Path
+) -> None:
+    """A name in use: `RunExistsError`, no runner (it would die, and the old run pass for new)."""
     with flowsdk.Client("sqlite:///" + str(typed_project / "runs.db")) as client:
         with pytest.raises(RunExistsError, match="'first' already exists"):
             client.service.launch_run("typed:typed", ["y", 2], name="first")
         assert client.get_run("first").record.attempt == 1
-    assert list(logs.iterdir()) == []
+    assert list(runner_logs.iterdir()) == []
 
 
 def test_a_detached_launch_with_an_argument_that_does_not_convert_says_only_why(
-    typed_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    typed_project: Path, runner_logs: Path
 ) -> None:
     """The runner's usage error, not its usage text, is the launch's error; its log is kept."""
-    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
-    assert proc.returncode == 0, proc.stderr
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where the runner's log goes
     store = "sqlite:///" + str(typed_project / "runs.db")
     with flowsdk.Client(store) as client, pytest.raises(InvalidStateError) as refused:
         client.service.launch_run("typed:typed", ["x", "not a number"], name="L3")
@@ -490,27 +491,22 @@ def test_a_detached_launch_with_an_argument_that_does_not_convert_says_only_why(
     assert "expects int" in message
     assert "usage:" not in message
     assert "\n" not in message
-    [log] = logs.iterdir()  # kept for the operator, and named in the message
+    [log] = runner_logs.iterdir()  # kept for the operator, and named in the message
     assert f"log {log})" in message
     assert "usage: flowsdk run" in log.read_text()
 
 
 @pytest.mark.parametrize("key", ["not a name", "x=y", '"quoted"', "1st", "caf\u00e9", ""])
 def test_a_detached_launch_refuses_a_keyword_that_is_no_parameter_name_before_starting(
-    typed_project: Path, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    typed_project: Path, key: str, runner_logs: Path
 ) -> None:
     """A keyword the runner's command line could not take is refused here: no process starts."""
-    proc = flowsdk_cli(typed_project, "run", "typed:typed", "x", "1", "--name", "first")
-    assert proc.returncode == 0, proc.stderr
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(logs))  # where a runner's log would go
     with flowsdk.Client("sqlite:///" + str(typed_project / "runs.db")) as client:
         with pytest.raises(ValueError, match="keyword argument") as refused:
             client.service.launch_run("typed:typed", ["a"], {key: 1}, name="L2")
         assert [r.name for r in client.runs()] == ["first"]
     assert preview(key) in str(refused.value)
-    assert list(logs.iterdir()) == []  # no runner was launched, so it left no log
+    assert list(runner_logs.iterdir()) == []  # no runner was launched, so it left no log
 
 
 def test_show_action_has_its_inputs_and_output_and_the_tree_previews_them(project: Path) -> None:

@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,17 @@ def test_a_plain_def_body_raising_on_ray_gives_its_error_to_the_parent() -> None
     assert "in plain_fails" in failed.error.traceback
 
 
+@contextlib.contextmanager
+def handling(name: str, handler: logging.Handler) -> Iterator[None]:
+    """Give logger `name` the handler while the block runs (remote records come back to it)."""
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_current_action_and_logging_work_in_a_plain_def_body_on_ray() -> None:
     seen: list[str] = []
 
@@ -195,13 +207,8 @@ def test_current_action_and_logging_work_in_a_plain_def_body_on_ray() -> None:
     async def main() -> dict[str, Any]:
         return await plain_introspect("hello")
 
-    handler = Collect()
-    logger = logging.getLogger("user.remote")
-    logger.addHandler(handler)
-    try:
+    with handling("user.remote", Collect()):
         run = flowsdk.run(main)
-    finally:
-        logger.removeHandler(handler)
     info = run.result()
     assert info == {"name": "a1", "task": "onray.plain_introspect", "attempt": 1,
                     "pid": info["pid"]}  # fmt: skip
@@ -294,13 +301,8 @@ def test_current_action_and_logging_reach_the_driver() -> None:
         with flowsdk.group("stage"):
             return await introspect("x")
 
-    handler = PerAction()
-    logger = logging.getLogger("user.remote")
-    logger.addHandler(handler)
-    try:
+    with handling("user.remote", PerAction()):
         run = flowsdk.run(main)
-    finally:
-        logger.removeHandler(handler)
     info = run.result()
     assert info["pid"] != os.getpid()
     assert info == {"run": run.name, "name": "a1", "task": "onray.introspect", "attempt": 1,
