@@ -47,10 +47,7 @@ async def run_async(
         store: Where the run is recorded (see `flowsdk.run`).
         max_actions: The most actions the run may have (see `flowsdk.run`).
     """
-    refuse_keywords(task, task_kwargs)
-    root, args, kwargs = unpartial(task, args)
-    location = store_location(store)
-    runner = Runner(root, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
+    runner = _runner(task, args, task_kwargs, name, store, max_actions, owns_loop=False)
     runtime = await runner.begin()
     try:
         result = await runner.finish()
@@ -73,10 +70,7 @@ async def start(
     **task_kwargs: Any,
 ) -> RunHandle[R]:
     """Start a run in the background of the current loop and return its handle at once."""
-    refuse_keywords(task, task_kwargs)
-    root, args, kwargs = unpartial(task, args)
-    location = store_location(store)
-    runner = Runner(root, args, kwargs, name, location, owns_loop=False, max_actions=max_actions)
+    runner = _runner(task, args, task_kwargs, name, store, max_actions, owns_loop=False)
     runtime = await runner.begin()
     loop = asyncio.get_running_loop()
     channel = InProcessChannel(loop, runner.handler)
@@ -117,12 +111,24 @@ def run(
         TypeError: `store` is not a URL or path string, an `os.PathLike` or a store object.
     """
     no_running_loop()
+    return run_sync(_runner(task, args, task_kwargs, name, store, max_actions, owns_loop=True))
+
+
+def _runner(
+    task: Any,
+    args: tuple[Any, ...],
+    task_kwargs: dict[str, Any],
+    name: str | None,
+    store: str | os.PathLike[str] | Store | None,
+    max_actions: int | None,
+    *,
+    owns_loop: bool,
+) -> Runner:
+    """The runner of `run`, `run_async` and `start`: their arguments checked and unpacked."""
     refuse_keywords(task, task_kwargs)
     root, args, kwargs = unpartial(task, args)
     location = store_location(store)
-    return run_sync(
-        Runner(root, args, kwargs, name, location, owns_loop=True, max_actions=max_actions)
-    )
+    return Runner(root, args, kwargs, name, location, owns_loop=owns_loop, max_actions=max_actions)
 
 
 def refuse_keywords(task: object, keywords: dict[str, Any]) -> None:
