@@ -55,7 +55,6 @@ __all__ = [
     "run_header",
     "show_json",
     "shortened",
-    "shown_url",
     "store_location",
     "table",
     "TreeNode",
@@ -137,26 +136,15 @@ def open_client(args: argparse.Namespace) -> Client:
 def store_location(client: Client) -> str:
     """Say where a store is: its absolute path for a file, and how a relative one resolved.
 
-    Any other store is named by its URL as `shown_url` shows it: without a password.
+    Any other store is named by its URL without a password (`masked_url`, SPEC §9).
     """
     path = getattr(client.store, "path", None)
     if not isinstance(path, str):
-        return visible(shown_url(client.store.url))
+        return visible(masked_url(client.store.url))
     where = visible(os.path.abspath(path))
     if os.path.isabs(path):
         return where
     return f"{where} (the store path {path!r} is relative to the working directory)"
-
-
-def shown_url(url: str) -> str:
-    """Return a store URL as every message shows it: without a password (SPEC §9).
-
-    The store package's own masking (what its errors and its `repr` show), so
-    that a URL reads the same wherever it is printed, and a password in the
-    user part or in `?password=` never is. Every CLI output that names a store
-    by its URL goes through here.
-    """
-    return masked_url(url)
 
 
 # -- the terminal ------------------------------------------------------------------------

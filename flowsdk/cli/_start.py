@@ -35,12 +35,12 @@ from flowsdk.cli._output import (
     UsageError,
     open_client,
     show_json,
-    shown_url,
 )
 from flowsdk.cli._runs import positive_int
 from flowsdk.cli._show import POLL_INTERVAL, show_lines
 from flowsdk.errors import FlowError, InvalidStateError, RunExistsError, RunNotFoundError
 from flowsdk.store import RunRecorder, SQLiteStore, Store
+from flowsdk.store._location import masked_url
 
 __all__ = ["register"]
 _CLEAR = "\x1b[H\x1b[2J"
@@ -156,7 +156,8 @@ def _check_free(client: Client, name: str) -> None:
     except RunNotFoundError:
         return
     raise RunExistsError(
-        f"a run named {name!r} already exists in {shown_url(client.store.url)}; choose another name"
+        f"a run named {name!r} already exists in {masked_url(client.store.url)}; "
+        "choose another name"
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flowsdk.cli._output import EXIT_USAGE, Output, UsageError, open_client, shown_url
+from flowsdk.cli._output import EXIT_USAGE, Output, UsageError, open_client
+from flowsdk.store._location import masked_url
 
 __all__ = ["register"]
 
@@ -66,7 +67,7 @@ def ui(args: argparse.Namespace, out: Output) -> int:
             "control your runs. Create a token first (flowsdk token create NAME --role "
             "operator), or serve 127.0.0.1"
         )
-    store = shown_url(client.store.url)  # scripts log this line: never a password
+    store = masked_url(client.store.url)  # scripts log this line: never a password
 
     def announce(url: str) -> None:
         if out.json:
