@@ -58,6 +58,7 @@ __all__ = [
 
 SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.RUNNING
 QUEUED = ActionPhase.QUEUED
+ANCESTOR = AbortCause.ANCESTOR
 TIMEOUT = AbortCause.TIMEOUT  # a constant: an Enum member read from its class is slow on 3.11
 _Task = asyncio.Task
 _Future = asyncio.Future
@@ -121,6 +122,16 @@ async def action_handle(
         # A task of its own (create_task, gather...): its cancel cancels the
         # action at once (`ActionState.__call__`).
         done.cancel = action  # type: ignore[method-assign]
+    if action.req is not None:
+        # Called by a body that the runtime is stopping: the action ended before its
+        # first step (`start_child`). A cancel the caller has pending (the abort that
+        # arrived in this step) lands at this await, as it would at any other, and
+        # only once; otherwise the caller gets the action's outcome below.
+        try:
+            await asyncio.sleep(0)
+        except CancelledError:
+            action.done = action.context = None
+            raise
     try:
         await done
     except CancelledError as exc:
@@ -221,8 +232,8 @@ def start_child(
     made for the call (`create_task`, `gather`...) that asyncio gives a copy
     of the caller's context; the body's writes land in it, as they would in
     asyncio, with no second copy to make and adopt. Otherwise in a copy of the
-    current context, which the awaiter adopts. The action's end resolves `done`
-    (a new future if none is given).
+    current context, which the awaiter adopts. The action's end resolves a new
+    future, or settles `done`, the future `gather` holds for the call (`direct`).
     """
     if runtime.closed:
         # The root exited between the call and this first step: the action
@@ -248,9 +259,13 @@ def start_child(
         streaming.routine(number, action.started_at, name, "QUEUED")
         streaming.changed(action, ACTION_ROWS)
     loop = runtime.loop
-    # A plain asyncio future, awaited only by the handle: `loop.create_future`
-    # would add a Python frame to every call.
-    action.done = _Future(loop=loop) if done is None else done
+    if done is None:
+        # A plain asyncio future, awaited only by the handle: `loop.create_future`
+        # would add a Python frame to every call.
+        action.done = _Future(loop=loop)
+    else:
+        action.done = done
+        action.direct = True  # what `gather` holds: the action's end settles it
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
         if context is None:
@@ -260,7 +275,32 @@ def start_child(
     else:
         action.context = context = copy_context()
         action.atask = loop.create_task(run_action(runtime, action), context=context)
+    if parent.req is not None:
+        stopped_above(runtime, action)
     return action
+
+
+def stopped_above(runtime: Runtime, action: ActionState) -> None:
+    """Cancel, before its first step, an action called below an operator's request.
+
+    No body starts once an abort is recorded for it or an ancestor (SCENARIOS §3,
+    3b): a call made by a body below one, in the step the request arrived in or in
+    a cleanup, is recorded and cancelled by its ancestor (cause `ancestor`). So it
+    is for every request an operator or the run's end makes (abort, mark-failed,
+    a signal). Workflow code's own cancellation (`Request.native`) and a task's
+    `timeout` are not such requests: as in asyncio, their cleanup may call more
+    work, and it runs.
+    """
+    above = action.parent
+    while above is not None:
+        req = above.req
+        if req is not None and not req.native and req.cause is not ANCESTOR:
+            # The request the collateral ones below it came from.
+            if req.cause is not TIMEOUT:
+                action.req = Request(ANCESTOR, None, None)
+                runtime.delivery.deliver(action)  # QUEUED: recorded ended, task cancelled
+            return
+        above = above.parent
 
 
 # While the run's task factory runs the first step of a call's handle for `gather`

@@ -129,7 +129,6 @@ def start_direct(
         return fut
     done = Gathered(loop=runtime.loop)
     action = start_child(runtime, parent, task, args, kwargs, key, inputs, None, done)
-    action.direct = True  # its end settles `done` (`_outcome.settle`)
     done.action = action  # its `cancel` is the action's (`ActionState.__call__`)
     return done
 
@@ -162,6 +161,5 @@ async def release_held(runtime: Runtime, rec: RunRecorder) -> None:
             except ActionLimitExceededError as exc:  # past `max_actions`: `gather` gets it
                 fut.set_exception(exc)
                 continue
-            action.direct = True
             fut.action = action
     tracker.releaser = None
