@@ -33,6 +33,7 @@ from flowsdk._liveness import (
 )
 from flowsdk._records import ActionRow, EventRow, RunRecord
 from flowsdk.errors import InvalidStateError, RunExistsError, StoreError
+from flowsdk.store._batch import Batch
 from flowsdk.store._postgres_schema import (
     ACTIONS_IN,
     COPY_ACTIONS,
@@ -53,7 +54,7 @@ from flowsdk.store._postgres_schema import (
 )
 from flowsdk.store._postgres_trace import POSTGRES_TRACE
 from flowsdk.store._rows import pack_routine
-from flowsdk.store._writer import Batch, RunLost
+from flowsdk.store._writer import RunLost
 
 __all__ = ["SAFETY_POLL", "Link", "PostgresDialect"]
 

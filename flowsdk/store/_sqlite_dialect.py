@@ -20,6 +20,7 @@ from msgspec.structs import astuple
 from flowsdk._liveness import alive_here, prior_runner_alive_error, this_process
 from flowsdk._records import ACTION_FIELDS, EVENT_FIELDS, ActionRow, EventRow, RunRecord
 from flowsdk.errors import InvalidStateError, RunExistsError
+from flowsdk.store._batch import Batch
 from flowsdk.store._rows import (
     ACTION_COLUMN_NAMES,
     NO_DETAIL,
@@ -37,7 +38,7 @@ from flowsdk.store._sqlite_schema import (
     ts,
 )
 from flowsdk.store._sqlite_trace import SQLITE_TRACE
-from flowsdk.store._writer import Batch, RunLost
+from flowsdk.store._writer import RunLost
 
 __all__ = ["SQLiteDialect"]
 

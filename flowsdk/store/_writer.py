@@ -39,11 +39,12 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, StoreError, StoreLockedError
 from flowsdk.store._base import RequestHandler, StoredRun
+from flowsdk.store._batch import Batch, escape_text
 from flowsdk.store._held import EVENT as _EVENT
 from flowsdk.store._held import LOOP_BLOCKED_WARNING, HeldChanges
 from flowsdk.store._rows import RoutineEvent
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Batch", "Dialect", "RunLost", "RunWriter"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BATCH", "Dialect", "RunLost", "RunWriter"]
 
 logger = logging.getLogger("flowsdk")
 
@@ -72,50 +73,6 @@ class RunLost(StoreError):
     retry, so this runner stops its bodies and writes nothing over the crash
     record but one event.
     """
-
-
-class Batch:
-    """The changes one transaction writes, grouped by table, in order."""
-
-    __slots__ = ("actions", "cached", "events", "logs", "progress", "replies", "routine", "run")
-
-    def __init__(self) -> None:
-        self.actions: dict[str, ActionRow] = {}  # the latest row of each action wins
-        # An action's routine events (kind ACTION, no cause, reason, by or message).
-        self.routine: list[RoutineEvent] = []
-        self.events: list[EventRow] = []
-        self.progress: list[ProgressRow] = []
-        self.logs: list[LogRow] = []
-        self.run: RunRecord | None = None
-        self.replies: list[tuple[int, bytes]] = []  # (request id, encoded ControlReply)
-        self.cached: list[tuple[str, str, str, bytes, float]] = []
-
-
-def _escaped(value: Any) -> Any:
-    """Return `value` with each string that UTF-8 cannot hold made valid (escaped).
-
-    Structs are copied with their strings escaped, tuples and lists item by item;
-    anything else (numbers, bytes, enum members) is returned as it is.
-    """
-    if type(value) is str:
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, msgspec.Struct):
-        fields = {f: _escaped(getattr(value, f)) for f in value.__struct_fields__}
-        return msgspec.structs.replace(value, **fields)
-    if isinstance(value, tuple | list):
-        return type(value)(_escaped(item) for item in value)
-    return value
-
-
-def _escape_text(batch: Batch) -> None:
-    """Make every string of `batch` one that UTF-8 can hold (rare: see `RunWriter._flush`)."""
-    batch.actions = {name: _escaped(row) for name, row in batch.actions.items()}
-    batch.routine = _escaped(batch.routine)
-    batch.events = _escaped(batch.events)
-    batch.progress = _escaped(batch.progress)
-    batch.logs = _escaped(batch.logs)
-    batch.run = _escaped(batch.run)
-    batch.cached = _escaped(batch.cached)
 
 
 class Dialect(Protocol[C]):
@@ -476,8 +433,8 @@ class RunWriter(HeldChanges, Generic[C]):
             except UnicodeEncodeError:
                 # Text from the workflow that UTF-8 cannot hold (a lone surrogate, as
                 # `os.fsdecode` makes of a file name's bytes): written again, made
-                # visible (`_escaped`). The first try was rolled back.
-                _escape_text(batch)
+                # visible (`_batch.escape_text`). The first try was rolled back.
+                escape_text(batch)
                 self._dialect.write(conn, self._record.name, self._record.attempt, batch)
         except StoreLockedError:
             # Keep the changes (in order) for the next round; nothing is dropped.
