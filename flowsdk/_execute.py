@@ -45,6 +45,7 @@ from flowsdk.executors import LOCAL
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
+    from flowsdk.store import RunRecorder
 
 __all__ = [
     "HANDLE_CODE",
@@ -338,12 +339,19 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     options = task.options
     executor = options.runner
     if action.phase is QUEUED:
+        log = runtime.log
+        streaming = log.streaming
+        at = _time()
+        if streaming is not None and at > streaming.lease_until:
+            try:
+                at = await held_back(streaming)
+            except CancelledError:
+                action.atask = None  # cancelled before its body started, and recorded so
+                raise
         # QUEUED -> RUNNING: legal by construction, recorded without the table check.
         action.phase = RUNNING
-        log = runtime.log
-        action.running_at = at = _time()
+        action.running_at = at
         action.running_seq = number = log.number()
-        streaming = log.streaming
         if streaming is not None:
             streaming.routine(number, at, action.name, "RUNNING")
             streaming.changed(action, ACTION_ROWS)
@@ -432,6 +440,20 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             runtime.forget(action)  # the store has its record, or the log
 
 
+async def held_back(rec: RunRecorder) -> float:
+    """Wait, QUEUED, until the runner's heartbeat is renewed; return when the body starts.
+
+    A runner whose heartbeat was last renewed more than `HOLD_AFTER` ago (paused,
+    or its store locked) may have been taken for dead by another host and its run
+    retried there: a body started now could do its work twice (SPEC §5). The
+    writer renews the heartbeat at once, or finds the run recorded `CRASHED`, and
+    then the run's bodies are cancelled: this one never starts.
+    """
+    while _time() > rec.lease_until:
+        await rec.renewed()
+    return _time()
+
+
 def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:
     """Arm the attempt's timer: its `timeout`, or the action's `deadline` if sooner."""
     loop = runtime.loop
@@ -515,6 +537,9 @@ async def backoff(runtime: Runtime, action: ActionState) -> bool:
         delay = max(0.0, min(delay, deadline_at - runtime.loop.time()))
     try:
         await asyncio.sleep(delay)
+        rec = runtime.log.streaming
+        if rec is not None and _time() > rec.lease_until:
+            await held_back(rec)  # the next attempt is a body started anew
     except CancelledError:
         runtime.finish_cancelled(action)
         return False

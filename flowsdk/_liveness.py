@@ -19,6 +19,7 @@ import msgspec
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
+    "HOLD_AFTER",
     "RUNNER_LOG",
     "RUNNER_LOG_PREFIX",
     "STALE_AFTER",
@@ -35,6 +36,10 @@ __all__ = [
 HEARTBEAT_INTERVAL = 1.0
 # A runner on another host whose heartbeat is older than this is gone (SPEC §5).
 STALE_AFTER = 10.0
+# A runner whose heartbeat was last renewed longer ago than this starts no new body
+# until it is renewed: half the time after which another host may take it for dead
+# (SQLite's heartbeat, PostgreSQL's lease: 10 s both), and retry its run there.
+HOLD_AFTER = STALE_AFTER / 2
 # Set by a detached launch (the console, `Client`): the file the runner's output goes to.
 # A runner whose run ended recorded removes it; one that failed itself leaves it.
 RUNNER_LOG = "FLOWSDK_RUNNER_LOG"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,3 +207,75 @@ def test_a_run_recorded_crashed_elsewhere_is_not_retried_on_its_runners_host_whi
                 assert [r.attempt for r in client.runs()] == [1]  # nothing recorded
         finally:
             runner.proc.kill()
+
+
+def _heartbeat_older_than(path: Path, run: str, seconds: float) -> None:
+    """Wait until the runner's recorded heartbeat is older than `seconds` (bounded poll)."""
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        deadline = time.monotonic() + 30
+        while True:
+            (beat,) = reader.execute("SELECT heartbeat FROM runs WHERE name = ?", (run,)).fetchone()
+            if time.time() - beat > seconds:
+                return
+            assert time.monotonic() < deadline, "the runner's heartbeat kept being renewed"
+            time.sleep(0.05)  # a bounded poll: the heartbeat ages with the clock
+
+
+def test_a_runner_whose_heartbeat_lapsed_starts_no_body_until_it_is_renewed(
+    tmp_path: Path,
+) -> None:
+    """The store locked past `HOLD_AFTER`: the next body waits, QUEUED, for the heartbeat.
+
+    Another host may take a runner that cannot renew its heartbeat for dead and
+    retry its run: a body started meanwhile could do its work twice (SPEC §5).
+    """
+    path = tmp_path / "s.db"
+    with Runner("lease.py", sqlite_url(path), "lapsed", "two_steps", "0.5") as runner:
+        runner.started(1)  # first's body waits for a line
+        lock = sqlite3.connect(path, isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the runner can renew nothing now
+            _heartbeat_older_than(path, "lapsed", 0.6)
+            runner.send("go")  # first returns; the root calls second
+            runner.expect_text("new actions wait until it is renewed")
+            assert "STARTED a2" not in runner.output
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        runner.expect("STARTED", "a2")  # renewed: it starts
+        assert runner.finish() == 0
+    with flowsdk.Client(sqlite_url(path)) as client:
+        run = client.get_run("lapsed")
+    assert run.phase is RunPhase.SUCCEEDED
+    assert_clean(run)
+
+
+def test_a_runner_back_from_a_pause_seen_as_death_elsewhere_starts_no_new_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC §5: paused, recorded CRASHED from another host, resumed: the next body never starts.
+
+    The runner's loop resumes with its writer: the body it would start next waits
+    for a heartbeat, which finds the run CRASHED, and the run's bodies are stopped.
+    """
+    path = tmp_path / "s.db"
+    url = sqlite_url(path)
+    monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
+    with Runner("lease.py", url, "taken", "two_steps", "0.5") as runner:
+        runner.started(1)
+        with flowsdk.Client(url) as client:
+            sync(client, "taken")
+        runner.proc.send_signal(signal.SIGSTOP)
+        try:
+            monkeypatch.setenv("FLOWSDK_HOST", "operator-host")
+            monkeypatch.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
+            with flowsdk.Client(url) as client:
+                assert client.get_run("taken").phase is RunPhase.CRASHED
+            _heartbeat_older_than(path, "taken", 0.6)
+            runner.send("go")  # read once it resumes: first returns, the root calls second
+        finally:
+            runner.proc.send_signal(signal.SIGCONT)
+        code = runner.finish()
+    assert code != 0
+    assert "recorded CRASHED" in runner.output
+    assert "STARTED a2" not in runner.output

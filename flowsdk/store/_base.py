@@ -159,6 +159,13 @@ class RunRecorder(Protocol):
     streams: bool
     """Whether it wants every action and event as it happens (else only the end)."""
 
+    lease_until: float
+    """Until when (epoch seconds) the runner may start new bodies: its heartbeat's last
+    renewal plus `HOLD_AFTER`, well before another host may take it for dead."""
+
+    async def renewed(self) -> None:
+        """Wait until the runner's heartbeat has been renewed (`lease_until` moved on)."""
+
     def changed(self, action: Any, rows: RowBuilder) -> None:
         """Record that an action changed: its current state is `rows.build(action)`.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -328,12 +329,17 @@ class _MemoryRecorder:
     """Keeps the run's record while it goes on and its final picture when it ends."""
 
     streams = False
+    # No other process can take this run's runner for dead: its bodies never wait.
+    lease_until = math.inf
 
     def __init__(self, store: MemoryStore, record: RunRecord, channel: InProcessChannel) -> None:
         self._store = store
         self.record = record
         self.channel = channel
         self._reports: list[ProgressRow] | None = None
+
+    async def renewed(self) -> None:
+        """Never waited for: the lease never ends (`lease_until`)."""
 
     def changed(self, action: Any, rows: RowBuilder) -> None:
         """Not used: `streams` is false (the runner's own lists are the record)."""

@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
+from flowsdk import _liveness
 from flowsdk._liveness import HEARTBEAT_INTERVAL
 from flowsdk._records import (
     ActionRow,
@@ -171,6 +172,10 @@ class RunWriter(HeldChanges, Generic[C]):
         self._waiting_since: float | None = None
         self._late = 0.0
         self._relief: list[asyncio.Future[None]] = []
+        # The runner starts no new body after `lease_until` until its heartbeat is
+        # renewed (`renewed`): the futures of the bodies waiting for that.
+        self.lease_until = time.time() + _liveness.HOLD_AFTER
+        self._holding: list[asyncio.Future[None]] = []
         self.started: asyncio.Future[None] = loop.create_future()
         self._finished: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
@@ -205,6 +210,29 @@ class RunWriter(HeldChanges, Generic[C]):
         self._send_held()
         fut: asyncio.Future[None] = self._loop.create_future()
         self._relief.append(fut)
+        self._wake.set()
+        await fut
+
+    async def renewed(self) -> None:
+        """Wait until the heartbeat is renewed; the writer renews it at once.
+
+        A runner whose heartbeat is older than `HOLD_AFTER` was paused (SIGSTOP, a
+        suspended machine) or could not write (the store locked): another host may
+        have taken it for dead and retried its run, so a body started now could do
+        its work twice (SPEC §5). The first body to wait says so. If the run was
+        recorded `CRASHED` meanwhile, the writer finds out instead, and the run's
+        bodies are cancelled (`RunLost`): the waiting ones never start.
+        """
+        if not self._holding:
+            logger.warning(
+                "run %s: its heartbeat was last renewed %.1f s ago (the process was paused, "
+                "or the store was locked); new actions wait until it is renewed, so that "
+                "no work runs twice if another host took this runner for dead",
+                self._record.name,
+                time.time() - self.lease_until + _liveness.HOLD_AFTER,
+            )
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._holding.append(fut)
         self._wake.set()
         await fut
 
@@ -247,10 +275,12 @@ class RunWriter(HeldChanges, Generic[C]):
         try:
             try:
                 conn = self._dialect.connect()
+                began = time.time()
                 self._dialect.insert_run(conn, self._record, *self._first)
             except BaseException as exc:
                 self._settle(self.started, None, exc)
                 return
+            self.lease_until = began + _liveness.HOLD_AFTER  # the first heartbeat: the run row
             self._settle(self.started, None, None)
             try:
                 self._serve(conn)
@@ -269,7 +299,9 @@ class RunWriter(HeldChanges, Generic[C]):
         finally:
             if conn is not None:
                 self._dialect.close(conn)
-            for fut in self._relief:  # nothing more will be written: nobody waits
+            # Nothing more will be written: nobody waits. (A body waiting for the
+            # heartbeat was cancelled first, with the run's other bodies: `on_lost`.)
+            for fut in (*self._relief, *self._holding):
                 self._settle(fut, None, None)
             self._settle(self._finished, None, None)
 
@@ -298,14 +330,24 @@ class RunWriter(HeldChanges, Generic[C]):
             with contextlib.suppress(StoreLockedError):
                 if dialect.requests_may_be_waiting(conn):
                     self._take_requests(conn)
-            if time.monotonic() >= next_heartbeat:
+            if self._holding or time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
                 self._probe_loop()
                 # A heartbeat lost to a lock is replaced by the next one.
                 with contextlib.suppress(StoreLockedError):
+                    began = time.time()
                     dialect.heartbeat(conn, name, attempt)
+                    self._renewed(began)
             if closing and not self._ops:
                 return
+
+    def _renewed(self, began: float) -> None:
+        """The heartbeat written at `began` is renewed: bodies may start until `HOLD_AFTER` on."""
+        self.lease_until = began + _liveness.HOLD_AFTER
+        if self._holding:
+            waiting, self._holding = self._holding, []
+            for fut in waiting:
+                self._settle(fut, None, None)
 
     def _lost(self, conn: C, lost: RunLost) -> None:
         """Stop recording: one event, tell the run, then drop every change until the end."""
