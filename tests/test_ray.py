@@ -311,6 +311,29 @@ def test_current_action_and_logging_reach_the_driver() -> None:
     assert seen[1][1:] == ("ERROR", "a1")
 
 
+def test_a_debug_log_level_captures_debug_records_on_ray() -> None:
+    """`log_level="DEBUG"` keeps a body's debug records on a Ray worker, as locally."""
+    seen: list[tuple[str, str]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), record.levelname))
+
+    @env.task(log_level="DEBUG")
+    async def chatty(tag: str) -> None:
+        logging.getLogger("user.remote").debug("deep %s", tag)
+        logging.getLogger("user.remote").info("plain %s", tag)
+
+    @driver().task
+    async def main() -> None:
+        await chatty("x")
+
+    with handling("user.remote", Collect()):
+        run = flowsdk.run(main)
+    assert run.phase is flowsdk.RunPhase.SUCCEEDED
+    assert seen == [("deep x", "DEBUG"), ("plain x", "INFO")]
+
+
 def test_report_channel_delivers_to_the_driver_sink() -> None:
     from flowsdk.executors._ray_worker import report_from_worker
     from flowsdk.executors._remote import set_report_sink

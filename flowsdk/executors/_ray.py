@@ -242,7 +242,8 @@ class RayExecutor:
             action.key,
             options.timeout,
         )
-        packed = _encode((task.name, action.inputs, info, options.max_payload, body))
+        limits = (options.max_payload, options.log_level)
+        packed = _encode((task.name, action.inputs, info, limits, body))
         ref = actor.handle.run.remote(call_id, packed)
         actor.known.add(task.name)
         action.runtime.event(

@@ -87,22 +87,25 @@ class RemoteTask:
     its thread here (`_in_thread`), never a wrapper made in the driver.
     """
 
-    def __init__(self, name: str, fn: Callable[..., Any], max_payload: int) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], max_payload: int, log_level: int) -> None:
         self.name = name
         self.fn = fn
         self.body: Callable[..., Coroutine[Any, Any, Any]] = (
             fn if inspect.iscoroutinefunction(fn) else _in_thread(fn)
         )
         self.signature = inspect.signature(fn)
-        self.options = _Limits(max_payload)
+        self.options = _Limits(max_payload, log_level)
         self._shape: Any = None  # what the payload encoder learns of the signature
 
 
 class _Limits:
-    __slots__ = ("max_payload",)
+    """The task's options a worker needs: `max_payload`, and `log_level` (what is kept)."""
 
-    def __init__(self, max_payload: int) -> None:
+    __slots__ = ("log_level", "max_payload")
+
+    def __init__(self, max_payload: int, log_level: int) -> None:
         self.max_payload = max_payload
+        self.log_level = log_level
 
 
 class RemoteRun:
@@ -236,13 +239,14 @@ class BodyActor:
     async def run(self, call_id: int, packed: bytes) -> bytes:
         """Start one attempt of a body; answer its first turn (MessagePack both ways).
 
-        `packed` holds the task's name, the recorded inputs, the `CallInfo`,
-        `max_payload` and, the first time this actor runs that task, its body
-        (pickled). One bytes argument and one bytes answer: Ray passes them as
-        they are, which costs less than several arguments of their own.
+        `packed` holds the task's name, the recorded inputs, the `CallInfo`, the
+        task's `max_payload` and `log_level` and, the first time this actor runs
+        that task, its body (pickled). One bytes argument and one bytes answer:
+        Ray passes them as they are, which costs less than several arguments of
+        their own.
         """
-        name, inputs, info, max_payload, body_data = _decode(packed)
-        return _encode(await self._run(call_id, name, inputs, info, max_payload, body_data))
+        name, inputs, info, limits, body_data = _decode(packed)
+        return _encode(await self._run(call_id, name, inputs, info, limits, body_data))
 
     async def _run(
         self,
@@ -250,12 +254,14 @@ class BodyActor:
         name: str,
         inputs: bytes,
         info: CallInfo,
-        max_payload: int,
+        limits: tuple[int, int],
         body_data: bytes | None,
     ) -> Reply:
         self.last = max(self.last, call_id)
         if body_data is not None:
-            self.tasks[name] = RemoteTask(info[2], pickle.loads(body_data), max_payload)
+            max_payload, log_level = limits
+            self.tasks[name] = RemoteTask(info[2], pickle.loads(body_data), max_payload, log_level)
+            _capture_from(log_level)
         early = self.cancelled_early.pop(call_id, None)
         if early is not None:
             # The cancel came first: the body never starts.
@@ -435,8 +441,8 @@ class _Forwarder(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         call = _call.get()
-        if call is None:
-            return
+        if call is None or record.levelno < call.action.task.options.log_level:
+            return  # not a body's, or below its task's `log_level`: the driver would drop it
         try:
             message = record.getMessage()
             exc_text = None
@@ -480,6 +486,17 @@ def _forward_logging() -> None:
     _installed = True
     root = logging.getLogger()
     root.addHandler(_Forwarder())
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        # Records at INFO and above are what an action keeps by default (SPEC §2).
-        root.setLevel(logging.INFO)
+    # Records at INFO and above are what an action keeps by default (SPEC §2).
+    _capture_from(logging.INFO)
+
+
+def _capture_from(level: int) -> None:
+    """Let records at `level` and above reach the forwarder: lower the root logger to it.
+
+    A task's `log_level` (lower than INFO: `DEBUG`) lowers it when the task first
+    runs on this worker, as declaring the task lowers the driver's. The worker
+    runs only flowsdk bodies; its root logger is this module's to set.
+    """
+    root = logging.getLogger()
+    if root.level > level or root.level == logging.NOTSET:
+        root.setLevel(level)
