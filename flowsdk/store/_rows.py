@@ -124,8 +124,24 @@ def routine_needle(action: str) -> bytes:
 
 
 def of_action(rows: Iterable[tuple[Any, ...]], action: str) -> list[tuple[Any, ...]]:
-    """The event rows of `action` among rows read as `with_routine` reads them, in order."""
-    return [row for row in with_routine(rows, -1) if row[3] == action]
+    """The event rows of `action` among rows read as `with_routine` reads them, in order.
+
+    A pack holds thousands of events of other actions: only this one's are made rows.
+    """
+    events: list[tuple[Any, ...]] = []
+    for row in rows:
+        pack = row[-1]
+        if pack is None:
+            if row[3] == action:
+                events.append(row[:-1])
+            continue
+        events.extend(
+            (seq, at, _ROUTINE_KIND, action, phase, *NO_DETAIL)
+            for seq, at, name, phase in _decode_routine(pack)
+            if name == action
+        )
+    events.sort(key=_seq)
+    return events
 
 
 def outline(cursor: Iterator[tuple[Any, ...]]) -> list[ActionOutline]:
