@@ -236,6 +236,11 @@ class Client:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
+            on_a_loop = False
+        else:
+            on_a_loop = True
+        if not on_a_loop:
+            # Outside the `except`: the retried run's own exceptions would chain to it.
             return self.service.retry(run, max_actions)
         self.service.authorize(Permission.EXECUTE)
         phase = self.service.get_record(run).phase

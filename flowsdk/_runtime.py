@@ -367,7 +367,14 @@ class Runtime:
             return
         action.value = value
         recorder = self.log.recorder
-        if action.task.options.cache and recorder is not None and action.inputs is not None:
+        # A value returned under a cancel (absorbed: a request is set) is this run's
+        # answer, not the output of those inputs: never offered to other runs.
+        if (
+            action.task.options.cache
+            and recorder is not None
+            and action.inputs is not None
+            and action.req is None
+        ):
             recorder.cache_put(
                 action.task.name,
                 task_version(action.task),

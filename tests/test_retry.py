@@ -196,6 +196,24 @@ def test_a_second_retry_replays_what_the_first_retry_replayed(url: str, workdir:
     assert_clean(third)
 
 
+def test_a_retried_runs_errors_keep_only_their_own_traceback(url: str, workdir: Path) -> None:
+    """`Client.retry` runs the next attempt outside any handler of its own.
+
+    Run inside one, every exception the run raised had that handled exception
+    chained as its context, and every recorded traceback began with it.
+    """
+    flowsdk.run(pipeline.failing, str(workdir), name="chained", store=url)
+    with flowsdk.Client(url) as client:
+        second = client.retry("chained")  # not fixed: fails again at check
+    assert second.phase is RunPhase.FAILED
+    failed = [a for a in second.actions if a.error is not None]
+    assert failed
+    for action in failed:
+        assert action.error is not None
+        assert "get_running_loop" not in action.error.traceback
+        assert "During handling of the above exception" not in action.error.traceback
+
+
 def test_retry_replays_what_succeeded_in_an_attempt_before_the_last(
     url: str, workdir: Path
 ) -> None:
@@ -408,6 +426,52 @@ def test_cache_reuses_an_output_across_runs_of_the_same_store(url: str) -> None:
     for r in runs:
         assert phases(r) == {"a0": "SUCCEEDED", "a1": "SUCCEEDED"}
         assert_clean(r)
+
+
+def test_a_value_returned_under_a_cancel_is_not_cached(url: str) -> None:
+    """A body that absorbs a cancel (a pruned trial returning its loss so far) is SUCCEEDED.
+
+    Its value answers that run's cancel, not those inputs: a later run computes
+    the output in full instead of reusing it.
+    """
+    env = flowsdk.TaskEnvironment("absorbed", cache=True)
+    bodies: list[str] = []
+    started: list[asyncio.Event] = []
+
+    @env.task
+    async def train(epochs: int) -> float:
+        loss = 1.0
+        if started:
+            started[0].set()
+        try:
+            for _ in range(epochs):
+                loss /= 2
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            bodies.append("partial")
+            return loss
+        bodies.append("full")
+        return loss
+
+    @env.task(cache=False)
+    async def stops_it() -> float:
+        started.append(asyncio.Event())
+        t = asyncio.create_task(train(10))
+        await started[0].wait()  # its body runs (a cache lookup came first)
+        t.cancel("early stop")
+        return await t
+
+    @env.task(cache=False)
+    async def lets_it_run() -> float:
+        return await train(10)
+
+    first = flowsdk.run(stops_it, store=url)
+    started.clear()
+    second = flowsdk.run(lets_it_run, store=url)
+    assert first.result() > 2**-10
+    assert second.result() == 2**-10
+    assert bodies == ["partial", "full"]
+    assert second.action("a1").replayed is False
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
