@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import statistics
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -48,26 +49,33 @@ from optuna.trial import TrialState
 
 from flowsdk._progress import Report, follow
 from flowsdk._task import Task, TaskEnvironment
+from flowsdk.errors import NondeterminismError, RunStoppingError
 
 __all__ = ["optimize"]
 
 Space = Callable[[optuna.Trial], dict[str, Any]]
+logger = logging.getLogger("flowsdk")
 
 _env = TaskEnvironment("optuna")
-_asking: contextvars.ContextVar[Callable[[int], dict[str, Any]] | None] = contextvars.ContextVar(
+_asking: contextvars.ContextVar[Callable[[int], list[Any]] | None] = contextvars.ContextVar(
     "flowsdk.optuna.asking", default=None
 )
 # The study's side of a trial: the objective, and the judge of its reports (the
-# trial's number, the step, the value -> the reason to prune, or None).
-_Judge = Callable[[int, int, float], "str | None"]
+# trial's number, the report's name, step and value -> whether the study was told
+# it, and the reason to prune, or None).
+_Judge = Callable[[int, str, int, float], "tuple[bool, str | None]"]
 _judging: contextvars.ContextVar[tuple[Task[..., Any], _Judge] | None] = contextvars.ContextVar(
     "flowsdk.optuna.judging", default=None
 )
 
 
 @_env.task
-async def suggest(number: int) -> dict[str, Any]:
-    """Ask the parent's study for the parameters of trial `number` (recorded for a retry)."""
+async def suggest(number: int) -> list[Any]:
+    """Ask the parent's study for the parameters of trial `number` (recorded for a retry).
+
+    Returns `[params, study name, Optuna's number of the trial]`: a retry on a
+    study kept in storage finds the trial it told already.
+    """
     ask = _asking.get()
     if ask is None:
         raise RuntimeError("optuna.suggest runs only as a step of flowsdk.integrations.optuna")
@@ -81,6 +89,7 @@ async def optimize(
     *,
     n_trials: int,
     concurrency: int = 4,
+    metric: str | None = None,
 ) -> optuna.Study:
     """Run `n_trials` trials of `study`, each an action of `objective`, `concurrency` at a time.
 
@@ -88,12 +97,19 @@ async def optimize(
     suggests a trial's parameters with Optuna's `trial.suggest_*` and returns
     them as keyword arguments of `objective`. `objective`'s body reports its
     intermediate values with `flowsdk.report(value, step=...)` and returns
-    the trial's value.
+    the trial's value. The study is told the reports named `metric` (by
+    default the name of the search's first report); others are recorded only.
+
+    A stop-and-wait of the run starts no more trials and lets the running ones
+    finish, told to the study; a cancel (an abort) tells the study that the
+    trials it interrupted failed.
 
     Raises:
         TypeError: `objective` is not a flowsdk task.
         ValueError: `n_trials` or `concurrency` is not a whole number >= 1, or
             the study has more than one objective.
+        NondeterminismError: (in a retry) the study's waiting trials give a
+            replayed trial other parameters than the attempt before recorded.
     """
     if not isinstance(objective, Task):
         raise TypeError(f"objective must be a flowsdk task (@env.task), not {objective!r}")
@@ -102,19 +118,36 @@ async def optimize(
             raise ValueError(f"{label} must be a whole number >= 1, not {number!r}")
     if len(study.directions) != 1:
         raise ValueError("optimize runs studies of one objective; this study has several")
-    trials: dict[int, optuna.Trial] = {}  # asked by `suggest`, or for a replayed one here
+    trials: dict[int, optuna.Trial | None] = {}  # None: told in an earlier attempt (storage)
     told: dict[int, set[int]] = {}  # the steps each trial's reports were told at, as they came
+    ended: set[int] = set()  # the trials the study was told the end of
+    named = [metric]  # the name of the reports the study is told
 
-    def ask(number: int) -> dict[str, Any]:
+    def ask(number: int) -> list[Any]:
         trial = trials[number] = study.ask()
-        return space(trial)
+        return [space(trial), study.study_name, trial.number]
 
-    def judge(number: int, step: int, value: float) -> str | None:
+    def judge(number: int, name: str, step: int, value: float) -> tuple[bool, str | None]:
+        if named[0] is None:
+            named[0] = name
+        if name != named[0]:
+            if name not in ignored:
+                ignored.add(name)
+                logger.warning(
+                    "optimize: reports named %r are not told to the study, only those named "
+                    "%r (pass metric= to choose)",
+                    name,
+                    named[0],
+                )
+            return False, None
         trial = trials[number]
+        if trial is None:
+            return False, None  # the study (in storage) was told this trial's end already
         trial.report(value, step)
         told[number].add(step)
-        return _reason(study, step, value) if trial.should_prune() else None
+        return True, _reason(study, step, value) if trial.should_prune() else None
 
+    ignored: set[str] = set()
     token = _asking.set(ask)
     judging = _judging.set((objective, judge))
     running: set[asyncio.Task[None]] = set()
@@ -123,16 +156,15 @@ async def optimize(
             while len(running) >= concurrency:
                 _, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
-            params = await suggest(number)
-            if number not in trials:
-                # Replayed from an earlier attempt: the same parameters again.
-                study.enqueue_trial(params, skip_if_exists=False)
-                trials[number] = study.ask()
-                space(trials[number])
-            told[number] = set()
-            # Called here, in order, so that a retry finds each call at the same place.
-            outcome = trial(number, params)
-            running.add(asyncio.create_task(_tell(study, trials[number], outcome, told[number])))
+            try:
+                params = _replay(study, space, trials, number, await suggest(number))
+                told[number] = set()
+                # Called here, in order, so that a retry finds each call at the same place.
+                outcome = trial(number, params)
+            except RunStoppingError:
+                break  # a stop-and-wait: no more trials; the running ones finish
+            asked = trials[number]
+            running.add(asyncio.create_task(_tell(study, asked, outcome, told[number], ended)))
         if running:
             await asyncio.gather(*running)
     finally:
@@ -140,7 +172,57 @@ async def optimize(
         _judging.reset(judging)
         for task in running:
             task.cancel()
+        for asked in trials.values():
+            if asked is not None and asked.number not in ended:
+                # Asked and never told (the search was cancelled, or stopped before
+                # its call): failed, as Optuna's own `optimize` tells an interrupted trial.
+                ended.add(asked.number)
+                study.tell(asked, state=TrialState.FAIL, skip_if_finished=True)
     return study
+
+
+def _replay(
+    study: optuna.Study,
+    space: Space,
+    trials: dict[int, optuna.Trial | None],
+    number: int,
+    recorded: Any,
+) -> dict[str, Any]:
+    """The parameters of trial `number`, and its trial in `study` when `suggest` was replayed.
+
+    A replayed trial that a study kept in storage was told already (the same
+    study, trial and parameters, finished) is not told again; one it holds
+    unfinished (its runner was killed) is failed, and the trial runs again on a
+    new one. Otherwise the same parameters are asked again: through the
+    study's waiting trials (`enqueue_trial`), or, if the study has some
+    waiting (`enqueue_trial` of the search's own code, which the attempt before
+    asked at the same trial), through the oldest of them.
+    """
+    if isinstance(recorded, dict):  # recorded before the study's name and number were
+        params, study_name, optuna_number = recorded, None, None
+    else:
+        params, study_name, optuna_number = recorded
+    if number in trials:
+        return params  # asked now, by `suggest`
+    if study_name == study.study_name and optuna_number is not None:
+        kept = [t for t in study.get_trials(deepcopy=False) if t.number == optuna_number]
+        if kept and kept[0].params == params:
+            if kept[0].state in (TrialState.COMPLETE, TrialState.PRUNED):
+                trials[number] = None
+                return params
+            if kept[0].state in (TrialState.RUNNING, TrialState.WAITING):
+                study.tell(optuna_number, state=TrialState.FAIL, skip_if_finished=True)
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.enqueue_trial(params, skip_if_exists=False)
+    asked = trials[number] = study.ask()
+    again = space(asked)
+    if again != params:
+        raise NondeterminismError(
+            f"trial {number} of the search was recorded with the parameters {params!r}, and "
+            f"the study of this attempt gives it {again!r} (the study's waiting trials, made "
+            "with enqueue_trial, differ from the attempt before); start a new run instead"
+        )
+    return params
 
 
 @_env.task
@@ -158,15 +240,17 @@ async def trial(number: int, params: dict[str, Any]) -> dict[str, Any]:
     objective, judge = judging
     reports: list[list[float]] = []
     pruned: list[str] = []
-    steps = [0]  # the step of a report that gives none: one after the last
+    steps = [0]  # the step of a told report that gives none: one after the last told
 
     def on_report(report: Report) -> None:
-        step = report.step if report.step is not None else steps[0]
-        steps[0] = step + 1
         if pruned:
             return
+        step = report.step if report.step is not None else steps[0]
+        judged, reason = judge(number, report.name, step, report.value)
+        if not judged:
+            return  # another metric than the study's
+        steps[0] = step + 1
         reports.append([step, report.value])
-        reason = judge(number, step, report.value)
         if reason is not None:
             pruned.append(reason)
             report.cancel(reason)
@@ -184,22 +268,34 @@ async def trial(number: int, params: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _tell(
-    study: optuna.Study, asked: optuna.Trial, outcome: Coroutine[Any, Any, Any], told: set[int]
+    study: optuna.Study,
+    asked: optuna.Trial | None,
+    outcome: Coroutine[Any, Any, Any],
+    told: set[int],
+    ended: set[int],
 ) -> None:
-    """Tell the study how the trial ended, and the reports it was not told yet (a replay's)."""
+    """Tell the study how the trial ended, and the reports it was not told yet (a replay's).
+
+    `asked` is None for a trial a study kept in storage was told already.
+    """
     try:
-        ended = await outcome
+        result = await outcome
     except Exception:  # the objective raised (a cancel, a BaseException, goes on)
-        study.tell(asked, state=TrialState.FAIL)
+        if asked is not None:
+            ended.add(asked.number)
+            study.tell(asked, state=TrialState.FAIL)
         return
-    for step, value in ended["reports"]:
+    if asked is None:
+        return
+    ended.add(asked.number)
+    for step, value in result["reports"]:
         if int(step) not in told:  # a replayed trial's reports, told again
             asked.report(value, int(step))
-    if ended["state"] == "PRUNED":
+    if result["state"] == "PRUNED":
         study.tell(asked, state=TrialState.PRUNED)
         return
     try:
-        study.tell(asked, float(ended["value"]))
+        study.tell(asked, float(result["value"]))
     except (TypeError, ValueError):
         study.tell(asked, state=TrialState.FAIL)
 
