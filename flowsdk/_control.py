@@ -78,7 +78,7 @@ def abort(
             return _result(
                 ALREADY_ENDED,
                 runtime.phase.value,
-                f"{target} is finishing (its root has exited); nothing left to abort",
+                f"{target} is {_FINISHING}; nothing left to abort",
             )
 
     def phase() -> str:
@@ -87,6 +87,10 @@ def abort(
     live = [t for t in targets if isinstance(t, ActionState) and not t.phase.terminal]
     if not live:
         return _result(ALREADY_ENDED, phase(), f"{target} already finished")
+    if runtime.closed:
+        # Its root has exited: what is left is being cancelled (`root_exit`) and keeps
+        # that record, whatever a later request names (SCENARIOS R3).
+        return _result(ALREADY_ENDED, phase(), f"{target} is {_FINISHING}; nothing left to abort")
     fresh = [t for t in live if t.cause is not AbortCause.EXTERNAL]
     if not fresh:
         req = live[0].req
@@ -121,9 +125,7 @@ def stop(
             f"run {name!r} is already stopping ({current.value}){hint}",
         )
     if runtime.closed and mode is StopMode.WAIT:
-        return _result(
-            ALREADY_ENDED, runtime.phase.value, f"run {name!r} is finishing (its root has exited)"
-        )
+        return _result(ALREADY_ENDED, runtime.phase.value, f"run {name!r} is {_FINISHING}")
     runtime.event(
         EventKind.REQUEST, None, message=f"stop ({mode.value})", reason=reason, requested_by=by
     )
@@ -139,11 +141,18 @@ def mark_failed(
     what = describe_target(runtime.name, action, None)
     if not isinstance(target, ActionState) or target.phase.terminal:
         return _result(ALREADY_ENDED, target.phase.value, f"{what} already finished")
+    if runtime.closed:
+        return _result(
+            ALREADY_ENDED, target.phase.value, f"{what} is {_FINISHING}; not marked as failed"
+        )
     if target.cause is AbortCause.MARK_FAILED:
         return _result(APPLIED, target.phase.value, f"{what} is already being marked as failed")
     runtime.event(EventKind.REQUEST, action, message="mark failed", reason=reason, requested_by=by)
     runtime.request_cancel([target], AbortCause.MARK_FAILED, reason, by)
     return _result(APPLIED, target.phase.value, f"{what} marked as failed")
+
+
+_FINISHING = "finishing (the run's root has exited)"
 
 
 def _result(outcome: Outcome, phase: str, message: str) -> ControlResult:

@@ -156,8 +156,13 @@ async def test_external_abort_of_root_aborts_all_descendants() -> None:
     assert_clean(run)
 
 
-async def test_abort_during_teardown_changes_nothing() -> None:
-    """An abort arriving after the root returned (teardown under way) says 'finishing'."""
+@pytest.mark.parametrize("request_", ["abort", "abort a1", "abort group", "mark_failed a1"])
+async def test_abort_during_teardown_changes_nothing(request_: str) -> None:
+    """A request arriving after the root returned (teardown under way) says 'finishing'.
+
+    Whatever it names: the run, one action, a group, or a mark-failed. The
+    child keeps its `root_exit` record (SCENARIOS R3).
+    """
     env = flowsdk.TaskEnvironment("r3b")
     running, cleanup = Gate("running"), Gate("cleanup")
 
@@ -171,12 +176,20 @@ async def test_abort_during_teardown_changes_nothing() -> None:
 
     @env.task
     async def root() -> int:
-        asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
+        with flowsdk.group("late"):
+            asyncio.create_task(child())  # noqa: RUF006 -- dropped on purpose
         await running.wait_running()
         return 42
 
     async def abort_too_late(handle: flowsdk.RunHandle[int]) -> ControlResult:
-        result = await handle.abort(reason="too late")
+        if request_ == "abort":
+            result = await handle.abort(reason="too late")
+        elif request_ == "abort a1":
+            result = await handle.abort("a1", reason="too late")
+        elif request_ == "abort group":
+            result = await handle.abort(group="late", reason="too late")
+        else:
+            result = await handle.mark_failed("a1", reason="too late")
         cleanup.release()
         return result
 
