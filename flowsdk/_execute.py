@@ -275,7 +275,7 @@ def start_child(
         action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
     else:
         action.context = context = copy_context()
-        action.atask = loop.create_task(run_action(runtime, action), context=context)
+        started(action, loop.create_task(run_action(runtime, action), context=context))
     if parent.req is not None:
         stopped_above(runtime, action)
     return action
@@ -321,8 +321,20 @@ def spawn(runtime: Runtime, action: ActionState) -> ActionState:
         # Our own task: skip the tracking factory (it would only skip it).
         action.atask = asyncio.Task(run_action(runtime, action), loop=loop, context=context)
     else:
-        action.atask = loop.create_task(run_action(runtime, action), context=context)
+        started(action, loop.create_task(run_action(runtime, action), context=context))
     return action
+
+
+def started(action: ActionState, task: asyncio.Task[None]) -> None:
+    """Keep the task a factory of the user's made for the action, unless it has ended.
+
+    A factory that starts tasks eagerly (`asyncio.eager_task_factory`, Python
+    3.12+) runs the body's first step inside `create_task`: `run_action` took its
+    task then (`current_task`), and a body that returned in that step has ended
+    and let it go already.
+    """
+    if not task.done():
+        action.atask = task
 
 
 async def run_action(runtime: Runtime, action: ActionState) -> None:
@@ -334,6 +346,8 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     can go unretrieved.
     """
     _enter(action)
+    if action.atask is None:  # started eagerly, inside `create_task` (`started`)
+        action.atask = _current_task(runtime.loop)
     task = action.task
     fn = task.body
     options = task.options

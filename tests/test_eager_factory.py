@@ -1,0 +1,87 @@
+"""A loop with the user's eager task factory (Python 3.12+): actions run as with any factory.
+
+`asyncio.eager_task_factory` runs a task's first step inside `create_task`, so a
+body that does not suspend ends before `create_task` returns (SCENARIOS R4:
+"including eager task factories"; README: a run chains to a factory you installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import pytest
+
+import flowsdk
+from flowsdk import ActionPhase, RunPhase
+from tests.support import assert_clean
+
+pytestmark = pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="asyncio.eager_task_factory is new in Python 3.12"
+)
+
+env = flowsdk.TaskEnvironment("eager")
+RAN: list[str] = []
+
+
+@env.task
+async def at_once(x: int) -> int:
+    RAN.append(f"at_once {x}")
+    return x
+
+
+@env.task
+async def after_a_step(x: int) -> int:
+    await asyncio.sleep(0)
+    RAN.append(f"after_a_step {x}")
+    return x
+
+
+@env.task
+async def sleeper() -> None:
+    RAN.append("sleeper")
+    await asyncio.sleep(3600)
+
+
+@env.task
+async def shapes() -> list[int]:
+    values = [await at_once(1), await after_a_step(2)]
+    values += await asyncio.gather(at_once(3), after_a_step(4))
+    values.append(await asyncio.create_task(at_once(5)))
+    t = asyncio.create_task(at_once(6))
+    t.cancel()  # in the same step: SCENARIOS C6 (an eager body ran already)
+    try:
+        values.append(await t)
+    except asyncio.CancelledError:
+        values.append(-6)
+    asyncio.create_task(sleeper())  # noqa: RUF006 -- pending at the root's exit (R1)
+    await asyncio.sleep(0)
+    return values
+
+
+async def run_eagerly(task: flowsdk.Task[[], Any]) -> flowsdk.Run[Any]:
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        return await flowsdk.run_async(task, store="memory://")
+    finally:
+        loop.set_task_factory(None)
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> None:
+    RAN.clear()
+
+
+@pytest.mark.timeout(60)
+async def test_actions_of_every_shape_run_under_an_eager_task_factory() -> None:
+    run = await run_eagerly(shapes)
+    assert run.phase is RunPhase.SUCCEEDED
+    assert run.result()[:5] == [1, 2, 3, 4, 5]
+    assert run.result()[5] in (6, -6)  # eager: its body may have returned before the cancel
+    assert not [a for a in run.actions if a.phase is ActionPhase.CRASHED]
+    by_task = {a.task: a for a in run.actions}
+    assert by_task["eager.sleeper"].phase is ActionPhase.ABORTED  # cancelled at the root's exit
+    assert "sleeper" in RAN
+    assert_clean(run)
