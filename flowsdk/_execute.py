@@ -23,7 +23,8 @@ from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState, Request, current
-from flowsdk._describe import describe, safe_str
+from flowsdk._attempts import backoff, held_back, retry, retry_after_timeout, start_timer
+from flowsdk._describe import safe_str
 from flowsdk._group import group_label
 from flowsdk._limit import over_limit
 from flowsdk._outcome import absorbs, outcome
@@ -31,21 +32,11 @@ from flowsdk._payload import IMMUTABLE as _IMMUTABLE
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import ACTION_ROWS
-from flowsdk._records import EventKind
-from flowsdk.errors import (
-    ActionAbortedError,
-    ActionLimitExceededError,
-    NondeterminismError,
-    NonRecoverableError,
-    RunClosedError,
-    RunStoppingError,
-)
 from flowsdk.executors import LOCAL
 
 if TYPE_CHECKING:
     from flowsdk._options import TaskSpec
     from flowsdk._runtime import Runtime
-    from flowsdk.store import RunRecorder
 
 __all__ = [
     "HANDLE_CODE",
@@ -452,123 +443,6 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
         action.atask = None
         if runtime.started >= runtime.forget_from and action.phase in _TERMINAL:
             runtime.forget(action)  # the store has its record, or the log
-
-
-async def held_back(rec: RunRecorder) -> float:
-    """Wait, QUEUED, until the runner's heartbeat is renewed; return when the body starts.
-
-    A runner whose heartbeat was last renewed more than `HOLD_AFTER` ago (paused,
-    or its store locked) may have been taken for dead by another host and its run
-    retried there: a body started now could do its work twice (SPEC §5). The
-    writer renews the heartbeat at once, or finds the run recorded `CRASHED`, and
-    then the run's bodies are cancelled: this one never starts.
-    """
-    while _time() > rec.lease_until:
-        await rec.renewed()
-    return _time()
-
-
-def start_timer(runtime: Runtime, action: ActionState) -> asyncio.TimerHandle:
-    """Arm the attempt's timer: its `timeout`, or the action's `deadline` if sooner."""
-    loop = runtime.loop
-    options = action.task.options
-    timeout = options.driver_timeout
-    deadline_at = action.deadline_at
-    if deadline_at is None and options.deadline is not None:
-        # The first attempt starts: the deadline counts from here, across attempts.
-        action.deadline_at = deadline_at = loop.time() + options.deadline
-    if deadline_at is not None and (timeout is None or deadline_at <= loop.time() + timeout):
-        return loop.call_at(deadline_at, runtime.on_deadline, action)
-    assert timeout is not None
-    return loop.call_later(timeout, runtime.on_timeout, action)
-
-
-def expired(runtime: Runtime, action: ActionState) -> bool:
-    """Say whether the action's `deadline` has passed."""
-    deadline_at = action.deadline_at
-    return deadline_at is not None and runtime.loop.time() >= deadline_at
-
-
-# Exceptions from a body that retries never answer: they are not the user's errors.
-_NOT_RETRIED = (
-    ActionAbortedError,
-    ActionLimitExceededError,
-    NondeterminismError,
-    NonRecoverableError,
-    RunStoppingError,
-    RunClosedError,
-)
-MAX_BACKOFF = 60.0
-
-
-def retry(runtime: Runtime, action: ActionState, exc: BaseException) -> bool:
-    """Decide whether a failed attempt gets another one; record the failure if so.
-
-    Only user errors are retried: not an abort reaching the body, nor a
-    divergence from a retried run's history, nor a call refused because the
-    run is stopping or closed or has reached its `max_actions`.
-    """
-    if not isinstance(exc, Exception) or isinstance(exc, _NOT_RETRIED):
-        return False  # a BaseException fails its action at once, as it would in asyncio
-    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
-        return False
-    error = describe(exc)
-    runtime.log.event(
-        EventKind.ACTION,
-        action.name,
-        RUNNING.value,
-        message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
-    )
-    return True
-
-
-def retry_after_timeout(runtime: Runtime, action: ActionState) -> bool:
-    """After a timed-out attempt, undo its cancel and decide whether to retry."""
-    task = action.atask
-    assert task is not None
-    while action.cancels:
-        task.uncancel()
-        action.cancels -= 1
-    action.timer = None
-    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
-        return False
-    action.req = None
-    runtime.log.event(
-        EventKind.ACTION,
-        action.name,
-        RUNNING.value,
-        message=f"attempt {action.attempt} timed out; retrying",
-    )
-    return True
-
-
-async def backoff(runtime: Runtime, action: ActionState) -> bool:
-    """Wait before the next attempt; return False if cancelled meanwhile (recorded)."""
-    options = action.task.options
-    delay = min(options.backoff * 2 ** (action.attempt - 1), MAX_BACKOFF)
-    deadline_at = action.deadline_at
-    if deadline_at is not None:
-        delay = max(0.0, min(delay, deadline_at - runtime.loop.time()))
-    try:
-        await asyncio.sleep(delay)
-        rec = runtime.log.streaming
-        if rec is not None and _time() > rec.lease_until:
-            await held_back(rec)  # the next attempt is a body started anew
-    except CancelledError:
-        runtime.finish_cancelled(action)
-        return False
-    if expired(runtime, action):
-        # The deadline passed while waiting: no further attempt starts.
-        action.req = Request(AbortCause.TIMEOUT, None, None)
-        runtime.finish_cancelled(action)
-        return False
-    action.attempt += 1
-    action.calls = 0  # the new attempt's children are counted afresh (their keys differ)
-    runtime.log.changed(action)
-    runtime.log.event(
-        EventKind.ACTION, action.name, RUNNING.value, message=f"attempt {action.attempt}"
-    )
-    return True
 
 
 _RUN_ACTION_CODE = run_action.__code__

@@ -10,9 +10,8 @@ cut along three seams, each with a state of its own:
   executor, grace period, escalation, zombies);
 - **what results** (`_outcome`: the terminal phase after a request, what a
   parent sees, the run's final phase).
-
-Run phase changes go through the transition table (`check_run_transition`).
-Every change is streamed to the run's recorder as typed rows.
+Run phase changes go through the transition table (`check_run_transition`); every
+change is streamed to the run's recorder as typed rows.
 """
 
 from __future__ import annotations
@@ -71,8 +70,7 @@ KEEP_IN_MEMORY = 10_000
 
 logger = logging.getLogger("flowsdk")
 
-# Enum members as module constants: on Python 3.11 `ActionPhase.RUNNING` goes
-# through a descriptor on every access, which shows on the per-action path.
+# Enum members as module constants: `ActionPhase.RUNNING` is a descriptor access on 3.11.
 QUEUED, RUNNING, STOPPING = ActionPhase.QUEUED, ActionPhase.RUNNING, ActionPhase.STOPPING
 SUCCEEDED, FAILED, ABORTED = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPhase.ABORTED
 ABANDONED, CRASHED = ActionPhase.ABANDONED, ActionPhase.CRASHED
@@ -367,14 +365,9 @@ class Runtime:
             return
         action.value = value
         recorder = self.log.recorder
-        # A value returned under a cancel (absorbed: a request is set) is this run's
-        # answer, not the output of those inputs: never offered to other runs.
-        if (
-            action.task.options.cache
-            and recorder is not None
-            and action.inputs is not None
-            and action.req is None
-        ):
+        # Not one returned under a cancel (absorbed): that answers a run, not the inputs.
+        cached = action.task.options.cache and action.req is None
+        if cached and recorder is not None and action.inputs is not None:
             recorder.cache_put(
                 action.task.name,
                 task_version(action.task),

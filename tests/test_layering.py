@@ -54,6 +54,7 @@ RUNTIME_INTERNALS: tuple[str, ...] = (
     "flowsdk._outcome*",
     "flowsdk._execute*",
     "flowsdk._gather",
+    "flowsdk._attempts",
     "flowsdk._limit",
 )
 
