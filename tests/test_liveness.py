@@ -279,3 +279,37 @@ def test_a_runner_back_from_a_pause_seen_as_death_elsewhere_starts_no_new_body(
     assert code != 0
     assert "recorded CRASHED" in runner.output
     assert "STARTED a2" not in runner.output
+
+
+def test_a_runner_that_gave_up_on_its_store_is_gone_while_its_process_lives_on(
+    tmp_path: Path,
+) -> None:
+    """`flowsdk.run` raised StoreError in a process that goes on: the run is CRASHED, not RUNNING.
+
+    Its process lives, but the run's lock is released: its bodies are stopped and
+    nothing more is written, so a reader records it CRASHED and it may be retried.
+    """
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("store_io.py", url, "filled", "disk_full_live_on") as runner:
+        runner.expect("STORE-ERROR")
+        with flowsdk.Client(url) as client:
+            run = client.get_run("filled")
+            assert runner.proc.poll() is None  # the process lives on, its disk freed
+        assert run.phase is RunPhase.CRASHED
+        assert runner.finish() == 5
+
+
+def test_a_body_that_execs_another_program_leaves_its_run_crashed(tmp_path: Path) -> None:
+    """Same pid, same start time, another program: the run's lock went with the exec."""
+    url = sqlite_url(tmp_path / "s.db")
+    with Runner("store_io.py", url, "execd", "execs") as runner:
+        runner.started(1)
+        with flowsdk.Client(url) as client:
+            deadline = time.monotonic() + 30
+            while client.get_run("execd").phase is RunPhase.RUNNING:
+                assert runner.proc.poll() is None, "the program it became exited"
+                assert time.monotonic() < deadline, "the run stayed RUNNING"
+                time.sleep(0.05)  # a bounded poll: the exec comes right after STARTED
+            assert runner.proc.poll() is None
+            assert client.get_run("execd").phase is RunPhase.CRASHED
+        runner.finish()

@@ -73,9 +73,12 @@ def pragma(path: Path, name: str) -> object:
         return conn.execute(f"PRAGMA {name}").fetchone()[0]
 
 
-def listing(folder: Path) -> dict[str, bytes]:
-    """Every file of `folder` and its bytes."""
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
+def listing(folder: Path) -> dict[str, bytes | None]:
+    """Every file of `folder` (its subfolders' too) and its bytes; a folder has None."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+    }
 
 
 # -- the file ----------------------------------------------------------------------------

@@ -110,6 +110,9 @@ class PostgresDialect:
         """Close the session (which releases the run's advisory lock)."""
         link.conn.close()
 
+    def let_go(self, final: bool) -> None:
+        """Nothing to release here: the session's advisory lock goes with its connection."""
+
     def _reopen(self, link: Link) -> None:
         conn = connect(self._target, create=True)
         assert conn is not None

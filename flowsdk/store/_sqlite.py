@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from flowsdk._liveness import is_alive
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
     ActionRow,
@@ -46,6 +45,7 @@ from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space,
 from flowsdk.store._rows import close_names, events_from_rows, with_routine
 from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
+from flowsdk.store._sqlite_holds import forget_hold, runner_alive
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
@@ -282,7 +282,10 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
         dead = [
             (name, attempt, heartbeat)
             for name, attempt, owner, heartbeat in rows
-            if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat, now=now)
+            if owner is not None
+            and not runner_alive(
+                self.path, name, attempt, owner_decoder.decode(owner), heartbeat, now
+            )
         ]
         if self.read_only:
             self._judged = {(n, a): hb if hb is not None else now for n, a, hb in dead}
@@ -306,6 +309,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             return False
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        forget_hold(self.path, name, attempt)  # the released lock its runner left, if any
         return True
 
     def prune(
@@ -435,7 +439,13 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
         with translate(self.path):
             attempt, phase, owner, heartbeat = self._latest(conn, name)
             live = not RunPhase(phase).terminal
-            if live and owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
+            if (
+                live
+                and owner is not None
+                and not runner_alive(
+                    self.path, name, attempt, owner_decoder.decode(owner), heartbeat
+                )
+            ):
                 self._mark_gone(conn, name, attempt, heartbeat)
                 attempt, phase, _, _ = self._latest(conn, name)
             target = None

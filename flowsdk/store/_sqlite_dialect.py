@@ -28,6 +28,7 @@ from flowsdk.store._rows import (
     RoutineEvent,
     pack_routine,
 )
+from flowsdk.store._sqlite_holds import RunnerHold, holds_run
 from flowsdk.store._sqlite_schema import (
     INSERT_EVENT,
     INSERT_ROUTINE_PACK,
@@ -175,6 +176,7 @@ class SQLiteDialect:
         self._data_version: int | None = None
         self._logged = False  # committed since the log was last copied back
         self._checkpointed_at = 0.0
+        self._hold: RunnerHold | None = None  # the run's lock, from before it is recorded
 
     def connect(self) -> sqlite3.Connection:
         """Open the writer's connection (creating and migrating the file if needed).
@@ -191,6 +193,12 @@ class SQLiteDialect:
     def close(self, conn: sqlite3.Connection) -> None:
         """Close the connection."""
         conn.close()
+
+    def let_go(self, final: bool) -> None:
+        """Release the run's lock (`_sqlite_holds`): this runner no longer holds the run."""
+        if self._hold is not None:
+            self._hold.release(final)
+            self._hold = None
 
     def _transaction(self, conn: sqlite3.Connection, body: Callable[[], object]) -> None:
         with translate(self.location):
@@ -227,6 +235,10 @@ class SQLiteDialect:
         """Create the run's row, owned by this process, with its first rows, in one transaction."""
         owner = msgspec.msgpack.encode(this_process())
         name, attempt = record.name, record.attempt
+        # Held before the run's row exists: a reader never finds a live run unheld.
+        self._hold = RunnerHold(self.location, name, attempt)
+        if not self._hold.take():
+            self._hold = None  # judged by this process alone (an older store's way)
 
         def body() -> None:
             if attempt > 1:
@@ -238,7 +250,8 @@ class SQLiteDialect:
                 ).fetchone()
                 if row is not None and row[0] is not None:
                     prior = owner_decoder.decode(row[0])
-                    if alive_here(prior):
+                    held = holds_run(self.location, name, attempt - 1)
+                    if alive_here(prior) and held is not False:
                         raise InvalidStateError(prior_runner_alive_error(name, attempt, prior))
             conn.execute(
                 "INSERT INTO runs (name, attempt, phase, started_at, task, owner, heartbeat, "
@@ -265,7 +278,10 @@ class SQLiteDialect:
 
         try:
             self._transaction(conn, body)
-        except sqlite3.IntegrityError:
+        except BaseException as exc:
+            self.let_go(final=True)  # not recorded: nothing to hold
+            if not isinstance(exc, sqlite3.IntegrityError):
+                raise
             if record.attempt > 1:
                 raise RunExistsError(
                     f"attempt {record.attempt} of run {record.name!r} in {self.location} was "

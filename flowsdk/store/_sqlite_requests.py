@@ -14,7 +14,6 @@ from typing import Protocol
 
 from msgspec.structs import astuple
 
-from flowsdk._liveness import is_alive
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
     ControlReply,
@@ -24,6 +23,7 @@ from flowsdk._records import (
     Outcome,
 )
 from flowsdk.store._base import dropped_reply
+from flowsdk.store._sqlite_holds import runner_alive
 from flowsdk.store._sqlite_schema import (
     ANSWER_POLL,
     INSERT_EVENT,
@@ -123,7 +123,9 @@ class SQLiteRequests:
                 phase=phase,
                 message=f"run {run!r} already finished: {phase}",
             )
-        if owner is not None and not is_alive(owner_decoder.decode(owner), heartbeat):
+        if owner is not None and not runner_alive(
+            self.path, run, attempt, owner_decoder.decode(owner), heartbeat
+        ):
             self._mark_gone(conn, run, attempt, heartbeat)
             return ControlResult(
                 outcome=Outcome.ALREADY_ENDED,

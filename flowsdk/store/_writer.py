@@ -93,6 +93,13 @@ class Dialect(Protocol[C]):
     def close(self, conn: C) -> None:
         """Close the connection."""
 
+    def let_go(self, final: bool) -> None:
+        """The run is over here (bodies stopped, writer ended): show others it is not held.
+
+        `final`: its records are final (else its last writes failed: a reader records
+        it CRASHED). Called on the run's loop.
+        """
+
     def insert_run(
         self, conn: C, record: RunRecord, actions: list[ActionRow], events: list[EventRow]
     ) -> None:
@@ -214,14 +221,11 @@ class RunWriter(HeldChanges, Generic[C]):
         await fut
 
     async def renewed(self) -> None:
-        """Wait until the heartbeat is renewed; the writer renews it at once.
+        """Wait until the heartbeat is renewed (at once); the first body to wait says why.
 
-        A runner whose heartbeat is older than `HOLD_AFTER` was paused (SIGSTOP, a
-        suspended machine) or could not write (the store locked): another host may
-        have taken it for dead and retried its run, so a body started now could do
-        its work twice (SPEC §5). The first body to wait says so. If the run was
-        recorded `CRASHED` meanwhile, the writer finds out instead, and the run's
-        bodies are cancelled (`RunLost`): the waiting ones never start.
+        Older than `HOLD_AFTER`, the runner was paused or could not write: another host
+        may have retried its run, and a body started now could do its work twice (SPEC
+        §5). Found `CRASHED` instead, the run's bodies are cancelled (`RunLost`).
         """
         if not self._holding:
             logger.warning(
@@ -251,6 +255,7 @@ class RunWriter(HeldChanges, Generic[C]):
         """Wait for the thread to end (after it failed to create the run)."""
         await asyncio.shield(self._finished)
         self._thread.join()
+        self._dialect.let_go(final=True)  # nothing recorded
 
     async def close(self) -> None:
         """Flush everything, stop the thread; raise `StoreError` if a write failed."""
@@ -259,6 +264,7 @@ class RunWriter(HeldChanges, Generic[C]):
         self._wake.set()
         await asyncio.shield(self._finished)
         self._thread.join()
+        self._dialect.let_go(final=self._error is None)
         if self._error is not None:
             err = self._error
             self._error = None

@@ -99,6 +99,13 @@ async def disk_full() -> int:
     return 1
 
 
+@env.task
+async def execs() -> None:
+    """Replace the runner's program (same pid) by one that waits for stdin to close."""
+    started()
+    os.execv(sys.executable, [sys.executable, "-c", "import sys; sys.stdin.read()"])
+
+
 def limit_file_size(path: str) -> None:
     """Let this process's files grow by 8 KiB at most: the store's next writes fail.
 
@@ -113,6 +120,7 @@ def limit_file_size(path: str) -> None:
 WORKFLOWS: dict[str, flowsdk.Task[[], Any]] = {
     "writer": writer,
     "lock_across_heartbeat": lock_across_heartbeat,
+    "execs": execs,
 }
 
 
@@ -133,19 +141,25 @@ def same_name() -> None:
     main({"contender": contender})
 
 
-def full() -> None:
-    """Run `disk_full`; report the StoreError that flowsdk.run raises and exit with 5."""
+def full(live_on: bool) -> None:
+    """Run `disk_full`; report the StoreError that flowsdk.run raises and exit with 5.
+
+    With `live_on`, the disk is freed and the process lives on until stdin closes.
+    """
     try:
-        main({"disk_full": disk_full})
+        main({"disk_full": disk_full, "disk_full_live_on": disk_full})
     except StoreError as exc:
         say("STORE-ERROR", type(exc).__name__, exc)
+        if live_on:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            sys.stdin.read()
         sys.exit(EXIT_STORE_ERROR)
 
 
 if __name__ == "__main__":
     if sys.argv[3] == "same_name":
         same_name()
-    elif sys.argv[3] == "disk_full":
-        full()
+    elif sys.argv[3] in ("disk_full", "disk_full_live_on"):
+        full(live_on=sys.argv[3] == "disk_full_live_on")
     else:
         main(WORKFLOWS)
