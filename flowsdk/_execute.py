@@ -32,6 +32,7 @@ from flowsdk._payload import IMMUTABLE as _IMMUTABLE
 from flowsdk._payload import decode_inputs
 from flowsdk._phases import AbortCause, ActionPhase
 from flowsdk._recording import ACTION_ROWS
+from flowsdk.errors import NotInRunError
 from flowsdk.executors import LOCAL
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ _init = ActionState.__init__
 # asyncio.current_task, without its Python frame on 3.11 (the table it reads).
 _current_task = getattr(asyncio.tasks, "_current_tasks", {}).get or asyncio.current_task
 _time = time.time
+_running_loop = asyncio._get_running_loop
 _TERMINAL = tuple(p for p in ActionPhase if p.terminal)  # a tuple: `in` compares identity first
 _MISSING: Any = object()
 # Bound once: on 3.11 a method looked up on a C object at the call site is a
@@ -94,6 +96,8 @@ async def action_handle(
     if direct is not None:
         # The first step, run by the task factory for `gather`: no task of its own.
         return direct(runtime, parent, task, args, kwargs, key, inputs, recorded)
+    if _running_loop() is not runtime.loop:
+        raise elsewhere(runtime, task)  # nothing started: the call is refused where awaited
     rec = runtime.log.streaming
     if rec is not None and rec.congested():
         await rec.relieved()  # backpressure: the store is far behind this run
@@ -187,6 +191,16 @@ async def action_handle(
         return outcome(action)
     finally:
         action.exc = None
+
+
+def elsewhere(runtime: Runtime, task: TaskSpec) -> NotInRunError:
+    """The error for a call made in a run and awaited on another event loop (a thread's)."""
+    return NotInRunError(
+        f"task {task.name!r} was called in run {runtime.name!r} but awaited on another event "
+        "loop (asyncio.run in a worker thread?): its action can only start on the run's loop. "
+        "Await the call in the run's own code, or call the task in that thread (it then runs "
+        "as a plain coroutine, with no action)"
+    )
 
 
 def adopt_context(action: ActionState) -> None:

@@ -122,6 +122,38 @@ def test_task_called_by_an_executor_worker_inside_a_run_creates_no_action() -> N
     assert_clean(run)
 
 
+def test_a_call_made_in_the_run_and_awaited_on_another_loop_is_refused_and_starts_nothing() -> None:
+    """`asyncio.run(call)` in a worker thread, for a call made in the run: NotInRunError.
+
+    The action would start from that thread, on the run's state, and its body run
+    to its end on the run's loop while its awaiter got asyncio's own error.
+    """
+    env = flowsdk.TaskEnvironment("m2elsewhere")
+    charged: list[int] = []
+
+    @env.task
+    async def charge(amount: int) -> int:
+        charged.append(amount)
+        return amount
+
+    @env.task
+    async def root() -> str:
+        call = charge(100)
+        try:
+            await asyncio.to_thread(asyncio.run, call)
+        except NotInRunError as exc:
+            return str(exc)
+        return "awaited"
+
+    run = flowsdk.run(root)
+    message = run.result()
+    assert "m2elsewhere.charge" in message
+    assert "another event loop" in message
+    assert charged == []
+    assert phases(run) == {"a0": "SUCCEEDED"}
+    assert_clean(run)
+
+
 def test_task_called_by_a_to_thread_worker_inside_a_run_leaves_the_run_alone() -> None:
     """A worker that inherited the run context gets the plain body or a FlowError, no action."""
     env = flowsdk.TaskEnvironment("m2tothread")
