@@ -56,8 +56,8 @@ class Trace:
         followers = context.get(_followers, ()) if context is not None else ()
         # Only the followers attached by this action's parent to its call: a
         # grandchild inherits the context too, but its reports are its parent's to follow.
-        self.observers: tuple[Observer, ...] = tuple(
-            f.observer for f in followers if f.parent is state.parent
+        self.observers: tuple[_Follower, ...] = tuple(
+            f for f in followers if f.parent is state.parent
         )
 
 
@@ -118,11 +118,13 @@ class Report:
 
 
 class _Follower:
-    __slots__ = ("observer", "parent")
+    __slots__ = ("error", "observer", "parent")
 
     def __init__(self, parent: ActionState | None, observer: Observer) -> None:
         self.parent = parent
         self.observer = observer
+        # What the observer raised: the parent's own error, raised where it awaits the call.
+        self.error: Exception | None = None
 
 
 _followers: contextvars.ContextVar[tuple[_Follower, ...]] = contextvars.ContextVar(
@@ -159,9 +161,21 @@ def follow(call: Coroutine[Any, Any, T], on_report: Observer) -> Coroutine[Any, 
 async def _followed(call: Coroutine[Any, Any, T], follower: _Follower) -> T:
     token = _followers.set((*_followers.get(), follower))
     try:
-        return await call
+        result = await call
+    except BaseException:
+        if follower.error is None:
+            raise
+        result = None  # cancelled because the observer raised: the parent gets that instead
     finally:
         _followers.reset(token)
+    error = follower.error
+    if error is not None:
+        follower.error = None
+        try:
+            raise error
+        finally:
+            del error  # this frame, in the traceback, must not keep the exception: a cycle
+    return result  # type: ignore[return-value]
 
 
 async def report(value: float, *, step: int | None = None, name: str = "value") -> None:
@@ -263,10 +277,18 @@ async def _observe(state: ActionState, trace: Trace) -> None:
     row = trace.latest
     assert row is not None
     seen = Report(state, row)
-    for observer in trace.observers:
-        answer = observer(seen)
-        if answer is not None and inspect.isawaitable(answer):
-            await answer
+    for follower in trace.observers:
+        try:
+            answer = follower.observer(seen)
+            if answer is not None and inspect.isawaitable(answer):
+                await answer
+        except Exception as exc:
+            # The observer is the parent's code: its error is the parent's, raised where
+            # the parent awaits the call (`_followed`), not this action's to retry. This
+            # action is cancelled, as by a `Report.cancel` naming the error.
+            follower.error = exc
+            seen.cancel(f"its observer raised {type(exc).__name__}: {exc}")
+            break
     # An observer's `t.cancel()` of a task of its own awaiting this action cancels the
     # action at once (`ActionState.__call__`). The parent's body awaiting the call
     # directly turns a cancel of its task into this action's cancel on its next step:

@@ -449,6 +449,48 @@ def test_a_killed_study_retried_replays_finished_trials_with_the_same_parameters
             assert again[action.name][0] == inputs[old.name][0]
 
 
+def test_an_observer_that_raises_gives_its_error_to_the_parent_and_never_retries_the_child() -> (
+    None
+):
+    """The observer is the parent's code: its error is raised where the parent awaits the call.
+
+    The child is cancelled at that report (recorded with the error as the reason),
+    not failed, so its `retries` do not run its body again.
+    """
+    env = flowsdk.TaskEnvironment("badobserver")
+    bodies: list[int] = []
+    after: list[int] = []
+
+    @env.task(retries=2)
+    async def train() -> float:
+        bodies.append(1)
+        for step in range(3):
+            await flowsdk.report(float(step), step=step)
+            after.append(step)
+        return 1.0
+
+    def buggy(report: flowsdk.Report) -> None:
+        if report.step == 1:
+            raise ZeroDivisionError("division by zero")
+
+    @env.task
+    async def main() -> str:
+        try:
+            await flowsdk.follow(train(), buggy)
+        except ZeroDivisionError as exc:
+            return f"parent got {exc}"
+        return "no error"
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.result() == "parent got division by zero"
+    assert bodies == [1]
+    assert after == [0]
+    child = run.action("a1")
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.reason == "its observer raised ZeroDivisionError: division by zero"
+
+
 def test_an_observer_cancelling_the_parent_itself_stops_the_child_at_its_report() -> None:
     env = flowsdk.TaskEnvironment("direct")
     after: list[int] = []
