@@ -100,15 +100,10 @@ def retry(runtime: Runtime, action: ActionState, exc: BaseException) -> bool:
     """
     if not isinstance(exc, Exception) or isinstance(exc, _NOT_RETRIED):
         return False  # a BaseException fails its action at once, as it would in asyncio
-    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
+    if not _another(runtime, action):
         return False
     error = describe(exc)
-    runtime.log.event(
-        EventKind.ACTION,
-        action.name,
-        RUNNING.value,
-        message=f"attempt {action.attempt} failed with {error[0]}: {error[1]}; retrying",
-    )
+    _retrying(runtime, action, f"failed with {error[0]}: {error[1]}")
     return True
 
 
@@ -120,16 +115,24 @@ def retry_after_timeout(runtime: Runtime, action: ActionState) -> bool:
         task.uncancel()
         action.cancels -= 1
     action.timer = None
-    if action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action):
+    if not _another(runtime, action):
         return False
     action.req = None
-    runtime.log.event(
-        EventKind.ACTION,
-        action.name,
-        RUNNING.value,
-        message=f"attempt {action.attempt} timed out; retrying",
-    )
+    _retrying(runtime, action, "timed out")
     return True
+
+
+def _another(runtime: Runtime, action: ActionState) -> bool:
+    """Whether the action may have another attempt: retries left, run open, deadline ahead."""
+    return not (
+        action.attempt > action.task.options.retries or runtime.closed or expired(runtime, action)
+    )
+
+
+def _retrying(runtime: Runtime, action: ActionState, what: str) -> None:
+    """Record that the attempt ended (`what`) and another follows."""
+    message = f"attempt {action.attempt} {what}; retrying"
+    runtime.log.event(EventKind.ACTION, action.name, RUNNING.value, message=message)
 
 
 async def backoff(runtime: Runtime, action: ActionState) -> bool:
