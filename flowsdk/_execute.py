@@ -53,6 +53,9 @@ SUCCEEDED, FAILED, RUNNING = ActionPhase.SUCCEEDED, ActionPhase.FAILED, ActionPh
 QUEUED = ActionPhase.QUEUED
 ANCESTOR = AbortCause.ANCESTOR
 TIMEOUT = AbortCause.TIMEOUT  # a constant: an Enum member read from its class is slow on 3.11
+# Requests that do not stop the calls below them (`stopped_above`): a collateral one (its
+# origin is above it) and a task's own timeout.
+_NOT_OPERATORS = (ANCESTOR, TIMEOUT)
 _Task = asyncio.Task
 _Future = asyncio.Future
 _new = object.__new__
@@ -272,6 +275,8 @@ def start_child(
     else:
         action.done = done
         action.direct = True  # what `gather` holds: the action's end settles it
+    if parent.req is not None:
+        stopped_above(action)  # before its task exists: an eager factory would start it
     tracker = runtime.tracker
     if tracker is not None and tracker.previous is None:
         if context is None:
@@ -281,30 +286,26 @@ def start_child(
     else:
         action.context = context = copy_context()
         started(action, loop.create_task(run_action(runtime, action), context=context))
-    if parent.req is not None:
-        stopped_above(runtime, action)
     return action
 
 
-def stopped_above(runtime: Runtime, action: ActionState) -> None:
-    """Cancel, before its first step, an action called below an operator's request.
+def stopped_above(action: ActionState) -> None:
+    """Give an action called below an operator's request that request's `ancestor` one.
 
     No body starts once an abort is recorded for it or an ancestor (SCENARIOS §3,
     3b): a call made by a body below one, in the step the request arrived in or in
-    a cleanup, is recorded and cancelled by its ancestor (cause `ancestor`). So it
-    is for every request an operator or the run's end makes (abort, mark-failed,
-    a signal). Workflow code's own cancellation (`Request.native`) and a task's
-    `timeout` are not such requests: as in asyncio, their cleanup may call more
-    work, and it runs.
+    a cleanup, is recorded and ended by `run_action` at its first step (cause
+    `ancestor`), its body never called. So it is for every request an operator or
+    the run's end makes (abort, mark-failed, a signal). Workflow code's own
+    cancellation (`Request.native`) and a task's `timeout` are not such requests: as
+    in asyncio, their cleanup may call more work, and it runs, unless an operator's
+    request stands above them.
     """
     above = action.parent
     while above is not None:
         req = above.req
-        if req is not None and not req.native and req.cause is not ANCESTOR:
-            # The request the collateral ones below it came from.
-            if req.cause is not TIMEOUT:
-                action.req = Request(ANCESTOR, None, None)
-                runtime.delivery.deliver(action)  # QUEUED: recorded ended, task cancelled
+        if req is not None and not req.native and req.cause not in _NOT_OPERATORS:
+            action.req = Request(ANCESTOR, None, None)
             return
         above = above.parent
 
@@ -358,6 +359,11 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
     options = task.options
     executor = options.runner
     if action.phase is QUEUED:
+        if action.req is not None:
+            # Called below an operator's request (`stopped_above`): never started.
+            action.atask = None
+            runtime.finish_cancelled(action)
+            return
         log = runtime.log
         streaming = log.streaming
         at = _time()

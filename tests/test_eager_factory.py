@@ -8,6 +8,7 @@ body that does not suspend ends before `create_task` returns (SCENARIOS R4:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from typing import Any
 
@@ -45,6 +46,19 @@ async def sleeper() -> None:
 
 
 @env.task
+async def aborted_then_calls(store: str) -> None:
+    with flowsdk.Client(store) as client:
+        client.abort(flowsdk.current_action().run, reason="enough")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        for call in (at_once(7), after_a_step(8)):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.create_task(call)
+        raise
+
+
+@env.task
 async def shapes() -> list[int]:
     values = [await at_once(1), await after_a_step(2)]
     values += await asyncio.gather(at_once(3), after_a_step(4))
@@ -60,11 +74,11 @@ async def shapes() -> list[int]:
     return values
 
 
-async def run_eagerly(task: flowsdk.Task[[], Any]) -> flowsdk.Run[Any]:
+async def run_eagerly(task: flowsdk.Task[..., Any], *args: Any) -> flowsdk.Run[Any]:
     loop = asyncio.get_running_loop()
     loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
     try:
-        return await flowsdk.run_async(task, store="memory://")
+        return await flowsdk.run_async(task, *args, store=args[0] if args else "memory://")
     finally:
         loop.set_task_factory(None)
 
@@ -85,3 +99,15 @@ async def test_actions_of_every_shape_run_under_an_eager_task_factory() -> None:
     assert by_task["eager.sleeper"].phase is ActionPhase.ABORTED  # cancelled at the root's exit
     assert "sleeper" in RAN
     assert_clean(run)
+
+
+@pytest.mark.timeout(60)
+async def test_no_body_starts_below_an_abort_under_an_eager_task_factory(tmp_path: Any) -> None:
+    """The call's action is ended before its task exists: an eager factory starts nothing."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run = await run_eagerly(aborted_then_calls, url)
+    assert run.phase is RunPhase.ABORTED
+    assert RAN == []
+    calls = [a for a in run.actions if a.name != "a0"]
+    assert [a.phase for a in calls] == [ActionPhase.ABORTED] * 2
+    assert all(a.abort is not None and a.abort.cause.value == "ancestor" for a in calls)

@@ -102,6 +102,16 @@ async def calls_one_that_times_out() -> None:
         SEEN.append("timed out")
 
 
+@env.task(timeout=0.05)
+async def times_out_then_waits() -> None:
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await GATES[0].enter()  # in its own timeout's cleanup; the run is aborted now
+        await child("below the abort")
+        raise
+
+
 @pytest.fixture(autouse=True)
 def fresh() -> None:
     STARTED.clear()
@@ -161,3 +171,19 @@ async def test_a_call_in_the_cleanup_of_a_body_whose_timeout_passed_runs() -> No
     assert STARTED == ["after its timeout"]
     assert SEEN == ["timed out"]
     assert run.action("a2").phase is ActionPhase.SUCCEEDED
+
+
+@pytest.mark.timeout(60)
+async def test_a_timeout_cleanup_starts_nothing_once_an_operator_aborts_above_it() -> None:
+    """A task's own timeout lets its cleanup call tasks, but not below an operator's abort."""
+    gate = GATES[0]
+    handle = await flowsdk.start(times_out_then_waits, store="memory://")
+    await gate.wait_running(1)
+    await handle.abort(reason="operator")
+    gate.release_all()
+    run = await handle.wait()
+    assert STARTED == []
+    called = run.action("a1")
+    assert called.phase is ActionPhase.ABORTED
+    assert called.abort is not None
+    assert called.abort.cause.value == "ancestor"
