@@ -16,6 +16,7 @@ from contextvars import copy_context
 from typing import Any
 
 from flowsdk._action import current
+from flowsdk._liveness import BODY_THREADS
 
 __all__ = ["in_thread"]
 
@@ -47,10 +48,14 @@ def in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]
                 future.set_exception(value)
 
         def work() -> None:
+            me = threading.get_ident()
+            BODY_THREADS.add(me)
             try:
                 outcome: tuple[bool, Any] = (True, context.run(fn, *args, **kwargs))
             except BaseException as exc:  # handed to the loop, raised in the action's task
                 outcome = (False, exc)
+            finally:
+                BODY_THREADS.discard(me)
             finished.set()
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it
                 loop.call_soon_threadsafe(settle, *outcome)

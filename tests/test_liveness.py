@@ -313,3 +313,39 @@ def test_a_body_that_execs_another_program_leaves_its_run_crashed(tmp_path: Path
             assert runner.proc.poll() is None
             assert client.get_run("execd").phase is RunPhase.CRASHED
         runner.finish()
+
+
+def test_a_runner_back_after_its_run_was_pruned_and_its_name_used_again_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row under its name is another runner's now: it stops, and starts no new body."""
+    url = sqlite_url(tmp_path / "s.db")
+    monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
+    with Runner("lease.py", url, "x", "two_steps", "0.5") as old:
+        old.started(1)
+        with flowsdk.Client(url) as client:
+            sync(client, "x")
+        old.proc.send_signal(signal.SIGSTOP)
+        try:
+            with monkeypatch.context() as elsewhere:
+                elsewhere.setenv("FLOWSDK_HOST", "operator-host")
+                elsewhere.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
+                with flowsdk.Client(url) as client:
+                    assert client.get_run("x").phase is RunPhase.CRASHED
+                    assert [r.name for r in client.prune(keep=0).deleted] == ["x"]
+            with Runner("lease.py", url, "x", "two_steps", "5") as new:
+                new.started(1)
+                time.sleep(0.7)  # the paused runner's lease (0.5 s) runs out: time must pass
+                old.send("go")  # read once it resumes: its first returns, its root calls second
+                old.proc.send_signal(signal.SIGCONT)
+                assert old.finish() != 0
+                assert "STARTED a2" not in old.output
+                new.send("go")
+                new.expect("STARTED", "a2")
+                assert new.finish() == 0
+        finally:
+            old.proc.send_signal(signal.SIGCONT)
+    with flowsdk.Client(url) as client:
+        run = client.get_run("x")
+    assert run.phase is RunPhase.SUCCEEDED
+    assert [a.phase for a in run.actions] == [flowsdk.ActionPhase.SUCCEEDED] * 3

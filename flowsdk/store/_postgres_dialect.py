@@ -82,6 +82,7 @@ class PostgresDialect:
         self._target = target
         self._run = run
         self._attempt = attempt
+        self._key: int | None = None  # the run's advisory lock key, as its row records it
 
     # -- the session -------------------------------------------------------------------
 
@@ -125,11 +126,12 @@ class PostgresDialect:
             self._check_not_crashed(conn)
 
     def _check_not_crashed(self, conn: psycopg.Connection[Any]) -> None:
+        # Its row gone (pruned) or another runner's (the name used again): lost too.
         row = conn.execute(
-            "SELECT phase FROM flowsdk.runs WHERE name = %s AND attempt = %s",
+            "SELECT phase, lock_key FROM flowsdk.runs WHERE name = %s AND attempt = %s",
             (self._run, self._attempt),
         ).fetchone()
-        if row is not None and row[0] == "CRASHED":
+        if row is None or row[0] == "CRASHED" or row[1] != self._key:
             raise RunLost(
                 f"run {self._run!r} was recorded CRASHED in {self.location} while its runner "
                 f"(pid {os.getpid()}) was alive (its lease ran out); it stopped its bodies and "
@@ -194,7 +196,7 @@ class PostgresDialect:
             key = int(row[0])
             # Held by this session until it ends: its release tells every host the runner is gone.
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            link.key = key
+            link.key = self._key = key
             name, attempt = record.name, record.attempt
             with conn.transaction(), conn.cursor() as cur:
                 if attempt > 1:

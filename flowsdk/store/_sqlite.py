@@ -45,7 +45,7 @@ from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space,
 from flowsdk.store._rows import close_names, events_from_rows, with_routine
 from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
-from flowsdk.store._sqlite_holds import forget_hold, runner_alive
+from flowsdk.store._sqlite_holds import runner_alive, sweep_released
 from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
@@ -309,7 +309,6 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             return False
         finally:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        forget_hold(self.path, name, attempt)  # the released lock its runner left, if any
         return True
 
     def prune(
@@ -328,6 +327,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             with translate(self.path):
                 gone, attempts = delete_runs_sqlite(conn, [r.name for r in doomed])
                 freed, note = give_back_space(conn, self.path, size)
+            sweep_released(self.path)  # the locks runners gone left beside the store
         finally:
             conn.close()
         # A run retried meanwhile is live again: it stays, and is named as such.

@@ -177,6 +177,7 @@ class SQLiteDialect:
         self._logged = False  # committed since the log was last copied back
         self._checkpointed_at = 0.0
         self._hold: RunnerHold | None = None  # the run's lock, from before it is recorded
+        self._owner: bytes | None = None  # this runner, as its run's row records it
 
     def connect(self) -> sqlite3.Connection:
         """Open the writer's connection (creating and migrating the file if needed).
@@ -233,10 +234,10 @@ class SQLiteDialect:
         events: list[EventRow],
     ) -> None:
         """Create the run's row, owned by this process, with its first rows, in one transaction."""
-        owner = msgspec.msgpack.encode(this_process())
+        owner = self._owner = msgspec.msgpack.encode(this_process())
         name, attempt = record.name, record.attempt
         # Held before the run's row exists: a reader never finds a live run unheld.
-        self._hold = RunnerHold(self.location, name, attempt)
+        self._hold = RunnerHold(self.location, name, attempt, this_process())
         if not self._hold.take():
             self._hold = None  # judged by this process alone (an older store's way)
 
@@ -250,7 +251,7 @@ class SQLiteDialect:
                 ).fetchone()
                 if row is not None and row[0] is not None:
                     prior = owner_decoder.decode(row[0])
-                    held = holds_run(self.location, name, attempt - 1)
+                    held = holds_run(self.location, name, attempt - 1, prior)
                     if alive_here(prior) and held is not False:
                         raise InvalidStateError(prior_runner_alive_error(name, attempt, prior))
             conn.execute(
@@ -295,13 +296,15 @@ class SQLiteDialect:
     def _check_not_lost(self, conn: sqlite3.Connection, name: str, attempt: int) -> None:
         # Read inside the write transaction: once a reader has recorded the run CRASHED,
         # no batch of this runner can overwrite the crash record.
+        # Its row gone (pruned) or another runner's (the name used again): lost too.
         row = conn.execute(
-            "SELECT phase FROM runs WHERE name = ? AND attempt = ?", (name, attempt)
+            "SELECT phase, owner FROM runs WHERE name = ? AND attempt = ?", (name, attempt)
         ).fetchone()
-        if row is None or row[0] == "CRASHED":
+        if row is None or row[0] == "CRASHED" or row[1] != self._owner:
             raise RunLost(
-                f"run {name!r} was recorded CRASHED in {self.location} while its runner "
-                f"(pid {os.getpid()}) was alive; it stopped its bodies and recorded nothing more"
+                f"run {name!r} was recorded CRASHED in {self.location} (or pruned, and its name "
+                f"used again) while its runner (pid {os.getpid()}) was alive; it stopped its "
+                "bodies and recorded nothing more"
             )
 
     def write(self, conn: sqlite3.Connection, name: str, attempt: int, batch: Batch) -> None:

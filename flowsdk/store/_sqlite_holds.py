@@ -20,30 +20,38 @@ import hashlib
 import os
 from pathlib import Path
 
-from flowsdk._liveness import Owner, host_identity, is_alive
+from flowsdk._liveness import Owner, bodies_running, host_identity, is_alive
 
-__all__ = ["RunnerHold", "forget_hold", "holds_run", "lock_path", "runner_alive"]
+__all__ = ["RunnerHold", "holds_run", "lock_path", "runner_alive", "sweep_released"]
 
 
-def lock_path(store: str, name: str, attempt: int) -> Path:
-    """Where the lock of attempt `attempt` of run `name` of the SQLite file `store` is."""
-    digest = hashlib.sha256(f"{name}\0{attempt}".encode("utf-8", "surrogatepass")).hexdigest()
-    return Path(f"{store}-runners") / f"{digest[:32]}.lock"
+def lock_path(store: str, name: str, attempt: int, owner: Owner) -> Path:
+    """Where the lock of one runner of attempt `attempt` of run `name` of `store` is.
+
+    The runner is part of it: a run pruned and its name used again by another
+    runner has a lock of its own. The store's path is made absolute first (a body
+    may change the working directory before the lock is let go).
+    """
+    key = f"{name}\0{attempt}\0{owner.host}\0{owner.pid}\0{owner.started}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return Path(f"{os.path.abspath(store)}-runners") / f"{digest[:32]}.lock"
+
+
+# Locks let go while a plain `def` body's thread of this process still ran: released
+# once no such thread runs (`_release_deferred`), at the latest when the process ends.
+_deferred: list[tuple[int, Path]] = []
 
 
 class RunnerHold:
     """The runner's side: the lock of its run's attempt, taken before the run is recorded."""
 
-    def __init__(self, store: str, name: str, attempt: int) -> None:
-        self.path = lock_path(store, name, attempt)
+    def __init__(self, store: str, name: str, attempt: int, owner: Owner) -> None:
+        self.path = lock_path(store, name, attempt, owner)
         self._fd: int | None = None
 
     def take(self) -> bool:
-        """Lock the file (made if needed); return False if it cannot be (judged by pid then).
-
-        Never waits: a lock held already is another runner's, of a run of the same name
-        that is live (this one's `insert_run` then refuses, `RunExistsError`).
-        """
+        """Lock the file (made if needed); return False if it cannot be (judged by pid then)."""
+        _release_deferred()
         try:
             self.path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -61,7 +69,9 @@ class RunnerHold:
         """Let the run go: drop the lock, and remove the file if the run's records are final.
 
         Otherwise (its last writes failed) the file stays, released, for a reader of
-        this host to find and record the run CRASHED (`forget_hold` then removes it).
+        this host to find: the run is CRASHED, and may be retried. While a plain `def`
+        body's thread of this process still runs (a thread cannot be stopped), the
+        lock is kept until none does: the work it does is not over.
         """
         fd, self._fd = self._fd, None
         if fd is None:
@@ -69,12 +79,24 @@ class RunnerHold:
         if final:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-        os.close(fd)
+            os.close(fd)
+            return
+        _deferred.append((fd, self.path))
+        _release_deferred()
 
 
-def holds_run(store: str, name: str, attempt: int) -> bool | None:
+def _release_deferred() -> None:
+    """Release the locks let go while body threads ran, once none runs."""
+    if _deferred and not bodies_running():
+        while _deferred:
+            fd, _ = _deferred.pop()
+            os.close(fd)
+
+
+def holds_run(store: str, name: str, attempt: int, owner: Owner) -> bool | None:
     """Whether a process still holds the run's lock: True, False, or None (no lock file)."""
-    path = lock_path(store, name, attempt)
+    _release_deferred()
+    path = lock_path(store, name, attempt, owner)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -102,11 +124,18 @@ def runner_alive(
     """Whether the runner of an attempt is alive (`_liveness.is_alive`) and, here, holds it."""
     if not is_alive(owner, heartbeat, now=now):
         return False
-    return owner.host != host_identity() or holds_run(store, name, attempt) is not False
+    return owner.host != host_identity() or holds_run(store, name, attempt, owner) is not False
 
 
-def forget_hold(store: str, name: str, attempt: int) -> None:
-    """Remove a released lock's file, once its run is recorded CRASHED (never a held one)."""
-    if holds_run(store, name, attempt) is False:
-        with contextlib.suppress(OSError):
-            lock_path(store, name, attempt).unlink()
+def sweep_released(store: str) -> None:
+    """Remove the released locks' files beside `store` (`prune`): their runners are gone."""
+    folder = Path(f"{os.path.abspath(store)}-runners")
+    with contextlib.suppress(OSError):
+        for path in folder.glob("*.lock"):
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+                    path.unlink()
+                finally:
+                    os.close(fd)
