@@ -289,7 +289,7 @@ def test_a_runner_that_gave_up_on_its_store_is_gone_while_its_process_lives_on(
     Its process lives, but the run's lock is released: its bodies are stopped and
     nothing more is written, so a reader records it CRASHED and it may be retried.
     """
-    url = sqlite_url(tmp_path / "s.db")
+    url = sqlite_url(tmp_path / "s.db") + "?busy_timeout=0.5"  # its last writes fail fast
     with Runner("store_io.py", url, "filled", "disk_full_live_on") as runner:
         runner.expect("STORE-ERROR")
         with flowsdk.Client(url) as client:
@@ -349,3 +349,25 @@ def test_a_runner_back_after_its_run_was_pruned_and_its_name_used_again_writes_n
         run = client.get_run("x")
     assert run.phase is RunPhase.SUCCEEDED
     assert [a.phase for a in run.actions] == [flowsdk.ActionPhase.SUCCEEDED] * 3
+
+
+def test_a_run_given_up_while_a_def_bodys_thread_still_runs_is_not_taken_for_gone(
+    tmp_path: Path,
+) -> None:
+    """A thread cannot be stopped: while it runs, its work is not over, and no retry may start.
+
+    The runner keeps its run's lock (the run stays RUNNING on this host) until no
+    plain `def` body's thread of its process runs.
+    """
+    url = sqlite_url(tmp_path / "s.db") + "?busy_timeout=0.5"  # its last writes fail fast
+    release = tmp_path / "release"
+    with Runner("store_io.py", url, "threaded", "disk_full_with_a_thread", str(release)) as runner:
+        runner.expect("STORE-ERROR")
+        try:
+            with flowsdk.Client(url) as client:
+                assert client.get_run("threaded").phase is RunPhase.RUNNING
+                with pytest.raises(flowsdk.errors.InvalidStateError, match="still live"):
+                    client.retry("threaded")
+        finally:
+            release.touch()
+        assert runner.finish() == 5

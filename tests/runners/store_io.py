@@ -11,12 +11,15 @@ import os
 import resource
 import signal
 import sys
+import time
 from typing import Any
 
 import flowsdk
 from flowsdk.errors import RuntimeUserError, StoreError
 from flowsdk.store import SQLiteStore
 from tests.runners._common import STARTED, gate, main, say, started
+
+THREADS: list[str] = []
 
 env = flowsdk.TaskEnvironment("io")
 # The runner's exit code when flowsdk.run raised StoreError (a write failed: disk full).
@@ -100,6 +103,24 @@ async def disk_full() -> int:
 
 
 @env.task
+def waits_for_a_file(path: str) -> None:
+    """A plain `def` body: its thread runs until `path` exists (bounded)."""
+    THREADS.append("started")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a thread cannot wait on the loop: a bounded poll of a file
+
+
+@env.task
+async def disk_full_with_a_thread() -> int:
+    """`disk_full`, with a plain `def` body's thread running on past the run's end."""
+    asyncio.create_task(waits_for_a_file(sys.argv[4]))  # noqa: RUF006 -- cancelled at exit
+    while not THREADS:
+        await asyncio.sleep(0)
+    return await disk_full()
+
+
+@env.task
 async def execs() -> None:
     """Replace the runner's program (same pid) by one that waits for stdin to close."""
     started()
@@ -147,7 +168,13 @@ def full(live_on: bool) -> None:
     With `live_on`, the disk is freed and the process lives on until stdin closes.
     """
     try:
-        main({"disk_full": disk_full, "disk_full_live_on": disk_full})
+        main(
+            {
+                "disk_full": disk_full,
+                "disk_full_live_on": disk_full,
+                "disk_full_with_a_thread": disk_full_with_a_thread,
+            }
+        )
     except StoreError as exc:
         say("STORE-ERROR", type(exc).__name__, exc)
         if live_on:
@@ -159,7 +186,7 @@ def full(live_on: bool) -> None:
 if __name__ == "__main__":
     if sys.argv[3] == "same_name":
         same_name()
-    elif sys.argv[3] in ("disk_full", "disk_full_live_on"):
-        full(live_on=sys.argv[3] == "disk_full_live_on")
+    elif sys.argv[3].startswith("disk_full"):
+        full(live_on=sys.argv[3] != "disk_full")
     else:
         main(WORKFLOWS)
