@@ -162,7 +162,7 @@ async def _followed(call: Coroutine[Any, Any, T], follower: _Follower) -> T:
     token = _followers.set((*_followers.get(), follower))
     try:
         result = await call
-    except BaseException:
+    except (asyncio.CancelledError, Exception):
         if follower.error is None:
             raise
         result = None  # cancelled because the observer raised: the parent gets that instead

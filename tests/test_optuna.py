@@ -24,6 +24,7 @@ STUDIES: list[optuna.Study] = []
 STORAGE: list[str] = []  # an Optuna storage URL: the study is kept there, and loaded again
 GATES: list[Gate] = []
 RAN: list[float] = []
+BROKEN: list[bool] = []  # the objective raises (its trials fail, to run again in a retry)
 
 
 def loss_of(lr: float, depth: int) -> float:
@@ -33,6 +34,8 @@ def loss_of(lr: float, depth: int) -> float:
 @env.task
 async def objective(lr: float, depth: int) -> float:
     RAN.append(lr)
+    if BROKEN:
+        raise ValueError("diverged")
     if GATES:
         await GATES[0].enter()
     loss = loss_of(lr, depth)
@@ -76,6 +79,7 @@ def fresh() -> None:
     STORAGE.clear()
     GATES.clear()
     RAN.clear()
+    BROKEN.clear()
 
 
 def pairs(study: optuna.Study) -> list[tuple[str, dict[str, Any], float | None]]:
@@ -118,6 +122,25 @@ def test_a_retry_on_a_study_kept_in_storage_adds_no_trial_twice(tmp_path: Path) 
         again = client.retry("kept")
     assert again.result() == 6
     assert pairs(STUDIES[1]) == before
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_of_a_retry_on_a_kept_study_tells_each_trial_once(tmp_path: Path) -> None:
+    """Failed in attempt 1, completed in attempt 2, replayed in attempt 3: told once."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    STORAGE.append(f"sqlite:///{tmp_path / 'optuna.db'}")
+    FAIL_AFTER.append(True)
+    BROKEN.append(True)
+    flowsdk.run(search, 3, 1, False, "loss", name="thrice", store=url)
+    BROKEN.clear()
+    with flowsdk.Client(url) as client:
+        client.retry("thrice")  # the trials run again and complete; the search fails after
+        FAIL_AFTER.clear()
+        third = client.retry("thrice")
+    assert third.phase is RunPhase.SUCCEEDED
+    states = [t.state for t in STUDIES[-1].trials]
+    assert states.count(TS.COMPLETE) == 3
+    assert states.count(TS.FAIL) == 3
 
 
 @pytest.mark.timeout(60)

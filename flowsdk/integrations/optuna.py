@@ -47,6 +47,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from flowsdk._info import current_action
 from flowsdk._progress import Report, follow
 from flowsdk._task import Task, TaskEnvironment
 from flowsdk.errors import NondeterminismError, RunStoppingError
@@ -54,6 +55,8 @@ from flowsdk.errors import NondeterminismError, RunStoppingError
 __all__ = ["optimize"]
 
 Space = Callable[[optuna.Trial], dict[str, Any]]
+# The user attribute that names a trial's run and number in the search (`_replay`).
+_TAG = "flowsdk"
 logger = logging.getLogger("flowsdk")
 
 _env = TaskEnvironment("optuna")
@@ -73,8 +76,8 @@ _judging: contextvars.ContextVar[tuple[Task[..., Any], _Judge] | None] = context
 async def suggest(number: int) -> list[Any]:
     """Ask the parent's study for the parameters of trial `number` (recorded for a retry).
 
-    Returns `[params, study name, Optuna's number of the trial]`: a retry on a
-    study kept in storage finds the trial it told already.
+    Returns `[params, study name, Optuna's number of the trial]` (what the records
+    show of it; a retry finds the trial in a study kept in storage by its tag).
     """
     ask = _asking.get()
     if ask is None:
@@ -123,8 +126,11 @@ async def optimize(
     ended: set[int] = set()  # the trials the study was told the end of
     named = [metric]  # the name of the reports the study is told
 
+    run = current_action().run
+
     def ask(number: int) -> list[Any]:
         trial = trials[number] = study.ask()
+        trial.set_user_attr(_TAG, f"{run}/{number}")
         return [space(trial), study.study_name, trial.number]
 
     def judge(number: int, name: str, step: int, value: float) -> tuple[bool, str | None]:
@@ -157,7 +163,8 @@ async def optimize(
                 _, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
             try:
-                params = _replay(study, space, trials, number, await suggest(number))
+                recorded = await suggest(number)
+                params = _replay(study, space, trials, number, recorded, f"{run}/{number}")
                 told[number] = set()
                 # Called here, in order, so that a retry finds each call at the same place.
                 outcome = trial(number, params)
@@ -187,40 +194,41 @@ def _replay(
     trials: dict[int, optuna.Trial | None],
     number: int,
     recorded: Any,
+    tag: str,
 ) -> dict[str, Any]:
     """The parameters of trial `number`, and its trial in `study` when `suggest` was replayed.
 
-    A replayed trial that a study kept in storage was told already (the same
-    study, trial and parameters, finished) is not told again; one it holds
-    unfinished (its runner was killed) is failed, and the trial runs again on a
-    new one. Otherwise the same parameters are asked again: through the
-    study's waiting trials (`enqueue_trial`), or, if the study has some
-    waiting (`enqueue_trial` of the search's own code, which the attempt before
-    asked at the same trial), through the oldest of them.
+    Every trial the search asks is tagged with the run and its number (`tag`). A
+    study kept in storage that holds a tagged trial with the same parameters,
+    finished, was told it already (by any attempt before): it is not told again;
+    a tagged one left unfinished (its runner was killed) is failed, and the trial
+    runs again on a new one. Otherwise the same parameters are asked again:
+    through the study's waiting trials (`enqueue_trial`), or, if the study has
+    some waiting (`enqueue_trial` of the search's own code, which the attempt
+    before asked at the same trial), through the oldest of them.
     """
-    if isinstance(recorded, dict):  # recorded before the study's name and number were
-        params, study_name, optuna_number = recorded, None, None
-    else:
-        params, study_name, optuna_number = recorded
+    params = recorded if isinstance(recorded, dict) else recorded[0]  # a dict: older records
     if number in trials:
         return params  # asked now, by `suggest`
-    if study_name == study.study_name and optuna_number is not None:
-        kept = [t for t in study.get_trials(deepcopy=False) if t.number == optuna_number]
-        if kept and kept[0].params == params:
-            if kept[0].state in (TrialState.COMPLETE, TrialState.PRUNED):
-                trials[number] = None
-                return params
-            if kept[0].state in (TrialState.RUNNING, TrialState.WAITING):
-                study.tell(optuna_number, state=TrialState.FAIL, skip_if_finished=True)
+    for kept in study.get_trials(deepcopy=False):
+        if kept.user_attrs.get(_TAG) != tag or kept.params != params:
+            continue
+        if kept.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            trials[number] = None
+            return params
+        if kept.state in (TrialState.RUNNING, TrialState.WAITING):
+            study.tell(kept.number, state=TrialState.FAIL, skip_if_finished=True)
     if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         study.enqueue_trial(params, skip_if_exists=False)
     asked = trials[number] = study.ask()
+    asked.set_user_attr(_TAG, tag)
     again = space(asked)
     if again != params:
         raise NondeterminismError(
             f"trial {number} of the search was recorded with the parameters {params!r}, and "
             f"the study of this attempt gives it {again!r} (the study's waiting trials, made "
-            "with enqueue_trial, differ from the attempt before); start a new run instead"
+            "with enqueue_trial, differ from the attempt before: on a study kept in storage, "
+            "enqueue with skip_if_exists=True); start a new run instead"
         )
     return params
 

@@ -341,15 +341,14 @@ class RunWriter(HeldChanges, Generic[C]):
                 self._probe_loop()
                 # A heartbeat lost to a lock is replaced by the next one.
                 with contextlib.suppress(StoreLockedError):
-                    began = time.time()
                     dialect.heartbeat(conn, name, attempt)
-                    self._renewed(began)
+                    self._renewed(time.time())  # written just now (a wait for the lock before)
             if closing and not self._ops:
                 return
 
-    def _renewed(self, began: float) -> None:
-        """The heartbeat written at `began` is renewed: bodies may start until `HOLD_AFTER` on."""
-        self.lease_until = began + _liveness.HOLD_AFTER
+    def _renewed(self, at: float) -> None:
+        """The heartbeat written by `at` is renewed: bodies may start until `HOLD_AFTER` on."""
+        self.lease_until = at + _liveness.HOLD_AFTER
         if self._holding:
             waiting, self._holding = self._holding, []
             for fut in waiting:
