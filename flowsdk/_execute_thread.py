@@ -16,7 +16,7 @@ from contextvars import copy_context
 from typing import Any
 
 from flowsdk._action import current
-from flowsdk._liveness import BODY_THREADS
+from flowsdk._bodies import BODY_THREADS
 
 __all__ = ["in_thread"]
 

@@ -18,7 +18,6 @@ import time
 import msgspec
 
 __all__ = [
-    "BODY_THREADS",
     "HEARTBEAT_INTERVAL",
     "HOLD_AFTER",
     "RUNNER_LOG",
@@ -26,7 +25,6 @@ __all__ = [
     "STALE_AFTER",
     "Owner",
     "alive_here",
-    "bodies_running",
     "host_identity",
     "is_alive",
     "process_alive",
@@ -42,17 +40,6 @@ STALE_AFTER = 10.0
 # until it is renewed: half the time after which another host may take it for dead
 # (SQLite's heartbeat, PostgreSQL's lease: 10 s both), and retry its run there.
 HOLD_AFTER = STALE_AFTER / 2
-# The threads of this process running plain `def` task bodies (`_execute_thread`): a
-# thread cannot be stopped, so a runner that lets its run go keeps holding it (the
-# SQLite store's run lock) while one still runs.
-BODY_THREADS: set[int] = set()
-
-
-def bodies_running() -> bool:
-    """Whether a plain `def` task body still runs in a thread of this process."""
-    return bool(BODY_THREADS)
-
-
 # Set by a detached launch (the console, `Client`): the file the runner's output goes to.
 # A runner whose run ended recorded removes it; one that failed itself leaves it.
 RUNNER_LOG = "FLOWSDK_RUNNER_LOG"

@@ -79,6 +79,7 @@ STORE_MAY_IMPORT: tuple[str, ...] = (
     "flowsdk._records",
     "flowsdk._phases",
     "flowsdk._liveness",
+    "flowsdk._bodies",
     "flowsdk.store",
     "flowsdk.store.*",
 )

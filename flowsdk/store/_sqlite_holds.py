@@ -20,7 +20,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from flowsdk._liveness import Owner, bodies_running, host_identity, is_alive
+from flowsdk._bodies import bodies_running
+from flowsdk._liveness import Owner, host_identity, is_alive
 
 __all__ = ["RunnerHold", "holds_run", "lock_path", "runner_alive", "sweep_released"]
 
