@@ -156,20 +156,20 @@ async def test_a_call_in_the_cleanup_of_an_aborted_body_never_starts(url: str) -
 
 
 @pytest.mark.timeout(60)
-async def test_a_call_in_the_cleanup_of_a_body_cancelled_by_workflow_code_runs() -> None:
-    run = await flowsdk.run_async(cancels_its_child, store="memory://")
+@pytest.mark.parametrize(
+    ("root", "started", "seen"),
+    [
+        (cancels_its_child, "in cleanup", "child cancelled"),  # workflow code's t.cancel()
+        (calls_one_that_times_out, "after its timeout", "timed out"),  # the task's timeout
+    ],
+)
+async def test_a_call_in_the_cleanup_of_a_body_stopped_by_workflow_code_runs(
+    root: flowsdk.Task[[], None], started: str, seen: str
+) -> None:
+    run = await flowsdk.run_async(root, store="memory://")
     assert run.phase is RunPhase.SUCCEEDED
-    assert STARTED == ["in cleanup"]
-    assert SEEN == ["child cancelled"]
-    assert run.action("a2").phase is ActionPhase.SUCCEEDED
-
-
-@pytest.mark.timeout(60)
-async def test_a_call_in_the_cleanup_of_a_body_whose_timeout_passed_runs() -> None:
-    run = await flowsdk.run_async(calls_one_that_times_out, store="memory://")
-    assert run.phase is RunPhase.SUCCEEDED
-    assert STARTED == ["after its timeout"]
-    assert SEEN == ["timed out"]
+    assert [started] == STARTED
+    assert [seen] == SEEN
     assert run.action("a2").phase is ActionPhase.SUCCEEDED
 
 
