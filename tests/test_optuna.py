@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ STORAGE: list[str] = []  # an Optuna storage URL: the study is kept there, and l
 GATES: list[Gate] = []
 RAN: list[float] = []
 BROKEN: list[bool] = []  # the objective raises (its trials fail, to run again in a retry)
+ENGINES: list[Any] = []  # the SQLAlchemy engines of the kept studies' storages
 
 
 def loss_of(lr: float, depth: int) -> float:
@@ -55,8 +57,10 @@ def space(trial: optuna.Trial) -> dict[str, Any]:
 @env.task
 async def search(n_trials: int, concurrency: int, baseline: bool, metric: str | None) -> int:
     if STORAGE:
+        storage = optuna.storages.RDBStorage(STORAGE[0])
+        ENGINES.append(storage.engine)  # disposed by the fixture: no connection left open
         study = optuna.create_study(
-            study_name="kept", storage=STORAGE[0], load_if_exists=True,
+            study_name="kept", storage=storage, load_if_exists=True,
             sampler=optuna.samplers.RandomSampler(seed=5),
         )  # fmt: skip
     else:
@@ -73,7 +77,11 @@ async def search(n_trials: int, concurrency: int, baseline: bool, metric: str | 
 
 
 @pytest.fixture(autouse=True)
-def fresh() -> None:
+def fresh() -> Iterator[None]:
+    yield
+    for engine in ENGINES:
+        engine.dispose()
+    ENGINES.clear()
     FAIL_AFTER.clear()
     STUDIES.clear()
     STORAGE.clear()
