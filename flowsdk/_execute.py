@@ -122,9 +122,9 @@ async def action_handle(
         # action at once (`ActionState.__call__`).
         done.cancel = action  # type: ignore[method-assign]
     if action.req is not None:
-        # Called by a body that the runtime is stopping: the action ended before its
-        # first step (`start_child`). A cancel the caller has pending (the abort that
-        # arrived in this step) lands at this await, as it would at any other, and
+        # Called below an operator's request (`stopped_above`): the action ends at its
+        # first step, its body never called. A cancel the caller has pending (the abort
+        # that arrived in this step) lands at this await, as it would at any other, and
         # only once; otherwise the caller gets the action's outcome below.
         try:
             await asyncio.sleep(0)
