@@ -209,6 +209,17 @@ def test_a_run_recorded_crashed_elsewhere_is_not_retried_on_its_runners_host_whi
             runner.proc.kill()
 
 
+def _recorded_crashed_from_another_host(
+    monkeypatch: pytest.MonkeyPatch, url: str, run: str
+) -> None:
+    """Read `run` as a reader on another host would once its paused runner's heartbeat is stale."""
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setenv("FLOWSDK_HOST", "operator-host")
+        elsewhere.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
+        with flowsdk.Client(url) as client:
+            assert client.get_run(run).phase is RunPhase.CRASHED
+
+
 def _heartbeat_older_than(path: Path, run: str, seconds: float) -> None:
     """Wait until the runner's recorded heartbeat is older than `seconds` (bounded poll)."""
     with contextlib.closing(sqlite3.connect(path)) as reader:
@@ -267,10 +278,7 @@ def test_a_runner_back_from_a_pause_seen_as_death_elsewhere_starts_no_new_body(
             sync(client, "taken")
         runner.proc.send_signal(signal.SIGSTOP)
         try:
-            monkeypatch.setenv("FLOWSDK_HOST", "operator-host")
-            monkeypatch.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
-            with flowsdk.Client(url) as client:
-                assert client.get_run("taken").phase is RunPhase.CRASHED
+            _recorded_crashed_from_another_host(monkeypatch, url, "taken")
             _heartbeat_older_than(path, "taken", 0.6)
             runner.send("go")  # read once it resumes: first returns, the root calls second
         finally:
@@ -327,12 +335,9 @@ def test_a_runner_back_after_its_run_was_pruned_and_its_name_used_again_writes_n
             sync(client, "x")
         old.proc.send_signal(signal.SIGSTOP)
         try:
-            with monkeypatch.context() as elsewhere:
-                elsewhere.setenv("FLOWSDK_HOST", "operator-host")
-                elsewhere.setattr("flowsdk._liveness.STALE_AFTER", 0.0)
-                with flowsdk.Client(url) as client:
-                    assert client.get_run("x").phase is RunPhase.CRASHED
-                    assert [r.name for r in client.prune(keep=0).deleted] == ["x"]
+            _recorded_crashed_from_another_host(monkeypatch, url, "x")
+            with flowsdk.Client(url) as client:
+                assert [r.name for r in client.prune(keep=0).deleted] == ["x"]
             with Runner("lease.py", url, "x", "two_steps", "5") as new:
                 new.started(1)
                 time.sleep(0.7)  # the paused runner's lease (0.5 s) runs out: time must pass

@@ -177,14 +177,19 @@ def test_without_a_metric_the_first_reported_name_is_told_and_the_others_are_nam
     assert "'samples'" in warning
 
 
+async def search_with_trials_held(concurrency: int) -> flowsdk.RunHandle[int]:
+    """Start a search of 8 trials and return once `concurrency` of them run, held at a gate."""
+    GATES.append(Gate("trial"))
+    handle = await flowsdk.start(search, 8, concurrency, False, "loss", store="memory://")
+    await GATES[0].wait_running(concurrency)
+    return handle
+
+
 @pytest.mark.timeout(60)
 async def test_a_stop_and_wait_lets_the_running_trials_finish_and_starts_no_more() -> None:
-    gate = Gate("trial")
-    GATES.append(gate)
-    handle = await flowsdk.start(search, 8, 2, False, "loss", store="memory://")
-    await gate.wait_running(2)
+    handle = await search_with_trials_held(2)
     await handle.stop(reason="need the machine")
-    gate.release_all()
+    GATES[0].release_all()
     run = await handle.wait()
     assert run.phase is RunPhase.STOPPED
     objectives = [a for a in run.actions if a.task == "hpo.objective"]
@@ -195,10 +200,7 @@ async def test_a_stop_and_wait_lets_the_running_trials_finish_and_starts_no_more
 
 @pytest.mark.timeout(60)
 async def test_an_aborted_search_tells_the_study_its_interrupted_trials_failed() -> None:
-    gate = Gate("trial")
-    GATES.append(gate)
-    handle = await flowsdk.start(search, 8, 3, False, "loss", store="memory://")
-    await gate.wait_running(3)
+    handle = await search_with_trials_held(3)
     await handle.abort(reason="wrong dataset")
     run = await handle.wait()
     assert run.phase is RunPhase.ABORTED
