@@ -26,6 +26,7 @@ from typing import Protocol
 from flowsdk._action import ActionState, Request
 from flowsdk._describe import format_stack
 from flowsdk._phases import AbortCause, ActionPhase
+from flowsdk.executors import LOCAL
 
 __all__ = ["ABANDON_AFTER", "TIMER_RESOLUTION", "Delivery"]
 
@@ -44,10 +45,8 @@ TimerKey = tuple[int, Callable[[ActionState], None]]
 class Owner(Protocol):
     """What delivery needs from the runtime: record phases, finish actions, warn."""
 
-    def set_phase(
-        self, action: ActionState, phase: ActionPhase, message: str | None = None
-    ) -> None:
-        """Record an action's new (non-terminal) phase."""
+    def set_phase(self, action: ActionState, phase: ActionPhase, checked: bool = True) -> None:
+        """Record an action's new (live) phase."""
 
     def finish_cancelled(self, action: ActionState) -> None:
         """Record an action that ended after (or because of) its request."""
@@ -63,6 +62,11 @@ class Delivery:
         self._owner = owner
         self._loop = loop
         self._timers: dict[TimerKey, list[ActionState]] = {}
+        # The timer `later` set last, and its actions: a cancelled fan-out's actions
+        # share it, with no key to build and look up for each.
+        self._last: TimerKey | None = None
+        self._last_bucket: list[ActionState] = []
+        self._on_grace = self._grace  # bound once: every delivery passes it
         self._cancelling = False  # in `cancel_task`: a caller's cancel it causes waits a step
         self.zombies: list[ActionState] = []
         """Bodies that ignored two cancellations: recorded as ended, still running."""
@@ -125,7 +129,7 @@ class Delivery:
             return
         req = action.req
         if action.phase is RUNNING and (req is None or req.cause is not TIMEOUT):
-            self._owner.set_phase(action, STOPPING)
+            self._owner.set_phase(action, STOPPING, checked=False)
         if action.cancels == 0:
             self.cancel_task(action)
             self.later(action, action.task.options.grace_period, self._on_grace)
@@ -140,7 +144,11 @@ class Delivery:
             message = req.message() if req is not None else "flowsdk: cancelled"
             cancelling, self._cancelling = self._cancelling, True
             try:
-                action.task.options.runner.cancel(task, message)
+                runner = action.task.options.runner
+                if runner is LOCAL:
+                    task.cancel(message)  # the local executor's cancel, inlined
+                else:
+                    runner.cancel(task, message)
             finally:
                 self._cancelling = cancelling
 
@@ -152,11 +160,17 @@ class Delivery:
         Clearing `action.timer` cancels it.
         """
         slot = math.ceil((self._loop.time() + delay) / TIMER_RESOLUTION)
-        key = (slot, callback)
-        bucket = self._timers.get(key)
-        if bucket is None:
-            bucket = self._timers[key] = []
-            self._loop.call_at(slot * TIMER_RESOLUTION, self._fire, key)
+        key = self._last
+        if key is not None and key[0] == slot and key[1] is callback:
+            bucket = self._last_bucket
+        else:
+            key = (slot, callback)
+            found = self._timers.get(key)
+            if found is None:
+                found = self._timers[key] = []
+                self._loop.call_at(slot * TIMER_RESOLUTION, self._fire, key)
+            bucket = found
+            self._last, self._last_bucket = key, bucket
         bucket.append(action)
         action.timer = key
 
@@ -167,15 +181,18 @@ class Delivery:
         of those timers find nothing when they fire.
         """
         self._timers.clear()
+        self._last, self._last_bucket = None, []
 
     def _fire(self, key: TimerKey) -> None:
         _, callback = key
+        if key == self._last:
+            self._last, self._last_bucket = None, []  # gone: the next timer gets a new one
         for action in self._timers.pop(key, ()):
             if action.timer == key:  # not cleared or replaced since
                 action.timer = None
                 callback(action)
 
-    def _on_grace(self, action: ActionState) -> None:
+    def _grace(self, action: ActionState) -> None:
         """The grace period is over: cancel the body again, then give it one more second."""
         action.timer = None
         if action.phase in _TERMINAL:

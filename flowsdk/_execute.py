@@ -157,7 +157,9 @@ async def action_handle(
                         if not runtime.cancel_again_from_caller(action):
                             raise
         finally:
-            adopt_context(action)
+            context = action.context
+            if context is not None and len(context) > 1:  # more than the SDK's own `current`
+                adopt_context(action)
             action.done = action.context = None
         phase = action.phase
         if not passed:
@@ -381,7 +383,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
             streaming.routine(number, at, action.name, "RUNNING")
             streaming.changed(action, ACTION_ROWS)
     else:
-        runtime.set_running(action)
+        runtime.set_phase(action, RUNNING)
     try:
         while True:
             # Each attempt gets a fresh snapshot: an attempt that mutated its

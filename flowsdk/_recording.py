@@ -110,12 +110,17 @@ class RunLog:
         self, at: float, action: str, phase: str, req: Request | None, message: str | None
     ) -> None:
         """Append an action's transition with its request (cause, reason, by) and message."""
+        # `append`'s body, inline: a cancelled action records two of these.
+        number = self.number()
         if req is not None:
-            self.append(
-                at, ACTION_EVENT, action, phase, req.cause._value_, req.reason, req.by, message
-            )
+            cause, reason = req.cause._value_, req.reason
+            row = EventRow(number, at, ACTION_EVENT, action, phase, cause, reason, req.by, message)
         else:
-            self.append(at, ACTION_EVENT, action, phase, None, None, None, message)
+            row = EventRow(number, at, ACTION_EVENT, action, phase, None, None, None, message)
+        if self.keep:
+            self.events.append(row)
+        if self.streaming is not None:
+            self.streaming.event(row)
 
     def routine(self, at: float, action: str, phase: str) -> int:
         """Number an action's routine transition, stream it, and return its number.

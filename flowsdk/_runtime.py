@@ -80,6 +80,7 @@ _TERMINAL = (SUCCEEDED, FAILED, ABORTED, ABANDONED, CRASHED)  # `in` compares id
 # `in` compares each item by identity, then as strings: for a running action,
 # one check here, five in `_TERMINAL` (the per-action path uses this).
 _LIVE = (RUNNING, QUEUED, STOPPING)
+_PLAIN_CAUSES = (CANCELLED, ANCESTOR)  # a cancel's causes that end an action ABORTED
 _time = time.time
 _START_ORDER = attrgetter("seq")
 
@@ -190,16 +191,16 @@ class Runtime:
         self.phase = phase
         self.log.event(EventKind.RUN, None, phase.value, reason=reason, requested_by=by)
 
-    def set_phase(
-        self, action: ActionState, phase: ActionPhase, message: str | None = None
-    ) -> None:
-        """Move an action to `phase` (checked against the transition table) and record it."""
-        check_action_transition(action.phase, phase)
+    def set_phase(self, action: ActionState, phase: ActionPhase, checked: bool = True) -> None:
+        """Move an action to a live `phase` and record it (unchecked: legal by construction)."""
+        if checked:
+            check_action_transition(action.phase, phase)
         action.phase = phase
-        # `_value_`, not `.value`: the latter is a Python-level property on 3.11.
+        log = self.log
         req = action.req if phase is not RUNNING else None
-        self.log.transition(time.time(), action.name, phase._value_, req, message)
-        self.log.changed(action)
+        log.transition(_time(), action.name, phase._value_, req, None)  # `_value_`: no property
+        if log.streaming is not None:
+            log.streaming.changed(action, ACTION_ROWS)
 
     def action_named(self, name: str) -> ActionState | Ended | None:
         """Return the action called `name` (or what is left of it once forgotten), if any."""
@@ -313,10 +314,6 @@ class Runtime:
             return None
         return await recorder.cache_get(task.name, task_version(task), inputs_digest(inputs))
 
-    def set_running(self, action: ActionState) -> None:
-        """Record that the action's body starts (its first attempt)."""
-        self.set_phase(action, RUNNING, None)
-
     # -- finishing actions ---------------------------------------------------------
 
     def _finish(self, action: ActionState, phase: ActionPhase) -> None:
@@ -394,9 +391,12 @@ class Runtime:
         """Record a body that ended after (or because of) a cancellation."""
         if action.phase in _TERMINAL:
             return
-        if action.req is None:
-            # Cancelled by workflow code (or it raised CancelledError itself).
-            action.req = Request(CANCELLED, None, None, native=True)
+        req = action.req
+        if req is None:  # cancelled by workflow code (or it raised CancelledError itself)
+            req = action.req = Request(CANCELLED, None, None, native=True)
+        if req.cause in _PLAIN_CAUSES:
+            self._finish(action, ABORTED)  # what `after_cancel` says, without its call
+            return
         phase, exc = after_cancel(action)
         if exc is not None:
             action.exc = exc
