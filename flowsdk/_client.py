@@ -8,8 +8,6 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-import msgspec
-
 from flowsdk._phases import RunPhase
 from flowsdk._records import (
     Actor,
@@ -18,7 +16,6 @@ from flowsdk._records import (
     LogEntry,
     Progress,
     PruneReport,
-    Role,
     RunRecord,
 )
 from flowsdk._result import Run
@@ -44,12 +41,13 @@ class Client:
             object; default `$FLOWSDK_STORE`, else `sqlite:///.flowsdk/flowsdk.db`.
         actor: Who asks (recorded as `requested_by`); default the local
             operator, `user@host pid N`. Its role may be given by its value
-            (`Actor(name="ci", role="viewer")`).
+            (`Actor(name="ci", role="viewer")`); an unknown one is refused
+            where the `Actor` is made (`ValueError`).
 
     Raises:
         TypeError: `store` is not a URL or path string, an `os.PathLike` or a
             store object; `actor` is not an `Actor`.
-        ValueError: the store URL is malformed, or the actor's role unknown.
+        ValueError: the store URL is malformed.
     """
 
     def __init__(
@@ -321,21 +319,14 @@ def _text(what: str, value: str) -> str:
 
 
 def _checked_actor(actor: Actor) -> Actor:
-    """Return `actor` with its role as a `Role` (`"viewer"` is taken for `Role.VIEWER`).
+    """Return `actor`, an `Actor` (whose role it checked when it was made).
 
     Raises:
         TypeError: `actor` is not an `Actor`.
-        ValueError: its role is neither a `Role` nor a role's value.
     """
     if not isinstance(actor, Actor):
         raise TypeError(
             f"actor must be a flowsdk.Actor (such as Actor(name='ci', role='viewer')), not "
             f"{type(actor).__name__}"
         )
-    role = Role._value2member_map_.get(actor.role) if isinstance(actor.role, str) else None
-    if not isinstance(role, Role):
-        raise ValueError(
-            f"unknown role {actor.role!r} of actor {actor.name!r}; the roles are "
-            + ", ".join(r.value for r in Role)
-        )
-    return actor if role is actor.role else msgspec.structs.replace(actor, role=role)
+    return actor

@@ -567,6 +567,18 @@ class Actor(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: Role = Role.OPERATOR
 
+    def __post_init__(self) -> None:
+        # A role may be given by its value (`role="viewer"`); anything else is refused
+        # here, where it is written, not at the first request that needs it.
+        role = Role._value2member_map_.get(self.role) if isinstance(self.role, str) else None
+        if not isinstance(role, Role):
+            raise ValueError(
+                f"unknown role {self.role!r} of actor {self.name!r}; the roles are "
+                + ", ".join(r.value for r in Role)
+            )
+        if role is not self.role:
+            msgspec.structs.force_setattr(self, "role", role)
+
     @classmethod
     def local(cls) -> Actor:
         """Return the operator of this machine: `user@host pid N`, role `operator`."""

@@ -167,6 +167,7 @@ async def test_abort_naming_an_action_and_a_group_is_refused(tmp_path: Path) -> 
 
 def test_a_role_may_be_given_by_its_value(ended: str) -> None:
     viewer = flowsdk.Actor(name="bob", role="viewer")  # type: ignore[arg-type]
+    assert viewer.role is flowsdk.Role.VIEWER
     with flowsdk.Client(ended, actor=viewer) as client:
         assert client.service.actor.role is flowsdk.Role.VIEWER
         with pytest.raises(PermissionDeniedError, match="bob has the role viewer, which lacks"):
@@ -174,9 +175,11 @@ def test_a_role_may_be_given_by_its_value(ended: str) -> None:
         assert [r.name for r in client.runs()] == ["r1"]
 
 
-def test_an_unknown_role_is_refused_listing_the_roles(ended: str) -> None:
-    with pytest.raises(ValueError, match=r"'admin'.*viewer, executor, operator"):
-        flowsdk.Client(ended, actor=flowsdk.Actor(name="bob", role="admin"))  # type: ignore[arg-type]
+def test_an_unknown_role_is_refused_where_the_actor_is_made() -> None:
+    with pytest.raises(ValueError, match=r"'admin' of actor 'bob'.*viewer, executor, operator"):
+        flowsdk.Actor(name="bob", role="admin")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown role None"):
+        flowsdk.Actor(name="bob", role=None)  # type: ignore[arg-type]
 
 
 def test_an_actor_must_be_an_actor(ended: str) -> None:
