@@ -600,6 +600,51 @@ def test_a_full_disk_stops_the_run_and_is_reported_as_disk_full_not_as_damage(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+_FILE_SIZE_LIMITED = """
+import asyncio, resource, sys
+import flowsdk
+from flowsdk.errors import StoreCorruptedError, StoreError
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+env = flowsdk.TaskEnvironment("fill")
+
+@env.task
+async def big(i: int) -> bytes:
+    return bytes(40_000) + i.to_bytes(4, "big")
+
+@env.task
+async def fill() -> None:
+    for i in range(1_000):
+        await big(i)
+        await asyncio.sleep(0.001)
+
+try:
+    flowsdk.run(fill, name="filled", store=sys.argv[1])
+except StoreCorruptedError as exc:
+    print("DAMAGED", exc)
+except StoreError as exc:
+    print("STORE", exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no file-size limit (RLIMIT_FSIZE) there")
+def test_a_file_size_limit_is_named_as_such_not_as_a_disk_io_error(tmp_path: Path) -> None:
+    """`ulimit -f` reached mid-run: the error says which limit, and the store stays whole."""
+    path = tmp_path / "s.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMITED, sqlite_url(path) + "?busy_timeout=0.2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.startswith("STORE "), done.stdout + done.stderr
+    assert "file-size limit (600,000 bytes" in done.stdout
+    assert "ulimit -f" in done.stdout
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 @env.task
 async def wide_leaf(i: int) -> int:
     return i

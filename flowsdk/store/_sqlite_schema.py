@@ -303,6 +303,12 @@ def translate(path: str) -> Iterator[None]:
                 f"the store {path} cannot be written: disk full ({text}); what was written "
                 "before is intact. Free some space (or move the store) and try again"
             ) from None
+        if "disk I/O" in text and (limit := _file_size_limit_reached(path)) is not None:
+            raise StoreError(
+                f"the store {path} cannot be written: this process's file-size limit "
+                f"({limit:,} bytes, `ulimit -f`) was reached ({text}); what was written before "
+                "is intact. Raise the limit (or prune the store) and try again"
+            ) from None
         if "unable to open" in text or "disk I/O" in text:
             raise StoreError(f"the store {path} cannot be used: {text}") from None
         raise StoreCorruptedError(
@@ -320,6 +326,27 @@ def translate(path: str) -> Iterator[None]:
             f"the store {path} is not a flowsdk store or is damaged ({exc}); it was left "
             "untouched. Move it aside (or restore a backup) to start a new history"
         ) from None
+
+
+def _file_size_limit_reached(path: str) -> int | None:
+    """The process's file-size limit, if the store's file or its log is at it (`EFBIG`).
+
+    SQLite reports a write refused for that limit as a plain "disk I/O error".
+    """
+    try:
+        import resource  # here: not on every platform, and only on this error
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    for name in (path, f"{path}-wal", f"{path}-journal"):
+        with contextlib.suppress(OSError):
+            # The refused write started at or below the limit: one page (of up to
+            # 64 KiB, with its frame header) from it at most.
+            if os.path.getsize(name) > soft - 65_600:
+                return int(soft)
+    return None
 
 
 def rollback(conn: sqlite3.Connection) -> None:
