@@ -178,6 +178,9 @@ def settle(action: ActionState, done: Future[Any]) -> None:
     not raised, the error keeps no frame of the runtime's.
     """
     action.done = action.context = None
+    # `gather` holds the future to the end of the whole wait: it lets go of the action
+    # now, as a finished task lets go of its coroutine (a done future cancels nothing).
+    done.action = None  # type: ignore[attr-defined]
     if done.done():
         return  # a second cancel stopped gather's wait
     if action.phase is SUCCEEDED:
