@@ -12,7 +12,10 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import threading
+import time
 from asyncio import CancelledError
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import msgspec
 import pytest
 
 import flowsdk
-from flowsdk import AbortCause, AbortRequest, ActionPhase, EventKind, RunPhase
+from flowsdk import AbortCause, AbortRequest, ActionPhase, EventKind, RunPhase, StopRequest
 from flowsdk.errors import (
     ActionAbortedError,
     ActionNotFoundError,
@@ -537,6 +540,61 @@ async def test_control_channel_answers_each_request_from_the_live_runner(
     assert (abort.reason, abort.requested_by) == ("via channel", "tester")
     assert len([e for e in run.events if e.kind is EventKind.REQUEST]) == 1
     st.close()
+
+
+def test_requests_a_blocked_runner_has_not_answered_are_listed_until_it_applies_them(
+    store: str | Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`queued_requests()`: each request answered `queued`, oldest first, taken; then none.
+
+    The body blocks the run's event loop (sync code in an `async def`): its runner
+    cannot apply a request until the body lets go. None before, none once applied.
+    """
+    monkeypatch.setattr("flowsdk._service.ANSWER_TIMEOUT", 0.3)
+    env = flowsdk.TaskEnvironment("blocked")
+    entered, release = threading.Event(), threading.Event()
+
+    @env.task
+    async def stuck() -> None:
+        entered.set()
+        release.wait(30)  # blocks the loop, as the scenario wants (bounded by the test's wait)
+        await asyncio.sleep(3600)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, flowsdk.Client(store) as client:
+        ended = pool.submit(flowsdk.run, stuck, name="blocked", store=store)
+        try:
+            assert entered.wait(30)
+            assert client.queued_requests("blocked") == []
+            before = datetime.now(UTC)
+            answers = [
+                client.stop("blocked", reason="first"),
+                client.abort("blocked", reason="second"),
+            ]
+            after = datetime.now(UTC)
+            assert [a.outcome for a in answers] == [flowsdk.Outcome.QUEUED] * 2
+            # The runner's store thread takes each from the store (the loop cannot apply it).
+            deadline = time.monotonic() + 30
+            queued = client.queued_requests("blocked")
+            while not all(q.taken for q in queued):
+                assert time.monotonic() < deadline, queued
+                time.sleep(0.01)
+                queued = client.queued_requests("blocked")
+        finally:
+            release.set()
+        run = ended.result(timeout=30)
+        assert client.queued_requests("blocked") == []  # applied: answered, and the run ended
+        with pytest.raises(RunNotFoundError, match="did you mean 'blocked'"):
+            client.queued_requests("blokced")
+        me = client.service.actor.name
+    assert [q.request for q in queued] == [
+        StopRequest(run="blocked", reason="first", requested_by=me),
+        AbortRequest(run="blocked", reason="second", requested_by=me),
+    ]
+    assert queued[0].id < queued[1].id
+    assert before <= queued[0].at <= queued[1].at <= after
+    assert run.phase.terminal
+    assert run.record.stop is not None
+    assert run.record.stop.reason == "first"
 
 
 def test_progress_and_logs_are_kept_bounded_and_read_back(store: str | Store) -> None:

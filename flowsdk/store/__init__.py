@@ -22,6 +22,7 @@ from flowsdk.errors import StoreError
 from flowsdk.store._base import (
     ControlChannel,
     InProcessChannel,
+    QueuedRequest,
     RequestHandler,
     RunReader,
     RunRecorder,
@@ -45,6 +46,7 @@ __all__ = [
     "InProcessChannel",
     "MemoryStore",
     "PostgresStore",
+    "QueuedRequest",
     "RequestHandler",
     "RunReader",
     "RunRecorder",

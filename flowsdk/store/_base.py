@@ -1,8 +1,8 @@
 """The store's small protocols: a reader, a per-run recorder, and a control channel.
 
-- `RunReader`: the history, one run, a cheap run phase and target lookup, and
-  the events of a run since a cursor (so `watch` and the console follow a run
-  without reloading it).
+- `RunReader`: the history, one run, a cheap run phase and target lookup, the
+  events of a run since a cursor (so `watch` and the console follow a run
+  without reloading it), and the control requests its runner has not answered.
 - `RunRecorder`: one per live run; the runtime hands it typed rows
   (`ActionRow`, `EventRow`) and run records, in order. It never blocks the
   event loop.
@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
+
+import msgspec
 
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import (
+    AbortRequest,
     ActionOutline,
     ActionRecord,
     ActionRow,
@@ -34,11 +38,13 @@ from flowsdk._records import (
     EventRow,
     LogEntry,
     LogRow,
+    MarkFailedRequest,
     Outcome,
     Progress,
     ProgressRow,
     PruneReport,
     RunRecord,
+    StopRequest,
     TokenRecord,
 )
 from flowsdk.errors import ActionNotFoundError
@@ -46,6 +52,7 @@ from flowsdk.errors import ActionNotFoundError
 __all__ = [
     "ControlChannel",
     "InProcessChannel",
+    "QueuedRequest",
     "RequestHandler",
     "RowBuilder",
     "RunReader",
@@ -136,6 +143,29 @@ class RunState:
         self.attempt = attempt
         self.phase = phase
         self.target_phase = target_phase
+
+
+class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A control request made to a live run that its runner has not answered yet.
+
+    What a `queued` answer (exit 7) left behind: the request waits until the
+    runner's event loop runs again (a body blocks it, or the process is paused),
+    and is applied then. A store lists it until it is answered, and never for a
+    run that has ended or whose runner is gone (nothing will apply it).
+
+    Attributes:
+        id: The request's number in the store (the `#N` of its `queued` answer).
+        at: When it was made (the requester's clock).
+        taken: True once the runner has taken it from the store and handed it to
+            its event loop, which has not applied it yet; False while no runner
+            has taken it (its process is paused, or overloaded).
+        request: The request as it was sent, with its `requested_by` and `reason`.
+    """
+
+    id: int
+    at: datetime
+    taken: bool
+    request: AbortRequest | StopRequest | MarkFailedRequest
 
 
 # Called on the runner's event loop with each control request addressed to its
@@ -304,6 +334,16 @@ class RunReader(Protocol):
             RunNotFoundError: no such run.
         """
 
+    def queued_requests(self, name: str) -> list[QueuedRequest]:
+        """Return the control requests to a run that its runner has not answered, oldest first.
+
+        Empty once the run has ended, or when its runner is gone. Keyed
+        lookups: what `watch` may read every poll, on a run of any size.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+
     def load_progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
         """Return the progress reports of one attempt (or of one action), oldest first."""
 
@@ -417,18 +457,19 @@ class Store(RunReader, ControlChannel, TokenStore, Protocol):
 
 
 def dropped_reply(run: str) -> ControlReply:
-    """The answer to a request dropped unread: its attempt ended before its runner read it.
+    """The answer to a request dropped unanswered: its attempt ended before its runner answered.
 
-    A store drops the requests still pending for a run when it records the run's
-    next attempt (the one before was recorded CRASHED): a request is never
-    applied to an attempt other than the one it was made for.
+    A store drops the requests still unanswered for a run (pending, or taken by
+    a runner that never answered) when it records the run's next attempt (the
+    one before was recorded CRASHED): a request is never applied to an attempt
+    other than the one it was made for.
     """
     return ControlReply(
         ControlResult(
             outcome=Outcome.ALREADY_ENDED,
             phase=RunPhase.CRASHED.value,
             message=f"the attempt of run {run!r} this request was for ended (its runner gone) "
-            "before reading it; nothing was applied. A new attempt has started: send the "
+            "before answering it; nothing was applied. A new attempt has started: send the "
             "request again to act on it",
         )
     )
@@ -439,7 +480,8 @@ class InProcessChannel:
 
     Called on the runner's own loop thread (`RunHandle`, or code in a task
     body), it applies the request at once; from any other thread it hands the
-    request to the loop and waits for the answer, up to `timeout`.
+    request to the loop and waits for the answer, up to `timeout`. A request
+    handed over and not applied yet (the loop is blocked) is in `queued()`.
     """
 
     in_process = True
@@ -447,21 +489,37 @@ class InProcessChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop, handler: RequestHandler) -> None:
         self.loop = loop
         self.handler = handler
+        # Requests handed to the loop and not applied yet, by id (any thread adds
+        # and removes one: single dict operations, atomic under the GIL).
+        self._handed: dict[int, QueuedRequest] = {}
+        self._ids = itertools.count(1)
 
     def request(self, request: ControlRequest, *, timeout: float) -> ControlReply:
         """Apply `request` on the runner's loop and return the reply."""
         if _running_loop() is self.loop:
             return self._apply(request)
         answer: concurrent.futures.Future[ControlReply] = concurrent.futures.Future()
+        handed = None
+        if isinstance(request, AbortRequest | StopRequest | MarkFailedRequest):
+            handed = QueuedRequest(
+                id=next(self._ids), at=datetime.now(UTC), taken=True, request=request
+            )
+            self._handed[handed.id] = handed
 
         def apply() -> None:
             # Applied even after the requester stopped waiting: a queued
             # request is applied when the loop runs again (SPEC §6).
-            answer.set_result(self._apply(request))
+            try:
+                answer.set_result(self._apply(request))
+            finally:
+                if handed is not None:
+                    self._handed.pop(handed.id, None)
 
         try:
             self.loop.call_soon_threadsafe(apply)
         except RuntimeError:  # the loop is closed: the run has ended meanwhile
+            if handed is not None:
+                self._handed.pop(handed.id, None)
             return ControlReply(
                 ControlResult(
                     outcome=Outcome.ALREADY_ENDED,
@@ -480,6 +538,10 @@ class InProcessChannel:
                     f"{timeout:g} s; the request will be applied when its loop runs again",
                 )
             )
+
+    def queued(self) -> list[QueuedRequest]:
+        """Return the requests handed to the loop from other threads and not applied yet."""
+        return sorted(self._handed.copy().values(), key=lambda q: q.id)
 
     def _apply(self, request: ControlRequest) -> ControlReply:
         try:

@@ -37,6 +37,7 @@ from flowsdk._records import (
 from flowsdk.errors import ActionNotFoundError, InvalidStateError, RunExistsError, RunNotFoundError
 from flowsdk.store._base import (
     InProcessChannel,
+    QueuedRequest,
     RequestHandler,
     RowBuilder,
     RunRecorder,
@@ -241,6 +242,18 @@ class MemoryStore:
     def events_since(self, name: str, cursor: int, *, attempt: int | None = None) -> list[Event]:
         """Return the events with `seq > cursor` of an ended attempt (latest by default)."""
         return [e for e in self.load_run(name, attempt).events if e.seq > cursor]
+
+    def queued_requests(self, name: str) -> list[QueuedRequest]:
+        """Return the requests handed to a live run's loop from other threads, not applied yet.
+
+        A request from the run's own loop is applied at once, and one from
+        another thread as soon as the loop runs: only a blocked loop leaves any.
+        """
+        live = self._live.get(name)
+        if live is not None:
+            return live.channel.queued()
+        self.load_record(name)  # no such run: RunNotFoundError
+        return []
 
     def load_progress(self, name: str, attempt: int, action: str | None = None) -> list[Progress]:
         """Return the progress reports of one attempt (or of one action), oldest first."""

@@ -40,7 +40,14 @@ from flowsdk._records import (
     action_records,
 )
 from flowsdk.errors import RunNotFoundError
-from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun, dropped_reply
+from flowsdk.store._base import (
+    QueuedRequest,
+    RequestHandler,
+    RunRecorder,
+    RunState,
+    StoredRun,
+    dropped_reply,
+)
 from flowsdk.store._postgres_actions import PostgresActions, missing_action
 from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
@@ -62,7 +69,14 @@ from flowsdk.store._postgres_schema import (
 from flowsdk.store._postgres_tokens import PostgresTokens
 from flowsdk.store._postgres_trace import PostgresTrace
 from flowsdk.store._prune import delete_runs_postgres, prune_plan
-from flowsdk.store._rows import close_names, events_from_rows, run_record, with_routine
+from flowsdk.store._rows import (
+    close_names,
+    events_from_rows,
+    queued_from_rows,
+    queued_query,
+    run_record,
+    with_routine,
+)
 from flowsdk.store._writer import RunWriter
 
 __all__ = ["PostgresStore"]
@@ -71,6 +85,7 @@ T = TypeVar("T")
 RUNNER_CHECK = 0.2  # how often a waiting requester checks that the runner still lives
 _request_encoder = msgspec.msgpack.Encoder()
 _reply_decoder = msgspec.msgpack.Decoder(ControlReply)
+_QUEUED = queued_query("flowsdk.", "%s")
 Conn = psycopg.Connection[Any]
 
 
@@ -342,6 +357,26 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
             if attempt is not None:
                 self._run_row(conn, name, attempt)
             return events_from_rows(_event_rows(conn, name, chosen, cursor))
+
+        return self._read(work, lambda: self._none_yet(name))
+
+    def queued_requests(self, name: str) -> list[QueuedRequest]:
+        """Return the requests to a run its runner has not answered yet, oldest first.
+
+        One keyed statement when there is none; when there are some, the run's
+        runner is judged too, as `run_state` does: one that is gone never
+        answers them, so none is listed.
+        """
+
+        def work(conn: Conn) -> list[QueuedRequest]:
+            rows = conn.execute(_QUEUED, (name, name)).fetchall()
+            if not rows:
+                raise self._not_found(conn, name, None)
+            if rows[0][1] is None or RunPhase(rows[0][0]).terminal:
+                return []  # a run that has ended keeps no request waiting
+            if self._runner_gone(conn, name) is not None:
+                return []
+            return queued_from_rows(rows)
 
         return self._read(work, lambda: self._none_yet(name))
 

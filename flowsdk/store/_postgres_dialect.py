@@ -238,12 +238,12 @@ class PostgresDialect:
                     cur.executemany(
                         INSERT_EVENT, _no_nul([(name, attempt, *astuple(e)) for e in events])
                     )
-                # Requests still pending were for an attempt that has ended (recorded
-                # CRASHED before its runner read them): never this one's. Their
-                # requesters are told.
+                # Requests still unanswered were for an attempt that has ended
+                # (recorded CRASHED before its runner read them, or took them and never
+                # answered): never this one's. Their requesters are told.
                 cur.execute(
                     "UPDATE flowsdk.requests SET state = 'dropped' "
-                    "WHERE run = %s AND state = 'pending'",
+                    "WHERE run = %s AND state IN ('pending', 'delivered')",
                     (name,),
                 )
         except pg_errors.UniqueViolation:

@@ -20,9 +20,11 @@ from flowsdk._records import (
     ACTION_FIELDS,
     EVENT_FIELDS,
     ActionOutline,
+    ControlRequest,
     Event,
     EventKind,
     EventRow,
+    RefusedRequest,
     Role,
     RunRecord,
     StopInfo,
@@ -31,6 +33,7 @@ from flowsdk._records import (
     event_from_row,
     to_datetime,
 )
+from flowsdk.store._base import QueuedRequest
 
 __all__ = [
     "ACTION_COLUMNS",
@@ -43,6 +46,8 @@ __all__ = [
     "TOKEN_COLUMNS",
     "events_from_rows",
     "pack_routine",
+    "queued_from_rows",
+    "queued_query",
     "run_record",
     "token_record",
     "with_routine",
@@ -157,6 +162,53 @@ def outline(cursor: Iterator[tuple[Any, ...]]) -> list[ActionOutline]:
 
 
 _OUTLINE_BATCH = 20_000
+
+
+def queued_query(schema: str, mark: str) -> str:
+    """The statement reading a run's unanswered requests, behind its latest attempt's phase.
+
+    Rows of (phase, id, at, state, body), oldest request first; one row with no
+    request when there is none, and no row at all when there is no such run. One
+    statement, so one snapshot, and keyed: the run by its primary key, the
+    requests by `requests_pending` (run, state). `schema` prefixes the tables
+    (`flowsdk.` or nothing); `mark` is the dialect's placeholder, bound to the run's
+    name twice.
+    """
+    return (
+        f"SELECT r.phase, q.id, q.at, q.state, q.body FROM (SELECT phase FROM {schema}runs "
+        f"WHERE name = {mark} ORDER BY attempt DESC LIMIT 1) r LEFT JOIN {schema}requests q "
+        f"ON q.run = {mark} AND q.state IN ('pending', 'delivered') ORDER BY q.id"
+    )
+
+
+_decode_request = msgspec.msgpack.Decoder(ControlRequest).decode
+
+
+def queued_from_rows(rows: Iterable[tuple[Any, ...]]) -> list[QueuedRequest]:
+    """The `QueuedRequest`s of rows read by `queued_query` (the phase is the caller's).
+
+    A refused request changes nothing, so it is left out; so is a body this
+    flowsdk cannot read (a newer one's kind of request: its runner refuses it).
+    """
+    found = []
+    for _phase, request_id, at, state, body in rows:
+        if request_id is None:
+            continue
+        try:
+            request = _decode_request(bytes(body))
+        except msgspec.DecodeError:
+            continue
+        if isinstance(request, RefusedRequest):
+            continue
+        found.append(
+            QueuedRequest(
+                id=int(request_id),
+                at=datetime.fromtimestamp(at, UTC),
+                taken=state == "delivered",
+                request=request,
+            )
+        )
+    return found
 
 
 RUN_COLUMNS = (

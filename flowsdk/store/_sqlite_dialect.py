@@ -270,10 +270,12 @@ class SQLiteDialect:
             )
             _write_actions(conn, name, attempt, actions)
             _write_events(conn, name, attempt, events, [])
-            # Requests still pending were for an attempt that has ended (recorded CRASHED
-            # before its runner read them): never this one's. Their requesters are told.
+            # Requests still unanswered were for an attempt that has ended (recorded
+            # CRASHED before its runner read them, or took them and never answered):
+            # never this one's. Their requesters are told; `queued_requests` lists none.
             conn.execute(
-                "UPDATE requests SET state = 'dropped' WHERE run = ? AND state = 'pending'",
+                "UPDATE requests SET state = 'dropped' "
+                "WHERE run = ? AND state IN ('pending', 'delivered')",
                 (name,),
             )
 

@@ -3,7 +3,9 @@
 A mixin of `SQLiteStore`. A request is committed as a row first, so it is
 never lost; the requester then polls the row for the runner's reply, checking
 every 0.2 s whether the runner is gone. A refused request on an ended run is
-written to its event log here (no runner writes that log any more).
+written to its event log here (no runner writes that log any more). The
+requests a live runner has not answered yet are read back here too
+(`queued_requests`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from flowsdk._records import (
     EventRow,
     Outcome,
 )
-from flowsdk.store._base import dropped_reply
+from flowsdk.errors import RunNotFoundError
+from flowsdk.store._base import QueuedRequest, dropped_reply
+from flowsdk.store._rows import queued_from_rows, queued_query
 from flowsdk.store._sqlite_holds import runner_alive
 from flowsdk.store._sqlite_schema import (
     ANSWER_POLL,
@@ -37,6 +41,8 @@ from flowsdk.store._sqlite_schema import (
 
 __all__ = ["SQLiteRequests"]
 
+_QUEUED = queued_query("", "?")
+
 
 class _Store(Protocol):
     """What the request methods need of `SQLiteStore`."""
@@ -44,6 +50,14 @@ class _Store(Protocol):
     path: str
 
     def connect(self, *, create: bool) -> sqlite3.Connection | None: ...
+
+    def _read(self) -> sqlite3.Connection | None: ...
+
+    def _no_runs(self, name: str) -> str: ...
+
+    def _not_found(
+        self, conn: sqlite3.Connection, name: str, attempt: int | None
+    ) -> RunNotFoundError: ...
 
     def _latest(
         self, conn: sqlite3.Connection, name: str
@@ -114,6 +128,27 @@ class SQLiteRequests:
                     time.sleep(ANSWER_POLL)
         finally:
             conn.close()
+
+    def queued_requests(self: _Store, name: str) -> list[QueuedRequest]:
+        """Return the requests to a run its runner has not answered yet, oldest first.
+
+        One keyed statement when there is none (what `watch` reads every poll);
+        when there are some, the run's runner is checked too, as `run_state`
+        does: one that is gone never answers them, so none is listed (and its
+        run is recorded CRASHED, unless this process cannot write the store).
+        """
+        conn = self._read()
+        if conn is None:
+            raise RunNotFoundError(self._no_runs(name))
+        with translate(self.path):
+            rows = conn.execute(_QUEUED, (name, name)).fetchall()
+            if not rows:
+                raise self._not_found(conn, name, None)
+            if rows[0][1] is None or RunPhase(rows[0][0]).terminal:
+                return []  # a run that has ended keeps no request waiting
+            if self._runner_gone(conn, name) is not None:
+                return []
+        return queued_from_rows(rows)
 
     def _runner_gone(self: _Store, conn: sqlite3.Connection, run: str) -> ControlResult | None:
         attempt, phase, owner, heartbeat = self._latest(conn, run)
