@@ -42,7 +42,7 @@ if typing.TYPE_CHECKING:
     )
     from flowsdk._result import Run
     from flowsdk._run import RunHandle, run, run_async, start
-    from flowsdk.store import StoredAction
+    from flowsdk.store import QueuedRequest, StoredAction
 
 __all__ = [
     "AbortCause",
@@ -62,6 +62,7 @@ __all__ = [
     "Outcome",
     "Progress",
     "PruneReport",
+    "QueuedRequest",
     "Report",
     "Role",
     "Run",
@@ -106,6 +107,7 @@ _LAZY = {
     "RunRecord": "flowsdk._records",
     "StopInfo": "flowsdk._records",
     "StopRequest": "flowsdk._records",
+    "QueuedRequest": "flowsdk.store",
     "StoredAction": "flowsdk.store",
     "Client": "flowsdk._client",
     "Run": "flowsdk._result",

@@ -20,7 +20,7 @@ from flowsdk._records import (
 )
 from flowsdk._result import Run
 from flowsdk._service import ControlService, Permission
-from flowsdk.store import Store, StoredAction, open_store
+from flowsdk.store import QueuedRequest, Store, StoredAction, open_store
 from flowsdk.store._location import masked_url, store_location
 
 __all__ = ["Client"]
@@ -152,6 +152,23 @@ class Client:
             TypeError: `run` or `action` is not a string.
         """
         return self.service.get_action(_text("run", run), _text("action", action), attempt=attempt)
+
+    def queued_requests(self, run: str) -> list[QueuedRequest]:
+        """Return the control requests to a live run that its runner has not answered yet.
+
+        Oldest first: each abort, stop or mark-failed answered `queued` (exit 7)
+        because the runner did not answer in time (a body blocks its event loop,
+        or its process is paused), with who asked, when, why, and whether the
+        runner has taken it from the store yet. Each is applied when the loop
+        runs again, and then no longer listed. A run that has ended, or whose
+        runner is gone, has none. Keyed lookups: as fast on a run of a million
+        actions as on a run of ten.
+
+        Raises:
+            RunNotFoundError: no such run; the message suggests close names.
+            TypeError: `run` is not a string.
+        """
+        return self.service.queued_requests(_text("run", run))
 
     def progress(
         self, run: str, attempt: int | None = None, action: str | None = None

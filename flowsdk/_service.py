@@ -55,7 +55,7 @@ from flowsdk.errors import (
     PermissionDeniedError,
     RunExistsError,
 )
-from flowsdk.store import ControlChannel, Store, StoredAction
+from flowsdk.store import ControlChannel, QueuedRequest, Store, StoredAction
 from flowsdk.store._prune import prune_plan
 
 __all__ = [
@@ -146,6 +146,9 @@ class ControlService:
         (then `get_actions` for those), without reading every whole record.
         """
         self.authorize(Permission.READ)
+        # Keyed, and judges the runner of the latest attempt: one that is gone is
+        # recorded CRASHED before the record is read, as a whole-run read does.
+        self.store.run_state(name)
         record = self.store.load_record(name, attempt)
         return record, self.store.load_tree(name, record.attempt)
 
@@ -163,6 +166,17 @@ class ControlService:
         """Return one action of one attempt (default: the latest) in full, by keyed lookups."""
         self.authorize(Permission.READ)
         return self.store.load_action(name, attempt, action)
+
+    def queued_requests(self, name: str) -> list[QueuedRequest]:
+        """Return the control requests to a live run its runner has not answered, oldest first.
+
+        Keyed lookups (one when there is none). Empty once the run has ended.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        self.authorize(Permission.READ)
+        return self.store.queued_requests(name)
 
     def progress(
         self, name: str, attempt: int | None = None, action: str | None = None

@@ -365,7 +365,8 @@ def test_show_json_has_run_and_every_action_field(tmp_path: Path) -> None:
     result = cli(store, "show", "shaped", "--json")
     assert result.code == 0
     shown = result.json()
-    assert set(shown) == {"run", "actions"}
+    assert set(shown) == {"run", "actions", "queued_requests"}
+    assert shown["queued_requests"] == []  # an ended run has no request waiting
     assert set(shown["run"]) >= RUN_KEYS
     assert shown["run"]["phase"] == "FAILED"
     for action in shown["actions"]:
@@ -398,7 +399,7 @@ def test_show_events_prints_the_event_log(tmp_path: Path) -> None:
     assert any(row.split()[3:6] == ["action", "a3", "FAILED"] for row in log[1:])
     assert log[-1].split()[3:6] == ["run", "-", "SUCCEEDED"]
     shown = cli(store, "show", "logged", "--events", "--json").json()
-    assert set(shown) == {"run", "actions", "events"}
+    assert set(shown) == {"run", "actions", "queued_requests", "events"}
     assert [e["seq"] for e in shown["events"]] == list(range(len(shown["events"])))
     for event in shown["events"]:
         assert set(event) == EVENT_KEYS
@@ -448,7 +449,7 @@ def test_watch_of_ended_run_prints_one_frame_and_exits_0(tmp_path: Path) -> None
     assert result.stdout.count("run over  SUCCEEDED") == 1
     lines = cli(store, "watch", "over", "--json").stdout.splitlines()
     assert len(lines) == 1
-    assert set(json.loads(lines[0])) == {"run", "actions"}
+    assert set(json.loads(lines[0])) == {"run", "actions", "queued_requests"}
 
 
 def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> None:

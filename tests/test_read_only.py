@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import flowsdk
-from flowsdk import RunPhase
+from flowsdk import AbortRequest, RunPhase
+from flowsdk.store import open_store
 from tests.test_cli import Runner, start_runner
 from tests.workflows import deep
 
@@ -178,3 +179,39 @@ def test_a_store_whose_folder_and_file_cannot_be_written_is_read_as_it_is(
     assert pruned.returncode == 4, (pruned.stdout, pruned.stderr)
     with flowsdk.Client(store) as owner:
         assert [r.name for r in owner.runs()] == ["done"]
+
+
+def test_a_user_who_may_only_read_sees_a_queued_request_and_none_once_the_runner_is_gone(
+    shared_dir: Path, start_runner: Callable[[str, str], Runner]
+) -> None:
+    """A request the paused runner has not taken is shown to a reader; judged gone: none.
+
+    The reader judges the runner gone without recording it, as it judges the run.
+    """
+    path = shared_dir / "store.db"
+    store = f"sqlite:///{path}"
+    flowsdk.run(deep.chain, 3, name="done", store=store)  # the store exists before the runner
+    path.chmod(0o644)
+    runner = start_runner(store, "paused")
+    runner.expect("STARTED a1")
+    runner.proc.send_signal(signal.SIGSTOP)  # alive, but takes no request
+    try:
+        with contextlib.closing(open_store(store)) as channel:
+            request = AbortRequest(run="paused", reason="while paused", requested_by="op")
+            queued = channel.request(request, timeout=0.2).unwrap()
+        assert queued.outcome is flowsdk.Outcome.QUEUED
+        shown = as_nobody(store, "show", "paused", "--json")
+        assert shown.returncode == 0, shown.stderr
+        [entry] = json.loads(shown.stdout)["queued_requests"]
+        assert (entry["taken"], entry["request"]["reason"]) == (False, "while paused")
+        text = as_nobody(store, "show", "paused")
+        assert "  queued    " in text.stdout, text.stdout
+        assert "abort of the run by op at " in text.stdout
+    finally:
+        runner.proc.kill()
+    runner.proc.wait(timeout=30)
+    judged = as_nobody(store, "show", "paused", "--json")
+    assert judged.returncode == 0, judged.stderr
+    assert json.loads(judged.stdout)["run"]["phase"] == "CRASHED"
+    assert json.loads(judged.stdout)["queued_requests"] == []
+    assert recorded_phase(path, "paused") == "RUNNING"  # the reader wrote nothing

@@ -20,7 +20,7 @@ printed once the run has ended.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import compress, pairwise
 from operator import attrgetter, not_
@@ -39,13 +39,17 @@ from flowsdk.cli._output import (
     action_tree,
     counted,
     format_duration,
+    queued_lines,
     run_header,
     shortened,
 )
+from flowsdk.store import QueuedRequest
 
 __all__ = ["LiveView", "fit_tree", "summary_line"]
 
 Entry = tuple[int, ActionRecord | str]
+# What a frame is drawn from: the run, its latest progress, its unanswered requests.
+_Drawn = tuple[Run[Any], dict[str, Progress] | None, Sequence[QueuedRequest]]
 _phase = attrgetter("phase")
 _UNENDED = frozenset(phase for phase in ActionPhase if not phase.terminal)
 # The narrowest a cut task or group cell gets: a few letters and the ellipsis.
@@ -343,16 +347,21 @@ class LiveView:
             redirect_stderr=capture,
             vertical_overflow="crop",
         )
-        self._last: tuple[Run[Any], dict[str, Progress] | None] | None = None
+        self._last: _Drawn | None = None
 
     def start(self) -> None:
         """Start drawing (nothing is shown until the first `update`)."""
         self.live.start()
 
-    def update(self, run: Run[Any], progress: dict[str, Progress] | None = None) -> None:
-        """Draw a new frame of `run` (and its latest progress), fitted to the terminal."""
-        self._last = (run, progress)
-        self.live.update(self._frame(run, progress, whole=False), refresh=True)
+    def update(
+        self,
+        run: Run[Any],
+        progress: dict[str, Progress] | None = None,
+        queued: Sequence[QueuedRequest] = (),
+    ) -> None:
+        """Draw a new frame of `run` (its latest progress, its unanswered requests), fitted."""
+        self._last = (run, progress, queued)
+        self.live.update(self._frame(run, progress, queued, whole=False), refresh=True)
 
     def stop(self) -> None:
         """Stop drawing; the last frame stays on the screen, every column whole.
@@ -365,14 +374,22 @@ class LiveView:
             self.live.update(self._frame(*self._last, whole=True), refresh=False)
         self.live.stop()
 
-    def _frame(self, run: Run[Any], progress: dict[str, Progress] | None, *, whole: bool) -> Any:
-        """The run's header (wrapped, never cut), then its tree fitted to what is left."""
+    def _frame(
+        self,
+        run: Run[Any],
+        progress: dict[str, Progress] | None,
+        queued: Sequence[QueuedRequest],
+        *,
+        whole: bool,
+    ) -> Any:
+        """The run's header and unanswered requests (wrapped, never cut), then its tree fitted."""
         from rich.console import Group
         from rich.text import Text
 
         width, height = self.console.size
         now = datetime.now(UTC)
-        header = [Text.from_ansi(line) for line in run_header(self.out, run.record, now=now)]
+        lines = [*run_header(self.out, run.record, now=now), *queued_lines(queued)]
+        header = [Text.from_ansi(line) for line in lines]
         used = sum(len(text.wrap(self.console, width)) for text in header) + 1
         # One line is kept free: the cursor rests below the region.
         room = max(height - used - 1, 3)

@@ -19,7 +19,14 @@ import msgspec
 
 from flowsdk._client import Client
 from flowsdk._phases import RunPhase
-from flowsdk._records import ActionRecord, Event, RunRecord
+from flowsdk._records import (
+    AbortRequest,
+    ActionRecord,
+    Event,
+    MarkFailedRequest,
+    RunRecord,
+    StopRequest,
+)
 from flowsdk._text import visible
 from flowsdk.errors import (
     ActionNotFoundError,
@@ -30,6 +37,7 @@ from flowsdk.errors import (
     SerializationError,
     StoreError,
 )
+from flowsdk.store import QueuedRequest
 from flowsdk.store._location import masked_url
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "format_time",
     "counted",
     "open_client",
+    "queued_lines",
     "run_header",
     "show_json",
     "shortened",
@@ -75,6 +84,9 @@ EXIT_QUEUED = 7  # a control request is recorded but its runner has not applied 
 # A stored text in a run's view (a reason, an error's first line, an event's message) is
 # cut to this many characters: `show RUN ACTION` and `--json` have it whole.
 _NOTE_WIDTH = 200
+# A name a requester typed (an action, a group, who asked), cut as a note is: a request
+# queued for a blocked runner was never checked against the run's names.
+_NAME_WIDTH = 80
 
 # Why a run is CRASHED: only crash detection records a run so (README, "The store").
 CRASHED_NOTE = (
@@ -309,12 +321,20 @@ def table(
 
 
 def show_json(
-    record: RunRecord, actions: list[ActionRecord], events: list[Event] | None
+    record: RunRecord,
+    actions: list[ActionRecord],
+    events: list[Event] | None,
+    queued: Sequence[QueuedRequest] = (),
 ) -> dict[str, Any]:
-    """Return the `show --json` object: `{"run": RUN, "actions": [...]}` (+ `"events"`)."""
+    """Return the `show --json` object: `{"run": RUN, "actions": [...]}` (+ `"events"`).
+
+    `"queued_requests"` is always there: the control requests the live runner has
+    not answered yet, oldest first (`[]` for a run that has ended).
+    """
     shape: dict[str, Any] = {
         "run": msgspec.to_builtins(record),
         "actions": msgspec.to_builtins(actions),
+        "queued_requests": msgspec.to_builtins(list(queued)),
     }
     if events is not None:
         shape["events"] = msgspec.to_builtins(events)
@@ -345,6 +365,46 @@ def run_header(out: Output, record: RunRecord, *, now: datetime) -> list[str]:
     if record.phase is RunPhase.CRASHED:
         lines.append(f"  crashed   {CRASHED_NOTE}")
     return lines
+
+
+def queued_lines(queued: Sequence[QueuedRequest]) -> list[str]:
+    """Say, a line each, which control requests a live run's runner has not answered yet.
+
+    Shown under the run's header, so an operator who finds an abort `queued`
+    (exit 7) sees that it was asked and waits for the runner, rather than
+    asking again: what, by whom, when, why, and whether the runner took it.
+    """
+    lines = []
+    for queue in queued:
+        request = queue.request
+        by = request.requested_by
+        reason = ""
+        if request.reason:
+            shown = shortened(request.reason)
+            more = ", more: show RUN --json" if shown != visible(request.reason) else ""
+            reason = f' (reason: "{shown}"{more})'
+        state = (
+            "taken by the runner, not yet applied" if queue.taken else "not yet taken by the runner"
+        )
+        lines.append(
+            f"  queued    #{queue.id} {_asked(request)}"
+            + (f" by {shortened(by, _NAME_WIDTH)}" if by else "")
+            + f" at {format_time(queue.at)}{reason}, {state}"
+        )
+    return lines
+
+
+def _asked(request: AbortRequest | StopRequest | MarkFailedRequest) -> str:
+    """Name what a request asks for: `abort of action a3`, `stop and wait`, ..."""
+    if isinstance(request, StopRequest):
+        return "stop and abandon" if request.abandon else "stop and wait"
+    if isinstance(request, MarkFailedRequest):
+        return f"mark action {shortened(request.action, _NAME_WIDTH)} as failed"
+    if request.action is not None:
+        return f"abort of action {shortened(request.action, _NAME_WIDTH)}"
+    if request.group is not None:
+        return f"abort of group {shortened(request.group, _NAME_WIDTH)}"
+    return "abort of the run"
 
 
 def _cut(text: str, whole: str) -> str:

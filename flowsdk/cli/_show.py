@@ -30,11 +30,12 @@ from flowsdk.cli._output import (
     action_tree,
     event_lines,
     open_client,
+    queued_lines,
     run_header,
     show_json,
 )
 from flowsdk.cli._runs import positive_int
-from flowsdk.store import StoredRun
+from flowsdk.store import QueuedRequest, StoredRun
 
 __all__ = ["POLL_INTERVAL", "register", "show_lines", "tree_lines", "wait_for_end"]
 
@@ -96,12 +97,14 @@ def show_lines(
     spaced: bool = True,
     values: bool = False,
     progress: dict[str, Progress] | None = None,
+    queued: Sequence[QueuedRequest] = (),
 ) -> list[str]:
     """Render a run for people: its header, its action tree, and optionally its events.
 
     Without `spaced` the lines hold no blank line (a `watch` frame ends with one).
     Long chains and big fan-outs are folded (`_fold.py`), so the tree stays bounded.
     With `values`, the tree has a preview of each action's inputs and output.
+    `queued` (the requests the runner has not answered) is said under the header.
     """
     lines = tree_lines(
         out,
@@ -111,6 +114,7 @@ def show_lines(
         spaced=spaced,
         values=values,
         progress=progress,
+        queued=queued,
     )
     if events:
         lines += ["", "events:", *event_lines(out, run.events)]
@@ -130,11 +134,13 @@ def tree_lines(
     spaced: bool = True,
     values: bool = False,
     progress: dict[str, Progress] | None = None,
+    queued: Sequence[QueuedRequest] = (),
 ) -> list[str]:
     """The header and the folded tree of a run drawn from its outline (start order).
 
     `drawn(nodes)` gives the records and recorded values of the outline's actions
-    the folded tree draws: a run's own, or keyed reads of a big run's.
+    the folded tree draws: a run's own, or keyed reads of a big run's. Each of
+    `queued` is a line under the header.
     """
     now = datetime.now(UTC)
     gap = [""] if spaced else []
@@ -152,6 +158,7 @@ def tree_lines(
     previews = with_progress(value_previews(payloads, names) if values else None, progress or {})
     return [
         *run_header(out, record, now=now),
+        *queued_lines(queued),
         *gap,
         *action_tree(out, records, now=now, previews=previews, entries=shown),
     ]
@@ -173,24 +180,38 @@ def show(args: argparse.Namespace, out: Output) -> int:
             return EXIT_OK
         if out.json or args.events:
             run = client.get_run(args.run, attempt=args.attempt)
+            queued = _queued(client, run.record)
             if out.json:
                 events = run.events if args.events else None
-                out.print_json(show_json(run.record, run.actions, events))
+                out.print_json(show_json(run.record, run.actions, events, queued))
             else:
                 latest = client.latest_progress(run.name, run.record.attempt)
-                out.lines(show_lines(out, run, events=True, values=True, progress=latest))
+                out.lines(
+                    show_lines(out, run, events=True, values=True, progress=latest, queued=queued)
+                )
             return EXIT_OK
         # The tree alone: every action's name, parent and phase, then the records and
         # values of the few the folded tree draws (a whole-run read costs ten times more).
         service = client.service
         record, outline = service.get_outline(args.run, attempt=args.attempt)
         latest = client.latest_progress(record.name, record.attempt)
+        queued = _queued(client, record)
 
         def drawn(nodes: list[ActionOutline]) -> Drawn:
             return service.get_actions(record.name, record.attempt, [a.name for a in nodes])
 
-        out.lines(tree_lines(out, record, outline, drawn, values=True, progress=latest))
+        out.lines(
+            tree_lines(out, record, outline, drawn, values=True, progress=latest, queued=queued)
+        )
     return EXIT_OK
+
+
+def _queued(client: Client, record: RunRecord) -> list[QueuedRequest]:
+    """The requests the runner of a live run has not answered; none once it has ended.
+
+    An attempt that has ended (an earlier one included) costs no read.
+    """
+    return [] if record.phase.terminal else client.queued_requests(record.name)
 
 
 def watch(args: argparse.Namespace, out: Output) -> int:
@@ -234,25 +255,31 @@ def _follow(
     actions = {a.name: a for a in run.actions}
     changed = True
     last_progress: tuple[Any, ...] | None = None
+    last_queued: list[QueuedRequest] = []
     drawn = 0.0
     while True:
         began = time.monotonic()
         ended = record.phase.terminal
         progress = client.latest_progress(record.name, record.attempt)
         reported = tuple(progress.values())
-        changed = changed or reported != last_progress
+        # One keyed read a poll: the requests the runner has not answered (its loop blocked).
+        queued = _queued(client, record)
+        changed = changed or reported != last_progress or queued != last_queued
         if changed or live is not None:
             run = Run(StoredRun(record, list(actions.values()), []))
         if out.json:
             if changed:
-                out.print_json(show_json(record, run.actions, None), compact=True)
+                out.print_json(show_json(record, run.actions, None, queued), compact=True)
         elif live is not None:
             if changed or ended or time.monotonic() - drawn >= REDRAW_INTERVAL:
-                live.update(run, progress)
+                live.update(run, progress, queued)
                 drawn = time.monotonic()
         elif changed:
-            out.lines([*show_lines(out, run, events=False, spaced=False, progress=progress), ""])
-        last_progress = reported
+            frame = show_lines(
+                out, run, events=False, spaced=False, progress=progress, queued=queued
+            )
+            out.lines([*frame, ""])
+        last_progress, last_queued = reported, queued
         if ended:
             return run
         time.sleep(max(POLL_INTERVAL, FRAME_SHARE * (time.monotonic() - began)))

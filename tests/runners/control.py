@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import sys
 import threading
 import time
 from asyncio import CancelledError
+from pathlib import Path
 from typing import Any
 
 import flowsdk
@@ -139,6 +141,27 @@ async def blocker() -> None:
         raise
 
 
+@env.task
+async def stuck() -> None:
+    """Block the event loop until the file `$FLOWSDK_TEST_RELEASE` exists, then run until cancelled.
+
+    Named by the environment, not argv: a retry of the run (`flowsdk retry`) reads it too.
+    """
+    name = started()
+    released = Path(os.environ["FLOWSDK_TEST_RELEASE"])
+    deadline = time.monotonic() + 60
+    while not released.exists() and time.monotonic() < deadline:
+        # Blocking the loop is the scenario under test (sync code in an async body):
+        # requests reach the store meanwhile, and none is applied.
+        time.sleep(0.005)  # noqa: ASYNC251 - blocking is the point
+    say("UNBLOCKED", name)
+    try:
+        await asyncio.sleep(3600)
+    except CancelledError:
+        say("CANCELLED", name)
+        raise
+
+
 def wait_for_store(sql: str, *params: object) -> tuple[Any, ...]:
     """Poll the store, blocking the event loop, until `sql` finds a row; return it.
 
@@ -198,6 +221,18 @@ async def one_blocker() -> str:
         await blocker()
     except ActionAbortedError as exc:
         report(exc)
+    return "done"
+
+
+@env.task
+async def one_stuck() -> str:
+    """Await one child that blocks the loop until released; report what it raised; gate."""
+    started()
+    try:
+        await stuck()
+    except ActionAbortedError as exc:
+        report(exc)
+    await gate()
     return "done"
 
 
@@ -309,6 +344,7 @@ WORKFLOWS: dict[str, flowsdk.Task[[], Any]] = {
     "one_child": one_child,
     "one_slow_cleanup": one_slow_cleanup,
     "one_blocker": one_blocker,
+    "one_stuck": one_stuck,
     "fan_out": fan_out,
     "ended": ended,
     "tree": tree,
