@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
 from asyncio import CancelledError
-from collections.abc import Callable
+from collections.abc import Generator
 from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "HANDLE_CODE",
     "OWN_CODE",
     "action_handle",
+    "hosted_wait",
     "note_unobserved",
     "run_action",
     "spawn",
@@ -198,6 +200,70 @@ async def action_handle(
         action.exc = None
 
 
+@types.coroutine
+def _primed() -> Generator[None, None, None]:
+    """Suspend once: where the task factory leaves a call's waiter before its task exists."""
+    yield
+
+
+async def hosted_wait(runtime: Runtime, action: ActionState) -> Any:
+    """The rest of a call's handle in a task of its own, once the task factory started its action.
+
+    `create_task`, a `TaskGroup`, `ensure_future`...: the run's task factory runs
+    the handle's first step itself when it makes the task (`_gather.start_hosted`),
+    so the body starts on the loop's next step, as the coroutine would in asyncio,
+    and the task runs this, `action_handle`'s course for a task of its own, in the
+    context made for it, which is the body's own (nothing to adopt). The factory
+    runs it to `_primed` first, and the task's first step comes before the body's:
+    a cancel of the task before that step lands there and ends the action
+    unstarted, as asyncio never starts a coroutine whose task was cancelled before
+    its first step.
+    """
+    done = action.done
+    assert done is not None
+    waiting = False
+    try:
+        await _primed()
+        if action.req is not None:
+            await asyncio.sleep(0)  # called below an operator's request: as in `action_handle`
+        waiting = True
+        await done
+    except CancelledError as exc:
+        # As in `action_handle`: no local may lead back to the task or to `exc`.
+        reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else None
+        del exc
+        if not waiting:
+            # Cancelled before it waited: the action is still queued, its body unstarted,
+            # and never starts (`Delivery.deliver`), or (called below an operator's
+            # request) ends at its first step.
+            action(reason)
+            action.done = action.context = None
+            raise
+        action.done = action.context = None
+        phase = action.phase
+        if not hasattr(done, "asked"):
+            # The action had ended before the cancel came: the caller's own, it stands.
+            caller: Any = _current_task(runtime.loop)
+            caller.cancel(reason)
+            caller.uncancel()
+        if phase is SUCCEEDED:
+            return action.value  # the body absorbed the cancel and returned
+        if phase is FAILED:
+            note_failure_host(runtime, action)
+            return outcome(action)  # its cleanup raised
+        raise
+    action.done = action.context = None
+    if action.phase is SUCCEEDED:
+        value = action.value
+        action.value = None
+        return value
+    note_failure_host(runtime, action)
+    try:
+        return outcome(action)
+    finally:
+        action.exc = None
+
+
 def elsewhere(runtime: Runtime, task: TaskSpec) -> NotInRunError:
     """The error for a call made in a run and awaited on another event loop (a thread's)."""
     return NotInRunError(
@@ -234,6 +300,7 @@ def start_child(
     inputs: bytes,
     context: Context | None,
     done: asyncio.Future[Any] | None = None,
+    later: bool = False,
 ) -> ActionState:
     """Create a child action of `parent`, record it QUEUED and create its task.
 
@@ -245,6 +312,7 @@ def start_child(
     asyncio, with no second copy to make and adopt. Otherwise in a copy of the
     current context, which the awaiter adopts. The action's end resolves a new
     future, or settles `done`, the future `gather` holds for the call (`direct`).
+    With `later`, the caller makes the action's task (after the task awaiting it).
     """
     if runtime.closed:
         # The root exited between the call and this first step: the action
@@ -284,7 +352,8 @@ def start_child(
         if context is None:
             context = copy_context()  # the copy asyncio would make: the awaiter adopts its writes
         action.context = context
-        action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
+        if not later:
+            action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
     else:
         action.context = context = copy_context()
         started(action, loop.create_task(run_action(runtime, action), context=context))
@@ -313,9 +382,10 @@ def stopped_above(action: ActionState) -> None:
 
 
 # While the run's task factory runs the first step of a call's handle for `gather`
-# (`_gather.start_gathered`), what the handle calls instead of its own course. A
-# list, so that the other module sets it at the cost of a list item.
-gathering: list[Callable[..., Any] | None] = [None]
+# or a task of its own (`_gather.start_gathered`), what the handle calls instead of
+# its own course, and the context made for the task of its own. A list, so that the
+# other module sets it at the cost of a list item.
+gathering: list[Any] = [None, None]
 
 
 def spawn(runtime: Runtime, action: ActionState) -> ActionState:
@@ -468,7 +538,7 @@ async def run_action(runtime: Runtime, action: ActionState) -> None:
 
 
 _RUN_ACTION_CODE = run_action.__code__
-OWN_CODE = frozenset({run_action.__code__, action_handle.__code__})
+OWN_CODE = frozenset({run_action.__code__, action_handle.__code__, hosted_wait.__code__})
 """The code of the SDK's own coroutines: tasks running them are actions, not plain tasks."""
 HANDLE_CODE = action_handle.__code__
 """The code of a call's handle (`TaskTracker` makes the context of a task running one)."""
@@ -486,8 +556,8 @@ def note_failure_host(runtime: Runtime, action: ActionState) -> None:
     parent = action.parent
     if host is None or parent is None or host is parent.atask:
         return
-    coro = host.get_coro()
-    if getattr(coro, "cr_code", None) is action_handle.__code__:
+    code = getattr(host.get_coro(), "cr_code", None)
+    if code is action_handle.__code__ or code is hosted_wait.__code__:
         runtime.failure_hosts.append(host)
 
 

@@ -41,6 +41,9 @@ class TaskSpec(Protocol):
     _handle: Callable[..., Coroutine[Any, Any, Any]] | None
     """The coroutine function a call returns in a run, once made (`_make_handle`)."""
 
+    _waiter: Callable[..., Coroutine[Any, Any, Any]] | None
+    """The rest of the handle in a task of its own, once made (`_make_handle`)."""
+
     _shape: Any
     """What the payload encoder learnt of the signature, once it has (None before)."""
 

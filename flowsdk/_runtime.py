@@ -148,7 +148,7 @@ class Runtime:
         self,
         own: frozenset[CodeType],
         handle: CodeType,
-        gathered: Callable[[Any], Any],
+        gathered: Callable[..., Any],
     ) -> None:
         """Track the plain asyncio tasks the run's bodies start (the root's exit cancels them)."""
         self.tracker = TaskTracker(self, self.loop, own, handle, gathered)

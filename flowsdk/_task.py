@@ -195,7 +195,7 @@ class Task(Generic[P, R]):
     # the instance's dictionary is not reliably specialised by the interpreter.
     # The dictionary stays, for what functools.update_wrapper copies.
     __slots__ = (
-        "__dict__", "__weakref__", "_handle", "_shape",
+        "__dict__", "__weakref__", "_handle", "_shape", "_waiter",
         "body", "env", "fn", "name", "options", "signature",
     )  # fmt: skip
 
@@ -220,6 +220,7 @@ class Task(Generic[P, R]):
         self.name = check_name("task", f"{env.name}.{check_name('task', fn.__name__)}")
         self.signature = inspect.signature(fn)
         self._handle: Callable[..., Coroutine[Any, Any, R]] | None = None  # `_make_handle`
+        self._waiter: Callable[..., Coroutine[Any, Any, R]] | None = None  # `_make_handle`
         self._shape: Any = None  # what `_payload` learnt of the signature, once it has
 
     def _make_handle(self) -> Callable[..., Coroutine[Any, Any, R]]:
@@ -228,13 +229,18 @@ class Task(Generic[P, R]):
         So that Python's "coroutine ... was never awaited" warning names the
         user's function, not an SDK wrapper. Made on the first call in a run
         (`Runtime.call`) and kept in `_handle`: declaring a task does not load
-        the runtime.
+        the runtime. The handle's course in a task of its own, once the run's
+        task factory started the action (`_execute.hosted_wait`), is copied
+        the same way (`_waiter`): such a task shows the function's name too.
         """
-        from flowsdk._execute import action_handle  # here: `import flowsdk` stays light
+        from flowsdk._execute import action_handle, hosted_wait  # `import flowsdk` stays light
 
         fn = self.fn
         handle = types.FunctionType(action_handle.__code__, action_handle.__globals__, fn.__name__)
         handle.__qualname__ = fn.__qualname__
+        waiter = types.FunctionType(hosted_wait.__code__, hosted_wait.__globals__, fn.__name__)
+        waiter.__qualname__ = fn.__qualname__
+        self._waiter = waiter
         self._handle = handle
         return handle
 

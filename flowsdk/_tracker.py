@@ -30,9 +30,11 @@ class TaskTracker:
     is known to belong to the run. Tasks whose coroutine runs one of `own`
     (the SDK's action and handle coroutines) are not tracked: they are actions.
     For a task that runs a call's handle (`handle`) it makes the task's context
-    itself, the copy asyncio would make, and keeps it for the action (`contexts`).
-    A handle that `asyncio.gather` wraps gets no task: `gathered` starts its
-    action and gives `gather` the action's own future (`start_gathered`).
+    itself, the copy asyncio would make, and `gathered` starts the call's action
+    in it at once (`start_gathered`): the task runs the rest of the handle. A
+    handle with more to do runs in that task and takes the context then
+    (`contexts`). A handle that `asyncio.gather` wraps gets no task: `gathered`
+    starts its action and gives `gather` the action's own future.
     """
 
     def __init__(
@@ -41,7 +43,7 @@ class TaskTracker:
         loop: asyncio.AbstractEventLoop,
         own: frozenset[CodeType],
         handle: CodeType,
-        gathered: Callable[[Any], Any],
+        gathered: Callable[..., Any],
     ) -> None:
         self.runtime = runtime
         self.loop = loop
@@ -82,10 +84,19 @@ class TaskTracker:
                 if isinstance(started, _Future):
                     return started  # type: ignore[return-value]  # gather holds it as a future
                 coro = started
-            # A call's handle in a task of its own: the action runs in the context
-            # made for that task (`contexts`, taken by `start_child`).
+            # A call in a task of its own: its action starts now, in the context made
+            # for that task, and the task runs the rest of the handle; or, if the
+            # handle has more to do, the handle runs there and starts the action in
+            # that context when it gets to it (`contexts`, taken by `start_child`).
             context = copy_context()
-            handle_task = asyncio.Task(coro, loop=loop, context=context)
+            if not by_gather:
+                started = self.gathered(coro, context)
+                if isinstance(started, asyncio.Task):
+                    if "name" in kwargs:  # given to the factory by Python 3.13.3 and later
+                        started.set_name(kwargs["name"])
+                    return started
+                coro = started
+            handle_task = asyncio.Task(coro, loop=loop, context=context, **kwargs)
             self.contexts[handle_task] = context
             return handle_task
         else:

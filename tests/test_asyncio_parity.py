@@ -559,6 +559,88 @@ async def test_cancel_of_a_task_of_its_own_reaches_the_body_in_the_step_asyncio_
     assert_clean(run)
 
 
+@pytest.mark.parametrize("made_by", ["create_task", "ensure_future", "TaskGroup"])
+async def test_a_task_of_its_own_starts_its_body_on_the_loops_next_step(made_by: str) -> None:
+    """After one `sleep(0)` the body has run to its first `await`, as asyncio's would.
+
+    The common idiom (start a worker, yield once, then talk to it) works as in
+    asyncio, and a cancel then reaches the body's cleanup.
+    """
+
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        log: list[str] = []
+
+        @task
+        async def child(i: int) -> None:
+            log.append(f"start {i}")
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                log.append(f"cleanup {i}")
+
+        async def main() -> list[Any]:
+            if made_by == "TaskGroup":
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        t = tg.create_task(child(1))
+                        await asyncio.sleep(0)
+                        after_one_step = list(log)
+                        t.cancel()
+                except BaseException as exc:  # the observation itself
+                    return [after_one_step, seen(exc, wrapped=wrapped), log]
+                return [after_one_step, t.cancelled(), log]
+            make = asyncio.create_task if made_by == "create_task" else asyncio.ensure_future
+            t = make(child(1))
+            await asyncio.sleep(0)
+            after_one_step = list(log)
+            t.cancel()
+            return [after_one_step, await observe(t, wrapped=wrapped), log]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow
+    assert plain[0] == ["start 1"]
+    assert plain[2] == ["start 1", "cleanup 1"]
+    assert_clean(run)
+
+
+@pytest.mark.parametrize("made_by", ["create_task", "ensure_future", "TaskGroup"])
+async def test_a_task_of_its_own_cancelled_before_its_first_step_never_runs_the_body(
+    made_by: str,
+) -> None:
+    def program(task: Callable[[Any], Any], wrapped: bool) -> Main:
+        started: list[int] = []
+
+        @task
+        async def child(i: int) -> int:
+            started.append(i)
+            return i
+
+        async def main() -> list[Any]:
+            if made_by == "TaskGroup":
+                async with asyncio.TaskGroup() as tg:
+                    t = tg.create_task(child(1))
+                    cancelled = t.cancel()
+                return [cancelled, t.cancelled(), started]
+            make = asyncio.create_task if made_by == "create_task" else asyncio.ensure_future
+            t = make(child(1))
+            cancelled = t.cancel()
+            return [cancelled, await observe(t, wrapped=wrapped), started]
+
+        return main
+
+    plain, flow, run = await both(program)
+    assert plain == flow
+    assert plain[0] is True
+    assert plain[2] == []
+    [child] = by_task(run, "child")  # recorded as cancelled before it started, as for gather
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.cause.value == "cancelled"
+    assert_clean(run)
+
+
 async def test_two_cancels_in_one_step_are_one_and_the_awaiter_waits_for_the_cleanup() -> None:
     """`t.cancel(); t.cancel()`: one `CancelledError` in the body; `t` gets its cleanup's error."""
 

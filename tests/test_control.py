@@ -79,8 +79,7 @@ async def test_abort_of_queued_action_never_runs_its_body() -> None:
 
     @env.task
     async def root() -> str:
-        pending = asyncio.create_task(child())
-        await asyncio.sleep(0)  # the call's first step creates a1; its body has not run yet
+        pending = asyncio.create_task(child())  # a1, QUEUED: its body runs on the next step
         await handles[0].abort("a1")
         try:
             await pending

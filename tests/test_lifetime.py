@@ -90,9 +90,8 @@ def test_root_raise_cancels_sleeping_busy_and_queued_children() -> None:
         await sleeping.wait()
         await busy.wait()
         asyncio.create_task(queued())  # noqa: RUF006 -- dropped on purpose
-        # One step lets the call start its action (a3, QUEUED); its body would
-        # only run on the step after, which never comes.
-        await asyncio.sleep(0)
+        # The call's action (a3) is QUEUED from `create_task` on; its body would run
+        # on the loop's next step, which never comes.
         raise error
 
     run = flowsdk.run(root)
@@ -204,8 +203,12 @@ async def test_abort_during_teardown_changes_nothing(request_: str) -> None:
     assert_clean(run)
 
 
-def test_grandchild_call_started_after_root_exit_creates_no_record() -> None:
-    """A grandchild's first step comes after the root exited: no record, no warning."""
+def test_grandchild_called_in_the_step_before_the_root_exits_never_runs() -> None:
+    """R4: a grandchild's task is made in the loop step before the root's exit.
+
+    Its action exists from `create_task` on, QUEUED; the root's exit comes before
+    the body's first step, so it ends ABORTED (`root_exit`) unrun, no warning.
+    """
     env = flowsdk.TaskEnvironment("r4")
     gate = asyncio.Event()
     child_waiting = asyncio.Event()
@@ -220,7 +223,7 @@ def test_grandchild_call_started_after_root_exit_creates_no_record() -> None:
         child_waiting.set()
         await gate.wait()
         # Same tick as the root's exit: the root's wake-up is queued before
-        # this call's first step.
+        # this call's body's first step.
         asyncio.create_task(grandchild())  # noqa: RUF006 -- dropped on purpose
         await asyncio.sleep(3600)
 
@@ -236,8 +239,9 @@ def test_grandchild_call_started_after_root_exit_creates_no_record() -> None:
     run = flowsdk.run(root)
     assert run.result() == 42
     assert body_ran == []
-    assert by_task(run, ".grandchild") == []
-    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED"}
+    assert phases(run) == {"a0": "SUCCEEDED", "a1": "ABORTED", "a2": "ABORTED"}
+    assert causes(run) == {"a0": None, "a1": "root_exit", "a2": "root_exit"}
+    assert [e.phase for e in run.events if e.action == "a2"] == ["QUEUED", "ABORTED"]
     assert_clean(run)
 
 
@@ -256,10 +260,10 @@ def test_grandchild_queued_at_root_exit_never_runs() -> None:
     async def child() -> None:
         child_waiting.set()
         await gate.wait()
-        asyncio.create_task(grandchild())  # noqa: RUF006 -- dropped on purpose
-        # The root wakes after the grandchild's call starts its action and
-        # before the grandchild's body gets its first step.
+        # The root wakes (its wake-up queued first) after the grandchild's call
+        # starts its action and before the grandchild's body gets its first step.
         root_gate.set()
+        asyncio.create_task(grandchild())  # noqa: RUF006 -- dropped on purpose
         await asyncio.sleep(3600)
 
     @env.task

@@ -139,8 +139,7 @@ def event_phase(path: Path, run: str, action: str, phase: str) -> str | None:
 @env.task
 async def blocker(path: str) -> list[str]:
     """Start a child, then block the loop until the store shows the child and this body."""
-    child = asyncio.create_task(sleeper())
-    await asyncio.sleep(0)  # the child's handle step: it is created QUEUED
+    child = asyncio.create_task(sleeper())  # QUEUED from here: its body would start next step
     me = flowsdk.current_action()
     at = Path(path)
     wanted: dict[str, tuple[Callable[[], str | None], str]] = {

@@ -326,10 +326,9 @@ async def crash() -> None:
     running = [asyncio.create_task(sleeper()) for _ in range(2)]
     while len(STARTED) < 6:
         await asyncio.sleep(0)
+    # Its action is QUEUED from here; its body's first step is scheduled after
+    # this one, which blocks the loop from here on.
     queued = asyncio.create_task(ok())
-    # One step for the new action's handle, which creates it QUEUED; its body's
-    # first step is scheduled after this one, which blocks the loop from here on.
-    await asyncio.sleep(0)
     [name] = wait_for_store(
         # A child: the root is recorded QUEUED with the run itself, and RUNNING next.
         "SELECT name FROM actions WHERE run = ? AND phase = 'QUEUED' AND parent IS NOT NULL",
