@@ -87,12 +87,17 @@ class Request:
     __slots__ = ("at", "by", "cause", "native", "reason")
 
     def __init__(
-        self, cause: AbortCause, reason: str | None, by: str | None, native: bool = False
+        self,
+        cause: AbortCause,
+        reason: str | None,
+        by: str | None,
+        native: bool = False,
+        at: float | None = None,
     ) -> None:
         self.cause = cause
         self.reason = reason
         self.by = by
-        self.at = time.time()
+        self.at = time.time() if at is None else at  # `at`: when an operator asked
         # Made by workflow code's own asyncio cancellation (`t.cancel()`, a
         # timeout, a cancel reaching the awaiter): a body may absorb it, as in
         # asyncio. Operators' and the runtime's requests are never absorbed.

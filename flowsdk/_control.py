@@ -67,8 +67,9 @@ def abort(
     group: str | None = None,
     reason: str | None = None,
     by: str | None = None,
+    at: float | None = None,
 ) -> ControlResult:
-    """Abort the run (no action), one action's subtree, or a group's actions."""
+    """Abort the run (no action), one action's subtree, or a group's actions (asked `at`)."""
     targets = find(runtime, action, group)
     target = describe_target(runtime.name, action, group)
     if action is None and group is None:
@@ -94,18 +95,23 @@ def abort(
     fresh = [t for t in live if t.cause is not AbortCause.EXTERNAL]
     if not fresh:
         req = live[0].req
-        at = datetime.fromtimestamp(req.at, UTC).isoformat() if req is not None else "?"
-        return _result(APPLIED, phase(), f"abort of {target} already requested at {at}")
+        when = datetime.fromtimestamp(req.at, UTC).isoformat() if req is not None else "?"
+        return _result(APPLIED, phase(), f"abort of {target} already requested at {when}")
     what = f"action {action}" if action else f"group {group!r}" if group else "run"
     runtime.event(
         EventKind.REQUEST, action, message=f"abort {what}", reason=reason, requested_by=by
     )
-    runtime.request_cancel(fresh, AbortCause.EXTERNAL, reason, by)
+    runtime.request_cancel(fresh, AbortCause.EXTERNAL, reason, by, at)
     return _result(APPLIED, phase(), f"abort of {target} applied")
 
 
 def stop(
-    runtime: Runtime, *, abandon: bool = False, reason: str | None = None, by: str | None = None
+    runtime: Runtime,
+    *,
+    abandon: bool = False,
+    reason: str | None = None,
+    by: str | None = None,
+    at: float | None = None,
 ) -> ControlResult:
     """Stop the run: wait for in-progress actions (default), or abandon them.
 
@@ -129,12 +135,17 @@ def stop(
     runtime.event(
         EventKind.REQUEST, None, message=f"stop ({mode.value})", reason=reason, requested_by=by
     )
-    runtime.request_stop(mode, reason, by)
+    runtime.request_stop(mode, reason, by, at)
     return _result(APPLIED, runtime.phase.value, f"stop ({mode.value}) of run {name!r} applied")
 
 
 def mark_failed(
-    runtime: Runtime, action: str, *, reason: str | None = None, by: str | None = None
+    runtime: Runtime,
+    action: str,
+    *,
+    reason: str | None = None,
+    by: str | None = None,
+    at: float | None = None,
 ) -> ControlResult:
     """Mark one action as failed: its body gets `CancelledError` and it ends FAILED."""
     [target] = find(runtime, action, None)
@@ -148,7 +159,7 @@ def mark_failed(
     if target.cause is AbortCause.MARK_FAILED:
         return _result(APPLIED, target.phase.value, f"{what} is already being marked as failed")
     runtime.event(EventKind.REQUEST, action, message="mark failed", reason=reason, requested_by=by)
-    runtime.request_cancel([target], AbortCause.MARK_FAILED, reason, by)
+    runtime.request_cancel([target], AbortCause.MARK_FAILED, reason, by, at)
     return _result(APPLIED, target.phase.value, f"{what} marked as failed")
 
 
@@ -171,11 +182,14 @@ def apply_request(runtime: Runtime, request: ControlRequest) -> ControlResult:
         ActionNotFoundError: the run has no such action or group.
     """
     by = request.requested_by
-    if isinstance(request, AbortRequest):
-        return abort(runtime, request.action, group=request.group, reason=request.reason, by=by)
-    if isinstance(request, StopRequest):
-        return stop(runtime, abandon=request.abandon, reason=request.reason, by=by)
     if isinstance(request, RefusedRequest):
         runtime.event(EventKind.REQUEST, request.action, message=request.message, requested_by=by)
         return _result(REFUSED, runtime.phase.value, request.message)
-    return mark_failed(runtime, request.action, reason=request.reason, by=by)
+    # The record says when the operator asked, not when a blocked loop got to it.
+    at = request.requested_at.timestamp() if request.requested_at is not None else None
+    reason = request.reason
+    if isinstance(request, AbortRequest):
+        return abort(runtime, request.action, group=request.group, reason=reason, by=by, at=at)
+    if isinstance(request, StopRequest):
+        return stop(runtime, abandon=request.abandon, reason=reason, by=by, at=at)
+    return mark_failed(runtime, request.action, reason=reason, by=by, at=at)

@@ -458,6 +458,7 @@ class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort"):
     group: str | None = None
     reason: str | None = None
     requested_by: str | None = None
+    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
 
 
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
@@ -467,6 +468,7 @@ class StopRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     abandon: bool = False
     reason: str | None = None
     requested_by: str | None = None
+    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
 
 
 class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_failed"):
@@ -476,6 +478,7 @@ class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_fai
     action: str
     reason: str | None = None
     requested_by: str | None = None
+    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
 
 
 class RefusedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):

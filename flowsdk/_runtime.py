@@ -518,15 +518,16 @@ class Runtime:
         self.request_cancel([root], cause, reason, by)
 
     def request_cancel(
-        self, targets: list[ActionState], cause: AbortCause, reason: str | None, by: str | None
-    ) -> None:
-        """Request `cause` for the live targets, `ancestor` for their descendants; cancel them."""
+        self, targets: list[ActionState], cause: AbortCause, reason: str | None, by: str | None,
+        at: float | None = None,
+    ) -> None:  # fmt: skip
+        """Request `cause` (asked `at`) for the live targets, `ancestor` for their descendants."""
         named = {t for t in targets if t.phase not in _TERMINAL}
         for target in named:
             if target.cause is not cause:
                 # A named target's request replaces a collateral one: a child named
                 # in the same instant as its parent is aborted in its own right.
-                target.req = Request(cause, reason, by)
+                target.req = Request(cause, reason, by, at=at)
         affected = list(named)
         collateral = Request(ANCESTOR, None, None)
         for action in descendants(self.live.values(), named):
@@ -535,11 +536,12 @@ class Runtime:
                 affected.append(action)
         self._deliver_all(affected)
 
-    def request_stop(self, mode: StopMode, reason: str | None, by: str | None) -> None:
+    def request_stop(
+        self, mode: StopMode, reason: str | None, by: str | None, at: float | None = None
+    ) -> None:
         """Stop the run: refuse new actions; with `abandon`, give up on those in progress."""
-        self.stop = StopInfo(
-            mode=mode, reason=reason, requested_by=by, requested_at=datetime.now(UTC)
-        )
+        asked = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+        self.stop = StopInfo(mode=mode, reason=reason, requested_by=by, requested_at=asked)
         if self.phase is RunPhase.RUNNING:
             self._set_run_phase(RunPhase.STOPPING, reason=reason, by=by)
         self._run_changed()
@@ -551,14 +553,12 @@ class Runtime:
     ) -> None:
         """Give up on every action in progress: record it ABANDONED and stop waiting for it.
 
-        Args:
-            cause: `stop` for a stop-and-abandon; `None` keeps each action's own
-                cause (a second Ctrl-C during teardown).
-            reason: The operator's reason, if any.
-            by: Who asked.
+        `cause` is `stop` for a stop-and-abandon (asked when the stop was); `None`
+        keeps each action's own cause (a second Ctrl-C during teardown).
         """
         self.closed = True
-        stop = Request(cause, reason, by) if cause is not None else None
+        asked = self.stop.requested_at.timestamp() if self.stop and cause is STOP else None
+        stop = Request(cause, reason, by, at=asked) if cause is not None else None
         for action in sorted(self.live.values(), key=_START_ORDER, reverse=True):
             req = action.req
             if stop is not None:

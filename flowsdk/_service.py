@@ -327,7 +327,11 @@ class ControlService:
             raise
         if reason == "":  # no reason given: recorded and shown as none, never as ""
             request = msgspec.structs.replace(request, reason=None)
-        request = msgspec.structs.replace(request, requested_by=self.actor.name)
+        # Who asked, and when: the runner records that time, however long its loop
+        # keeps the request waiting (`queued`).
+        request = msgspec.structs.replace(
+            request, requested_by=self.actor.name, requested_at=datetime.now(UTC)
+        )
         channel = self.channel
         if not channel.in_process:
             # A run live on this very thread's loop answers here: waiting for its answer

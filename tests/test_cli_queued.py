@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def test_show_and_watch_list_an_abort_until_the_blocked_runner_applies_it(
     reason = 'disk "full"\x1b]0;owned\x07'  # what an operator typed, control characters included
     with Runner("control.py", url, "stuck", "one_stuck") as runner:
         runner.started(2)  # a1's body now blocks the runner's event loop
+        before = datetime.now(UTC)
         asked = ask(url, "abort", "stuck", "a1", "--reason", reason)
+        after = datetime.now(UTC)
         assert asked.code == 7, (asked.stdout, asked.stderr)
         number = re.search(r"recorded \(#(\d+)\)", asked.stderr)
         assert number is not None, asked.stderr
@@ -104,7 +107,7 @@ def test_show_and_watch_list_an_abort_until_the_blocked_runner_applies_it(
         assert entry["id"] == int(number.group(1))
         assert_iso(entry["at"])
         request = entry["request"]
-        assert {k: v for k, v in request.items() if k != "requested_by"} == {
+        assert {k: v for k, v in request.items() if k not in ("requested_by", "requested_at")} == {
             "type": "abort",
             "run": "stuck",
             "action": "a1",
@@ -112,6 +115,7 @@ def test_show_and_watch_list_an_abort_until_the_blocked_runner_applies_it(
             "reason": reason,  # exact in JSON
         }
         assert " pid " in request["requested_by"]
+        assert_iso(request["requested_at"])
 
         shown = cli(url, "show", "stuck").stdout
         assert not {"\x1b", "\x07"} & set(shown)  # shown as escapes, never raw
@@ -175,6 +179,9 @@ def test_show_and_watch_list_an_abort_until_the_blocked_runner_applies_it(
     abort = run.action("a1").abort
     assert abort is not None
     assert (abort.reason, abort.requested_by) == (reason, request["requested_by"])
+    # When the operator asked, not when the runner's loop got to it (after the release).
+    assert abort.requested_at is not None
+    assert before <= abort.requested_at <= after
 
 
 def test_a_request_to_a_paused_runner_is_listed_untaken_and_none_once_the_run_crashed(

@@ -586,15 +586,21 @@ def test_requests_a_blocked_runner_has_not_answered_are_listed_until_it_applies_
         with pytest.raises(RunNotFoundError, match="did you mean 'blocked'"):
             client.queued_requests("blokced")
         me = client.service.actor.name
-    assert [q.request for q in queued] == [
+    asked = [q.request.requested_at for q in queued]
+    assert [msgspec.structs.replace(q.request, requested_at=None) for q in queued] == [
         StopRequest(run="blocked", reason="first", requested_by=me),
         AbortRequest(run="blocked", reason="second", requested_by=me),
     ]
     assert queued[0].id < queued[1].id
     assert before <= queued[0].at <= queued[1].at <= after
+    assert asked[0] is not None
+    assert asked[1] is not None
+    assert before <= asked[0] <= asked[1] <= after
     assert run.phase.terminal
     assert run.record.stop is not None
     assert run.record.stop.reason == "first"
+    # Recorded as asked, not as applied once the loop was released.
+    assert run.record.stop.requested_at == asked[0]
 
 
 def test_progress_and_logs_are_kept_bounded_and_read_back(store: str | Store) -> None:
