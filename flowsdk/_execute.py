@@ -210,7 +210,7 @@ async def hosted_wait(runtime: Runtime, action: ActionState) -> Any:
     """The rest of a call's handle in a task of its own, once the task factory started its action.
 
     `create_task`, a `TaskGroup`, `ensure_future`...: the run's task factory runs
-    the handle's first step itself when it makes the task (`_gather.start_hosted`),
+    the handle's first step itself when it makes the task (`_gather.start_direct`),
     so the body starts on the loop's next step, as the coroutine would in asyncio,
     and the task runs this, `action_handle`'s course for a task of its own, in the
     context made for it, which is the body's own (nothing to adopt). The factory

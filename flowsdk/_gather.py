@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from flowsdk._runtime import Runtime
     from flowsdk.store import RunRecorder
 
-__all__ = ["Gathered", "release_held", "start_direct", "start_gathered", "start_hosted"]
+__all__ = ["Gathered", "release_held", "start_direct", "start_gathered"]
 
 _Task = asyncio.Task
 _running_loop = asyncio._get_running_loop
@@ -43,13 +43,12 @@ def start_gathered(coro: CoroutineType[Any, Any, Any], context: Context | None =
 
     Or, when the handle has more to do than start the action, a coroutine for
     a task of its own (`start_direct`). With the `context` made for a task of
-    its own (`create_task`...), start the action in it and return what that
-    task runs (`start_hosted`).
+    its own (`create_task`...), start the action in it and return that task.
     """
     if coro.cr_running or coro.cr_suspended:
         return coro  # not a fresh coroutine: a task runs the rest, as for any other
     # What the handle's first step calls and returns.
-    gathering[0] = start_direct if context is None else start_hosted
+    gathering[0] = start_direct
     gathering[1] = context
     try:
         coro.send(None)
@@ -58,63 +57,6 @@ def start_gathered(coro: CoroutineType[Any, Any, Any], context: Context | None =
     finally:
         gathering[0] = gathering[1] = None
     raise AssertionError("a handle's first step under gather suspended")  # pragma: no cover
-
-
-def start_hosted(
-    runtime: Runtime,
-    parent: ActionState,
-    task: TaskSpec,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    key: str,
-    inputs: bytes,
-    recorded: bytes | None,
-) -> Any:
-    """Start the action of a call in a task of its own; return that task.
-
-    The action starts as the task is made, in the context made for it, so its
-    body starts on the loop's next step, as the coroutine would in asyncio; the
-    task runs the rest of the handle (`hosted_wait`), and its first step comes
-    first. A call the handle has more to do for (as in `start_direct`, and a
-    call made for another loop) gets a new coroutine of the handle instead, for
-    the task the factory makes.
-    """
-    rec = runtime.log.streaming
-    if (
-        _handle_has_more(runtime, task, recorded)
-        or (rec is not None and rec.congested())  # the handle waits for the writer
-        or _running_loop() is not runtime.loop
-    ):
-        handle = task._handle or task._make_handle()
-        return handle(runtime, parent, task, args, kwargs, key, inputs, recorded)
-    context = gathering[1]
-    action = start_child(runtime, parent, task, args, kwargs, key, inputs, context, None, True)
-    done, waiter = action.done, task._waiter
-    assert done is not None
-    assert waiter is not None  # made with the handle (`Runtime.call` made that)
-    done.cancel = action  # type: ignore[method-assign]  # the task's cancel reaches the action
-    coro = waiter(runtime, action)
-    coro.send(None)  # to `_primed`, which a cancel of the task before its first step reaches
-    loop = runtime.loop
-    host = _Task(coro, loop=loop, context=context)
-    action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
-    return host
-
-
-def _handle_has_more(runtime: Runtime, task: TaskSpec, recorded: bytes | None) -> bool:
-    """Whether a call's handle has more to do than start its action, in a task of its own.
-
-    A replayed or cached output, a run that has closed, or a call past the run's
-    `max_actions` (refused by the handle, raised where the call is awaited).
-    """
-    options = task.options
-    return (
-        recorded is not None
-        or runtime.closed
-        or (runtime.max_actions is not None and runtime.started >= runtime.max_actions)
-        or runtime.tracker is None
-        or (options.cache and not options.cache_override)
-    )
 
 
 class Gathered(asyncio.Future[Any]):
@@ -160,18 +102,48 @@ def start_direct(
     inputs: bytes,
     recorded: bytes | None,
 ) -> Any:
-    """Start the action of a call for `gather`, from its handle's arguments; return its future.
+    """Start the action of a call from its handle's arguments, for `gather` or a task.
 
-    A call the handle has more to do for (`_handle_has_more`) is the handle's to
-    deal with, in a task of its own: then a new coroutine of the handle, with
-    the same arguments.
+    For `gather`, return the action's future. For a task of its own (the context
+    made for it in `gathering[1]`), start the action in that context and return
+    the task: its body starts on the loop's next step, as the coroutine would in
+    asyncio, and the task, which runs the rest of the handle (`hosted_wait`),
+    first. A replayed or cached output, a run that has closed, a call past the
+    run's `max_actions` (refused by the handle, raised where the call is awaited),
+    a store the handle waits for in a task of its own, or a call made for another
+    loop, is the handle's to deal with: then a new coroutine of the handle, with the
+    same arguments, for a task of its own.
     """
-    if _handle_has_more(runtime, task, recorded):
+    options = task.options
+    tracker = runtime.tracker
+    context = gathering[1]
+    rec = runtime.log.streaming
+    if (
+        recorded is not None
+        or runtime.closed
+        or (runtime.max_actions is not None and runtime.started >= runtime.max_actions)
+        or tracker is None
+        or (options.cache and not options.cache_override)
+        or (context is not None and rec is not None and rec.congested())
+        or (context is not None and _running_loop() is not runtime.loop)
+    ):
         handle = task._handle or task._make_handle()
         return handle(runtime, parent, task, args, kwargs, key, inputs, recorded)
-    tracker = runtime.tracker
-    assert tracker is not None
-    rec = runtime.log.streaming
+    if context is not None:
+        # A task of its own, made here before the action's task, so its first step
+        # comes first; its coroutine run to its first `await` (`_primed`), where a
+        # cancel of the task before that step lands.
+        action = start_child(runtime, parent, task, args, kwargs, key, inputs, context, None, True)
+        done, waiter = action.done, task._waiter
+        assert done is not None
+        assert waiter is not None  # made with the handle (`Runtime.call` made that)
+        done.cancel = action  # type: ignore[method-assign]  # the task's cancel reaches the action
+        coro = waiter(runtime, action)
+        coro.send(None)
+        loop = runtime.loop
+        host = _Task(coro, loop=loop, context=context)
+        action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
+        return host
     if rec is not None and rec.congested():
         # Backpressure: the action starts once the writer has caught up; a future
         # stands in for it meanwhile (`release_held`).
