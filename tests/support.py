@@ -67,3 +67,27 @@ def as_schema_7(conn: sqlite3.Connection) -> None:
     conn.execute("DELETE FROM events")
     conn.executemany(INSERT_EVENT, rows)
     conn.execute("DROP TABLE routine_events")
+
+
+def pause(proc: Any, timeout: float = 30.0) -> None:
+    """SIGSTOP `proc` (a `subprocess.Popen`) and wait until every thread of it has stopped.
+
+    The signal is handled by one of its threads, which then stops the others: on a
+    busy machine another thread (the store's writer) may run on for some milliseconds
+    after `send_signal` returned, and take a request meant to find it paused.
+    """
+    import signal
+    import time
+
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    tasks = Path(f"/proc/{proc.pid}/task")
+    while True:
+        states = []
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {proc.pid} not stopped: {states}"
+        time.sleep(0.005)

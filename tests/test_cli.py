@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from flowsdk.errors import (
     StoreLockedError,
 )
 from flowsdk.store import SQLiteStore, open_store
+from tests.support import pause
 from tests.workflows import flaky
 
 REPO = Path(__file__).resolve().parent.parent
@@ -739,7 +739,7 @@ def test_a_request_queued_for_a_runner_that_died_never_reaches_the_retry(
     store = url  # SQLite, then PostgreSQL
     runner = start_runner(store, "stale")
     runner.expect("STARTED a1")
-    runner.proc.send_signal(signal.SIGSTOP)  # alive, but reads no request
+    pause(runner.proc)  # alive, but reads no request
     with contextlib.closing(open_store(store)) as channel:
         queued = channel.request(
             AbortRequest(run="stale", reason="meant for attempt 1", requested_by="test"),

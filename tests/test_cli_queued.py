@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import flowsdk
 from flowsdk import ActionPhase, RunPhase
 from tests.runners.harness import Runner, sync
+from tests.support import pause
 from tests.test_cli import REPO, TIMEOUT, Result, assert_iso, child_env, cli, command
 
 # The requester's wait for the runner's answer (10 s for a person) made short, as the
@@ -190,7 +190,7 @@ def test_a_request_to_a_paused_runner_is_listed_untaken_and_none_once_the_run_cr
     """SIGSTOP: `queued`, not yet taken; the runner killed: CRASHED, and no request waits."""
     with Runner("control.py", url, "paused", "one_child") as runner:
         runner.started(2)
-        runner.proc.send_signal(signal.SIGSTOP)  # alive, but reads no request
+        pause(runner.proc)  # alive, but reads no request
         try:
             asked = ask(url, "stop", "paused", "--abandon", "--reason", "maintenance")
             assert asked.code == 7, (asked.stdout, asked.stderr)

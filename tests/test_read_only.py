@@ -24,6 +24,7 @@ import pytest
 import flowsdk
 from flowsdk import AbortRequest, RunPhase
 from flowsdk.store import open_store
+from tests.support import pause
 from tests.test_cli import Runner, start_runner
 from tests.workflows import deep
 
@@ -194,7 +195,7 @@ def test_a_user_who_may_only_read_sees_a_queued_request_and_none_once_the_runner
     path.chmod(0o644)
     runner = start_runner(store, "paused")
     runner.expect("STARTED a1")
-    runner.proc.send_signal(signal.SIGSTOP)  # alive, but takes no request
+    pause(runner.proc)  # alive, but takes no request
     try:
         with contextlib.closing(open_store(store)) as channel:
             request = AbortRequest(run="paused", reason="while paused", requested_by="op")
