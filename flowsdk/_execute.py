@@ -193,11 +193,7 @@ async def action_handle(
         value = action.value
         action.value = None
         return value
-    note_failure_host(runtime, action)
-    try:
-        return outcome(action)
-    finally:
-        action.exc = None
+    return failure(runtime, action)
 
 
 @types.coroutine
@@ -257,6 +253,14 @@ async def hosted_wait(runtime: Runtime, action: ActionState) -> Any:
         value = action.value
         action.value = None
         return value
+    return failure(runtime, action)
+
+
+def failure(runtime: Runtime, action: ActionState) -> Any:
+    """Raise what the awaiter of an action that ended unsuccessfully gets (`outcome`).
+
+    Once handed over, the run keeps only its record of the error, not the error.
+    """
     note_failure_host(runtime, action)
     try:
         return outcome(action)
