@@ -370,13 +370,10 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
 
         def work(conn: Conn) -> list[QueuedRequest]:
             rows = conn.execute(_QUEUED, (name, name)).fetchall()
-            if not rows:
+            found = queued_from_rows(rows, lambda: self._runner_gone(conn, name) is not None)
+            if found is None:
                 raise self._not_found(conn, name, None)
-            if rows[0][1] is None or RunPhase(rows[0][0]).terminal:
-                return []  # a run that has ended keeps no request waiting
-            if self._runner_gone(conn, name) is not None:
-                return []
-            return queued_from_rows(rows)
+            return found
 
         return self._read(work, lambda: self._none_yet(name))
 

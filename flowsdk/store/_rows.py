@@ -7,7 +7,7 @@ writes its own statements around these lists.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from itertools import islice
 from operator import attrgetter, itemgetter
@@ -184,12 +184,20 @@ def queued_query(schema: str, mark: str) -> str:
 _decode_request = msgspec.msgpack.Decoder(ControlRequest).decode
 
 
-def queued_from_rows(rows: Iterable[tuple[Any, ...]]) -> list[QueuedRequest]:
-    """The `QueuedRequest`s of rows read by `queued_query` (the phase is the caller's).
+def queued_from_rows(
+    rows: list[tuple[Any, ...]], runner_gone: Callable[[], bool]
+) -> list[QueuedRequest] | None:
+    """The `QueuedRequest`s of rows read by `queued_query`; None if there is no such run.
 
-    A refused request changes nothing, so it is left out; so is a body this
-    flowsdk cannot read (a newer one's kind of request: its runner refuses it).
+    None is listed once the run has ended, nor when some wait but `runner_gone()`
+    (the runner is gone: it never answers them). A refused request changes
+    nothing, so it is left out; so is a body this flowsdk cannot read (a newer
+    one's kind of request: its runner refuses it).
     """
+    if not rows:
+        return None
+    if rows[0][1] is None or RunPhase(rows[0][0]).terminal or runner_gone():
+        return []
     found = []
     for _phase, request_id, at, state, body in rows:
         if request_id is None:

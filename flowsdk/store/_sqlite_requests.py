@@ -142,13 +142,10 @@ class SQLiteRequests:
             raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             rows = conn.execute(_QUEUED, (name, name)).fetchall()
-            if not rows:
+            found = queued_from_rows(rows, lambda: self._runner_gone(conn, name) is not None)
+            if found is None:
                 raise self._not_found(conn, name, None)
-            if rows[0][1] is None or RunPhase(rows[0][0]).terminal:
-                return []  # a run that has ended keeps no request waiting
-            if self._runner_gone(conn, name) is not None:
-                return []
-        return queued_from_rows(rows)
+        return found
 
     def _runner_gone(self: _Store, conn: sqlite3.Connection, run: str) -> ControlResult | None:
         attempt, phase, owner, heartbeat = self._latest(conn, run)
