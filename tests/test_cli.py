@@ -101,6 +101,19 @@ def command(store: str | None, *args: str) -> list[str]:
     return [sys.executable, "-m", "flowsdk", *args, *(["--store", store] if store else [])]
 
 
+def cli_process(store: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    """Start `python -m flowsdk ARGS --store STORE` with its output piped (input too, if asked)."""
+    return subprocess.Popen(
+        command(store, *args),
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=child_env(store),
+    )
+
+
 def cli(store: str | None, *args: str, env_store: str | None = None) -> Result:
     """Run `python -m flowsdk ARGS --store STORE`; an expected error never shows a traceback."""
     done = subprocess.run(
@@ -457,14 +470,7 @@ def test_watch_redraws_until_the_run_ends(tmp_path: Path, start_runner: Any) -> 
     store = store_for(tmp_path)
     runner = start_runner(store, "live")
     runner.expect("STARTED a1")
-    with subprocess.Popen(
-        command(store, "watch", "live"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=child_env(store),
-    ) as watch:
+    with cli_process(store, "watch", "live") as watch:
         assert watch.stdout is not None
         first = read_frame(watch.stdout)
         assert first, f"watch printed no frame; runner stderr:\n{runner.stderr()}"
@@ -657,14 +663,7 @@ def test_stop_with_wait_returns_when_the_run_has_stopped(tmp_path: Path, start_r
     store = store_for(tmp_path)
     runner = start_runner(store, "patient")
     runner.expect("STARTED a1")
-    with subprocess.Popen(
-        command(store, "stop", "patient", "--wait"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=child_env(store),
-    ) as stop:
+    with cli_process(store, "stop", "patient", "--wait") as stop:
         assert stop.stdout is not None
         assert stop.stdout.readline().strip() == "stop (wait) of run 'patient' applied"
         runner.release()
@@ -748,15 +747,7 @@ def test_a_request_queued_for_a_runner_that_died_never_reaches_the_retry(
     assert queued.outcome is Outcome.QUEUED
     runner.proc.kill()
     runner.proc.wait(timeout=TIMEOUT)
-    with subprocess.Popen(
-        command(store, "retry", "stale", "--json"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=child_env(store),
-    ) as retry:
+    with cli_process(store, "retry", "stale", "--json", stdin=True) as retry:
         assert retry.stdout is not None
         assert retry.stdout.readline().strip() == "STARTED a1"
         # The retry's runner answers requests oldest first: once it has answered this
