@@ -153,6 +153,9 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     judged = as_nobody(store, "runs", "--json")
     assert judged.returncode == 0, judged.stderr
     assert {r["name"]: r["phase"] for r in json.loads(judged.stdout)}["live"] == "CRASHED"
+    for shown in (as_nobody(store, "show", "live"), as_nobody(store, "show", "live", "--json")):
+        assert shown.returncode == 0, shown.stderr
+        assert ("run live  CRASHED" in shown.stdout) or ('"phase": "CRASHED"' in shown.stdout)
     assert recorded_phase(path, "live") == "RUNNING"  # the reader wrote nothing
     with flowsdk.Client(store) as owner:
         assert owner.get_run("live").phase is RunPhase.CRASHED

@@ -446,8 +446,13 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
                     self.path, name, attempt, owner_decoder.decode(owner), heartbeat
                 )
             ):
-                self._mark_gone(conn, name, attempt, heartbeat)
-                attempt, phase, _, _ = self._latest(conn, name)
+                if self.read_only:  # judged gone, not recorded: as this reader's reads say
+                    gone_at = heartbeat if heartbeat is not None else time.time()
+                    self._judged[name, attempt] = gone_at
+                    phase = RunPhase.CRASHED.value
+                else:
+                    self._mark_gone(conn, name, attempt, heartbeat)
+                    attempt, phase, _, _ = self._latest(conn, name)
             target = None
             if action is not None:
                 row = conn.execute(
