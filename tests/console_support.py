@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import selectors
 import signal
 import subprocess
@@ -24,11 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import flowsdk
+import flowsdk._service as service
 from tests.runners.harness import ROOT, Runner
 
-__all__ = ["WAIT", "Console", "Reply", "create_token", "start_held", "wait_for"]
+__all__ = [
+    "WAIT",
+    "Console",
+    "Reply",
+    "create_token",
+    "queue_abort",
+    "start_held",
+    "start_stuck",
+    "wait_for",
+]
 
 WAIT = 30.0
+ANSWER_WITHIN = 0.5  # how long `queue_abort` waits for a blocked runner's answer
 
 
 def create_token(store: str, name: str, role: str) -> str:
@@ -152,6 +164,39 @@ def start_held(store: str, run: str) -> Runner:
     runner = Runner("console.py", store, run, "held")
     runner.expect("STARTED", "a3")
     return runner
+
+
+def start_stuck(store: str, run: str, released: Path) -> Runner:
+    """Start tests/runners/control.py's `one_stuck` run; return once a1 blocks its event loop.
+
+    a1's body blocks the runner's loop (sync code in an `async def`) until the file
+    `released` exists: a control request to the run waits in the store meanwhile.
+    """
+    os.environ["FLOWSDK_TEST_RELEASE"] = str(released)  # read by the runner, at a1
+    try:
+        runner = Runner("control.py", store, run, "one_stuck")
+    finally:
+        del os.environ["FLOWSDK_TEST_RELEASE"]
+    runner.started(2)
+    return runner
+
+
+def queue_abort(store: str, run: str, action: str, reason: str) -> int:
+    """Abort `action` of a run whose runner's loop is blocked; return the queued request's id.
+
+    The requester waits `ANSWER_WITHIN` s for the runner's answer (10 s for a person),
+    then leaves the request queued, as `flowsdk abort` does with exit 7.
+    """
+    with flowsdk.Client(store) as client:
+        patient = service.ANSWER_TIMEOUT
+        service.ANSWER_TIMEOUT = ANSWER_WITHIN
+        try:
+            answer = client.abort(run, action, reason=reason)
+        finally:
+            service.ANSWER_TIMEOUT = patient
+        assert answer.outcome is flowsdk.Outcome.QUEUED, answer
+        [queued] = client.queued_requests(run)
+    return queued.id
 
 
 def wait_for(client: flowsdk.Client, run: str, check: Any, what: str) -> flowsdk.Run[Any]:

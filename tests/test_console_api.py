@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,15 @@ from typing import Any
 import pytest
 
 import flowsdk
-from tests.console_support import WAIT, Console, create_token, start_held, wait_for
+from tests.console_support import (
+    WAIT,
+    Console,
+    create_token,
+    queue_abort,
+    start_held,
+    start_stuck,
+    wait_for,
+)
 from tests.runners.harness import sqlite_url
 
 # One worker runs the module (`--dist loadgroup`): one console, and the runs its tests share.
@@ -188,7 +197,8 @@ def test_reading_runs_and_one_run(site: Site, ended: str) -> None:
     assert set(runs[0]) >= {"name", "phase", "started_at", "ended_at", "attempt", "stop"}
     assert site.call("GET", "/api/runs?name=nothing-like-it", who="viewer").json == []
     one = site.call("GET", f"/api/runs/{ended}", who="viewer").json
-    assert set(one) == {"run", "actions"}
+    assert set(one) == {"run", "actions", "queued_requests"}
+    assert one["queued_requests"] == []  # an ended run: nothing will apply a request
     a2 = next(a for a in one["actions"] if a["name"] == "a2")
     assert a2["phase"] == "FAILED"
     assert a2["error"]["type"] == "ValueError"
@@ -392,6 +402,59 @@ def test_the_store_keeps_only_hashes_and_the_cli_lists_without_secrets(site: Sit
         assert secret not in dump
         assert secret not in listing.stdout
         assert len(secret.removeprefix("flowsdk_")) >= 43  # 256 bits in URL-safe base64
+
+
+def _queued_until(site: Site, run: str, check: Any, what: str) -> list[dict[str, Any]]:
+    """Poll `GET /api/runs/RUN` until `check(queued_requests)` is true (deadline `WAIT`)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        reply = site.call("GET", f"/api/runs/{run}", who="viewer")
+        assert reply.status == 200, reply
+        queued: list[dict[str, Any]] = reply.json["queued_requests"]
+        if check(queued):
+            return queued
+        assert time.monotonic() < deadline, f"run {run}: {what} not seen in {WAIT} s: {queued}"
+        time.sleep(0.05)  # polling another process, bounded by the deadline above
+
+
+def test_a_run_lists_the_abort_its_blocked_runner_has_not_applied_until_it_does(
+    site: Site, tmp_path: Path
+) -> None:
+    """`queued_requests` is `show --json`'s, field for field; `[]` once the runner applied it."""
+    reason = "disk <b>full</b>"
+    with start_stuck(site.store, "api-queued", tmp_path / "released") as runner:
+        number = queue_abort(site.store, "api-queued", "a1", reason)
+        # The runner's store thread takes it within a round, its loop still blocked.
+        [entry] = _queued_until(site, "api-queued", lambda q: q and q[0]["taken"], "taken")
+        assert entry["id"] == number
+        assert entry["request"]["type"] == "abort"
+        assert (entry["request"]["action"], entry["request"]["reason"]) == ("a1", reason)
+        assert " pid " in entry["request"]["requested_by"]
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flowsdk",
+                "show",
+                "api-queued",
+                "--json",
+                f"--store={site.store}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=True,
+        )
+        assert json.loads(shown.stdout)["queued_requests"] == [entry]
+
+        (tmp_path / "released").touch()
+        runner.expect("CANCELLED", "a1")
+        _queued_until(site, "api-queued", lambda q: q == [], "the request applied")
+        assert runner.finish() == 0
+    detail = site.call("GET", "/api/runs/api-queued", who="viewer").json
+    assert (detail["run"]["phase"], detail["queued_requests"]) == ("SUCCEEDED", [])
+    [a1] = [a for a in detail["actions"] if a["name"] == "a1"]
+    assert (a1["phase"], a1["abort"]["reason"]) == ("ABORTED", reason)
 
 
 def test_a_console_without_tokens_refuses_a_non_loopback_address(tmp_path: Path) -> None:

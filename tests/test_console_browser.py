@@ -17,6 +17,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,9 @@ from tests.console_support import (
     Console,
     console_and_browser,
     create_token,
+    queue_abort,
     start_held,
+    start_stuck,
 )
 from tests.runners.harness import sqlite_url
 from tests.workflows import deep
@@ -192,6 +195,55 @@ def test_a_viewer_sees_the_run_but_no_control_buttons(site: Site) -> None:
 
         site.run(body)
         runner.finish()
+
+
+def test_a_queued_abort_is_a_line_of_text_under_the_header_until_the_runner_applies_it(
+    site: Site, tmp_path: Path
+) -> None:
+    """A page open before the request sees it come (the stream); one opened after, at once."""
+    reason = "<b>x</b> disk full"
+    pages: list[Any] = []
+
+    def open_page() -> None:
+        page = site.page("/runs/b-queued", role="viewer")
+        page.locator("#run-phase").filter(has_text="RUNNING").wait_for(timeout=MS)
+        pages.append(page)
+
+    def queued_line(page: Any) -> Any:
+        return page.locator("#run-queued .queued-request")
+
+    with start_stuck(site.store, "b-queued", tmp_path / "released") as runner:
+        site.run(open_page)
+        number = queue_abort(site.store, "b-queued", "a1", reason)
+
+        def shown() -> None:
+            open_page()  # its first picture holds the request
+            for page in pages:
+                line = queued_line(page)
+                playwright_api.expect(line).to_have_count(1, timeout=MS)
+                playwright_api.expect(line).to_contain_text(
+                    "taken by the runner, not yet applied", timeout=MS
+                )
+                text = line.text_content() or ""
+                assert text.startswith(f"queued #{number} abort of action a1 by "), text
+                assert " pid " in text
+                assert f'(reason: "{reason}"), taken by the runner' in text
+                assert line.locator("b, .reason b").count() == 0  # the reason's markup is text
+                assert line.locator(".reason").text_content() == f'"{reason}"'
+
+        site.run(shown)
+        (tmp_path / "released").touch()
+        runner.expect("CANCELLED", "a1")
+
+        def gone() -> None:
+            for page in pages:
+                _row(page, "a1").locator(".phase").filter(has_text="ABORTED").wait_for(timeout=MS)
+                playwright_api.expect(queued_line(page)).to_have_count(0, timeout=MS)
+                assert page.errors == []
+                page.context.close()
+
+        site.run(gone)
+        assert runner.finish() == 0
 
 
 def test_the_history_lists_runs_and_filters_by_name(site: Site) -> None:

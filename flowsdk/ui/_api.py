@@ -220,15 +220,20 @@ async def list_runs(request: Request, service: ControlService) -> Response:
 
 
 async def get_run(request: Request, service: ControlService) -> Response:
-    """`GET /api/runs/RUN?attempt=N&events=true`."""
+    """`GET /api/runs/RUN?attempt=N&events=true`, with the requests the runner has not answered."""
     query = _query(request, RunQuery)
     name = request.path_params["run"]
     attempt = query.attempt if query.attempt is not msgspec.UNSET else None
     run = await run_in_threadpool(partial(service.get_run, name, attempt=attempt))
 
     def detail() -> RunDetail:
+        # As `show --json`: an attempt that has ended (an earlier one included) costs no read.
+        queued = [] if run.record.phase.terminal else service.queued_requests(name)
         return RunDetail(
-            run=run.record, actions=run.actions, events=run.events if query.events else None
+            run=run.record,
+            actions=run.actions,
+            queued_requests=queued,
+            events=run.events if query.events else None,
         )
 
     return json_response(await run_in_threadpool(detail))

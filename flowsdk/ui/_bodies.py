@@ -15,6 +15,7 @@ import msgspec
 
 from flowsdk._phases import RunPhase
 from flowsdk._records import ActionRecord, ControlResult, Event, LogEntry, Progress, RunRecord
+from flowsdk.store import QueuedRequest
 
 __all__ = [
     "MAX_BODY",
@@ -120,10 +121,16 @@ class LogsAnswer(msgspec.Struct, kw_only=True):
 
 
 class RunDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One run: `{"run": RUN, "actions": [...]}`, plus `"events"` when asked for."""
+    """One run: `{"run": RUN, "actions": [...], "queued_requests": [...]}`, plus `"events"`.
+
+    `queued_requests` is `show --json`'s, encoded from the same `QueuedRequest`s: the
+    control requests the live runner has not answered yet, oldest first (`[]` for a
+    run that has ended). `events` only when asked for.
+    """
 
     run: RunRecord
     actions: list[ActionRecord]
+    queued_requests: list[QueuedRequest]
     events: list[Event] | None = None
 
 
@@ -198,7 +205,7 @@ def _query(struct: type[msgspec.Struct], components: dict[str, Any]) -> list[dic
 _SSE_EVENT = {
     "type": "object",
     "properties": {
-        "event": {"enum": ["run", "action", "event", "end"]},
+        "event": {"enum": ["run", "action", "event", "queued", "end"]},
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
     "required": ["event", "data"],
@@ -285,9 +292,10 @@ def openapi() -> dict[str, Any]:
                 "parameters": [_RUN],
                 "responses": {
                     "200": {
-                        "description": "event: run, then one event: action per action and "
-                        "the last 300 events; then event / action / run as they change; "
-                        "then end",
+                        "description": "event: run (then event: queued, the requests the "
+                        "runner has not answered, when there are some), then one event: action "
+                        "per action and the last 300 events; then event / action / run / "
+                        "queued as they change; then end",
                         "content": {"text/event-stream": {"schema": _SSE_EVENT}},
                     },
                     **{k: v for k, v in _answers("200", {}, "404").items() if k != "200"},

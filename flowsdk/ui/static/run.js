@@ -18,6 +18,7 @@
   let run = null;
   let actions = new Map();
   let events = new Map(); // seq -> event: the latest the stream sent (its first picture has the last 300)
+  let queued = []; // the control requests the runner has not answered (the stream's `queued`)
   let role = null;
   let live = false;
   const expanded = new Set();
@@ -505,11 +506,49 @@
       el("span", "muted", "by " + (run.stop.requested_by || "?") + " at " + fmtTime(run.stop.requested_at)),
     ].filter((node) => node !== null) : [];
     showUnlessSame(document.getElementById("run-stop"), stop);
+    showUnlessSame(document.getElementById("run-queued"), queued.map(queuedLine));
     const counts = new Map();
     for (const a of actions.values()) counts.set(a.phase, (counts.get(a.phase) || 0) + 1);
     showUnlessSame(document.getElementById("counts"),
       [...counts].map(([p, c]) => { const b = phaseBadge(c.toLocaleString() + " " + p); b.dataset.phase = p; return b; })
     );
+  }
+
+  // What a queued request asks for, in the CLI's words (`flowsdk show RUN`).
+  function asked(r) {
+    if (r.type === "stop") return r.abandon ? "stop and abandon" : "stop and wait";
+    if (r.type === "mark_failed") return "mark action " + r.action + " as failed";
+    if (r.action !== null && r.action !== undefined) return "abort of action " + r.action;
+    if (r.group !== null && r.group !== undefined) return "abort of group " + r.group;
+    return "abort of the run";
+  }
+
+  // One line per request the runner has not applied yet (its loop is blocked, or its
+  // process paused), as `flowsdk show RUN` prints it, so nobody asks again. Every part
+  // of it (names, who asked, the reason) is untrusted: text nodes only.
+  const REASON_SHOWN = 300; // characters; the whole reason is in the line's title
+  function queuedLine(q) {
+    const r = q.request;
+    const line = el("div", "queued-request");
+    line.dataset.request = q.id;
+    line.dataset.taken = q.taken ? "true" : "false";
+    let reason = null;
+    if (r.reason) {
+      const chars = Array.from(r.reason); // by character: never half a surrogate pair
+      const cut = chars.length > REASON_SHOWN ? chars.slice(0, REASON_SHOWN).join("") + "…" : r.reason;
+      reason = el("span", "reason", "\"" + cut + "\"");
+      reason.title = visible(r.reason);
+    }
+    add(line,
+      el("strong", null, "queued #" + q.id), " ",
+      asked(r),
+      r.requested_by ? " by " + r.requested_by : null,
+      " at " + fmtTime(q.at),
+      reason ? " (reason: " : null, reason, reason ? ")" : null,
+      ", ",
+      el("span", "muted", q.taken ? "taken by the runner, not yet applied" : "not yet taken by the runner")
+    );
+    return line;
   }
 
   function renderEvents() {
@@ -563,16 +602,20 @@
       for (;;) {
         live = true;
         let ended = false;
+        queued = []; // each first picture sends the list when there is one
         await readStream("/api/runs/" + encodeURIComponent(runName) + "/stream", (kind, data) => {
           if (kind === "run") {
             if (run && data.attempt !== run.attempt) { actions = new Map(); events = new Map(); }
             run = data;
+          } else if (kind === "queued") { // the whole list, each time it changes
+            queued = data;
           } else if (kind === "action") { // one per action in the first picture, then changes
             actions.set(data.name, data);
           } else if (kind === "event") {
             addEvent(data);
           } else if (kind === "end") {
             run = data;
+            queued = []; // an ended run's runner applies nothing more
             ended = true;
           }
           schedule();
