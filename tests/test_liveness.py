@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 import flowsdk
 from flowsdk import AbortCause, ActionPhase, Outcome, RunPhase
 from tests.runners.harness import Runner, sqlite_url, sync
-from tests.support import assert_clean
+from tests.support import assert_clean, pause
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,6 +221,26 @@ def _recorded_crashed_from_another_host(
             assert client.get_run(run).phase is RunPhase.CRASHED
 
 
+@contextlib.contextmanager
+def _paused_and_recorded_crashed(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, url: str, run: str
+) -> Iterator[None]:
+    """Pause a runner once its first body started, and record its run CRASHED elsewhere.
+
+    Every thread of the runner is stopped before the run is declared gone, as
+    another host would see it; the runner resumes on leaving.
+    """
+    runner.started(1)
+    with flowsdk.Client(url) as client:
+        sync(client, run)
+    pause(runner.proc)
+    try:
+        _recorded_crashed_from_another_host(monkeypatch, url, run)
+        yield
+    finally:
+        runner.proc.send_signal(signal.SIGCONT)
+
+
 def _heartbeat_older_than(path: Path, run: str, seconds: float) -> None:
     """Wait until the runner's recorded heartbeat is older than `seconds` (bounded poll)."""
     with contextlib.closing(sqlite3.connect(path)) as reader:
@@ -273,16 +294,9 @@ def test_a_runner_back_from_a_pause_seen_as_death_elsewhere_starts_no_new_body(
     url = sqlite_url(path)
     monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
     with Runner("lease.py", url, "taken", "two_steps", "0.5") as runner:
-        runner.started(1)
-        with flowsdk.Client(url) as client:
-            sync(client, "taken")
-        runner.proc.send_signal(signal.SIGSTOP)
-        try:
-            _recorded_crashed_from_another_host(monkeypatch, url, "taken")
+        with _paused_and_recorded_crashed(runner, monkeypatch, url, "taken"):
             _heartbeat_older_than(path, "taken", 0.6)
             runner.send("go")  # read once it resumes: first returns, the root calls second
-        finally:
-            runner.proc.send_signal(signal.SIGCONT)
         code = runner.finish()
     assert code != 0
     assert "recorded CRASHED" in runner.output
@@ -329,27 +343,22 @@ def test_a_runner_back_after_its_run_was_pruned_and_its_name_used_again_writes_n
     """The row under its name is another runner's now: it stops, and starts no new body."""
     url = sqlite_url(tmp_path / "s.db")
     monkeypatch.setenv("FLOWSDK_HOST", "runner-host")
-    with Runner("lease.py", url, "x", "two_steps", "0.5") as old:
-        old.started(1)
+    with (
+        Runner("lease.py", url, "x", "two_steps", "0.5") as old,
+        _paused_and_recorded_crashed(old, monkeypatch, url, "x"),
+    ):
         with flowsdk.Client(url) as client:
-            sync(client, "x")
-        old.proc.send_signal(signal.SIGSTOP)
-        try:
-            _recorded_crashed_from_another_host(monkeypatch, url, "x")
-            with flowsdk.Client(url) as client:
-                assert [r.name for r in client.prune(keep=0).deleted] == ["x"]
-            with Runner("lease.py", url, "x", "two_steps", "5") as new:
-                new.started(1)
-                time.sleep(0.7)  # the paused runner's lease (0.5 s) runs out: time must pass
-                old.send("go")  # read once it resumes: its first returns, its root calls second
-                old.proc.send_signal(signal.SIGCONT)
-                assert old.finish() != 0
-                assert "STARTED a2" not in old.output
-                new.send("go")
-                new.expect("STARTED", "a2")
-                assert new.finish() == 0
-        finally:
+            assert [r.name for r in client.prune(keep=0).deleted] == ["x"]
+        with Runner("lease.py", url, "x", "two_steps", "5") as new:
+            new.started(1)
+            time.sleep(0.7)  # the paused runner's lease (0.5 s) runs out: time must pass
+            old.send("go")  # read once it resumes: its first returns, its root calls second
             old.proc.send_signal(signal.SIGCONT)
+            assert old.finish() != 0
+            assert "STARTED a2" not in old.output
+            new.send("go")
+            new.expect("STARTED", "a2")
+            assert new.finish() == 0
     with flowsdk.Client(url) as client:
         run = client.get_run("x")
     assert run.phase is RunPhase.SUCCEEDED
