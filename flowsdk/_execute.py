@@ -220,6 +220,12 @@ async def hosted_wait(runtime: Runtime, action: ActionState) -> Any:
     waiting = False
     try:
         await _primed()
+        if action.atask is None and action.phase is QUEUED:
+            # Started inside `create_task` by a factory of the user's (eager): the body's
+            # task is not made yet (`_gather.start_direct`), and starts now, as eagerly.
+            make: Any = runtime.tracker.previous  # type: ignore[union-attr]
+            started(action, make(runtime.loop, run_action(runtime, action), context=action.context))
+            del make
         if action.req is not None:
             await asyncio.sleep(0)  # called below an operator's request: as in `action_handle`
         waiting = True
@@ -351,16 +357,19 @@ def start_child(
         action.direct = True  # what `gather` holds: the action's end settles it
     if parent.req is not None:
         stopped_above(action)  # before its task exists: an eager factory would start it
-    tracker = runtime.tracker
-    if tracker is not None and tracker.previous is None:
-        if context is None:
-            context = copy_context()  # the copy asyncio would make: the awaiter adopts its writes
-        action.context = context
-        if not later:
+    if context is None:
+        context = copy_context()  # the copy asyncio would make: the awaiter adopts its writes
+    action.context = context
+    if not later:
+        tracker = runtime.tracker
+        if tracker is None:
+            started(action, loop.create_task(run_action(runtime, action), context=context))
+        elif tracker.previous is None:
             action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
-    else:
-        action.context = context = copy_context()
-        started(action, loop.create_task(run_action(runtime, action), context=context))
+        else:  # the user's factory makes it, and may start the body at once (eager),
+            # whose calls are its own, not those of a `gather` this call may be under
+            gathering[0] = gathering[1] = None
+            started(action, tracker.previous(loop, run_action(runtime, action), context=context))
     return action
 
 

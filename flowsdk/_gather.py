@@ -23,7 +23,7 @@ from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from flowsdk._action import ActionState
-from flowsdk._execute import gathering, run_action, start_child
+from flowsdk._execute import gathering, run_action, start_child, started
 from flowsdk._tracker import HELD_WIDTH
 from flowsdk.errors import ActionLimitExceededError
 
@@ -138,11 +138,25 @@ def start_direct(
         assert done is not None
         assert waiter is not None  # made with the handle (`Runtime.call` made that)
         done.cancel = action  # type: ignore[method-assign]  # the task's cancel reaches the action
-        coro = waiter(runtime, action)
+        coro: Any = waiter(runtime, action)
         coro.send(None)
         loop = runtime.loop
-        host = _Task(coro, loop=loop, context=context)
-        action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
+        previous = tracker.previous
+        if previous is None:
+            host = _Task(coro, loop=loop, context=context)
+            action.atask = _Task(run_action(runtime, action), loop=loop, context=context)
+            return host
+        # The tasks are the user's factory's to make. One that starts a task at once
+        # (eager) runs the waiter past `_primed` in this call, and the waiter starts the
+        # body (`hosted_wait`): a body that returns in its first step has ended when
+        # `create_task` returns, and so has the task, as in asyncio. The body runs in
+        # `context` meanwhile, so the waiter runs in a copy: a context is entered by
+        # one task at a time.
+        primed = coro.cr_await
+        gathering[0] = gathering[1] = None  # the calls of a body started at once are its own
+        host = previous(loop, coro, context=context.copy())
+        if coro.cr_await is primed:  # not started yet: the body's task is made second
+            started(action, previous(loop, run_action(runtime, action), context=context))
         return host
     if rec is not None and rec.congested():
         # Backpressure: the action starts once the writer has caught up; a future

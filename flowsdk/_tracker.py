@@ -7,7 +7,7 @@ import contextvars
 import sys
 from collections.abc import Callable, Coroutine
 from contextvars import copy_context
-from types import CodeType
+from types import CodeType, CoroutineType
 from typing import Any
 
 from flowsdk._action import RunContext, current
@@ -15,6 +15,7 @@ from flowsdk._action import RunContext, current
 _getframe = sys._getframe
 _GATHER = asyncio.gather.__code__
 _Future = asyncio.Future
+_Coroutine = CoroutineType
 
 __all__ = ["HELD_WIDTH", "TaskTracker"]
 
@@ -26,7 +27,11 @@ class TaskTracker:
     """Installed as the loop's task factory for a run's duration; remembers the run's tasks.
 
     It chains to any factory already set, so a user's own factory keeps
-    working. Python 3.11 tasks do not expose their context; this is how a task
+    working: it makes every task, the calls' included, as below, and one that
+    starts a task at once (`asyncio.eager_task_factory`) starts a call's body
+    inside `create_task` or `gather`, as asyncio starts a coroutine then (the
+    handle of a call with more to do, in a task made by that factory, makes
+    the body's context itself). Python 3.11 tasks do not expose their context; this is how a task
     is known to belong to the run. Tasks whose coroutine runs one of `own`
     (the SDK's action and handle coroutines) are not tracked: they are actions.
     For a task that runs a call's handle (`handle`) it makes the task's context
@@ -70,9 +75,7 @@ class TaskTracker:
         previous = self.previous
         task: Any
         code = getattr(coro, "cr_code", None)
-        if previous is not None:
-            task = previous(loop, coro, **kwargs)
-        elif code is self.handle and "context" not in kwargs:
+        if code is self.handle and "context" not in kwargs:
             try:  # gather -> _ensure_future -> loop.create_task -> this
                 by_gather = _getframe(3).f_code is _GATHER
             except ValueError:  # a stack that shallow (a callback called from C): not gather
@@ -91,14 +94,20 @@ class TaskTracker:
             context = copy_context()
             if not by_gather:
                 started = self.gathered(coro, context)
-                if isinstance(started, asyncio.Task):
+                if not isinstance(started, _Coroutine):  # the task (a user's factory made it?)
                     if "name" in kwargs:  # given to the factory by Python 3.13.3 and later
                         started.set_name(kwargs["name"])
-                    return started
+                    return started  # type: ignore[no-any-return]
                 coro = started
+            if previous is not None:
+                # The user's factory may start the handle inside this call (eager): the
+                # handle then makes the body's context itself, a copy of this one.
+                return previous(loop, coro, context=context, **kwargs)  # type: ignore[no-any-return]
             handle_task = asyncio.Task(coro, loop=loop, context=context, **kwargs)
             self.contexts[handle_task] = context
             return handle_task
+        if previous is not None:
+            task = previous(loop, coro, **kwargs)
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
         if code in self.own:

@@ -111,3 +111,34 @@ async def test_no_body_starts_below_an_abort_under_an_eager_task_factory(tmp_pat
     calls = [a for a in run.actions if a.name != "a0"]
     assert [a.phase for a in calls] == [ActionPhase.ABORTED] * 2
     assert all(a.abort is not None and a.abort.cause.value == "ancestor" for a in calls)
+
+
+@env.task
+async def calls_inside(x: int) -> list[int]:
+    """Its first step runs inside the `gather` or `create_task` that started it."""
+    own = await at_once(x)
+    more = await asyncio.gather(at_once(x + 1), after_a_step(x + 2))
+    alone = await asyncio.create_task(at_once(x + 3))
+    return [own, *more, alone]
+
+
+@env.task
+async def nested() -> list[list[int]]:
+    gathered = await asyncio.gather(calls_inside(10), calls_inside(20))
+    return [*gathered, await asyncio.create_task(calls_inside(30))]
+
+
+@pytest.mark.timeout(60)
+async def test_a_body_started_inside_gather_makes_calls_of_its_own() -> None:
+    """Calls a body makes in the step an eager factory runs are its own children."""
+    run = await run_eagerly(nested)
+    assert run.phase is RunPhase.SUCCEEDED
+    assert run.result() == [[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]]
+    by_name = {a.name: a for a in run.actions}
+    outer = [a for a in run.actions if a.task == "eager.calls_inside"]
+    assert [a.parent for a in outer] == ["a0"] * 3
+    inner = [a for a in run.actions if a.task in ("eager.at_once", "eager.after_a_step")]
+    assert len(inner) == 12
+    assert all(by_name[a.parent or ""].task == "eager.calls_inside" for a in inner)
+    assert {a.phase for a in run.actions} == {ActionPhase.SUCCEEDED}
+    assert_clean(run)
