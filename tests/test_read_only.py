@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import flowsdk
@@ -156,10 +157,23 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     for shown in (as_nobody(store, "show", "live"), as_nobody(store, "show", "live", "--json")):
         assert shown.returncode == 0, shown.stderr
         assert ("run live  CRASHED" in shown.stdout) or ('"phase": "CRASHED"' in shown.stdout)
+    # Its unfinished actions too, in every view, as the owner's read then records them.
+    tree = as_nobody(store, "show", "live")
+    assert "RUNNING" not in tree.stdout
+    assert "CRASHED" in tree.stdout.split("\n", 1)[1]  # below the run's own line
+    whole = json.loads(as_nobody(store, "show", "live", "--json").stdout)["actions"]
+    judged_actions = {a["name"]: (a["phase"], a["ended_at"]) for a in whole}
+    assert judged_actions["a1"][0] == "CRASHED"
+    one = json.loads(as_nobody(store, "show", "live", "a1", "--json").stdout)["action"]
+    assert (one["phase"], one["ended_at"]) == judged_actions["a1"]
     assert recorded_phase(path, "live") == "RUNNING"  # the reader wrote nothing
     with flowsdk.Client(store) as owner:
-        assert owner.get_run("live").phase is RunPhase.CRASHED
+        recorded = owner.get_run("live")
+        assert recorded.phase is RunPhase.CRASHED
     assert recorded_phase(path, "live") == "CRASHED"
+    assert {
+        a.name: (a.phase.value, msgspec.to_builtins(a.ended_at)) for a in recorded.actions
+    } == judged_actions
 
 
 def test_a_store_whose_folder_and_file_cannot_be_written_is_read_as_it_is(

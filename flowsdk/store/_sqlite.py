@@ -46,7 +46,13 @@ from flowsdk.store._rows import close_names, events_from_rows, with_routine
 from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_holds import runner_alive, sweep_released
-from flowsdk.store._sqlite_readonly import as_judged, cannot_write, open_read_only
+from flowsdk.store._sqlite_readonly import (
+    as_judged,
+    cannot_write,
+    judged_phase,
+    judged_rows,
+    open_read_only,
+)
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
@@ -376,14 +382,17 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             record = self._record(conn, name, attempt)
-            rows = [
-                ActionRow(*r)
-                for r in conn.execute(
-                    f"SELECT {ACTION_COLUMNS} FROM actions "
-                    "WHERE run = ? AND run_attempt = ? ORDER BY seq",
-                    (name, record.attempt),
-                )
-            ]
+            rows = judged_rows(
+                [
+                    ActionRow(*r)
+                    for r in conn.execute(
+                        f"SELECT {ACTION_COLUMNS} FROM actions "
+                        "WHERE run = ? AND run_attempt = ? ORDER BY seq",
+                        (name, record.attempt),
+                    )
+                ],
+                self._judged.get((name, record.attempt)),
+            )
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             # Read now (one consistent picture), turned into `Event`s only if asked for.
             events = self._event_rows(conn, name, record.attempt, -1)
@@ -461,7 +470,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
                 ).fetchone()
                 if row is None:
                     raise missing_action(conn, name, attempt, action)
-                target = ActionPhase(row[0])
+                target = ActionPhase(judged_phase(row[0], self._judged.get((name, attempt))))
         return RunState(name, attempt, RunPhase(phase), target)
 
     def root_task_workdir(self, task: str) -> str | None:

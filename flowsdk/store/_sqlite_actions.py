@@ -23,6 +23,7 @@ from flowsdk._records import (
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import StoredAction
 from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle
+from flowsdk.store._sqlite_readonly import judged_outline, judged_phase, judged_rows
 from flowsdk.store._sqlite_schema import ACTION_COLUMNS, ACTION_EVENTS, translate
 
 __all__ = ["SQLiteActions"]
@@ -33,6 +34,8 @@ _CHUNK = 500
 
 class _Store(Protocol):
     path: str
+    # A reader that may not write: (run, attempt) judged gone -> last heartbeat.
+    _judged: dict[tuple[str, int], float]
 
     def _read(self) -> sqlite3.Connection | None: ...
 
@@ -109,6 +112,7 @@ class SQLiteActions:
             return []
         with translate(self.path):
             rows, keys = _rows(conn, name, attempt, actions)
+        rows = judged_rows(rows, self._judged.get((name, attempt)))
         return [action_from_row(name, r, keys[r.name]) for r in rows]
 
     def load_tree(self: _Store, name: str, attempt: int) -> list[ActionOutline]:
@@ -117,13 +121,14 @@ class SQLiteActions:
         if conn is None:
             return []
         with translate(self.path):
-            return outline(
+            found = outline(
                 conn.execute(
                     "SELECT name, parent, phase FROM actions WHERE run = ? AND run_attempt = ? "
                     "ORDER BY seq",
                     (name, attempt),
                 )
             )
+        return judged_outline(found, self._judged.get((name, attempt)))
 
     def load_payloads(
         self: _Store, name: str, attempt: int, actions: list[str]
@@ -165,7 +170,7 @@ class SQLiteActions:
                 },
             )
             events = events_from_rows(of_action(found, action))
-        row = rows[0]
+        [row] = judged_rows(rows, self._judged.get((name, record.attempt)))
         return StoredAction(
             record, action_from_row(name, row, keys[row.name]), row.inputs, row.output, events
         )
@@ -175,9 +180,10 @@ class SQLiteActions:
         conn = self._read()
         if conn is None:
             return []
+        gone_at = self._judged.get((name, attempt))
         with translate(self.path):
             return [
-                ActionPhase(r[0])
+                ActionPhase(judged_phase(r[0], gone_at))
                 for r in conn.execute(
                     "SELECT phase FROM actions WHERE run = ? AND run_attempt = ? AND grp = ?",
                     (name, attempt, group),
