@@ -24,6 +24,7 @@ import pytest
 
 import flowsdk
 from flowsdk import ActionPhase, RunPhase
+from flowsdk.cli._detail import concerning
 from tests.runners.harness import Runner, sync
 from tests.support import pause
 from tests.test_cli import REPO, TIMEOUT, Result, assert_iso, child_env, cli, cli_process
@@ -130,6 +131,14 @@ def test_show_and_watch_list_an_abort_until_the_blocked_runner_applies_it(
         # Under the run's header, above the tree.
         assert lines[0].split()[:3] == ["run", "stuck", "RUNNING"]
         assert line < next(n for n, text in enumerate(lines) if text.startswith("ACTION"))
+        # One action in full lists the requests that reach it: a1's abort, not for a0.
+        detail = cli(url, "show", "stuck", "a1").stdout.splitlines()
+        assert [text for text in detail if text.startswith("  queued  ")] == [lines[line]]
+        assert detail.index(lines[line]) < detail.index("inputs: (none)")
+        for action, ids in (("a1", [entry["id"]]), ("a0", [])):
+            one = cli(url, "show", "stuck", action, "--json")
+            assert one.code == 0, one.stderr
+            assert [q["id"] for q in one.json()["queued_requests"]] == ids
 
         with cli_process(url, "watch", "stuck", "--json") as watch:
             try:
@@ -251,3 +260,36 @@ def test_a_request_taken_by_a_runner_that_died_is_listed_neither_then_nor_for_th
     abort = run.action("a1").abort
     assert abort is not None
     assert (run.record.attempt, abort.reason) == (2, "for attempt 2")
+
+
+def test_one_action_in_full_lists_the_queued_requests_that_reach_it() -> None:
+    """By name, by its group, on the whole run; not another action's, group's or mark."""
+    action = flowsdk.ActionRecord(
+        run="r",
+        name="a3",
+        parent="a1",
+        task="t.train",
+        group="trials",
+        phase=ActionPhase.RUNNING,
+        attempt=1,
+        started_at=None,
+        ended_at=None,
+        error=None,
+        abort=None,
+    )
+    at = datetime.now(UTC)
+    requests: list[flowsdk.AbortRequest | flowsdk.StopRequest | flowsdk.MarkFailedRequest] = [
+        flowsdk.AbortRequest(run="r", action="a3"),
+        flowsdk.AbortRequest(run="r", action="a4"),
+        flowsdk.AbortRequest(run="r", group="trials"),
+        flowsdk.AbortRequest(run="r", group="other"),
+        flowsdk.AbortRequest(run="r"),
+        flowsdk.StopRequest(run="r", abandon=True),
+        flowsdk.MarkFailedRequest(run="r", action="a3"),
+        flowsdk.MarkFailedRequest(run="r", action="a1"),
+    ]
+    queued = [
+        flowsdk.QueuedRequest(id=n, at=at, taken=False, request=r)
+        for n, r in enumerate(requests, 1)
+    ]
+    assert [q.id for q in concerning(queued, action)] == [1, 3, 5, 6, 7]

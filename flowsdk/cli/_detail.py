@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from flowsdk._records import LogEntry, Progress
+from flowsdk._records import (
+    AbortRequest,
+    ActionRecord,
+    LogEntry,
+    MarkFailedRequest,
+    Progress,
+    StopRequest,
+)
 from flowsdk._text import preview, visible, visible_lines
 from flowsdk.cli._output import (
     CLEANUP_NOTE,
@@ -32,12 +39,14 @@ from flowsdk.cli._output import (
     event_lines,
     format_duration,
     format_time,
+    queued_lines,
 )
 from flowsdk.cli._signatures import Params, task_params
-from flowsdk.store import StoredAction
+from flowsdk.store import QueuedRequest, StoredAction
 
 __all__ = [
     "action_json",
+    "concerning",
     "action_lines",
     "decode_inputs",
     "log_lines",
@@ -93,12 +102,37 @@ def _decode(data: bytes | None) -> Any:
     return None if data is None else msgspec.msgpack.decode(data)
 
 
+def concerning(queued: Sequence[QueuedRequest], action: ActionRecord) -> list[QueuedRequest]:
+    """The queued requests that would reach `action` once applied.
+
+    An abort or a mark-failed of it by name, an abort of its group, and the
+    requests on the whole run (its abort, a stop). An abort of one of its
+    ancestors reaches it too, and is listed by `show RUN` (finding it here
+    would mean reading the action's ancestry).
+    """
+
+    def reaches(request: AbortRequest | StopRequest | MarkFailedRequest) -> bool:
+        if isinstance(request, StopRequest):
+            return True
+        if isinstance(request, MarkFailedRequest):
+            return request.action == action.name
+        if request.action is not None:
+            return request.action == action.name
+        return request.group is None or request.group == action.group
+
+    return [q for q in queued if reaches(q.request)]
+
+
 def action_json(
     detail: StoredAction,
     progress: list[Progress] | None = None,
     logs: list[LogEntry] | None = None,
+    queued: Sequence[QueuedRequest] = (),
 ) -> dict[str, Any]:
-    """Return the `show RUN ACTION --json` object of SPEC §6."""
+    """Return the `show RUN ACTION --json` object of SPEC §6.
+
+    With `"queued_requests"`: those of the run's that reach the action (`concerning`).
+    """
     try:
         named, value = decode_inputs(detail.inputs, _params(detail)), _decode(detail.output)
     except (msgspec.DecodeError, ValueError, TypeError):
@@ -122,6 +156,7 @@ def action_json(
             for e in logs or []
         ],
         "events": msgspec.to_builtins(detail.events),
+        "queued_requests": msgspec.to_builtins(list(queued)),
     }
 
 
@@ -206,8 +241,13 @@ def action_lines(
     detail: StoredAction,
     progress: list[Progress] | None = None,
     logs: list[LogEntry] | None = None,
+    queued: Sequence[QueuedRequest] = (),
 ) -> list[str]:
-    """Render one action in full for people (every stored text made visible)."""
+    """Render one action in full for people (every stored text made visible).
+
+    `queued`, the run's requests that reach it and its runner has not applied,
+    is a line each under the header.
+    """
     now = datetime.now(UTC)
     action = detail.action
     phase = action.phase.value
@@ -223,6 +263,7 @@ def action_lines(
         f"  started   {format_time(action.started_at)}"
         + (f"   ended {format_time(action.ended_at)}" if action.ended_at else "")
         + f"   duration {format_duration(action.started_at, action.ended_at, now=now)}",
+        *queued_lines(queued),
     ]
     if action.replayed:
         lines.append("  replayed  its output was reused from a recorded result, not computed")

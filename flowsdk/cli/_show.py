@@ -17,6 +17,7 @@ from flowsdk._text import visible
 from flowsdk.cli._detail import (
     action_json,
     action_lines,
+    concerning,
     value_previews,
     with_progress,
 )
@@ -173,10 +174,11 @@ def show(args: argparse.Namespace, out: Output) -> int:
             name, attempt = detail.record.name, detail.record.attempt
             progress = client.progress(name, attempt, detail.action.name)
             logs = client.logs(name, attempt, detail.action.name)
+            queued = concerning(_queued(client, detail.record), detail.action)
             if out.json:
-                out.print_json(action_json(detail, progress, logs))
+                out.print_json(action_json(detail, progress, logs, queued))
             else:
-                out.lines(action_lines(out, detail, progress, logs))
+                out.lines(action_lines(out, detail, progress, logs, queued))
             return EXIT_OK
         if out.json or args.events:
             run = client.get_run(args.run, attempt=args.attempt)
