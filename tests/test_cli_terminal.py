@@ -166,7 +166,17 @@ def test_json_keeps_the_exact_text(store: str) -> None:
     assert (detail["progress"], detail["logs"]) == ([], [])
     root = json.loads(flowsdk_cli(store, "show", "hostile", "a0", "--json").stdout)
     assert root["output"] == HOSTILE
-    assert set(root) == {"run", "action", "inputs", "output", "progress", "logs", "events"}
+    assert set(root) == {
+        "run",
+        "action",
+        "inputs",
+        "output",
+        "progress",
+        "logs",
+        "events",
+        "queued_requests",
+    }
+    assert root["queued_requests"] == []  # the run has ended: nothing waits
 
 
 def test_errors_echo_hostile_names_visibly(store: str) -> None:
