@@ -40,19 +40,14 @@ from flowsdk.errors import (
     StoreError,
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
+from flowsdk.store._judged import Judged, as_judged, judged_phase, judged_rows
 from flowsdk.store._location import check_store_file, sqlite_location
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._rows import close_names, events_from_rows, with_routine
 from flowsdk.store._sqlite_actions import SQLiteActions, missing_action
 from flowsdk.store._sqlite_dialect import SQLiteDialect
 from flowsdk.store._sqlite_holds import runner_alive, sweep_released
-from flowsdk.store._sqlite_readonly import (
-    as_judged,
-    cannot_write,
-    judged_phase,
-    judged_rows,
-    open_read_only,
-)
+from flowsdk.store._sqlite_readonly import cannot_write, open_read_only
 from flowsdk.store._sqlite_requests import SQLiteRequests
 from flowsdk.store._sqlite_schema import (
     ACTION_COLUMNS,
@@ -101,7 +96,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
         """Whether this process reads the store without being able to write it."""
         # Runs whose runner is gone, as a read-only reader judges them: (name, attempt)
         # -> last heartbeat. Shown CRASHED, never recorded by this process.
-        self._judged: dict[tuple[str, int], float] = {}
+        self._judged: Judged = {}
         self._lock = threading.Lock()
         self._checked_mode = False
 

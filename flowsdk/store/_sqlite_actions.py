@@ -22,8 +22,8 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import StoredAction
+from flowsdk.store._judged import Judged, judged_outline, judged_phase, judged_rows
 from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle
-from flowsdk.store._sqlite_readonly import judged_outline, judged_phase, judged_rows
 from flowsdk.store._sqlite_schema import ACTION_COLUMNS, ACTION_EVENTS, translate
 
 __all__ = ["SQLiteActions"]
@@ -35,7 +35,7 @@ _CHUNK = 500
 class _Store(Protocol):
     path: str
     # A reader that may not write: (run, attempt) judged gone -> last heartbeat.
-    _judged: dict[tuple[str, int], float]
+    _judged: Judged
 
     def _read(self) -> sqlite3.Connection | None: ...
 
