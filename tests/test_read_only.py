@@ -161,8 +161,8 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     tree = as_nobody(store, "show", "live")
     assert "RUNNING" not in tree.stdout
     assert "CRASHED" in tree.stdout.split("\n", 1)[1]  # below the run's own line
-    whole = json.loads(as_nobody(store, "show", "live", "--json").stdout)["actions"]
-    judged_actions = {a["name"]: (a["phase"], a["ended_at"]) for a in whole}
+    seen = json.loads(as_nobody(store, "show", "live", "--json").stdout)
+    judged_actions = {a["name"]: (a["phase"], a["ended_at"]) for a in seen["actions"]}
     assert judged_actions["a1"][0] == "CRASHED"
     one = json.loads(as_nobody(store, "show", "live", "a1", "--json").stdout)["action"]
     assert (one["phase"], one["ended_at"]) == judged_actions["a1"]
@@ -174,6 +174,7 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     assert {
         a.name: (a.phase.value, msgspec.to_builtins(a.ended_at)) for a in recorded.actions
     } == judged_actions
+    assert msgspec.to_builtins(recorded.record.ended_at) == seen["run"]["ended_at"]
 
 
 def test_a_store_whose_folder_and_file_cannot_be_written_is_read_as_it_is(

@@ -316,7 +316,12 @@ def _noop() -> flowsdk.Task[[], int]:
 
 
 def test_role_privileges_read_only_lists_but_cannot_control(pg_url: str) -> None:
-    """A role with SELECT only reads the history; a control request is permission denied."""
+    """A role with SELECT only reads the history; a control request is permission denied.
+
+    Once the runner is killed, the role shows the run and its unfinished actions
+    CRASHED as it judges them, without recording it; the owner's next read records
+    the same.
+    """
     from flowsdk.errors import PermissionDeniedError
 
     role = f"viewer_{pg_url.rsplit('_', 1)[-1]}"
@@ -332,11 +337,36 @@ def test_role_privileges_read_only_lists_but_cannot_control(pg_url: str) -> None
                 listed = [(r.name, r.phase) for r in client.runs()]
                 with pytest.raises(PermissionDeniedError, match="lacks a privilege"):
                     client.abort("seen", reason="not allowed")
+                runner.proc.kill()
+                runner.proc.wait(timeout=DEADLINE)
+                judged_list = [(r.name, r.phase) for r in client.runs()]
+                judged = client.get_run("seen")
+                one = client.get_action("seen", "a1").action
+                _, outline = client.service.get_outline("seen")
         finally:
             with admin(pg_url) as conn:
                 conn.execute(f"DROP OWNED BY {role}")
                 conn.execute(f"DROP ROLE {role}")
     assert listed == [("seen", RunPhase.RUNNING)]
+    assert judged_list == [("seen", RunPhase.CRASHED)]
+    assert judged.phase is RunPhase.CRASHED
+    assert {a.name: a.phase for a in judged.actions} == {
+        "a0": ActionPhase.CRASHED,
+        "a1": ActionPhase.CRASHED,
+    }
+    assert one == judged.action("a1")
+    assert {a.phase for a in outline} == {"CRASHED"}
+    with admin(pg_url) as conn:  # the role wrote nothing
+        row = conn.execute("SELECT phase FROM flowsdk.runs WHERE name = 'seen'").fetchone()
+    assert row is not None
+    assert row[0] == "RUNNING"
+    with flowsdk.Client(pg_url) as owner:
+        recorded = owner.get_run("seen")
+    assert recorded.phase is RunPhase.CRASHED
+    assert recorded.record.ended_at == judged.record.ended_at
+    assert [(a.name, a.phase, a.ended_at) for a in recorded.actions] == [
+        (a.name, a.phase, a.ended_at) for a in judged.actions
+    ]
 
 
 def test_text_with_nul_characters_is_recorded_visibly(pg_url: str) -> None:

@@ -2,11 +2,11 @@
 
 A reader that may not write the store (a SQLite file it may only read, a
 PostgreSQL role with SELECT only) judges a gone runner's run as a writer's read
-would record it, and records nothing: the run `CRASHED`, ended at the runner's
-last heartbeat, and so its unfinished actions, each ended then but never before
-it started (`mark_crashed` of each store). The store keeps what it judged as
-`(run, attempt) -> last heartbeat` (epoch seconds); the event log gets no
-judged entries: it is what was recorded.
+would record it, and records nothing: the run `CRASHED`, its unfinished actions
+`CRASHED` too, each ended at the runner's last heartbeat but never before it
+started, and the run ended then, or at the latest time one of its actions
+started or ended (`mark_crashed` of each store). The event log gets no judged
+entries: it is what was recorded.
 """
 
 from __future__ import annotations
@@ -18,50 +18,67 @@ import msgspec
 from flowsdk._phases import ActionPhase, RunPhase
 from flowsdk._records import ActionOutline, ActionRow, RunRecord
 
-__all__ = ["Judged", "as_judged", "judged_outline", "judged_phase", "judged_rows"]
-
-Judged = dict[tuple[str, int], float]
-"""What a reader judged: `(run, attempt) -> the gone runner's last heartbeat`."""
+__all__ = ["Judged"]
 
 _UNFINISHED = frozenset(p.value for p in ActionPhase if not p.terminal)
 _CRASHED = ActionPhase.CRASHED.value
 
 
-def as_judged(record: RunRecord, judged: Judged) -> RunRecord:
-    """The record as a reader judges it: CRASHED at its last heartbeat if its runner is gone."""
-    heartbeat = judged.get((record.name, record.attempt))
-    if heartbeat is None or record.phase.terminal:
-        return record
-    return msgspec.structs.replace(
-        record, phase=RunPhase.CRASHED, ended_at=datetime.fromtimestamp(heartbeat, UTC)
-    )
+class Judged:
+    """The runs a reader judged gone: `(run, attempt) -> (last heartbeat, the run's end)`.
 
-
-def judged_rows(rows: list[ActionRow], gone_at: float | None) -> list[ActionRow]:
-    """The rows as a reader judges them: unfinished ones CRASHED if the runner is gone.
-
-    `gone_at` is the gone runner's last heartbeat (None: not judged gone). Each
-    ends then, but never before it started, as `mark_crashed` records them.
+    Each view of such a run is passed through it: the run's record, its action
+    rows, its outline, one action's phase. A run recorded as ended meanwhile
+    (its owner's read recorded it) is shown as recorded.
     """
-    if gone_at is None:
-        return rows
-    return [
-        msgspec.structs.replace(r, phase=_CRASHED, ended_at=max(gone_at, r.started_at or gone_at))
-        if r.phase in _UNFINISHED
-        else r
-        for r in rows
-    ]
 
+    __slots__ = ("gone",)
 
-def judged_outline(found: list[ActionOutline], gone_at: float | None) -> list[ActionOutline]:
-    """An outline as a reader judges it (`judged_rows`)."""
-    if gone_at is None:
-        return found
-    return [
-        ActionOutline(a.name, a.parent, _CRASHED) if a.phase in _UNFINISHED else a for a in found
-    ]
+    def __init__(self) -> None:
+        self.gone: dict[tuple[str, int], tuple[float, float]] = {}
 
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self.gone
 
-def judged_phase(phase: str, gone_at: float | None) -> str:
-    """One action's phase as a reader judges it (`judged_rows`)."""
-    return _CRASHED if gone_at is not None and phase in _UNFINISHED else phase
+    def note(self, name: str, attempt: int, heartbeat: float, end: float | None) -> None:
+        """Judge the attempt gone: its runner's last heartbeat, its latest action time."""
+        self.gone[name, attempt] = (heartbeat, heartbeat if end is None else max(heartbeat, end))
+
+    def record(self, record: RunRecord) -> RunRecord:
+        """The run's record as judged: CRASHED, ended as `mark_crashed` would end it."""
+        found = self.gone.get((record.name, record.attempt))
+        if found is None or record.phase.terminal:
+            return record
+        return msgspec.structs.replace(
+            record, phase=RunPhase.CRASHED, ended_at=datetime.fromtimestamp(found[1], UTC)
+        )
+
+    def rows(self, name: str, attempt: int, rows: list[ActionRow]) -> list[ActionRow]:
+        """The attempt's action rows as judged: the unfinished ones CRASHED."""
+        found = self.gone.get((name, attempt))
+        if found is None:
+            return rows
+        heartbeat = found[0]
+        return [
+            msgspec.structs.replace(
+                r, phase=_CRASHED, ended_at=max(heartbeat, r.started_at or heartbeat)
+            )
+            if r.phase in _UNFINISHED
+            else r
+            for r in rows
+        ]
+
+    def outline(self, name: str, attempt: int, found: list[ActionOutline]) -> list[ActionOutline]:
+        """The attempt's outline as judged (`rows`)."""
+        if (name, attempt) not in self.gone:
+            return found
+        return [
+            ActionOutline(a.name, a.parent, _CRASHED) if a.phase in _UNFINISHED else a
+            for a in found
+        ]
+
+    def phase(self, name: str, attempt: int, phase: str) -> str:
+        """One of the attempt's phases (an action's, or the run's) as judged."""
+        if (name, attempt) in self.gone and phase in _UNFINISHED:
+            return _CRASHED
+        return phase

@@ -48,6 +48,7 @@ from flowsdk.store._base import (
     StoredRun,
     dropped_reply,
 )
+from flowsdk.store._judged import Judged
 from flowsdk.store._postgres_actions import PostgresActions, missing_action
 from flowsdk.store._postgres_dialect import Link, PostgresDialect
 from flowsdk.store._postgres_schema import (
@@ -104,6 +105,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
         self._reader: Conn | None = None
         self._requesters: list[Conn] = []  # idle sessions for control requests
         self._lock = threading.Lock()
+        self._judged = Judged()  # what a role that may not write judged gone
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._target.display!r})"
@@ -171,14 +173,25 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
     def _reconcile(self, conn: Conn, name: str | None = None) -> None:
         sql = LIVE_RUNS + (" AND r.name = %s" if name is not None else "")
         rows = conn.execute(sql, (name,) if name is not None else ()).fetchall()
-        for run, attempt, owner, age, held, before_restart in rows:
-            if runner_gone(owner, age, bool(held), bool(before_restart)):
-                try:
-                    mark_crashed(conn, run, attempt)
-                except (pg_errors.InsufficientPrivilege, pg_errors.LockNotAvailable):
-                    # Best effort, as with SQLite: a read-only role still lists and shows
-                    # runs, and a run locked by its writer is judged again on the next read.
-                    return
+        for run, attempt, owner, age, held, before_restart, heartbeat in rows:
+            if (run, attempt) in self._judged or not runner_gone(
+                owner, age, bool(held), bool(before_restart)
+            ):
+                continue
+            try:
+                mark_crashed(conn, run, attempt)
+            except pg_errors.InsufficientPrivilege:
+                # A role that may only read: the run is shown CRASHED as judged, and so
+                # are its unfinished actions, as SQLite's readers show them (`Judged`).
+                latest = conn.execute(
+                    "SELECT max(greatest(started_at, ended_at)) FROM flowsdk.actions "
+                    "WHERE run = %s AND run_attempt = %s",
+                    (run, attempt),
+                ).fetchone()
+                end = None if latest is None else latest[0]
+                self._judged.note(run, attempt, float(heartbeat), end)
+            except pg_errors.LockNotAvailable:
+                return  # locked by its writer: judged again on the next read
 
     def reconcile(self) -> None:
         """Mark runs whose runner is gone (and their unfinished actions) CRASHED."""
@@ -222,7 +235,10 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
             if limit is not None:
                 sql += " LIMIT %s"
                 params.append(limit)
-            return [run_record(r) for r in conn.execute(sql, params)]
+            found = [self._judged.record(run_record(r)) for r in conn.execute(sql, params)]
+            if phase is not None:  # judged CRASHED since its row said otherwise
+                found = [r for r in found if r.phase is phase]
+            return found
 
         return self._read(work, list)
 
@@ -231,8 +247,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
 
         def work(conn: Conn) -> StoredRun:
             self._reconcile(conn, name)
-            row = self._run_row(conn, name, attempt)
-            record = run_record(row)
+            record = self._run(conn, name, attempt)
             rows = [
                 ActionRow(*r)
                 for r in conn.execute(
@@ -241,6 +256,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
                     (name, record.attempt),
                 )
             ]
+            rows = self._judged.rows(name, record.attempt, rows)
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             # Read now (one consistent picture), turned into `Event`s only if asked for.
             events = _event_rows(conn, name, record.attempt, -1)
@@ -280,10 +296,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
 
     def load_record(self, name: str, attempt: int | None = None) -> RunRecord:
         """Return one attempt's run record alone (default: the latest)."""
-        return self._read(
-            lambda conn: run_record(self._run_row(conn, name, attempt)),
-            lambda: self._none_yet(name),
-        )
+        return self._read(lambda conn: self._run(conn, name, attempt), lambda: self._none_yet(name))
 
     def _none_yet(self, name: str) -> NoReturn:
         raise RunNotFoundError(
@@ -306,6 +319,10 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
             raise self._not_found(conn, name, attempt)
         return tuple(row)
 
+    def _run(self, conn: Conn, name: str, attempt: int | None) -> RunRecord:
+        """One attempt's record (default: the latest), as this reader judges it."""
+        return self._judged.record(run_record(self._run_row(conn, name, attempt)))
+
     def _latest(self, conn: Conn, name: str) -> tuple[int, str]:
         row = conn.execute(
             "SELECT attempt, phase FROM flowsdk.runs WHERE name = %s ORDER BY attempt DESC LIMIT 1",
@@ -313,7 +330,8 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
         ).fetchone()
         if row is None:
             raise self._not_found(conn, name, None)
-        return int(row[0]), str(row[1])
+        attempt = int(row[0])
+        return attempt, self._judged.phase(name, attempt, str(row[1]))
 
     def run_state(self, name: str, action: str | None = None) -> RunState:
         """Return the latest attempt's phase (and `action`'s) by keyed lookups."""
@@ -332,7 +350,7 @@ class PostgresStore(PostgresActions, PostgresTokens, PostgresTrace):
                 ).fetchone()
                 if row is None:
                     raise missing_action(conn, name, attempt, action)
-                target = ActionPhase(row[0])
+                target = ActionPhase(self._judged.phase(name, attempt, row[0]))
             return RunState(name, attempt, RunPhase(phase), target)
 
         return self._read(work, lambda: self._none_yet(name))

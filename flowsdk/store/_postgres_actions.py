@@ -18,13 +18,15 @@ from flowsdk._records import (
     ActionOutline,
     ActionRecord,
     ActionRow,
+    RunRecord,
     action_from_row,
     whole_keys,
 )
 from flowsdk.errors import ActionNotFoundError
 from flowsdk.store._base import StoredAction
+from flowsdk.store._judged import Judged
 from flowsdk.store._postgres_schema import ACTION_COLUMNS, ACTION_EVENTS
-from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle, run_record
+from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle
 
 __all__ = ["PostgresActions", "missing_action"]
 
@@ -33,13 +35,15 @@ Conn = psycopg.Connection[Any]
 
 
 class _Store(Protocol):
+    _judged: Judged  # what a role that may not write judged gone
+
     def _read(self, work: Callable[[Conn], T], empty: Callable[[], T]) -> T: ...
 
     def _none_yet(self, name: str) -> NoReturn: ...
 
     def _reconcile(self, conn: Conn, name: str | None = None) -> None: ...
 
-    def _run_row(self, conn: Conn, name: str, attempt: int | None) -> tuple[Any, ...]: ...
+    def _run(self, conn: Conn, name: str, attempt: int | None) -> RunRecord: ...
 
 
 def _rows(
@@ -103,6 +107,7 @@ class PostgresActions:
 
         def work(conn: Conn) -> list[ActionRecord]:
             rows, keys = _rows(conn, name, attempt, actions)
+            rows = self._judged.rows(name, attempt, rows)
             return [action_from_row(name, r, keys[r.name]) for r in rows]
 
         return self._read(work, list)
@@ -111,13 +116,14 @@ class PostgresActions:
         """Return every action of one attempt in outline, in start order."""
 
         def work(conn: Conn) -> list[ActionOutline]:
-            return outline(
+            found = outline(
                 conn.execute(
                     "SELECT name, parent, phase FROM flowsdk.actions WHERE run = %s "
                     "AND run_attempt = %s ORDER BY seq",
                     (name, attempt),
                 )
             )
+            return self._judged.outline(name, attempt, found)
 
         return self._read(work, list)
 
@@ -143,7 +149,7 @@ class PostgresActions:
 
         def work(conn: Conn) -> StoredAction:
             self._reconcile(conn, name)
-            record = run_record(self._run_row(conn, name, attempt))
+            record = self._run(conn, name, attempt)
             rows, keys = _rows(conn, name, record.attempt, [action])
             if not rows:
                 raise missing_action(conn, name, record.attempt, action)
@@ -157,7 +163,7 @@ class PostgresActions:
                 },
             )
             events = events_from_rows(of_action(found, action))
-            row = rows[0]
+            [row] = self._judged.rows(name, record.attempt, rows)
             return StoredAction(
                 record, action_from_row(name, row, keys[row.name]), row.inputs, row.output, events
             )
@@ -169,7 +175,7 @@ class PostgresActions:
 
         def work(conn: Conn) -> list[ActionPhase]:
             return [
-                ActionPhase(r[0])
+                ActionPhase(self._judged.phase(name, attempt, r[0]))
                 for r in conn.execute(
                     "SELECT phase FROM flowsdk.actions WHERE run = %s AND run_attempt = %s "
                     "AND grp = %s",

@@ -249,7 +249,8 @@ LIVE_RUNS = """SELECT r.name, r.attempt, r.owner,
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
         AND l.classid = (r.lock_key >> 32)::oid AND l.objid = (r.lock_key & 4294967295)::oid),
-    r.heartbeat < extract(epoch FROM pg_postmaster_start_time())
+    r.heartbeat < extract(epoch FROM pg_postmaster_start_time()),
+    coalesce(r.heartbeat, extract(epoch FROM clock_timestamp()))
     FROM flowsdk.runs r WHERE r.phase IN ('RUNNING', 'STOPPING')"""
 
 

@@ -40,7 +40,7 @@ from flowsdk.errors import (
     StoreError,
 )
 from flowsdk.store._base import RequestHandler, RunRecorder, RunState, StoredRun
-from flowsdk.store._judged import Judged, as_judged, judged_phase, judged_rows
+from flowsdk.store._judged import Judged
 from flowsdk.store._location import check_store_file, sqlite_location
 from flowsdk.store._prune import delete_runs_sqlite, file_size, give_back_space, prune_plan
 from flowsdk.store._rows import close_names, events_from_rows, with_routine
@@ -96,7 +96,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
         """Whether this process reads the store without being able to write it."""
         # Runs whose runner is gone, as a read-only reader judges them: (name, attempt)
         # -> last heartbeat. Shown CRASHED, never recorded by this process.
-        self._judged: Judged = {}
+        self._judged = Judged()
         self._lock = threading.Lock()
         self._checked_mode = False
 
@@ -289,11 +289,27 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             )
         ]
         if self.read_only:
-            self._judged = {(n, a): hb if hb is not None else now for n, a, hb in dead}
+            for name, attempt, heartbeat in dead:
+                self._judge(conn, name, attempt, heartbeat if heartbeat is not None else now)
             return
         for name, attempt, heartbeat in dead:
             if not self._mark_gone(conn, name, attempt, heartbeat):
                 return  # locked: someone is writing; try on the next read
+
+    def _judge(self, conn: sqlite3.Connection, name: str, attempt: int, heartbeat: float) -> None:
+        """Judge a gone runner's attempt CRASHED in this reader's views (`Judged`), once.
+
+        One read of its latest action time: the run ends no earlier, as recorded.
+        """
+        if (name, attempt) in self._judged:
+            return
+        with translate(self.path):
+            (end,) = conn.execute(
+                "SELECT max(max(started_at, coalesce(ended_at, started_at))) FROM actions "
+                "WHERE run = ? AND run_attempt = ?",
+                (name, attempt),
+            ).fetchone()
+        self._judged.note(name, attempt, heartbeat, end)
 
     def _mark_gone(
         self, conn: sqlite3.Connection, name: str, attempt: int, heartbeat: float | None
@@ -363,8 +379,8 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             params.append(limit)
         with translate(self.path):
             found = [run_record(row) for row in conn.execute(sql, params)]
-        if self._judged:
-            found = [as_judged(r, self._judged) for r in found]
+        if self._judged.gone:
+            found = [self._judged.record(r) for r in found]
             if phase is not None:
                 found = [r for r in found if r.phase is phase]
         return found
@@ -377,17 +393,15 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             raise RunNotFoundError(self._no_runs(name))
         with translate(self.path):
             record = self._record(conn, name, attempt)
-            rows = judged_rows(
-                [
-                    ActionRow(*r)
-                    for r in conn.execute(
-                        f"SELECT {ACTION_COLUMNS} FROM actions "
-                        "WHERE run = ? AND run_attempt = ? ORDER BY seq",
-                        (name, record.attempt),
-                    )
-                ],
-                self._judged.get((name, record.attempt)),
-            )
+            rows = [
+                ActionRow(*r)
+                for r in conn.execute(
+                    f"SELECT {ACTION_COLUMNS} FROM actions "
+                    "WHERE run = ? AND run_attempt = ? ORDER BY seq",
+                    (name, record.attempt),
+                )
+            ]
+            rows = self._judged.rows(name, record.attempt, rows)
             payloads = {r.name: (r.inputs, r.output) for r in rows}
             # Read now (one consistent picture), turned into `Event`s only if asked for.
             events = self._event_rows(conn, name, record.attempt, -1)
@@ -417,7 +431,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             ).fetchone()
         if row is None:
             raise self._not_found(conn, name, attempt)
-        return as_judged(run_record(row), self._judged)
+        return self._judged.record(run_record(row))
 
     def _event_rows(
         self, conn: sqlite3.Connection, name: str, attempt: int, cursor: int
@@ -452,7 +466,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
             ):
                 if self.read_only:  # judged gone, not recorded: as this reader's reads say
                     gone_at = heartbeat if heartbeat is not None else time.time()
-                    self._judged[name, attempt] = gone_at
+                    self._judge(conn, name, attempt, gone_at)
                     phase = RunPhase.CRASHED.value
                 else:
                     self._mark_gone(conn, name, attempt, heartbeat)
@@ -465,7 +479,7 @@ class SQLiteStore(SQLiteActions, SQLiteRequests, SQLiteTokens, SQLiteTrace):
                 ).fetchone()
                 if row is None:
                     raise missing_action(conn, name, attempt, action)
-                target = ActionPhase(judged_phase(row[0], self._judged.get((name, attempt))))
+                target = ActionPhase(self._judged.phase(name, attempt, row[0]))
         return RunState(name, attempt, RunPhase(phase), target)
 
     def root_task_workdir(self, task: str) -> str | None:

@@ -22,7 +22,7 @@ from flowsdk._records import (
 )
 from flowsdk.errors import ActionNotFoundError, RunNotFoundError
 from flowsdk.store._base import StoredAction
-from flowsdk.store._judged import Judged, judged_outline, judged_phase, judged_rows
+from flowsdk.store._judged import Judged
 from flowsdk.store._rows import events_from_rows, of_action, outline, routine_needle
 from flowsdk.store._sqlite_schema import ACTION_COLUMNS, ACTION_EVENTS, translate
 
@@ -34,8 +34,7 @@ _CHUNK = 500
 
 class _Store(Protocol):
     path: str
-    # A reader that may not write: (run, attempt) judged gone -> last heartbeat.
-    _judged: Judged
+    _judged: Judged  # what a reader that may not write judged gone
 
     def _read(self) -> sqlite3.Connection | None: ...
 
@@ -112,7 +111,7 @@ class SQLiteActions:
             return []
         with translate(self.path):
             rows, keys = _rows(conn, name, attempt, actions)
-        rows = judged_rows(rows, self._judged.get((name, attempt)))
+        rows = self._judged.rows(name, attempt, rows)
         return [action_from_row(name, r, keys[r.name]) for r in rows]
 
     def load_tree(self: _Store, name: str, attempt: int) -> list[ActionOutline]:
@@ -128,7 +127,7 @@ class SQLiteActions:
                     (name, attempt),
                 )
             )
-        return judged_outline(found, self._judged.get((name, attempt)))
+        return self._judged.outline(name, attempt, found)
 
     def load_payloads(
         self: _Store, name: str, attempt: int, actions: list[str]
@@ -170,7 +169,7 @@ class SQLiteActions:
                 },
             )
             events = events_from_rows(of_action(found, action))
-        [row] = judged_rows(rows, self._judged.get((name, record.attempt)))
+        [row] = self._judged.rows(name, record.attempt, rows)
         return StoredAction(
             record, action_from_row(name, row, keys[row.name]), row.inputs, row.output, events
         )
@@ -180,10 +179,10 @@ class SQLiteActions:
         conn = self._read()
         if conn is None:
             return []
-        gone_at = self._judged.get((name, attempt))
+        judged = self._judged
         with translate(self.path):
             return [
-                ActionPhase(judged_phase(r[0], gone_at))
+                ActionPhase(judged.phase(name, attempt, r[0]))
                 for r in conn.execute(
                     "SELECT phase FROM actions WHERE run = ? AND run_attempt = ? AND grp = ?",
                     (name, attempt, group),
