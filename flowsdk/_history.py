@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flowsdk._payload import inputs_digest, same_inputs
 from flowsdk._phases import ActionPhase
 from flowsdk.errors import NondeterminismError
+
+if TYPE_CHECKING:
+    from flowsdk._options import TaskSpec
 
 __all__ = ["History", "Keyed"]
 
@@ -48,8 +51,11 @@ class History:
             keys[link.name] = key
         return key
 
-    def match(self, key: str, task: str, inputs: bytes) -> bytes | None:
+    def match(self, key: str, spec: TaskSpec, inputs: bytes) -> bytes | None:
         """Return the recorded output to replay for this call, or None to execute it.
+
+        The inputs match when they bind to the same values (`same_inputs`): a call
+        made by keyword, or with a default given, replays one made otherwise.
 
         Raises:
             NondeterminismError: the key was recorded for another task or other inputs.
@@ -58,13 +64,17 @@ class History:
         if recorded is None:
             return None
         rec_task, rec_inputs, phase, output = recorded
-        if rec_task != task or (rec_inputs is not None and not same_inputs(rec_inputs, inputs)):
+        task = spec.name
+        if rec_task != task or (
+            rec_inputs is not None and not same_inputs(rec_inputs, inputs, spec)
+        ):
             what = "task" if rec_task != task else "inputs"
-            before = inputs_digest(rec_inputs)[:12] if rec_inputs is not None else "?"
+            before = inputs_digest(rec_inputs, spec)[:12] if rec_inputs is not None else "?"
+            now = inputs_digest(inputs, spec)[:12]
             raise NondeterminismError(
                 f"run {self.run!r} diverged from its history at call {key}: a previous attempt "
                 f"recorded {rec_task} with inputs {before}, this attempt called {task} with "
-                f"inputs {inputs_digest(inputs)[:12]} (the {what} differ). A retry replays only "
+                f"inputs {now} (the {what} differ). A retry replays only "
                 "calls made in the same order with the same inputs; nothing recorded was handed "
                 "to this call. Start a new run instead"
             )

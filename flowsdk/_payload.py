@@ -64,6 +64,7 @@ class _Shape:
     """What the codec needs to know of a task's function, computed once per task."""
 
     __slots__ = (
+        "_defaults",
         "_keyword_names",
         "_names",
         "fits",
@@ -96,6 +97,7 @@ class _Shape:
         self.hints = hints
         self._names: dict[int, list[str]] = {}
         self._keyword_names: dict[int, list[str]] = {}
+        self._defaults: dict[str, Any] | None = None
 
     def names(self, args: tuple[Any, ...]) -> list[str]:
         """The names of a call's positional values, the call having no keywords.
@@ -140,6 +142,26 @@ class _Shape:
                 f"task {self.task.name!r} called with arguments that do not fit "
                 f"{self.task.fn.__name__}{bare}: {exc}"
             ) from None
+
+    def raw_defaults(self) -> dict[str, Any]:
+        """The function's default values as recordings hold them, by parameter (once a task).
+
+        A default that cannot be recorded stands as a marker naming it: a call
+        that leaves it out equals another that does, and no recorded value
+        equals it.
+        """
+        found: dict[str, Any] | None = self._defaults
+        if found is None:
+            found = {}
+            for param in self.task.signature.parameters.values():
+                if param.default is param.empty:
+                    continue
+                try:
+                    found[param.name] = msgspec.msgpack.decode(_encode(param.default))
+                except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+                    found[param.name] = {"flowsdk-default-of": param.name}
+            self._defaults = found
+        return found
 
     def param(self, index: int) -> str:
         if index < len(self.positional):
@@ -298,25 +320,41 @@ def decode_output(task: TaskSpec | None, data: bytes) -> Any:
     return _convert(raw, hint)
 
 
-def canonical(data: bytes) -> bytes:
+def canonical(data: bytes, task: TaskSpec | None = None) -> bytes:
     """Re-encode recorded inputs' values with sorted dictionary keys (equal values, equal bytes).
 
-    The parameter names recorded with positional values are left out: they are
-    not part of the call, and recordings without them compare equal.
+    With the `task`, each value under its parameter's name, bound as calling the
+    function binds it, defaults filled in: `f(1)`, `f(x=1)` and, when 1 is the
+    default, `f()` are the same call. Inputs that no longer bind (the function
+    changed since they were recorded) are compared as given. The parameter
+    names recorded with positional values are left out: they are not part of
+    the call, and recordings without them compare equal.
     """
-    return _canonical_encoder.encode(msgspec.msgpack.decode(data)[:2])
+    args, kwargs = msgspec.msgpack.decode(data)[:2]
+    if task is not None:
+        try:
+            bound = task.signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            pass
+        else:
+            defaults = (task._shape or _shape(task)).raw_defaults()
+            return _canonical_encoder.encode({**defaults, **bound})
+    return _canonical_encoder.encode([args, kwargs])
 
 
-def same_inputs(recorded: bytes, called: bytes) -> bool:
-    """Whether two recordings hold equal values."""
-    return recorded == called or canonical(recorded) == canonical(called)
+def same_inputs(recorded: bytes, called: bytes, task: TaskSpec | None = None) -> bool:
+    """Whether two recordings hold equal values (as `task` binds them, when given)."""
+    return recorded == called or canonical(recorded, task) == canonical(called, task)
 
 
-def inputs_digest(data: bytes) -> str:
-    """A stable digest of recorded inputs, independent of dictionary order (the cache key)."""
+def inputs_digest(data: bytes, task: TaskSpec | None = None) -> str:
+    """A stable digest of recorded inputs, independent of dictionary order (the cache key).
+
+    With the `task`, of the values as bound to its parameters (`canonical`).
+    """
     import hashlib  # on first use (the cache): `import flowsdk` stays light
 
-    return hashlib.sha256(canonical(data)).hexdigest()
+    return hashlib.sha256(canonical(data, task)).hexdigest()
 
 
 def task_version(task: TaskSpec) -> str:

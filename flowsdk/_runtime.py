@@ -253,7 +253,7 @@ class Runtime:
         recorded = None
         history = self.history
         if history is not None:
-            recorded = history.match(history.key_of(parent) + key, task.name, inputs)
+            recorded = history.match(history.key_of(parent) + key, task, inputs)
         handle = task._handle or task._make_handle()
         return handle(self, parent, task, args, kwargs, key, inputs, recorded)
 
@@ -312,7 +312,7 @@ class Runtime:
         recorder = self.log.recorder
         if recorder is None:
             return None
-        return await recorder.cache_get(task.name, task_version(task), inputs_digest(inputs))
+        return await recorder.cache_get(task.name, task_version(task), inputs_digest(inputs, task))
 
     # -- finishing actions ---------------------------------------------------------
 
@@ -368,7 +368,7 @@ class Runtime:
             recorder.cache_put(
                 action.task.name,
                 task_version(action.task),
-                inputs_digest(action.inputs),
+                inputs_digest(action.inputs, action.task),
                 action.output,
             )
         self._finish(action, SUCCEEDED)

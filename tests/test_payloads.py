@@ -24,7 +24,7 @@ import msgspec
 import pytest
 
 import flowsdk
-from flowsdk._payload import inputs_digest, same_inputs
+from flowsdk._payload import encode_inputs, inputs_digest, same_inputs
 from flowsdk.errors import RuntimeUserError, SerializationError
 from flowsdk.testing import sqlite_url
 from tests.support import assert_clean, phases
@@ -462,6 +462,32 @@ def test_dict_key_order_does_not_change_the_recorded_inputs() -> None:
     assert inputs_digest(first) == inputs_digest(second)
     assert seen == [["b", "a"], ["a", "b"]]
     assert_clean(run)
+
+
+_NOT_RECORDABLE = object()
+
+
+def test_inputs_that_bind_to_the_same_values_are_the_same_inputs() -> None:
+    """By position or keyword, a default left out or given: one call (retry, cache)."""
+    env = flowsdk.TaskEnvironment("bound")
+
+    @env.task
+    async def f(
+        x: int, by: int = 2, *rest: int, mode: object = _NOT_RECORDABLE, **more: int
+    ) -> None:
+        return None
+
+    def inputs(*args: Any, **kwargs: Any) -> bytes:
+        return encode_inputs(f, args, kwargs)
+
+    same = [inputs(1), inputs(x=1), inputs(1, 2), inputs(by=2, x=1), inputs(1, by=2)]
+    assert all(same_inputs(same[0], other, f) for other in same)
+    assert len({inputs_digest(one, f) for one in same}) == 1
+    others = [inputs(2), inputs(1, 3), inputs(1, 2, 5), inputs(1, z=4), inputs(1, mode=None)]
+    assert not any(same_inputs(same[0], other, f) for other in others)
+    assert len({inputs_digest(one, f) for one in [same[0], *others]}) == 6
+    # Without the task (or recorded for a signature the function no longer has): as given.
+    assert not same_inputs(inputs(1), inputs(x=1))
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,23 @@ def test_retry_replays_what_succeeded_in_an_attempt_before_the_last(
 # -- a retry that diverges from its history --------------------------------------------------
 
 
+def test_retry_replays_a_call_made_with_the_same_values_by_keyword_or_default(
+    url: str, workdir: Path
+) -> None:
+    """`step("b", w)`, then `step(workdir=w, name="b", suffix="-done")`: the same call."""
+    first = flowsdk.run(pipeline.diverging, str(workdir), name="p4", store=url)
+    assert first.phase is RunPhase.FAILED  # check failed: a0/3
+    (workdir / "by-keyword").touch()
+    (workdir / "fixed").touch()
+    with flowsdk.Client(url) as client:
+        run = client.retry("p4")
+    assert run.phase is RunPhase.SUCCEEDED, run.result
+    assert run.result() == ["a-done", "b-done"]
+    assert by_key(run)["a0/2"] == ("SUCCEEDED", True)
+    assert counts(workdir, "a", "b", "check") == {"a": 1, "b": 1, "check": 2}
+    assert_clean(run)
+
+
 @pytest.mark.parametrize(("flag", "called"), [("other-input", "B"), ("other-task", "other-b")])
 def test_retry_that_calls_differently_raises_nondeterminism_error(
     flag: str, called: str, url: str, workdir: Path
@@ -412,6 +429,27 @@ def cached_square(version: str | None, bodies: list[int]) -> flowsdk.Task[[], in
         return await square(4)
 
     return root
+
+
+def test_cache_reuses_an_output_for_the_same_values_however_they_are_passed(url: str) -> None:
+    """`scale(4)`, `scale(x=4)`, `scale(4, by=2)`: one call; `scale(4, by=3)` another."""
+    env = flowsdk.TaskEnvironment("cache-bound", cache=True, cache_version="1")
+    bodies: list[tuple[int, int]] = []
+
+    @env.task
+    async def scale(x: int, by: int = 2) -> int:
+        bodies.append((x, by))
+        return x * by
+
+    @env.task(cache=False)
+    async def root() -> list[int]:
+        return [await scale(4), await scale(x=4), await scale(4, by=2), await scale(4, by=3)]
+
+    runs = [flowsdk.run(root, store=url) for _ in range(2)]
+    assert [r.result() for r in runs] == [[8, 8, 8, 12]] * 2
+    assert bodies == [(4, 2), (4, 3)]
+    assert [a.replayed for a in runs[0].actions[1:]] == [False, True, True, False]
+    assert [a.replayed for a in runs[1].actions[1:]] == [True] * 4
 
 
 def test_cache_reuses_an_output_across_runs_of_the_same_store(url: str) -> None:

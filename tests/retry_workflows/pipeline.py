@@ -7,7 +7,8 @@
 - `failing`: steps a and b, then `check`, which fails until the flag `fixed`
   is set, then step c. With the flag `fail-early` it fails before any call.
 - `diverging`: like `failing`, but with the flag `other-input` (or
-  `other-task`) its second call differs from the first attempt's.
+  `other-task`) its second call differs from the first attempt's; with
+  `by-keyword` it passes the same values by keyword, and the default too.
 - `gathered`: gathers steps a and b and `check` (fails until `fixed`), then
   gathers step c.
 - `staged`: calls `stage` (retries=1), whose first attempt calls step b then
@@ -27,9 +28,9 @@ env = flowsdk.TaskEnvironment("pipeline")
 
 
 @env.task
-async def step(name: str, workdir: str) -> str:
+async def step(name: str, workdir: str, suffix: str = "-done") -> str:
     bump(workdir, name)
-    return f"{name}-done"
+    return f"{name}{suffix}"
 
 
 @env.task
@@ -82,6 +83,8 @@ async def diverging(workdir: str) -> list[str]:
             call = step("B", workdir)
         elif flag(workdir, "other-task"):
             call = other("b", workdir)
+        elif flag(workdir, "by-keyword"):  # the same values: by keyword, the default given
+            call = step(workdir=workdir, name="b", suffix="-done")
         else:
             call = step("b", workdir)
     except NondeterminismError:
