@@ -15,7 +15,7 @@ from flowsdk import errors
 from flowsdk._group import group
 from flowsdk._info import current_action
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
-from flowsdk._progress import Report, follow, report
+from flowsdk._progress import Report, follow, report, report_sync
 from flowsdk._task import Task, TaskEnvironment
 
 if typing.TYPE_CHECKING:
@@ -79,6 +79,7 @@ __all__ = [
     "follow",
     "group",
     "report",
+    "report_sync",
     "run",
     "run_async",
     "start",

@@ -7,10 +7,13 @@ No import: `@env.task` on a `def` loads this, and `import flowsdk` stays light.
 
 from __future__ import annotations
 
-__all__ = ["BODY_THREADS", "bodies_running"]
+__all__ = ["AT_REPORT", "BODY_THREADS", "bodies_running"]
 
 BODY_THREADS: set[int] = set()
 """The idents of the threads running a plain `def` body now."""
+
+AT_REPORT: set[int] = set()
+"""The idents of the threads waiting in `flowsdk.report_sync` now (its point of cancellation)."""
 
 
 def bodies_running() -> bool:

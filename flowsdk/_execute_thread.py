@@ -16,7 +16,7 @@ from contextvars import copy_context
 from typing import Any
 
 from flowsdk._action import current
-from flowsdk._bodies import BODY_THREADS
+from flowsdk._bodies import AT_REPORT, BODY_THREADS
 
 __all__ = ["in_thread"]
 
@@ -29,7 +29,11 @@ def in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]
     interrupted: cancelled, the coroutine raises `CancelledError` at once (the
     request decides the action's outcome, the parent gets it without
     waiting), the thread runs on and its late result is discarded. If it was
-    still running then, the action is marked `cleanup_incomplete`.
+    still running then, the action is marked `cleanup_incomplete`. Unless the
+    thread waits in `flowsdk.report_sync` then: the cancel lands there, as at
+    an async body's `await`, and the coroutine waits for the thread's end
+    (its cleanup) and ends as it did; a second cancel (the grace period is
+    over) stops that wait, as it stops an async body's cleanup.
     """
 
     @functools.wraps(fn)
@@ -63,8 +67,15 @@ def in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]
         thread = threading.Thread(target=work, name=f"flowsdk-{fn.__name__}", daemon=True)
         thread.start()
         try:
-            return await future
+            return await asyncio.shield(future)
         except CancelledError:
+            if not finished.is_set() and thread.ident in AT_REPORT:
+                try:
+                    return await future  # the thread's end: its cleanup has run
+                except CancelledError:
+                    if future.done() and not future.cancelled():
+                        raise  # the thread's own CancelledError: the cancel it was given
+            future.cancel()  # its late result is discarded
             action = current.get()
             if action is not None and not finished.is_set():
                 action.cleanup_incomplete = True

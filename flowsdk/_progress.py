@@ -17,13 +17,17 @@ bodies elsewhere (Ray) forwards a remote body's reports to it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
 import inspect
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowsdk._action import ActionState, current
+from flowsdk._bodies import AT_REPORT
 from flowsdk._phases import ActionPhase
 from flowsdk.errors import NotInRunError
 from flowsdk.executors._remote import set_report_sink
@@ -33,7 +37,16 @@ if TYPE_CHECKING:
     from flowsdk._runtime import Runtime
     from flowsdk.store import RunRecorder
 
-__all__ = ["Report", "Trace", "deliver_report", "follow", "recorder_of", "report", "trace_of"]
+__all__ = [
+    "Report",
+    "Trace",
+    "deliver_report",
+    "follow",
+    "recorder_of",
+    "report",
+    "report_sync",
+    "trace_of",
+]
 
 T = TypeVar("T")
 Observer = Callable[["Report"], Awaitable[None] | None]
@@ -197,6 +210,21 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
             "flowsdk.report() was called outside a run; call it from a task body "
             "running under flowsdk.run()"
         )
+    number, step, name = _checked(value, step, name)
+    if state.runtime.remote:
+        # A body running on Ray: the report goes to the driver, which records it
+        # and hands it to the observers there; this returns once they have seen it.
+        from flowsdk.executors._ray_worker import report_from_worker
+
+        await report_from_worker(number, step, name)
+        return
+    trace = _record(state, number, step, name)
+    if trace.observers:
+        await _observe(state, trace)
+
+
+def _checked(value: float, step: int | None, name: str) -> tuple[float, int | None, str]:
+    """A report's value as a float, its step and its name, checked (`report`'s errors)."""
     kind = type(value)
     if kind is not float and kind is not int and (kind is bool or not isinstance(value, _REAL)):
         raise TypeError(f"flowsdk.report needs a number as value, not {kind.__name__}")
@@ -218,16 +246,72 @@ async def report(value: float, *, step: int | None = None, name: str = "value") 
         if not name or len(name) > MAX_NAME:
             raise ValueError(f"name must be 1 to {MAX_NAME} characters, not {len(name)}")
         name = name.replace("\x00", "\\x00")
+    return number, step, name
+
+
+def report_sync(value: float, *, step: int | None = None, name: str = "value") -> None:
+    """`report`, for a plain `def` body (or any thread working for an action's body).
+
+    A `def` body runs in a worker thread and cannot `await`: this records the
+    report on the run's loop and returns once the observers attached with
+    `flowsdk.follow` have seen it, as `report` does. It is also the thread's
+    point of cancellation: once the action is cancelled (an observer's
+    `report.cancel`, `t.cancel()`, an operator's abort, the root's exit), it
+    raises `CancelledError` with the cancel's message, so the body stops there
+    and runs its cleanup. A cancel decided on this very report is waited for as
+    an async body's is (the action ends once the thread has ended); one that
+    came while the thread computed ended the action at once, and the thread
+    stops at its next report.
+
+    Raises:
+        CancelledError: the action is cancelled (see above).
+        NotInRunError: called outside a run.
+        RuntimeError: called on the run's event loop (an `async def` body: `await
+            flowsdk.report(...)`), where waiting for the loop would wait for itself.
+        TypeError, ValueError: as `report`.
+    """
+    state = current.get()
+    if state is None:
+        raise NotInRunError(
+            "flowsdk.report_sync() was called outside a run; call it from a task body "
+            "running under flowsdk.run()"
+        )
+    number, step, name = _checked(value, step, name)
+    loop = state.runtime.loop
+    if asyncio._get_running_loop() is loop:
+        raise RuntimeError(
+            "flowsdk.report_sync() was called on the run's event loop, which it would wait "
+            "for; in an async def body use: await flowsdk.report(...)"
+        )
+    _stop_if_cancelled(state)
     if state.runtime.remote:
-        # A body running on Ray: the report goes to the driver, which records it
-        # and hands it to the observers there; this returns once they have seen it.
         from flowsdk.executors._ray_worker import report_from_worker
 
-        await report_from_worker(number, step, name)
-        return
-    trace = _record(state, number, step, name)
-    if trace.observers:
-        await _observe(state, trace)
+        delivery = report_from_worker(number, step, name)
+    else:
+        delivery = deliver_report(state, number, step, name)
+    me = threading.get_ident()
+    AT_REPORT.add(me)  # a cancel decided on this report waits for this thread (`in_thread`)
+    try:
+        try:
+            done = asyncio.run_coroutine_threadsafe(delivery, loop)
+        except RuntimeError:  # the loop has closed: the run is over
+            delivery.close()
+            raise asyncio.CancelledError("flowsdk: the run has ended") from None
+        with contextlib.suppress(concurrent.futures.CancelledError):  # by the run's end
+            done.result()
+        _stop_if_cancelled(state)
+    finally:
+        AT_REPORT.discard(me)
+
+
+def _stop_if_cancelled(state: ActionState) -> None:
+    """Raise the action's cancel in a thread working for it, once it is cancelled."""
+    req = state.req
+    if req is not None:
+        raise asyncio.CancelledError(req.message())
+    if state.phase not in _CANCELLABLE:
+        raise asyncio.CancelledError("flowsdk: the action has ended")
 
 
 async def deliver_report(state: ActionState, value: float, step: int | None, name: str) -> None:

@@ -435,6 +435,47 @@ def test_a_remote_body_reports_and_is_pruned_at_its_report(tmp_path: Path) -> No
     assert "task      onray.trial   on ray" in shown.stdout
 
 
+def test_a_plain_def_body_on_ray_reports_and_is_pruned_at_its_report(tmp_path: Path) -> None:
+    """`flowsdk.report_sync` in a `def` body on Ray: as locally, the prune lands at the report."""
+    marker = tmp_path / "finally"
+
+    @env.task
+    def trial_sync(path: str) -> int:
+        try:
+            for step in range(10):
+                flowsdk.report_sync(1.0 / (step + 1), step=step, name="loss")
+            return 10
+        finally:
+            mark(path, f"pid {os.getpid()}")
+
+    def prune(report: flowsdk.Report) -> None:
+        if report.step == 3:
+            report.cancel("pruned at step 3")
+
+    @driver().task
+    async def main(path: str) -> str:
+        try:
+            await flowsdk.follow(trial_sync(path), prune)
+        except asyncio.CancelledError:
+            return "pruned"
+        return "finished"
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run = flowsdk.run(main, str(marker), store=url)
+    assert run.result() == "pruned"
+    [child] = by_task(run, "onray.trial_sync")
+    assert child.phase is ActionPhase.ABORTED
+    assert child.abort is not None
+    assert child.abort.reason == "pruned at step 3"
+    assert not child.cleanup_incomplete  # its thread stopped at the report and cleaned up
+    text = marker.read_text()
+    assert text.startswith("pid ")
+    assert f"pid {os.getpid()}" != text  # the cleanup ran on the worker
+    with flowsdk.Client(url) as client:
+        progress = client.progress(run.name, run.attempt)
+    assert [(p.action, p.step) for p in progress] == [(child.name, s) for s in range(4)]
+
+
 def test_an_optuna_study_with_trials_on_ray_prunes_in_the_parent() -> None:
     """The Optuna integration with the objective's bodies on Ray: reports cross, prunes land."""
     optuna = pytest.importorskip("optuna")

@@ -46,6 +46,7 @@ from typing import Any, cast
 import msgspec
 
 from flowsdk._action import ActionState, Request, current
+from flowsdk._bodies import AT_REPORT
 from flowsdk._payload import encode_output, recorded_call
 from flowsdk._phases import AbortCause
 from flowsdk.errors import InvalidStateError, SerializationError
@@ -328,6 +329,10 @@ class BodyActor:
         req.at = at
         action.req = req
         action.cancels += 1
+        # A report the driver will not acknowledge (cancelled at it): a `def` body's
+        # thread waiting there (`flowsdk.report_sync`) stops at it, as an async body does.
+        for waiting in call.acks.values():
+            waiting.cancel(message)
         task = call.task
         return task is not None and task.cancel(message)
 
@@ -362,8 +367,10 @@ def _in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]
     """Return the body of a plain `def` task on a worker: `fn` in a daemon thread of its own.
 
     As locally (`flowsdk._execute_thread.in_thread`): the thread runs in a
-    copy of the body's context (`current_action()` and log forwarding work
-    there), and a cancel ends the body at once while the thread runs on. The
+    copy of the body's context (`current_action()`, log forwarding and
+    `flowsdk.report_sync` work there), and a cancel ends the body at once while
+    the thread runs on, unless it comes while the thread waits in
+    `report_sync`: then the thread stops there, and the body ends with it. The
     thread's outcome is kept on the call (`Call.running`), so that the worker
     can tell the driver it still runs and `BodyActor.retire` can wait for it.
     """
@@ -387,8 +394,16 @@ def _in_thread(fn: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]
         call = _call.get()
         if call is not None:
             call.running = ended
-        threading.Thread(target=work, name=f"flowsdk-{fn.__name__}", daemon=True).start()
-        ok, value = await asyncio.shield(ended)
+        thread = threading.Thread(target=work, name=f"flowsdk-{fn.__name__}", daemon=True)
+        thread.start()
+        try:
+            ok, value = await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            if ended.done() or thread.ident not in AT_REPORT:
+                raise
+            # Cancelled at its `flowsdk.report_sync`, as locally: the thread stops there,
+            # and its end (its cleanup) is the body's (a second cancel stops the wait).
+            ok, value = await asyncio.shield(ended)
         if ok:
             return value
         raise value
