@@ -172,3 +172,38 @@ def test_report_sync_refuses_the_event_loop_bad_values_and_outside_a_run() -> No
     assert errors == ["TypeError", "ValueError", "ValueError"]
     assert "await flowsdk.report(" in run.result()
     assert run.actions[1].phase is ActionPhase.SUCCEEDED
+
+
+@pytest.mark.timeout(60)
+def test_an_optuna_study_prunes_a_def_objective_at_its_report() -> None:
+    """A sync objective (a blocking training loop) in `optimize`: pruned where it reports."""
+    optuna = pytest.importorskip("optuna")
+    from flowsdk.integrations.optuna import optimize
+
+    env = flowsdk.TaskEnvironment("sync-optuna")
+    stopped_at: dict[float, int] = {}
+
+    @env.task
+    def train(x: float) -> float:
+        step = 0
+        try:
+            for step in range(5):  # `step` is read in the finally
+                flowsdk.report_sync(x * step, step=step)
+            return x
+        finally:
+            stopped_at[x] = step
+
+    @env.task
+    async def search() -> list[str]:
+        study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.5))
+        study.enqueue_trial({"x": 0.05})
+        study.enqueue_trial({"x": 0.3})
+        await optimize(study, train, lambda t: {"x": t.suggest_float("x", 0, 1)}, n_trials=2)
+        return sorted(f"{t.params['x']} {t.state.name}" for t in study.trials)
+
+    run = flowsdk.run(search, store=MemoryStore())
+    assert run.result() == ["0.05 COMPLETE", "0.3 PRUNED"]
+    assert stopped_at == {0.05: 4, 0.3: 2}  # 0.3 * 2 = 0.6: pruned at that report
+    [pruned] = [a for a in run.actions if a.task == "sync-optuna.train" and a.abort is not None]
+    assert pruned.phase is ActionPhase.ABORTED
+    assert not pruned.cleanup_incomplete
