@@ -99,7 +99,8 @@ async def optimize(
     Call it from a task body (the trials are its children). `space(trial)`
     suggests a trial's parameters with Optuna's `trial.suggest_*` and returns
     them as keyword arguments of `objective`. `objective`'s body reports its
-    intermediate values with `flowsdk.report(value, step=...)` and returns
+    intermediate values with `flowsdk.report(value, step=...)` (a plain `def`
+    objective with `flowsdk.report_sync`) and returns
     the trial's value. The study is told the reports named `metric` (by
     default the name of the search's first report); others are recorded only.
 
