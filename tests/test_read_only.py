@@ -25,6 +25,7 @@ import pytest
 import flowsdk
 from flowsdk import AbortRequest, RunPhase
 from flowsdk.store import open_store
+from tests.runners.harness import sync
 from tests.support import pause
 from tests.test_cli import Runner, start_runner
 from tests.workflows import deep
@@ -149,6 +150,8 @@ def test_a_user_who_may_only_read_lists_and_shows_runs_and_cannot_control_them(
     pruning = as_nobody(store, "prune", "--keep", "0")
     assert pruning.returncode == 4, (pruning.stdout, pruning.stderr)
 
+    with flowsdk.Client(store) as owner:
+        sync(owner, "live")  # a1 is in the store before the runner is killed
     runner.proc.send_signal(signal.SIGKILL)
     runner.proc.wait(timeout=30)
     judged = as_nobody(store, "runs", "--json")

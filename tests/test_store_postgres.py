@@ -27,7 +27,7 @@ from flowsdk.store import open_store
 from flowsdk.store._postgres_schema import EVENTS_AFTER, INSERT_EVENT, SCHEMA_VERSION, PgTarget
 from flowsdk.store._rows import with_routine
 from tests.pg_server import PostgresServer
-from tests.runners.harness import Runner
+from tests.runners.harness import Runner, sync
 
 DEADLINE = 30.0
 
@@ -328,6 +328,8 @@ def test_role_privileges_read_only_lists_but_cannot_control(pg_url: str) -> None
     viewer = pg_url.replace("postgres@", f"{role}@")
     with Runner("control.py", pg_url, "seen", "one_child") as runner:
         runner.started(2)
+        with flowsdk.Client(pg_url) as owner:
+            sync(owner, "seen")  # a1 is in the store before the runner is killed
         with admin(pg_url) as conn:
             conn.execute(f"CREATE ROLE {role} LOGIN")
             conn.execute(f"GRANT USAGE ON SCHEMA flowsdk TO {role}")
