@@ -334,6 +334,72 @@ def test_an_optuna_study_prunes_in_the_parent_and_its_states_match_the_records()
         asyncio.run(optimize(study, objective, space, n_trials=0))
 
 
+def test_a_grid_search_stops_when_its_grid_is_spent_as_in_optunas_own_optimize() -> None:
+    """`GridSampler` calls `study.stop()` on its last point: no more trials, no error.
+
+    Outside Optuna's own `optimize` that call raises RuntimeError; `optimize`
+    here runs the study as that loop does. One trial at a time, so the grid of
+    three is spent after three trials, as `study.optimize(n_trials=10)` does.
+    """
+    env = flowsdk.TaskEnvironment("grid")
+    studies: list[optuna.Study] = []
+
+    @env.task
+    async def objective(x: float) -> float:
+        await flowsdk.report(x, step=0)
+        return x
+
+    @env.task
+    async def main() -> list[float]:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [0.1, 0.2, 0.3]}))
+        studies.append(study)
+        space = lambda t: {"x": t.suggest_float("x", 0.0, 1.0)}  # noqa: E731
+        await optimize(study, objective, space, n_trials=10, concurrency=1)
+        return sorted(t.params["x"] for t in study.trials)
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.phase is RunPhase.SUCCEEDED, run.result
+    assert run.result() == [0.1, 0.2, 0.3]
+    assert {t.state for t in studies[0].trials} == {optuna.trial.TrialState.COMPLETE}
+    assert len([a for a in run.actions if a.task == "grid.objective"]) == 3
+    # Outside, Optuna's own rule holds again.
+    with pytest.raises(RuntimeError, match="inside an objective function"):
+        studies[0].stop()
+
+
+def test_an_error_telling_the_study_ends_the_search_with_that_error() -> None:
+    """A sampler (or storage) that fails when told a trial's end: `optimize` raises it.
+
+    It used to be left in a task nobody read ("Task exception was never
+    retrieved"), and the search went on.
+    """
+
+    class Failing(optuna.samplers.RandomSampler):
+        def after_trial(self, *args: Any) -> None:
+            raise OSError("the study's storage went away")
+
+    env = flowsdk.TaskEnvironment("tellfail")
+
+    @env.task
+    async def objective(x: float) -> float:
+        return x
+
+    @env.task
+    async def main() -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=Failing(seed=0))
+        space = lambda t: {"x": t.suggest_float("x", 0.0, 1.0)}  # noqa: E731
+        await optimize(study, objective, space, n_trials=5, concurrency=1)
+
+    run = flowsdk.run(main, store=MemoryStore())
+    assert run.phase is RunPhase.FAILED
+    error = run.action("a0").error
+    assert error is not None
+    assert (error.type, error.message) == ("OSError", "the study's storage went away")
+    assert len([a for a in run.actions if a.task == "tellfail.objective"]) == 1
+
+
 def test_a_retried_study_replays_pruned_and_completed_trials_with_their_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -158,11 +158,16 @@ async def optimize(
     token = _asking.set(ask)
     judging = _judging.set((objective, judge))
     running: set[asyncio.Task[None]] = set()
+    looping = _OptimizeLoop(study)
     try:
         for number in range(n_trials):
             while len(running) >= concurrency:
-                _, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
+                for told_one in done:
+                    told_one.result()  # telling the study failed (its storage, its sampler)
+            if looping.stopped():
+                break  # `study.stop()`: a `GridSampler` whose grid is spent, say
             try:
                 recorded = await suggest(number)
                 params = _replay(study, space, trials, number, recorded, f"{run}/{number}")
@@ -180,13 +185,50 @@ async def optimize(
         _judging.reset(judging)
         for task in running:
             task.cancel()
-        for asked in trials.values():
-            if asked is not None and asked.number not in ended:
-                # Asked and never told (the search was cancelled, or stopped before
-                # its call): failed, as Optuna's own `optimize` tells an interrupted trial.
-                ended.add(asked.number)
-                study.tell(asked, state=TrialState.FAIL, skip_if_finished=True)
+        try:
+            for asked in trials.values():
+                if asked is not None and asked.number not in ended:
+                    # Asked and never told (the search was cancelled, or stopped before
+                    # its call): failed, as Optuna's own `optimize` tells an interrupted
+                    # trial.
+                    ended.add(asked.number)
+                    study.tell(asked, state=TrialState.FAIL, skip_if_finished=True)
+        finally:
+            looping.close()
     return study
+
+
+class _OptimizeLoop:
+    """Run the study as Optuna's own `optimize` does, for `study.stop()`.
+
+    Optuna lets `study.stop()` be called only inside its `optimize` loop (it
+    raises `RuntimeError` elsewhere), and a `GridSampler` calls it when it
+    tells the study of the trial that spends its grid: the study's trials are
+    told here, so this marks the loop's thread as in that loop (Optuna's own
+    thread-local flag), and a stop asks for no more trials (its flag), as in
+    Optuna. A version of Optuna without those attributes is left as it is.
+    """
+
+    __slots__ = ("before", "local", "study")
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        local = getattr(study, "_thread_local", None)
+        self.local = local if hasattr(study, "_stop_flag") else None
+        self.before = getattr(self.local, "in_optimize_loop", None)
+        if self.local is not None and isinstance(self.before, bool):
+            study._stop_flag = False
+            self.local.in_optimize_loop = True
+        else:
+            self.local = None
+
+    def stopped(self) -> bool:
+        """Whether `study.stop()` was called since the search began."""
+        return self.local is not None and bool(self.study._stop_flag)
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.in_optimize_loop = self.before
 
 
 def _replay(
