@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from flowsdk._phases import AbortCause, ActionPhase, RunPhase
-from flowsdk._roles import Actor, Role, TokenRecord
+from flowsdk._roles import Actor, Role, TokenRecord, UTCDateTime
 from flowsdk.errors import ActionNotFoundError
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "StopMode",
     "StopRequest",
     "TokenRecord",
+    "UTCDateTime",
     "action_from_row",
     "action_records",
     "describe_target",
@@ -74,7 +75,7 @@ class AbortInfo(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None
     cause: AbortCause
     requested_by: str | None
-    requested_at: datetime | None
+    requested_at: UTCDateTime | None
 
 
 class StopMode(enum.StrEnum):
@@ -90,7 +91,7 @@ class StopInfo(msgspec.Struct, frozen=True, kw_only=True):
     mode: StopMode
     reason: str | None
     requested_by: str | None
-    requested_at: datetime
+    requested_at: UTCDateTime
 
 
 class ActionRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,8 +104,8 @@ class ActionRecord(msgspec.Struct, frozen=True, kw_only=True):
     group: str | None
     phase: ActionPhase
     attempt: int
-    started_at: datetime | None
-    ended_at: datetime | None
+    started_at: UTCDateTime | None
+    ended_at: UTCDateTime | None
     error: ErrorInfo | None
     abort: AbortInfo | None
     cleanup_incomplete: bool = False
@@ -119,8 +120,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     phase: RunPhase
-    started_at: datetime
-    ended_at: datetime | None
+    started_at: UTCDateTime
+    ended_at: UTCDateTime | None
     attempt: int = 1
     stop: StopInfo | None = None
     task: str = ""
@@ -164,7 +165,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     """One entry of a run's append-only event log."""
 
     seq: int
-    at: datetime
+    at: UTCDateTime
     kind: EventKind
     action: str | None = None
     phase: str | None = None
@@ -274,7 +275,7 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     step: int | None
     value: float
-    at: datetime
+    at: UTCDateTime
 
 
 class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -287,7 +288,7 @@ class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     action: str
     n: int
-    at: datetime
+    at: UTCDateTime
     level: str
     logger: str
     message: str
@@ -458,7 +459,7 @@ class AbortRequest(msgspec.Struct, frozen=True, kw_only=True, tag="abort"):
     group: str | None = None
     reason: str | None = None
     requested_by: str | None = None
-    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
+    requested_at: UTCDateTime | None = None  # when asked (set by `ControlService.send`)
 
 
 class StopRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
@@ -468,7 +469,7 @@ class StopRequest(msgspec.Struct, frozen=True, kw_only=True, tag="stop"):
     abandon: bool = False
     reason: str | None = None
     requested_by: str | None = None
-    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
+    requested_at: UTCDateTime | None = None  # when asked (set by `ControlService.send`)
 
 
 class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_failed"):
@@ -478,7 +479,7 @@ class MarkFailedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="mark_fai
     action: str
     reason: str | None = None
     requested_by: str | None = None
-    requested_at: datetime | None = None  # when asked (set by `ControlService.send`)
+    requested_at: UTCDateTime | None = None  # when asked (set by `ControlService.send`)
 
 
 class RefusedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):

@@ -6,10 +6,14 @@ import enum
 import os
 import socket
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
-__all__ = ["Actor", "Role", "TokenRecord"]
+__all__ = ["Actor", "Role", "TokenRecord", "UTCDateTime"]
+
+UTCDateTime = Annotated[datetime, msgspec.Meta(tz=True)]
+"""How records carry a time: an aware datetime (UTC), a `date-time` in JSON Schema."""
 
 
 class Role(enum.StrEnum):
@@ -65,6 +69,6 @@ class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: Role
     digest: str
-    created_at: datetime
-    last_used_at: datetime | None = None
-    revoked_at: datetime | None = None
+    created_at: UTCDateTime
+    last_used_at: UTCDateTime | None = None
+    revoked_at: UTCDateTime | None = None

@@ -66,6 +66,35 @@ def test_the_document_describes_every_path_itself_included(console: Console) -> 
     assert {"type": "string", "maxLength": 10000} in reason["anyOf"]
 
 
+def test_every_time_is_a_date_time(console: Console) -> None:
+    """A time in an answer is an RFC 3339 date-time (with its offset), and the document says so."""
+    document = console.call("GET", "/api/openapi.json").json
+    schemas = document["components"]["schemas"]
+    times = {
+        (name, field): prop
+        for name, schema in schemas.items()
+        for field, prop in schema.get("properties", {}).items()
+        if field == "at" or field.endswith("_at")
+    }
+    expected = {
+        ("RunRecord", "started_at"),
+        ("RunRecord", "ended_at"),
+        ("ActionRecord", "started_at"),
+        ("ActionRecord", "ended_at"),
+        ("AbortInfo", "requested_at"),
+        ("StopInfo", "requested_at"),
+        ("Event", "at"),
+        ("Progress", "at"),
+        ("QueuedRequest", "at"),
+    }
+    assert expected <= set(times)
+    for (name, field), prop in times.items():
+        kinds = prop.get("anyOf", [prop])
+        assert {"type": "string", "format": "date-time"} in kinds, (name, field, prop)
+    run = console.call("GET", "/api/runs").json[0]
+    assert run["started_at"].endswith("Z"), run
+
+
 def test_schemathesis_finds_no_5xx_and_no_answer_off_the_schema(
     console: Console, tmp_path: Path
 ) -> None:

@@ -46,6 +46,7 @@ from flowsdk._records import (
     RunRecord,
     StopRequest,
     TokenRecord,
+    UTCDateTime,
 )
 from flowsdk.errors import ActionNotFoundError
 
@@ -163,7 +164,7 @@ class QueuedRequest(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     id: int
-    at: datetime
+    at: UTCDateTime
     taken: bool
     request: AbortRequest | StopRequest | MarkFailedRequest
 
