@@ -529,9 +529,9 @@ class Runtime:
                 # in the same instant as its parent is aborted in its own right.
                 target.req = Request(cause, reason, by, at=at)
         affected = list(named)
-        collateral = Request(ANCESTOR, None, None)
+        collateral = Request(ANCESTOR, None, None)  # over code's not delivered yet (`from_caller`)
         for action in descendants(self.live.values(), named):
-            if action.req is None:
+            if action.req is None or (action.req.native and action.cancels == 0):
                 action.req = collateral
                 affected.append(action)
         self._deliver_all(affected)

@@ -252,6 +252,66 @@ async def test_abort_racing_a_returned_child_ends_in_exactly_one_consistent_outc
     assert uncommitted_successes > 0, "no success was still uncommitted when its abort came"
 
 
+# -- an operator's abort overtaking workflow code's cancel on its way down ---------------------
+
+
+async def test_an_abort_reaches_a_descendant_that_a_code_cancel_has_not_reached_yet() -> None:
+    """Found by `make soak` (the property test's abort scope): an abort is never absorbed.
+
+    Workflow code cancels `middle`; its `gather` passes the cancel to `leaf` on the
+    loop's next step (a chain is cancelled step by step, not by recursion). In this
+    step an operator aborts `middle`: `leaf` is in progress, below it, and no cancel
+    has reached it yet, so the abort's `ancestor` request is the one it gets. Its body,
+    woken in the same step, returns a value before any cancel lands: under workflow
+    code's own cancel that would be absorbed (SUCCEEDED); under an operator's abort it
+    is ABORTED, as for any other action in progress below the aborted one.
+    """
+    env = flowsdk.TaskEnvironment("overtaken")
+    started, go = asyncio.Event(), asyncio.Event()
+    held: list[asyncio.Task[object]] = []
+    names: dict[str, str] = {}
+
+    @env.task
+    async def leaf() -> int:
+        names["leaf"] = flowsdk.current_action().name
+        started.set()
+        await go.wait()
+        return 1
+
+    @env.task
+    async def middle() -> list[int | BaseException]:
+        names["middle"] = flowsdk.current_action().name
+        return list(await asyncio.gather(leaf(), return_exceptions=True))
+
+    @env.task
+    async def root() -> str:
+        held.append(asyncio.create_task(middle()))
+        try:
+            await held[0]
+        except asyncio.CancelledError:
+            return "middle cancelled"
+        return "middle returned"
+
+    handle = await flowsdk.start(root, store="memory://")
+    await started.wait()
+    go.set()  # the leaf's body resumes on the next step, before any cancel is delivered
+    held[0].cancel()  # workflow code's cancel of middle, on its way down to the leaf
+    result = await handle.abort(names["middle"], reason="operator")  # applied in this step
+    assert result.outcome == "applied", result
+    run = await handle.wait()
+    assert_clean(run)
+    middle_record, leaf_record = run.action(names["middle"]), run.action(names["leaf"])
+    assert middle_record.phase is ActionPhase.ABORTED
+    assert middle_record.abort is not None
+    assert middle_record.abort.cause is AbortCause.EXTERNAL
+    assert leaf_record.phase is ActionPhase.ABORTED, leaf_record
+    assert leaf_record.abort is not None
+    assert leaf_record.abort.cause is AbortCause.ANCESTOR
+    assert not [
+        e for e in run.events if e.kind is EventKind.WARNING and "absorbed" in (e.message or "")
+    ]
+
+
 # -- the leak bundle's cancelling() check ----------------------------------------------------
 
 CANCELLING_TESTS = textwrap.dedent(
