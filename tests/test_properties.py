@@ -11,14 +11,15 @@ one task, `node(path)`, whose behaviour is looked up by its path:
   detached child nobody awaits: root exit ends it), get `t.cancel()`ed by their
   parent, get `t.cancel()`ed and absorb it (catch `CancelledError` and return a
   value: as in asyncio, a SUCCEEDED child whose parent gets that value), or get
-  aborted through the `RunHandle`;
+  aborted or marked as failed through the `RunHandle`;
 - inner nodes start their children (as asyncio tasks or with a direct await),
   then either gather them with `return_exceptions=True` and return, or wait
-  until they themselves are cancelled by their parent or aborted.
+  until they themselves are cancelled by their parent, aborted or marked as failed.
 
-The test aborts each abort target once its whole subtree has started (events,
-no sleeps), in a drawn order and after a drawn number of loop yields, then
-checks every guarantee on the records, the event log and what each parent saw.
+The test aborts (or marks as failed) each such target once its whole subtree has
+started (events, no sleeps), in a drawn order and after a drawn number of loop
+yields, then checks every guarantee on the records, the event log and what each
+parent saw.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hypothesis import strategies as st
 
 import flowsdk
 from flowsdk import ActionPhase, EventKind, Task
-from flowsdk.errors import ActionAbortedError, RuntimeUserError
+from flowsdk.errors import ActionAbortedError, ActionMarkedFailedError, RuntimeUserError
 from tests.support import assert_clean
 
 # How many random trees: 60 in the suite, more in a soak.
@@ -42,8 +43,10 @@ MAX_DEPTH = 6
 MAX_WIDTH = 8
 MAX_NODES = 30
 
-LEAF_KINDS = ("value", "raise", "sleep", "cancel", "absorb", "abort")
-INNER_KINDS = ("gather", "gather", "cancel", "abort")
+LEAF_KINDS = ("value", "raise", "sleep", "cancel", "absorb", "abort", "fail")
+INNER_KINDS = ("gather", "gather", "cancel", "abort", "fail")
+# Kinds an operator stops through the `RunHandle`: its own request, applied or not.
+OPERATED = {"abort": ("ABORTED", "external"), "fail": ("FAILED", "mark_failed")}
 # Kinds that end only when cancelled: their parent must not await them directly.
 TASK_ONLY = ("sleep", "cancel", "absorb")
 # Kinds their parent cancels with `t.cancel()` once they have started.
@@ -68,7 +71,7 @@ def _natural(node: Node) -> tuple[str, str | None]:
         "raise": ("FAILED", None),
         "sleep": ("ABORTED", "root_exit"),
         "cancel": ("ABORTED", "cancelled"),
-        "abort": ("ABORTED", "external"),
+        **OPERATED,
     }[node.kind]
 
 
@@ -228,6 +231,8 @@ async def _drive(sc: Scenario, order: list[str], yields: dict[str, int]) -> None
             sc.aborted.add(target)
             if target == "r":
                 result = await handle.abort(reason="property")
+            elif sc.nodes[target].kind == "fail":
+                result = await handle.mark_failed(sc.names[target], reason="property")
             else:
                 result = await handle.abort(sc.names[target], reason="property")
             assert result.outcome in ("applied", "already_ended"), result
@@ -286,8 +291,8 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
         record = records[sc.names[path]]
         got = (record.phase.value, record.abort.cause.value if record.abort else None)
         allowed: set[tuple[str, str | None]]
-        if node.kind == "abort" and outcomes.get(path) == "applied":
-            allowed = {("ABORTED", "external")}
+        if node.kind in OPERATED and outcomes.get(path) == "applied":
+            allowed = {OPERATED[node.kind]}
         else:
             mine = first_stop[sc.names[path]]
             disturbers = [a for a in _ancestors(path) if a in hit and hit[a] < mine]
@@ -317,7 +322,12 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
                 assert seen == sc.returned[child], where
             elif record.phase is ActionPhase.FAILED:
                 assert isinstance(seen, RuntimeUserError), where
-                assert seen.__cause__ is sc.raised[child], where
+                if record.abort is not None:  # marked as failed: that is the error's cause
+                    assert record.abort.cause.value == "mark_failed", where
+                    assert isinstance(seen.__cause__, ActionMarkedFailedError), where
+                    assert outcomes.get(child) == "applied", where
+                else:
+                    assert seen.__cause__ is sc.raised[child], where
                 assert seen.action == record.name, where
             elif record.abort is not None and record.abort.cause.value == "external":
                 assert isinstance(seen, ActionAbortedError), where
@@ -338,7 +348,7 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
 
 def _example(tree: Node, data: st.DataObject) -> None:
     sc = Scenario(tree)
-    targets = [p for p, n in sc.nodes.items() if n.kind == "abort"]
+    targets = [p for p, n in sc.nodes.items() if n.kind in OPERATED]
     order = data.draw(st.permutations(targets), label="abort order")
     yields = data.draw(
         st.fixed_dictionaries({p: st.integers(0, 3) for p in targets}), label="yields"
