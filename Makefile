@@ -70,6 +70,8 @@ soak: $(STAMP)
 	$(BIN)/python soak/races.py
 	FLOWSDK_PROPERTY_EXAMPLES=10000 $(BIN)/python -m pytest -q -p no:randomly -o timeout=0 -o faulthandler_timeout=0 \
 		tests/test_properties.py
+	FLOWSDK_PROPERTY_EXAMPLES=3000 FLOWSDK_PROPERTY_STORE=sqlite $(BIN)/python -m pytest -q -p no:randomly \
+		-o timeout=0 -o faulthandler_timeout=0 tests/test_properties.py
 
 clean:
 	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache build *.egg-info

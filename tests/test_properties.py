@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ from tests.support import assert_clean
 
 # How many random trees: 60 in the suite, more in a soak.
 EXAMPLES = int(os.environ.get("FLOWSDK_PROPERTY_EXAMPLES", "60"))
+# The store the runs record in: memory in the suite; `make soak` also runs them on SQLite
+# (FLOWSDK_PROPERTY_STORE=sqlite), where the records and events are read back from the file.
+ON_SQLITE = os.environ.get("FLOWSDK_PROPERTY_STORE", "memory") == "sqlite"
 MAX_DEPTH = 6
 MAX_WIDTH = 8
 MAX_NODES = 30
@@ -207,14 +211,14 @@ class Scenario:
         raise AssertionError(f"{path} was never cancelled")
 
 
-async def _drive(sc: Scenario, order: list[str], yields: dict[str, int]) -> None:
+async def _drive(sc: Scenario, order: list[str], yields: dict[str, int], store: str) -> None:
     env = flowsdk.TaskEnvironment("props")
 
     @env.task
     async def node(path: str) -> int:
         return await sc.body(path, node)
 
-    handle = await flowsdk.start(node, "r", store="memory://")
+    handle = await flowsdk.start(node, "r", store=store)
     outcomes: dict[str, str] = {}
     remaining = list(order)
     async with asyncio.timeout(30):  # a deadlock guard, not a timing assertion
@@ -353,7 +357,11 @@ def _example(tree: Node, data: st.DataObject) -> None:
     yields = data.draw(
         st.fixed_dictionaries({p: st.integers(0, 3) for p in targets}), label="yields"
     )
-    asyncio.run(_drive(sc, list(order), yields))
+    if not ON_SQLITE:
+        asyncio.run(_drive(sc, list(order), yields, "memory://"))
+        return
+    with tempfile.TemporaryDirectory(prefix="flowsdk-property-") as folder:
+        asyncio.run(_drive(sc, list(order), yields, f"sqlite:///{folder}/runs.db"))
 
 
 @settings(
