@@ -18,8 +18,10 @@ one task, `node(path)`, whose behaviour is looked up by its path:
 
 The test aborts (or marks as failed) each such target once its whole subtree has
 started (events, no sleeps), in a drawn order and after a drawn number of loop
-yields, then checks every guarantee on the records, the event log and what each
-parent saw.
+yields; in some examples it stops the run instead, abandoning what is in progress,
+once a drawn number of those requests went out (then some actions may never have
+started, or never been called). It checks every guarantee on the records, the event
+log and what each parent saw.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ MAX_NODES = 30
 
 LEAF_KINDS = ("value", "raise", "sleep", "cancel", "absorb", "abort", "fail")
 INNER_KINDS = ("gather", "gather", "cancel", "abort", "fail")
+# The key of the run's stop-and-abandon in the outcomes of the operator's requests.
+STOPPED = "stop"
 # Kinds an operator stops through the `RunHandle`: its own request, applied or not.
 OPERATED = {"abort": ("ABORTED", "external"), "fail": ("FAILED", "mark_failed")}
 # Kinds that end only when cancelled: their parent must not await them directly.
@@ -131,6 +135,7 @@ class Scenario:
         self.views: dict[str, dict[str, object]] = {}
         self.violations: list[str] = []
         self.aborted: set[str] = set()
+        self.stopped = False  # a stop-and-abandon was applied: no body may start after it
         self.root_done = False
         self.hosts: list[asyncio.Task[int]] = []
 
@@ -141,13 +146,19 @@ class Scenario:
     def check_cancelling(self, path: str, where: str) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if task.cancelling() != 0:
+        # The body's own cancellation may have been delivered meanwhile (a stop-and-abandon
+        # in the step its child ended in): then it is pending, and counted once, as in
+        # asyncio; the body sees it at its next `await`. No other cancel may be left over.
+        own = 0 if flowsdk.current_action().abort is None else 1
+        if task.cancelling() > own:
             self.violations.append(f"{path}: cancelling()={task.cancelling()} after {where}")
 
     async def body(self, path: str, task: Task[[str], int]) -> int:
         self.names[path] = flowsdk.current_action().name
         if self.root_done:
             self.violations.append(f"{path}: body started after the root finished")
+        if self.stopped:
+            self.violations.append(f"{path}: body started after the run was stopped")
         if any(p in self.aborted for p in [path, *_ancestors(path)]):
             self.violations.append(f"{path}: body started after an abort of it or an ancestor")
         try:
@@ -211,7 +222,17 @@ class Scenario:
         raise AssertionError(f"{path} was never cancelled")
 
 
-async def _drive(sc: Scenario, order: list[str], yields: dict[str, int], store: str) -> None:
+@dataclass(frozen=True)
+class Stop:
+    """A stop-and-abandon: after `after` of the operator's requests, then `yields` loop steps."""
+
+    after: int
+    yields: int
+
+
+async def _drive(
+    sc: Scenario, order: list[str], yields: dict[str, int], stop: Stop | None, store: str
+) -> None:
     env = flowsdk.TaskEnvironment("props")
 
     @env.task
@@ -222,7 +243,16 @@ async def _drive(sc: Scenario, order: list[str], yields: dict[str, int], store: 
     outcomes: dict[str, str] = {}
     remaining = list(order)
     async with asyncio.timeout(30):  # a deadlock guard, not a timing assertion
-        while remaining:
+        while remaining or stop is not None:
+            sent = len(order) - len(remaining)
+            if stop is not None and sent == stop.after:
+                for _ in range(stop.yields):
+                    await asyncio.sleep(0)
+                result = await handle.stop(abandon=True, reason="property")
+                assert result.outcome in ("applied", "already_ended"), result
+                outcomes[STOPPED] = result.outcome
+                sc.stopped = result.outcome == "applied"
+                break
             ready = [p for p in remaining if sc.started[p].is_set()]
             if not ready:
                 sc.progress.clear()
@@ -247,6 +277,12 @@ async def _drive(sc: Scenario, order: list[str], yields: dict[str, int], store: 
     _check(sc, run, outcomes)
     me = asyncio.current_task()
     pending = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    # Abandoned bodies are not waited for: cancelled, they end within a few steps.
+    for _ in range(100 if sc.stopped else 0):
+        if not pending:
+            break
+        await asyncio.sleep(0)
+        pending = [t for t in pending if not t.done()]
     assert not pending, pending
 
 
@@ -255,8 +291,18 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
     assert_clean(run)
     assert not sc.violations, sc.violations  # no body after closure, no cancel-count leak
     records = {a.name: a for a in run.actions}
-    assert sorted(records) == sorted(sc.names.values())
-    assert set(sc.names) == set(sc.nodes)
+    if STOPPED in outcomes:
+        # Stopped, some may never have been called, or never started: those are ABANDONED.
+        assert set(sc.names.values()) <= set(records)
+        started = {e.action for e in run.events if e.phase == "RUNNING"}
+        for name in set(records) - set(sc.names.values()):
+            assert name not in started, name
+            record = records[name]
+            assert record.abort is not None, name
+            assert (record.phase.value, record.abort.cause.value) == ("ABANDONED", "stop"), name
+    else:
+        assert sorted(records) == sorted(sc.names.values())
+        assert set(sc.names) == set(sc.nodes)
     for path, name in sc.names.items():
         ancestors = _ancestors(path)
         assert records[name].parent == (sc.names[ancestors[0]] if ancestors else None)
@@ -264,6 +310,7 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
     terminal = {p.value for p in ActionPhase if p.terminal}
     first_stop: dict[str, int] = {}
     last_event: dict[str, str] = {}
+    ended: dict[str, int] = {}
     for event in run.events:
         if event.kind is not EventKind.ACTION or event.action is None:
             continue
@@ -271,6 +318,8 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
         last_event[event.action] = event.phase or ""
         if event.phase == "STOPPING" or event.phase in terminal:
             first_stop.setdefault(event.action, event.seq)
+        if event.phase in terminal:
+            ended[event.action] = event.seq
     for name, record in records.items():
         assert last_event[name] == record.phase.value, name
 
@@ -278,6 +327,8 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
     # cancel at the cancelled action's first STOPPING (or terminal) event.
     hit: dict[str, int] = {}
     for path, node in sc.nodes.items():
+        if path not in sc.names:
+            continue  # never started (stopped first)
         name = sc.names[path]
         if node.kind in CANCELLED_BY_PARENT:
             hit[path] = first_stop[name]
@@ -289,13 +340,26 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
                 if e.kind is EventKind.REQUEST and e.action == wanted and e.reason == "property"
             )
 
+    # A stop-and-abandon ends every action still in progress when it is applied.
+    stop_seq = None
+    if outcomes.get(STOPPED) == "applied":
+        stop_seq = next(
+            e.seq
+            for e in run.events
+            if e.kind is EventKind.REQUEST and (e.message or "").startswith("stop (abandon)")
+        )
+
     # Abort scope (and the outcome phases): each action's phase follows from the plan and
     # from what was aborted or cancelled above it before it was itself stopped.
     for path, node in sc.nodes.items():
+        if path not in sc.names:
+            continue
         record = records[sc.names[path]]
         got = (record.phase.value, record.abort.cause.value if record.abort else None)
         allowed: set[tuple[str, str | None]]
-        if node.kind in OPERATED and outcomes.get(path) == "applied":
+        if stop_seq is not None and ended[record.name] > stop_seq:
+            allowed = {("ABANDONED", "stop")}
+        elif node.kind in OPERATED and outcomes.get(path) == "applied":
             allowed = {OPERATED[node.kind]}
         else:
             mine = first_stop[sc.names[path]]
@@ -340,6 +404,9 @@ def _check(sc: Scenario, run: flowsdk.Run[int], outcomes: dict[str, str]) -> Non
             else:
                 assert isinstance(seen, asyncio.CancelledError), where
 
+    if stop_seq is not None:
+        assert run.phase is flowsdk.RunPhase.STOPPED
+        return
     root = records[sc.names["r"]]
     if outcomes.get("r") == "applied":
         assert run.phase is flowsdk.RunPhase.ABORTED
@@ -357,11 +424,16 @@ def _example(tree: Node, data: st.DataObject) -> None:
     yields = data.draw(
         st.fixed_dictionaries({p: st.integers(0, 3) for p in targets}), label="yields"
     )
+    # Two examples in three do not stop the run.
+    stop = data.draw(
+        st.none() | st.none() | st.builds(Stop, st.integers(0, len(targets)), st.integers(0, 3)),
+        label="stop-and-abandon",
+    )
     if not ON_SQLITE:
-        asyncio.run(_drive(sc, list(order), yields, "memory://"))
+        asyncio.run(_drive(sc, list(order), yields, stop, "memory://"))
         return
     with tempfile.TemporaryDirectory(prefix="flowsdk-property-") as folder:
-        asyncio.run(_drive(sc, list(order), yields, f"sqlite:///{folder}/runs.db"))
+        asyncio.run(_drive(sc, list(order), yields, stop, f"sqlite:///{folder}/runs.db"))
 
 
 @settings(
