@@ -497,7 +497,7 @@ class Runtime:
         exited = Request(ROOT_EXIT, None, None)
         for action in list(self.live.values()):
             req = action.req
-            if req is None:
+            if req is None or (req.native and action.cancels == 0):  # none reached it yet
                 action.req = exited
                 marked.append(action)
             elif req.cause is CANCELLED and action.cancels == 1:

@@ -312,6 +312,55 @@ async def test_an_abort_reaches_a_descendant_that_a_code_cancel_has_not_reached_
     ]
 
 
+async def test_the_root_exit_reaches_a_descendant_that_a_code_cancel_has_not_reached_yet() -> None:
+    """The same step with the root's exit instead of an abort: the lifetime rule reaches it.
+
+    The root cancels `middle` (whose `gather` passes the cancel on to `leaf` on the next
+    step) and returns at once. `leaf` is in progress and no cancel has reached it: the
+    root's exit is the first that does, so its body gets `CancelledError` (SPEC §1), and
+    it is ABORTED with cause `root_exit`, not recorded SUCCEEDED as if it had absorbed a
+    cancel it never saw.
+    """
+    env = flowsdk.TaskEnvironment("outlived")
+    started, go = asyncio.Event(), asyncio.Event()
+    seen: list[str] = []
+
+    @env.task
+    async def leaf() -> int:
+        started.set()
+        try:
+            await go.wait()
+        except asyncio.CancelledError as exc:
+            seen.append(str(exc))
+            raise
+        return 1
+
+    @env.task
+    async def middle() -> list[int | BaseException]:
+        return list(await asyncio.gather(leaf(), return_exceptions=True))
+
+    @env.task
+    async def root() -> str:
+        m = asyncio.create_task(middle())
+        await started.wait()
+        go.set()  # the leaf's body resumes on the next step
+        m.cancel()  # on its way down to the leaf
+        return "done"  # the root exits in this same step
+
+    run = await flowsdk.run_async(root, store="memory://")
+    assert_clean(run)
+    assert run.phase is RunPhase.SUCCEEDED
+    [leaf_record] = [a for a in run.actions if a.task == "outlived.leaf"]
+    assert leaf_record.phase is ActionPhase.ABORTED, leaf_record
+    assert leaf_record.abort is not None
+    assert leaf_record.abort.cause is AbortCause.ROOT_EXIT
+    [message] = seen
+    assert "root_exit" in message, message
+    assert not [
+        e for e in run.events if e.kind is EventKind.WARNING and "absorbed" in (e.message or "")
+    ]
+
+
 # -- the leak bundle's cancelling() check ----------------------------------------------------
 
 CANCELLING_TESTS = textwrap.dedent(
