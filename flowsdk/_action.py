@@ -292,6 +292,17 @@ class ActionState:
             return self.direct
         return _future_cancel(done, msg)
 
+    def unreached(self) -> bool:
+        """Whether no request has reached the body yet, so that a new one may take its place.
+
+        Either none is set, or workflow code's own is still on its way down a chain
+        of tasks (`Delivery.from_caller` delivers it on the loop's next step). An
+        operator's request or the root's exit that comes first is then the one the
+        body gets, and it cannot be absorbed.
+        """
+        req = self.req
+        return req is None or (req.native and self.cancels == 0)
+
     def cancel_pending(self) -> bool:
         """Whether the body's task was cancelled and has not woken from it yet."""
         task = self.atask

@@ -497,10 +497,10 @@ class Runtime:
         exited = Request(ROOT_EXIT, None, None)
         for action in list(self.live.values()):
             req = action.req
-            if req is None or (req.native and action.cancels == 0):  # none reached it yet
+            if action.unreached():
                 action.req = exited
                 marked.append(action)
-            elif req.cause is CANCELLED and action.cancels == 1:
+            elif req is not None and req.cause is CANCELLED and action.cancels == 1:
                 # Cancelled by workflow code and cleaning up: the lifetime rule wins,
                 # the root's exit interrupts that cleanup as a second cancel of its
                 # caller does. (Cancelled just before the root returned, `t.cancel();
@@ -529,9 +529,9 @@ class Runtime:
                 # in the same instant as its parent is aborted in its own right.
                 target.req = Request(cause, reason, by, at=at)
         affected = list(named)
-        collateral = Request(ANCESTOR, None, None)  # over code's not delivered yet (`from_caller`)
+        collateral = Request(ANCESTOR, None, None)
         for action in descendants(self.live.values(), named):
-            if action.req is None or (action.req.native and action.cancels == 0):
+            if action.unreached():
                 action.req = collateral
                 affected.append(action)
         self._deliver_all(affected)

@@ -31,8 +31,8 @@ class TaskTracker:
     starts a task at once (`asyncio.eager_task_factory`) starts a call's body
     inside `create_task` or `gather`, as asyncio starts a coroutine then (the
     handle of a call with more to do, in a task made by that factory, makes
-    the body's context itself). Python 3.11 tasks do not expose their context; this is how a task
-    is known to belong to the run. Tasks whose coroutine runs one of `own`
+    the body's context itself). Python 3.11 tasks do not expose their context:
+    this is how a task is known to belong to the run. Tasks whose coroutine runs one of `own`
     (the SDK's action and handle coroutines) are not tracked: they are actions.
     For a task that runs a call's handle (`handle`) it makes the task's context
     itself, the copy asyncio would make, and `gathered` starts the call's action
